@@ -1,0 +1,415 @@
+//! [`Cache`]: the memory LRU, the object files and the index, kept in step.
+//!
+//! Concurrency: reads (`get`, `contains`, `get_root`) take no lock except the short one around
+//! the memory LRU. Everything that changes which objects exist, their pins or the totals holds
+//! the `write` mutex (which owns the [`Totals`]); lock order is `write` before `hot`. Object
+//! bytes are written to a temp file before taking `write`; only the rename happens under it.
+//!
+//! Invariants (under `write`): `Totals` is the sum over decodable index entries; an object file
+//! is deleted before its entry, so an entry may lack a file (repaired on read) but a counted
+//! file always has an entry unless an insert failed halfway (then the close is left unclean so
+//! the next open adopts the file). Anything in the memory LRU is verified; it may outlive its
+//! file briefly, which can only return correct bytes.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use blake3::Hash;
+use parking_lot::Mutex;
+use tracing::{debug, warn};
+
+use crate::index::{parse_lru_key, Entry, Index, Lookup, Totals};
+use crate::memory::MemLru;
+use crate::open::{lock_dir, open_index, write_clean_mark, Recovered};
+use crate::store::{create_private_dir, discard, Read, Store};
+use crate::{CacheConfig, CacheError, Usage, Verified};
+
+/// Uses remembered in memory before they are written to the index.
+pub(crate) const RECENCY_BATCH: usize = 4096;
+
+/// A verified object cache in one directory. Cloning shares it.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    quota: Option<u64>,
+    store: Store,
+    index: Index,
+    write: Mutex<Totals>,
+    hot: Mutex<Hot>,
+    /// Set when an operation failed halfway; the close is then left unclean.
+    damaged: AtomicBool,
+    /// Dropped last, so the directory stays locked until the index is closed.
+    _lock: File,
+}
+
+/// State touched on every read.
+struct Hot {
+    memory: MemLru,
+    /// Last uses not yet written to the index.
+    dirty: HashMap<Hash, u64>,
+    /// The logical clock of uses.
+    clock: u64,
+}
+
+impl Hot {
+    fn next_use(&mut self) -> u64 {
+        let now = self.clock;
+        self.clock += 1;
+        now
+    }
+
+    /// Records a use; true when the batch of unwritten uses is full.
+    fn touch(&mut self, hash: &Hash) -> bool {
+        let now = self.next_use();
+        self.dirty.insert(*hash, now);
+        self.dirty.len() >= RECENCY_BATCH
+    }
+
+    fn remember(&mut self, obj: &Verified) -> bool {
+        self.memory.put(obj);
+        self.touch(obj.hash())
+    }
+}
+
+impl Cache {
+    /// Opens (creating, locking, and if needed repairing) the cache directory.
+    pub fn open(config: CacheConfig) -> Result<Cache, CacheError> {
+        create_private_dir(&config.dir)?;
+        let lock = lock_dir(&config.dir)?;
+        let store = Store::open(&config.dir)?;
+        let Recovered {
+            index,
+            totals,
+            clock,
+        } = open_index(&config.dir, &store)?;
+        let inner = Inner {
+            dir: config.dir,
+            quota: config.quota,
+            store,
+            index,
+            write: Mutex::new(totals),
+            hot: Mutex::new(Hot {
+                memory: MemLru::new(config.memory),
+                dirty: HashMap::new(),
+                clock,
+            }),
+            damaged: AtomicBool::new(false),
+            _lock: lock,
+        };
+        inner.evict_over_quota(&mut inner.write.lock())?;
+        Ok(Cache {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The object, from memory or from its file (re-hashed). A damaged file is deleted, logged
+    /// and reported as a miss.
+    pub fn get(&self, hash: &Hash) -> Result<Option<Verified>, CacheError> {
+        let inner = &*self.inner;
+        let hit = {
+            let mut hot = inner.hot.lock();
+            hot.memory.get(hash).map(|obj| (obj, hot.touch(hash)))
+        };
+        if let Some((obj, batch_full)) = hit {
+            inner.persist_if(batch_full);
+            return Ok(Some(obj));
+        }
+        match inner.index.lookup(hash)? {
+            Lookup::Absent => return Ok(None),
+            Lookup::Garbage(_) => return inner.repair(hash),
+            Lookup::Found(_) => {}
+        }
+        match inner.store.read(hash)? {
+            Read::Good(obj) => {
+                let batch_full = inner.hot.lock().remember(&obj);
+                inner.persist_if(batch_full);
+                Ok(Some(obj))
+            }
+            Read::Missing | Read::Bad => inner.repair(hash),
+        }
+    }
+
+    /// Whether the index lists the object (no file access).
+    pub fn contains(&self, hash: &Hash) -> bool {
+        matches!(self.inner.index.contains(hash), Ok(true))
+    }
+
+    /// Stores the object (a no-op if present), then evicts down to the quota.
+    pub fn insert(&self, obj: &Verified) -> Result<(), CacheError> {
+        let inner = &*self.inner;
+        if let Lookup::Found(_) = inner.index.lookup(obj.hash())? {
+            let batch_full = inner.hot.lock().remember(obj);
+            inner.persist_if(batch_full);
+            return Ok(());
+        }
+        let temp = inner.store.write_temp(obj)?;
+        let mut totals = inner.write.lock();
+        if let Lookup::Found(_) = inner.index.lookup(obj.hash())? {
+            discard(temp);
+        } else {
+            let disk_size = temp.disk_size;
+            inner.store.commit(temp, obj.hash())?;
+            let last_use = inner.hot.lock().next_use();
+            let entry = Entry {
+                disk_size,
+                last_use,
+                pinned: false,
+            };
+            if let Err(e) = inner.index.add(obj.hash(), entry) {
+                inner.damaged.store(true, Ordering::Relaxed);
+                return Err(e.into());
+            }
+            totals.add(&entry);
+        }
+        inner.hot.lock().memory.put(obj);
+        inner.evict_over_quota(&mut totals)
+    }
+
+    /// Protects a cached object from eviction until unpinned.
+    pub fn pin(&self, hash: &Hash) -> Result<(), CacheError> {
+        let inner = &*self.inner;
+        let mut totals = inner.write.lock();
+        match inner.index.lookup(hash)? {
+            Lookup::Found(entry) => inner.set_pinned(hash, entry, true, &mut totals),
+            Lookup::Absent | Lookup::Garbage(_) => Err(CacheError::NotCached {
+                hash: *hash,
+                dir: inner.dir.clone(),
+            }),
+        }
+    }
+
+    /// Makes the object evictable again (a no-op if absent or not pinned).
+    pub fn unpin(&self, hash: &Hash) -> Result<(), CacheError> {
+        let inner = &*self.inner;
+        let mut totals = inner.write.lock();
+        if let Lookup::Found(entry) = inner.index.lookup(hash)? {
+            inner.set_pinned(hash, entry, false, &mut totals)?;
+        }
+        inner.evict_over_quota(&mut totals)
+    }
+
+    /// Unpins every object.
+    pub fn unpin_all(&self) -> Result<(), CacheError> {
+        let inner = &*self.inner;
+        let mut totals = inner.write.lock();
+        let mut pinned = Vec::new();
+        for item in inner.index.entries() {
+            let (key, value) = item?;
+            let entry = Entry::decode(&value).filter(|e| e.pinned);
+            if let (Some(hash), Some(entry)) = (crate::index::parse_hash(&key), entry) {
+                pinned.push((hash, entry));
+            }
+        }
+        for (hash, entry) in pinned {
+            inner.set_pinned(&hash, entry, false, &mut totals)?;
+        }
+        inner.evict_over_quota(&mut totals)
+    }
+
+    /// Remembers the last root record seen on a channel.
+    pub fn set_root(&self, channel: &[u8; 32], record: &[u8]) -> Result<(), CacheError> {
+        Ok(self.inner.index.set_root(channel, record)?)
+    }
+
+    /// The last root record remembered for a channel.
+    pub fn get_root(&self, channel: &[u8; 32]) -> Result<Option<Vec<u8>>, CacheError> {
+        Ok(self.inner.index.get_root(channel)?)
+    }
+
+    /// What the cache holds on disk.
+    pub fn usage(&self) -> Usage {
+        let totals = *self.inner.write.lock();
+        Usage {
+            objects: totals.objects,
+            disk_bytes: totals.disk_bytes,
+            pinned_bytes: totals.pinned_bytes,
+        }
+    }
+
+    /// Bytes of objects held in the memory LRU.
+    pub fn memory_bytes(&self) -> usize {
+        self.inner.hot.lock().memory.bytes()
+    }
+
+    /// Writes remembered uses and the index to disk.
+    pub fn flush(&self) -> Result<(), CacheError> {
+        let inner = &*self.inner;
+        let mut totals = inner.write.lock();
+        inner.persist_recency(&mut totals)?;
+        Ok(inner.index.flush()?)
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    #[cfg(test)]
+    pub(crate) fn index(&self) -> &Index {
+        &self.inner.index
+    }
+
+    /// Leaves the next close unclean, as after a crash.
+    #[cfg(test)]
+    pub(crate) fn inner_mark_damaged(&self) {
+        self.inner.damaged.store(true, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn object_path(&self, hash: &Hash) -> PathBuf {
+        self.inner.store.path(hash)
+    }
+}
+
+impl Inner {
+    /// Writes the remembered uses to the index if the batch is full; failures only cost
+    /// recency, so they are logged.
+    fn persist_if(&self, batch_full: bool) {
+        if batch_full {
+            if let Err(e) = self.persist_recency(&mut self.write.lock()) {
+                warn!(dir = %self.dir.display(), error = %e, "could not record object uses");
+            }
+        }
+    }
+
+    /// Writes the remembered uses to the index. `_totals` proves `write` is held.
+    fn persist_recency(&self, _totals: &mut Totals) -> Result<(), CacheError> {
+        let dirty = std::mem::take(&mut self.hot.lock().dirty);
+        for (hash, last_use) in dirty {
+            if let Lookup::Found(entry) = self.index.lookup(&hash)? {
+                if entry.last_use < last_use {
+                    self.index.touch(&hash, entry, last_use)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_pinned(
+        &self,
+        hash: &Hash,
+        entry: Entry,
+        pinned: bool,
+        totals: &mut Totals,
+    ) -> Result<(), CacheError> {
+        if entry.pinned == pinned {
+            return Ok(());
+        }
+        self.index.set_pinned(hash, entry, pinned)?;
+        totals.sub(&entry);
+        totals.add(&Entry { pinned, ..entry });
+        Ok(())
+    }
+
+    /// Evicts least recently used unpinned objects until disk use is within the quota.
+    fn evict_over_quota(&self, totals: &mut Totals) -> Result<(), CacheError> {
+        let Some(quota) = self.quota else {
+            return Ok(());
+        };
+        if totals.disk_bytes <= quota {
+            return Ok(());
+        }
+        self.persist_recency(totals)?;
+        for key in self.index.lru_keys() {
+            if totals.disk_bytes <= quota {
+                return Ok(());
+            }
+            self.evict_key(&key?, totals)?;
+        }
+        if totals.disk_bytes > quota {
+            debug!(
+                quota,
+                used = totals.disk_bytes,
+                "cache over quota: the rest is pinned"
+            );
+        }
+        Ok(())
+    }
+
+    /// Evicts the object of one `lru` key, or drops the key if it is stale.
+    fn evict_key(&self, key: &[u8], totals: &mut Totals) -> Result<(), CacheError> {
+        if let Some((last_use, hash)) = parse_lru_key(key) {
+            if let Lookup::Found(e) = self.index.lookup(&hash)? {
+                if !e.pinned && e.last_use == last_use {
+                    return self.remove_object(&hash, e, totals);
+                }
+            }
+        }
+        // Left behind by a crash: its entry is gone, pinned, or has moved on.
+        Ok(self.index.remove_lru_key(key)?)
+    }
+
+    /// Deletes an object: file first, then entry, then memory.
+    fn remove_object(
+        &self,
+        hash: &Hash,
+        entry: Entry,
+        totals: &mut Totals,
+    ) -> Result<(), CacheError> {
+        self.store.remove(hash)?;
+        self.index.remove(hash, entry)?;
+        totals.sub(&entry);
+        let mut hot = self.hot.lock();
+        hot.memory.remove(hash);
+        hot.dirty.remove(hash);
+        Ok(())
+    }
+
+    /// Looks again, under `write`, at an object whose file or entry looked bad, and deletes
+    /// it if it still does.
+    fn repair(&self, hash: &Hash) -> Result<Option<Verified>, CacheError> {
+        let mut totals = self.write.lock();
+        let path = self.store.path(hash);
+        let entry = match self.index.lookup(hash)? {
+            Lookup::Absent => return Ok(None),
+            Lookup::Found(entry) => entry,
+            Lookup::Garbage(raw) => {
+                warn!(path = %path.display(), "undecodable cache index entry; deleting the object");
+                self.store.remove(hash)?;
+                self.index.remove_garbage(hash, raw)?;
+                return Ok(None);
+            }
+        };
+        match self.store.read(hash)? {
+            Read::Good(obj) => {
+                self.hot.lock().remember(&obj);
+                return Ok(Some(obj));
+            }
+            Read::Missing => warn!(path = %path.display(), "object file vanished; forgetting it"),
+            Read::Bad => warn!(
+                path = %path.display(),
+                "object file does not match its hash; deleted it, it will be fetched again"
+            ),
+        }
+        self.remove_object(hash, entry, &mut totals)?;
+        Ok(None)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let closed = (|| -> Result<(), CacheError> {
+            let mut totals = self.write.lock();
+            self.persist_recency(&mut totals)?;
+            self.index.flush()?;
+            if self.damaged.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            write_clean_mark(&self.dir, &totals)
+        })();
+        if let Err(e) = closed {
+            warn!(
+                dir = %self.dir.display(),
+                error = %e,
+                "could not close the cache index cleanly; it will be checked at next open"
+            );
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Errors of the cache.
+//!
+//! Invariant: every message says which path (or object) failed and what the user can do about
+//! it. Damaged object files are not errors: they are misses, repaired by deleting them.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use blake3::Hash;
+
+/// Why a cache operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// A file or directory of the cache could not be read or written.
+    #[error(
+        "cache file {path}: {source}; check that the cache directory is writable and the disk \
+         is not full, or pass --cache to use another"
+    )]
+    Io {
+        /// The file or directory that failed.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The sled index failed after it was opened.
+    #[error(
+        "cache index (the index/ directory inside the cache directory): {0}; stop lcfs and \
+         delete that directory to have it rebuilt from the object files"
+    )]
+    Index(#[source] sled::Error),
+    /// Another process holds the cache directory.
+    #[error("cache {dir} is in use by another lcfs process; pass --cache to use another")]
+    Locked {
+        /// The cache directory.
+        dir: PathBuf,
+    },
+    /// `pin` was asked for an object that is not in the cache.
+    #[error("object {hash} is not in cache {dir}; fetch it before pinning it")]
+    NotCached {
+        /// The object asked for.
+        hash: Hash,
+        /// The cache directory.
+        dir: PathBuf,
+    },
+}
+
+impl CacheError {
+    /// Wraps an I/O error with the path it concerns.
+    pub(crate) fn io(path: &Path, source: io::Error) -> CacheError {
+        CacheError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl From<sled::Error> for CacheError {
+    fn from(e: sled::Error) -> CacheError {
+        CacheError::Index(e)
+    }
+}
+
+/// Attaches a path to I/O errors: `fs::read(p).at(p)?`.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: &Path) -> Result<T, CacheError>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: &Path) -> Result<T, CacheError> {
+        self.map_err(|e| CacheError::io(path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_path_and_a_remedy() {
+        let locked = CacheError::Locked {
+            dir: PathBuf::from("/x/cache"),
+        };
+        assert_eq!(
+            locked.to_string(),
+            "cache /x/cache is in use by another lcfs process; pass --cache to use another"
+        );
+        let io = CacheError::io(Path::new("/x/cache/objects"), io::Error::other("boom"));
+        let msg = io.to_string();
+        assert!(
+            msg.contains("/x/cache/objects") && msg.contains("--cache"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,113 @@
+//! lcfs verified object cache.
+//!
+//! Job: keep objects (file blocks, directory encodings, file-index encodings) named by their
+//! BLAKE3 hash, so that a mount can read them again without the network, and start offline
+//! from the last root record of its channel. DESIGN.md section 5 explains the choices.
+//!
+//! Layout of the cache directory (mode 0700, shared by every channel):
+//!
+//! ```text
+//! DIR/lock              flock'd by the one process using the cache
+//! DIR/objects/ab/<hex>  object bodies, named by the lowercase hex of their hash
+//! DIR/tmp/              objects being written; renamed into objects/ when complete
+//! DIR/index/            sled: hash -> (disk size, last use, pinned); channel -> root record
+//! ```
+//!
+//! Invariants:
+//! - Nothing leaves the cache unverified: [`Cache::get`] returns [`Verified`] bytes, and every
+//!   read of an object file re-hashes it. A file that does not match its name (short, bit
+//!   flipped, replaced) is deleted and reported as a miss, never as an error or wrong bytes.
+//! - Disk use of object files stays within the quota except for pinned objects: after an
+//!   insert or unpin, the least recently used unpinned objects are evicted until it fits.
+//! - The index is disposable: if sled cannot open it, it is rebuilt from the object files.
+//! - Bad disk state (garbage names, garbage index values, damaged sled files) never panics.
+//!
+//! Recency is kept in memory and written to the index in batches (and before evicting, on
+//! [`Cache::flush`] and on close), so reads do not write sled; after a crash the LRU order is
+//! approximate.
+
+mod cache;
+mod error;
+mod index;
+mod memory;
+mod open;
+mod store;
+mod verified;
+
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod recovery_tests;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+
+pub use blake3::Hash;
+pub use cache::Cache;
+pub use error::CacheError;
+pub use verified::{HashMismatch, Verified};
+
+/// Where and how big the cache is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// The cache directory; created with mode 0700 if missing.
+    pub dir: PathBuf,
+    /// Quota on the real disk use of object files, in bytes; `None` means unlimited.
+    pub quota: Option<u64>,
+    /// Bytes of hot objects kept in memory in front of the files; 0 disables it.
+    pub memory: usize,
+}
+
+impl CacheConfig {
+    /// Default size of the in-memory LRU: 64 MiB.
+    pub const DEFAULT_MEMORY: usize = 64 << 20;
+
+    /// A cache in `dir`, without quota, with the default memory LRU.
+    pub fn new(dir: impl Into<PathBuf>) -> CacheConfig {
+        CacheConfig {
+            dir: dir.into(),
+            quota: None,
+            memory: CacheConfig::DEFAULT_MEMORY,
+        }
+    }
+
+    /// The default cache directory: `/var/cache/lcfs` for root, else `$XDG_CACHE_HOME/lcfs`,
+    /// else `$HOME/.cache/lcfs`, else `lcfs-<uid>` in the temporary directory.
+    pub fn default_dir() -> PathBuf {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        if uid == 0 {
+            return PathBuf::from("/var/cache/lcfs");
+        }
+        let absolute = |var: &str| {
+            std::env::var_os(var)
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+        };
+        if let Some(xdg) = absolute("XDG_CACHE_HOME") {
+            return xdg.join("lcfs");
+        }
+        if let Some(home) = absolute("HOME") {
+            return home.join(".cache").join("lcfs");
+        }
+        std::env::temp_dir().join(format!("lcfs-{uid}"))
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> CacheConfig {
+        CacheConfig::new(CacheConfig::default_dir())
+    }
+}
+
+/// How much the cache holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Number of objects on disk.
+    pub objects: u64,
+    /// Real disk use of their files, in bytes.
+    pub disk_bytes: u64,
+    /// The part of `disk_bytes` that is pinned.
+    pub pinned_bytes: u64,
+}

@@ -1,0 +1,464 @@
+//! The command line: argument parsing, logging, signals and exit codes. Each subcommand
+//! resolves its options into the library's types and calls into the library; nothing here
+//! knows about packets.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::channel::{Channel, MasterKey};
+use crate::fetch::{FetchConfig, Fetcher, RootPolicy, Tree};
+use crate::net::{resolve_iface, Iface};
+use crate::object::BlockSize;
+
+#[derive(Parser)]
+#[command(name = "lcfs", version, about = "Hand the same files to many machines at once over IPv6 multicast",
+    long_about = "lcfs publishes a directory over IPv6 multicast (`lcfs serve`) and copies or mounts it on any \
+number of receivers. The server sends only while MLD shows listeners; receivers never send it a request. \
+Every byte is verified against BLAKE3 hashes from the root record down.\n\nLogging: RUST_LOG=lcfs=debug")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Publish a directory (or one file) on a channel.
+    Serve(ServeArgs),
+    /// Copy a channel's tree, a subtree or one file to a local path.
+    Copy(CopyArgs),
+    /// Fill the cache with a channel's tree for offline use.
+    Prefetch(PrefetchArgs),
+    /// Write a new random keyfile for an encrypted channel.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Args)]
+struct NetArgs {
+    /// Network interface to use (required when several are up; never lo).
+    #[arg(long, short = 'i', env = "LCFS_IFACE")]
+    iface: Option<String>,
+    /// UDP port of the channel.
+    #[arg(long, default_value_t = crate::channel::DEFAULT_PORT)]
+    port: u16,
+}
+
+#[derive(Args)]
+struct KeyArgs {
+    /// Encrypt (serve) or decrypt (receive) with the key in FILE (see `lcfs keygen`).
+    #[arg(long, value_name = "FILE", conflicts_with = "password")]
+    keyfile: Option<PathBuf>,
+    /// Derive the key from a password: $LCFS_PASSWORD if set, else asked for on the terminal.
+    #[arg(long)]
+    password: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Directory or file to publish.
+    path: PathBuf,
+    /// Channel name [default: PATH's base name].
+    #[arg(long, short = 'c')]
+    channel: Option<String>,
+    #[command(flatten)]
+    net: NetArgs,
+    /// Send rate in bits per second, headers included (suffixes K, M, G).
+    #[arg(long, default_value = "100M", value_parser = parse_rate)]
+    rate: u64,
+    /// Block size: a power of two from 16K to 4M.
+    #[arg(long, default_value = "64K", value_parser = parse_block_size)]
+    block_size: BlockSize,
+    /// Where the leaf-hash cache and generation counter live [default: /var/lib/lcfs for root,
+    /// else $XDG_STATE_HOME/lcfs].
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// Multicast hop limit (1 keeps traffic on the link).
+    #[arg(long, default_value_t = 1)]
+    hops: u32,
+    /// Seconds between MLD general queries while this server is the link's querier.
+    #[arg(long, default_value_t = 5)]
+    query_interval: u64,
+    #[command(flatten)]
+    key: KeyArgs,
+}
+
+#[derive(Args)]
+struct RecvArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// Cache directory [default: /var/cache/lcfs for root, else $XDG_CACHE_HOME/lcfs].
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+    /// Quota on the cache's disk use (suffixes K, M, G, T); least recently used blocks go first.
+    #[arg(long, value_parser = parse_size)]
+    cache_size: Option<u64>,
+    /// Seconds without data after which a fetch fails.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    #[command(flatten)]
+    key: KeyArgs,
+    /// Accept a root record with a lower generation than one already seen.
+    #[arg(long)]
+    allow_rollback: bool,
+}
+
+#[derive(Args)]
+struct CopyArgs {
+    /// NAME[@ROOTHASH][:SUBPATH]: the channel, optionally a pinned snapshot and a path in it.
+    channel: String,
+    /// Where to write: a directory for a tree; a file path or a directory for one file.
+    dest: PathBuf,
+    #[command(flatten)]
+    recv: RecvArgs,
+}
+
+#[derive(Args)]
+struct PrefetchArgs {
+    /// NAME[@ROOTHASH]: the channel.
+    channel: String,
+    /// Paths inside the channel to fetch [default: everything].
+    subpaths: Vec<String>,
+    /// Keep the fetched objects from eviction.
+    #[arg(long)]
+    pin: bool,
+    #[command(flatten)]
+    recv: RecvArgs,
+}
+
+#[derive(Args)]
+struct KeygenArgs {
+    /// Write the key to FILE (mode 0600) instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+/// `NAME[@ROOTHASH][:SUBPATH]`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ChannelSpec {
+    pub name: String,
+    pub pinned: Option<blake3::Hash>,
+    pub subpath: String,
+}
+
+pub fn parse_channel_spec(s: &str) -> anyhow::Result<ChannelSpec> {
+    let (head, subpath) = s.split_once(':').unwrap_or((s, ""));
+    let (name, pinned) = match head.split_once('@') {
+        Some((n, h)) => {
+            let hash = blake3::Hash::from_hex(h).map_err(|_| anyhow!("{h:?} is not a 64-digit root hash"))?;
+            (n, Some(hash))
+        }
+        None => (head, None),
+    };
+    if name.is_empty() {
+        bail!("the channel name is empty in {s:?}");
+    }
+    Ok(ChannelSpec { name: name.into(), pinned, subpath: subpath.into() })
+}
+
+fn parse_scaled(s: &str, base: u64) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches("bit/s").trim_end_matches("bps").trim_end_matches("bit").trim_end_matches('b');
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], base),
+        Some('m') => (&t[..t.len() - 1], base.pow(2)),
+        Some('g') => (&t[..t.len() - 1], base.pow(3)),
+        Some('t') => (&t[..t.len() - 1], base.pow(4)),
+        _ => (t, 1),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a number with an optional K, M, G or T suffix"))?;
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    parse_scaled(s, 1000)
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    parse_scaled(s, 1024)
+}
+
+fn parse_block_size(s: &str) -> Result<BlockSize, String> {
+    let n = parse_size(s)?;
+    BlockSize::from_bytes(n).map_err(|_| format!("{s:?}: the block size must be a power of two from 16K to 4M"))
+}
+
+fn home_dir(var: &str, fallback: &str, root: &str) -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from(root);
+    }
+    if let Some(d) = std::env::var_os(var).filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("lcfs");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    PathBuf::from(home).join(fallback).join("lcfs")
+}
+
+pub fn default_cache_dir() -> PathBuf {
+    home_dir("XDG_CACHE_HOME", ".cache", "/var/cache/lcfs")
+}
+
+pub fn default_state_dir() -> PathBuf {
+    home_dir("XDG_STATE_HOME", ".local/state", "/var/lib/lcfs")
+}
+
+fn master_key(args: &KeyArgs, channel: &str) -> anyhow::Result<Option<MasterKey>> {
+    if let Some(path) = &args.keyfile {
+        return Ok(Some(crate::keys::from_keyfile(path)?));
+    }
+    if !args.password {
+        return Ok(None);
+    }
+    let password = match std::env::var("LCFS_PASSWORD") {
+        Ok(p) if !p.is_empty() => p,
+        _ => rpassword_prompt(channel)?,
+    };
+    Ok(Some(crate::keys::from_password(&password, channel)?))
+}
+
+fn rpassword_prompt(channel: &str) -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        bail!("--password needs a terminal to ask on, or the password in $LCFS_PASSWORD");
+    }
+    eprint!("password for channel {channel:?}: ");
+    std::io::stderr().flush()?;
+    let echo = Echo::off();
+    let mut line = String::new();
+    stdin.lock().read_line(&mut line)?;
+    drop(echo);
+    eprintln!();
+    Ok(line.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+/// Turns terminal echo off while alive.
+struct Echo(Option<libc::termios>);
+
+impl Echo {
+    fn off() -> Echo {
+        // SAFETY: tcgetattr/tcsetattr on stdin with a zeroed termios that tcgetattr fills in.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return Echo(None);
+            }
+            let saved = t;
+            t.c_lflag &= !libc::ECHO;
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+            Echo(Some(saved))
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            // SAFETY: restores the settings read in `off`.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+        }
+    }
+}
+
+fn iface(net: &NetArgs) -> anyhow::Result<Iface> {
+    Ok(resolve_iface(net.iface.as_deref())?)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let path = args.path.clone();
+    if !path.exists() {
+        bail!("{} does not exist", path.display());
+    }
+    let channel = match args.channel {
+        Some(c) => c,
+        None => base_name(&path)?,
+    };
+    let key = master_key(&args.key, &channel)?;
+    let opts = crate::serve::server::ServeOptions {
+        path,
+        iface: iface(&args.net)?,
+        port: args.net.port,
+        rate_bps: args.rate,
+        block_size: args.block_size,
+        state_dir: Some(args.state.unwrap_or_else(default_state_dir)),
+        key,
+        sign_key: None,
+        hops: args.hops,
+        query_interval: Duration::from_secs(args.query_interval.max(1)),
+        channel,
+    };
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, shutdown.clone())?;
+    }
+    crate::serve::server::run(opts, shutdown)
+}
+
+fn base_name(path: &Path) -> anyhow::Result<String> {
+    let canonical = path.canonicalize().with_context(|| format!("cannot resolve {}", path.display()))?;
+    canonical
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("{} has no usable base name: pass --channel NAME", path.display()))
+}
+
+struct Receiver {
+    tree: Tree,
+}
+
+async fn open_tree(spec: &ChannelSpec, args: &RecvArgs, offline_ok: bool) -> anyhow::Result<Receiver> {
+    let key = master_key(&args.key, &spec.name)?;
+    let channel = Channel::new(&spec.name, key.as_ref());
+    let iface = iface(&args.net)?;
+    let dir = args.cache.clone().unwrap_or_else(default_cache_dir);
+    let mut cache_config = lcfs_cache::CacheConfig::new(dir);
+    cache_config.quota = args.cache_size;
+    let cache = lcfs_cache::Cache::open(cache_config)?;
+    let config = FetchConfig {
+        timeout: Duration::from_secs(args.timeout.max(1)),
+        port: args.net.port,
+        ..FetchConfig::default()
+    };
+    let fetcher = Fetcher::start(channel, iface, cache, config)?;
+    let policy = RootPolicy { pinned: spec.pinned, publisher: None, allow_rollback: args.allow_rollback };
+    let tree = Tree::open(fetcher, &policy, offline_ok).await?;
+    Ok(Receiver { tree })
+}
+
+async fn copy(args: CopyArgs) -> anyhow::Result<()> {
+    let spec = parse_channel_spec(&args.channel)?;
+    let rx = open_tree(&spec, &args.recv, false).await?;
+    let report = crate::copy::copy(&rx.tree, &spec.subpath, &args.dest).await?;
+    let stats = rx.tree.fetcher().stats();
+    let fetched = stats.bytes_fetched.load(Ordering::Relaxed);
+    let cached = stats.bytes_cached.load(Ordering::Relaxed);
+    let secs = report.elapsed.as_secs_f64().max(1e-3);
+    eprintln!(
+        "copied {} files, {} dirs, {} symlinks ({} bytes) to {} in {:.2} s: {} bytes from the network ({:.1} MB/s), {} reused from {}, {} from the cache{}",
+        report.files,
+        report.dirs,
+        report.symlinks,
+        report.bytes,
+        args.dest.display(),
+        secs,
+        fetched,
+        fetched as f64 / secs / 1e6,
+        report.reused,
+        args.dest.display(),
+        cached,
+        if report.unchanged > 0 { format!(", {} files already up to date", report.unchanged) } else { String::new() }
+    );
+    Ok(())
+}
+
+async fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
+    let spec = parse_channel_spec(&args.channel)?;
+    let rx = open_tree(&spec, &args.recv, false).await?;
+    let mut subpaths = args.subpaths.clone();
+    if !spec.subpath.is_empty() {
+        subpaths.push(spec.subpath.clone());
+    }
+    let report = crate::prefetch::prefetch(&rx.tree, &subpaths, args.pin).await?;
+    let fetched = rx.tree.fetcher().stats().bytes_fetched.load(Ordering::Relaxed);
+    eprintln!(
+        "cached {} objects of {} files ({} bytes, {} from the network) in {:.2} s{}",
+        report.objects,
+        report.files,
+        report.bytes,
+        fetched,
+        report.elapsed.as_secs_f64(),
+        if args.pin { ", pinned" } else { "" }
+    );
+    Ok(())
+}
+
+fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    match args.out {
+        Some(path) => {
+            crate::keys::write_keyfile(&path)?;
+            eprintln!("wrote a new key to {} (mode 0600): share it with receivers over a secure channel", path.display());
+        }
+        None => println!("{}", crate::keys::new_key_hex()),
+    }
+    Ok(())
+}
+
+/// Runs a receiving command, ending it cleanly (temporary files removed) on SIGINT or SIGTERM.
+fn run_async<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = f => r,
+            _ = tokio::signal::ctrl_c() => Err(Interrupted.into()),
+            _ = term.recv() => Err(Interrupted.into()),
+        }
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Interrupted;
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("lcfs=info,lcfs_cache=info,warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+/// The `lcfs` binary. Exit codes: 0 success, 1 failure, 2 usage, 130 interrupted.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Serve(a) => serve(a),
+        Command::Copy(a) => run_async(copy(a)),
+        Command::Prefetch(a) => run_async(prefetch(a)),
+        Command::Keygen(a) => keygen(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<Interrupted>() => {
+            eprintln!("lcfs: interrupted");
+            std::process::ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("lcfs: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_specs() {
+        let h = blake3::hash(b"r");
+        assert_eq!(parse_channel_spec("a").unwrap(), ChannelSpec { name: "a".into(), pinned: None, subpath: "".into() });
+        let s = parse_channel_spec(&format!("a@{}:x/y", h.to_hex())).unwrap();
+        assert_eq!((s.pinned, s.subpath.as_str()), (Some(h), "x/y"));
+        assert!(parse_channel_spec("@abc").is_err());
+        assert!(parse_channel_spec("a@zz").is_err());
+    }
+
+    #[test]
+    fn rates_and_sizes() {
+        assert_eq!(parse_rate("100M"), Ok(100_000_000));
+        assert_eq!(parse_rate("1.5G"), Ok(1_500_000_000));
+        assert_eq!(parse_rate("200mbit"), Ok(200_000_000));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_block_size("48K").is_err());
+        assert_eq!(parse_block_size("1M").unwrap().bytes(), 1 << 20);
+    }
+}

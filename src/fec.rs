@@ -1,0 +1,226 @@
+//! RaptorQ (RFC 6330) coding of one object, the unit that travels on one group (sans-IO).
+//!
+//! Every object is one source block with one sub-block, so an encoding symbol is named by its
+//! ESI alone. ESIs below K are the object's bytes in order (the last symbol zero-padded); ESIs
+//! from K up are repair symbols. A receiver needs any K (rarely K+1 or K+2) distinct symbols of
+//! one symbol size, whatever their order or origin.
+//!
+//! The decoder never trusts the wire: the object length comes from a verified reference,
+//! symbols of another size or an ESI beyond 24 bits are ignored, and the number of symbols it
+//! keeps is bounded so that a flood of forged symbols costs memory proportional to the object.
+
+use raptorq::{EncodingPacket, ObjectTransmissionInformation, PayloadId};
+use raptorq::{SourceBlockDecoder, SourceBlockEncoder};
+
+/// RaptorQ's limit on source symbols in one block.
+pub const MAX_SOURCE_SYMBOLS: u64 = 56_403;
+/// ESIs are 24-bit numbers.
+pub const ESI_LIMIT: u32 = 1 << 24;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FecError {
+    #[error("empty objects are never sent")]
+    Empty,
+    #[error("object of {len} bytes needs more than {MAX_SOURCE_SYMBOLS} symbols of {symbol_size} bytes")]
+    TooManySymbols { len: u64, symbol_size: usize },
+}
+
+fn oti(len: u64, symbol_size: usize) -> Result<ObjectTransmissionInformation, FecError> {
+    if len == 0 || symbol_size == 0 {
+        return Err(FecError::Empty);
+    }
+    if len.div_ceil(symbol_size as u64) > MAX_SOURCE_SYMBOLS || symbol_size > u16::MAX as usize {
+        return Err(FecError::TooManySymbols { len, symbol_size });
+    }
+    Ok(ObjectTransmissionInformation::new(len, symbol_size as u16, 1, 1, 1))
+}
+
+/// The symbol size to use for an object: the link's, or less for objects smaller than that.
+pub fn symbol_size_for_object(len: u64, link_symbol_size: usize) -> usize {
+    let min = len.div_ceil(MAX_SOURCE_SYMBOLS) as usize;
+    (len as usize).min(link_symbol_size).max(min)
+}
+
+/// Produces any encoding symbol of one object.
+pub struct ObjectEncoder {
+    padded: Vec<u8>,
+    symbol_size: usize,
+    k: u32,
+    encoder: SourceBlockEncoder,
+}
+
+impl ObjectEncoder {
+    pub fn new(data: &[u8], symbol_size: usize) -> Result<ObjectEncoder, FecError> {
+        let config = oti(data.len() as u64, symbol_size)?;
+        let k = data.len().div_ceil(symbol_size);
+        let mut padded = data.to_vec();
+        padded.resize(k * symbol_size, 0);
+        let encoder = SourceBlockEncoder::new(0, &config, &padded);
+        Ok(ObjectEncoder {
+            padded,
+            symbol_size,
+            k: k as u32,
+            encoder,
+        })
+    }
+
+    /// K: the number of source symbols.
+    pub fn source_symbols(&self) -> u32 {
+        self.k
+    }
+
+    pub fn symbol_size(&self) -> usize {
+        self.symbol_size
+    }
+
+    /// Writes symbol `esi` (taken modulo 2^24) into `out`.
+    pub fn symbol(&self, esi: u32, out: &mut Vec<u8>) {
+        let esi = esi % ESI_LIMIT;
+        out.clear();
+        if esi < self.k {
+            let at = esi as usize * self.symbol_size;
+            out.extend_from_slice(&self.padded[at..at + self.symbol_size]);
+        } else {
+            let packet = self.encoder.repair_packets(esi - self.k, 1);
+            if let Some(p) = packet.first() {
+                out.extend_from_slice(p.data());
+            }
+        }
+    }
+}
+
+/// What pushing one symbol into a decoder gave.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// More symbols are needed.
+    Pending,
+    /// The symbol did not fit this decoder (size or ESI); it was ignored.
+    Ignored,
+    /// The object, exactly `len` bytes. Not yet verified against its hash.
+    Done(Vec<u8>),
+}
+
+/// Collects symbols of one object until it decodes.
+pub struct ObjectDecoder {
+    len: u64,
+    symbol_size: usize,
+    k: u32,
+    kept: u32,
+    decoder: SourceBlockDecoder,
+}
+
+impl ObjectDecoder {
+    /// A decoder for an object of `len` bytes coded with symbols of `symbol_size` bytes.
+    pub fn new(len: u64, symbol_size: usize) -> Result<ObjectDecoder, FecError> {
+        let config = oti(len, symbol_size)?;
+        Ok(ObjectDecoder {
+            len,
+            symbol_size,
+            k: len.div_ceil(symbol_size as u64) as u32,
+            kept: 0,
+            decoder: SourceBlockDecoder::new(0, &config, len),
+        })
+    }
+
+    pub fn symbol_size(&self) -> usize {
+        self.symbol_size
+    }
+
+    pub fn source_symbols(&self) -> u32 {
+        self.k
+    }
+
+    /// Symbols kept so far (including any duplicates the decoder discarded).
+    pub fn kept(&self) -> u32 {
+        self.kept
+    }
+
+    /// True once the decoder holds so many symbols that only forged ones can explain a failure
+    /// to decode; the caller should start afresh.
+    pub fn saturated(&self) -> bool {
+        self.kept > self.k.saturating_mul(2) + 64
+    }
+
+    pub fn push(&mut self, esi: u32, data: &[u8]) -> Decoded {
+        if data.len() != self.symbol_size || esi >= ESI_LIMIT {
+            return Decoded::Ignored;
+        }
+        self.kept += 1;
+        let packet = EncodingPacket::new(PayloadId::new(0, esi), data.to_vec());
+        match self.decoder.decode(std::iter::once(packet)) {
+            Some(mut bytes) => {
+                bytes.truncate(self.len as usize);
+                Decoded::Done(bytes)
+            }
+            None => Decoded::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn data(n: usize, seed: u64) -> Vec<u8> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random()).collect()
+    }
+
+    fn decode_with(enc: &ObjectEncoder, len: usize, esis: impl Iterator<Item = u32>) -> Option<Vec<u8>> {
+        let mut dec = ObjectDecoder::new(len as u64, enc.symbol_size()).unwrap();
+        let mut buf = Vec::new();
+        for esi in esis {
+            enc.symbol(esi, &mut buf);
+            if let Decoded::Done(b) = dec.push(esi, &buf) {
+                return Some(b);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn source_symbols_alone_decode() {
+        let d = data(65536, 1);
+        let enc = ObjectEncoder::new(&d, 1428).unwrap();
+        assert_eq!(enc.source_symbols(), 46);
+        assert_eq!(decode_with(&enc, d.len(), 0..46).unwrap(), d);
+    }
+
+    #[test]
+    fn repair_symbols_alone_decode() {
+        let d = data(10_000, 2);
+        let enc = ObjectEncoder::new(&d, 1000).unwrap();
+        assert_eq!(decode_with(&enc, d.len(), 100..200).unwrap(), d);
+    }
+
+    #[test]
+    fn wrong_size_and_big_esi_are_ignored() {
+        let mut dec = ObjectDecoder::new(5000, 1000).unwrap();
+        assert_eq!(dec.push(0, &[0; 999]), Decoded::Ignored);
+        assert_eq!(dec.push(ESI_LIMIT, &[0; 1000]), Decoded::Ignored);
+        assert_eq!(dec.push(0, &[0; 1000]), Decoded::Pending);
+    }
+
+    #[test]
+    fn invalid_configurations_are_errors() {
+        assert_eq!(ObjectDecoder::new(0, 100).err(), Some(FecError::Empty));
+        assert!(ObjectDecoder::new(1 << 30, 8).is_err());
+        assert_eq!(symbol_size_for_object(100, 1428), 100);
+        assert_eq!(symbol_size_for_object(1 << 20, 1428), 1428);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn any_enough_symbols_decode(len in 1usize..40_000, loss in 0.0f64..0.5, seed: u64) {
+            let d = data(len, seed);
+            let enc = ObjectEncoder::new(&d, 1428.min(len)).unwrap();
+            let mut rng = StdRng::seed_from_u64(seed);
+            let k = enc.source_symbols();
+            let survivors = (0..k * 4 + 20).filter(|_| rng.random::<f64>() >= loss);
+            prop_assert_eq!(decode_with(&enc, len, survivors), Some(d));
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! The I/O shell of the fetch engine: socket, receive thread, joins and waiters.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv6Addr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use lcfs_cache::{Cache, Verified};
+use socket2::Socket;
+use tokio::sync::oneshot;
+
+use super::object::{Action, ObjectFetch};
+use super::{FetchError, KEY_HINT};
+use crate::channel::{Channel, Tag};
+use crate::net::{recv_batch, set_membership, Iface, RecvBatch};
+use crate::object::{ObjectRef, RootRecord};
+use crate::packet::{self, Body};
+
+/// Which requests go first when more objects are wanted than groups may be joined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    Demand = 0,
+    Readahead = 1,
+    Prefetch = 2,
+}
+
+#[derive(Clone, Debug)]
+pub struct FetchConfig {
+    /// A fetch fails after this long without a useful symbol.
+    pub timeout: Duration,
+    /// After this long without a useful symbol, leave and rejoin the group.
+    pub stall: Duration,
+    /// Groups joined at once at most.
+    pub max_joined: usize,
+    pub port: u16,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            timeout: Duration::from_secs(30),
+            stall: Duration::from_millis(400),
+            max_joined: 512,
+            port: crate::channel::DEFAULT_PORT,
+        }
+    }
+}
+
+/// Counters of a running engine.
+#[derive(Default, Debug)]
+pub struct FetchStats {
+    pub packets: AtomicU64,
+    pub malformed: AtomicU64,
+    pub unexpected: AtomicU64,
+    pub forged_decodes: AtomicU64,
+    pub objects_fetched: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub bytes_cached: AtomicU64,
+    pub rejoins: AtomicU64,
+}
+
+type Waiter = oneshot::Sender<Result<Verified, FetchError>>;
+
+struct Pending {
+    fetch: ObjectFetch,
+    group: Ipv6Addr,
+    joined: bool,
+    priority: Priority,
+    seq: u64,
+    waiters: Vec<Waiter>,
+}
+
+struct RootWait {
+    waiters: Vec<oneshot::Sender<Result<RootRecord, FetchError>>>,
+    started: Instant,
+    last_join: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<Tag, Pending>,
+    /// Not yet joined, in priority order: (priority, arrival) -> tag.
+    queue: BTreeMap<(Priority, u64), Tag>,
+    joined: usize,
+    seq: u64,
+    root: Option<RootWait>,
+}
+
+struct Inner {
+    channel: Channel,
+    iface: Iface,
+    socket: Socket,
+    cache: Cache,
+    config: FetchConfig,
+    state: Mutex<State>,
+    stats: FetchStats,
+    shutdown: AtomicBool,
+}
+
+/// A handle to the fetch engine of one channel; clone it freely.
+#[derive(Clone)]
+pub struct Fetcher {
+    inner: Arc<Inner>,
+    _thread: Arc<ThreadGuard>,
+}
+
+struct ThreadGuard {
+    inner: Arc<Inner>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for ThreadGuard {
+    fn drop(&mut self) {
+        self.inner.shutdown.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.lock().ok().and_then(|mut h| h.take()) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Fetcher {
+    pub fn start(channel: Channel, iface: Iface, cache: Cache, config: FetchConfig) -> Result<Fetcher, crate::net::NetError> {
+        let socket = crate::net::receiver_socket(&iface, config.port)?;
+        let inner = Arc::new(Inner {
+            channel,
+            iface,
+            socket,
+            cache,
+            config,
+            state: Mutex::new(State::default()),
+            stats: FetchStats::default(),
+            shutdown: AtomicBool::new(false),
+        });
+        let worker = inner.clone();
+        let handle = std::thread::Builder::new()
+            .name("lcfs-recv".into())
+            .spawn(move || worker.run())
+            .expect("spawning the receive thread");
+        let guard = ThreadGuard {
+            inner: inner.clone(),
+            handle: Mutex::new(Some(handle)),
+        };
+        Ok(Fetcher {
+            inner,
+            _thread: Arc::new(guard),
+        })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.inner.channel
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.inner.cache
+    }
+
+    pub fn stats(&self) -> &FetchStats {
+        &self.inner.stats
+    }
+
+    pub fn iface(&self) -> &Iface {
+        &self.inner.iface
+    }
+
+    /// The object `r`, from the cache or the network, verified.
+    pub async fn fetch(&self, r: ObjectRef, priority: Priority) -> Result<Verified, FetchError> {
+        if let Some(v) = self.cached(&r)? {
+            return Ok(v);
+        }
+        let rx = self.inner.request(r, priority);
+        rx.await.map_err(|_| FetchError::Closed)?
+    }
+
+    /// The object from the cache alone.
+    pub fn cached(&self, r: &ObjectRef) -> Result<Option<Verified>, FetchError> {
+        let hit = self.inner.cache.get(&r.hash).map_err(|e| FetchError::Cache(e.to_string()))?;
+        if let Some(v) = &hit {
+            self.inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            self.inner.stats.bytes_cached.fetch_add(v.len() as u64, Ordering::Relaxed);
+        }
+        Ok(hit)
+    }
+
+    /// The next root record the server sends whose channel id matches; not yet trusted.
+    pub async fn fetch_root(&self) -> Result<RootRecord, FetchError> {
+        let rx = self.inner.request_root();
+        rx.await.map_err(|_| FetchError::Closed)?
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn request(&self, r: ObjectRef, priority: Priority) -> oneshot::Receiver<Result<Verified, FetchError>> {
+        let (tx, rx) = oneshot::channel();
+        let addr = self.channel.object_address(&r.hash);
+        let mut st = self.lock();
+        if let Some(p) = st.pending.get_mut(&addr.tag) {
+            p.waiters.push(tx);
+            if priority < p.priority && !p.joined {
+                let old = (p.priority, p.seq);
+                p.priority = priority;
+                let key = (priority, p.seq);
+                st.queue.remove(&old);
+                st.queue.insert(key, addr.tag);
+            }
+            return rx;
+        }
+        st.seq += 1;
+        let seq = st.seq;
+        st.pending.insert(
+            addr.tag,
+            Pending {
+                fetch: ObjectFetch::new(Instant::now(), r),
+                group: addr.group,
+                joined: false,
+                priority,
+                seq,
+                waiters: vec![tx],
+            },
+        );
+        st.queue.insert((priority, seq), addr.tag);
+        self.admit(&mut st);
+        rx
+    }
+
+    fn request_root(&self) -> oneshot::Receiver<Result<RootRecord, FetchError>> {
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.lock();
+        match &mut st.root {
+            Some(w) => w.waiters.push(tx),
+            None => {
+                let now = Instant::now();
+                self.membership(&self.channel.root_address().group, true);
+                st.root = Some(RootWait {
+                    waiters: vec![tx],
+                    started: now,
+                    last_join: now,
+                });
+            }
+        }
+        rx
+    }
+
+    /// Joins queued objects while there is room in the window.
+    fn admit(&self, st: &mut State) {
+        while st.joined < self.config.max_joined {
+            let Some((_, tag)) = st.queue.pop_first() else { return };
+            let Some(p) = st.pending.get_mut(&tag) else { continue };
+            p.joined = true;
+            p.fetch.handle_started(Instant::now());
+            let group = p.group;
+            st.joined += 1;
+            self.membership(&group, true);
+        }
+    }
+
+    fn membership(&self, group: &Ipv6Addr, join: bool) {
+        if let Err(e) = set_membership(&self.socket, group, self.iface.index, join) {
+            let verb = if join { "join" } else { "leave" };
+            tracing::warn!("cannot {verb} group {group} on {}: {e}", self.iface.name);
+        }
+    }
+
+    fn run(self: Arc<Self>) {
+        let mut batch = RecvBatch::new(64, 65536);
+        let mut last_tick = Instant::now();
+        while !self.shutdown.load(Ordering::Relaxed) {
+            match recv_batch(&self.socket, &mut batch) {
+                Ok(_) => self.handle_batch(&mut batch),
+                Err(e) => {
+                    tracing::warn!("receiving on {} failed: {e}", self.iface.name);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            let now = Instant::now();
+            if now.duration_since(last_tick) >= Duration::from_millis(20) {
+                last_tick = now;
+                self.tick(now);
+            }
+        }
+        self.fail_all(FetchError::Closed);
+    }
+
+    fn handle_batch(&self, batch: &mut RecvBatch) {
+        let now = Instant::now();
+        let seal = self.channel.seal();
+        let mut done = Vec::new();
+        let mut roots = Vec::new();
+        {
+            let mut st = self.lock();
+            for dgram in batch.datagrams() {
+                self.stats.packets.fetch_add(1, Ordering::Relaxed);
+                let Ok(pkt) = packet::decode(dgram, seal) else {
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                match pkt.body {
+                    Body::Symbol { esi, data } => {
+                        if let Some(v) = self.handle_symbol(&mut st, now, pkt.tag, esi, data) {
+                            done.push(v);
+                        }
+                    }
+                    Body::Root(bytes) if pkt.tag == self.channel.root_address().tag => {
+                        if let Some(r) = self.handle_root(&mut st, bytes) {
+                            roots.push(r);
+                        }
+                    }
+                    Body::Root(_) => {
+                        self.stats.unexpected.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            self.admit(&mut st);
+        }
+        for (v, waiters) in done {
+            self.complete(v, waiters);
+        }
+        for (r, waiters) in roots {
+            for w in waiters {
+                let _ = w.send(Ok(r.clone()));
+            }
+        }
+    }
+
+    fn handle_symbol(&self, st: &mut State, now: Instant, tag: Tag, esi: u32, data: &[u8]) -> Option<(Verified, Vec<Waiter>)> {
+        let Some(p) = st.pending.get_mut(&tag).filter(|p| p.joined) else {
+            self.stats.unexpected.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let forged = p.fetch.stats.forged_decodes;
+        let v = p.fetch.handle_symbol(now, esi, data);
+        if p.fetch.stats.forged_decodes > forged {
+            self.stats.forged_decodes.fetch_add(1, Ordering::Relaxed);
+        }
+        let v = v?;
+        let p = st.pending.remove(&tag)?;
+        st.joined -= 1;
+        self.membership(&p.group, false);
+        Some((v, p.waiters))
+    }
+
+    fn handle_root(&self, st: &mut State, bytes: &[u8]) -> Option<(RootRecord, Vec<oneshot::Sender<Result<RootRecord, FetchError>>>)> {
+        let record = match RootRecord::decode(bytes) {
+            Ok(r) if r.channel_id == *self.channel.id() => r,
+            _ => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        };
+        let wait = st.root.take()?;
+        self.membership(&self.channel.root_address().group, false);
+        Some((record, wait.waiters))
+    }
+
+    fn complete(&self, v: Verified, waiters: Vec<Waiter>) {
+        self.stats.objects_fetched.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_fetched.fetch_add(v.len() as u64, Ordering::Relaxed);
+        if let Err(e) = self.cache.insert(&v) {
+            tracing::warn!("cannot store object {} in the cache: {e}", v.hash());
+        }
+        for w in waiters {
+            let _ = w.send(Ok(v.clone()));
+        }
+    }
+
+    /// Timers: rejoin stalled groups, fail fetches that timed out.
+    fn tick(&self, now: Instant) {
+        let (stall, timeout) = (self.config.stall, self.config.timeout);
+        let mut failed = Vec::new();
+        let mut st = self.lock();
+        for (tag, p) in st.pending.iter_mut().filter(|(_, p)| p.joined) {
+            match p.fetch.poll_action(now, stall, timeout) {
+                Action::Wait => {}
+                Action::Rejoin => {
+                    self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+                    self.membership(&p.group, false);
+                    self.membership(&p.group, true);
+                    p.fetch.handle_joined(now);
+                }
+                Action::Fail => failed.push(*tag),
+            }
+        }
+        for tag in failed {
+            if let Some(p) = st.pending.remove(&tag) {
+                st.joined -= 1;
+                self.membership(&p.group, false);
+                let err = self.timeout_error(&format!("object {}", &p.fetch.want().hash.to_hex()[..16]));
+                p.waiters.into_iter().for_each(|w| drop(w.send(Err(err.clone()))));
+            }
+        }
+        self.tick_root(&mut st, now);
+        self.admit(&mut st);
+    }
+
+    fn tick_root(&self, st: &mut State, now: Instant) {
+        let Some(w) = st.root.as_mut() else { return };
+        if now.duration_since(w.started) >= self.config.timeout {
+            let w = st.root.take().expect("checked above");
+            self.membership(&self.channel.root_address().group, false);
+            let err = self.timeout_error("the root record");
+            w.waiters.into_iter().for_each(|t| drop(t.send(Err(err.clone()))));
+        } else if now.duration_since(w.last_join) >= self.config.stall {
+            w.last_join = now;
+            let g = self.channel.root_address().group;
+            self.membership(&g, false);
+            self.membership(&g, true);
+        }
+    }
+
+    fn timeout_error(&self, what: &str) -> FetchError {
+        FetchError::Timeout {
+            channel: self.channel.name().to_owned(),
+            what: what.to_owned(),
+            secs: self.config.timeout.as_secs(),
+            iface: self.iface.name.clone(),
+            hint: if self.channel.seal().is_some() { KEY_HINT } else { "" },
+        }
+    }
+
+    fn fail_all(&self, err: FetchError) {
+        let mut st = self.lock();
+        for (_, p) in st.pending.drain() {
+            p.waiters.into_iter().for_each(|w| drop(w.send(Err(err.clone()))));
+        }
+        if let Some(w) = st.root.take() {
+            w.waiters.into_iter().for_each(|t| drop(t.send(Err(err.clone()))));
+        }
+    }
+}

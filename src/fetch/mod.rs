@@ -1,0 +1,60 @@
+//! The fetch engine: one per channel, shared by `copy`, `prefetch` and the mount.
+//!
+//! A fetch of an object joins its group, feeds arriving symbols to an [`ObjectFetch`], and on
+//! a verified decode stores the object in the cache, leaves the group and wakes every waiter.
+//! Concurrent requests for one object share one fetch. At most `max_joined` groups are joined
+//! at once (a socket's membership list is bounded); further requests wait in priority order
+//! (demand reads before readahead before prefetch). Packets that do not parse, do not
+//! authenticate or belong to no pending object are dropped and counted. Nothing hangs: a
+//! fetch that sees no useful symbol for `timeout` fails with an error naming the channel.
+//!
+//! One receive thread owns the socket's receive side and all timers; callers are async.
+
+mod engine;
+pub mod object;
+pub mod tree;
+
+pub use engine::{FetchConfig, FetchStats, Fetcher, Priority};
+pub use tree::{RootPolicy, Tree};
+
+use crate::packet::PacketError;
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum FetchError {
+    #[error("channel {channel:?}: nothing received for {what} in {secs} s on interface {iface}. Is `lcfs serve` running for this channel on this link?{hint}")]
+    Timeout {
+        channel: String,
+        what: String,
+        secs: u64,
+        iface: String,
+        hint: &'static str,
+    },
+    #[error("the fetch engine stopped")]
+    Closed,
+    #[error("cache: {0}")]
+    Cache(String),
+    #[error("channel {channel:?}: {what} is invalid: {reason}")]
+    Invalid {
+        channel: String,
+        what: String,
+        reason: String,
+    },
+    #[error("channel {channel:?}: {reason}")]
+    Untrusted { channel: String, reason: String },
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl From<PacketError> for FetchError {
+    fn from(e: PacketError) -> Self {
+        FetchError::Invalid {
+            channel: String::new(),
+            what: "packet".into(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// The advice appended to timeouts on an encrypted channel.
+pub(crate) const KEY_HINT: &str =
+    " This channel is encrypted: if a server is running, the key or password may be wrong.";

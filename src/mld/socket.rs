@@ -1,0 +1,572 @@
+//! The IO shell: a raw ICMPv6 socket on one interface and the thread that feeds MLD messages
+//! to the [`ListenerTracker`] and the [`Querier`], sends the querier's queries and forwards
+//! [`GroupEvent`]s to the server.
+//!
+//! The socket:
+//! - `socket(AF_INET6, SOCK_RAW, IPPROTO_ICMPV6)`; EPERM/EACCES becomes [`MldError::Permission`].
+//! - Bound to the interface (`SO_BINDTOIFINDEX`), so only that link's messages are seen.
+//! - `ICMP6_FILTER` passes only types 130, 131, 132 and 143 (best effort; the parser also
+//!   rejects everything else).
+//! - Joins `ff02::16` (where MLDv2 reports go) and `ff02::2` (where MLDv1 dones go). The kernel
+//!   delivers a multicast packet only if the host is a member of its destination, so MLDv1
+//!   reports (sent to the group itself) from other hosts are seen only for groups this host
+//!   has joined too; Linux hosts speak MLDv2 unless an MLDv1 querier is on the link.
+//! - Sends with hop limit 1 and a Router Alert hop-by-hop option (`IPV6_HOPOPTS`), to
+//!   `ff02::1` on the interface; the kernel fills in the checksum and picks the link-local
+//!   source (the destination is link-scoped). Queries wait until the interface has a
+//!   non-tentative link-local address.
+//!
+//! The thread wakes at least every `tick` (recv timeout) to check `shutdown` and run timers.
+//! Own addresses are re-read from `/proc/net/if_inet6` every second. Malformed packets are
+//! counted and logged at debug level, never fatal. The thread ends on `shutdown` or when the
+//! event receiver is dropped.
+
+use std::ffi::CStr;
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::{Ipv6Addr, SocketAddrV6};
+use std::num::NonZeroU32;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tracing::{debug, warn};
+
+use super::parse::{encode_query, parse, MldMessage, Query, MLDV1_DONE, MLDV1_REPORT};
+use super::parse::{MLDV2_REPORT, MLD_QUERY};
+use super::querier::{Querier, QuerierConfig};
+use super::tracker::{GroupEvent, ListenerTracker};
+use super::MldError;
+
+const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+const ALL_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
+const ALL_MLDV2_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16);
+/// `ICMP6_FILTER` from `<netinet/icmp6.h>` (level `IPPROTO_ICMPV6`); not in the libc crate.
+const ICMP6_FILTER: libc::c_int = 1;
+/// Hop-by-hop header: next header (kernel fills), length 0 (8 bytes), Router Alert (type 5,
+/// length 2, value 0 = MLD), PadN (type 1, length 0).
+const ROUTER_ALERT_HOPOPTS: [u8; 8] = [0, 0, 5, 2, 0, 0, 1, 0];
+/// `IFA_F_TENTATIVE | IFA_F_DADFAILED` in `/proc/net/if_inet6`: not usable as a source.
+const UNUSABLE_ADDR_FLAGS: u32 = 0x40 | 0x08;
+const ADDRESS_REFRESH: Duration = Duration::from_secs(1);
+const RECV_BUF: usize = 65536;
+
+/// Settings of the MLD listener thread.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Query timing; the tracker's listener expiry is derived from the same numbers.
+    pub querier: QuerierConfig,
+    /// Receive timeout: the granularity of timers and of the shutdown check.
+    pub tick: Duration,
+    /// Counters, shared with whoever wants to read them.
+    pub stats: Arc<MldStats>,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            querier: QuerierConfig::default(),
+            tick: Duration::from_millis(50),
+            stats: Arc::default(),
+        }
+    }
+}
+
+/// Counters of the MLD listener thread.
+#[derive(Debug, Default)]
+pub struct MldStats {
+    /// MLDv1 reports and dones and MLDv2 reports received.
+    pub reports: AtomicU64,
+    /// Queries received (ours looped back included).
+    pub queries_received: AtomicU64,
+    /// General queries sent.
+    pub queries_sent: AtomicU64,
+    /// MLD messages that did not parse.
+    pub malformed: AtomicU64,
+    /// Packets ignored: not MLD, or from a source that is neither link-local nor `::`.
+    pub ignored: AtomicU64,
+    /// Queries the kernel refused to send.
+    pub send_errors: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Start the MLD thread on interface `iface` (an ifindex). `interest` says which groups are
+/// objects of ours; transitions of those groups are sent on `events`. The thread ends when
+/// `shutdown` is set (within one `config.tick`) or `events` is disconnected.
+pub fn spawn_listener(
+    iface: u32,
+    config: ListenerConfig,
+    interest: Arc<dyn Fn(&Ipv6Addr) -> bool + Send + Sync>,
+    events: Sender<GroupEvent>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, MldError> {
+    let name = iface_name(iface)?;
+    let sock = open_socket(iface, &name, config.tick)?;
+    let now = Instant::now();
+    let tracker = ListenerTracker::new(
+        config.querier.tracker_config(),
+        Box::new(move |group| interest(group)),
+    );
+    let shell = Shell {
+        sock,
+        iface,
+        name: name.clone(),
+        tracker,
+        querier: Querier::new(config.querier, now),
+        tick: config.tick,
+        stats: config.stats,
+        events,
+        shutdown,
+        next_address_refresh: now,
+    };
+    std::thread::Builder::new()
+        .name(format!("lcfs-mld-{name}"))
+        .spawn(move || shell.run())
+        .map_err(io_error(&name, "starting the MLD thread"))
+}
+
+fn io_error<'a>(iface: &'a str, what: &'static str) -> impl FnOnce(io::Error) -> MldError + 'a {
+    move |source| MldError::Io {
+        iface: iface.to_owned(),
+        what,
+        source,
+    }
+}
+
+fn open_socket(iface: u32, name: &str, tick: Duration) -> Result<Socket, MldError> {
+    let sock = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).map_err(|e| match e
+        .kind()
+    {
+        io::ErrorKind::PermissionDenied => MldError::Permission(e),
+        _ => io_error(name, "opening a raw ICMPv6 socket")(e),
+    })?;
+    sock.bind_device_by_index_v6(NonZeroU32::new(iface))
+        .map_err(io_error(name, "binding the socket to the interface"))?;
+    if let Err(e) = set_icmp6_filter(&sock) {
+        debug!(
+            iface = name,
+            "ICMP6_FILTER not set, parser filters instead: {e}"
+        );
+    }
+    for group in [ALL_MLDV2_ROUTERS, ALL_ROUTERS] {
+        sock.join_multicast_v6(&group, iface)
+            .map_err(io_error(name, "joining ff02::16 and ff02::2"))?;
+    }
+    sock.set_multicast_if_v6(iface)
+        .map_err(io_error(name, "setting IPV6_MULTICAST_IF"))?;
+    sock.set_multicast_hops_v6(1)
+        .map_err(io_error(name, "setting IPV6_MULTICAST_HOPS"))?;
+    set_bytes_opt(
+        &sock,
+        libc::IPPROTO_IPV6,
+        libc::IPV6_HOPOPTS,
+        &ROUTER_ALERT_HOPOPTS,
+    )
+    .map_err(io_error(name, "setting the Router Alert option"))?;
+    sock.set_read_timeout(Some(tick.max(Duration::from_millis(1))))
+        .map_err(io_error(name, "setting the receive timeout"))?;
+    Ok(sock)
+}
+
+/// Pass only MLD types. Linux semantics: a set bit blocks that ICMPv6 type.
+fn set_icmp6_filter(sock: &Socket) -> io::Result<()> {
+    let mut words = [u32::MAX; 8];
+    for t in [MLD_QUERY, MLDV1_REPORT, MLDV1_DONE, MLDV2_REPORT] {
+        if let Some(word) = words.get_mut(usize::from(t >> 5)) {
+            *word &= !(1u32 << (t & 31));
+        }
+    }
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    set_bytes_opt(sock, libc::IPPROTO_ICMPV6, ICMP6_FILTER, &bytes)
+}
+
+fn set_bytes_opt(
+    sock: &Socket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &[u8],
+) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(value.len())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: the fd is an open socket owned by `sock` for the whole call, and `value` points
+    // to `len` readable bytes that the kernel only reads.
+    let rc = unsafe { libc::setsockopt(sock.as_raw_fd(), level, name, value.as_ptr().cast(), len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn iface_name(index: u32) -> Result<String, MldError> {
+    let mut buf: [libc::c_char; libc::IF_NAMESIZE] = [0; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write, NUL included.
+    let ptr = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if ptr.is_null() {
+        return Err(MldError::NoInterface(index));
+    }
+    // SAFETY: a non-null result means `buf` now holds a NUL-terminated name.
+    let name = unsafe { CStr::from_ptr(buf.as_ptr()) };
+    Ok(name.to_string_lossy().into_owned())
+}
+
+/// The state machines and the socket, owned by the thread.
+struct Shell {
+    sock: Socket,
+    iface: u32,
+    name: String,
+    tracker: ListenerTracker,
+    querier: Querier,
+    tick: Duration,
+    stats: Arc<MldStats>,
+    events: Sender<GroupEvent>,
+    shutdown: Arc<AtomicBool>,
+    next_address_refresh: Instant,
+}
+
+impl Shell {
+    fn run(mut self) {
+        let mut buf = vec![0u8; RECV_BUF];
+        while !self.shutdown.load(Ordering::Relaxed) {
+            if !self.on_timers(Instant::now()) {
+                return;
+            }
+            let keep_going = match recv_from(&self.sock, &mut buf) {
+                Ok((len, from)) => {
+                    let bytes = buf.get(..len).unwrap_or(&[]);
+                    self.on_packet(Instant::now(), from, bytes)
+                }
+                Err(e) => self.on_recv_error(&e),
+            };
+            if !keep_going {
+                return;
+            }
+        }
+        debug!(iface = %self.name, "MLD thread shut down");
+    }
+
+    /// Timers: address refresh, listener expiry, queries. False when events are unwanted.
+    fn on_timers(&mut self, now: Instant) -> bool {
+        if now >= self.next_address_refresh {
+            self.next_address_refresh = now + ADDRESS_REFRESH;
+            if !self.refresh_addresses() {
+                return false;
+            }
+        }
+        let expired = self.tracker.poll_expired(now);
+        if !self.emit(expired) {
+            return false;
+        }
+        if let Some(query) = self.querier.poll_transmit(now) {
+            self.send_query(&query);
+        }
+        self.tracker.set_timing(self.querier.timing());
+        true
+    }
+
+    fn refresh_addresses(&mut self) -> bool {
+        let text = match std::fs::read_to_string("/proc/net/if_inet6") {
+            Ok(text) => text,
+            Err(e) => {
+                debug!(iface = %self.name, "reading /proc/net/if_inet6: {e}");
+                String::new()
+            }
+        };
+        let own = usable_addresses(&text, self.iface);
+        let link_local = own.iter().copied().find(Ipv6Addr::is_unicast_link_local);
+        self.querier.set_own_address(link_local);
+        let events = self.tracker.set_own_addresses(&own);
+        self.emit(events)
+    }
+
+    fn on_packet(&mut self, now: Instant, from: Option<Ipv6Addr>, bytes: &[u8]) -> bool {
+        let from = match from {
+            Some(a) if a.is_unicast_link_local() || a.is_unspecified() => a,
+            other => {
+                debug!(iface = %self.name, "MLD from non-link-local source {other:?} ignored");
+                bump(&self.stats.ignored);
+                return true;
+            }
+        };
+        match parse(bytes) {
+            Ok(MldMessage::Query(query)) => {
+                bump(&self.stats.queries_received);
+                self.querier.handle_query(now, from, &query);
+                self.tracker.set_timing(self.querier.timing());
+                true
+            }
+            Ok(msg) => {
+                bump(&self.stats.reports);
+                let events = self.tracker.handle_message(now, from, &msg);
+                self.emit(events)
+            }
+            Err(e) => {
+                self.on_parse_error(from, &e);
+                true
+            }
+        }
+    }
+
+    fn on_parse_error(&self, from: Ipv6Addr, e: &MldError) {
+        if let MldError::NotMld(_) = e {
+            bump(&self.stats.ignored);
+        } else {
+            bump(&self.stats.malformed);
+            debug!(iface = %self.name, %from, "malformed MLD message: {e}");
+        }
+    }
+
+    fn on_recv_error(&self, e: &io::Error) -> bool {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => {}
+            _ => {
+                warn!(iface = %self.name, "MLD receive failed: {e}");
+                std::thread::sleep(self.tick);
+            }
+        }
+        true
+    }
+
+    fn send_query(&self, query: &Query) {
+        let bytes = encode_query(query);
+        let dst = SockAddr::from(SocketAddrV6::new(ALL_NODES, 0, 0, self.iface));
+        match self.sock.send_to(&bytes, &dst) {
+            Ok(_) => bump(&self.stats.queries_sent),
+            Err(e) => {
+                bump(&self.stats.send_errors);
+                warn!(iface = %self.name, "sending MLD query failed: {e}");
+            }
+        }
+    }
+
+    /// Forward events; false when the receiver is gone.
+    fn emit(&self, events: Vec<GroupEvent>) -> bool {
+        for event in events {
+            debug!(iface = %self.name, ?event, "MLD group transition");
+            if self.events.send(event).is_err() {
+                debug!(iface = %self.name, "event receiver dropped, MLD thread ends");
+                return false;
+            }
+        }
+        true
+    }
+}
+
+fn recv_from(sock: &Socket, buf: &mut [u8]) -> io::Result<(usize, Option<Ipv6Addr>)> {
+    // SAFETY: MaybeUninit<u8> has the layout of u8, and recv_from only ever writes initialized
+    // bytes into the slice, so `buf` stays initialized.
+    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+    let (len, addr) = sock.recv_from(uninit)?;
+    Ok((len, addr.as_socket_ipv6().map(|a| *a.ip())))
+}
+
+/// The non-tentative addresses of interface `iface` in `/proc/net/if_inet6` text
+/// (`address ifindex prefixlen scope flags name`, hexadecimal fields).
+fn usable_addresses(if_inet6: &str, iface: u32) -> Vec<Ipv6Addr> {
+    if_inet6
+        .lines()
+        .filter_map(parse_if_inet6_line)
+        .filter(|&(_, index, flags)| index == iface && flags & UNUSABLE_ADDR_FLAGS == 0)
+        .map(|(addr, _, _)| addr)
+        .collect()
+}
+
+fn parse_if_inet6_line(line: &str) -> Option<(Ipv6Addr, u32, u32)> {
+    let mut fields = line.split_whitespace();
+    let hex = fields.next().filter(|h| h.len() == 32)?;
+    let addr = Ipv6Addr::from(u128::from_str_radix(hex, 16).ok()?);
+    let index = u32::from_str_radix(fields.next()?, 16).ok()?;
+    let _prefix_len = fields.next()?;
+    let _scope = fields.next()?;
+    let flags = u32::from_str_radix(fields.next()?, 16).ok()?;
+    Some((addr, index, flags))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_inet6_parsing() {
+        let text = "\
+fd000000000000000000000000000002 04 40 00 82     eth0
+00000000000000000000000000000001 01 80 10 80       lo
+fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+fe800000000000000000000000000009 104 40 20 c0     veth9
+fe80000000000000000000000000000a 04 40 20 c0     eth0
+garbage line
+fe80 04 40 20 80 short";
+        let eth0 = usable_addresses(text, 4);
+        assert_eq!(
+            eth0,
+            [
+                "fd00::2".parse::<Ipv6Addr>().unwrap(),
+                "fe80::fc:ff:fe00:1".parse().unwrap(),
+            ],
+            "the tentative fe80::a is left out"
+        );
+        assert!(usable_addresses(text, 0x104).is_empty(), "tentative only");
+        assert!(usable_addresses("", 4).is_empty());
+    }
+
+    #[test]
+    fn missing_interface_is_an_error() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let r = spawn_listener(
+            0,
+            ListenerConfig::default(),
+            Arc::new(|_| true),
+            tx,
+            Arc::default(),
+        );
+        assert!(matches!(r, Err(MldError::NoInterface(0))));
+    }
+
+    /// Real-socket smoke test. Needs root; creates its own veth pair `lcm0`/`lcm1` (the peer in
+    /// network namespace `lcm-mld`) and deletes them afterwards; sends only on `lcm0`. Run by
+    /// hand: `cargo test --lib mld::socket -- --ignored --nocapture`; watch with
+    /// `tcpdump -ni lcm0 icmp6`.
+    #[test]
+    #[ignore = "needs root; creates veth lcm0/lcm1 and netns lcm-mld"]
+    fn smoke_veth() {
+        let _lab = Lab::create();
+        let ifindex = Lab::ifindex("lcm0");
+        let group: Ipv6Addr = "ff1e::1234".parse().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(MldStats::default());
+        let querier = QuerierConfig {
+            query_interval: Duration::from_secs(2),
+            max_response_delay: Duration::from_millis(500),
+            startup_query_interval: Duration::from_millis(500),
+            ..QuerierConfig::default()
+        };
+        let config = ListenerConfig {
+            querier,
+            stats: stats.clone(),
+            ..ListenerConfig::default()
+        };
+        let interest = Arc::new(move |g: &Ipv6Addr| *g == group);
+        let handle = spawn_listener(ifindex, config, interest, tx, shutdown.clone()).unwrap();
+        let wait = |what: &str| {
+            let got = rx.recv_timeout(Duration::from_secs(5));
+            eprintln!("{what}: {got:?} after stats {stats:?}");
+            got.unwrap()
+        };
+
+        // Same host, multicast loop: join on lcm0 itself.
+        let local = Socket::new(Domain::IPV6, Type::DGRAM, None).unwrap();
+        local.join_multicast_v6(&group, ifindex).unwrap();
+        assert_eq!(wait("local join"), GroupEvent::Active(group));
+        let reports = stats.reports.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_secs(7)); // > listener interval of 4.5 s
+        assert!(
+            rx.try_recv().is_err(),
+            "queries keep the local listener alive"
+        );
+        eprintln!(
+            "reports during 7 s: {}",
+            stats.reports.load(Ordering::Relaxed) - reports
+        );
+        drop(local);
+        assert_eq!(wait("local leave"), GroupEvent::Inactive(group));
+
+        // Another host: a process in the peer namespace joins on lcm1.
+        let mut remote = Lab::remote_joiner("lcm1", group);
+        assert_eq!(wait("remote join"), GroupEvent::Active(group));
+        std::thread::sleep(Duration::from_secs(7));
+        assert!(
+            rx.try_recv().is_err(),
+            "queries keep the remote listener alive"
+        );
+        remote.kill().unwrap();
+        remote.wait().unwrap();
+        assert_eq!(wait("remote leave"), GroupEvent::Inactive(group));
+
+        shutdown.store(true, Ordering::Relaxed);
+        handle.join().unwrap();
+        eprintln!("final stats {stats:?}");
+        assert!(stats.queries_sent.load(Ordering::Relaxed) >= 4);
+        assert_eq!(stats.malformed.load(Ordering::Relaxed), 0);
+    }
+
+    /// The veth pair and namespace of the smoke test, removed on drop.
+    struct Lab;
+
+    impl Lab {
+        fn create() -> Self {
+            Self::cleanup();
+            let lab = Lab;
+            for cmd in [
+                "ip netns add lcm-mld",
+                "ip link add lcm0 type veth peer name lcm1",
+                "ip link set lcm1 netns lcm-mld",
+                "sysctl -qw net.ipv6.conf.lcm0.accept_dad=0",
+                "ip netns exec lcm-mld sysctl -qw net.ipv6.conf.lcm1.accept_dad=0",
+                "ip link set lcm0 up",
+                "ip netns exec lcm-mld ip link set lcm1 up",
+            ] {
+                Self::sh(cmd);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            lab
+        }
+
+        fn sh(cmd: &str) {
+            let args: Vec<&str> = cmd.split_whitespace().collect();
+            let status = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .status()
+                .unwrap();
+            assert!(status.success(), "{cmd} failed");
+        }
+
+        fn ifindex(name: &str) -> u32 {
+            let path = format!("/sys/class/net/{name}/ifindex");
+            std::fs::read_to_string(path)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        }
+
+        fn remote_joiner(iface: &str, group: Ipv6Addr) -> std::process::Child {
+            let script = format!(
+                "import socket,struct,time\n\
+                 s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
+                 m=socket.inet_pton(socket.AF_INET6,'{group}')+struct.pack('@I',socket.if_nametoindex('{iface}'))\n\
+                 s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_JOIN_GROUP,m)\n\
+                 time.sleep(60)\n"
+            );
+            std::process::Command::new("ip")
+                .args(["netns", "exec", "lcm-mld", "python3", "-c", &script])
+                .spawn()
+                .unwrap()
+        }
+
+        fn cleanup() {
+            for cmd in [
+                ["ip", "link", "del", "lcm0"],
+                ["ip", "netns", "del", "lcm-mld"],
+            ] {
+                let _ = std::process::Command::new(cmd[0])
+                    .args(&cmd[1..])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
+    }
+
+    impl Drop for Lab {
+        fn drop(&mut self) {
+            Self::cleanup();
+        }
+    }
+}

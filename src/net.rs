@@ -1,0 +1,360 @@
+//! The socket shell: interface discovery, multicast sockets and batched datagram I/O.
+//!
+//! This is the only module with `unsafe` code (sendmmsg and recvmmsg through libc); every
+//! other module works on byte slices. Receivers set `IPV6_MULTICAST_ALL` to 0, so a socket sees
+//! only the groups it joined itself, and demultiplex by the tag in each packet. Senders keep
+//! multicast loop on, so that serve and mount work on one host over a veth pair.
+
+use std::io;
+use std::net::{Ipv6Addr, SocketAddrV6};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// Bytes of IPv6 and UDP headers in front of every payload.
+pub const IP_UDP_HEADERS: usize = 48;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("no multicast-capable network interface is up; bring one up and pass --iface NAME")]
+    NoInterface,
+    #[error("several multicast-capable interfaces are up ({}): pass --iface NAME to choose one", .0.join(", "))]
+    Ambiguous(Vec<String>),
+    #[error("there is no network interface named {name:?} (interfaces that could carry lcfs: {})", list(.candidates))]
+    Unknown { name: String, candidates: Vec<String> },
+    #[error("interface {0} is down: bring it up with `ip link set {0} up`")]
+    Down(String),
+    #[error("interface {0} cannot carry multicast (it is loopback or lacks the MULTICAST flag); lo carries no multicast: use a veth pair (see the README)")]
+    NotMulticast(String),
+    #[error("{what} on interface {iface}: {source}")]
+    Socket {
+        what: &'static str,
+        iface: String,
+        source: io::Error,
+    },
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// A network interface lcfs sends or receives on.
+#[derive(Clone, Debug)]
+pub struct Iface {
+    pub name: String,
+    pub index: u32,
+    pub mtu: usize,
+}
+
+impl Iface {
+    /// The largest UDP payload that leaves this interface unfragmented.
+    pub fn max_payload(&self) -> usize {
+        self.mtu.saturating_sub(IP_UDP_HEADERS).max(1232)
+    }
+}
+
+fn sys(name: &str, file: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/{file}"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+fn flags(name: &str) -> u32 {
+    sys(name, "flags")
+        .and_then(|f| u32::from_str_radix(f.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0)
+}
+
+fn multicast_capable(name: &str) -> bool {
+    let f = flags(name);
+    f & libc::IFF_MULTICAST as u32 != 0 && f & libc::IFF_LOOPBACK as u32 == 0
+}
+
+fn is_up(name: &str) -> bool {
+    flags(name) & libc::IFF_UP as u32 != 0
+}
+
+fn interface_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Resolves `--iface`, or picks the only up, multicast-capable interface when none is named.
+pub fn resolve_iface(name: Option<&str>) -> Result<Iface, NetError> {
+    let candidates: Vec<String> = interface_names()
+        .into_iter()
+        .filter(|n| multicast_capable(n) && is_up(n))
+        .collect();
+    let name = match name {
+        Some(n) => n.to_owned(),
+        None => match candidates.as_slice() {
+            [] => return Err(NetError::NoInterface),
+            [one] => one.clone(),
+            _ => return Err(NetError::Ambiguous(candidates)),
+        },
+    };
+    if sys(&name, "ifindex").is_none() {
+        return Err(NetError::Unknown { name, candidates });
+    }
+    if !multicast_capable(&name) {
+        return Err(NetError::NotMulticast(name));
+    }
+    if !is_up(&name) {
+        return Err(NetError::Down(name));
+    }
+    let index = sys(&name, "ifindex").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mtu = sys(&name, "mtu").and_then(|s| s.parse().ok()).unwrap_or(1500);
+    Ok(Iface { name, index, mtu })
+}
+
+fn sock_err<'a>(what: &'static str, iface: &'a Iface) -> impl FnOnce(io::Error) -> NetError + 'a {
+    move |source| NetError::Socket {
+        what,
+        iface: iface.name.clone(),
+        source,
+    }
+}
+
+fn udp_socket(iface: &Iface) -> Result<Socket, NetError> {
+    Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))
+        .map_err(sock_err("creating a UDP socket", iface))
+}
+
+/// A socket that sends multicast datagrams out of `iface`.
+pub fn sender_socket(iface: &Iface, hops: u32) -> Result<Socket, NetError> {
+    let s = udp_socket(iface)?;
+    s.set_multicast_if_v6(iface.index)
+        .map_err(sock_err("choosing the multicast interface", iface))?;
+    s.set_multicast_hops_v6(hops)
+        .map_err(sock_err("setting the multicast hop limit", iface))?;
+    s.set_multicast_loop_v6(true)
+        .map_err(sock_err("enabling multicast loop", iface))?;
+    let _ = s.set_send_buffer_size(4 << 20);
+    Ok(s)
+}
+
+/// A socket bound to `port` that receives the groups it joins on `iface`, and only those.
+pub fn receiver_socket(iface: &Iface, port: u16) -> Result<Socket, NetError> {
+    let s = udp_socket(iface)?;
+    s.set_reuse_address(true)
+        .map_err(sock_err("setting SO_REUSEADDR", iface))?;
+    s.set_only_v6(true).map_err(sock_err("setting IPV6_V6ONLY", iface))?;
+    set_multicast_all(&s, false).map_err(sock_err("clearing IPV6_MULTICAST_ALL", iface))?;
+    // Bursts of symbols outrun a reader briefly; a deep queue avoids loss in the socket.
+    if set_rcvbuf_force(&s, 32 << 20).is_err() {
+        let _ = s.set_recv_buffer_size(32 << 20);
+    }
+    let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
+    s.bind(&addr.into())
+        .map_err(sock_err("binding the receive port", iface))?;
+    s.set_read_timeout(Some(Duration::from_millis(20)))
+        .map_err(sock_err("setting a receive timeout", iface))?;
+    Ok(s)
+}
+
+fn set_int_opt(s: &Socket, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: `value` outlives the call and the length passed is exactly its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn set_multicast_all(s: &Socket, on: bool) -> io::Result<()> {
+    set_int_opt(s, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_ALL, on as i32)
+}
+
+fn set_rcvbuf_force(s: &Socket, bytes: i32) -> io::Result<()> {
+    set_int_opt(s, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
+}
+
+/// Sends datagram `packets[i]` to `dests[i]`, for every i, with as few system calls as
+/// possible. Returns how many were sent; a full socket buffer ends the batch early.
+pub fn send_batch(s: &Socket, dests: &[SocketAddrV6], packets: &[Vec<u8>]) -> io::Result<usize> {
+    let addrs: Vec<SockAddr> = dests.iter().map(|d| SockAddr::from(*d)).collect();
+    let mut iovs: Vec<libc::iovec> = packets
+        .iter()
+        .map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .zip(&addrs)
+        .map(|(iov, addr)| {
+            // SAFETY: mmsghdr is plain old data; all-zero is a valid empty header.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
+            m.msg_hdr.msg_namelen = addr.len();
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    let mut sent = 0;
+    while sent < msgs.len() {
+        // SAFETY: every header points at an iovec and address that live until we return.
+        let rc = unsafe {
+            libc::sendmmsg(
+                s.as_raw_fd(),
+                msgs[sent..].as_mut_ptr(),
+                (msgs.len() - sent) as u32,
+                0,
+            )
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) | Some(libc::ENOBUFS) => Ok(sent),
+                _ if sent > 0 => Ok(sent),
+                _ => Err(e),
+            };
+        }
+        sent += rc as usize;
+    }
+    Ok(sent)
+}
+
+/// Reusable buffers for [`recv_batch`].
+pub struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+}
+
+impl RecvBatch {
+    pub fn new(count: usize, size: usize) -> RecvBatch {
+        RecvBatch {
+            bufs: vec![vec![0; size]; count],
+            lens: vec![0; count],
+        }
+    }
+
+    /// The datagrams received by the last call, as mutable slices (decryption is in place).
+    pub fn datagrams(&mut self) -> impl Iterator<Item = &mut [u8]> {
+        self.bufs
+            .iter_mut()
+            .zip(&self.lens)
+            .filter(|(_, &n)| n > 0)
+            .map(|(b, &n)| &mut b[..n])
+    }
+}
+
+/// Receives up to a batch of datagrams, waiting at most the socket's read timeout for the
+/// first. Returns how many arrived (0 on timeout).
+pub fn recv_batch(s: &Socket, batch: &mut RecvBatch) -> io::Result<usize> {
+    batch.lens.iter_mut().for_each(|n| *n = 0);
+    let mut iovs: Vec<libc::iovec> = batch
+        .bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is plain old data; all-zero is a valid empty header.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    // SAFETY: the headers point at buffers owned by `batch`, which outlive the call.
+    let rc = unsafe {
+        libc::recvmmsg(
+            s.as_raw_fd(),
+            msgs.as_mut_ptr(),
+            msgs.len() as u32,
+            libc::MSG_WAITFORONE,
+            std::ptr::null_mut(),
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => {
+                Ok(0)
+            }
+            _ => Err(e),
+        };
+    }
+    for (i, m) in msgs.iter().take(rc as usize).enumerate() {
+        // A truncated datagram cannot be a whole packet: drop it rather than parse a prefix.
+        batch.lens[i] = if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            0
+        } else {
+            m.msg_len as usize
+        };
+    }
+    Ok(rc as usize)
+}
+
+/// Joins or leaves `group` on `iface` for socket `s`.
+pub fn set_membership(s: &Socket, group: &Ipv6Addr, iface: u32, join: bool) -> io::Result<()> {
+    if join {
+        s.join_multicast_v6(group, iface)
+    } else {
+        s.leave_multicast_v6(group, iface)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_refused_with_advice() {
+        let e = resolve_iface(Some("lo")).unwrap_err();
+        assert!(matches!(e, NetError::NotMulticast(_)));
+        assert!(e.to_string().contains("veth"));
+    }
+
+    #[test]
+    fn unknown_interface_names_itself() {
+        let e = resolve_iface(Some("nosuchif0")).unwrap_err();
+        assert!(e.to_string().contains("nosuchif0"), "{e}");
+    }
+
+    #[test]
+    fn batch_round_trip_on_loopback_unicast() {
+        let lo = Iface { name: "lo".into(), index: 1, mtu: 65536 };
+        let rx = receiver_socket(&lo, 0).unwrap();
+        let port = rx.local_addr().unwrap().as_socket_ipv6().unwrap().port();
+        let tx = udp_socket(&lo).unwrap();
+        let dest = SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0);
+        let packets: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 100]).collect();
+        assert_eq!(send_batch(&tx, &[dest; 5], &packets).unwrap(), 5);
+        let mut batch = RecvBatch::new(8, 2048);
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            assert!(recv_batch(&rx, &mut batch).unwrap() > 0);
+            got.extend(batch.datagrams().map(|d| d.to_vec()));
+        }
+        assert_eq!(got, packets);
+    }
+}

@@ -1,0 +1,296 @@
+//! Directory objects: the sorted entries of one directory.
+//!
+//! Encoding (version 1, little-endian):
+//! `"LCFD" 1 | count u32 | entry*`, each entry
+//! `name_len u8 | name | kind u8 | mode u32 | mtime_secs i64 | mtime_nanos u32 | body`, where the
+//! body is, for a file (kind 0) `size u64 | blake3 [32] | content`, for a directory (1)
+//! `hash [32] | len u32`, for a symlink (2) `target_len u16 | target`. File content is
+//! `0 | bytes[size]` (inline, size <= [`INLINE_MAX`]), `1 | hash [32]` (one block) or
+//! `2 | hash [32] | len u32` (a file index).
+//!
+//! Invariants checked on decode: names are 1..=255 bytes without `/` or NUL and are neither `.`
+//! nor `..`; entries are strictly sorted by name bytes (so no duplicates); modes hold only the
+//! permission bits; nanoseconds are below 10^9; symlink targets are 1..=4095 bytes without NUL.
+
+use super::codec::{Reader, Writer};
+use super::{ObjectError, ObjectRef, DIRECTORY_MAX, INLINE_MAX};
+use lcfs_cache::Hash;
+
+const MAGIC: &[u8; 4] = b"LCFD";
+const VERSION: u8 = 1;
+const MIN_ENTRY: usize = 21;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Content {
+    /// The whole file, for files of at most [`INLINE_MAX`] bytes (and empty files).
+    Inline(Vec<u8>),
+    /// A file of exactly one block: the block's hash.
+    Block(Hash),
+    /// A file of several blocks: its file index.
+    Index(ObjectRef),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileRef {
+    pub size: u64,
+    /// BLAKE3 of the whole file, what `b3sum` prints.
+    pub b3: Hash,
+    pub content: Content,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    File(FileRef),
+    Dir(ObjectRef),
+    Symlink(Vec<u8>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub name: Vec<u8>,
+    /// Permission bits only (`0o7777`).
+    pub mode: u32,
+    pub mtime: Timestamp,
+    pub kind: EntryKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Directory {
+    pub entries: Vec<Entry>,
+}
+
+impl Directory {
+    /// Builds a directory, sorting its entries by name.
+    pub fn new(mut entries: Vec<Entry>) -> Directory {
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Directory { entries }
+    }
+
+    pub fn get(&self, name: &[u8]) -> Option<&Entry> {
+        self.entries
+            .binary_search_by(|e| e.name.as_slice().cmp(name))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::header(MAGIC, VERSION);
+        w.u32(self.entries.len() as u32);
+        for e in &self.entries {
+            encode_entry(&mut w, e);
+        }
+        w.buf
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Directory, ObjectError> {
+        if buf.len() > DIRECTORY_MAX {
+            return Err(ObjectError::Invalid("directory larger than the limit"));
+        }
+        let mut r = Reader::new(buf);
+        r.header(MAGIC, "directory", VERSION)?;
+        let n = r.count(MIN_ENTRY, usize::MAX)?;
+        let mut entries: Vec<Entry> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let e = decode_entry(&mut r)?;
+            if entries.last().is_some_and(|p| p.name >= e.name) {
+                return Err(ObjectError::Invalid("entries not strictly sorted"));
+            }
+            entries.push(e);
+        }
+        r.finish()?;
+        Ok(Directory { entries })
+    }
+}
+
+fn encode_entry(w: &mut Writer, e: &Entry) {
+    w.u8(e.name.len() as u8);
+    w.bytes(&e.name);
+    let kind = match e.kind {
+        EntryKind::File(_) => 0,
+        EntryKind::Dir(_) => 1,
+        EntryKind::Symlink(_) => 2,
+    };
+    w.u8(kind);
+    w.u32(e.mode);
+    w.i64(e.mtime.secs);
+    w.u32(e.mtime.nanos);
+    match &e.kind {
+        EntryKind::File(f) => {
+            w.u64(f.size);
+            w.hash(&f.b3);
+            match &f.content {
+                Content::Inline(b) => {
+                    w.u8(0);
+                    w.bytes(b);
+                }
+                Content::Block(h) => {
+                    w.u8(1);
+                    w.hash(h);
+                }
+                Content::Index(r) => {
+                    w.u8(2);
+                    w.hash(&r.hash);
+                    w.u32(r.len);
+                }
+            }
+        }
+        EntryKind::Dir(r) => {
+            w.hash(&r.hash);
+            w.u32(r.len);
+        }
+        EntryKind::Symlink(t) => {
+            w.u16(t.len() as u16);
+            w.bytes(t);
+        }
+    }
+}
+
+/// Whether `name` may name a directory entry.
+pub fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != b"."
+        && name != b".."
+        && !name.iter().any(|&b| b == b'/' || b == 0)
+}
+
+fn decode_entry(r: &mut Reader) -> Result<Entry, ObjectError> {
+    let len = r.u8()? as usize;
+    let name = r.bytes(len)?.to_vec();
+    if !valid_name(&name) {
+        return Err(ObjectError::Invalid("bad entry name"));
+    }
+    let kind = r.u8()?;
+    let mode = r.u32()?;
+    if mode & !0o7777 != 0 {
+        return Err(ObjectError::Invalid("mode has bits beyond the permissions"));
+    }
+    let secs = r.i64()?;
+    let nanos = r.u32()?;
+    if nanos >= 1_000_000_000 {
+        return Err(ObjectError::Invalid("nanoseconds out of range"));
+    }
+    let kind = match kind {
+        0 => EntryKind::File(decode_file(r)?),
+        1 => EntryKind::Dir(ObjectRef {
+            hash: r.hash()?,
+            len: r.u32()?,
+        }),
+        2 => EntryKind::Symlink(decode_target(r)?),
+        _ => return Err(ObjectError::Invalid("unknown entry kind")),
+    };
+    Ok(Entry {
+        name,
+        mode,
+        mtime: Timestamp { secs, nanos },
+        kind,
+    })
+}
+
+fn decode_file(r: &mut Reader) -> Result<FileRef, ObjectError> {
+    let size = r.u64()?;
+    let b3 = r.hash()?;
+    let content = match r.u8()? {
+        0 if size <= INLINE_MAX => Content::Inline(r.bytes(size as usize)?.to_vec()),
+        0 => return Err(ObjectError::Invalid("inline file above the inline limit")),
+        1 if size > 0 => Content::Block(r.hash()?),
+        2 if size > 0 => Content::Index(ObjectRef {
+            hash: r.hash()?,
+            len: r.u32()?,
+        }),
+        1 | 2 => return Err(ObjectError::Invalid("empty file with a block reference")),
+        _ => return Err(ObjectError::Invalid("unknown content kind")),
+    };
+    Ok(FileRef { size, b3, content })
+}
+
+fn decode_target(r: &mut Reader) -> Result<Vec<u8>, ObjectError> {
+    let len = r.u16()? as usize;
+    let t = r.bytes(len)?;
+    if t.is_empty() || t.len() > 4095 || t.contains(&0) {
+        return Err(ObjectError::Invalid("bad symlink target"));
+    }
+    Ok(t.to_vec())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub fn sample() -> Directory {
+        let h = blake3::hash(b"x");
+        let ts = Timestamp { secs: 1_700_000_000, nanos: 5 };
+        let e = |name: &str, kind| Entry { name: name.into(), mode: 0o644, mtime: ts, kind };
+        Directory::new(vec![
+            e("empty", EntryKind::File(FileRef { size: 0, b3: blake3::hash(b""), content: Content::Inline(vec![]) })),
+            e("one", EntryKind::File(FileRef { size: 70000, b3: h, content: Content::Block(h) })),
+            e("big", EntryKind::File(FileRef { size: 1 << 20, b3: h, content: Content::Index(ObjectRef { hash: h, len: 522 }) })),
+            e("sub dir", EntryKind::Dir(ObjectRef { hash: h, len: 9 })),
+            e("link→", EntryKind::Symlink(b"../a b".to_vec())),
+        ])
+    }
+
+    #[test]
+    fn round_trip_and_lookup() {
+        let d = sample();
+        let enc = d.encode();
+        assert_eq!(Directory::decode(&enc).unwrap(), d);
+        assert!(d.get(b"one").is_some() && d.get(b"nope").is_none());
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let enc = sample().encode();
+        for n in 0..enc.len() {
+            assert!(Directory::decode(&enc[..n]).is_err(), "prefix {n}");
+        }
+        let mut long = enc.clone();
+        long.push(0);
+        assert_eq!(Directory::decode(&long), Err(ObjectError::Trailing(1)));
+    }
+
+    #[test]
+    fn rejects_unsorted_and_bad_names() {
+        let mut d = sample();
+        d.entries.swap(0, 1);
+        assert!(Directory::decode(&d.encode()).is_err());
+        for bad in [&b".."[..], b"a/b", b"", b"nul\0"] {
+            let mut d = sample();
+            d.entries.truncate(1);
+            d.entries[0].name = bad.to_vec();
+            assert!(Directory::decode(&d.encode()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn huge_count_does_not_allocate() {
+        let mut enc = Directory::default().encode();
+        enc[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(Directory::decode(&enc), Err(ObjectError::Truncated { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Directory::decode(&bytes);
+        }
+
+        #[test]
+        fn bit_flips_never_panic(pos in 0usize..400, bit in 0u8..8) {
+            let mut enc = sample().encode();
+            let i = pos % enc.len();
+            enc[i] ^= 1 << bit;
+            if let Ok(d) = Directory::decode(&enc) {
+                // Anything that still decodes must re-encode to the same bytes.
+                prop_assert_eq!(d.encode(), enc);
+            }
+        }
+    }
+}

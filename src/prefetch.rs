@@ -1,0 +1,91 @@
+//! `lcfs prefetch`: fill the cache with a channel's tree (or some subtrees) for offline use,
+//! optionally pinning every object so that eviction never removes it.
+
+use std::time::{Duration, Instant};
+
+use futures::{stream, StreamExt, TryStreamExt};
+
+use crate::fetch::{FetchError, Priority, Tree};
+use crate::object::{Content, EntryKind, FileIndex, FileRef, ObjectRef};
+use crate::progress::Progress;
+
+const IN_FLIGHT: usize = 256;
+
+#[derive(Debug, Default)]
+pub struct PrefetchReport {
+    pub files: u64,
+    pub objects: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// Fetches (and with `pin`, pins) every object under each of `subpaths` ("" for the whole tree).
+pub async fn prefetch(tree: &Tree, subpaths: &[String], pin: bool) -> Result<PrefetchReport, FetchError> {
+    let started = Instant::now();
+    let whole = [String::new()];
+    let subpaths = if subpaths.is_empty() { &whole[..] } else { subpaths };
+    let mut dirs = Vec::new();
+    let mut files = Vec::new();
+    for sub in subpaths {
+        match tree.resolve(sub).await? {
+            None => dirs.push(tree.root_record().root),
+            Some(e) => match e.kind {
+                EntryKind::Dir(r) => dirs.push(r),
+                EntryKind::File(f) => files.push(f),
+                EntryKind::Symlink(_) => {}
+            },
+        }
+    }
+    let mut objects: Vec<ObjectRef> = Vec::new();
+    for d in dirs.clone() {
+        for found in tree.walk(d, Priority::Prefetch).await? {
+            match found.entry.kind {
+                EntryKind::Dir(r) => objects.push(r),
+                EntryKind::File(f) => files.push(f),
+                EntryKind::Symlink(_) => {}
+            }
+        }
+    }
+    objects.extend(dirs);
+    let total = files.iter().map(|f| f.size).sum();
+    let progress = Progress::new("prefetch", total);
+    let mut report = PrefetchReport { files: files.len() as u64, ..Default::default() };
+    for f in &files {
+        objects.extend(index_objects(tree, f).await?);
+        let leaves = tree.leaves(f, Priority::Prefetch).await?;
+        let bs = tree.block_size();
+        let blocks = leaves.iter().enumerate().map(|(i, h)| ObjectRef { hash: *h, len: bs.block_len(f.size, i as u64) });
+        objects.extend(blocks);
+    }
+    objects.sort_by_key(|r| *r.hash.as_bytes());
+    objects.dedup();
+    let fetched: Vec<u64> = stream::iter(&objects)
+        .map(|r| async {
+            let v = tree.fetcher().fetch(*r, Priority::Prefetch).await?;
+            if pin {
+                tree.fetcher().cache().pin(v.hash()).map_err(|e| FetchError::Cache(e.to_string()))?;
+            }
+            progress.inc(v.len() as u64);
+            Ok::<_, FetchError>(v.len() as u64)
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect()
+        .await?;
+    progress.finish();
+    report.objects = fetched.len() as u64;
+    report.bytes = fetched.iter().sum();
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// The file-index objects of a file (top level and pages).
+async fn index_objects(tree: &Tree, f: &FileRef) -> Result<Vec<ObjectRef>, FetchError> {
+    let Content::Index(top) = f.content else { return Ok(Vec::new()) };
+    let mut out = vec![top];
+    let v = tree.fetcher().fetch(top, Priority::Prefetch).await?;
+    if let Ok(FileIndex::Pages(pages)) = FileIndex::decode(&v) {
+        let shape = crate::object::index::IndexShape { blocks: tree.block_size().blocks_in(f.size) };
+        out.extend(pages.iter().enumerate().map(|(i, h)| shape.page_ref(i as u64, *h)));
+    }
+    Ok(out)
+}

@@ -1,0 +1,107 @@
+thread_local! {
+    /// One block-sized read buffer per indexing thread, reused for every block it reads.
+    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Reads `len` bytes at `offset` of `file` into this thread's buffer and hands them to `f`.
+/// `f` must not start rayon work (it could run another task that wants the buffer).
+fn with_block<T>(
+    file: &File,
+    offset: u64,
+    len: usize,
+    f: impl FnOnce(&[u8]) -> T,
+) -> io::Result<T> {
+    BUFFER.with_borrow_mut(|buf| {
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        file.read_exact_at(&mut buf[..len], offset)?;
+        Ok(f(&buf[..len]))
+    })
+}
+
+/// Hashes the first `size` bytes of `file`: inline bytes for small files, else leaves, and
+/// the whole-file BLAKE3. A file shorter than `size` gives `UnexpectedEof`.
+fn hash_contents(file: &File, size: u64, bs: BlockSize) -> io::Result<FileHash> {
+    if size <= INLINE_MAX {
+        let mut bytes = vec![0u8; size as usize];
+        file.read_exact_at(&mut bytes, 0)?;
+        return Ok(FileHash {
+            b3: blake3::hash(&bytes),
+            body: Body::Inline(bytes),
+        });
+    }
+    if size <= bs.bytes() {
+        let leaf = with_block(file, 0, size as usize, blake3::hash)?;
+        return Ok(FileHash {
+            b3: leaf,
+            body: Body::Leaves(vec![leaf]),
+        });
+    }
+    let blocks = bs.blocks_in(size);
+    let per_segment = (SEGMENT_BYTES / bs.bytes()).max(1);
+    let segments: Vec<Vec<(Hash, ChainingValue)>> = (0..blocks.div_ceil(per_segment))
+        .into_par_iter()
+        .map(|s| {
+            hash_segment(
+                file,
+                size,
+                bs,
+                s * per_segment..blocks.min((s + 1) * per_segment),
+            )
+        })
+        .collect::<io::Result<_>>()?;
+    let (leaves, cvs): (Vec<Hash>, Vec<ChainingValue>) = segments.into_iter().flatten().unzip();
+    let b3 = whole_file_hash(&cvs, size, bs.bytes());
+    Ok(FileHash {
+        b3,
+        body: Body::Leaves(leaves),
+    })
+}
+
+/// Leaf and subtree chaining value of each block in `blocks`.
+fn hash_segment(
+    file: &File,
+    size: u64,
+    bs: BlockSize,
+    blocks: Range<u64>,
+) -> io::Result<Vec<(Hash, ChainingValue)>> {
+    blocks
+        .map(|i| {
+            let offset = i * bs.bytes();
+            with_block(file, offset, bs.block_len(size, i) as usize, |block| {
+                let mut subtree = blake3::Hasher::new();
+                subtree.set_input_offset(offset).update(block);
+                (blake3::hash(block), subtree.finalize_non_root())
+            })
+        })
+        .collect()
+}
+
+/// The BLAKE3 of a whole file of `size` bytes (more than one block) from the chaining values
+/// of its blocks, merged in BLAKE3's tree shape: a node of `len` bytes has a left subtree of
+/// `left_subtree_len(len)` bytes, which for `len` above one block is a power-of-two multiple of
+/// the block size, so every split falls between blocks.
+fn whole_file_hash(cvs: &[ChainingValue], size: u64, block: u64) -> Hash {
+    let left = hazmat::left_subtree_len(size);
+    let n = (left / block) as usize;
+    let (l, r) = (
+        subtree(&cvs[..n], left, block),
+        subtree(&cvs[n..], size - left, block),
+    );
+    hazmat::merge_subtrees_root(&l, &r, Mode::Hash)
+}
+
+fn subtree(cvs: &[ChainingValue], len: u64, block: u64) -> ChainingValue {
+    if let [cv] = cvs {
+        return *cv;
+    }
+    let left = hazmat::left_subtree_len(len);
+    let n = (left / block) as usize;
+    let (l, r) = (
+        subtree(&cvs[..n], left, block),
+        subtree(&cvs[n..], len - left, block),
+    );
+    hazmat::merge_subtrees_non_root(&l, &r, Mode::Hash)
+}
+

@@ -1,0 +1,409 @@
+//! Tests of the indexer: real trees in temporary directories, walked back from the objects.
+
+use super::*;
+use crate::object::index::IndexShape;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::time::{Duration, SystemTime};
+
+const BS: u64 = 16 << 10;
+
+fn bs() -> BlockSize {
+    BlockSize::from_bytes(BS).unwrap()
+}
+
+fn config(state_dir: Option<&Path>) -> IndexConfig {
+    IndexConfig {
+        block_size: bs(),
+        state_dir: state_dir.map(Path::to_path_buf),
+    }
+}
+
+/// A temporary directory on tmpfs when there is one.
+fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap()
+}
+
+/// Bytes that differ from block to block (and from file to file by `seed`).
+fn data(len: u64, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i / 7 + i / BS * 13) as u8 ^ seed)
+        .collect()
+}
+
+fn write(path: &Path, bytes: &[u8], mode: u32) {
+    fs::write(path, bytes).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The tree of the tests: every kind of file size, dedup, nesting, links and odd names.
+fn build_tree(root: &Path) {
+    write(&root.join("empty"), b"", 0o644);
+    write(&root.join("small"), b"hello\n", 0o600);
+    write(&root.join("inline max"), &data(INLINE_MAX, 1), 0o644);
+    write(&root.join("above inline"), &data(INLINE_MAX + 1, 2), 0o755);
+    write(&root.join("one block"), &data(BS, 3), 0o644);
+    write(&root.join("block plus one"), &data(BS + 1, 4), 0o644);
+    let repeated: Vec<u8> = [vec![7u8; BS as usize * 5], data(100, 5)].concat();
+    write(&root.join("repeated"), &repeated, 0o644);
+    fs::create_dir_all(root.join("a/b c/ünï cödé")).unwrap();
+    write(
+        &root.join("a/b c/ünï cödé/deep"),
+        &data(3 * BS + 17, 6),
+        0o4755,
+    );
+    write(&root.join("a/dup of one block"), &data(BS, 3), 0o644);
+    fs::create_dir(root.join("empty dir")).unwrap();
+    write(&root.join("x".repeat(250)), b"long name", 0o644);
+    symlink("a/b c", root.join("relative link")).unwrap();
+    symlink("/etc/hostname", root.join("absolute link")).unwrap();
+    symlink("nowhere/at all", root.join("a/dangling")).unwrap();
+    let old = SystemTime::UNIX_EPOCH + Duration::new(1_000_000_000, 123_456_789);
+    File::options()
+        .write(true)
+        .open(root.join("small"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+}
+
+/// The bytes of object `hash`, checked against its hash and recorded length.
+fn load(p: &Published, hash: &Hash) -> Vec<u8> {
+    let (len, source) = &p.objects[hash];
+    let bytes = read_block(source, hash).unwrap();
+    assert_eq!(blake3::hash(&bytes), *hash);
+    assert_eq!(bytes.len(), *len as usize);
+    bytes.to_vec()
+}
+
+/// The contents of a file, reassembled from the published objects only.
+fn file_bytes(p: &Published, f: &FileRef) -> Vec<u8> {
+    let leaves = match &f.content {
+        Content::Inline(bytes) => return bytes.clone(),
+        Content::Block(leaf) => vec![*leaf],
+        Content::Index(r) => {
+            let top = FileIndex::decode(&load(p, &r.hash)).unwrap();
+            IndexShape {
+                blocks: bs().blocks_in(f.size),
+            }
+            .check(&top)
+            .unwrap();
+            match top {
+                FileIndex::Leaves(leaves) => leaves,
+                FileIndex::Pages(pages) => pages.iter().flat_map(|h| page(p, h)).collect(),
+            }
+        }
+    };
+    leaves.iter().flat_map(|h| load(p, h)).collect()
+}
+
+fn page(p: &Published, hash: &Hash) -> Vec<Hash> {
+    match FileIndex::decode(&load(p, hash)).unwrap() {
+        FileIndex::Leaves(leaves) => leaves,
+        FileIndex::Pages(_) => panic!("page of pages"),
+    }
+}
+
+/// Walks directory object `dir` beside the real directory `path` and checks they agree.
+fn check_dir(p: &Published, dir: &ObjectRef, path: &Path) {
+    let decoded = Directory::decode(&load(p, &dir.hash)).unwrap();
+    let mut names: Vec<Vec<u8>> = fs::read_dir(path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_vec())
+        .collect();
+    names.sort();
+    let got: Vec<&[u8]> = decoded.entries.iter().map(|e| &e.name[..]).collect();
+    assert_eq!(got, names, "entries of {}", path.display());
+    for entry in &decoded.entries {
+        check_entry(p, entry, &path.join(OsStr::from_bytes(&entry.name)));
+    }
+}
+
+fn check_entry(p: &Published, entry: &Entry, path: &Path) {
+    let meta = fs::symlink_metadata(path).unwrap();
+    assert_eq!(entry.mode, meta.mode() & 0o7777, "{}", path.display());
+    assert_eq!(entry.mtime, mtime_of(&meta), "{}", path.display());
+    match &entry.kind {
+        EntryKind::Dir(r) => check_dir(p, r, path),
+        EntryKind::Symlink(t) => {
+            assert_eq!(*t, fs::read_link(path).unwrap().into_os_string().into_vec())
+        }
+        EntryKind::File(f) => {
+            let bytes = fs::read(path).unwrap();
+            assert_eq!(f.size, bytes.len() as u64);
+            assert_eq!(f.b3, blake3::hash(&bytes), "{}", path.display());
+            assert_eq!(file_bytes(p, f), bytes, "{}", path.display());
+        }
+    }
+}
+
+fn check_objects(p: &Published) {
+    for hash in p.objects.keys() {
+        load(p, hash);
+    }
+}
+
+use std::ffi::OsStr;
+
+#[test]
+fn whole_file_hash_is_blake3_of_the_file() {
+    let dir = scratch();
+    let path = dir.path().join("f");
+    for size in [
+        BS + 1,
+        2 * BS,
+        2 * BS + 1,
+        3 * BS,
+        5 * BS + 7,
+        64 * BS,
+        100 * BS + 3,
+    ] {
+        let bytes = data(size, size as u8);
+        fs::write(&path, &bytes).unwrap();
+        let hash = hash_contents(&File::open(&path).unwrap(), size, bs()).unwrap();
+        assert_eq!(hash.b3, blake3::hash(&bytes), "size {size}");
+        let leaves: Vec<Hash> = bytes.chunks(BS as usize).map(blake3::hash).collect();
+        assert_eq!(hash.body, Body::Leaves(leaves));
+    }
+    let short = hash_contents(&File::open(&path).unwrap(), 200 * BS, bs());
+    assert_eq!(short.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+}
+
+#[test]
+fn tree_round_trips() {
+    let dir = scratch();
+    build_tree(dir.path());
+    let p = index_path(dir.path(), &config(None)).unwrap();
+    assert!(!p.single_file && p.skipped.is_empty(), "{:?}", p.skipped);
+    assert_eq!((p.files, p.dirs, p.symlinks), (10, 5, 3));
+    check_objects(&p);
+    check_dir(&p, &p.root, dir.path());
+    let repeated = 5 * BS + 100;
+    assert!(p.hashed_bytes >= repeated && p.bytes == p.hashed_bytes);
+    let blocks = p
+        .objects
+        .values()
+        .filter(|(_, s)| matches!(s, Source::File { .. }))
+        .count();
+    // above inline 1, one block + its duplicate 1, block plus one 2, repeated 2, deep 4.
+    assert_eq!(blocks, 10);
+}
+
+#[test]
+fn paged_file_round_trips() {
+    let dir = scratch();
+    let size = (LEAVES_PER_PAGE + 5) * BS + 9;
+    write(&dir.path().join("big"), &data(size, 9), 0o644);
+    let p = index_path(dir.path(), &config(None)).unwrap();
+    let root = Directory::decode(&load(&p, &p.root.hash)).unwrap();
+    let EntryKind::File(f) = &root.entries[0].kind else {
+        panic!("not a file")
+    };
+    let Content::Index(top) = &f.content else {
+        panic!("no index")
+    };
+    assert!(
+        matches!(FileIndex::decode(&load(&p, &top.hash)), Ok(FileIndex::Pages(pg)) if pg.len() == 2)
+    );
+    check_objects(&p);
+    check_dir(&p, &p.root, dir.path());
+}
+
+#[test]
+fn single_file_path() {
+    let dir = scratch();
+    let path = dir.path().join("only file");
+    write(&path, &data(2 * BS + 5, 3), 0o640);
+    let p = index_path(&path, &config(None)).unwrap();
+    assert!(p.single_file && p.files == 1 && p.dirs == 1);
+    let root = Directory::decode(&load(&p, &p.root.hash)).unwrap();
+    assert_eq!(root.entries.len(), 1);
+    assert_eq!(root.entries[0].name, b"only file");
+    check_entry(&p, &root.entries[0], &path);
+    check_objects(&p);
+}
+
+#[test]
+fn missing_path_is_an_error_naming_it() {
+    let dir = scratch();
+    let missing = dir.path().join("not here");
+    let err = index_path(&missing, &config(None)).unwrap_err();
+    assert!(err.to_string().contains("not here"), "{err}");
+}
+
+#[test]
+fn restart_reads_nothing_and_a_touched_file_alone_is_read() {
+    let (dir, state) = (scratch(), scratch());
+    build_tree(dir.path());
+    let first = index_path(dir.path(), &config(Some(state.path()))).unwrap();
+    assert!(first.hashed_bytes > 0);
+    let again = index_path(dir.path(), &config(Some(state.path()))).unwrap();
+    assert_eq!(again.hashed_bytes, 0);
+    assert_eq!(again.root, first.root);
+    let mut keys: Vec<_> = again.objects.keys().collect();
+    keys.sort_by_key(|h| *h.as_bytes());
+    let mut first_keys: Vec<_> = first.objects.keys().collect();
+    first_keys.sort_by_key(|h| *h.as_bytes());
+    assert_eq!(keys, first_keys);
+    let touched = dir.path().join("block plus one");
+    fs::write(&touched, data(BS + 1, 99)).unwrap();
+    let third = index_path(dir.path(), &config(Some(state.path()))).unwrap();
+    assert_eq!(third.hashed_bytes, BS + 1);
+    assert_ne!(third.root, first.root);
+    check_dir(&third, &third.root, dir.path());
+}
+
+#[test]
+fn locked_state_dir_still_serves() {
+    let (dir, state) = (scratch(), scratch());
+    write(&dir.path().join("f"), &data(3 * BS, 1), 0o644);
+    let _other_server = LeafCache::open(state.path()).unwrap();
+    for _ in 0..2 {
+        let p = index_path(dir.path(), &config(Some(state.path()))).unwrap();
+        assert_eq!(p.hashed_bytes, 3 * BS);
+    }
+}
+
+#[test]
+fn read_block_detects_changes() {
+    let dir = scratch();
+    let path = dir.path().join("f");
+    write(&path, &data(3 * BS, 1), 0o644);
+    let p = index_path(dir.path(), &config(None)).unwrap();
+    let (hash, (_, source)) = p
+        .objects
+        .iter()
+        .find(|(_, (_, s))| matches!(s, Source::File { offset, .. } if *offset == BS))
+        .unwrap();
+    assert!(read_block(source, hash).is_ok());
+    let changed = |r: Result<Arc<[u8]>, IndexError>| matches!(r, Err(IndexError::Changed { path: c }) if c == path);
+    File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all_at(b"!", BS + 10)
+        .unwrap();
+    assert!(changed(read_block(source, hash)));
+    File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(BS + 5)
+        .unwrap();
+    assert!(changed(read_block(source, hash)));
+    fs::remove_file(&path).unwrap();
+    assert!(changed(read_block(source, hash)));
+}
+
+#[test]
+fn vanished_and_unreadable_entries_are_skipped() {
+    let dir = scratch();
+    write(&dir.path().join("here"), b"x", 0o644);
+    let walker = Walker::new(bs(), None);
+    let ty = fs::symlink_metadata(dir.path().join("here"))
+        .unwrap()
+        .file_type();
+    assert!(walker
+        .child(dir.path(), "gone".into(), ty)
+        .unwrap()
+        .is_none());
+    let p = walker.finish(
+        ObjectRef {
+            hash: blake3::hash(b""),
+            len: 0,
+        },
+        false,
+    );
+    assert_eq!(p.skipped.len(), 1);
+    assert_eq!(p.skipped[0].0, dir.path().join("gone"));
+    // chmod 000 blocks reads only for non-root users.
+    if unsafe { libc::geteuid() } != 0 {
+        write(&dir.path().join("locked"), b"secret", 0o000);
+        let p = index_path(dir.path(), &config(None)).unwrap();
+        assert_eq!(p.skipped.len(), 1);
+        assert_eq!(p.files, 1);
+    }
+}
+
+#[test]
+fn special_files_are_left_out() {
+    let dir = scratch();
+    write(&dir.path().join("file"), b"x", 0o644);
+    let _socket = std::os::unix::net::UnixListener::bind(dir.path().join("socket")).unwrap();
+    let fifo =
+        std::ffi::CString::new(dir.path().join("fifo").into_os_string().into_vec()).unwrap();
+    // SAFETY: fifo is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let p = index_path(dir.path(), &config(None)).unwrap();
+    assert!(p.skipped.is_empty());
+    let root = Directory::decode(&load(&p, &p.root.hash)).unwrap();
+    assert_eq!(root.entries.len(), 1);
+}
+
+#[test]
+fn deep_tree_does_not_overflow() {
+    let dir = scratch();
+    let deep: PathBuf = std::iter::repeat_n("d", 1000).collect();
+    fs::create_dir_all(dir.path().join(&deep)).unwrap();
+    write(&dir.path().join(&deep).join("f"), b"bottom", 0o644);
+    let p = index_path(dir.path(), &config(None)).unwrap();
+    assert_eq!((p.dirs, p.files), (1001, 1));
+}
+
+#[test]
+fn oversized_directory_is_an_error() {
+    let walker = Walker::new(bs(), None);
+    let file = FileRef {
+        size: 0,
+        b3: blake3::hash(b""),
+        content: Content::Inline(vec![]),
+    };
+    let entries = (0..DIRECTORY_MAX / 250)
+        .map(|i| Entry {
+            name: format!("{i:0>250}").into_bytes(),
+            mode: 0o644,
+            mtime: Timestamp::default(),
+            kind: EntryKind::File(file.clone()),
+        })
+        .collect();
+    let err = walker
+        .add_directory(Path::new("/huge"), Directory::new(entries))
+        .unwrap_err();
+    assert!(err.is_fatal() && err.to_string().contains("/huge"), "{err}");
+}
+
+/// `cargo test --release --lib serve::index::tests::speed -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark: writes 1 GiB and 10,000 files to /dev/shm"]
+fn speed() {
+    let (dir, state) = (scratch(), scratch());
+    let config = IndexConfig {
+        state_dir: Some(state.path().into()),
+        ..Default::default()
+    };
+    let block: Vec<u8> = (0..1u32 << 14).flat_map(|i| i.to_le_bytes()).collect();
+    let mut file = File::create(dir.path().join("big")).unwrap();
+    for i in 0u32..1 << 14 {
+        let mut b = block.clone();
+        b[..4].copy_from_slice(&i.to_le_bytes());
+        io::Write::write_all(&mut file, &b).unwrap();
+    }
+    let timed = |what: &str, units: f64, unit: &str| {
+        let start = std::time::Instant::now();
+        let p = index_path(dir.path(), &config).unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        println!("{what}: {secs:.3} s, {:.0} {unit}/s", units / secs);
+        p
+    };
+    timed("1 GiB file", 1024.0 * 1.048576, "MB");
+    timed("1 GiB file, cached", 1024.0 * 1.048576, "MB");
+    fs::remove_file(dir.path().join("big")).unwrap();
+    for i in 0..10_000u64 {
+        let sub = dir.path().join(format!("d{}", i / 100));
+        fs::create_dir_all(&sub).unwrap();
+        fs::write(sub.join(format!("f{i}")), data(500 + i % 8000, i as u8)).unwrap();
+    }
+    timed("10,000 small files", 10_000.0, "files");
+    timed("10,000 small files, cached", 10_000.0, "files");
+}

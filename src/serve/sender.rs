@@ -1,0 +1,320 @@
+//! The sender's I/O loop: MLD events in, paced batches of symbols out.
+//!
+//! One thread owns the send socket, the [`Scheduler`], the [`Pacer`] and a byte-bounded cache
+//! of RaptorQ encoders. It sleeps while no group has listeners, and otherwise fills each batch
+//! from the scheduler, limited by the pacer. A block is read from disk and hashed again before
+//! its encoder is built; a block whose file changed is never sent as the old object: it is
+//! dropped and reported so that the server reindexes.
+
+use std::collections::HashSet;
+use std::net::{Ipv6Addr, SocketAddrV6};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use lcfs_cache::Hash;
+use lru::LruCache;
+use socket2::Socket;
+
+use super::sched::{Pacer, SchedConfig, Scheduler, Transmit};
+use super::table::Table;
+use crate::fec::{symbol_size_for_object, ObjectEncoder};
+use crate::mld::GroupEvent;
+use crate::net::{send_batch, IP_UDP_HEADERS};
+use crate::packet;
+
+#[derive(Clone, Debug)]
+pub struct SenderConfig {
+    /// Send rate in bits per second, counting IPv6 and UDP headers.
+    pub rate_bps: u64,
+    pub port: u16,
+    /// The largest UDP payload the interface carries unfragmented.
+    pub max_payload: usize,
+    /// Packets handed to the kernel in one sendmmsg call at most.
+    pub batch: usize,
+    /// Bytes of encoders kept in memory.
+    pub encoder_memory: usize,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            rate_bps: 100_000_000,
+            port: crate::channel::DEFAULT_PORT,
+            max_payload: 1452,
+            batch: 32,
+            encoder_memory: 64 << 20,
+        }
+    }
+}
+
+/// Counters a running sender keeps; read them from any thread.
+#[derive(Default, Debug)]
+pub struct SendStats {
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+    pub root_packets: AtomicU64,
+    pub encoders_built: AtomicU64,
+}
+
+/// The shared, swappable table of what is published now.
+pub type SharedTable = Arc<RwLock<Arc<Table>>>;
+
+struct Encoders {
+    lru: LruCache<Hash, Arc<ObjectEncoder>>,
+    bytes: usize,
+    max: usize,
+}
+
+impl Encoders {
+    fn get(&mut self, hash: &Hash) -> Option<Arc<ObjectEncoder>> {
+        self.lru.get(hash).cloned()
+    }
+
+    fn put(&mut self, hash: Hash, enc: Arc<ObjectEncoder>) {
+        self.bytes += enc_size(&enc);
+        self.lru.put(hash, enc);
+        while self.bytes > self.max && self.lru.len() > 1 {
+            if let Some((_, old)) = self.lru.pop_lru() {
+                self.bytes -= enc_size(&old);
+            }
+        }
+    }
+}
+
+fn enc_size(e: &ObjectEncoder) -> usize {
+    // The padded source plus RaptorQ's intermediate symbols, about as large again.
+    2 * e.source_symbols() as usize * e.symbol_size()
+}
+
+pub struct SenderLoop {
+    config: SenderConfig,
+    socket: Socket,
+    table: SharedTable,
+    current: Arc<Table>,
+    sched: Scheduler,
+    pacer: Pacer,
+    encoders: Encoders,
+    active: HashSet<Ipv6Addr>,
+    stats: Arc<SendStats>,
+    changed: Sender<PathBuf>,
+    packets: Vec<Vec<u8>>,
+    dests: Vec<SocketAddrV6>,
+    symbol: Vec<u8>,
+}
+
+impl SenderLoop {
+    pub fn new(
+        config: SenderConfig,
+        socket: Socket,
+        table: SharedTable,
+        stats: Arc<SendStats>,
+        changed: Sender<PathBuf>,
+    ) -> SenderLoop {
+        let now = Instant::now();
+        let burst = config.batch * (config.max_payload + IP_UDP_HEADERS);
+        let current = table.read().expect("table lock").clone();
+        SenderLoop {
+            pacer: Pacer::new(now, config.rate_bps, burst),
+            encoders: Encoders {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+                max: config.encoder_memory,
+            },
+            sched: Scheduler::new(SchedConfig::default()),
+            socket,
+            table,
+            current,
+            active: HashSet::new(),
+            stats,
+            changed,
+            packets: Vec::new(),
+            dests: Vec::new(),
+            symbol: Vec::new(),
+            config,
+        }
+    }
+
+    /// Runs until `shutdown` is set or the event channel closes.
+    pub fn run(mut self, events: Receiver<GroupEvent>, shutdown: &AtomicBool) {
+        while !shutdown.load(Ordering::Relaxed) {
+            if !self.handle_events(&events) {
+                return;
+            }
+            self.refresh_table();
+            if let Err(e) = self.send_some() {
+                tracing::warn!("sending on the multicast socket failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Applies pending MLD events, waiting for one while there is nothing to send.
+    fn handle_events(&mut self, events: &Receiver<GroupEvent>) -> bool {
+        let now = Instant::now();
+        let wait = if self.sched.is_idle() {
+            Duration::from_millis(100)
+        } else {
+            match self.sched.poll_timeout() {
+                Some(t) => t.saturating_duration_since(now).min(Duration::from_millis(100)),
+                None => Duration::ZERO,
+            }
+        };
+        let first = match events.recv_timeout(wait) {
+            Ok(e) => e,
+            Err(RecvTimeoutError::Timeout) => return true,
+            Err(RecvTimeoutError::Disconnected) => return false,
+        };
+        self.apply(first);
+        while let Ok(e) = events.try_recv() {
+            self.apply(e);
+        }
+        true
+    }
+
+    fn apply(&mut self, event: GroupEvent) {
+        let now = Instant::now();
+        let (group, on) = match event {
+            GroupEvent::Active(g) => (g, true),
+            GroupEvent::Inactive(g) => (g, false),
+        };
+        if on {
+            self.active.insert(group);
+        } else {
+            self.active.remove(&group);
+        }
+        self.route(now, group, on);
+    }
+
+    fn route(&mut self, now: Instant, group: Ipv6Addr, on: bool) {
+        if group == self.current.root.group {
+            tracing::debug!(on, "root group");
+            self.sched.handle_root(now, on);
+        } else if let Some(&hash) = self.current.by_group.get(&group) {
+            tracing::trace!(%hash, on, "object group");
+            if on {
+                self.sched.handle_active(hash);
+            } else {
+                self.sched.handle_inactive(&hash);
+            }
+        }
+    }
+
+    /// Picks up a new generation's table and re-routes the groups that have listeners.
+    fn refresh_table(&mut self) {
+        let latest = self.table.read().expect("table lock").clone();
+        if Arc::ptr_eq(&latest, &self.current) {
+            return;
+        }
+        let now = Instant::now();
+        let groups: Vec<Ipv6Addr> = self.active.iter().copied().collect();
+        for &g in &groups {
+            self.route(now, g, false);
+        }
+        self.current = latest;
+        for g in groups {
+            self.route(now, g, true);
+        }
+    }
+
+    fn wire(&self, payload: usize) -> usize {
+        payload + IP_UDP_HEADERS
+    }
+
+    fn send_some(&mut self) -> std::io::Result<()> {
+        if self.sched.is_idle() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let full = self.wire(self.config.max_payload);
+        let room = self.pacer.available(now) / full;
+        if room == 0 {
+            let at = self.pacer.poll_timeout(now, full * self.config.batch.min(8));
+            std::thread::sleep(at.saturating_duration_since(now));
+            return Ok(());
+        }
+        self.fill(now, room.min(self.config.batch));
+        if self.packets.is_empty() {
+            return Ok(());
+        }
+        let sent = send_batch(&self.socket, &self.dests, &self.packets)?;
+        let bytes: usize = self.packets[..sent].iter().map(|p| self.wire(p.len())).sum();
+        self.pacer.handle_sent(Instant::now(), bytes);
+        self.stats.packets.fetch_add(sent as u64, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Fills the batch with up to `n` packets.
+    fn fill(&mut self, now: Instant, n: usize) {
+        self.packets.resize_with(n, Vec::new);
+        self.dests.clear();
+        let mut used = 0;
+        while used < n {
+            let Some(t) = self.sched.poll_transmit(now) else { break };
+            let table = self.current.clone();
+            let mut out = std::mem::take(&mut self.packets[used]);
+            let dest = match t {
+                Transmit::Root => {
+                    packet::encode_root(&mut out, table.root.tag, &table.record, table.channel.seal());
+                    self.stats.root_packets.fetch_add(1, Ordering::Relaxed);
+                    table.root.group
+                }
+                Transmit::Symbol { hash, esi } => match self.encode(&table, &hash, esi, &mut out) {
+                    Some(group) => group,
+                    None => {
+                        self.packets[used] = out;
+                        continue;
+                    }
+                },
+            };
+            self.packets[used] = out;
+            self.dests.push(SocketAddrV6::new(dest, self.config.port, 0, 0));
+            used += 1;
+        }
+        self.packets.truncate(used);
+    }
+
+    /// Encodes one symbol of `hash` into `out`; None if the object cannot be sent.
+    fn encode(&mut self, table: &Table, hash: &Hash, esi: u32, out: &mut Vec<u8>) -> Option<Ipv6Addr> {
+        let enc = match self.encoders.get(hash) {
+            Some(e) => e,
+            None => self.build_encoder(table, hash)?,
+        };
+        let addr = table.channel.object_address(hash);
+        enc.symbol(esi, &mut self.symbol);
+        packet::encode_symbol(out, addr.tag, esi, &self.symbol, table.channel.seal());
+        Some(addr.group)
+    }
+
+    fn build_encoder(&mut self, table: &Table, hash: &Hash) -> Option<Arc<ObjectEncoder>> {
+        let bytes = match table.load(hash) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!("not sending object {hash}: {e}");
+                self.sched.forget(hash);
+                if let Some(path) = e.changed_path() {
+                    let _ = self.changed.send(path);
+                }
+                return None;
+            }
+        };
+        let link = packet::symbol_size_for(self.config.max_payload, table.channel.seal().is_some());
+        let size = symbol_size_for_object(bytes.len() as u64, link);
+        match ObjectEncoder::new(&bytes, size) {
+            Ok(enc) => {
+                let enc = Arc::new(enc);
+                self.encoders.put(*hash, enc.clone());
+                self.stats.encoders_built.fetch_add(1, Ordering::Relaxed);
+                Some(enc)
+            }
+            Err(e) => {
+                tracing::warn!("cannot encode object {hash}: {e}");
+                self.sched.forget(hash);
+                None
+            }
+        }
+    }
+}
