@@ -16,10 +16,14 @@ use crate::net::{resolve_iface, Iface};
 use crate::object::BlockSize;
 
 #[derive(Parser)]
-#[command(name = "lcfs", version, about = "Hand the same files to many machines at once over IPv6 multicast",
+#[command(
+    name = "lcfs",
+    version,
+    about = "Hand the same files to many machines at once over IPv6 multicast",
     long_about = "lcfs publishes a directory over IPv6 multicast (`lcfs serve`) and copies or mounts it on any \
 number of receivers. The server sends only while MLD shows listeners; receivers never send it a request. \
-Every byte is verified against BLAKE3 hashes from the root record down.\n\nLogging: RUST_LOG=lcfs=debug")]
+Every byte is verified against BLAKE3 hashes from the root record down.\n\nLogging: RUST_LOG=lcfs=debug"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -148,7 +152,8 @@ pub fn parse_channel_spec(s: &str) -> anyhow::Result<ChannelSpec> {
     let (head, subpath) = s.split_once(':').unwrap_or((s, ""));
     let (name, pinned) = match head.split_once('@') {
         Some((n, h)) => {
-            let hash = blake3::Hash::from_hex(h).map_err(|_| anyhow!("{h:?} is not a 64-digit root hash"))?;
+            let hash = blake3::Hash::from_hex(h)
+                .map_err(|_| anyhow!("{h:?} is not a 64-digit root hash"))?;
             (n, Some(hash))
         }
         None => (head, None),
@@ -156,12 +161,20 @@ pub fn parse_channel_spec(s: &str) -> anyhow::Result<ChannelSpec> {
     if name.is_empty() {
         bail!("the channel name is empty in {s:?}");
     }
-    Ok(ChannelSpec { name: name.into(), pinned, subpath: subpath.into() })
+    Ok(ChannelSpec {
+        name: name.into(),
+        pinned,
+        subpath: subpath.into(),
+    })
 }
 
 fn parse_scaled(s: &str, base: u64) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
-    let t = t.trim_end_matches("bit/s").trim_end_matches("bps").trim_end_matches("bit").trim_end_matches('b');
+    let t = t
+        .trim_end_matches("bit/s")
+        .trim_end_matches("bps")
+        .trim_end_matches("bit")
+        .trim_end_matches('b');
     let (num, mult) = match t.chars().last() {
         Some('k') => (&t[..t.len() - 1], base),
         Some('m') => (&t[..t.len() - 1], base.pow(2)),
@@ -169,7 +182,10 @@ fn parse_scaled(s: &str, base: u64) -> Result<u64, String> {
         Some('t') => (&t[..t.len() - 1], base.pow(4)),
         _ => (t, 1),
     };
-    let n: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a number with an optional K, M, G or T suffix"))?;
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number with an optional K, M, G or T suffix"))?;
     if !(n.is_finite() && n > 0.0) {
         return Err(format!("{s:?} must be positive"));
     }
@@ -186,7 +202,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn parse_block_size(s: &str) -> Result<BlockSize, String> {
     let n = parse_size(s)?;
-    BlockSize::from_bytes(n).map_err(|_| format!("{s:?}: the block size must be a power of two from 16K to 4M"))
+    BlockSize::from_bytes(n)
+        .map_err(|_| format!("{s:?}: the block size must be a power of two from 16K to 4M"))
 }
 
 fn home_dir(var: &str, fallback: &str, root: &str) -> PathBuf {
@@ -302,19 +319,30 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn base_name(path: &Path) -> anyhow::Result<String> {
-    let canonical = path.canonicalize().with_context(|| format!("cannot resolve {}", path.display()))?;
+    let canonical = path
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", path.display()))?;
     canonical
         .file_name()
         .and_then(|n| n.to_str())
         .map(str::to_owned)
-        .ok_or_else(|| anyhow!("{} has no usable base name: pass --channel NAME", path.display()))
+        .ok_or_else(|| {
+            anyhow!(
+                "{} has no usable base name: pass --channel NAME",
+                path.display()
+            )
+        })
 }
 
 struct Receiver {
     tree: Tree,
 }
 
-async fn open_tree(spec: &ChannelSpec, args: &RecvArgs, offline_ok: bool) -> anyhow::Result<Receiver> {
+async fn open_tree(
+    spec: &ChannelSpec,
+    args: &RecvArgs,
+    offline_ok: bool,
+) -> anyhow::Result<Receiver> {
     let key = master_key(&args.key, &spec.name)?;
     let channel = Channel::new(&spec.name, key.as_ref());
     let iface = iface(&args.net)?;
@@ -328,7 +356,11 @@ async fn open_tree(spec: &ChannelSpec, args: &RecvArgs, offline_ok: bool) -> any
         ..FetchConfig::default()
     };
     let fetcher = Fetcher::start(channel, iface, cache, config)?;
-    let policy = RootPolicy { pinned: spec.pinned, publisher: None, allow_rollback: args.allow_rollback };
+    let policy = RootPolicy {
+        pinned: spec.pinned,
+        publisher: None,
+        allow_rollback: args.allow_rollback,
+    };
     let tree = Tree::open(fetcher, &policy, offline_ok).await?;
     Ok(Receiver { tree })
 }
@@ -367,7 +399,12 @@ async fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
         subpaths.push(spec.subpath.clone());
     }
     let report = crate::prefetch::prefetch(&rx.tree, &subpaths, args.pin).await?;
-    let fetched = rx.tree.fetcher().stats().bytes_fetched.load(Ordering::Relaxed);
+    let fetched = rx
+        .tree
+        .fetcher()
+        .stats()
+        .bytes_fetched
+        .load(Ordering::Relaxed);
     eprintln!(
         "cached {} objects of {} files ({} bytes, {} from the network) in {:.2} s{}",
         report.objects,
@@ -384,7 +421,10 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
     match args.out {
         Some(path) => {
             crate::keys::write_keyfile(&path)?;
-            eprintln!("wrote a new key to {} (mode 0600): share it with receivers over a secure channel", path.display());
+            eprintln!(
+                "wrote a new key to {} (mode 0600): share it with receivers over a secure channel",
+                path.display()
+            );
         }
         None => println!("{}", crate::keys::new_key_hex()),
     }
@@ -393,7 +433,9 @@ fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
 
 /// Runs a receiving command, ending it cleanly (temporary files removed) on SIGINT or SIGTERM.
 fn run_async<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -411,7 +453,11 @@ struct Interrupted;
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("lcfs=info,lcfs_cache=info,warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 /// The `lcfs` binary. Exit codes: 0 success, 1 failure, 2 usage, 130 interrupted.
@@ -444,7 +490,14 @@ mod tests {
     #[test]
     fn channel_specs() {
         let h = blake3::hash(b"r");
-        assert_eq!(parse_channel_spec("a").unwrap(), ChannelSpec { name: "a".into(), pinned: None, subpath: "".into() });
+        assert_eq!(
+            parse_channel_spec("a").unwrap(),
+            ChannelSpec {
+                name: "a".into(),
+                pinned: None,
+                subpath: "".into()
+            }
+        );
         let s = parse_channel_spec(&format!("a@{}:x/y", h.to_hex())).unwrap();
         assert_eq!((s.pinned, s.subpath.as_str()), (Some(h), "x/y"));
         assert!(parse_channel_spec("@abc").is_err());

@@ -12,9 +12,9 @@
 //! - Blocks already in the cache are not fetched again.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io;
-use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -33,7 +33,7 @@ use crate::progress::Progress;
 const PART_PREFIX: &str = ".lcfs-part-";
 /// Files staged concurrently, and blocks in flight per file.
 const FILES_IN_FLIGHT: usize = 16;
-const BLOCKS_IN_FLIGHT: usize = 64;
+const BLOCKS_IN_FLIGHT: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -164,7 +164,10 @@ async fn plan(tree: &Tree, subpath: &str, dest: &Path) -> Result<Vec<(PathBuf, E
             return Ok(root.entries.into_iter().flat_map(single).collect());
         }
         None => tree.root_record().root,
-        Some(Entry { kind: EntryKind::Dir(r), .. }) => r,
+        Some(Entry {
+            kind: EntryKind::Dir(r),
+            ..
+        }) => r,
         Some(e) => return Ok(single(e)),
     };
     fs::create_dir_all(dest).map_err(io_err(dest))?;
@@ -242,7 +245,13 @@ impl Copier<'_> {
         set_mtime(&part, mtime, false).map_err(io_err(path))
     }
 
-    async fn stage_file(&self, path: &Path, f: &FileRef, mode: u32, mtime: Timestamp) -> Result<(), CopyError> {
+    async fn stage_file(
+        &self,
+        path: &Path,
+        f: &FileRef,
+        mode: u32,
+        mtime: Timestamp,
+    ) -> Result<(), CopyError> {
         if let Content::Inline(bytes) = &f.content {
             return self.write_whole(path, bytes, mode, mtime);
         }
@@ -267,7 +276,15 @@ impl Copier<'_> {
         finish_attrs(&part, mode, mtime).map_err(io_err(path))
     }
 
-    async fn place_block(&self, file: &File, existing: &Existing, path: &Path, size: u64, i: u64, leaf: Hash) -> Result<(), CopyError> {
+    async fn place_block(
+        &self,
+        file: &File,
+        existing: &Existing,
+        path: &Path,
+        size: u64,
+        i: u64,
+        leaf: Hash,
+    ) -> Result<(), CopyError> {
         let bs = self.tree.block_size();
         let len = bs.block_len(size, i) as u64;
         let bytes = match existing.read(&leaf, len) {
@@ -275,14 +292,26 @@ impl Copier<'_> {
                 self.reused.fetch_add(len, Ordering::Relaxed);
                 b
             }
-            None => self.tree.block(leaf, size, i, Priority::Readahead).await?.bytes().to_vec(),
+            None => self
+                .tree
+                .block(leaf, size, i, Priority::Readahead)
+                .await?
+                .bytes()
+                .to_vec(),
         };
-        file.write_all_at(&bytes, i * bs.bytes()).map_err(io_err(path))?;
+        file.write_all_at(&bytes, i * bs.bytes())
+            .map_err(io_err(path))?;
         self.progress.inc(len);
         Ok(())
     }
 
-    fn write_whole(&self, path: &Path, bytes: &[u8], mode: u32, mtime: Timestamp) -> Result<(), CopyError> {
+    fn write_whole(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        mode: u32,
+        mtime: Timestamp,
+    ) -> Result<(), CopyError> {
         let part = Staging::part_name(path);
         fs::write(&part, bytes).map_err(io_err(path))?;
         self.staging.add(part.clone(), path.to_owned());
@@ -331,7 +360,10 @@ fn hash_existing(path: &Path, bs: BlockSize) -> io::Result<Existing> {
     }
     let file = File::open(path)?;
     let size = meta.len();
-    let mut ex = Existing { size, ..Existing::default() };
+    let mut ex = Existing {
+        size,
+        ..Existing::default()
+    };
     let mut buf = vec![0; bs.bytes() as usize];
     for i in 0..bs.blocks_in(size) {
         let len = bs.block_len(size, i) as usize;
@@ -346,7 +378,9 @@ fn hash_existing(path: &Path, bs: BlockSize) -> io::Result<Existing> {
 
 /// Removes temporary files a killed copy left in `dir`.
 fn clean_parts(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         if e.file_name().as_bytes().starts_with(PART_PREFIX.as_bytes()) {
             let _ = fs::remove_file(e.path());
@@ -390,10 +424,13 @@ pub fn set_mtime(path: &Path, t: Timestamp, follow: bool) -> io::Result<()> {
 
 /// Makes everything written under `dir` durable before the renames publish it.
 fn sync_fs(dir: &Path) {
-    let target = if dir.is_dir() { dir } else { dir.parent().unwrap_or(Path::new(".")) };
+    let target = if dir.is_dir() {
+        dir
+    } else {
+        dir.parent().unwrap_or(Path::new("."))
+    };
     if let Ok(f) = File::open(target) {
         // SAFETY: syncfs only reads the descriptor, which `f` keeps open.
         unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) };
     }
 }
-

@@ -21,7 +21,9 @@ pub const ESI_LIMIT: u32 = 1 << 24;
 pub enum FecError {
     #[error("empty objects are never sent")]
     Empty,
-    #[error("object of {len} bytes needs more than {MAX_SOURCE_SYMBOLS} symbols of {symbol_size} bytes")]
+    #[error(
+        "object of {len} bytes needs more than {MAX_SOURCE_SYMBOLS} symbols of {symbol_size} bytes"
+    )]
     TooManySymbols { len: u64, symbol_size: usize },
 }
 
@@ -32,7 +34,13 @@ fn oti(len: u64, symbol_size: usize) -> Result<ObjectTransmissionInformation, Fe
     if len.div_ceil(symbol_size as u64) > MAX_SOURCE_SYMBOLS || symbol_size > u16::MAX as usize {
         return Err(FecError::TooManySymbols { len, symbol_size });
     }
-    Ok(ObjectTransmissionInformation::new(len, symbol_size as u16, 1, 1, 1))
+    Ok(ObjectTransmissionInformation::new(
+        len,
+        symbol_size as u16,
+        1,
+        1,
+        1,
+    ))
 }
 
 /// The symbol size to use for an object: the link's, or less for objects smaller than that.
@@ -168,7 +176,11 @@ mod tests {
         (0..n).map(|_| rng.random()).collect()
     }
 
-    fn decode_with(enc: &ObjectEncoder, len: usize, esis: impl Iterator<Item = u32>) -> Option<Vec<u8>> {
+    fn decode_with(
+        enc: &ObjectEncoder,
+        len: usize,
+        esis: impl Iterator<Item = u32>,
+    ) -> Option<Vec<u8>> {
         let mut dec = ObjectDecoder::new(len as u64, enc.symbol_size()).unwrap();
         let mut buf = Vec::new();
         for esi in esis {

@@ -17,27 +17,43 @@ pub const MIN_KEYFILE: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read keyfile {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("keyfile {path} holds {len} bytes; a keyfile needs at least {MIN_KEYFILE} (make one with `lcfs keygen --out FILE`)")]
     Short { path: String, len: usize },
     #[error("password key derivation failed: {0}")]
     Argon(String),
     #[error("cannot write keyfile {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 pub fn from_keyfile(path: &Path) -> Result<MasterKey, KeyError> {
     let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| KeyError::Read { path: shown.clone(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+        path: shown.clone(),
+        source,
+    })?;
     if bytes.len() < MIN_KEYFILE {
-        return Err(KeyError::Short { path: shown, len: bytes.len() });
+        return Err(KeyError::Short {
+            path: shown,
+            len: bytes.len(),
+        });
     }
-    Ok(MasterKey::from_bytes(blake3::derive_key(CTX_KEYFILE, &bytes)))
+    Ok(MasterKey::from_bytes(blake3::derive_key(
+        CTX_KEYFILE,
+        &bytes,
+    )))
 }
 
 pub fn from_password(password: &str, channel: &str) -> Result<MasterKey, KeyError> {
     let salt = blake3::derive_key(CTX_SALT, channel.as_bytes());
-    let params = argon2::Params::new(64 * 1024, 3, 1, Some(32)).map_err(|e| KeyError::Argon(e.to_string()))?;
+    let params = argon2::Params::new(64 * 1024, 3, 1, Some(32))
+        .map_err(|e| KeyError::Argon(e.to_string()))?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut out = [0u8; 32];
     argon
@@ -56,8 +72,14 @@ pub fn write_keyfile(path: &Path) -> Result<(), KeyError> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|source| KeyError::Write { path: shown.clone(), source })?;
-    writeln!(f, "{}", new_key_hex()).map_err(|source| KeyError::Write { path: shown, source })
+        .map_err(|source| KeyError::Write {
+            path: shown.clone(),
+            source,
+        })?;
+    writeln!(f, "{}", new_key_hex()).map_err(|source| KeyError::Write {
+        path: shown,
+        source,
+    })
 }
 
 pub fn new_key_hex() -> String {

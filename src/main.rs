@@ -1,1 +1,3 @@
-fn main() -> std::process::ExitCode { lcfs::cli::main() }
+fn main() -> std::process::ExitCode {
+    lcfs::cli::main()
+}

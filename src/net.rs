@@ -22,7 +22,10 @@ pub enum NetError {
     #[error("several multicast-capable interfaces are up ({}): pass --iface NAME to choose one", .0.join(", "))]
     Ambiguous(Vec<String>),
     #[error("there is no network interface named {name:?} (interfaces that could carry lcfs: {})", list(.candidates))]
-    Unknown { name: String, candidates: Vec<String> },
+    Unknown {
+        name: String,
+        candidates: Vec<String>,
+    },
     #[error("interface {0} is down: bring it up with `ip link set {0} up`")]
     Down(String),
     #[error("interface {0} cannot carry multicast (it is loopback or lacks the MULTICAST flag); lo carries no multicast: use a veth pair (see the README)")]
@@ -58,16 +61,49 @@ impl Iface {
     }
 }
 
-fn sys(name: &str, file: &str) -> Option<String> {
-    std::fs::read_to_string(format!("/sys/class/net/{name}/{file}"))
-        .ok()
-        .map(|s| s.trim().to_owned())
+// Interface facts come from the kernel through a socket (ioctl) and `if_nameindex`
+// (netlink), both of which answer for the calling thread's network namespace.
+// `/sys/class/net` does not: under `nsenter --net` it still shows the namespace sysfs
+// was mounted in.
+
+/// `SIOCGIFFLAGS` / `SIOCGIFMTU` on a throwaway socket; None if there is no such interface.
+fn ifreq_ioctl(name: &str, request: libc::c_ulong) -> Option<libc::ifreq> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return None;
+    }
+    let sock = Socket::new(Domain::IPV6, Type::DGRAM, None)
+        .or_else(|_| Socket::new(Domain::IPV4, Type::DGRAM, None))
+        .ok()?;
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: the fd is a valid socket and req a valid ifreq the kernel fills in.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), request as _, &mut req) };
+    (r == 0).then_some(req)
 }
 
 fn flags(name: &str) -> u32 {
-    sys(name, "flags")
-        .and_then(|f| u32::from_str_radix(f.trim_start_matches("0x"), 16).ok())
+    ifreq_ioctl(name, libc::SIOCGIFFLAGS)
+        // SAFETY: SIOCGIFFLAGS fills ifru_flags.
+        .map(|r| unsafe { r.ifr_ifru.ifru_flags } as u16 as u32)
         .unwrap_or(0)
+}
+
+fn mtu(name: &str) -> Option<usize> {
+    ifreq_ioctl(name, libc::SIOCGIFMTU)
+        // SAFETY: SIOCGIFMTU fills ifru_mtu.
+        .map(|r| unsafe { r.ifr_ifru.ifru_mtu })
+        .and_then(|m| usize::try_from(m).ok())
+}
+
+fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: c is a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
 }
 
 fn multicast_capable(name: &str) -> bool {
@@ -80,13 +116,25 @@ fn is_up(name: &str) -> bool {
 }
 
 fn interface_names() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut names = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry (or NULL), which
+    // we read and then free exactly once.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return names;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            if let Ok(n) = std::ffi::CStr::from_ptr((*p).if_name).to_str() {
+                names.push(n.to_owned());
+            }
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
     names.sort();
+    names.dedup();
     names
 }
 
@@ -104,17 +152,16 @@ pub fn resolve_iface(name: Option<&str>) -> Result<Iface, NetError> {
             _ => return Err(NetError::Ambiguous(candidates)),
         },
     };
-    if sys(&name, "ifindex").is_none() {
+    let Some(index) = ifindex(&name) else {
         return Err(NetError::Unknown { name, candidates });
-    }
+    };
     if !multicast_capable(&name) {
         return Err(NetError::NotMulticast(name));
     }
     if !is_up(&name) {
         return Err(NetError::Down(name));
     }
-    let index = sys(&name, "ifindex").and_then(|s| s.parse().ok()).unwrap_or(0);
-    let mtu = sys(&name, "mtu").and_then(|s| s.parse().ok()).unwrap_or(1500);
+    let mtu = mtu(&name).unwrap_or(1500);
     Ok(Iface { name, index, mtu })
 }
 
@@ -149,7 +196,8 @@ pub fn receiver_socket(iface: &Iface, port: u16) -> Result<Socket, NetError> {
     let s = udp_socket(iface)?;
     s.set_reuse_address(true)
         .map_err(sock_err("setting SO_REUSEADDR", iface))?;
-    s.set_only_v6(true).map_err(sock_err("setting IPV6_V6ONLY", iface))?;
+    s.set_only_v6(true)
+        .map_err(sock_err("setting IPV6_V6ONLY", iface))?;
     set_multicast_all(&s, false).map_err(sock_err("clearing IPV6_MULTICAST_ALL", iface))?;
     // Bursts of symbols outrun a reader briefly; a deep queue avoids loss in the socket.
     if set_rcvbuf_force(&s, 32 << 20).is_err() {
@@ -342,7 +390,11 @@ mod tests {
 
     #[test]
     fn batch_round_trip_on_loopback_unicast() {
-        let lo = Iface { name: "lo".into(), index: 1, mtu: 65536 };
+        let lo = Iface {
+            name: "lo".into(),
+            index: 1,
+            mtu: 65536,
+        };
         let rx = receiver_socket(&lo, 0).unwrap();
         let port = rx.local_addr().unwrap().as_socket_ipv6().unwrap().port();
         let tx = udp_socket(&lo).unwrap();

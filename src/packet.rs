@@ -184,7 +184,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn keys() -> SealKeys {
-        Channel::new("c", Some(&MasterKey::from_bytes([3; 32]))).seal().unwrap().clone()
+        Channel::new("c", Some(&MasterKey::from_bytes([3; 32])))
+            .seal()
+            .unwrap()
+            .clone()
     }
 
     const TAG: Tag = Tag([5; 16]);
@@ -194,7 +197,16 @@ mod tests {
         let mut out = Vec::new();
         encode_symbol(&mut out, TAG, 7, b"hello", None);
         let p = decode(&mut out, None).unwrap();
-        assert_eq!(p, Packet { tag: TAG, body: Body::Symbol { esi: 7, data: b"hello" } });
+        assert_eq!(
+            p,
+            Packet {
+                tag: TAG,
+                body: Body::Symbol {
+                    esi: 7,
+                    data: b"hello"
+                }
+            }
+        );
         encode_root(&mut out, TAG, b"rec", None);
         assert_eq!(decode(&mut out, None).unwrap().body, Body::Root(b"rec"));
     }
@@ -209,15 +221,27 @@ mod tests {
         assert_eq!(a, b, "same symbol, same packet: servers and bursts combine");
         assert!(!a.windows(6).any(|w| w == b"secret"));
         let p = decode(&mut a, Some(&k)).unwrap();
-        assert_eq!(p.body, Body::Symbol { esi: 9, data: b"secret data" });
+        assert_eq!(
+            p.body,
+            Body::Symbol {
+                esi: 9,
+                data: b"secret data"
+            }
+        );
         encode_symbol(&mut b, TAG, 10, b"secret data", Some(&k));
-        assert_ne!(b[HEADER_LEN..HEADER_LEN + 24], a[HEADER_LEN..HEADER_LEN + 24]);
+        assert_ne!(
+            b[HEADER_LEN..HEADER_LEN + 24],
+            a[HEADER_LEN..HEADER_LEN + 24]
+        );
     }
 
     #[test]
     fn wrong_key_header_tamper_and_mode_mismatch_fail() {
         let k = keys();
-        let other = Channel::new("c", Some(&MasterKey::from_bytes([4; 32]))).seal().unwrap().clone();
+        let other = Channel::new("c", Some(&MasterKey::from_bytes([4; 32])))
+            .seal()
+            .unwrap()
+            .clone();
         let mut p = Vec::new();
         encode_symbol(&mut p, TAG, 1, b"x", Some(&k));
         assert_eq!(decode(&mut p.clone(), Some(&other)), Err(PacketError::Auth));

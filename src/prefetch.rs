@@ -20,10 +20,18 @@ pub struct PrefetchReport {
 }
 
 /// Fetches (and with `pin`, pins) every object under each of `subpaths` ("" for the whole tree).
-pub async fn prefetch(tree: &Tree, subpaths: &[String], pin: bool) -> Result<PrefetchReport, FetchError> {
+pub async fn prefetch(
+    tree: &Tree,
+    subpaths: &[String],
+    pin: bool,
+) -> Result<PrefetchReport, FetchError> {
     let started = Instant::now();
     let whole = [String::new()];
-    let subpaths = if subpaths.is_empty() { &whole[..] } else { subpaths };
+    let subpaths = if subpaths.is_empty() {
+        &whole[..]
+    } else {
+        subpaths
+    };
     let mut dirs = Vec::new();
     let mut files = Vec::new();
     for sub in subpaths {
@@ -49,12 +57,18 @@ pub async fn prefetch(tree: &Tree, subpaths: &[String], pin: bool) -> Result<Pre
     objects.extend(dirs);
     let total = files.iter().map(|f| f.size).sum();
     let progress = Progress::new("prefetch", total);
-    let mut report = PrefetchReport { files: files.len() as u64, ..Default::default() };
+    let mut report = PrefetchReport {
+        files: files.len() as u64,
+        ..Default::default()
+    };
     for f in &files {
         objects.extend(index_objects(tree, f).await?);
         let leaves = tree.leaves(f, Priority::Prefetch).await?;
         let bs = tree.block_size();
-        let blocks = leaves.iter().enumerate().map(|(i, h)| ObjectRef { hash: *h, len: bs.block_len(f.size, i as u64) });
+        let blocks = leaves.iter().enumerate().map(|(i, h)| ObjectRef {
+            hash: *h,
+            len: bs.block_len(f.size, i as u64),
+        });
         objects.extend(blocks);
     }
     objects.sort_by_key(|r| *r.hash.as_bytes());
@@ -63,7 +77,10 @@ pub async fn prefetch(tree: &Tree, subpaths: &[String], pin: bool) -> Result<Pre
         .map(|r| async {
             let v = tree.fetcher().fetch(*r, Priority::Prefetch).await?;
             if pin {
-                tree.fetcher().cache().pin(v.hash()).map_err(|e| FetchError::Cache(e.to_string()))?;
+                tree.fetcher()
+                    .cache()
+                    .pin(v.hash())
+                    .map_err(|e| FetchError::Cache(e.to_string()))?;
             }
             progress.inc(v.len() as u64);
             Ok::<_, FetchError>(v.len() as u64)
@@ -80,12 +97,21 @@ pub async fn prefetch(tree: &Tree, subpaths: &[String], pin: bool) -> Result<Pre
 
 /// The file-index objects of a file (top level and pages).
 async fn index_objects(tree: &Tree, f: &FileRef) -> Result<Vec<ObjectRef>, FetchError> {
-    let Content::Index(top) = f.content else { return Ok(Vec::new()) };
+    let Content::Index(top) = f.content else {
+        return Ok(Vec::new());
+    };
     let mut out = vec![top];
     let v = tree.fetcher().fetch(top, Priority::Prefetch).await?;
     if let Ok(FileIndex::Pages(pages)) = FileIndex::decode(&v) {
-        let shape = crate::object::index::IndexShape { blocks: tree.block_size().blocks_in(f.size) };
-        out.extend(pages.iter().enumerate().map(|(i, h)| shape.page_ref(i as u64, *h)));
+        let shape = crate::object::index::IndexShape {
+            blocks: tree.block_size().blocks_in(f.size),
+        };
+        out.extend(
+            pages
+                .iter()
+                .enumerate()
+                .map(|(i, h)| shape.page_ref(i as u64, *h)),
+        );
     }
     Ok(out)
 }

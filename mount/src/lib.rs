@@ -1,1 +1,32 @@
+//! lcfs-mount: the FUSE adaptor. It presents any [`Source`] as a read-only filesystem.
+//!
+//! Job: turn kernel requests into calls on a [`Source`] (directory listings and byte ranges,
+//! as futures) and the answers back into replies, without ever blocking the FUSE session on
+//! the network. lcfs implements [`Source`] with its fetch engine; [`testing::MemSource`]
+//! implements it in memory.
+//!
+//! Layout:
+//! - `source`: the trait and its plain types;
+//! - `fs`: the filesystem core (inode table, open files, read-only policy), free of fuser;
+//! - `fuse`: the thin fuser adaptor (forward, log, reply);
+//! - `inode`: the lazily populated inode table; `readahead`: sequential detection;
+//! - `mount`: [`mount`], [`MountHandle`], [`unmount`], dead-mountpoint recovery;
+//! - `error`: [`FsError`] with the one errno table, and [`MountError`].
+//!
+//! Invariants: every write operation answers EROFS; inodes live exactly while the kernel
+//! holds lookups on them (the root always); replies that need the source are sent from tasks
+//! on the tokio runtime given to [`mount`].
 
+mod error;
+mod fs;
+mod fuse;
+mod inode;
+mod mount;
+pub mod readahead;
+pub mod source;
+pub mod testing;
+
+pub use error::{FsError, MountError};
+pub use fuser::Notifier;
+pub use mount::{mount, unmount, MountConfig, MountHandle, MountStats};
+pub use source::{Attr, BoxFuture, Child, Kind, ReadHint, Source, SourceError, Totals};

@@ -122,7 +122,12 @@ impl Drop for ThreadGuard {
 }
 
 impl Fetcher {
-    pub fn start(channel: Channel, iface: Iface, cache: Cache, config: FetchConfig) -> Result<Fetcher, crate::net::NetError> {
+    pub fn start(
+        channel: Channel,
+        iface: Iface,
+        cache: Cache,
+        config: FetchConfig,
+    ) -> Result<Fetcher, crate::net::NetError> {
         let socket = crate::net::receiver_socket(&iface, config.port)?;
         let inner = Arc::new(Inner {
             channel,
@@ -176,10 +181,17 @@ impl Fetcher {
 
     /// The object from the cache alone.
     pub fn cached(&self, r: &ObjectRef) -> Result<Option<Verified>, FetchError> {
-        let hit = self.inner.cache.get(&r.hash).map_err(|e| FetchError::Cache(e.to_string()))?;
+        let hit = self
+            .inner
+            .cache
+            .get(&r.hash)
+            .map_err(|e| FetchError::Cache(e.to_string()))?;
         if let Some(v) = &hit {
             self.inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            self.inner.stats.bytes_cached.fetch_add(v.len() as u64, Ordering::Relaxed);
+            self.inner
+                .stats
+                .bytes_cached
+                .fetch_add(v.len() as u64, Ordering::Relaxed);
         }
         Ok(hit)
     }
@@ -196,7 +208,11 @@ impl Inner {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn request(&self, r: ObjectRef, priority: Priority) -> oneshot::Receiver<Result<Verified, FetchError>> {
+    fn request(
+        &self,
+        r: ObjectRef,
+        priority: Priority,
+    ) -> oneshot::Receiver<Result<Verified, FetchError>> {
         let (tx, rx) = oneshot::channel();
         let addr = self.channel.object_address(&r.hash);
         let mut st = self.lock();
@@ -250,8 +266,12 @@ impl Inner {
     /// Joins queued objects while there is room in the window.
     fn admit(&self, st: &mut State) {
         while st.joined < self.config.max_joined {
-            let Some((_, tag)) = st.queue.pop_first() else { return };
-            let Some(p) = st.pending.get_mut(&tag) else { continue };
+            let Some((_, tag)) = st.queue.pop_first() else {
+                return;
+            };
+            let Some(p) = st.pending.get_mut(&tag) else {
+                continue;
+            };
             p.joined = true;
             p.fetch.handle_started(Instant::now());
             let group = p.group;
@@ -328,7 +348,14 @@ impl Inner {
         }
     }
 
-    fn handle_symbol(&self, st: &mut State, now: Instant, tag: Tag, esi: u32, data: &[u8]) -> Option<(Verified, Vec<Waiter>)> {
+    fn handle_symbol(
+        &self,
+        st: &mut State,
+        now: Instant,
+        tag: Tag,
+        esi: u32,
+        data: &[u8],
+    ) -> Option<(Verified, Vec<Waiter>)> {
         let Some(p) = st.pending.get_mut(&tag).filter(|p| p.joined) else {
             self.stats.unexpected.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -345,7 +372,14 @@ impl Inner {
         Some((v, p.waiters))
     }
 
-    fn handle_root(&self, st: &mut State, bytes: &[u8]) -> Option<(RootRecord, Vec<oneshot::Sender<Result<RootRecord, FetchError>>>)> {
+    fn handle_root(
+        &self,
+        st: &mut State,
+        bytes: &[u8],
+    ) -> Option<(
+        RootRecord,
+        Vec<oneshot::Sender<Result<RootRecord, FetchError>>>,
+    )> {
         let record = match RootRecord::decode(bytes) {
             Ok(r) if r.channel_id == *self.channel.id() => r,
             _ => {
@@ -360,7 +394,9 @@ impl Inner {
 
     fn complete(&self, v: Verified, waiters: Vec<Waiter>) {
         self.stats.objects_fetched.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes_fetched.fetch_add(v.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_fetched
+            .fetch_add(v.len() as u64, Ordering::Relaxed);
         if let Err(e) = self.cache.insert(&v) {
             tracing::warn!("cannot store object {} in the cache: {e}", v.hash());
         }
@@ -390,8 +426,11 @@ impl Inner {
             if let Some(p) = st.pending.remove(&tag) {
                 st.joined -= 1;
                 self.membership(&p.group, false);
-                let err = self.timeout_error(&format!("object {}", &p.fetch.want().hash.to_hex()[..16]));
-                p.waiters.into_iter().for_each(|w| drop(w.send(Err(err.clone()))));
+                let err =
+                    self.timeout_error(&format!("object {}", &p.fetch.want().hash.to_hex()[..16]));
+                p.waiters
+                    .into_iter()
+                    .for_each(|w| drop(w.send(Err(err.clone()))));
             }
         }
         self.tick_root(&mut st, now);
@@ -404,7 +443,9 @@ impl Inner {
             let w = st.root.take().expect("checked above");
             self.membership(&self.channel.root_address().group, false);
             let err = self.timeout_error("the root record");
-            w.waiters.into_iter().for_each(|t| drop(t.send(Err(err.clone()))));
+            w.waiters
+                .into_iter()
+                .for_each(|t| drop(t.send(Err(err.clone()))));
         } else if now.duration_since(w.last_join) >= self.config.stall {
             w.last_join = now;
             let g = self.channel.root_address().group;
@@ -419,17 +460,25 @@ impl Inner {
             what: what.to_owned(),
             secs: self.config.timeout.as_secs(),
             iface: self.iface.name.clone(),
-            hint: if self.channel.seal().is_some() { KEY_HINT } else { "" },
+            hint: if self.channel.seal().is_some() {
+                KEY_HINT
+            } else {
+                ""
+            },
         }
     }
 
     fn fail_all(&self, err: FetchError) {
         let mut st = self.lock();
         for (_, p) in st.pending.drain() {
-            p.waiters.into_iter().for_each(|w| drop(w.send(Err(err.clone()))));
+            p.waiters
+                .into_iter()
+                .for_each(|w| drop(w.send(Err(err.clone()))));
         }
         if let Some(w) = st.root.take() {
-            w.waiters.into_iter().for_each(|t| drop(t.send(Err(err.clone()))));
+            w.waiters
+                .into_iter()
+                .for_each(|t| drop(t.send(Err(err.clone()))));
         }
     }
 }

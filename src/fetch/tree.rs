@@ -7,14 +7,15 @@
 //! unless rollback is allowed. From the root down every object is checked against the
 //! reference that named it, so nothing unverified reaches a caller.
 
-
 use ed25519_dalek::VerifyingKey;
 use futures::future::try_join_all;
 use lcfs_cache::{Hash, Verified};
 
 use super::{FetchError, Fetcher, Priority};
 use crate::object::index::IndexShape;
-use crate::object::{BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef, RootRecord};
+use crate::object::{
+    BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef, RootRecord,
+};
 
 /// Which root records a receiver accepts.
 #[derive(Clone, Debug, Default)]
@@ -45,7 +46,11 @@ pub struct Tree {
 impl Tree {
     /// Learns and checks the channel's root record. With `offline_ok`, a server that does not
     /// answer within the timeout is replaced by the last root record kept in the cache.
-    pub async fn open(fetcher: Fetcher, policy: &RootPolicy, offline_ok: bool) -> Result<Tree, FetchError> {
+    pub async fn open(
+        fetcher: Fetcher,
+        policy: &RootPolicy,
+        offline_ok: bool,
+    ) -> Result<Tree, FetchError> {
         let (root, origin) = match fetcher.fetch_root().await {
             Ok(r) => (r, Origin::Network),
             Err(e @ FetchError::Timeout { .. }) if offline_ok => match remembered(&fetcher)? {
@@ -61,7 +66,11 @@ impl Tree {
                 tracing::warn!("cannot remember the root record: {e}");
             }
         }
-        Ok(Tree { fetcher, root, origin })
+        Ok(Tree {
+            fetcher,
+            root,
+            origin,
+        })
     }
 
     pub fn fetcher(&self) -> &Fetcher {
@@ -103,12 +112,20 @@ impl Tree {
         match &f.content {
             Content::Inline(_) => Ok(Vec::new()),
             Content::Block(h) if blocks == 1 => Ok(vec![*h]),
-            Content::Block(_) => Err(self.invalid("file".into(), "one block reference for a file of several blocks")),
+            Content::Block(_) => Err(self.invalid(
+                "file".into(),
+                "one block reference for a file of several blocks",
+            )),
             Content::Index(r) => self.index_leaves(*r, IndexShape { blocks }, prio).await,
         }
     }
 
-    async fn index_leaves(&self, r: ObjectRef, shape: IndexShape, prio: Priority) -> Result<Vec<Hash>, FetchError> {
+    async fn index_leaves(
+        &self,
+        r: ObjectRef,
+        shape: IndexShape,
+        prio: Priority,
+    ) -> Result<Vec<Hash>, FetchError> {
         let what = || format!("file index {}", short(&r.hash));
         if r.len as u64 != shape.top_len() {
             return Err(self.invalid(what(), "length does not fit the file size"));
@@ -124,7 +141,8 @@ impl Tree {
                     let v = self.fetcher.fetch(pr, prio).await?;
                     match FileIndex::decode(&v) {
                         Ok(FileIndex::Leaves(l)) => Ok(l),
-                        _ => Err(self.invalid(format!("index page {}", short(h)), "not a page of leaves")),
+                        _ => Err(self
+                            .invalid(format!("index page {}", short(h)), "not a page of leaves")),
                     }
                 });
                 Ok(try_join_all(fetches).await?.concat())
@@ -133,26 +151,43 @@ impl Tree {
     }
 
     /// Block `index` of a file of `size` bytes whose leaf is `leaf`.
-    pub async fn block(&self, leaf: Hash, size: u64, index: u64, prio: Priority) -> Result<Verified, FetchError> {
+    pub async fn block(
+        &self,
+        leaf: Hash,
+        size: u64,
+        index: u64,
+        prio: Priority,
+    ) -> Result<Verified, FetchError> {
         let len = self.block_size().block_len(size, index);
-        self.fetcher.fetch(ObjectRef { hash: leaf, len }, prio).await
+        self.fetcher
+            .fetch(ObjectRef { hash: leaf, len }, prio)
+            .await
     }
 
     /// The entry at `path` (components separated by `/`), or the root directory for "".
     pub async fn resolve(&self, path: &str) -> Result<Option<crate::object::Entry>, FetchError> {
         let mut dir = self.root_dir().await?;
-        let mut parts = path.split('/').filter(|p| !p.is_empty() && *p != ".").peekable();
+        let mut parts = path
+            .split('/')
+            .filter(|p| !p.is_empty() && *p != ".")
+            .peekable();
         while let Some(name) = parts.next() {
-            let entry = dir
-                .get(name.as_bytes())
-                .cloned()
-                .ok_or_else(|| FetchError::NotFound(format!("{path:?} is not in channel {:?}", self.fetcher.channel().name())))?;
+            let entry = dir.get(name.as_bytes()).cloned().ok_or_else(|| {
+                FetchError::NotFound(format!(
+                    "{path:?} is not in channel {:?}",
+                    self.fetcher.channel().name()
+                ))
+            })?;
             if parts.peek().is_none() {
                 return Ok(Some(entry));
             }
             match entry.kind {
                 EntryKind::Dir(r) => dir = self.directory(r, Priority::Demand).await?,
-                _ => return Err(FetchError::NotFound(format!("{name:?} in {path:?} is not a directory"))),
+                _ => {
+                    return Err(FetchError::NotFound(format!(
+                        "{name:?} in {path:?} is not a directory"
+                    )))
+                }
             }
         }
         Ok(None)
@@ -171,7 +206,11 @@ fn remembered(fetcher: &Fetcher) -> Result<Option<RootRecord>, FetchError> {
     Ok(bytes.and_then(|b| RootRecord::decode(&b).ok()))
 }
 
-fn check_policy(fetcher: &Fetcher, policy: &RootPolicy, root: &RootRecord) -> Result<(), FetchError> {
+fn check_policy(
+    fetcher: &Fetcher,
+    policy: &RootPolicy,
+    root: &RootRecord,
+) -> Result<(), FetchError> {
     let untrusted = |reason: String| FetchError::Untrusted {
         channel: fetcher.channel().name().to_owned(),
         reason,
@@ -188,7 +227,9 @@ fn check_policy(fetcher: &Fetcher, policy: &RootPolicy, root: &RootRecord) -> Re
     }
     if let Some(key) = &policy.publisher {
         if !root.verify(key) {
-            return Err(untrusted("the root record is not signed by the publisher key given with --publisher".into()));
+            return Err(untrusted(
+                "the root record is not signed by the publisher key given with --publisher".into(),
+            ));
         }
     }
     if let Some(seen) = remembered(fetcher)? {
@@ -201,7 +242,6 @@ fn check_policy(fetcher: &Fetcher, policy: &RootPolicy, root: &RootRecord) -> Re
     }
     Ok(())
 }
-
 
 /// One entry found by [`Tree::walk`], with its path relative to the walk's start.
 #[derive(Clone, Debug)]

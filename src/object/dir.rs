@@ -226,12 +226,41 @@ pub(crate) mod tests {
 
     pub fn sample() -> Directory {
         let h = blake3::hash(b"x");
-        let ts = Timestamp { secs: 1_700_000_000, nanos: 5 };
-        let e = |name: &str, kind| Entry { name: name.into(), mode: 0o644, mtime: ts, kind };
+        let ts = Timestamp {
+            secs: 1_700_000_000,
+            nanos: 5,
+        };
+        let e = |name: &str, kind| Entry {
+            name: name.into(),
+            mode: 0o644,
+            mtime: ts,
+            kind,
+        };
         Directory::new(vec![
-            e("empty", EntryKind::File(FileRef { size: 0, b3: blake3::hash(b""), content: Content::Inline(vec![]) })),
-            e("one", EntryKind::File(FileRef { size: 70000, b3: h, content: Content::Block(h) })),
-            e("big", EntryKind::File(FileRef { size: 1 << 20, b3: h, content: Content::Index(ObjectRef { hash: h, len: 522 }) })),
+            e(
+                "empty",
+                EntryKind::File(FileRef {
+                    size: 0,
+                    b3: blake3::hash(b""),
+                    content: Content::Inline(vec![]),
+                }),
+            ),
+            e(
+                "one",
+                EntryKind::File(FileRef {
+                    size: 70000,
+                    b3: h,
+                    content: Content::Block(h),
+                }),
+            ),
+            e(
+                "big",
+                EntryKind::File(FileRef {
+                    size: 1 << 20,
+                    b3: h,
+                    content: Content::Index(ObjectRef { hash: h, len: 522 }),
+                }),
+            ),
             e("sub dir", EntryKind::Dir(ObjectRef { hash: h, len: 9 })),
             e("link→", EntryKind::Symlink(b"../a b".to_vec())),
         ])
@@ -273,7 +302,10 @@ pub(crate) mod tests {
     fn huge_count_does_not_allocate() {
         let mut enc = Directory::default().encode();
         enc[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Directory::decode(&enc), Err(ObjectError::Truncated { .. })));
+        assert!(matches!(
+            Directory::decode(&enc),
+            Err(ObjectError::Truncated { .. })
+        ));
     }
 
     proptest! {

@@ -88,7 +88,11 @@ impl IndexShape {
 
     /// Encoded length of the top-level index.
     pub fn top_len(self) -> u64 {
-        let n = if self.paged() { self.pages() } else { self.blocks };
+        let n = if self.paged() {
+            self.pages()
+        } else {
+            self.blocks
+        };
         HEADER as u64 + 32 * n
     }
 
@@ -115,7 +119,9 @@ impl IndexShape {
         if ok {
             Ok(())
         } else {
-            Err(ObjectError::Invalid("file index does not fit the file size"))
+            Err(ObjectError::Invalid(
+                "file index does not fit the file size",
+            ))
         }
     }
 }
@@ -153,11 +159,16 @@ mod tests {
         let shape = IndexShape { blocks: n as u64 };
         assert_eq!(pages.len(), 3);
         assert_eq!(shape.top_len(), top.len() as u64);
-        let FileIndex::Pages(ph) = FileIndex::decode(&top).unwrap() else { panic!() };
+        let FileIndex::Pages(ph) = FileIndex::decode(&top).unwrap() else {
+            panic!()
+        };
         for (i, p) in pages.iter().enumerate() {
             assert_eq!(shape.page_ref(i as u64, ph[i]), index_ref(p));
         }
-        assert_eq!(FileIndex::decode(&pages[2]).unwrap(), FileIndex::Leaves(leaves(n)[4096..].to_vec()));
+        assert_eq!(
+            FileIndex::decode(&pages[2]).unwrap(),
+            FileIndex::Leaves(leaves(n)[4096..].to_vec())
+        );
     }
 
     #[test]

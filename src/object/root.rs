@@ -136,7 +136,10 @@ mod tests {
             channel_id: [7; 32],
             generation: 3,
             publish_time_ns: 1_700_000_000_000_000_000,
-            root: ObjectRef { hash: blake3::hash(b"r"), len: 99 },
+            root: ObjectRef {
+                hash: blake3::hash(b"r"),
+                len: 99,
+            },
             block_size: BlockSize::DEFAULT,
             single_file: false,
             signature: None,

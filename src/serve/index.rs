@@ -15,11 +15,9 @@
 //!   encoding passes [`DIRECTORY_MAX`], stops indexing.
 //! - Directory objects are built bottom-up, siblings in parallel (rayon, on a pool of our own
 //!   with large stacks, since the recursion follows the tree's depth).
-//! - A file is read once, in block-sized `pread`s into a reused per-thread buffer. Each block
-//!   gives its leaf (BLAKE3 of the block) and the chaining value of the same bytes as a subtree
-//!   of the whole file's BLAKE3 tree (`blake3::hazmat`): blocks are power-of-two sized and
-//!   aligned, so each is exactly a subtree, and the whole-file hash is merged from them. The
-//!   blocks of one big file are therefore hashed in parallel too.
+//! - A file is read once, in block-sized `pread`s; each read gives both the block's leaf and its
+//!   part of the whole-file BLAKE3, and the blocks of one big file are hashed in parallel too
+//!   (see [`hash`]).
 //! - A file is `fstat`ed before and after it is read; if it changed meanwhile it is read again,
 //!   and skipped after [`READ_ATTEMPTS`] tries.
 //! - With a state dir, results are kept in the leaf cache (`leafcache.rs`), so an unchanged file
@@ -34,14 +32,12 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::{self, File, FileType, Metadata};
 use std::io;
-use std::ops::Range;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
 use lcfs_cache::Hash;
 use rayon::prelude::*;
 
@@ -50,13 +46,14 @@ use crate::object::dir::valid_name;
 use crate::object::index::index_ref;
 use crate::object::{
     object_ref, BlockSize, Content, Directory, Entry, EntryKind, FileIndex, FileRef, ObjectRef,
-    Timestamp, DIRECTORY_MAX, INLINE_MAX, LEAVES_PER_PAGE,
+    Timestamp, DIRECTORY_MAX, LEAVES_PER_PAGE,
 };
+use hash::hash_contents;
+
+mod hash;
 
 /// Times a file is read before it is given up as changing too fast to index.
 pub const READ_ATTEMPTS: usize = 3;
-/// Bytes of one big file hashed by one task; the segments of a file are hashed in parallel.
-const SEGMENT_BYTES: u64 = 4 << 20;
 /// The most pages a top-level file index may list (the decoder's limit).
 const MAX_PAGES: u64 = 1 << 20;
 /// Stack of each indexing thread: directory recursion is as deep as the tree.
@@ -167,25 +164,12 @@ pub fn index_path(path: &Path, config: &IndexConfig) -> Result<Published, IndexE
         .thread_name(|i| format!("lcfs-index-{i}"))
         .build()
         .map_err(|e| IndexError::io(path)(io::Error::other(e)))?;
-    let (root_ref, single_file) = if meta.is_dir() {
-        (pool.install(|| walker.dir(&root))?, false)
-    } else if meta.is_file() {
-        let name = path.file_name().or(root.file_name()).unwrap_or_default();
-        (
-            pool.install(|| walker.single_file(&root, name.as_bytes()))?,
-            true,
-        )
-    } else {
-        return Err(IndexError::NotServable {
-            path: path.to_path_buf(),
-        });
-    };
+    let root_ref = pool.install(|| walker.root(path, &root, &meta))?;
+    let single_file = !meta.is_dir();
     if let Some(cache) = &cache {
         if !single_file {
-            cache.forget_unseen(
-                &root,
-                &walker.seen.lock().unwrap_or_else(|e| e.into_inner()),
-            );
+            let seen = walker.seen.lock().unwrap_or_else(|e| e.into_inner());
+            cache.forget_unseen(&root, &seen);
         }
         cache.flush();
     }
@@ -203,19 +187,22 @@ pub fn read_block(source: &Source, expected: &Hash) -> Result<Arc<[u8]>, IndexEr
         } => (path, *offset, *len as usize),
     };
     let changed = || IndexError::Changed { path: path.clone() };
-    let file = match open_file(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(changed()),
-        other => other.map_err(IndexError::io(path))?,
-    };
     let mut buf = vec![0u8; len];
-    match file.read_exact_at(&mut buf, offset) {
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(changed()),
-        other => other.map_err(IndexError::io(path))?,
+    let read = open_file(path).and_then(|file| file.read_exact_at(&mut buf, offset));
+    match read {
+        Err(e) if replaced(&e) => Err(changed()),
+        Err(e) => Err(IndexError::io(path)(e)),
+        Ok(()) if blake3::hash(&buf) != *expected => Err(changed()),
+        Ok(()) => Ok(buf.into()),
     }
-    if blake3::hash(&buf) != *expected {
-        return Err(changed());
-    }
-    Ok(buf.into())
+}
+
+/// Whether a read failed because the file is gone, shorter, or no longer a regular file.
+fn replaced(e: &io::Error) -> bool {
+    use io::ErrorKind::{NotFound, UnexpectedEof};
+    let other_kind = [libc::ELOOP, libc::EISDIR, libc::ENOTDIR];
+    matches!(e.kind(), NotFound | UnexpectedEof)
+        || e.raw_os_error().is_some_and(|n| other_kind.contains(&n))
 }
 
 /// Opens a file for reading without following a final symlink or blocking on a fifo that
@@ -286,6 +273,19 @@ impl Walker {
             .flatten()
             .collect();
         self.add_directory(path, Directory::new(entries))
+    }
+
+    /// The root directory of PATH (`given`, resolved to `root`, whose metadata is `meta`).
+    fn root(&self, given: &Path, root: &Path, meta: &Metadata) -> Result<ObjectRef, IndexError> {
+        if meta.is_dir() {
+            self.dir(root)
+        } else if meta.is_file() {
+            let name = given.file_name().or(root.file_name()).unwrap_or_default();
+            self.single_file(root, name.as_bytes())
+        } else {
+            let path = given.to_path_buf();
+            Err(IndexError::NotServable { path })
+        }
     }
 
     fn single_file(&self, path: &Path, name: &[u8]) -> Result<ObjectRef, IndexError> {

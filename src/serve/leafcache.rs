@@ -138,6 +138,16 @@ impl LeafCache {
         Self::open(state_dir).map_err(|e| warn_without(&e)).ok()
     }
 
+    /// Closes the database of `state_dir` once no handle is left, as a process exit would.
+    #[cfg(test)]
+    pub fn close(state_dir: &Path) {
+        if let Some(open) = OPEN.get() {
+            open.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(state_dir);
+        }
+    }
+
     /// Opens (creating it if needed) the database of `state_dir`, without sharing it.
     pub fn open(state_dir: &Path) -> Result<LeafCache, CacheError> {
         let path = state_dir.join(DB_NAME);
@@ -259,7 +269,21 @@ fn decode(buf: &[u8]) -> Result<(FileStamp, BlockSize, FileHash), ObjectError> {
     let (ino, dev) = (r.u64()?, r.u64()?);
     let block_size = BlockSize::from_log2(r.u8()?)?;
     let b3 = r.hash()?;
-    let body = match r.u8()? {
+    let body = decode_body(&mut r, size, block_size)?;
+    r.finish()?;
+    let stamp = FileStamp {
+        size,
+        mtime,
+        ctime,
+        ino,
+        dev,
+    };
+    Ok((stamp, block_size, FileHash { b3, body }))
+}
+
+/// The body of an entry for a file of `size` bytes: inline bytes or exactly its leaves.
+fn decode_body(r: &mut Reader, size: u64, block_size: BlockSize) -> Result<Body, ObjectError> {
+    Ok(match r.u8()? {
         0 if size <= INLINE_MAX => Body::Inline(r.bytes(size as usize)?.to_vec()),
         1 if size > INLINE_MAX => {
             let blocks = block_size.blocks_in(size);
@@ -270,16 +294,7 @@ fn decode(buf: &[u8]) -> Result<(FileStamp, BlockSize, FileHash), ObjectError> {
             Body::Leaves((0..n).map(|_| r.hash()).collect::<Result<_, _>>()?)
         }
         _ => return Err(ObjectError::Invalid("body does not fit the size")),
-    };
-    r.finish()?;
-    let stamp = FileStamp {
-        size,
-        mtime,
-        ctime,
-        ino,
-        dev,
-    };
-    Ok((stamp, block_size, FileHash { b3, body }))
+    })
 }
 
 #[cfg(test)]

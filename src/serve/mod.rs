@@ -9,5 +9,5 @@ pub mod index;
 mod leafcache;
 pub mod sched;
 pub mod sender;
-pub mod table;
 pub mod server;
+pub mod table;

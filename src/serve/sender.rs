@@ -158,7 +158,9 @@ impl SenderLoop {
             Duration::from_millis(100)
         } else {
             match self.sched.poll_timeout() {
-                Some(t) => t.saturating_duration_since(now).min(Duration::from_millis(100)),
+                Some(t) => t
+                    .saturating_duration_since(now)
+                    .min(Duration::from_millis(100)),
                 None => Duration::ZERO,
             }
         };
@@ -195,11 +197,25 @@ impl SenderLoop {
         } else if let Some(&hash) = self.current.by_group.get(&group) {
             tracing::trace!(%hash, on, "object group");
             if on {
-                self.sched.handle_active(hash);
+                self.sched.handle_active(hash, self.source_symbols(&hash));
             } else {
                 self.sched.handle_inactive(&hash);
             }
         }
+    }
+
+    /// K of an object, from its length and the symbol size it will be sent with.
+    fn source_symbols(&self, hash: &Hash) -> u32 {
+        let len = self
+            .current
+            .objects
+            .get(hash)
+            .map_or(1, |(len, _)| *len as u64);
+        let link = packet::symbol_size_for(
+            self.config.max_payload,
+            self.current.channel.seal().is_some(),
+        );
+        len.div_ceil(symbol_size_for_object(len, link) as u64) as u32
     }
 
     /// Picks up a new generation's table and re-routes the groups that have listeners.
@@ -231,7 +247,9 @@ impl SenderLoop {
         let full = self.wire(self.config.max_payload);
         let room = self.pacer.available(now) / full;
         if room == 0 {
-            let at = self.pacer.poll_timeout(now, full * self.config.batch.min(8));
+            let at = self
+                .pacer
+                .poll_timeout(now, full * self.config.batch.min(8));
             std::thread::sleep(at.saturating_duration_since(now));
             return Ok(());
         }
@@ -240,7 +258,10 @@ impl SenderLoop {
             return Ok(());
         }
         let sent = send_batch(&self.socket, &self.dests, &self.packets)?;
-        let bytes: usize = self.packets[..sent].iter().map(|p| self.wire(p.len())).sum();
+        let bytes: usize = self.packets[..sent]
+            .iter()
+            .map(|p| self.wire(p.len()))
+            .sum();
         self.pacer.handle_sent(Instant::now(), bytes);
         self.stats.packets.fetch_add(sent as u64, Ordering::Relaxed);
         self.stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -253,12 +274,19 @@ impl SenderLoop {
         self.dests.clear();
         let mut used = 0;
         while used < n {
-            let Some(t) = self.sched.poll_transmit(now) else { break };
+            let Some(t) = self.sched.poll_transmit(now) else {
+                break;
+            };
             let table = self.current.clone();
             let mut out = std::mem::take(&mut self.packets[used]);
             let dest = match t {
                 Transmit::Root => {
-                    packet::encode_root(&mut out, table.root.tag, &table.record, table.channel.seal());
+                    packet::encode_root(
+                        &mut out,
+                        table.root.tag,
+                        &table.record,
+                        table.channel.seal(),
+                    );
                     self.stats.root_packets.fetch_add(1, Ordering::Relaxed);
                     table.root.group
                 }
@@ -271,14 +299,21 @@ impl SenderLoop {
                 },
             };
             self.packets[used] = out;
-            self.dests.push(SocketAddrV6::new(dest, self.config.port, 0, 0));
+            self.dests
+                .push(SocketAddrV6::new(dest, self.config.port, 0, 0));
             used += 1;
         }
         self.packets.truncate(used);
     }
 
     /// Encodes one symbol of `hash` into `out`; None if the object cannot be sent.
-    fn encode(&mut self, table: &Table, hash: &Hash, esi: u32, out: &mut Vec<u8>) -> Option<Ipv6Addr> {
+    fn encode(
+        &mut self,
+        table: &Table,
+        hash: &Hash,
+        esi: u32,
+        out: &mut Vec<u8>,
+    ) -> Option<Ipv6Addr> {
         let enc = match self.encoders.get(hash) {
             Some(e) => e,
             None => self.build_encoder(table, hash)?,

@@ -52,14 +52,26 @@ impl Publisher<'_> {
         for (path, why) in &published.skipped {
             tracing::warn!("skipped {}: {why}", path.display());
         }
-        self.generation = next_generation(self.opts.state_dir.as_deref(), &self.channel, self.generation);
+        self.generation = next_generation(
+            self.opts.state_dir.as_deref(),
+            &self.channel,
+            self.generation,
+        );
         let record = self.record(&published);
-        report_ready(self.opts, &self.channel, &record, &published, started.elapsed());
+        report_ready(
+            self.opts,
+            &self.channel,
+            &record,
+            &published,
+            started.elapsed(),
+        );
         Ok(Table::new(self.channel.clone(), published, record))
     }
 
     fn record(&self, p: &Published) -> RootRecord {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let mut record = RootRecord {
             channel_id: *self.channel.id(),
             generation: self.generation,
@@ -76,7 +88,13 @@ impl Publisher<'_> {
     }
 }
 
-fn report_ready(opts: &ServeOptions, channel: &Channel, r: &RootRecord, p: &Published, took: Duration) {
+fn report_ready(
+    opts: &ServeOptions,
+    channel: &Channel,
+    r: &RootRecord,
+    p: &Published,
+    took: Duration,
+) {
     tracing::info!(
         "indexed {} in {:.2} s ({} bytes hashed)",
         opts.path.display(),
@@ -98,7 +116,10 @@ fn report_ready(opts: &ServeOptions, channel: &Channel, r: &RootRecord, p: &Publ
 /// The next generation: above the last one published (here or in the state directory) and,
 /// without a state directory, the Unix time in seconds so that restarts still move forward.
 fn next_generation(state: Option<&Path>, channel: &Channel, last: u64) -> u64 {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     let file = state.map(|d| d.join(format!("generation-{}", hex::encode(&channel.id()[..16]))));
     let stored = file
         .as_ref()
@@ -121,13 +142,20 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
             .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
     }
     let channel = Channel::new(&opts.channel, opts.key.as_ref());
-    let mut publisher = Publisher { opts: &opts, channel, generation: 0 };
+    let mut publisher = Publisher {
+        opts: &opts,
+        channel,
+        generation: 0,
+    };
     let table: SharedTable = Arc::new(RwLock::new(Arc::new(publisher.publish()?)));
 
     let (events_tx, events_rx) = mpsc::channel();
     let interest_table = table.clone();
     let interest = Arc::new(move |g: &std::net::Ipv6Addr| {
-        interest_table.read().map(|t| t.interested(g)).unwrap_or(false)
+        interest_table
+            .read()
+            .map(|t| t.interested(g))
+            .unwrap_or(false)
     });
     let listener_config = ListenerConfig {
         querier: QuerierConfig {
@@ -137,7 +165,13 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
         },
         ..ListenerConfig::default()
     };
-    let mld = mld::spawn_listener(opts.iface.index, listener_config, interest, events_tx, shutdown.clone())?;
+    let mld = mld::spawn_listener(
+        opts.iface.index,
+        listener_config,
+        interest,
+        events_tx,
+        shutdown.clone(),
+    )?;
 
     let socket = sender_socket(&opts.iface, opts.hops)?;
     let stats = Arc::new(SendStats::default());
@@ -157,13 +191,18 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
     while !shutdown.load(Ordering::Relaxed) {
         match changed_rx.recv_timeout(Duration::from_millis(200)) {
             Ok(path) => {
-                tracing::warn!("{} changed while being served: publishing a new generation", path.display());
+                tracing::warn!(
+                    "{} changed while being served: publishing a new generation",
+                    path.display()
+                );
                 // Let a writer finish before reading the tree again.
                 std::thread::sleep(Duration::from_millis(500));
                 while changed_rx.try_recv().is_ok() {}
                 match publisher.publish() {
                     Ok(t) => *table.write().expect("table lock") = Arc::new(t),
-                    Err(e) => tracing::error!("reindexing failed, still serving the old generation: {e:#}"),
+                    Err(e) => tracing::error!(
+                        "reindexing failed, still serving the old generation: {e:#}"
+                    ),
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}

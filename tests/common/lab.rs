@@ -361,15 +361,26 @@ impl Lab {
     /// Packets and bytes the bridge has sent to `node` (its bridge port's tx
     /// counters): what reached that host's link, independent of sockets.
     pub fn port_tx(&self, node: &str) -> (u64, u64) {
-        assert!(node != "br", "port_tx takes a host node");
+        self.port_counters(node, "TX:")
+    }
+
+    /// Packets and bytes the bridge has received from `node` (its bridge
+    /// port's rx counters): everything that host sent onto its link, e.g. the
+    /// server's whole egress for `port_rx("srv")`.
+    pub fn port_rx(&self, node: &str) -> (u64, u64) {
+        self.port_counters(node, "RX:")
+    }
+
+    fn port_counters(&self, node: &str, which: &str) -> (u64, u64) {
+        assert!(node != "br", "port counters take a host node");
         let out = self.run("br", &["ip", "-s", "-o", "link", "show", "dev", node]);
-        // `ip -o -s link`: "... \    TX: bytes packets ...\    <bytes> <packets> ..."
+        // `ip -o -s link`: "... \    RX: bytes packets ...\    <bytes> <packets> ...\    TX: ..."
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let fields: Vec<&str> = text.split('\\').map(str::trim).collect();
         let i = fields
             .iter()
-            .position(|f| f.starts_with("TX:"))
-            .unwrap_or_else(|| panic!("no TX counters in: {text}"));
+            .position(|f| f.starts_with(which))
+            .unwrap_or_else(|| panic!("no {which} counters in: {text}"));
         let nums: Vec<u64> = fields[i + 1]
             .split_whitespace()
             .map(|n| n.parse().unwrap())

@@ -1,3 +1,26 @@
+//! Reading and hashing one file's contents: leaves, whole-file BLAKE3, or inline bytes.
+//!
+//! A file is read once, in block-sized `pread`s into a per-thread buffer. Each block gives its
+//! leaf (BLAKE3 of the block alone) and the chaining value of the same bytes as a subtree of
+//! the whole file's BLAKE3 tree (`blake3::hazmat`): blocks are power-of-two sized and aligned,
+//! so each is exactly a subtree, and the whole-file hash is merged from their chaining values.
+//! The blocks of one file need no order, so big files are hashed in parallel segments.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+
+use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
+use lcfs_cache::Hash;
+use rayon::prelude::*;
+
+use crate::object::{BlockSize, INLINE_MAX};
+use crate::serve::leafcache::{Body, FileHash};
+
+/// Bytes of one big file hashed by one task; the segments of a file are hashed in parallel.
+const SEGMENT_BYTES: u64 = 4 << 20;
+
 thread_local! {
     /// One block-sized read buffer per indexing thread, reused for every block it reads.
     static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -22,7 +45,7 @@ fn with_block<T>(
 
 /// Hashes the first `size` bytes of `file`: inline bytes for small files, else leaves, and
 /// the whole-file BLAKE3. A file shorter than `size` gives `UnexpectedEof`.
-fn hash_contents(file: &File, size: u64, bs: BlockSize) -> io::Result<FileHash> {
+pub(super) fn hash_contents(file: &File, size: u64, bs: BlockSize) -> io::Result<FileHash> {
     if size <= INLINE_MAX {
         let mut bytes = vec![0u8; size as usize];
         file.read_exact_at(&mut bytes, 0)?;
@@ -105,3 +128,49 @@ fn subtree(cvs: &[ChainingValue], len: u64, block: u64) -> ChainingValue {
     hazmat::merge_subtrees_non_root(&l, &r, Mode::Hash)
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    const BS: u64 = 16 << 10;
+
+    #[test]
+    fn whole_file_hash_is_blake3_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        for size in [
+            BS + 1,
+            2 * BS,
+            2 * BS + 1,
+            3 * BS,
+            5 * BS + 7,
+            64 * BS,
+            100 * BS + 3,
+        ] {
+            let bytes = data(size, size as u8);
+            fs::write(&path, &bytes).unwrap();
+            let hash = hash_contents(
+                &File::open(&path).unwrap(),
+                size,
+                BlockSize::from_bytes(BS).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(hash.b3, blake3::hash(&bytes), "size {size}");
+            let leaves: Vec<Hash> = bytes.chunks(BS as usize).map(blake3::hash).collect();
+            assert_eq!(hash.body, Body::Leaves(leaves));
+        }
+        let short = hash_contents(
+            &File::open(&path).unwrap(),
+            200 * BS,
+            BlockSize::from_bytes(BS).unwrap(),
+        );
+        assert_eq!(short.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    fn data(len: u64, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i / 7 + i / BS * 13) as u8 ^ seed)
+            .collect()
+    }
+}

@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::object::index::IndexShape;
+use crate::object::INLINE_MAX;
+use std::ffi::OsStr;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::time::{Duration, SystemTime};
 
@@ -144,32 +146,6 @@ fn check_objects(p: &Published) {
     }
 }
 
-use std::ffi::OsStr;
-
-#[test]
-fn whole_file_hash_is_blake3_of_the_file() {
-    let dir = scratch();
-    let path = dir.path().join("f");
-    for size in [
-        BS + 1,
-        2 * BS,
-        2 * BS + 1,
-        3 * BS,
-        5 * BS + 7,
-        64 * BS,
-        100 * BS + 3,
-    ] {
-        let bytes = data(size, size as u8);
-        fs::write(&path, &bytes).unwrap();
-        let hash = hash_contents(&File::open(&path).unwrap(), size, bs()).unwrap();
-        assert_eq!(hash.b3, blake3::hash(&bytes), "size {size}");
-        let leaves: Vec<Hash> = bytes.chunks(BS as usize).map(blake3::hash).collect();
-        assert_eq!(hash.body, Body::Leaves(leaves));
-    }
-    let short = hash_contents(&File::open(&path).unwrap(), 200 * BS, bs());
-    assert_eq!(short.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
-}
-
 #[test]
 fn tree_round_trips() {
     let dir = scratch();
@@ -230,28 +206,43 @@ fn missing_path_is_an_error_naming_it() {
     let missing = dir.path().join("not here");
     let err = index_path(&missing, &config(None)).unwrap_err();
     assert!(err.to_string().contains("not here"), "{err}");
+    let socket = dir.path().join("socket");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let err = index_path(&socket, &config(None)).unwrap_err();
+    assert!(matches!(err, IndexError::NotServable { .. }), "{err}");
 }
 
 #[test]
 fn restart_reads_nothing_and_a_touched_file_alone_is_read() {
     let (dir, state) = (scratch(), scratch());
     build_tree(dir.path());
-    let first = index_path(dir.path(), &config(Some(state.path()))).unwrap();
+    let run = || {
+        let p = index_path(dir.path(), &config(Some(state.path()))).unwrap();
+        LeafCache::close(state.path()); // as if the server restarted
+        p
+    };
+    let first = run();
     assert!(first.hashed_bytes > 0);
-    let again = index_path(dir.path(), &config(Some(state.path()))).unwrap();
+    let again = run();
     assert_eq!(again.hashed_bytes, 0);
     assert_eq!(again.root, first.root);
-    let mut keys: Vec<_> = again.objects.keys().collect();
-    keys.sort_by_key(|h| *h.as_bytes());
-    let mut first_keys: Vec<_> = first.objects.keys().collect();
-    first_keys.sort_by_key(|h| *h.as_bytes());
-    assert_eq!(keys, first_keys);
-    let touched = dir.path().join("block plus one");
-    fs::write(&touched, data(BS + 1, 99)).unwrap();
-    let third = index_path(dir.path(), &config(Some(state.path()))).unwrap();
-    assert_eq!(third.hashed_bytes, BS + 1);
+    let sorted = |p: &Published| {
+        let mut keys: Vec<[u8; 32]> = p.objects.keys().map(|h| *h.as_bytes()).collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(sorted(&again), sorted(&first));
+    let touched = File::options()
+        .write(true)
+        .open(dir.path().join("one block"))
+        .unwrap();
+    touched.set_modified(SystemTime::now()).unwrap();
+    fs::write(dir.path().join("block plus one"), data(BS + 1, 99)).unwrap();
+    let third = run();
+    assert_eq!(third.hashed_bytes, BS + BS + 1);
     assert_ne!(third.root, first.root);
     check_dir(&third, &third.root, dir.path());
+    assert_eq!(run().hashed_bytes, 0);
 }
 
 #[test]
@@ -294,6 +285,8 @@ fn read_block_detects_changes() {
     assert!(changed(read_block(source, hash)));
     fs::remove_file(&path).unwrap();
     assert!(changed(read_block(source, hash)));
+    symlink(dir.path(), &path).unwrap();
+    assert!(changed(read_block(source, hash)));
 }
 
 #[test]
@@ -331,8 +324,7 @@ fn special_files_are_left_out() {
     let dir = scratch();
     write(&dir.path().join("file"), b"x", 0o644);
     let _socket = std::os::unix::net::UnixListener::bind(dir.path().join("socket")).unwrap();
-    let fifo =
-        std::ffi::CString::new(dir.path().join("fifo").into_os_string().into_vec()).unwrap();
+    let fifo = std::ffi::CString::new(dir.path().join("fifo").into_os_string().into_vec()).unwrap();
     // SAFETY: fifo is a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
     let p = index_path(dir.path(), &config(None)).unwrap();

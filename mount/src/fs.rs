@@ -1,0 +1,348 @@
+//! The filesystem core: every operation of the mount over a [`Source`], in plain types.
+//!
+//! This module never sees fuser: operations take inode numbers, handles and offsets and return
+//! `Result<_, FsError>`; those that may need the source are `async` (the adaptor in `fuse.rs`
+//! polls them once and hands them to a task if they are not done). It owns the inode table,
+//! the open files with their sequential detectors, and the read-only policy.
+//!
+//! Invariants:
+//! - Every entry handed out (lookup, readdirplus) is counted in the inode table before the
+//!   adaptor replies (see `inode.rs`).
+//! - Nothing writes: opens for writing and write access checks fail with [`FsError::ReadOnly`].
+//! - A read never returns more than was asked for, nor bytes past the end of the file.
+//! - Directory offsets: "." is 1, ".." is 2, child `i` is `i + 3`; readdir at offset `k`
+//!   resumes after the entry whose offset is `k`.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::FsError;
+use crate::inode::{InodeTable, Listing, ROOT};
+use crate::mount::{Census, MountStats};
+use crate::readahead::SequentialDetector;
+use crate::source::{Attr, BoxFuture, Kind, ReadHint, Source, Totals};
+
+/// An entry handed to the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub ino: u64,
+    pub attr: Attr,
+}
+
+/// The answer to an extended-attribute query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Xattr {
+    /// The size of the value (the caller asked with size 0).
+    Size(u32),
+    /// The value itself.
+    Data(Vec<u8>),
+}
+
+/// A directory as readdir sees it.
+#[derive(Debug)]
+pub struct DirView<N> {
+    pub ino: u64,
+    pub attr: Attr,
+    pub parent: u64,
+    pub parent_attr: Attr,
+    pub listing: Listing<N>,
+}
+
+/// One readdir entry.
+#[derive(Debug)]
+pub struct DirItem<'a> {
+    pub ino: u64,
+    /// The offset to resume after this entry.
+    pub offset: u64,
+    pub name: &'a OsStr,
+    pub attr: &'a Attr,
+    /// The child's index in the listing (`None` for "." and "..").
+    pub index: Option<usize>,
+}
+
+impl<N> DirView<N> {
+    /// The entries after offset `offset`.
+    pub fn items(&self, offset: u64) -> impl Iterator<Item = DirItem<'_>> + '_ {
+        let offset = usize::try_from(offset).unwrap_or(usize::MAX);
+        let dots = [
+            (".", self.ino, &self.attr),
+            ("..", self.parent, &self.parent_attr),
+        ];
+        let dots = dots
+            .into_iter()
+            .enumerate()
+            .skip(offset)
+            .map(|(i, (name, ino, attr))| DirItem {
+                ino,
+                offset: i as u64 + 1,
+                name: OsStr::new(name),
+                attr,
+                index: None,
+            });
+        let children = self
+            .listing
+            .children
+            .iter()
+            .enumerate()
+            .skip(offset.saturating_sub(2));
+        dots.chain(children.map(|(i, c)| DirItem {
+            ino: self.listing.ino(i),
+            offset: i as u64 + 3,
+            name: &c.name,
+            attr: &c.attr,
+            index: Some(i),
+        }))
+    }
+}
+
+struct OpenFile<N> {
+    node: N,
+    size: u64,
+    detector: SequentialDetector,
+}
+
+/// The filesystem over source `S`.
+pub struct Fs<S: Source> {
+    source: Arc<S>,
+    table: Mutex<InodeTable<S::Node>>,
+    files: Mutex<HashMap<u64, OpenFile<S::Node>>>,
+    next_fh: AtomicU64,
+    readahead_min: u64,
+    readahead_max: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not take the whole mount down with it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<S: Source> Fs<S> {
+    /// A filesystem whose sequential readers get readahead windows from `readahead_min` up to
+    /// `readahead_max` bytes.
+    pub fn new(source: Arc<S>, readahead_min: u64, readahead_max: u64) -> Fs<S> {
+        let (root, attr) = source.root();
+        Fs {
+            source,
+            table: Mutex::new(InodeTable::new(root, attr)),
+            files: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            readahead_min,
+            readahead_max,
+        }
+    }
+
+    /// Finds `name` in directory `parent` and counts one lookup of it.
+    pub async fn lookup(&self, parent: u64, name: &OsStr) -> Result<Entry, FsError> {
+        let listing = self.listing(parent).await?;
+        let index = listing.find(name).ok_or(FsError::NotFound)?;
+        let ino = lock(&self.table).remember(parent, &listing, index)?;
+        Ok(Entry {
+            ino,
+            attr: listing.children[index].attr.clone(),
+        })
+    }
+
+    /// The listing of directory `dir`, from the table or else from the source.
+    async fn listing(&self, dir: u64) -> Result<Listing<S::Node>, FsError> {
+        let node = {
+            let table = lock(&self.table);
+            if let Some(listing) = table.listing(dir)? {
+                return Ok(listing);
+            }
+            table.get(dir)?.node.clone()
+        };
+        let children = self.source.list(&node).await?;
+        lock(&self.table).set_listing(dir, children)
+    }
+
+    /// Takes back `n` lookups of `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        lock(&self.table).forget(ino, n);
+    }
+
+    /// The attributes of `ino`.
+    pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        Ok(lock(&self.table).get(ino)?.attr.clone())
+    }
+
+    /// The target of symlink `ino`.
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        lock(&self.table)
+            .get(ino)?
+            .target
+            .clone()
+            .ok_or(FsError::NotSymlink)
+    }
+
+    /// Opens file `ino` with open(2) `flags`; returns the file handle.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64, FsError> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY
+            || flags & (libc::O_TRUNC | libc::O_APPEND) != 0
+        {
+            return Err(FsError::ReadOnly);
+        }
+        let (node, attr) = {
+            let table = lock(&self.table);
+            let inode = table.get(ino)?;
+            (inode.node.clone(), inode.attr.clone())
+        };
+        match attr.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(FsError::IsDir),
+            Kind::Symlink => return Err(FsError::NotFound),
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let detector = SequentialDetector::new(self.readahead_min, self.readahead_max);
+        lock(&self.files).insert(
+            fh,
+            OpenFile {
+                node,
+                size: attr.size,
+                detector,
+            },
+        );
+        Ok(fh)
+    }
+
+    /// Reads up to `size` bytes at `offset` of open file `fh` (fewer only at the end).
+    pub fn read(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<BoxFuture<Result<Vec<u8>, FsError>>, FsError> {
+        let (node, len, hint) = {
+            let mut files = lock(&self.files);
+            let file = files.get_mut(&fh).ok_or(FsError::BadHandle)?;
+            let window = file.detector.handle_read(offset, u64::from(size));
+            let left = file.size.saturating_sub(offset);
+            let len = u64::from(size).min(left);
+            (
+                file.node.clone(),
+                len,
+                ReadHint {
+                    readahead: window.min(left - len),
+                },
+            )
+        };
+        if len == 0 {
+            return Ok(Box::pin(async { Ok(Vec::new()) }));
+        }
+        // `len <= size`, a u32.
+        let read = self.source.read(&node, offset, len as u32, hint);
+        Ok(Box::pin(async move {
+            let mut bytes = read.await?;
+            bytes.truncate(len as usize);
+            Ok(bytes)
+        }))
+    }
+
+    /// Forgets open file `fh`.
+    pub fn release(&self, fh: u64) {
+        lock(&self.files).remove(&fh);
+    }
+
+    /// Checks that `ino` is a directory that may be opened.
+    pub fn opendir(&self, ino: u64, flags: i32) -> Result<(), FsError> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(FsError::ReadOnly);
+        }
+        match lock(&self.table).get(ino)?.attr.kind {
+            Kind::Dir => Ok(()),
+            _ => Err(FsError::NotDir),
+        }
+    }
+
+    /// Directory `ino` for readdir.
+    pub async fn dir(&self, ino: u64) -> Result<DirView<S::Node>, FsError> {
+        let listing = self.listing(ino).await?;
+        let table = lock(&self.table);
+        let inode = table.get(ino)?;
+        let parent_attr = table
+            .get(inode.parent)
+            .map_or_else(|_| inode.attr.clone(), |p| p.attr.clone());
+        Ok(DirView {
+            ino,
+            attr: inode.attr.clone(),
+            parent: inode.parent,
+            parent_attr,
+            listing,
+        })
+    }
+
+    /// Counts one lookup of each child `indices` of `view` (readdirplus hands out entries).
+    pub fn remember(&self, view: &DirView<S::Node>, indices: &[usize]) -> Result<(), FsError> {
+        let mut table = lock(&self.table);
+        for &i in indices {
+            table.remember(view.ino, &view.listing, i)?;
+        }
+        Ok(())
+    }
+
+    /// Totals for statfs.
+    pub fn totals(&self) -> Totals {
+        self.source.totals()
+    }
+
+    /// Extended attribute `name` of `ino`, for a caller with a `size`-byte buffer.
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Xattr, FsError> {
+        let xattrs = self.xattrs(ino)?;
+        let (_, value) = xattrs
+            .into_iter()
+            .find(|(n, _)| n.as_bytes() == name.as_bytes())
+            .ok_or(FsError::NoXattr)?;
+        sized(value, size)
+    }
+
+    /// The extended attribute names of `ino` (each followed by a NUL).
+    pub fn listxattr(&self, ino: u64, size: u32) -> Result<Xattr, FsError> {
+        let mut names = Vec::new();
+        for (name, _) in self.xattrs(ino)? {
+            names.extend_from_slice(name.as_bytes());
+            names.push(0);
+        }
+        sized(names, size)
+    }
+
+    fn xattrs(&self, ino: u64) -> Result<Vec<(String, Vec<u8>)>, FsError> {
+        let node = lock(&self.table).get(ino)?.node.clone();
+        Ok(self.source.xattrs(&node, ino == ROOT))
+    }
+
+    /// access(2) with `mask`: anything asking to write fails.
+    pub fn access(&self, ino: u64, mask: i32) -> Result<(), FsError> {
+        lock(&self.table).get(ino)?;
+        if mask & libc::W_OK != 0 {
+            return Err(FsError::ReadOnly);
+        }
+        Ok(())
+    }
+}
+
+impl<S: Source> Census for Fs<S> {
+    fn stats(&self) -> MountStats {
+        MountStats {
+            inodes: lock(&self.table).len(),
+            open_files: lock(&self.files).len(),
+        }
+    }
+}
+
+/// The answer to a caller with a `size`-byte buffer (0: it asks for the size).
+fn sized(value: Vec<u8>, size: u32) -> Result<Xattr, FsError> {
+    let len = u32::try_from(value.len()).map_err(|_| FsError::Range)?;
+    if size == 0 {
+        Ok(Xattr::Size(len))
+    } else if len > size {
+        Err(FsError::Range)
+    } else {
+        Ok(Xattr::Data(value))
+    }
+}
+
+#[cfg(test)]
+#[path = "fs_tests.rs"]
+mod tests;

@@ -1,0 +1,354 @@
+//! The mount's view of a channel: [`lcfs_mount::Source`] implemented with the fetch engine.
+//!
+//! A node is a directory entry with its object references. Reads fetch the blocks covering the
+//! range at demand priority (concurrently, from the cache when there) and start fetches of the
+//! blocks in the readahead window the mount asks for, without waiting for them. File leaves
+//! and directory listings are kept in small LRUs so that a sequential reader costs one index
+//! fetch per file, not one per read.
+
+use std::ffi::OsStr;
+use std::num::NonZeroUsize;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Mutex};
+
+use futures::future::try_join_all;
+use lcfs_cache::Hash;
+use lcfs_mount::{Attr, BoxFuture, Child, Kind, ReadHint, Source, SourceError, Totals};
+use lru::LruCache;
+
+use crate::fetch::tree::Origin;
+use crate::fetch::{FetchError, Priority, Tree};
+use crate::object::index::IndexShape;
+use crate::object::{
+    Content, Directory, Entry, EntryKind, FileIndex, FileRef, ObjectRef, Timestamp,
+};
+
+/// A node of the published tree.
+#[derive(Clone, Debug)]
+pub enum Node {
+    Dir(ObjectRef),
+    File(Arc<FileRef>),
+    Symlink,
+}
+
+/// The channel's tree as a mount source; clone it freely.
+#[derive(Clone)]
+pub struct TreeSource(Arc<Inner>);
+
+pub struct Inner {
+    tree: Tree,
+    leaves: Mutex<LruCache<Hash, Arc<Vec<Hash>>>>,
+    dirs: Mutex<LruCache<Hash, Arc<Vec<Child<Node>>>>>,
+}
+
+fn unavailable(e: FetchError) -> SourceError {
+    match e {
+        FetchError::Invalid { .. } | FetchError::Untrusted { .. } => {
+            SourceError::Invalid(e.to_string())
+        }
+        FetchError::Closed => SourceError::Closed,
+        e => SourceError::Unavailable(e.to_string()),
+    }
+}
+
+impl TreeSource {
+    pub fn new(tree: Tree) -> TreeSource {
+        let n = |k| NonZeroUsize::new(k).expect("non-zero");
+        TreeSource(Arc::new(Inner {
+            tree,
+            leaves: Mutex::new(LruCache::new(n(1024))),
+            dirs: Mutex::new(LruCache::new(n(4096))),
+        }))
+    }
+
+    pub fn tree(&self) -> &Tree {
+        &self.0.tree
+    }
+}
+
+impl Inner {
+    async fn list_dir(self: Arc<Self>, r: ObjectRef) -> Result<Arc<Vec<Child<Node>>>, SourceError> {
+        if let Some(hit) = self.dirs.lock().expect("dirs lock").get(&r.hash) {
+            return Ok(hit.clone());
+        }
+        let dir = self
+            .tree
+            .directory(r, Priority::Demand)
+            .await
+            .map_err(unavailable)?;
+        let children = Arc::new(children(dir));
+        self.dirs
+            .lock()
+            .expect("dirs lock")
+            .put(r.hash, children.clone());
+        Ok(children)
+    }
+
+    async fn file_leaves(&self, f: &FileRef) -> Result<Arc<Vec<Hash>>, SourceError> {
+        let key = match &f.content {
+            Content::Index(r) => r.hash,
+            Content::Block(h) => return Ok(Arc::new(vec![*h])),
+            Content::Inline(_) => return Ok(Arc::new(Vec::new())),
+        };
+        if let Some(hit) = self.leaves.lock().expect("leaves lock").get(&key) {
+            return Ok(hit.clone());
+        }
+        let leaves = Arc::new(
+            self.tree
+                .leaves(f, Priority::Demand)
+                .await
+                .map_err(unavailable)?,
+        );
+        self.leaves
+            .lock()
+            .expect("leaves lock")
+            .put(key, leaves.clone());
+        Ok(leaves)
+    }
+
+    async fn read_file(
+        self: Arc<Self>,
+        f: Arc<FileRef>,
+        offset: u64,
+        len: u32,
+        hint: ReadHint,
+    ) -> Result<Vec<u8>, SourceError> {
+        let end = offset.saturating_add(len as u64).min(f.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        if let Content::Inline(bytes) = &f.content {
+            return Ok(bytes[offset as usize..end as usize].to_vec());
+        }
+        let leaves = self.file_leaves(&f).await?;
+        let bs = self.tree.block_size().bytes();
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        self.spawn_readahead(&f, &leaves, last + 1, end.saturating_add(hint.readahead));
+        let blocks = (first..=last).map(|i| self.block(&f, &leaves, i, Priority::Demand));
+        let blocks = try_join_all(blocks).await?;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (i, b) in (first..=last).zip(&blocks) {
+            let start = i * bs;
+            let lo = offset.max(start) - start;
+            let hi = end.min(start + b.len() as u64) - start;
+            out.extend_from_slice(&b[lo as usize..hi as usize]);
+        }
+        Ok(out)
+    }
+
+    async fn block(
+        &self,
+        f: &FileRef,
+        leaves: &[Hash],
+        i: u64,
+        prio: Priority,
+    ) -> Result<lcfs_cache::Verified, SourceError> {
+        let leaf = *leaves
+            .get(i as usize)
+            .ok_or_else(|| SourceError::Invalid(format!("block {i} beyond the file's index")))?;
+        self.tree
+            .block(leaf, f.size, i, prio)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Starts fetching blocks from `from` up to byte `until`, without waiting for them.
+    fn spawn_readahead(
+        self: &Arc<Self>,
+        f: &Arc<FileRef>,
+        leaves: &Arc<Vec<Hash>>,
+        from: u64,
+        until: u64,
+    ) {
+        let bs = self.tree.block_size().bytes();
+        let until = until.min(f.size);
+        if until == 0 || from * bs >= until {
+            return;
+        }
+        let last = (until - 1) / bs;
+        let cache = self.tree.fetcher().cache();
+        for i in from..=last.min(leaves.len() as u64 - 1) {
+            if cache.contains(&leaves[i as usize]) {
+                continue;
+            }
+            let (me, f, leaves) = (self.clone(), f.clone(), leaves.clone());
+            tokio::spawn(async move {
+                let _ = me.block(&f, &leaves, i, Priority::Readahead).await;
+            });
+        }
+    }
+
+    /// Fraction of a file's blocks in the cache, from the cache alone (no network).
+    fn cached_fraction(&self, f: &FileRef) -> Option<f64> {
+        let leaves = match &f.content {
+            Content::Inline(_) => return Some(1.0),
+            Content::Block(h) => vec![*h],
+            Content::Index(r) => self.cached_leaves(f, *r)?,
+        };
+        let cache = self.tree.fetcher().cache();
+        let have = leaves.iter().filter(|h| cache.contains(h)).count();
+        Some(have as f64 / leaves.len().max(1) as f64)
+    }
+
+    fn cached_leaves(&self, f: &FileRef, r: ObjectRef) -> Option<Vec<Hash>> {
+        if let Some(hit) = self.leaves.lock().ok()?.get(&r.hash) {
+            return Some(hit.to_vec());
+        }
+        let fetcher = self.tree.fetcher();
+        let top = FileIndex::decode(&fetcher.cached(&r).ok()??).ok()?;
+        match top {
+            FileIndex::Leaves(l) => Some(l),
+            FileIndex::Pages(pages) => {
+                let shape = IndexShape {
+                    blocks: self.tree.block_size().blocks_in(f.size),
+                };
+                let mut all = Vec::new();
+                for (i, h) in pages.iter().enumerate() {
+                    let page = fetcher.cached(&shape.page_ref(i as u64, *h)).ok()??;
+                    let FileIndex::Leaves(l) = FileIndex::decode(&page).ok()? else {
+                        return None;
+                    };
+                    all.extend(l);
+                }
+                Some(all)
+            }
+        }
+    }
+
+    fn root_xattrs(&self) -> Vec<(String, Vec<u8>)> {
+        let r = self.tree.root_record();
+        let stats = self.tree.fetcher().stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let state = match self.tree.origin() {
+            Origin::Network => "online",
+            Origin::Offline => "offline (from the cached root record)",
+        };
+        vec![
+            (
+                "user.lcfs.channel".into(),
+                self.tree.fetcher().channel().name().as_bytes().to_vec(),
+            ),
+            (
+                "user.lcfs.generation".into(),
+                r.generation.to_string().into_bytes(),
+            ),
+            (
+                "user.lcfs.root".into(),
+                r.root.hash.to_hex().as_bytes().to_vec(),
+            ),
+            ("user.lcfs.server".into(), state.as_bytes().to_vec()),
+            (
+                "user.lcfs.fetched_bytes".into(),
+                load(&stats.bytes_fetched).to_string().into_bytes(),
+            ),
+            (
+                "user.lcfs.dropped_packets".into(),
+                load(&stats.malformed).to_string().into_bytes(),
+            ),
+        ]
+    }
+}
+
+fn attr(e: &Entry) -> Attr {
+    let (kind, size) = match &e.kind {
+        EntryKind::File(f) => (Kind::File, f.size),
+        EntryKind::Dir(r) => (Kind::Dir, r.len as u64),
+        EntryKind::Symlink(t) => (Kind::Symlink, t.len() as u64),
+    };
+    Attr {
+        kind,
+        size,
+        mode: e.mode,
+        mtime_secs: e.mtime.secs,
+        mtime_nanos: e.mtime.nanos,
+    }
+}
+
+fn children(dir: Directory) -> Vec<Child<Node>> {
+    dir.entries
+        .into_iter()
+        .map(|e| {
+            let attr = attr(&e);
+            let (node, target) = match e.kind {
+                EntryKind::File(f) => (Node::File(Arc::new(f)), None),
+                EntryKind::Dir(r) => (Node::Dir(r), None),
+                EntryKind::Symlink(t) => (Node::Symlink, Some(t)),
+            };
+            Child {
+                name: OsStr::from_bytes(&e.name).to_owned(),
+                attr,
+                target,
+                node,
+            }
+        })
+        .collect()
+}
+
+impl Source for TreeSource {
+    type Node = Node;
+
+    fn root(&self) -> (Node, Attr) {
+        let r = self.0.tree.root_record();
+        let t = Timestamp {
+            secs: (r.publish_time_ns / 1_000_000_000) as i64,
+            nanos: (r.publish_time_ns % 1_000_000_000) as u32,
+        };
+        let attr = Attr {
+            kind: Kind::Dir,
+            size: r.root.len as u64,
+            mode: 0o755,
+            mtime_secs: t.secs,
+            mtime_nanos: t.nanos,
+        };
+        (Node::Dir(r.root), attr)
+    }
+
+    fn list(&self, dir: &Node) -> BoxFuture<Result<Arc<Vec<Child<Node>>>, SourceError>> {
+        let me = self.0.clone();
+        match dir {
+            Node::Dir(r) => Box::pin(me.list_dir(*r)),
+            _ => Box::pin(async { Err(SourceError::WrongKind) }),
+        }
+    }
+
+    fn read(
+        &self,
+        file: &Node,
+        offset: u64,
+        len: u32,
+        hint: ReadHint,
+    ) -> BoxFuture<Result<Vec<u8>, SourceError>> {
+        let me = self.0.clone();
+        match file {
+            Node::File(f) => Box::pin(me.read_file(f.clone(), offset, len, hint)),
+            _ => Box::pin(async { Err(SourceError::WrongKind) }),
+        }
+    }
+
+    fn xattrs(&self, node: &Node, root: bool) -> Vec<(String, Vec<u8>)> {
+        let mut out = if root {
+            self.0.root_xattrs()
+        } else {
+            Vec::new()
+        };
+        if let Node::File(f) = node {
+            out.push(("user.lcfs.blake3".into(), f.b3.to_hex().as_bytes().to_vec()));
+            if let Some(frac) = self.0.cached_fraction(f) {
+                out.push(("user.lcfs.cached".into(), format!("{frac:.3}").into_bytes()));
+            }
+            if !root {
+                let g = self.0.tree.root_record().generation;
+                out.push(("user.lcfs.generation".into(), g.to_string().into_bytes()));
+            }
+        }
+        out
+    }
+
+    fn totals(&self) -> Totals {
+        let usage = self.0.tree.fetcher().cache().usage();
+        Totals {
+            bytes: usage.disk_bytes,
+            files: usage.objects,
+        }
+    }
+}
