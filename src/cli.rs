@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -37,8 +37,40 @@ enum Command {
     Copy(CopyArgs),
     /// Fill the cache with a channel's tree for offline use.
     Prefetch(PrefetchArgs),
+    /// Mount a channel as a read-only filesystem.
+    Mount(MountArgs),
+    /// Unmount an lcfs mount.
+    Umount(UmountArgs),
     /// Write a new random keyfile for an encrypted channel.
     Keygen(KeygenArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct MountArgs {
+    /// NAME[@ROOTHASH]: the channel.
+    pub(crate) channel: String,
+    /// An empty directory to mount on.
+    pub(crate) mountpoint: PathBuf,
+    #[command(flatten)]
+    pub(crate) recv: RecvArgs,
+    /// Detach, and exit 0 once the mount answers (non-zero with the reason if it cannot).
+    #[arg(long)]
+    pub(crate) daemon: bool,
+    /// With --daemon, append the mount's log to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) log: Option<PathBuf>,
+    /// Show files as owned by root, as published, instead of by the mounting user.
+    #[arg(long)]
+    pub(crate) keep_ownership: bool,
+    /// Let other users see the mount (a user mount needs user_allow_other in /etc/fuse.conf).
+    #[arg(long)]
+    pub(crate) allow_other: bool,
+}
+
+#[derive(Args)]
+struct UmountArgs {
+    /// The mountpoint.
+    mountpoint: PathBuf,
 }
 
 #[derive(Args)]
@@ -91,18 +123,18 @@ struct ServeArgs {
 }
 
 #[derive(Args)]
-struct RecvArgs {
+pub(crate) struct RecvArgs {
     #[command(flatten)]
     net: NetArgs,
     /// Cache directory [default: /var/cache/lcfs for root, else $XDG_CACHE_HOME/lcfs].
     #[arg(long, value_name = "DIR")]
-    cache: Option<PathBuf>,
+    pub(crate) cache: Option<PathBuf>,
     /// Quota on the cache's disk use (suffixes K, M, G, T); least recently used blocks go first.
     #[arg(long, value_parser = parse_size)]
     cache_size: Option<u64>,
     /// Seconds without data after which a fetch fails.
     #[arg(long, default_value_t = 30)]
-    timeout: u64,
+    pub(crate) timeout: u64,
     #[command(flatten)]
     key: KeyArgs,
     /// Accept a root record with a lower generation than one already seen.
@@ -334,11 +366,11 @@ fn base_name(path: &Path) -> anyhow::Result<String> {
         })
 }
 
-struct Receiver {
-    tree: Tree,
+pub(crate) struct Receiver {
+    pub(crate) tree: Tree,
 }
 
-async fn open_tree(
+pub(crate) async fn open_tree(
     spec: &ChannelSpec,
     args: &RecvArgs,
     offline_ok: bool,
@@ -450,11 +482,30 @@ fn run_async<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyho
 #[error("interrupted")]
 struct Interrupted;
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("lcfs=info,lcfs_cache=info,warn"));
+/// Logging to a file, for a detached mount.
+pub(crate) fn init_logging_to(path: &Path) -> anyhow::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open the log file {}", path.display()))?;
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter())
+        .with_writer(Mutex::new(f))
+        .with_ansi(false)
+        .init();
+    Ok(())
+}
+
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("lcfs=info,lcfs_cache=info,lcfs_mount=info,warn")
+    })
+}
+
+pub(crate) fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(log_filter())
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
@@ -463,11 +514,18 @@ fn init_logging() {
 /// The `lcfs` binary. Exit codes: 0 success, 1 failure, 2 usage, 130 interrupted.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // A detached mount sets up its own logging once it knows where to.
+    if !matches!(&cli.command, Command::Mount(m) if m.daemon || crate::mountcmd::is_daemon_child())
+    {
+        init_logging();
+    }
     let result = match cli.command {
         Command::Serve(a) => serve(a),
         Command::Copy(a) => run_async(copy(a)),
         Command::Prefetch(a) => run_async(prefetch(a)),
+        Command::Mount(a) => crate::mountcmd::mount(a),
+        Command::Umount(a) => lcfs_mount::unmount(&a.mountpoint)
+            .with_context(|| format!("cannot unmount {}", a.mountpoint.display())),
         Command::Keygen(a) => keygen(a),
     };
     match result {

@@ -12,6 +12,7 @@ pub mod fec;
 pub mod fetch;
 pub mod keys;
 pub mod mld;
+pub mod mountcmd;
 pub mod mountfs;
 pub mod net;
 pub mod object;

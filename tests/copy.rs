@@ -489,6 +489,20 @@ fn three_receivers_with_loss() {
     make_edge_tree(&src, 0x1cf5_0001);
     let tree_bytes = tree_file_bytes(&src);
     let tree_files = tree_file_count(&src);
+    let kinds = |dir: bool| {
+        list_tree(&src)
+            .iter()
+            .filter(|p| {
+                let m = fs::symlink_metadata(src.join(p)).unwrap();
+                if dir {
+                    m.is_dir()
+                } else {
+                    m.file_type().is_symlink()
+                }
+            })
+            .count() as u64
+    };
+    let (tree_dirs, tree_symlinks) = (kinds(true), kinds(false));
     let mut srv = start_server(&lab, &src, "edge", &tmp.path().join("state"), &[]);
     assert_eq!(
         (srv.ready.files, srv.ready.bytes),
@@ -518,7 +532,12 @@ fn three_receivers_with_loss() {
         let sum = o.summary();
         eprintln!("{}: {:.1} s, {sum:?}", o.node, o.elapsed.as_secs_f64());
         assert_trees_equal(&src, dest);
-        assert_eq!(sum.bytes, tree_bytes, "{}: summary byte count", o.node);
+        assert_eq!(
+            (sum.files, sum.dirs, sum.symlinks, sum.bytes),
+            (tree_files, tree_dirs, tree_symlinks, tree_bytes),
+            "{}: summary (files, dirs, symlinks, bytes) differ from the source tree's",
+            o.node
+        );
     }
 
     // quiet once every receiver has finished

@@ -29,4 +29,4 @@ pub mod testing;
 pub use error::{FsError, MountError};
 pub use fuser::Notifier;
 pub use mount::{mount, unmount, MountConfig, MountHandle, MountStats};
-pub use source::{Attr, BoxFuture, Child, Kind, ReadHint, Source, SourceError, Totals};
+pub use source::{Attr, BoxFuture, Child, Children, Kind, ReadHint, Source, SourceError, Totals};

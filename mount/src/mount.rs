@@ -316,9 +316,11 @@ fn fuse_mounted_at(path: &Path) -> Option<String> {
     let mut found = None;
     for line in mountinfo.split(|&b| b == b'\n') {
         let text = String::from_utf8_lossy(line);
-        let (fields, after) = text.split_once(" - ")?;
-        let point = fields.split(' ').nth(4)?;
-        let fstype = after.split(' ').next()?;
+        let Some((fields, after)) = text.split_once(" - ") else {
+            continue;
+        };
+        let point = fields.split(' ').nth(4).unwrap_or_default();
+        let fstype = after.split(' ').next().unwrap_or_default();
         if unescape(point) == path.as_os_str().as_bytes() && fstype.starts_with("fuse") {
             // The last mount on top is the one visible.
             found = Some(fstype.to_string());

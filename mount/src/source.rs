@@ -78,6 +78,9 @@ impl SourceError {
     }
 }
 
+/// A directory's entries, shared (the mount keeps them while the kernel holds the directory).
+pub type Children<N> = Arc<Vec<Child<N>>>;
+
 /// File-system totals for statfs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
@@ -94,8 +97,7 @@ pub trait Source: Send + Sync + 'static {
     fn root(&self) -> (Self::Node, Attr);
 
     /// The entries of directory `dir`, sorted by name.
-    fn list(&self, dir: &Self::Node)
-        -> BoxFuture<Result<Arc<Vec<Child<Self::Node>>>, SourceError>>;
+    fn list(&self, dir: &Self::Node) -> BoxFuture<Result<Children<Self::Node>, SourceError>>;
 
     /// Up to `len` bytes of file `file` from `offset` (fewer only at the end of the file).
     fn read(

@@ -238,7 +238,7 @@ impl MemSource {
         under
             .filter(|(p, _)| !p[prefix.len()..].contains('/'))
             .map(|(p, e)| Child {
-                name: OsString::from_vec(p[prefix.len()..].as_bytes().to_vec()),
+                name: OsString::from_vec(p.as_bytes()[prefix.len()..].to_vec()),
                 attr: e.attr.clone(),
                 target: e.target.clone(),
                 node: Arc::from(p.as_str()),

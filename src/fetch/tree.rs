@@ -7,6 +7,8 @@
 //! unless rollback is allowed. From the root down every object is checked against the
 //! reference that named it, so nothing unverified reaches a caller.
 
+use std::time::Duration;
+
 use ed25519_dalek::VerifyingKey;
 use futures::future::try_join_all;
 use lcfs_cache::{Hash, Verified};
@@ -46,18 +48,41 @@ pub struct Tree {
 impl Tree {
     /// Learns and checks the channel's root record. With `offline_ok`, a server that does not
     /// answer within the timeout is replaced by the last root record kept in the cache.
+    /// When a root record is remembered, the server is given only 3 s to answer.
     pub async fn open(
         fetcher: Fetcher,
         policy: &RootPolicy,
         offline_ok: bool,
     ) -> Result<Tree, FetchError> {
-        let (root, origin) = match fetcher.fetch_root().await {
-            Ok(r) => (r, Origin::Network),
-            Err(e @ FetchError::Timeout { .. }) if offline_ok => match remembered(&fetcher)? {
-                Some(r) => (r, Origin::Offline),
-                None => return Err(e),
-            },
-            Err(e) => return Err(e),
+        Self::open_within(
+            fetcher,
+            policy,
+            offline_ok.then_some(Duration::from_secs(3)),
+        )
+        .await
+    }
+
+    /// Like [`Tree::open`]; with `offline_wait`, a remembered root record is used when the
+    /// server has not answered within that time.
+    pub async fn open_within(
+        fetcher: Fetcher,
+        policy: &RootPolicy,
+        offline_wait: Option<Duration>,
+    ) -> Result<Tree, FetchError> {
+        let remembered_root = match offline_wait {
+            Some(_) => remembered(&fetcher)?,
+            None => None,
+        };
+        let fetched = match (offline_wait, &remembered_root) {
+            (Some(wait), Some(_)) => tokio::time::timeout(wait, fetcher.fetch_root())
+                .await
+                .unwrap_or(Err(FetchError::Closed)),
+            _ => fetcher.fetch_root().await,
+        };
+        let (root, origin) = match (fetched, remembered_root) {
+            (Ok(r), _) => (r, Origin::Network),
+            (Err(FetchError::Timeout { .. } | FetchError::Closed), Some(r)) => (r, Origin::Offline),
+            (Err(e), _) => return Err(e),
         };
         check_policy(&fetcher, policy, &root)?;
         if origin == Origin::Network {
