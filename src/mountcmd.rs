@@ -86,7 +86,9 @@ fn run(args: &MountArgs, ready: Option<&OwnedFd>) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: unmounting"),
             _ = term.recv() => tracing::info!("terminated: unmounting"),
         }
-        handle.unmount()?;
+        if !handle.is_ended() {
+            handle.unmount()?;
+        }
         Ok(())
     })
 }

@@ -77,7 +77,7 @@ pub fn encode_symbol(out: &mut Vec<u8>, tag: Tag, esi: u32, data: &[u8], seal: O
 /// Appends one root-record packet to `out` (which is cleared first).
 pub fn encode_root(out: &mut Vec<u8>, tag: Tag, record: &[u8], seal: Option<&SealKeys>) {
     let nonce = seal.map(|s| (s, rand::random::<[u8; NONCE_LEN]>()));
-    encode(out, KIND_ROOT, tag, record, nonce.map(|(s, n)| (s, n)));
+    encode(out, KIND_ROOT, tag, record, nonce);
 }
 
 fn symbol_nonce(seal: &SealKeys, tag: Tag, esi: u32, len: usize) -> [u8; NONCE_LEN] {

@@ -72,13 +72,22 @@ pub enum MountError {
     #[error("cannot mount on {0}: /dev/fuse is missing; load the fuse module (`modprobe fuse`) or install fuse3")]
     NoFuseDevice(PathBuf),
     /// A user (not root) may not mount here.
-    #[error("cannot mount on {path}: permission denied ({detail}); install fuse3 for fusermount3, or run as root")]
+    #[error(
+        "cannot mount on {path}: permission denied ({detail}); a user mount needs fusermount3 \
+         (install fuse3) and write access to the mountpoint; or run as root"
+    )]
     PermissionDenied {
         /// The mountpoint.
         path: PathBuf,
         /// What the system said.
         detail: String,
     },
+    /// /dev/fuse is not open to users (fusermount3 opens it as the user).
+    #[error(
+        "cannot mount on {0}: /dev/fuse is not open to users here; make it mode 0666 \
+         (`chmod 0666 /dev/fuse`, as distributions ship it), or run as root"
+    )]
+    FuseDeviceDenied(PathBuf),
     /// A user mount or unmount needs fusermount3, which is not installed.
     #[error("{0}: fusermount3 not found; install fuse3, or run as root")]
     NoFusermount(PathBuf),

@@ -16,75 +16,22 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
+use crate::attr::{file_type, AttrStyle, BLOCK, NAME_MAX};
 use crate::error::FsError;
 use crate::fs::{Fs, Xattr};
 use crate::mount::{Census, Ended, MountConfig};
-use crate::source::{Attr, Kind, Source};
-
-/// statfs block size, and the `blksize` files report.
-const BLOCK: u32 = 4096;
-/// The longest name statfs admits.
-const NAME_MAX: u32 = 255;
-
-/// How entries and attributes are reported.
-#[derive(Clone, Copy, Debug)]
-struct AttrStyle {
-    ttl: Duration,
-    uid: u32,
-    gid: u32,
-}
-
-impl AttrStyle {
-    fn file_attr(&self, ino: u64, a: &Attr) -> FileAttr {
-        let mtime = system_time(a.mtime_secs, a.mtime_nanos);
-        FileAttr {
-            ino: INodeNo(ino),
-            size: a.size,
-            blocks: a.size.div_ceil(512),
-            atime: mtime,
-            mtime,
-            ctime: mtime,
-            crtime: mtime,
-            kind: file_type(a.kind),
-            perm: (a.mode & 0o7777) as u16,
-            nlink: if a.kind == Kind::Dir { 2 } else { 1 },
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            blksize: BLOCK,
-            flags: 0,
-        }
-    }
-}
-
-fn system_time(secs: i64, nanos: u32) -> SystemTime {
-    let base = if secs >= 0 {
-        UNIX_EPOCH.checked_add(Duration::from_secs(secs.unsigned_abs()))
-    } else {
-        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
-    };
-    base.and_then(|t| t.checked_add(Duration::from_nanos(nanos.into())))
-        .unwrap_or(UNIX_EPOCH)
-}
-
-fn file_type(kind: Kind) -> FileType {
-    match kind {
-        Kind::File => FileType::RegularFile,
-        Kind::Dir => FileType::Directory,
-        Kind::Symlink => FileType::Symlink,
-    }
-}
+use crate::source::Source;
 
 /// The errno for `e`, logged: source failures are worth a warning, the rest is routine.
 fn errno(op: &str, e: &FsError) -> Errno {
@@ -111,10 +58,10 @@ impl<S: Source> FuseFs<S> {
         runtime: Handle,
         ended: Arc<Ended>,
     ) -> FuseFs<S> {
-        // SAFETY: getuid and getgid cannot fail and touch no memory.
         let (uid, gid) = if config.keep_ownership {
             (0, 0)
         } else {
+            // SAFETY: getuid and getgid cannot fail and touch no memory.
             unsafe { (libc::getuid(), libc::getgid()) }
         };
         FuseFs {
@@ -554,55 +501,5 @@ impl<S: Source> Filesystem for FuseFs<S> {
         reply: ReplyWrite,
     ) {
         reply.error(errno("copy_file_range", &FsError::ReadOnly));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attributes_follow_the_entry() {
-        let style = AttrStyle {
-            ttl: Duration::from_secs(1),
-            uid: 1000,
-            gid: 100,
-        };
-        let a = Attr {
-            kind: Kind::File,
-            size: 513,
-            mode: 0o100755,
-            mtime_secs: 1_700_000_000,
-            mtime_nanos: 5,
-        };
-        let f = style.file_attr(9, &a);
-        assert_eq!(
-            (f.ino, f.size, f.blocks, f.perm, f.nlink),
-            (INodeNo(9), 513, 2, 0o755, 1)
-        );
-        assert_eq!(
-            (f.uid, f.gid, f.blksize, f.kind),
-            (1000, 100, 4096, FileType::RegularFile)
-        );
-        assert_eq!(f.mtime, UNIX_EPOCH + Duration::new(1_700_000_000, 5));
-        assert_eq!((f.atime, f.ctime), (f.mtime, f.mtime));
-        let d = style.file_attr(
-            1,
-            &Attr {
-                kind: Kind::Dir,
-                ..a
-            },
-        );
-        assert_eq!((d.nlink, d.kind), (2, FileType::Directory));
-    }
-
-    #[test]
-    fn times_before_the_epoch_and_out_of_range_do_not_panic() {
-        assert_eq!(
-            system_time(-1, 500_000_000),
-            UNIX_EPOCH - Duration::from_millis(500)
-        );
-        let _ = system_time(i64::MIN, u32::MAX);
-        let _ = system_time(i64::MAX, u32::MAX);
     }
 }

@@ -8,25 +8,30 @@
 //! Layout:
 //! - `source`: the trait and its plain types;
 //! - `fs`: the filesystem core (inode table, open files, read-only policy), free of fuser;
-//! - `fuse`: the thin fuser adaptor (forward, log, reply);
+//! - `fuse`: the thin fuser adaptor (forward, log, reply); `attr`: attributes for the kernel;
 //! - `inode`: the lazily populated inode table; `readahead`: sequential detection;
-//! - `mount`: [`mount`], [`MountHandle`], [`unmount`], dead-mountpoint recovery;
+//! - `mount`: [`mount`], [`MountConfig`], [`MountHandle`];
+//! - `mountpoint`: checks, dead-mountpoint recovery, [`unmount`]; `fusermount`: user mounts;
 //! - `error`: [`FsError`] with the one errno table, and [`MountError`].
 //!
 //! Invariants: every write operation answers EROFS; inodes live exactly while the kernel
 //! holds lookups on them (the root always); replies that need the source are sent from tasks
 //! on the tokio runtime given to [`mount`].
 
+mod attr;
 mod error;
 mod fs;
 mod fuse;
+mod fusermount;
 mod inode;
 mod mount;
+mod mountpoint;
 pub mod readahead;
 pub mod source;
 pub mod testing;
 
 pub use error::{FsError, MountError};
-pub use fuser::Notifier;
-pub use mount::{mount, unmount, MountConfig, MountHandle, MountStats};
+pub use fuser::{INodeNo, Notifier};
+pub use mount::{mount, MountConfig, MountHandle, MountStats};
+pub use mountpoint::unmount;
 pub use source::{Attr, BoxFuture, Child, Children, Kind, ReadHint, Source, SourceError, Totals};

@@ -1,32 +1,27 @@
-//! Mounting and unmounting: [`mount`], [`MountHandle`], [`unmount`].
+//! Mounting: [`mount`], [`MountConfig`], [`MountHandle`].
 //!
-//! The mount uses fuser's pure-Rust path: root calls mount(2) itself, a user goes through
-//! fusermount3 (from the fuse3 package). Never `AutoUnmount`, which needs fusermount even for
-//! root. The session runs on fuser's background thread; the handle unmounts it.
-//!
-//! Before mounting, a mountpoint left dead by a killed daemon (stat says "Transport endpoint is
-//! not connected") is detached. Errors name the mountpoint and what to do.
+//! Root mounts through fuser's pure-Rust path (mount(2) itself); a user through fusermount3
+//! (from the fuse3 package, see `fusermount.rs`). Never `AutoUnmount`, which needs fusermount
+//! even for root. The session runs on fuser's background thread; the handle unmounts it.
+//! Before mounting, the mountpoint is checked and a dead mount there detached
+//! (`mountpoint.rs`).
 //!
 //! Invariants: a [`MountHandle`] unmounts on drop (lazily if the mount is busy); the
 //! "ended" signal fires exactly when the session thread lets go of the filesystem, whoever
 //! unmounted it.
 
-use std::ffi::CString;
-use std::fs;
-use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use fuser::{BackgroundSession, Config, MountOption, Notifier, SessionACL};
+use fuser::{BackgroundSession, Config, MountOption, Notifier, Session, SessionACL};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::error::MountError;
 use crate::fuse::FuseFs;
+use crate::fusermount;
+use crate::mountpoint::{detach, is_root, prepare, set_kernel_readahead, unmount};
 use crate::source::Source;
 
 /// How to mount.
@@ -219,7 +214,7 @@ impl Drop for MountHandle {
 }
 
 /// Mounts `source` read-only on `mountpoint`, serving it from a background thread; replies
-/// that wait on the source are sent from tasks on `runtime`.
+/// that wait on the source are sent from tasks on `runtime`, which must keep running.
 pub fn mount<S: Source>(
     source: Arc<S>,
     mountpoint: &Path,
@@ -230,8 +225,7 @@ pub fn mount<S: Source>(
     let ended = Arc::new(Ended::new());
     let fs = FuseFs::new(source, &config, runtime, ended.clone());
     let census = fs.census();
-    let session =
-        fuser::spawn_mount(fs, &path, &fuser_config(&config)).map_err(|e| mount_error(&path, e))?;
+    let session = start(fs, &path, &config)?;
     info!(mountpoint = %path.display(), fs_name = %config.fs_name, "mounted");
     if config.kernel_readahead > 0 {
         set_kernel_readahead(&path, config.kernel_readahead);
@@ -244,6 +238,26 @@ pub fn mount<S: Source>(
         ended,
         census,
     })
+}
+
+/// Mounts and starts the session: mount(2) through fuser as root, fusermount3 as a user.
+fn start<S: Source>(
+    fs: FuseFs<S>,
+    path: &Path,
+    config: &MountConfig,
+) -> Result<BackgroundSession, MountError> {
+    let io_error = |source| MountError::Io {
+        path: path.into(),
+        source,
+    };
+    let fuser_config = fuser_config(config);
+    if is_root() {
+        return fuser::spawn_mount(fs, path, &fuser_config).map_err(io_error);
+    }
+    let fd = fusermount::mount(path, &fusermount_options(config))?;
+    Session::from_fd(fs, fd, fuser_config.acl, fuser_config)
+        .and_then(Session::spawn)
+        .map_err(io_error)
 }
 
 fn fuser_config(config: &MountConfig) -> Config {
@@ -267,180 +281,18 @@ fn fuser_config(config: &MountConfig) -> Config {
     c
 }
 
-/// Checks the mountpoint (detaching a dead mount there first); returns its canonical path.
-fn prepare(mountpoint: &Path) -> Result<PathBuf, MountError> {
-    detach_if_dead(mountpoint)?;
-    let meta = fs::metadata(mountpoint).map_err(|e| MountError::from_io(mountpoint.into(), e))?;
-    if !meta.is_dir() {
-        return Err(MountError::NotADirectory(mountpoint.into()));
+/// The same options, as fusermount3 takes them.
+fn fusermount_options(config: &MountConfig) -> String {
+    let fs_name: String = config
+        .fs_name
+        .chars()
+        .map(|c| if c == ',' { '_' } else { c })
+        .collect();
+    let mut options = format!("ro,nosuid,nodev,default_permissions,subtype=lcfs,fsname={fs_name}");
+    if config.allow_other {
+        options.push_str(",allow_other");
     }
-    let path = mountpoint
-        .canonicalize()
-        .map_err(|e| MountError::from_io(mountpoint.into(), e))?;
-    if let Some(fstype) = fuse_mounted_at(&path) {
-        return Err(MountError::AlreadyMounted { path, fstype });
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return Err(MountError::NoFuseDevice(path));
-    }
-    Ok(path)
-}
-
-fn mount_error(path: &Path, e: io::Error) -> MountError {
-    let path = path.to_path_buf();
-    match e.kind() {
-        io::ErrorKind::PermissionDenied => MountError::PermissionDenied {
-            path,
-            detail: e.to_string(),
-        },
-        // Past the /dev/fuse check, a missing program is fusermount3.
-        io::ErrorKind::NotFound if !is_root() => MountError::NoFusermount(path),
-        _ => MountError::Io { path, source: e },
-    }
-}
-
-/// Detaches `path` if it is a dead FUSE mount ("Transport endpoint is not connected").
-fn detach_if_dead(path: &Path) -> Result<(), MountError> {
-    match fs::metadata(path) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            warn!(mountpoint = %path.display(), "detaching a dead mount (its daemon was killed)");
-            detach(path)
-        }
-        _ => Ok(()),
-    }
-}
-
-/// The type of the FUSE filesystem mounted at canonical `path`, if there is one.
-fn fuse_mounted_at(path: &Path) -> Option<String> {
-    let mountinfo = fs::read("/proc/self/mountinfo").ok()?;
-    let mut found = None;
-    for line in mountinfo.split(|&b| b == b'\n') {
-        let text = String::from_utf8_lossy(line);
-        let Some((fields, after)) = text.split_once(" - ") else {
-            continue;
-        };
-        let point = fields.split(' ').nth(4).unwrap_or_default();
-        let fstype = after.split(' ').next().unwrap_or_default();
-        if unescape(point) == path.as_os_str().as_bytes() && fstype.starts_with("fuse") {
-            // The last mount on top is the one visible.
-            found = Some(fstype.to_string());
-        }
-    }
-    found
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(field: &str) -> Vec<u8> {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .and_then(|d| std::str::from_utf8(d).ok());
-        match (bytes[i], octal.and_then(|d| u8::from_str_radix(d, 8).ok())) {
-            (b'\\', Some(b)) => {
-                out.push(b);
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    out
-}
-
-/// Raises the kernel readahead of the mount at `path` (best effort: needs root).
-fn set_kernel_readahead(path: &Path, bytes: u64) {
-    let Ok(meta) = fs::metadata(path) else { return };
-    let dev = meta.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    match fs::write(&knob, format!("{}\n", bytes.div_ceil(1024))) {
-        Ok(()) => debug!(knob, bytes, "kernel readahead set"),
-        Err(e) => debug!(knob, error = %e, "kernel readahead left at its default"),
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail and touches no memory.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Unmounts the lcfs mount at `path` (`lcfs umount`): umount(2) as root, `fusermount3 -u` as a
-/// user. Fails with [`MountError::Busy`] while programs use it.
-pub fn unmount(path: &Path) -> Result<(), MountError> {
-    if is_root() {
-        umount2(path, 0)
-    } else {
-        fusermount(path, false)
-    }
-}
-
-/// Detaches the mount at `path` now; it goes away when its last user leaves.
-fn detach(path: &Path) -> Result<(), MountError> {
-    if is_root() {
-        umount2(path, libc::MNT_DETACH)
-    } else {
-        fusermount(path, true)
-    }
-}
-
-fn umount2(path: &Path, flags: libc::c_int) -> Result<(), MountError> {
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|e| MountError::Io {
-        path: path.into(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, e),
-    })?;
-    // SAFETY: c_path is a valid NUL-terminated string that outlives the call.
-    if unsafe { libc::umount2(c_path.as_ptr(), flags) } == 0 {
-        Ok(())
-    } else {
-        Err(MountError::from_io(path.into(), io::Error::last_os_error()))
-    }
-}
-
-fn fusermount(path: &Path, lazy: bool) -> Result<(), MountError> {
-    let mut cmd = Command::new("fusermount3");
-    cmd.arg(if lazy { "-uz" } else { "-u" }).arg("--").arg(path);
-    let out = match cmd.output() {
-        Ok(out) => out,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(MountError::NoFusermount(path.into()))
-        }
-        Err(e) => {
-            return Err(MountError::Io {
-                path: path.into(),
-                source: e,
-            })
-        }
-    };
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(fusermount_error(
-        path,
-        &String::from_utf8_lossy(&out.stderr),
-    ))
-}
-
-/// Classifies what fusermount3 said on failure.
-fn fusermount_error(path: &Path, stderr: &str) -> MountError {
-    let path = path.to_path_buf();
-    let said = stderr.trim().to_string();
-    if said.contains("not found in") || said.contains("not mounted") {
-        MountError::NotMounted(path)
-    } else if said.contains("busy") {
-        MountError::Busy(path)
-    } else if said.contains("not permitted") || said.contains("ermission denied") {
-        MountError::PermissionDenied { path, detail: said }
-    } else {
-        MountError::Io {
-            path,
-            source: io::Error::other(said),
-        }
-    }
+    options
 }
 
 #[cfg(test)]
@@ -448,54 +300,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape(r"/mnt/a\040b"), b"/mnt/a b");
-        assert_eq!(unescape(r"/x\134y"), b"/x\\y");
-        assert_eq!(unescape(r"/trailing\04"), b"/trailing\\04");
-    }
-
-    #[test]
-    fn fusermount_messages_are_classified() {
-        let p = Path::new("/m");
-        let e = |s| fusermount_error(p, s);
-        assert!(matches!(
-            e("fusermount3: entry for /m not found in /etc/mtab"),
-            MountError::NotMounted(_)
-        ));
-        assert!(matches!(
-            e("fusermount3: failed to unmount /m: Device or resource busy"),
-            MountError::Busy(_)
-        ));
-        assert!(matches!(
-            e("fusermount3: mount failed: Operation not permitted"),
-            MountError::PermissionDenied { .. }
-        ));
-        assert!(matches!(e("something else"), MountError::Io { .. }));
-    }
-
-    #[test]
-    fn missing_and_non_directory_mountpoints_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("nope");
-        assert!(matches!(prepare(&missing), Err(MountError::NotFound(_))));
-        let file = dir.path().join("f");
-        fs::write(&file, b"x").unwrap();
-        let err = prepare(&file).unwrap_err();
-        assert!(matches!(err, MountError::NotADirectory(_)), "{err}");
-        assert!(err.to_string().contains(&*file.to_string_lossy()));
-    }
-
-    #[test]
     fn fuser_gets_a_read_only_lcfs_mount() {
-        let c = fuser_config(&MountConfig {
+        let config = MountConfig {
             allow_other: true,
             ..MountConfig::default()
-        });
+        };
+        let c = fuser_config(&config);
         assert!(c.mount_options.contains(&MountOption::RO));
         assert!(c
             .mount_options
             .contains(&MountOption::CUSTOM("subtype=lcfs".into())));
         assert!(!c.mount_options.contains(&MountOption::AutoUnmount));
         assert_eq!(c.acl, SessionACL::All);
+        assert_eq!(
+            fusermount_options(&MountConfig {
+                fs_name: "a,b".into(),
+                ..config
+            }),
+            "ro,nosuid,nodev,default_permissions,subtype=lcfs,fsname=a_b,allow_other"
+        );
     }
 }

@@ -147,7 +147,7 @@ mod tests {
             state ^= state >> 7;
             state ^= state << 17;
             let len = 1 + state % (256 * KIB);
-            if state % 3 == 0 {
+            if state.is_multiple_of(3) {
                 offset = state % (64 * MIB);
             }
             let w = d.handle_read(offset, len);

@@ -167,21 +167,17 @@ impl MemSource {
     fn insert(&mut self, path: &str, e: MemEntry) -> &mut Self {
         let path = clean(path);
         assert!(!path.is_empty(), "MemSource: the root exists already");
-        let mut parent = String::new();
-        for part in path
-            .split('/')
-            .collect::<Vec<_>>()
-            .split_last()
-            .map_or(&[][..], |(_, p)| p)
-        {
-            parent = if parent.is_empty() {
-                part.to_string()
-            } else {
-                format!("{parent}/{part}")
-            };
-            self.tree
-                .entry(parent.clone())
+        for (i, _) in path.match_indices('/') {
+            let parent = self
+                .tree
+                .entry(path[..i].to_string())
                 .or_insert_with(|| entry(Kind::Dir, 0, 0o755));
+            assert_eq!(
+                parent.attr.kind,
+                Kind::Dir,
+                "MemSource: {:?} is not a directory",
+                &path[..i]
+            );
         }
         self.tree.insert(path, e);
         self

@@ -153,13 +153,26 @@ fn inodes_are_forgotten_when_the_kernel_drops_them() {
     let walked = m.handle().stats().inodes;
     assert!(walked > 1500, "{walked}");
     assert_eq!(m.handle().stats().open_files, 0);
-    fs::write("/proc/sys/vm/drop_caches", "2").expect("drop dentries and inodes");
+    // Invalidate every entry, deepest first, as a new generation would: the kernel lets go.
+    invalidate_tree(&m.handle().notifier(), &m.mnt);
     assert!(
-        eventually(Duration::from_secs(10), || m.handle().stats().inodes < 20),
-        "{} inodes still held after dropping caches",
+        eventually(Duration::from_secs(10), || m.handle().stats().inodes < 5),
+        "{} inodes still held after invalidating every entry",
         m.handle().stats().inodes
     );
     assert_eq!(sh_ok(&m.mnt, "cat many/f0042"), "42\n");
+}
+
+/// Invalidates every entry under directory `dir`, children before their parents.
+fn invalidate_tree(notifier: &lcfs_mount::Notifier, dir: &Path) {
+    let ino = lcfs_mount::INodeNo(fs::metadata(dir).unwrap().ino());
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            invalidate_tree(notifier, &entry.path());
+        }
+        notifier.inval_entry(ino, &entry.file_name()).unwrap();
+    }
 }
 
 #[test]
@@ -301,4 +314,179 @@ fn a_busy_mount_is_detached_by_unmount() {
     let mut text = String::new();
     busy.read_to_string(&mut text).unwrap();
     assert_eq!(text, "hello world\n");
+}
+
+/// The child half of `a_user_mounts_through_fusermount3`: does nothing unless run by it.
+/// Mounts at $LCFS_TEST_USER_MOUNT, says MOUNTED, unmounts when a line arrives on stdin.
+#[test]
+fn user_mount_child() {
+    let Some(dir) = std::env::var_os("LCFS_TEST_USER_MOUNT") else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let handle = match mount(
+        std::sync::Arc::new(sample()),
+        Path::new(&dir),
+        MountConfig::default(),
+        rt.handle().clone(),
+    ) {
+        Ok(handle) => handle,
+        Err(e) => return println!("\nERROR {e}"),
+    };
+    println!("\nMOUNTED");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    match handle.unmount() {
+        Ok(()) => println!("\nUNMOUNTED"),
+        Err(e) => println!("\nERROR {e}"),
+    }
+}
+
+/// Kills the child and detaches its mount, whatever happens.
+struct UserMount {
+    child: std::process::Child,
+    mnt: std::path::PathBuf,
+}
+
+impl Drop for UserMount {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .output();
+    }
+}
+
+/// Sets the mode of /dev/fuse, and puts the old one back on drop.
+struct DevFuseMode(u32);
+
+impl DevFuseMode {
+    fn set(mode: u32) -> DevFuseMode {
+        use std::os::unix::fs::PermissionsExt;
+        let old = fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o7777;
+        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(mode)).unwrap();
+        DevFuseMode(old)
+    }
+}
+
+impl Drop for DevFuseMode {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(self.0));
+    }
+}
+
+fn as_nobody(program: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
+    cmd
+}
+
+/// Starts `user_mount_child` as nobody on `mnt`; returns it and its stdout lines.
+fn start_user_mount(mnt: &Path) -> (UserMount, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().unwrap();
+    let mut child = as_nobody(exe.to_str().unwrap())
+        .args([
+            "--exact",
+            "user_mount_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("LCFS_TEST_USER_MOUNT", mnt)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    (
+        UserMount {
+            child,
+            mnt: mnt.to_path_buf(),
+        },
+        rx,
+    )
+}
+
+/// The first line of the child's that starts with one of `words`.
+fn said(rx: &std::sync::mpsc::Receiver<String>, words: &[&str]) -> String {
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the child went quiet");
+        if words.iter().any(|w| line.starts_with(w)) {
+            return line;
+        }
+    }
+}
+
+#[test]
+fn a_user_mounts_and_unmounts_through_fusermount3() {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    require_fuse();
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    std::os::unix::fs::chown(&mnt, Some(65534), Some(65534)).unwrap();
+
+    // With /dev/fuse closed to users, the error says so.
+    let mode = DevFuseMode::set(0o600);
+    let (_child, rx) = start_user_mount(&mnt);
+    let line = said(&rx, &["ERROR", "MOUNTED"]);
+    assert!(
+        line.contains("/dev/fuse is not open to users") && line.contains("0666"),
+        "{line}"
+    );
+    drop(mode);
+
+    // With it open, as distributions ship it, the mount works and unmounts.
+    let _mode = DevFuseMode::set(0o666);
+    let (mut guard, rx) = start_user_mount(&mnt);
+    let line = said(&rx, &["ERROR", "MOUNTED"]);
+    assert_eq!(line, "MOUNTED");
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(&*mnt.to_string_lossy()))
+        .expect("mounted");
+    assert!(
+        line.contains(" fuse.lcfs ro,") && line.contains("user_id=65534"),
+        "{line}"
+    );
+    let cat = as_nobody("cat")
+        .arg(mnt.join("hello.txt"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&cat.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&cat.stdout),
+        "hello world\n",
+        "{stderr}"
+    );
+    // Everything belongs to the mounting user.
+    let owner = as_nobody("stat")
+        .args(["-c", "%u %g"])
+        .arg(mnt.join("bin/run.sh"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&owner.stdout), "65534 65534\n");
+    writeln!(guard.child.stdin.as_mut().unwrap(), "unmount").unwrap();
+    assert_eq!(said(&rx, &["ERROR", "UNMOUNTED"]), "UNMOUNTED");
+    assert!(guard.child.wait().unwrap().success());
+    assert!(!fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .contains(&*mnt.to_string_lossy()));
 }

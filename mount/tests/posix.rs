@@ -14,6 +14,7 @@ use std::thread;
 use std::time::{Duration, UNIX_EPOCH};
 
 use common::{sample, sh_ok, Mounted, Rng, HELLO_MTIME, RANDOM_LEN};
+use lcfs_mount::MountConfig;
 
 #[test]
 fn ls_cat_stat_and_readlink() {
@@ -151,7 +152,12 @@ fn readdir_resumes_at_telldir_offsets() {
 
 #[test]
 fn random_preads_from_several_threads_match_the_source() {
-    let m = Mounted::new(sample());
+    // Two session threads, so requests are also served concurrently.
+    let config = MountConfig {
+        threads: 2,
+        ..MountConfig::default()
+    };
+    let m = Mounted::with_config(sample(), config);
     let want = m.source.contents("data/random.bin");
     let file = Arc::new(fs::File::open(m.path("data/random.bin")).unwrap());
     let threads: Vec<_> = (0..4)

@@ -63,6 +63,7 @@ pub struct FetchStats {
 }
 
 type Waiter = oneshot::Sender<Result<Verified, FetchError>>;
+type RootWaiter = oneshot::Sender<Result<RootRecord, FetchError>>;
 
 struct Pending {
     fetch: ObjectFetch,
@@ -74,7 +75,7 @@ struct Pending {
 }
 
 struct RootWait {
-    waiters: Vec<oneshot::Sender<Result<RootRecord, FetchError>>>,
+    waiters: Vec<RootWaiter>,
     started: Instant,
     last_join: Instant,
 }
@@ -372,14 +373,7 @@ impl Inner {
         Some((v, p.waiters))
     }
 
-    fn handle_root(
-        &self,
-        st: &mut State,
-        bytes: &[u8],
-    ) -> Option<(
-        RootRecord,
-        Vec<oneshot::Sender<Result<RootRecord, FetchError>>>,
-    )> {
+    fn handle_root(&self, st: &mut State, bytes: &[u8]) -> Option<(RootRecord, Vec<RootWaiter>)> {
         let record = match RootRecord::decode(bytes) {
             Ok(r) if r.channel_id == *self.channel.id() => r,
             _ => {

@@ -1,0 +1,498 @@
+//! Running the `lcfs` binary in the lab: `lcfs serve` (started, its `ready`
+//! line awaited, stopped or killed), `lcfs mount --daemon` (a guard that always
+//! unmounts), and small process helpers. Shared by the integration tests.
+//!
+//! ```ignore
+//! let srv = start_server(&lab, &src, "edge", &state, &[]);
+//! let m = Mount::daemon(&lab, "c1", "edge", &mnt, &cache, 10, &[]).expect("mount");
+//! let bytes = std::fs::read(m.path().join("a.txt")).unwrap();
+//! drop(m); // lcfs umount (umount -l as a fallback), also on panic
+//! srv.stop();
+//! ```
+#![allow(dead_code)]
+
+use super::lab::Lab;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub const LCFS: &str = env!("CARGO_BIN_EXE_lcfs");
+pub const IFACE: &str = Lab::IFACE;
+
+/// `p` as UTF-8 (test paths always are).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A fresh temporary directory named `lcfs-<what>-test-*`.
+pub fn tmpdir(what: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("lcfs-{what}-test-"))
+        .tempdir()
+        .expect("tempdir")
+}
+
+/// Reads `reader` line by line on a thread: each line is appended to the
+/// returned buffer and echoed to the test's stderr with `tag`.
+pub fn collect_lines(
+    reader: impl Read + Send + 'static,
+    tag: String,
+) -> (Arc<Mutex<String>>, JoinHandle<()>) {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let b = buf.clone();
+    let h = std::thread::spawn(move || {
+        let mut r = BufReader::new(reader);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let l = String::from_utf8_lossy(&line);
+                    eprint!("[{tag}] {l}");
+                    if !l.ends_with('\n') {
+                        eprintln!();
+                    }
+                    b.lock().unwrap().push_str(&l);
+                }
+            }
+        }
+    });
+    (buf, h)
+}
+
+/// Waits up to `limit` for `child` to exit, without blocking forever.
+pub fn wait_limit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return Some(st);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `sig` to our (not yet reaped) child.
+pub fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: plain syscall on our own, not yet reaped, child.
+    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+}
+
+/// Exit status, stdout and stderr of `out`, for failure messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "{}\n--- stdout ---\n{}--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The number right before `suffix` in `line` (e.g. "123" in "x 123 bytes hashed").
+pub fn number_before(line: &str, suffix: &str) -> Option<u64> {
+    let i = line.find(suffix)?;
+    let head = line[..i].trim_end();
+    let start = head
+        .rfind(|c: char| !c.is_ascii_digit())
+        .map(|j| j + 1)
+        .unwrap_or(0);
+    head[start..].parse().ok()
+}
+
+/// (packets, bytes, root records) from the server's final
+/// `sent N packets (B bytes on the wire, R root records)`.
+pub fn parse_sent(stderr: &str) -> (u64, u64, u64) {
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains(" packets (") && l.contains("bytes on the wire"))
+        .unwrap_or_else(|| {
+            panic!("lcfs serve logged no `sent N packets (B bytes on the wire, ...)` line; stderr:\n{stderr}")
+        });
+    let p = number_before(line, " packets (").expect("packets");
+    let b = number_before(line, " bytes on the wire").expect("bytes");
+    let r = number_before(line, " root records").unwrap_or(0);
+    (p, b, r)
+}
+
+// ---------------------------------------------------------------- server
+
+/// The server's `ready channel=... generation=... root=... files=... bytes=...` line.
+#[derive(Clone, Debug, Default)]
+pub struct Ready {
+    pub line: String,
+    pub channel: String,
+    pub generation: u64,
+    pub root: String,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+pub fn parse_ready(line: &str) -> Ready {
+    let field = |k: &str| -> String {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")).map(str::to_string))
+            .unwrap_or_else(|| panic!("ready line lacks {k}=: {line:?}"))
+    };
+    let num = |k: &str| -> u64 {
+        field(k)
+            .parse()
+            .unwrap_or_else(|e| panic!("ready line: {k} is not a number ({e}): {line:?}"))
+    };
+    assert!(line.starts_with("ready "), "not a ready line: {line:?}");
+    Ready {
+        line: line.to_string(),
+        channel: field("channel"),
+        generation: num("generation"),
+        root: field("root"),
+        files: num("files"),
+        bytes: num("bytes"),
+    }
+}
+
+/// A running `lcfs serve` in the lab's `srv`.
+pub struct Server {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    stderr_thread: Option<JoinHandle<()>>,
+    pub ready: Ready,
+}
+
+/// Starts `lcfs serve PATH --channel CHANNEL --state STATE EXTRA..` in `srv`
+/// and waits (up to 90 s) for its ready line; panics with the server's stderr
+/// if it exits first.
+pub fn start_server(lab: &Lab, path: &Path, channel: &str, state: &Path, extra: &[&str]) -> Server {
+    let mut cmd = lab.command("srv", LCFS);
+    cmd.args([
+        "serve",
+        s(path),
+        "--iface",
+        IFACE,
+        "--channel",
+        channel,
+        "--state",
+        s(state),
+    ])
+    .args(extra)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = lab.spawn_command(cmd);
+    let stdout = child.stdout.take().unwrap();
+    let (stderr, stderr_thread) = collect_lines(child.stderr.take().unwrap(), "srv".into());
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("[srv stdout] {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut server = Server {
+        child,
+        lines,
+        stderr,
+        stderr_thread: Some(stderr_thread),
+        ready: Ready::default(),
+    };
+    server.ready = server.wait_ready(Duration::from_secs(90));
+    assert_eq!(
+        server.ready.channel, channel,
+        "ready line names another channel"
+    );
+    server
+}
+
+impl Server {
+    /// The next `ready` line on stdout.
+    pub fn wait_ready(&mut self, limit: Duration) -> Ready {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with("ready ") => return parse_ready(&l),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "lcfs serve printed no ready line within {limit:?}; stderr:\n{}",
+                    self.stderr()
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let st = wait_limit(&mut self.child, Duration::from_secs(5));
+                    if let Some(h) = self.stderr_thread.take() {
+                        let _ = h.join();
+                    }
+                    panic!(
+                        "lcfs serve closed stdout before its ready line (exit: {st:?}); stderr:\n{}",
+                        self.stderr()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Everything the server has logged so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Asserts the server is still running.
+    pub fn assert_running(&mut self) {
+        if let Some(st) = self.child.try_wait().unwrap() {
+            panic!(
+                "lcfs serve exited unexpectedly ({st}); stderr:\n{}",
+                self.stderr()
+            );
+        }
+    }
+
+    /// SIGTERM, wait for exit (10 s), return the whole stderr.
+    pub fn stop(mut self) -> String {
+        self.assert_running();
+        signal(&self.child, libc::SIGTERM);
+        let st = wait_limit(&mut self.child, Duration::from_secs(10));
+        if st.is_none() {
+            signal(&self.child, libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+        if let Some(h) = self.stderr_thread.take() {
+            let _ = h.join();
+        }
+        let err = self.stderr();
+        assert!(
+            st.is_some(),
+            "lcfs serve did not exit within 10 s of SIGTERM; stderr:\n{err}"
+        );
+        err
+    }
+
+    /// SIGKILL (no goodbye of any kind) and reap it; returns its stderr.
+    pub fn kill(mut self) -> String {
+        self.assert_running();
+        signal(&self.child, libc::SIGKILL);
+        let st = wait_limit(&mut self.child, Duration::from_secs(10));
+        assert!(st.is_some(), "lcfs serve survived SIGKILL for 10 s");
+        if let Some(h) = self.stderr_thread.take() {
+            let _ = h.join();
+        }
+        self.stderr()
+    }
+}
+
+// ---------------------------------------------------------------- mount
+
+/// A mount made with `lcfs mount --daemon` in a lab client. `Drop` unmounts it
+/// (`lcfs umount`, then `umount -l` if that fails), also while a test unwinds.
+/// The daemon lives in the client's network namespace, so `netlab down` kills
+/// it if the unmount did not end it.
+pub struct Mount {
+    path: PathBuf,
+    /// The daemon's log (`--log`), RUST_LOG=lcfs=debug,lcfs_mount=debug.
+    pub log: PathBuf,
+    /// The `lcfs mount --daemon` invocation's output.
+    pub output: Output,
+    /// How long `lcfs mount --daemon` took to return.
+    pub elapsed: Duration,
+    /// Daemon pid, from `lcfs: mounted ... (daemon pid N)`.
+    pub daemon_pid: Option<u32>,
+    mounted: bool,
+}
+
+/// A failed `lcfs mount --daemon`.
+#[derive(Debug)]
+pub struct MountFailure {
+    pub output: Output,
+    pub elapsed: Duration,
+    pub log: String,
+}
+
+impl Mount {
+    /// `lcfs mount CHANNEL MNT --iface lc0 --cache CACHE --timeout T --daemon
+    /// --log MNT.log EXTRA..` in `node`; returns once the daemon says the mount
+    /// answers (Ok) or the command failed (Err, with its output and elapsed time).
+    /// The log file sits beside the mountpoint (`<mnt>.log`).
+    pub fn daemon(
+        lab: &Lab,
+        node: &str,
+        channel: &str,
+        mnt: &Path,
+        cache: &Path,
+        timeout_secs: u32,
+        extra: &[&str],
+    ) -> Result<Mount, MountFailure> {
+        std::fs::create_dir_all(mnt).expect("create the mountpoint");
+        let log = PathBuf::from(format!("{}.log", mnt.display()));
+        let mut cmd = lab.command(node, LCFS);
+        cmd.args([
+            "mount",
+            channel,
+            s(mnt),
+            "--iface",
+            IFACE,
+            "--cache",
+            s(cache),
+            "--timeout",
+            &timeout_secs.to_string(),
+            "--daemon",
+            "--log",
+            s(&log),
+        ])
+        .args(extra)
+        .env("RUST_LOG", "lcfs=debug,lcfs_mount=debug")
+        .stdin(Stdio::null());
+        let started = Instant::now();
+        let output = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run lcfs mount: {e}"));
+        let elapsed = started.elapsed();
+        eprint!(
+            "[mount {}] {}",
+            mnt.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if !output.status.success() {
+            return Err(MountFailure {
+                output,
+                elapsed,
+                log: std::fs::read_to_string(&log).unwrap_or_default(),
+            });
+        }
+        let err = String::from_utf8_lossy(&output.stderr);
+        let daemon_pid = err
+            .find("daemon pid ")
+            .and_then(|i| number_before(&err[i..], ")"));
+        let m = Mount {
+            path: mnt.to_path_buf(),
+            log,
+            output,
+            elapsed,
+            daemon_pid: daemon_pid.map(|p| p as u32),
+            mounted: true,
+        };
+        assert!(
+            m.is_mounted(),
+            "lcfs mount --daemon exited 0 but {} is not a mountpoint in /proc/self/mountinfo",
+            mnt.display()
+        );
+        Ok(m)
+    }
+
+    /// Like [`Mount::daemon`], panicking with the output and log on failure.
+    pub fn new(
+        lab: &Lab,
+        node: &str,
+        channel: &str,
+        mnt: &Path,
+        cache: &Path,
+        timeout_secs: u32,
+        extra: &[&str],
+    ) -> Mount {
+        Mount::daemon(lab, node, channel, mnt, cache, timeout_secs, extra).unwrap_or_else(|f| {
+            panic!(
+                "lcfs mount {channel} {} failed after {:.1} s: {}\n--- daemon log ---\n{}",
+                mnt.display(),
+                f.elapsed.as_secs_f64(),
+                describe(&f.output),
+                f.log
+            )
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Is our mountpoint listed in /proc/self/mountinfo (as a fuse mount)?
+    pub fn is_mounted(&self) -> bool {
+        is_mountpoint(&self.path)
+    }
+
+    /// `lcfs umount MNT`; panics unless it succeeds and the mount is gone.
+    pub fn unmount(mut self) {
+        let out = Command::new(LCFS)
+            .args(["umount", s(&self.path)])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run lcfs umount");
+        self.mounted = !out.status.success();
+        assert!(
+            out.status.success(),
+            "lcfs umount {} failed: {}",
+            self.path.display(),
+            describe(&out)
+        );
+        assert!(
+            !is_mountpoint(&self.path),
+            "{} is still mounted after lcfs umount",
+            self.path.display()
+        );
+        self.wait_daemon_exit(Duration::from_secs(10));
+    }
+
+    /// Waits (bounded) for the daemon to exit after an unmount.
+    fn wait_daemon_exit(&self, limit: Duration) {
+        let Some(pid) = self.daemon_pid else { return };
+        let deadline = Instant::now() + limit;
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            // a zombie has no cmdline left: it has exited
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmd.is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Is `path` a mountpoint (listed in /proc/self/mountinfo)?
+pub fn is_mountpoint(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = s(path).replace(' ', "\\040");
+    info.lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(want.as_str()))
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        // Never panic here: Drop also runs while a failed test unwinds.
+        if !self.mounted || !is_mountpoint(&self.path) {
+            return;
+        }
+        let ok = Command::new(LCFS)
+            .args(["umount", s(&self.path)])
+            .stdin(Stdio::null())
+            .output()
+            .map(|o| {
+                if !o.status.success() {
+                    eprintln!(
+                        "lcfs umount {} failed: {}",
+                        self.path.display(),
+                        describe(&o)
+                    );
+                }
+                o.status.success()
+            })
+            .unwrap_or(false);
+        if !ok || is_mountpoint(&self.path) {
+            let _ = Command::new("umount")
+                .args(["-l", s(&self.path)])
+                .stdin(Stdio::null())
+                .status();
+        }
+        self.wait_daemon_exit(Duration::from_secs(5));
+    }
+}
