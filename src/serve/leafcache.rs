@@ -138,16 +138,6 @@ impl LeafCache {
         Self::open(state_dir).map_err(|e| warn_without(&e)).ok()
     }
 
-    /// Closes the database of `state_dir` once no handle is left, as a process exit would.
-    #[cfg(test)]
-    pub fn close(state_dir: &Path) {
-        if let Some(open) = OPEN.get() {
-            open.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(state_dir);
-        }
-    }
-
     /// Opens (creating it if needed) the database of `state_dir`, without sharing it.
     pub fn open(state_dir: &Path) -> Result<LeafCache, CacheError> {
         let path = state_dir.join(DB_NAME);
