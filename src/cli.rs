@@ -120,6 +120,9 @@ struct ServeArgs {
     query_interval: u64,
     #[command(flatten)]
     key: KeyArgs,
+    /// Sign root records with the publisher key in FILE (see `lcfs keygen --sign`).
+    #[arg(long, value_name = "FILE")]
+    sign_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -140,6 +143,9 @@ pub(crate) struct RecvArgs {
     /// Accept a root record with a lower generation than one already seen.
     #[arg(long)]
     allow_rollback: bool,
+    /// Accept only root records signed by this publisher key (64 hex digits, or a .pub file).
+    #[arg(long, value_name = "PUBKEY")]
+    publisher: Option<String>,
 }
 
 #[derive(Args)]
@@ -170,6 +176,10 @@ struct KeygenArgs {
     /// Write the key to FILE (mode 0600) instead of standard output.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Make an Ed25519 publisher key pair instead: the secret to FILE, the public key to
+    /// FILE.pub (requires --out).
+    #[arg(long, requires = "out")]
+    sign: bool,
 }
 
 /// `NAME[@ROOTHASH][:SUBPATH]`.
@@ -338,7 +348,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         block_size: args.block_size,
         state_dir: Some(args.state.unwrap_or_else(default_state_dir)),
         key,
-        sign_key: None,
+        sign_key: match &args.sign_key {
+            Some(p) => Some(crate::keys::publisher::read_signing_key(p)?),
+            None => None,
+        },
         hops: args.hops,
         query_interval: Duration::from_secs(args.query_interval.max(1)),
         channel,
@@ -388,9 +401,13 @@ pub(crate) async fn open_tree(
         ..FetchConfig::default()
     };
     let fetcher = Fetcher::start(channel, iface, cache, config)?;
+    let publisher = match &args.publisher {
+        Some(k) => Some(crate::keys::publisher::parse_public_key(k)?),
+        None => None,
+    };
     let policy = RootPolicy {
         pinned: spec.pinned,
-        publisher: None,
+        publisher,
         allow_rollback: args.allow_rollback,
     };
     let tree = Tree::open(fetcher, &policy, offline_ok).await?;
@@ -450,6 +467,16 @@ async fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
 }
 
 fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    if let (true, Some(path)) = (args.sign, &args.out) {
+        let public = crate::keys::publisher::write_key_pair(path)?;
+        eprintln!(
+            "wrote a publisher key to {} (mode 0600; give it to `lcfs serve --sign-key`) and its public half to {}.pub",
+            path.display(),
+            path.display()
+        );
+        println!("{public}");
+        return Ok(());
+    }
     match args.out {
         Some(path) => {
             crate::keys::write_keyfile(&path)?;

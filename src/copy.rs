@@ -32,7 +32,7 @@ use crate::progress::Progress;
 
 const PART_PREFIX: &str = ".lcfs-part-";
 /// Files staged concurrently, and blocks in flight per file.
-const FILES_IN_FLIGHT: usize = 16;
+const FILES_IN_FLIGHT: usize = 128;
 const BLOCKS_IN_FLIGHT: usize = 256;
 
 #[derive(Debug, thiserror::Error)]

@@ -105,3 +105,107 @@ mod tests {
         assert_ne!(p1.0, from_password("pw", "other").unwrap().0);
     }
 }
+
+/// Publisher keys: Ed25519 key pairs that sign root records of unencrypted (or encrypted)
+/// channels, so that receivers given the public key refuse any root the publisher did not sign.
+pub mod publisher {
+    use std::path::{Path, PathBuf};
+
+    use ed25519_dalek::{SigningKey, VerifyingKey};
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum PublisherKeyError {
+        #[error("cannot read {path}: {source}")]
+        Read {
+            path: String,
+            source: std::io::Error,
+        },
+        #[error(
+            "{what} is not a publisher key: expected 64 hex digits (made by `lcfs keygen --sign`)"
+        )]
+        Format { what: String },
+        #[error("cannot write {path}: {source}")]
+        Write {
+            path: String,
+            source: std::io::Error,
+        },
+    }
+
+    fn parse_hex32(text: &str, what: &str) -> Result<[u8; 32], PublisherKeyError> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut out).map_err(|_| PublisherKeyError::Format {
+            what: what.to_owned(),
+        })?;
+        Ok(out)
+    }
+
+    /// Reads a signing key (the secret half) from a file written by `lcfs keygen --sign`.
+    pub fn read_signing_key(path: &Path) -> Result<SigningKey, PublisherKeyError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PublisherKeyError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Ok(SigningKey::from_bytes(&parse_hex32(&text, &shown)?))
+    }
+
+    /// A public key given as 64 hex digits or as the path of a `.pub` file.
+    pub fn parse_public_key(arg: &str) -> Result<VerifyingKey, PublisherKeyError> {
+        let text = if Path::new(arg).is_file() {
+            std::fs::read_to_string(arg).map_err(|source| PublisherKeyError::Read {
+                path: arg.to_owned(),
+                source,
+            })?
+        } else {
+            arg.to_owned()
+        };
+        let bytes = parse_hex32(&text, arg)?;
+        VerifyingKey::from_bytes(&bytes).map_err(|_| PublisherKeyError::Format {
+            what: arg.to_owned(),
+        })
+    }
+
+    /// Writes a new key pair: the secret to `path` (mode 0600, never overwriting) and the
+    /// public key to `path.pub`. Returns the public key's hex.
+    pub fn write_key_pair(path: &Path) -> Result<String, PublisherKeyError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+        let public = hex::encode(key.verifying_key().to_bytes());
+        let err = |p: &Path| {
+            let path = p.display().to_string();
+            move |source| PublisherKeyError::Write { path, source }
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(err(path))?;
+        writeln!(f, "{}", hex::encode(key.to_bytes())).map_err(err(path))?;
+        let pub_path = PathBuf::from(format!("{}.pub", path.display()));
+        std::fs::write(&pub_path, format!("{public}\n")).map_err(err(&pub_path))?;
+        Ok(public)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn key_pairs_round_trip() {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("pub-key");
+            let public = write_key_pair(&p).unwrap();
+            let sk = read_signing_key(&p).unwrap();
+            let pk_file = parse_public_key(&format!("{}.pub", p.display())).unwrap();
+            assert_eq!(pk_file, parse_public_key(&public).unwrap());
+            assert_eq!(sk.verifying_key(), pk_file);
+            assert!(write_key_pair(&p).is_err(), "never overwrites");
+            assert!(parse_public_key("abcd")
+                .unwrap_err()
+                .to_string()
+                .contains("lcfs keygen --sign"));
+        }
+    }
+}

@@ -5,11 +5,16 @@
 //! blocks in the readahead window the mount asks for, without waiting for them. File leaves
 //! and directory listings are kept in small LRUs so that a sequential reader costs one index
 //! fetch per file, not one per read.
+//!
+//! A demand fetch that timed out is remembered for [`RECENT_TIMEOUT`]: the kernel retries a
+//! failed page read at once (the readahead request fails, then it reads the page again
+//! synchronously), and without this the reader would wait for the timeout twice.
 
 use std::ffi::OsStr;
 use std::num::NonZeroUsize;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use lcfs_cache::Hash;
@@ -31,6 +36,9 @@ pub enum Node {
     Symlink,
 }
 
+/// How long a demand fetch that timed out answers with the same error at once.
+const RECENT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The channel's tree as a mount source; clone it freely.
 #[derive(Clone)]
 pub struct TreeSource(Arc<Inner>);
@@ -39,6 +47,8 @@ pub struct Inner {
     tree: Tree,
     leaves: Mutex<LruCache<Hash, Arc<Vec<Hash>>>>,
     dirs: Mutex<LruCache<Hash, Arc<Vec<Child<Node>>>>>,
+    /// Objects whose demand fetch timed out: when, and the error.
+    timeouts: Mutex<LruCache<Hash, (Instant, String)>>,
 }
 
 fn unavailable(e: FetchError) -> SourceError {
@@ -58,6 +68,7 @@ impl TreeSource {
             tree,
             leaves: Mutex::new(LruCache::new(n(1024))),
             dirs: Mutex::new(LruCache::new(n(4096))),
+            timeouts: Mutex::new(LruCache::new(n(256))),
         }))
     }
 
@@ -67,15 +78,38 @@ impl TreeSource {
 }
 
 impl Inner {
+    /// The error of a demand fetch of `h` that timed out less than [`RECENT_TIMEOUT`] ago.
+    fn recent_timeout(&self, h: &Hash) -> Result<(), SourceError> {
+        let mut t = self.timeouts.lock().expect("timeouts lock");
+        match t.get(h) {
+            Some((at, msg)) if at.elapsed() < RECENT_TIMEOUT => {
+                Err(SourceError::Unavailable(msg.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Maps a failed demand fetch of `h`, remembering it when it timed out.
+    fn demand_failed(&self, h: Hash, e: FetchError) -> SourceError {
+        if matches!(e, FetchError::Timeout { .. }) {
+            self.timeouts
+                .lock()
+                .expect("timeouts lock")
+                .put(h, (Instant::now(), e.to_string()));
+        }
+        unavailable(e)
+    }
+
     async fn list_dir(self: Arc<Self>, r: ObjectRef) -> Result<Arc<Vec<Child<Node>>>, SourceError> {
         if let Some(hit) = self.dirs.lock().expect("dirs lock").get(&r.hash) {
             return Ok(hit.clone());
         }
+        self.recent_timeout(&r.hash)?;
         let dir = self
             .tree
             .directory(r, Priority::Demand)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.demand_failed(r.hash, e))?;
         let children = Arc::new(children(dir));
         self.dirs
             .lock()
@@ -93,11 +127,12 @@ impl Inner {
         if let Some(hit) = self.leaves.lock().expect("leaves lock").get(&key) {
             return Ok(hit.clone());
         }
+        self.recent_timeout(&key)?;
         let leaves = Arc::new(
             self.tree
                 .leaves(f, Priority::Demand)
                 .await
-                .map_err(unavailable)?,
+                .map_err(|e| self.demand_failed(key, e))?,
         );
         self.leaves
             .lock()
@@ -146,10 +181,18 @@ impl Inner {
         let leaf = *leaves
             .get(i as usize)
             .ok_or_else(|| SourceError::Invalid(format!("block {i} beyond the file's index")))?;
+        if prio != Priority::Demand {
+            return self
+                .tree
+                .block(leaf, f.size, i, prio)
+                .await
+                .map_err(unavailable);
+        }
+        self.recent_timeout(&leaf)?;
         self.tree
             .block(leaf, f.size, i, prio)
             .await
-            .map_err(unavailable)
+            .map_err(|e| self.demand_failed(leaf, e))
     }
 
     /// Starts fetching blocks from `from` up to byte `until`, without waiting for them.
@@ -178,39 +221,59 @@ impl Inner {
         }
     }
 
-    /// Fraction of a file's blocks in the cache, from the cache alone (no network).
-    fn cached_fraction(&self, f: &FileRef) -> Option<f64> {
+    /// Fraction of a file's blocks in the cache, from the cache alone (no network). Blocks
+    /// whose leaf hashes are not known from a cached file index count as not cached (they
+    /// cannot be read offline), so a file nobody has read yet says 0.
+    fn cached_fraction(&self, f: &FileRef) -> f64 {
         let leaves = match &f.content {
-            Content::Inline(_) => return Some(1.0),
+            Content::Inline(_) => return 1.0,
             Content::Block(h) => vec![*h],
-            Content::Index(r) => self.cached_leaves(f, *r)?,
+            Content::Index(r) => self.cached_leaves(f, *r),
         };
+        let total = self.tree.block_size().blocks_in(f.size).max(1);
         let cache = self.tree.fetcher().cache();
-        let have = leaves.iter().filter(|h| cache.contains(h)).count();
-        Some(have as f64 / leaves.len().max(1) as f64)
+        let have = leaves.iter().filter(|h| cache.contains(h)).count() as u64;
+        (have as f64 / total as f64).min(1.0)
     }
 
-    fn cached_leaves(&self, f: &FileRef, r: ObjectRef) -> Option<Vec<Hash>> {
-        if let Some(hit) = self.leaves.lock().ok()?.get(&r.hash) {
-            return Some(hit.to_vec());
+    /// The leaf hashes of `f` that the cache knows: all of them when its whole index is
+    /// cached, those of the cached pages otherwise, none without the top of the index.
+    fn cached_leaves(&self, f: &FileRef, r: ObjectRef) -> Vec<Hash> {
+        if let Some(hit) = self
+            .leaves
+            .lock()
+            .ok()
+            .and_then(|mut l| l.get(&r.hash).cloned())
+        {
+            return hit.to_vec();
         }
         let fetcher = self.tree.fetcher();
-        let top = FileIndex::decode(&fetcher.cached(&r).ok()??).ok()?;
+        let Some(top) = fetcher
+            .cached(&r)
+            .ok()
+            .flatten()
+            .and_then(|b| FileIndex::decode(&b).ok())
+        else {
+            return Vec::new();
+        };
         match top {
-            FileIndex::Leaves(l) => Some(l),
+            FileIndex::Leaves(l) => l,
             FileIndex::Pages(pages) => {
                 let shape = IndexShape {
                     blocks: self.tree.block_size().blocks_in(f.size),
                 };
                 let mut all = Vec::new();
                 for (i, h) in pages.iter().enumerate() {
-                    let page = fetcher.cached(&shape.page_ref(i as u64, *h)).ok()??;
-                    let FileIndex::Leaves(l) = FileIndex::decode(&page).ok()? else {
-                        return None;
-                    };
-                    all.extend(l);
+                    let page = fetcher
+                        .cached(&shape.page_ref(i as u64, *h))
+                        .ok()
+                        .flatten()
+                        .and_then(|b| FileIndex::decode(&b).ok());
+                    if let Some(FileIndex::Leaves(l)) = page {
+                        all.extend(l);
+                    }
                 }
-                Some(all)
+                all
             }
         }
     }
@@ -333,9 +396,9 @@ impl Source for TreeSource {
         };
         if let Node::File(f) = node {
             out.push(("user.lcfs.blake3".into(), f.b3.to_hex().as_bytes().to_vec()));
-            if let Some(frac) = self.0.cached_fraction(f) {
-                out.push(("user.lcfs.cached".into(), format!("{frac:.3}").into_bytes()));
-            }
+            // rounded down: "1.000" only when every block is cached
+            let frac = (self.0.cached_fraction(f) * 1000.0).floor() / 1000.0;
+            out.push(("user.lcfs.cached".into(), format!("{frac:.3}").into_bytes()));
             if !root {
                 let g = self.0.tree.root_record().generation;
                 out.push(("user.lcfs.generation".into(), g.to_string().into_bytes()));

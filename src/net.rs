@@ -206,7 +206,7 @@ pub fn receiver_socket(iface: &Iface, port: u16) -> Result<Socket, NetError> {
     let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
     s.bind(&addr.into())
         .map_err(sock_err("binding the receive port", iface))?;
-    s.set_read_timeout(Some(Duration::from_millis(20)))
+    s.set_read_timeout(Some(Duration::from_millis(5)))
         .map_err(sock_err("setting a receive timeout", iface))?;
     Ok(s)
 }

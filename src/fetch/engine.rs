@@ -11,6 +11,7 @@ use lcfs_cache::{Cache, Verified};
 use socket2::Socket;
 use tokio::sync::oneshot;
 
+use super::membership::{Memberships, DEFAULT_GAP};
 use super::object::{Action, ObjectFetch};
 use super::{FetchError, KEY_HINT};
 use crate::channel::{Channel, Tag};
@@ -80,7 +81,6 @@ struct RootWait {
     last_join: Instant,
 }
 
-#[derive(Default)]
 struct State {
     pending: HashMap<Tag, Pending>,
     /// Not yet joined, in priority order: (priority, arrival) -> tag.
@@ -88,6 +88,20 @@ struct State {
     joined: usize,
     seq: u64,
     root: Option<RootWait>,
+    members: Memberships,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            pending: HashMap::new(),
+            queue: BTreeMap::new(),
+            joined: 0,
+            seq: 0,
+            root: None,
+            members: Memberships::new(DEFAULT_GAP),
+        }
+    }
 }
 
 struct Inner {
@@ -243,6 +257,7 @@ impl Inner {
         );
         st.queue.insert((priority, seq), addr.tag);
         self.admit(&mut st);
+        self.flush(&mut st, Instant::now());
         rx
     }
 
@@ -253,12 +268,13 @@ impl Inner {
             Some(w) => w.waiters.push(tx),
             None => {
                 let now = Instant::now();
-                self.membership(&self.channel.root_address().group, true);
+                st.members.push(self.channel.root_address().group, true);
                 st.root = Some(RootWait {
                     waiters: vec![tx],
                     started: now,
                     last_join: now,
                 });
+                self.flush(&mut st, now);
             }
         }
         rx
@@ -277,7 +293,14 @@ impl Inner {
             p.fetch.handle_started(Instant::now());
             let group = p.group;
             st.joined += 1;
-            self.membership(&group, true);
+            st.members.push(group, true);
+        }
+    }
+
+    /// Applies queued membership changes if their batch is due.
+    fn flush(&self, st: &mut State, now: Instant) {
+        for (group, join) in st.members.poll_flush(now).unwrap_or_default() {
+            self.membership(&group, join);
         }
     }
 
@@ -303,6 +326,8 @@ impl Inner {
             if now.duration_since(last_tick) >= Duration::from_millis(20) {
                 last_tick = now;
                 self.tick(now);
+            } else {
+                self.flush(&mut self.lock(), now);
             }
         }
         self.fail_all(FetchError::Closed);
@@ -338,6 +363,7 @@ impl Inner {
                 }
             }
             self.admit(&mut st);
+            self.flush(&mut st, now);
         }
         for (v, waiters) in done {
             self.complete(v, waiters);
@@ -369,7 +395,7 @@ impl Inner {
         let v = v?;
         let p = st.pending.remove(&tag)?;
         st.joined -= 1;
-        self.membership(&p.group, false);
+        st.members.push(p.group, false);
         Some((v, p.waiters))
     }
 
@@ -382,7 +408,7 @@ impl Inner {
             }
         };
         let wait = st.root.take()?;
-        self.membership(&self.channel.root_address().group, false);
+        st.members.push(self.channel.root_address().group, false);
         Some((record, wait.waiters))
     }
 
@@ -403,23 +429,28 @@ impl Inner {
     fn tick(&self, now: Instant) {
         let (stall, timeout) = (self.config.stall, self.config.timeout);
         let mut failed = Vec::new();
+        let mut rejoin = Vec::new();
         let mut st = self.lock();
         for (tag, p) in st.pending.iter_mut().filter(|(_, p)| p.joined) {
             match p.fetch.poll_action(now, stall, timeout) {
                 Action::Wait => {}
                 Action::Rejoin => {
                     self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
-                    self.membership(&p.group, false);
-                    self.membership(&p.group, true);
+                    rejoin.push(p.group);
                     p.fetch.handle_joined(now);
                 }
                 Action::Fail => failed.push(*tag),
             }
         }
+        for group in rejoin {
+            // A leave and a join make the kernel send a fresh report for the group.
+            st.members.push(group, false);
+            st.members.push(group, true);
+        }
         for tag in failed {
             if let Some(p) = st.pending.remove(&tag) {
                 st.joined -= 1;
-                self.membership(&p.group, false);
+                st.members.push(p.group, false);
                 let err =
                     self.timeout_error(&format!("object {}", &p.fetch.want().hash.to_hex()[..16]));
                 p.waiters
@@ -429,13 +460,14 @@ impl Inner {
         }
         self.tick_root(&mut st, now);
         self.admit(&mut st);
+        self.flush(&mut st, now);
     }
 
     fn tick_root(&self, st: &mut State, now: Instant) {
         let Some(w) = st.root.as_mut() else { return };
         if now.duration_since(w.started) >= self.config.timeout {
             let w = st.root.take().expect("checked above");
-            self.membership(&self.channel.root_address().group, false);
+            st.members.push(self.channel.root_address().group, false);
             let err = self.timeout_error("the root record");
             w.waiters
                 .into_iter()
@@ -443,8 +475,8 @@ impl Inner {
         } else if now.duration_since(w.last_join) >= self.config.stall {
             w.last_join = now;
             let g = self.channel.root_address().group;
-            self.membership(&g, false);
-            self.membership(&g, true);
+            st.members.push(g, false);
+            st.members.push(g, true);
         }
     }
 

@@ -11,6 +11,7 @@
 //! One receive thread owns the socket's receive side and all timers; callers are async.
 
 mod engine;
+pub mod membership;
 pub mod object;
 pub mod tree;
 

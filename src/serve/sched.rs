@@ -1,13 +1,26 @@
 //! The sender's scheduler and pacer (sans-IO): which symbol goes out next, and when.
 //!
-//! Active objects (those whose group has at least one listener) take turns by rounds: an
-//! object's round goes out back to back, then the next object's. A round is what a receiver
-//! needs (K + 2 symbols) the first time, and K/8 doubling after that; between two rounds of one
-//! object lies a cooldown longer than an MLD leave takes to arrive, so a receiver that decoded
-//! is gone before anything more is sent for it. Whole rounds, rather than packet-by-packet
-//! round robin, make objects complete one after another, so a receiver's window of objects in
-//! flight refills continuously instead of draining all at once. Each object keeps a
-//! cursor, the next ESI to send, which only ever grows (modulo 2^24), also across a leave and a
+//! Active objects (those whose group has at least one listener) are sent in rounds. An
+//! object's round goes out back to back; between two rounds of one object lies a cooldown
+//! longer than an MLD leave takes to arrive, so a receiver that decoded is gone before more is
+//! sent for it. Whole rounds, rather than packet-by-packet round robin, make objects complete
+//! one after another, so a receiver's window of objects in flight refills continuously.
+//!
+//! Two queues order the rounds:
+//! - urgent: metadata (directories, file indexes), and every round after an
+//!   object's first (stragglers that lost symbols, late joiners). These are cheap, and serving
+//!   them first keeps receivers that fell behind in step with the others, so that the bulk
+//!   rounds that follow are shared instead of sent once per receiver;
+//! - bulk: first rounds of large objects, first come first served. Receivers walking the same
+//!   tree join the same blocks in the same order, long before their turn comes, so one round
+//!   serves them all.
+//!
+//! A first round is K symbols plus a margin that adapts to loss: when objects often still
+//! have listeners after their first round (receivers lost symbols), the margin grows; when
+//! they rarely do, it shrinks. The server learns this from MLD alone. Later rounds are K/8,
+//! doubling each time (at most K), and K + 2 for urgent objects.
+//!
+//! Each object keeps a cursor, the next ESI to send, which only ever grows (modulo 2^24), also across a leave and a
 //! rejoin: source symbols go first, then repair symbols never sent before, so a receiver that
 //! joins late or lost packets always gets symbols it lacks. The root record, while its group is
 //! active, is interleaved every `root_interval`.
@@ -37,14 +50,17 @@ pub struct SchedConfig {
     pub cooldown: Duration,
     /// Cursors remembered for objects that are no longer active.
     pub remembered_cursors: usize,
+    /// Bounds of the first round's margin, as a fraction of K.
+    pub max_margin: f64,
 }
 
 impl Default for SchedConfig {
     fn default() -> Self {
         SchedConfig {
             root_interval: Duration::from_millis(25),
-            cooldown: Duration::from_millis(30),
+            cooldown: Duration::from_millis(60),
             remembered_cursors: 1 << 16,
+            max_margin: 0.15,
         }
     }
 }
@@ -52,47 +68,77 @@ impl Default for SchedConfig {
 /// An active object's progress.
 struct Active {
     k: u32,
+    urgent: bool,
     /// Symbols left in the current round.
     budget: u32,
     /// Rounds completed since the object became active.
     rounds: u32,
+    /// When the first round ended.
+    first_done: Option<Instant>,
 }
 
 impl Active {
-    fn new(k: u32) -> Active {
-        Active {
-            k,
-            budget: first_round(k),
-            rounds: 0,
-        }
-    }
-
-    fn next_round(&mut self) {
+    fn later_round(&mut self) {
         self.rounds += 1;
-        self.budget = later_round(self.k, self.rounds);
+        self.budget = if self.urgent {
+            self.k + 2
+        } else {
+            let base = (self.k / 8).max(2);
+            base.saturating_mul(1 << (self.rounds - 1).min(8))
+                .min(self.k.max(2))
+        };
     }
 }
 
-/// The first round: what a receiver that lost nothing needs, and a symbol or two to spare
-/// (RaptorQ decodes from K symbols with probability above 99 %, K + 2 almost surely).
-/// Receivers that lost some get the rest in the next rounds, after the others have left.
-fn first_round(k: u32) -> u32 {
-    k + 2
+/// The first round's margin, learned from how often objects need a second round.
+struct Margin {
+    fraction: f64,
+    max: f64,
 }
 
-/// Later rounds serve stragglers and late joiners: K/8 doubling each time, at most K.
-fn later_round(k: u32, round: u32) -> u32 {
-    let base = (k / 8).max(2);
-    base.saturating_mul(1 << (round - 1).min(8)).min(k.max(2))
+impl Margin {
+    /// Aim: about one object in nine needs a second round. Each one that does raises the
+    /// margin by eight times what each one that does not lowers it.
+    fn observe(&mut self, needed_more: bool) {
+        let step = if needed_more { 0.004 } else { -0.0005 };
+        self.fraction = (self.fraction + step).clamp(0.0, self.max);
+    }
+
+    /// K source symbols always decode (the code is systematic); the margin covers loss.
+    fn first_round(&self, k: u32) -> u32 {
+        k + (k as f64 * self.fraction).ceil() as u32
+    }
+}
+
+/// What the scheduler did, per class of object, for logs and benchmarks.
+#[derive(Clone, Debug, Default)]
+pub struct SchedStats {
+    /// [urgent, bulk]: times an object became active.
+    pub activations: [u64; 2],
+    /// [urgent, bulk]: sum of K over activations.
+    pub source_symbols: [u64; 2],
+    /// [urgent, bulk]: symbols sent.
+    pub sent: [u64; 2],
+    /// [urgent, bulk]: rounds after the first.
+    pub later_rounds: [u64; 2],
+    /// Distinct objects ever activated.
+    pub distinct: u64,
+    /// Blocks whose listeners all left within 10, 20, 40, 80, 160 ms or later after the end
+    /// of the first round: how long MLD leaves take to arrive.
+    pub leave_delay: [u64; 6],
 }
 
 pub struct Scheduler {
     config: SchedConfig,
-    ring: VecDeque<Hash>,
+    stats: SchedStats,
+    seen: std::collections::HashSet<Hash>,
+    urgent: VecDeque<Hash>,
+    bulk: VecDeque<Hash>,
     active: HashMap<Hash, Active>,
     /// Objects between rounds, in order of when they resume.
     cooling: VecDeque<(Instant, Hash)>,
     cursors: HashMap<Hash, u32>,
+    margin: Margin,
     root_active: bool,
     next_root: Option<Instant>,
 }
@@ -100,8 +146,15 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(config: SchedConfig) -> Scheduler {
         Scheduler {
+            stats: SchedStats::default(),
+            seen: Default::default(),
+            margin: Margin {
+                fraction: 0.0,
+                max: config.max_margin,
+            },
             config,
-            ring: VecDeque::new(),
+            urgent: VecDeque::new(),
+            bulk: VecDeque::new(),
             active: HashMap::new(),
             cooling: VecDeque::new(),
             cursors: HashMap::new(),
@@ -110,21 +163,55 @@ impl Scheduler {
         }
     }
 
-    /// An object's group gained its first listener; `k` is its number of source symbols.
-    pub fn handle_active(&mut self, hash: Hash, k: u32) {
+    /// An object's group gained its first listener; `k` is its number of source symbols and
+    /// `urgent` marks metadata.
+    pub fn handle_active(&mut self, hash: Hash, k: u32, urgent: bool) {
         if self.active.contains_key(&hash) {
             return;
         }
-        self.active.insert(hash, Active::new(k));
-        self.ring.push_back(hash);
+        let budget = self.margin.first_round(k);
+        self.active.insert(
+            hash,
+            Active {
+                k,
+                urgent,
+                budget,
+                rounds: 0,
+                first_done: None,
+            },
+        );
+        let class = usize::from(!urgent);
+        self.stats.activations[class] += 1;
+        self.stats.source_symbols[class] += k as u64;
+        if self.seen.insert(hash) {
+            self.stats.distinct += 1;
+        }
+        if urgent {
+            self.urgent.push_back(hash);
+        } else {
+            self.bulk.push_back(hash);
+        }
         self.cursors.entry(hash).or_insert(0);
     }
 
-    pub fn handle_inactive(&mut self, hash: &Hash) {
-        if self.active.remove(hash).is_none() {
+    pub fn handle_inactive(&mut self, now: Instant, hash: &Hash) {
+        let Some(a) = self.active.remove(hash) else {
             return;
+        };
+        if let (Some(t), false) = (a.first_done, a.urgent) {
+            let ms = now.saturating_duration_since(t).as_millis();
+            let bucket = [10, 20, 40, 80, 160]
+                .iter()
+                .position(|&b| ms < b)
+                .unwrap_or(5);
+            self.stats.leave_delay[bucket] += 1;
         }
-        self.ring.retain(|h| h != hash);
+        if a.rounds == 0 && a.budget == 0 && !a.urgent {
+            // Everyone left during the cooldown after the first round: it was enough.
+            self.margin.observe(false);
+        }
+        self.urgent.retain(|h| h != hash);
+        self.bulk.retain(|h| h != hash);
         self.cooling.retain(|(_, h)| h != hash);
         if self.cursors.len() > self.config.remembered_cursors {
             let active = &self.active;
@@ -139,7 +226,7 @@ impl Scheduler {
 
     /// Restarts an object's symbols at zero (after its bytes were found to have changed).
     pub fn forget(&mut self, hash: &Hash) {
-        self.handle_inactive(hash);
+        self.handle_inactive(Instant::now(), hash);
         self.cursors.remove(hash);
     }
 
@@ -151,6 +238,15 @@ impl Scheduler {
         self.active.len()
     }
 
+    pub fn stats(&self) -> &SchedStats {
+        &self.stats
+    }
+
+    /// The first round's current margin, as a fraction of K.
+    pub fn margin(&self) -> f64 {
+        self.margin.fraction
+    }
+
     /// The next packet to send at `now`, or None when there is nothing to send until
     /// [`Scheduler::poll_timeout`].
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
@@ -159,18 +255,22 @@ impl Scheduler {
                 Some(at.max(now - self.config.root_interval) + self.config.root_interval);
             return Some(Transmit::Root);
         }
-        while self.cooling.front().is_some_and(|(t, _)| *t <= now) {
-            let (_, hash) = self.cooling.pop_front()?;
-            if let Some(a) = self.active.get_mut(&hash) {
-                a.next_round();
-                self.ring.push_back(hash);
-            }
-        }
-        let hash = *self.ring.front()?;
+        self.resume_cooled(now);
+        let urgent = !self.urgent.is_empty();
+        let queue = if urgent {
+            &mut self.urgent
+        } else {
+            &mut self.bulk
+        };
+        let hash = *queue.front()?;
         let a = self.active.get_mut(&hash)?;
         a.budget = a.budget.saturating_sub(1);
+        self.stats.sent[usize::from(!a.urgent)] += 1;
         if a.budget == 0 {
-            self.ring.pop_front();
+            if a.rounds == 0 {
+                a.first_done = Some(now);
+            }
+            queue.pop_front();
             self.cooling.push_back((now + self.config.cooldown, hash));
         }
         let cursor = self.cursors.entry(hash).or_insert(0);
@@ -179,9 +279,27 @@ impl Scheduler {
         Some(Transmit::Symbol { hash, esi })
     }
 
+    /// Objects whose cooldown ended still have listeners: they get another round, urgently.
+    fn resume_cooled(&mut self, now: Instant) {
+        while self.cooling.front().is_some_and(|(t, _)| *t <= now) {
+            let Some((_, hash)) = self.cooling.pop_front() else {
+                return;
+            };
+            let Some(a) = self.active.get_mut(&hash) else {
+                continue;
+            };
+            if a.rounds == 0 && !a.urgent {
+                self.margin.observe(true);
+            }
+            a.later_round();
+            self.stats.later_rounds[usize::from(!a.urgent)] += 1;
+            self.urgent.push_back(hash);
+        }
+    }
+
     /// When the scheduler next has something to send, if it has nothing now.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if !self.ring.is_empty() {
+        if !self.urgent.is_empty() || !self.bulk.is_empty() {
             return None;
         }
         let cool = self.cooling.front().map(|(t, _)| *t);
@@ -247,23 +365,26 @@ mod tests {
         blake3::hash(&[i])
     }
 
+    fn now_for_test() -> Instant {
+        Instant::now()
+    }
+
+    fn drain(s: &mut Scheduler, now: Instant) -> Vec<Transmit> {
+        std::iter::from_fn(|| s.poll_transmit(now)).collect()
+    }
+
     #[test]
     fn objects_take_turns_by_rounds_and_cursors_grow() {
         let now = Instant::now();
         let mut s = Scheduler::new(SchedConfig::default());
-        s.handle_active(h(1), 100);
-        s.handle_active(h(2), 100);
-        s.handle_active(h(1), 100);
-        let sent: Vec<_> = (0..204).map(|_| s.poll_transmit(now).unwrap()).collect();
-        assert_eq!(
-            sent.iter()
-                .filter(|t| matches!(t, Transmit::Symbol { hash, .. } if *hash == h(1)))
-                .count(),
-            102
-        );
+        s.handle_active(h(1), 100, false);
+        s.handle_active(h(2), 100, false);
+        s.handle_active(h(1), 100, false);
+        let sent = drain(&mut s, now);
+        assert_eq!(sent.len(), 200);
         assert_eq!(sent[2], Transmit::Symbol { hash: h(1), esi: 2 });
         assert_eq!(
-            sent[102],
+            sent[100],
             Transmit::Symbol { hash: h(2), esi: 0 },
             "whole rounds, in turn"
         );
@@ -274,8 +395,8 @@ mod tests {
         let now = Instant::now();
         let mut s = Scheduler::new(SchedConfig::default());
         assert!(s.poll_transmit(now).is_none());
-        s.handle_active(h(1), 100);
-        s.handle_inactive(&h(1));
+        s.handle_active(h(1), 100, false);
+        s.handle_inactive(now_for_test(), &h(1));
         assert!(s.poll_transmit(now).is_none() && s.is_idle());
     }
 
@@ -283,16 +404,16 @@ mod tests {
     fn rejoin_continues_with_new_symbols() {
         let now = Instant::now();
         let mut s = Scheduler::new(SchedConfig::default());
-        s.handle_active(h(1), 100);
+        s.handle_active(h(1), 100, false);
         s.poll_transmit(now);
-        s.handle_inactive(&h(1));
-        s.handle_active(h(1), 100);
+        s.handle_inactive(now_for_test(), &h(1));
+        s.handle_active(h(1), 100, false);
         assert_eq!(
             s.poll_transmit(now),
             Some(Transmit::Symbol { hash: h(1), esi: 1 })
         );
         s.forget(&h(1));
-        s.handle_active(h(1), 100);
+        s.handle_active(h(1), 100, false);
         assert_eq!(
             s.poll_transmit(now),
             Some(Transmit::Symbol { hash: h(1), esi: 0 })
@@ -303,13 +424,13 @@ mod tests {
     fn root_is_interleaved_on_its_interval() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(SchedConfig::default());
-        s.handle_active(h(1), 100);
+        s.handle_active(h(1), 100, false);
         s.handle_root(t0, true);
         assert_eq!(s.poll_transmit(t0), Some(Transmit::Root));
         assert!(matches!(s.poll_transmit(t0), Some(Transmit::Symbol { .. })));
         let t1 = t0 + Duration::from_millis(30);
         assert_eq!(s.poll_transmit(t1), Some(Transmit::Root));
-        s.handle_inactive(&h(1));
+        s.handle_inactive(now_for_test(), &h(1));
         assert!(s.poll_transmit(t1).is_none());
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_millis(50)));
     }
@@ -318,25 +439,74 @@ mod tests {
     fn rounds_pause_for_leaves_then_grow() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(SchedConfig::default());
-        s.handle_active(h(1), 32);
-        let first = std::iter::from_fn(|| s.poll_transmit(t0)).count();
-        assert_eq!(first, 32 + 2, "first round: K + 2");
+        s.handle_active(h(1), 32, false);
+        assert_eq!(
+            drain(&mut s, t0).len(),
+            32,
+            "first round: K, no loss seen yet"
+        );
         let resume = s.poll_timeout().unwrap();
         assert_eq!(resume, t0 + SchedConfig::default().cooldown);
-        let second = std::iter::from_fn(|| s.poll_transmit(resume)).count();
-        assert_eq!(second, 4, "then K/8");
-        let third = std::iter::from_fn(|| s.poll_transmit(resume + Duration::from_secs(1))).count();
-        assert_eq!(third, 8, "doubling");
-        s.handle_inactive(&h(1));
+        assert_eq!(drain(&mut s, resume).len(), 4, "then K/8");
+        assert_eq!(
+            drain(&mut s, resume + Duration::from_secs(1)).len(),
+            8,
+            "doubling"
+        );
+        s.handle_inactive(now_for_test(), &h(1));
         assert!(s.poll_timeout().is_none() && s.is_idle());
-        s.handle_active(h(1), 32);
+    }
+
+    #[test]
+    fn urgent_objects_and_later_rounds_go_before_bulk() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(SchedConfig::default());
+        s.handle_active(h(1), 10, false);
+        assert_eq!(drain(&mut s, t0).len(), 10);
+        for i in 2..6 {
+            s.handle_active(h(i), 40, false);
+        }
+        s.handle_active(h(9), 3, true);
         assert_eq!(
             s.poll_transmit(t0),
-            Some(Transmit::Symbol {
-                hash: h(1),
-                esi: 34 + 4 + 8
-            })
+            Some(Transmit::Symbol { hash: h(9), esi: 0 }),
+            "urgent first"
         );
+        let t1 = t0 + SchedConfig::default().cooldown;
+        let sent = drain(&mut s, t1);
+        let first_bulk = sent
+            .iter()
+            .position(|t| matches!(t, Transmit::Symbol { hash, .. } if *hash == h(2)));
+        let straggler = sent
+            .iter()
+            .position(|t| matches!(t, Transmit::Symbol { hash, .. } if *hash == h(1)));
+        assert!(
+            straggler < first_bulk,
+            "the straggler's round jumps the bulk queue"
+        );
+    }
+
+    #[test]
+    fn margin_adapts_to_loss() {
+        let mut now = Instant::now();
+        let mut s = Scheduler::new(SchedConfig::default());
+        for i in 0..200u32 {
+            let hash = blake3::hash(&i.to_le_bytes());
+            s.handle_active(hash, 40, false);
+            drain(&mut s, now);
+            now += SchedConfig::default().cooldown;
+            drain(&mut s, now); // still listened to after the cooldown: more was needed
+            s.handle_inactive(now_for_test(), &hash);
+        }
+        let lossy = s.margin();
+        assert!(lossy > 0.12, "{lossy}");
+        for i in 0..2000u32 {
+            let hash = blake3::hash(&(i + 1000).to_le_bytes());
+            s.handle_active(hash, 40, false);
+            drain(&mut s, now);
+            s.handle_inactive(now_for_test(), &hash);
+        }
+        assert!(s.margin() < 0.01, "{}", s.margin());
     }
 
     #[test]

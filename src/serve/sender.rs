@@ -141,7 +141,7 @@ impl SenderLoop {
     pub fn run(mut self, events: Receiver<GroupEvent>, shutdown: &AtomicBool) {
         while !shutdown.load(Ordering::Relaxed) {
             if !self.handle_events(&events) {
-                return;
+                break;
             }
             self.refresh_table();
             if let Err(e) = self.send_some() {
@@ -149,6 +149,12 @@ impl SenderLoop {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        let s = self.sched.stats();
+        tracing::debug!(
+            "scheduler: {} distinct objects; metadata {} activations, {} of {} source symbols sent, {} later rounds; blocks {} activations, {} of {} source symbols sent, {} later rounds; margin {:.3}; leaves after <10/20/40/80/160/more ms: {:?}",
+            s.distinct, s.activations[0], s.sent[0], s.source_symbols[0], s.later_rounds[0],
+            s.activations[1], s.sent[1], s.source_symbols[1], s.later_rounds[1], self.sched.margin(), s.leave_delay
+        );
     }
 
     /// Applies pending MLD events, waiting for one while there is nothing to send.
@@ -197,11 +203,21 @@ impl SenderLoop {
         } else if let Some(&hash) = self.current.by_group.get(&group) {
             tracing::trace!(%hash, on, "object group");
             if on {
-                self.sched.handle_active(hash, self.source_symbols(&hash));
+                self.sched
+                    .handle_active(hash, self.source_symbols(&hash), self.urgent(&hash));
             } else {
-                self.sched.handle_inactive(&hash);
+                self.sched.handle_inactive(now, &hash);
             }
         }
+    }
+
+    /// Metadata (kept in memory: directories, file indexes) is urgent: receivers walk it
+    /// before they can ask for blocks.
+    fn urgent(&self, hash: &Hash) -> bool {
+        matches!(
+            self.current.objects.get(hash),
+            Some((_, super::index::Source::Memory(_)))
+        )
     }
 
     /// K of an object, from its length and the symbol size it will be sent with.

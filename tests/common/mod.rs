@@ -2,5 +2,5 @@
 #![allow(dead_code)]
 
 pub mod lab;
-pub mod tree;
 pub mod lcfs;
+pub mod tree;
