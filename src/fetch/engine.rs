@@ -211,6 +211,16 @@ impl Fetcher {
         Ok(hit)
     }
 
+    /// How long a fetch may go without a useful symbol.
+    pub fn timeout(&self) -> Duration {
+        self.inner.config.timeout
+    }
+
+    /// The error a fetch of `what` that timed out gives.
+    pub fn timeout_error(&self, what: &str) -> FetchError {
+        self.inner.timeout_error(what)
+    }
+
     /// The next root record the server sends whose channel id matches; not yet trusted.
     pub async fn fetch_root(&self) -> Result<RootRecord, FetchError> {
         let rx = self.inner.request_root();

@@ -73,18 +73,18 @@ impl Tree {
             Some(_) => remembered(&fetcher)?,
             None => None,
         };
-        let fetched = match (offline_wait, &remembered_root) {
-            (Some(wait), Some(_)) => tokio::time::timeout(wait, fetcher.fetch_root())
-                .await
-                .unwrap_or(Err(FetchError::Closed)),
-            _ => fetcher.fetch_root().await,
+        let wait = match (offline_wait, &remembered_root) {
+            (Some(wait), Some(_)) => wait,
+            _ => fetcher.timeout(),
         };
-        let (root, origin) = match (fetched, remembered_root) {
+        let (root, origin) = match (trusted_root(&fetcher, policy, wait).await, remembered_root) {
             (Ok(r), _) => (r, Origin::Network),
-            (Err(FetchError::Timeout { .. } | FetchError::Closed), Some(r)) => (r, Origin::Offline),
+            (Err(FetchError::Timeout { .. }), Some(r)) => {
+                check_policy(&fetcher, policy, &r)?;
+                (r, Origin::Offline)
+            }
             (Err(e), _) => return Err(e),
         };
-        check_policy(&fetcher, policy, &root)?;
         if origin == Origin::Network {
             let bytes = root.encode();
             if let Err(e) = fetcher.cache().set_root(fetcher.channel().id(), &bytes) {
@@ -221,6 +221,40 @@ impl Tree {
 
 fn short(h: &Hash) -> String {
     h.to_hex()[..16].to_owned()
+}
+
+/// Listens for root records until one passes `policy`. Records that fail it (forged,
+/// unsigned, older, another snapshot) are skipped, so a flood of bad records cannot stop a
+/// receiver from finding the good one; when time runs out the last refusal is the error.
+async fn trusted_root(
+    fetcher: &Fetcher,
+    policy: &RootPolicy,
+    wait: Duration,
+) -> Result<RootRecord, FetchError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut refused = None;
+    loop {
+        let timeout = || {
+            refused
+                .clone()
+                .unwrap_or_else(|| fetcher.timeout_error("the root record"))
+        };
+        let Ok(fetched) = tokio::time::timeout_at(deadline, fetcher.fetch_root()).await else {
+            return Err(timeout());
+        };
+        let root = match fetched {
+            Ok(r) => r,
+            Err(FetchError::Timeout { .. }) => return Err(timeout()),
+            Err(e) => return Err(e),
+        };
+        match check_policy(fetcher, policy, &root) {
+            Ok(()) => return Ok(root),
+            Err(e) => {
+                tracing::debug!("skipping a root record: {e}");
+                refused = Some(e);
+            }
+        }
+    }
 }
 
 fn remembered(fetcher: &Fetcher) -> Result<Option<RootRecord>, FetchError> {
