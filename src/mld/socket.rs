@@ -140,6 +140,15 @@ fn io_error<'a>(iface: &'a str, what: &'static str) -> impl FnOnce(io::Error) ->
     }
 }
 
+/// Checks that this process may open the raw ICMPv6 socket MLD needs, before any long work.
+pub fn check_permission() -> Result<(), MldError> {
+    match Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(MldError::Permission(e)),
+        Err(_) => Ok(()),
+    }
+}
+
 fn open_socket(iface: u32, name: &str, tick: Duration) -> Result<Socket, MldError> {
     let sock = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).map_err(|e| match e
         .kind()

@@ -137,6 +137,7 @@ fn next_generation(state: Option<&Path>, channel: &Channel, last: u64) -> u64 {
 
 /// Serves until `shutdown` is set.
 pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
+    mld::socket::check_permission()?;
     if let Some(dir) = &opts.state_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
