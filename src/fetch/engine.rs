@@ -11,7 +11,7 @@ use lcfs_cache::{Cache, Verified};
 use socket2::Socket;
 use tokio::sync::oneshot;
 
-use super::membership::{Memberships, DEFAULT_GAP};
+use super::membership::{default_gap, Memberships};
 use super::object::{Action, ObjectFetch};
 use super::{FetchError, KEY_HINT};
 use crate::channel::{Channel, Tag};
@@ -99,7 +99,7 @@ impl Default for State {
             joined: 0,
             seq: 0,
             root: None,
-            members: Memberships::new(DEFAULT_GAP),
+            members: Memberships::new(default_gap()),
         }
     }
 }
