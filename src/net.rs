@@ -290,6 +290,7 @@ pub fn send_batch(s: &Socket, dests: &[SocketAddrV6], packets: &[Vec<u8>]) -> io
 pub struct RecvBatch {
     bufs: Vec<Vec<u8>>,
     lens: Vec<usize>,
+    sources: Vec<libc::sockaddr_in6>,
 }
 
 impl RecvBatch {
@@ -297,16 +298,20 @@ impl RecvBatch {
         RecvBatch {
             bufs: vec![vec![0; size]; count],
             lens: vec![0; count],
+            // SAFETY: sockaddr_in6 is plain old data; all-zero is a valid value.
+            sources: vec![unsafe { std::mem::zeroed() }; count],
         }
     }
 
-    /// The datagrams received by the last call, as mutable slices (decryption is in place).
-    pub fn datagrams(&mut self) -> impl Iterator<Item = &mut [u8]> {
+    /// The datagrams received by the last call with their senders' addresses, as mutable
+    /// slices (decryption is in place).
+    pub fn datagrams(&mut self) -> impl Iterator<Item = (Ipv6Addr, &mut [u8])> {
         self.bufs
             .iter_mut()
             .zip(&self.lens)
-            .filter(|(_, &n)| n > 0)
-            .map(|(b, &n)| &mut b[..n])
+            .zip(&self.sources)
+            .filter(|((_, &n), _)| n > 0)
+            .map(|((b, &n), src)| (Ipv6Addr::from(src.sin6_addr.s6_addr), &mut b[..n]))
     }
 }
 
@@ -324,15 +329,19 @@ pub fn recv_batch(s: &Socket, batch: &mut RecvBatch) -> io::Result<usize> {
         .collect();
     let mut msgs: Vec<libc::mmsghdr> = iovs
         .iter_mut()
-        .map(|iov| {
+        .zip(batch.sources.iter_mut())
+        .map(|(iov, src)| {
             // SAFETY: mmsghdr is plain old data; all-zero is a valid empty header.
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
             m.msg_hdr.msg_iov = iov;
             m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_name = (src as *mut libc::sockaddr_in6).cast();
+            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
             m
         })
         .collect();
-    // SAFETY: the headers point at buffers owned by `batch`, which outlive the call.
+    // SAFETY: the headers point at buffers and addresses owned by `batch`, which outlive the
+    // call.
     let rc = unsafe {
         libc::recvmmsg(
             s.as_raw_fd(),
@@ -405,7 +414,10 @@ mod tests {
         let mut got = Vec::new();
         while got.len() < 5 {
             assert!(recv_batch(&rx, &mut batch).unwrap() > 0);
-            got.extend(batch.datagrams().map(|d| d.to_vec()));
+            got.extend(batch.datagrams().map(|(src, d)| {
+                assert_eq!(src, Ipv6Addr::LOCALHOST);
+                d.to_vec()
+            }));
         }
         assert_eq!(got, packets);
     }

@@ -350,7 +350,7 @@ impl Inner {
         let mut roots = Vec::new();
         {
             let mut st = self.lock();
-            for dgram in batch.datagrams() {
+            for (sender, dgram) in batch.datagrams() {
                 self.stats.packets.fetch_add(1, Ordering::Relaxed);
                 let Ok(pkt) = packet::decode(dgram, seal) else {
                     self.stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -358,7 +358,9 @@ impl Inner {
                 };
                 match pkt.body {
                     Body::Symbol { esi, data } => {
-                        if let Some(v) = self.handle_symbol(&mut st, now, pkt.tag, esi, data) {
+                        if let Some(v) =
+                            self.handle_symbol(&mut st, now, sender, pkt.tag, esi, data)
+                        {
                             done.push(v);
                         }
                     }
@@ -389,6 +391,7 @@ impl Inner {
         &self,
         st: &mut State,
         now: Instant,
+        sender: Ipv6Addr,
         tag: Tag,
         esi: u32,
         data: &[u8],
@@ -398,7 +401,7 @@ impl Inner {
             return None;
         };
         let forged = p.fetch.stats.forged_decodes;
-        let v = p.fetch.handle_symbol(now, esi, data);
+        let v = p.fetch.handle_symbol(now, sender, esi, data);
         if p.fetch.stats.forged_decodes > forged {
             self.stats.forged_decodes.fetch_add(1, Ordering::Relaxed);
         }

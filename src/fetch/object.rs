@@ -4,9 +4,16 @@
 //! decoders of different sizes may coexist so that forged symbols of a wrong size cannot lock
 //! out the real ones. A decode is verified against the object's hash before it is returned;
 //! a decode that does not verify (forged symbols on a clear channel) is thrown away and the
-//! fetch goes on. Timers: after `stall` without a useful symbol the caller should leave and
-//! rejoin the group (a fresh MLD report); after `timeout` without one the fetch fails.
+//! fetch goes on. From then on symbols are kept apart by sender address, so that a forger's
+//! symbols spoil only its own decoder while the server's still combine (symbols from several
+//! servers of one channel combine until the first forgery is seen).
+//!
+//! Timers: after `stall` without a useful symbol the caller should leave and rejoin the group
+//! (a fresh MLD report); after `timeout` without one the fetch fails. Once forgery has been
+//! seen, symbols no longer prove progress, so the fetch must then finish within `timeout`
+//! of its start: a flood can slow a fetch down, never hang it.
 
+use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
 use lcfs_cache::Verified;
@@ -14,7 +21,7 @@ use lcfs_cache::Verified;
 use crate::fec::{Decoded, ObjectDecoder};
 use crate::object::ObjectRef;
 
-const MAX_DECODERS: usize = 3;
+const MAX_DECODERS: usize = 4;
 
 /// What the I/O shell should do for this object now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,9 +38,17 @@ pub struct SymbolStats {
     pub forged_decodes: u64,
 }
 
+/// Which symbols one decoder takes: one symbol size, and one sender once forgery was seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Key {
+    size: usize,
+    sender: Option<Ipv6Addr>,
+}
+
 pub struct ObjectFetch {
     want: ObjectRef,
-    decoders: Vec<ObjectDecoder>,
+    decoders: Vec<(Key, ObjectDecoder)>,
+    started: Instant,
     last_progress: Instant,
     last_join: Instant,
     pub stats: SymbolStats,
@@ -44,6 +59,7 @@ impl ObjectFetch {
         ObjectFetch {
             want,
             decoders: Vec::new(),
+            started: now,
             last_progress: now,
             last_join: now,
             stats: SymbolStats::default(),
@@ -54,13 +70,23 @@ impl ObjectFetch {
         &self.want
     }
 
-    /// Feeds one symbol. Returns the verified object once it decodes.
-    pub fn handle_symbol(&mut self, now: Instant, esi: u32, data: &[u8]) -> Option<Verified> {
-        let Some(i) = self.decoder_for(data.len()) else {
+    /// Feeds one symbol from `sender`. Returns the verified object once it decodes.
+    pub fn handle_symbol(
+        &mut self,
+        now: Instant,
+        sender: Ipv6Addr,
+        esi: u32,
+        data: &[u8],
+    ) -> Option<Verified> {
+        let key = Key {
+            size: data.len(),
+            sender: (self.stats.forged_decodes > 0).then_some(sender),
+        };
+        let Some(i) = self.decoder_for(key) else {
             self.stats.ignored += 1;
             return None;
         };
-        match self.decoders[i].push(esi, data) {
+        match self.decoders[i].1.push(esi, data) {
             Decoded::Ignored => {
                 self.stats.ignored += 1;
                 None
@@ -68,7 +94,7 @@ impl ObjectFetch {
             Decoded::Pending => {
                 self.stats.accepted += 1;
                 self.last_progress = now;
-                if self.decoders[i].saturated() {
+                if self.decoders[i].1.saturated() {
                     self.decoders.swap_remove(i);
                 }
                 None
@@ -87,23 +113,28 @@ impl ObjectFetch {
             Err(e) => {
                 tracing::debug!("discarding a decode that does not verify: {e}");
                 self.stats.forged_decodes += 1;
-                self.decoders.swap_remove(i);
+                if self.decoders[i].0.sender.is_none() {
+                    // Symbols mixed from every sender can no longer be trusted to combine.
+                    self.decoders.clear();
+                } else {
+                    self.decoders.swap_remove(i);
+                }
                 None
             }
         }
     }
 
-    fn decoder_for(&mut self, size: usize) -> Option<usize> {
-        if let Some(i) = self.decoders.iter().position(|d| d.symbol_size() == size) {
+    fn decoder_for(&mut self, key: Key) -> Option<usize> {
+        if let Some(i) = self.decoders.iter().position(|(k, _)| *k == key) {
             return Some(i);
         }
         if self.decoders.len() >= MAX_DECODERS {
             // Drop the decoder that made the least progress to make room.
-            let worst = (0..self.decoders.len()).min_by_key(|&i| self.decoders[i].kept())?;
+            let worst = (0..self.decoders.len()).min_by_key(|&i| self.decoders[i].1.kept())?;
             self.decoders.swap_remove(worst);
         }
-        let d = ObjectDecoder::new(self.want.len as u64, size).ok()?;
-        self.decoders.push(d);
+        let d = ObjectDecoder::new(self.want.len as u64, key.size).ok()?;
+        self.decoders.push((key, d));
         Some(self.decoders.len() - 1)
     }
 
@@ -113,13 +144,15 @@ impl ObjectFetch {
 
     /// Restarts the timers, when the object (re)enters the joined window.
     pub fn handle_started(&mut self, now: Instant) {
+        self.started = now;
         self.last_progress = now;
         self.last_join = now;
     }
 
     pub fn poll_action(&self, now: Instant, stall: Duration, timeout: Duration) -> Action {
         let quiet = now.saturating_duration_since(self.last_progress);
-        if quiet >= timeout {
+        let forged = self.stats.forged_decodes > 0;
+        if quiet >= timeout || (forged && now.saturating_duration_since(self.started) >= timeout) {
             Action::Fail
         } else if quiet >= stall && now.saturating_duration_since(self.last_join) >= stall {
             Action::Rejoin
@@ -134,6 +167,9 @@ mod tests {
     use super::*;
     use crate::fec::ObjectEncoder;
     use crate::object::object_ref;
+
+    const SERVER: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+    const FORGER: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 666);
 
     fn setup(len: usize) -> (Vec<u8>, ObjectEncoder, ObjectFetch, Instant) {
         let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
@@ -150,7 +186,7 @@ mod tests {
         let mut got = None;
         for esi in 3..40 {
             enc.symbol(esi, &mut buf);
-            if let Some(v) = f.handle_symbol(now, esi, &buf) {
+            if let Some(v) = f.handle_symbol(now, SERVER, esi, &buf) {
                 got = Some(v);
                 break;
             }
@@ -163,14 +199,14 @@ mod tests {
         let (data, enc, mut f, now) = setup(3000);
         // Forged source symbols with the right size decode to something that fails the hash.
         for esi in 0..6 {
-            assert!(f.handle_symbol(now, esi, &[0xAA; 500]).is_none());
+            assert!(f.handle_symbol(now, FORGER, esi, &[0xAA; 500]).is_none());
         }
         assert_eq!(f.stats.forged_decodes, 1);
         let mut buf = Vec::new();
         let mut got = None;
         for esi in 10..40 {
             enc.symbol(esi, &mut buf);
-            got = got.or(f.handle_symbol(now, esi, &buf));
+            got = got.or(f.handle_symbol(now, SERVER, esi, &buf));
         }
         assert_eq!(&got.unwrap()[..], &data[..]);
     }
@@ -179,15 +215,50 @@ mod tests {
     fn wrong_sized_flood_does_not_lock_out() {
         let (data, enc, mut f, now) = setup(3000);
         for size in [1usize, 7, 99, 1400] {
-            f.handle_symbol(now, 0, &vec![1; size]);
+            f.handle_symbol(now, FORGER, 0, &vec![1; size]);
         }
         let mut buf = Vec::new();
         let mut got = None;
         for esi in 0..20 {
             enc.symbol(esi, &mut buf);
-            got = got.or(f.handle_symbol(now, esi, &buf));
+            got = got.or(f.handle_symbol(now, SERVER, esi, &buf));
         }
         assert_eq!(&got.unwrap()[..], &data[..]);
+    }
+
+    #[test]
+    fn after_a_forgery_senders_are_kept_apart() {
+        let (data, enc, mut f, now) = setup(20_000);
+        let mut buf = Vec::new();
+        // The first decode mixes a forged symbol in and fails; after that the forger's
+        // symbols, interleaved with the server's, go to a decoder of their own.
+        f.handle_symbol(now, FORGER, 0, &[0x55; 500]);
+        let mut got = None;
+        for esi in 1..200 {
+            enc.symbol(esi, &mut buf);
+            got = got.or(f.handle_symbol(now, SERVER, esi, &buf));
+            got = got.or(f.handle_symbol(now, FORGER, esi + 1000, &[esi as u8; 500]));
+            if got.is_some() {
+                break;
+            }
+        }
+        assert!(f.stats.forged_decodes >= 1);
+        assert_eq!(&got.unwrap()[..], &data[..]);
+    }
+
+    #[test]
+    fn a_flood_cannot_postpone_the_timeout() {
+        let (_, _, mut f, t0) = setup(3000);
+        let (stall, timeout) = (Duration::from_millis(300), Duration::from_secs(2));
+        let mut now = t0;
+        for round in 0..40u32 {
+            now += Duration::from_millis(100);
+            for esi in 0..6 {
+                f.handle_symbol(now, FORGER, round * 10 + esi, &[round as u8; 500]);
+            }
+        }
+        assert!(f.stats.forged_decodes > 0);
+        assert_eq!(f.poll_action(now, stall, timeout), Action::Fail);
     }
 
     #[test]

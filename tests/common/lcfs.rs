@@ -170,7 +170,20 @@ pub struct Server {
 /// and waits (up to 90 s) for its ready line; panics with the server's stderr
 /// if it exits first.
 pub fn start_server(lab: &Lab, path: &Path, channel: &str, state: &Path, extra: &[&str]) -> Server {
+    start_server_env(lab, path, channel, state, extra, &[])
+}
+
+/// [`start_server`] with extra environment variables (e.g. `LCFS_PASSWORD`).
+pub fn start_server_env(
+    lab: &Lab,
+    path: &Path,
+    channel: &str,
+    state: &Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Server {
     let mut cmd = lab.command("srv", LCFS);
+    cmd.envs(envs.iter().copied());
     cmd.args([
         "serve",
         s(path),
@@ -329,6 +342,21 @@ impl Mount {
         timeout_secs: u32,
         extra: &[&str],
     ) -> Result<Mount, MountFailure> {
+        Mount::daemon_env(lab, node, channel, mnt, cache, timeout_secs, extra, &[])
+    }
+
+    /// [`Mount::daemon`] with extra environment variables (e.g. `LCFS_PASSWORD`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn daemon_env(
+        lab: &Lab,
+        node: &str,
+        channel: &str,
+        mnt: &Path,
+        cache: &Path,
+        timeout_secs: u32,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Mount, MountFailure> {
         std::fs::create_dir_all(mnt).expect("create the mountpoint");
         let log = PathBuf::from(format!("{}.log", mnt.display()));
         let mut cmd = lab.command(node, LCFS);
@@ -347,6 +375,7 @@ impl Mount {
             s(&log),
         ])
         .args(extra)
+        .envs(envs.iter().copied())
         .env("RUST_LOG", "lcfs=debug,lcfs_mount=debug")
         .stdin(Stdio::null());
         let started = Instant::now();
@@ -396,15 +425,32 @@ impl Mount {
         timeout_secs: u32,
         extra: &[&str],
     ) -> Mount {
-        Mount::daemon(lab, node, channel, mnt, cache, timeout_secs, extra).unwrap_or_else(|f| {
-            panic!(
-                "lcfs mount {channel} {} failed after {:.1} s: {}\n--- daemon log ---\n{}",
-                mnt.display(),
-                f.elapsed.as_secs_f64(),
-                describe(&f.output),
-                f.log
-            )
-        })
+        Mount::new_env(lab, node, channel, mnt, cache, timeout_secs, extra, &[])
+    }
+
+    /// [`Mount::new`] with extra environment variables (e.g. `LCFS_PASSWORD`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_env(
+        lab: &Lab,
+        node: &str,
+        channel: &str,
+        mnt: &Path,
+        cache: &Path,
+        timeout_secs: u32,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Mount {
+        Mount::daemon_env(lab, node, channel, mnt, cache, timeout_secs, extra, envs).unwrap_or_else(
+            |f| {
+                panic!(
+                    "lcfs mount {channel} {} failed after {:.1} s: {}\n--- daemon log ---\n{}",
+                    mnt.display(),
+                    f.elapsed.as_secs_f64(),
+                    describe(&f.output),
+                    f.log
+                )
+            },
+        )
     }
 
     pub fn path(&self) -> &Path {
@@ -495,4 +541,156 @@ impl Drop for Mount {
         }
         self.wait_daemon_exit(Duration::from_secs(5));
     }
+}
+
+// ---------------------------------------------------------------- copy
+
+/// A running `lcfs copy` in a lab client.
+pub struct CopyRun {
+    pub node: String,
+    pub child: Child,
+    stderr: Arc<Mutex<String>>,
+    stderr_thread: Option<JoinHandle<()>>,
+    started: Instant,
+}
+
+/// How a `lcfs copy` ended.
+#[derive(Debug)]
+pub struct CopyOutcome {
+    pub node: String,
+    pub status: ExitStatus,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// Starts `lcfs copy SPEC DEST --iface lc0 --cache CACHE [--timeout T] EXTRA..`
+/// in `node` with `envs` added to its environment (no `--timeout` when
+/// `timeout_secs` is `None`: the default applies).
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_copy_with(
+    lab: &Lab,
+    node: &str,
+    spec: &str,
+    dest: &Path,
+    cache: &Path,
+    timeout_secs: Option<u32>,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> CopyRun {
+    let mut cmd = lab.command(node, LCFS);
+    cmd.args(["copy", spec, s(dest), "--iface", IFACE, "--cache", s(cache)]);
+    if let Some(t) = timeout_secs {
+        cmd.args(["--timeout", &t.to_string()]);
+    }
+    cmd.args(extra)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = lab.spawn_command(cmd);
+    let (stderr, h) = collect_lines(child.stderr.take().unwrap(), node.to_string());
+    CopyRun {
+        node: node.to_string(),
+        child,
+        stderr,
+        stderr_thread: Some(h),
+        started,
+    }
+}
+
+impl CopyRun {
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits up to `limit`; panics (after killing it) if the copy is still running.
+    pub fn wait(mut self, limit: Duration) -> CopyOutcome {
+        let st = wait_limit(&mut self.child, limit);
+        if st.is_none() {
+            signal(&self.child, libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+        let elapsed = self.started.elapsed();
+        if let Some(h) = self.stderr_thread.take() {
+            let _ = h.join();
+        }
+        let stderr = self.stderr.lock().unwrap().clone();
+        let Some(status) = st else {
+            panic!(
+                "lcfs copy in {} still running after {limit:?} (killed); stderr:\n{stderr}",
+                self.node
+            );
+        };
+        CopyOutcome {
+            node: self.node,
+            status,
+            stderr,
+            elapsed,
+        }
+    }
+}
+
+impl CopyOutcome {
+    pub fn assert_success(&self) {
+        assert!(
+            self.status.success(),
+            "lcfs copy in {} failed ({}) after {:.1} s; stderr:\n{}",
+            self.node,
+            self.status,
+            self.elapsed.as_secs_f64(),
+            self.stderr
+        );
+    }
+
+    /// Panics unless the copy failed (non-zero exit).
+    pub fn assert_failure(&self, what: &str) {
+        assert!(
+            !self.status.success(),
+            "{what}: lcfs copy in {} succeeded (after {:.1} s) but must fail; stderr:\n{}",
+            self.node,
+            self.elapsed.as_secs_f64(),
+            self.stderr
+        );
+    }
+
+    /// The `copied ...` summary line.
+    pub fn summary_line(&self) -> String {
+        self.stderr
+            .lines()
+            .rev()
+            .find(|l| l.contains("copied ") && l.contains(" bytes from the network"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "lcfs copy in {} printed no summary line; stderr:\n{}",
+                    self.node, self.stderr
+                )
+            })
+            .to_string()
+    }
+}
+
+/// Every non-directory under `dir`, relative (none when `dir` does not exist).
+pub fn non_dirs(dir: &Path) -> Vec<PathBuf> {
+    super::tree::list_tree(dir)
+        .into_iter()
+        .filter(|p| {
+            !std::fs::symlink_metadata(dir.join(p))
+                .map(|m| m.is_dir())
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Panics if `dest` holds anything but directories (a failed copy must leave
+/// no file, symlink or `.lcfs-part-*` behind).
+pub fn assert_nothing_written(dest: &Path, what: &str) {
+    let left = non_dirs(dest);
+    assert!(
+        left.is_empty(),
+        "{what}: the failed copy left {} non-directories under {}: {:?}",
+        left.len(),
+        dest.display(),
+        &left[..left.len().min(20)]
+    );
 }
