@@ -102,7 +102,8 @@ struct ServeArgs {
     channel: Option<String>,
     #[command(flatten)]
     net: NetArgs,
-    /// Send rate in bits per second, headers included (suffixes K, M, G).
+    /// Send rate in bits per second on the wire, Ethernet, IPv6 and UDP headers included
+    /// (suffixes K, M, G).
     #[arg(long, default_value = "100M", value_parser = parse_rate)]
     rate: u64,
     /// Block size: a power of two from 16K to 4M.

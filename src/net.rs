@@ -14,6 +14,9 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// Bytes of IPv6 and UDP headers in front of every payload.
 pub const IP_UDP_HEADERS: usize = 48;
+/// Bytes a datagram adds on an Ethernet link: its IPv6 and UDP headers and the Ethernet
+/// header, which traffic shapers and link rates count too.
+pub const WIRE_OVERHEAD: usize = IP_UDP_HEADERS + 14;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

@@ -22,12 +22,12 @@ use super::sched::{Pacer, SchedConfig, Scheduler, Transmit};
 use super::table::Table;
 use crate::fec::{symbol_size_for_object, ObjectEncoder};
 use crate::mld::GroupEvent;
-use crate::net::{send_batch, IP_UDP_HEADERS};
+use crate::net::{send_batch, WIRE_OVERHEAD};
 use crate::packet;
 
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
-    /// Send rate in bits per second, counting IPv6 and UDP headers.
+    /// Send rate in bits per second, counting Ethernet, IPv6 and UDP headers.
     pub rate_bps: u64,
     pub port: u16,
     /// The largest UDP payload the interface carries unfragmented.
@@ -114,7 +114,7 @@ impl SenderLoop {
         changed: Sender<PathBuf>,
     ) -> SenderLoop {
         let now = Instant::now();
-        let burst = config.batch * (config.max_payload + IP_UDP_HEADERS);
+        let burst = config.batch * (config.max_payload + WIRE_OVERHEAD);
         let current = table.read().expect("table lock").clone();
         SenderLoop {
             pacer: Pacer::new(now, config.rate_bps, burst),
@@ -252,7 +252,7 @@ impl SenderLoop {
     }
 
     fn wire(&self, payload: usize) -> usize {
-        payload + IP_UDP_HEADERS
+        payload + WIRE_OVERHEAD
     }
 
     fn send_some(&mut self) -> std::io::Result<()> {
