@@ -9,6 +9,10 @@
 mod common;
 
 use common::lab::{Lab, LabOptions};
+use common::lcfs::{
+    assert_no_part_files, assert_nothing_written, parse_hashed, parse_sent, spawn_copy,
+    start_server, tmpdir, CopyOutcome, CopyRun,
+};
 use common::tree::{
     assert_entries_equal, assert_trees_equal, list_tree, make_edge_tree, set_mtime,
     tree_file_bytes, tree_file_count, write_random_file, BLOCK, LARGE_FILE_SIZE,
@@ -16,17 +20,11 @@ use common::tree::{
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-const LCFS: &str = env!("CARGO_BIN_EXE_lcfs");
-const IFACE: &str = Lab::IFACE;
 /// The product requirement: bytes the server sends for three lossy receivers
 /// together, over the tree's file bytes.
 const MAX_SEND_RATIO: f64 = 1.6;
@@ -34,437 +32,28 @@ const MAX_SEND_RATIO: f64 = 1.6;
 const MAX_IDLE_PACKETS: u64 = 20;
 const IDLE_WINDOW: Duration = Duration::from_secs(5);
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
+/// `lcfs copy SPEC DEST --timeout 30` in `node`, waited for up to 60 s;
+/// panics unless it succeeds.
+fn copy_ok(lab: &Lab, node: &str, spec: &str, dest: &Path, cache: &Path) -> CopyOutcome {
+    let o = spawn_copy(lab, node, spec, dest, cache, 30).wait(Duration::from_secs(60));
+    o.assert_success();
+    o
 }
 
-/// Reads `reader` line by line on a thread: each line is appended to the
-/// returned buffer and echoed to the test's stderr with `tag`.
-fn collect_lines(
-    reader: impl Read + Send + 'static,
-    tag: String,
-) -> (Arc<Mutex<String>>, JoinHandle<()>) {
-    let buf = Arc::new(Mutex::new(String::new()));
-    let b = buf.clone();
-    let h = std::thread::spawn(move || {
-        let mut r = BufReader::new(reader);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match r.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let l = String::from_utf8_lossy(&line);
-                    eprint!("[{tag}] {l}");
-                    if !l.ends_with('\n') {
-                        eprintln!();
-                    }
-                    b.lock().unwrap().push_str(&l);
-                }
-            }
-        }
-    });
-    (buf, h)
-}
-
-/// Waits up to `limit` for `child` to exit, without blocking forever.
-fn wait_limit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            return Some(st);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: plain syscall on our own, not yet reaped, child.
-    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
-}
-
-// ---------------------------------------------------------------- server
-
-#[derive(Clone, Debug)]
-struct Ready {
-    line: String,
-    channel: String,
-    generation: u64,
-    root: String,
-    files: u64,
-    bytes: u64,
-}
-
-fn parse_ready(line: &str) -> Ready {
-    let field = |k: &str| -> String {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")).map(str::to_string))
-            .unwrap_or_else(|| panic!("ready line lacks {k}=: {line:?}"))
-    };
-    let num = |k: &str| -> u64 {
-        field(k)
-            .parse()
-            .unwrap_or_else(|e| panic!("ready line: {k} is not a number ({e}): {line:?}"))
-    };
-    assert!(line.starts_with("ready "), "not a ready line: {line:?}");
-    Ready {
-        line: line.to_string(),
-        channel: field("channel"),
-        generation: num("generation"),
-        root: field("root"),
-        files: num("files"),
-        bytes: num("bytes"),
-    }
-}
-
-struct Server {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-    stderr_thread: Option<JoinHandle<()>>,
-    ready: Ready,
-}
-
-/// Starts `lcfs serve PATH` in `srv` and waits (up to 90 s) for its ready line;
-/// panics with the server's stderr if it exits first.
-fn start_server(lab: &Lab, path: &Path, channel: &str, state: &Path, extra: &[&str]) -> Server {
-    let mut cmd = lab.command("srv", LCFS);
-    cmd.args([
-        "serve",
-        s(path),
-        "--iface",
-        IFACE,
-        "--channel",
-        channel,
-        "--state",
-        s(state),
-    ])
-    .args(extra)
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = lab.spawn_command(cmd);
-    let stdout = child.stdout.take().unwrap();
-    let (stderr, stderr_thread) = collect_lines(child.stderr.take().unwrap(), "srv".into());
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("[srv stdout] {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut server = Server {
-        child,
-        lines,
-        stderr,
-        stderr_thread: Some(stderr_thread),
-        ready: Ready {
-            line: String::new(),
-            channel: String::new(),
-            generation: 0,
-            root: String::new(),
-            files: 0,
-            bytes: 0,
-        },
-    };
-    server.ready = server.wait_ready(Duration::from_secs(90));
-    assert_eq!(
-        server.ready.channel, channel,
-        "ready line names another channel"
-    );
-    server
-}
-
-impl Server {
-    /// The next `ready` line on stdout.
-    fn wait_ready(&mut self, limit: Duration) -> Ready {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with("ready ") => return parse_ready(&l),
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "lcfs serve printed no ready line within {limit:?}; stderr:\n{}",
-                    self.stderr()
-                ),
-                Err(RecvTimeoutError::Disconnected) => {
-                    let st = wait_limit(&mut self.child, Duration::from_secs(5));
-                    if let Some(h) = self.stderr_thread.take() {
-                        let _ = h.join();
-                    }
-                    panic!(
-                        "lcfs serve closed stdout before its ready line (exit: {st:?}); stderr:\n{}",
-                        self.stderr()
-                    );
-                }
-            }
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Asserts the server is still running.
-    fn assert_running(&mut self) {
-        if let Some(st) = self.child.try_wait().unwrap() {
-            panic!(
-                "lcfs serve exited unexpectedly ({st}); stderr:\n{}",
-                self.stderr()
-            );
-        }
-    }
-
-    /// SIGTERM, wait for exit (10 s), return the whole stderr.
-    fn stop(mut self) -> String {
-        self.assert_running();
-        signal(&self.child, libc::SIGTERM);
-        let st = wait_limit(&mut self.child, Duration::from_secs(10));
-        if st.is_none() {
-            signal(&self.child, libc::SIGKILL);
-            let _ = self.child.wait();
-        }
-        if let Some(h) = self.stderr_thread.take() {
-            let _ = h.join();
-        }
-        let err = self.stderr();
-        assert!(
-            st.is_some(),
-            "lcfs serve did not exit within 10 s of SIGTERM; stderr:\n{err}"
-        );
-        err
-    }
-}
-
-/// The number right before `suffix` in `line` (e.g. "123" in "x 123 bytes hashed").
-fn number_before(line: &str, suffix: &str) -> Option<u64> {
-    let i = line.find(suffix)?;
-    let head = line[..i].trim_end();
-    let start = head
-        .rfind(|c: char| !c.is_ascii_digit())
-        .map(|j| j + 1)
-        .unwrap_or(0);
-    head[start..].parse().ok()
-}
-
-/// (packets, bytes, root records) from the server's final `sent N packets (B bytes on the wire, R root records)`.
-fn parse_sent(stderr: &str) -> (u64, u64, u64) {
-    let line = stderr
-        .lines()
-        .rev()
-        .find(|l| l.contains(" packets (") && l.contains("bytes on the wire"))
-        .unwrap_or_else(|| {
-            panic!("lcfs serve logged no `sent N packets (B bytes on the wire, ...)` line; stderr:\n{stderr}")
-        });
-    let p = number_before(line, " packets (").expect("packets");
-    let b = number_before(line, " bytes on the wire").expect("bytes");
-    let r = number_before(line, " root records").unwrap_or(0);
-    (p, b, r)
-}
-
-/// Bytes hashed from every `indexed PATH in X s (N bytes hashed)` line, in order.
-fn parse_hashed(stderr: &str) -> Vec<u64> {
-    stderr
-        .lines()
-        .filter(|l| l.contains("indexed ") && l.contains("bytes hashed"))
-        .map(|l| number_before(l, " bytes hashed").expect("bytes hashed"))
-        .collect()
-}
-
-// ---------------------------------------------------------------- copy
-
-struct CopyRun {
-    node: String,
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    stderr_thread: Option<JoinHandle<()>>,
-    started: Instant,
-}
-
-struct CopyOutcome {
-    node: String,
-    status: ExitStatus,
-    stderr: String,
-    elapsed: Duration,
-}
-
-#[derive(Debug, Default)]
-struct Summary {
-    files: u64,
-    dirs: u64,
-    symlinks: u64,
-    bytes: u64,
-    network: u64,
-    reused: u64,
-    cache: u64,
-}
-
-/// Starts `lcfs copy SPEC DEST` in `node` with its own cache.
-fn spawn_copy(
-    lab: &Lab,
-    node: &str,
-    spec: &str,
-    dest: &Path,
-    cache: &Path,
-    timeout_secs: u32,
-) -> CopyRun {
-    let mut cmd = lab.command(node, LCFS);
-    cmd.args([
-        "copy",
-        spec,
-        s(dest),
-        "--iface",
-        IFACE,
-        "--cache",
-        s(cache),
-        "--timeout",
-        &timeout_secs.to_string(),
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    let started = Instant::now();
-    let mut child = lab.spawn_command(cmd);
-    let (stderr, h) = collect_lines(child.stderr.take().unwrap(), node.to_string());
-    CopyRun {
-        node: node.to_string(),
-        child,
-        stderr,
-        stderr_thread: Some(h),
-        started,
-    }
-}
-
-impl CopyRun {
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// Waits up to `limit`; panics (after killing it) if the copy is still running.
-    fn wait(mut self, limit: Duration) -> CopyOutcome {
-        let st = wait_limit(&mut self.child, limit);
-        if st.is_none() {
-            signal(&self.child, libc::SIGKILL);
-            let _ = self.child.wait();
-        }
-        let elapsed = self.started.elapsed();
-        if let Some(h) = self.stderr_thread.take() {
-            let _ = h.join();
-        }
-        let stderr = self.stderr.lock().unwrap().clone();
-        let Some(status) = st else {
-            panic!(
-                "lcfs copy in {} still running after {limit:?} (killed); stderr:\n{stderr}",
-                self.node
-            );
-        };
-        CopyOutcome {
-            node: self.node,
-            status,
-            stderr,
-            elapsed,
-        }
-    }
-}
-
-impl CopyOutcome {
-    fn assert_success(&self) {
-        assert!(
-            self.status.success(),
-            "lcfs copy in {} failed ({}) after {:.1} s; stderr:\n{}",
-            self.node,
-            self.status,
-            self.elapsed.as_secs_f64(),
-            self.stderr
-        );
-    }
-
-    /// The `copied ...` summary line, parsed.
-    fn summary(&self) -> Summary {
-        let line = self
-            .stderr
-            .lines()
-            .rev()
-            .find(|l| l.contains("copied ") && l.contains(" bytes from the network"))
-            .unwrap_or_else(|| {
-                panic!(
-                    "lcfs copy in {} printed no summary line; stderr:\n{}",
-                    self.node, self.stderr
-                )
-            });
-        let line = &line[line.find("copied ").unwrap()..];
-        let n = |suffix: &str| {
-            number_before(line, suffix)
-                .unwrap_or_else(|| panic!("summary line lacks `N{suffix}`: {line:?}"))
-        };
-        let after = |key: &str| -> u64 {
-            let i = line.find(key).unwrap() + key.len();
-            line[i..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
-        let net_end = line.find(" bytes from the network").unwrap();
-        let rest = &line[net_end..];
-        Summary {
-            files: after("copied "),
-            dirs: n(" dirs,"),
-            symlinks: n(" symlinks ("),
-            bytes: number_before(line, " bytes) to ").expect("bytes"),
-            network: n(" bytes from the network"),
-            reused: number_before(rest, " reused from ")
-                .unwrap_or_else(|| panic!("summary lacks `R reused from`: {line:?}")),
-            cache: number_before(rest, " from the cache")
-                .unwrap_or_else(|| panic!("summary lacks `C from the cache`: {line:?}")),
-        }
-    }
-}
-
-/// Every non-directory under `dir` (none when `dir` does not exist).
-fn non_dirs(dir: &Path) -> Vec<PathBuf> {
-    list_tree(dir)
-        .into_iter()
-        .filter(|p| {
-            !fs::symlink_metadata(dir.join(p))
-                .map(|m| m.is_dir())
-                .unwrap_or(false)
+/// Starts `lcfs copy SPEC TMP/dest-<client> --timeout 30` in every client, each
+/// with its own cache `TMP/cache-<client>`; returns the runs and their DESTs.
+fn spawn_copy_in_every_client(lab: &Lab, tmp: &Path, spec: &str) -> Vec<(CopyRun, PathBuf)> {
+    lab.client_names()
+        .iter()
+        .map(|c| {
+            let dest = tmp.join(format!("dest-{c}"));
+            let cache = tmp.join(format!("cache-{c}"));
+            (spawn_copy(lab, c, spec, &dest, &cache, 30), dest)
         })
         .collect()
 }
 
-fn assert_no_part_files(dir: &Path) {
-    let parts: Vec<_> = list_tree(dir)
-        .into_iter()
-        .filter(|p| {
-            p.file_name()
-                .map(|n| n.to_string_lossy().starts_with(".lcfs-part-"))
-                .unwrap_or(false)
-        })
-        .collect();
-    assert!(
-        parts.is_empty(),
-        "temporary files left under {}: {parts:?}",
-        dir.display()
-    );
-}
-
-fn tmpdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("lcfs-copy-test-")
-        .tempdir()
-        .expect("tempdir")
-}
-
-/// Packets the server sent (srv's bridge port rx) during `window`.
+/// Packets and bytes the server sent (srv's bridge port rx) during `window`.
 fn server_packets_during(lab: &Lab, window: Duration) -> (u64, u64) {
     let (p0, b0) = lab.port_rx("srv");
     std::thread::sleep(window);
@@ -484,7 +73,7 @@ fn three_receivers_with_loss() {
         loss: Some(5.0),
         ..Default::default()
     });
-    let tmp = tmpdir();
+    let tmp = tmpdir("copy");
     let src = tmp.path().join("edge");
     make_edge_tree(&src, 0x1cf5_0001);
     let tree_bytes = tree_file_bytes(&src);
@@ -512,15 +101,7 @@ fn three_receivers_with_loss() {
     );
 
     let before = lab.port_rx("srv");
-    let runs: Vec<(CopyRun, PathBuf)> = lab
-        .client_names()
-        .iter()
-        .map(|c| {
-            let dest = tmp.path().join(format!("dest-{c}"));
-            let cache = tmp.path().join(format!("cache-{c}"));
-            (spawn_copy(&lab, c, "edge", &dest, &cache, 30), dest)
-        })
-        .collect();
+    let runs = spawn_copy_in_every_client(&lab, tmp.path(), "edge");
     let outcomes: Vec<(CopyOutcome, PathBuf)> = runs
         .into_iter()
         .map(|(r, d)| (r.wait(Duration::from_secs(120)), d))
@@ -580,11 +161,8 @@ fn three_receivers_with_loss() {
 /// whose receivers have all finished.
 #[test]
 fn idle_server_is_quiet() {
-    let lab = Lab::up(LabOptions {
-        clients: 3,
-        ..Default::default()
-    });
-    let tmp = tmpdir();
+    let lab = Lab::with_clients(3);
+    let tmp = tmpdir("copy");
     let src = tmp.path().join("quiet");
     let mut rng = StdRng::seed_from_u64(7);
     write_random_file(&src.join("a.bin"), &mut rng, 3 * BLOCK + 5);
@@ -597,15 +175,7 @@ fn idle_server_is_quiet() {
         "idle before any receiver: {before_packets} packets ({before_bytes} B) in {IDLE_WINDOW:?}"
     );
 
-    let runs: Vec<(CopyRun, PathBuf)> = lab
-        .client_names()
-        .iter()
-        .map(|c| {
-            let dest = tmp.path().join(format!("dest-{c}"));
-            let cache = tmp.path().join(format!("cache-{c}"));
-            (spawn_copy(&lab, c, "quiet", &dest, &cache, 30), dest)
-        })
-        .collect();
+    let runs = spawn_copy_in_every_client(&lab, tmp.path(), "quiet");
     for (r, dest) in runs {
         let o = r.wait(Duration::from_secs(60));
         o.assert_success();
@@ -634,7 +204,7 @@ fn late_joiner() {
         duplicate: Some(1.0),
         ..Default::default()
     });
-    let tmp = tmpdir();
+    let tmp = tmpdir("copy");
     let src = tmp.path().join("big");
     let size = 32 * 1024 * 1024 + 4321;
     let mut rng = StdRng::seed_from_u64(0x1a7e);
@@ -695,11 +265,8 @@ fn late_joiner() {
 /// copied to a file path it takes that name.
 #[test]
 fn single_file_channel() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
-    let tmp = tmpdir();
+    let lab = Lab::with_clients(1);
+    let tmp = tmpdir("copy");
     let dir = tmp.path().join("src");
     fs::create_dir(&dir).unwrap();
     let mut rng = StdRng::seed_from_u64(0x5111);
@@ -720,16 +287,8 @@ fn single_file_channel() {
         // into an existing directory: DEST/name
         let into = tmp.path().join(format!("into-{name}"));
         fs::create_dir(&into).unwrap();
-        let o = spawn_copy(
-            &lab,
-            "c1",
-            "single",
-            &into,
-            &tmp.path().join(format!("cache-a-{name}")),
-            30,
-        )
-        .wait(Duration::from_secs(60));
-        o.assert_success();
+        let cache = tmp.path().join(format!("cache-a-{name}"));
+        copy_ok(&lab, "c1", "single", &into, &cache);
         assert_entries_equal(&file, &into.join(name));
         assert_eq!(
             list_tree(&into),
@@ -741,16 +300,8 @@ fn single_file_channel() {
         let out = tmp.path().join(format!("out-{name}"));
         fs::create_dir(&out).unwrap();
         let target = out.join("renamed.bin");
-        let o = spawn_copy(
-            &lab,
-            "c1",
-            "single",
-            &target,
-            &tmp.path().join(format!("cache-b-{name}")),
-            30,
-        )
-        .wait(Duration::from_secs(60));
-        o.assert_success();
+        let cache = tmp.path().join(format!("cache-b-{name}"));
+        copy_ok(&lab, "c1", "single", &target, &cache);
         assert!(
             fs::symlink_metadata(&target)
                 .map(|m| m.is_file())
@@ -762,16 +313,8 @@ fn single_file_channel() {
         assert_eq!(list_tree(&out), vec![PathBuf::from("renamed.bin")]);
 
         // over an existing file of that path: replaced, fetching nothing
-        let o = spawn_copy(
-            &lab,
-            "c1",
-            "single",
-            &target,
-            &tmp.path().join(format!("cache-c-{name}")),
-            30,
-        )
-        .wait(Duration::from_secs(60));
-        o.assert_success();
+        let cache = tmp.path().join(format!("cache-c-{name}"));
+        let o = copy_ok(&lab, "c1", "single", &target, &cache);
         assert_entries_equal(&file, &target);
         let sum = o.summary();
         assert!(
@@ -787,11 +330,8 @@ fn single_file_channel() {
 /// the changed blocks, even with an empty cache.
 #[test]
 fn recopy_fetches_only_changed_blocks() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
-    let tmp = tmpdir();
+    let lab = Lab::with_clients(1);
+    let tmp = tmpdir("copy");
     let src = tmp.path().join("delta");
     let state = tmp.path().join("state");
     let dest = tmp.path().join("dest");
@@ -804,9 +344,7 @@ fn recopy_fetches_only_changed_blocks() {
     set_mtime(&big, 1_400_000_000, 111);
 
     let srv = start_server(&lab, &src, "delta", &state, &[]);
-    let o = spawn_copy(&lab, "c1", "delta", &dest, &tmp.path().join("cache1"), 30)
-        .wait(Duration::from_secs(60));
-    o.assert_success();
+    copy_ok(&lab, "c1", "delta", &dest, &tmp.path().join("cache1"));
     assert_trees_equal(&src, &dest);
     srv.stop();
 
@@ -831,9 +369,7 @@ fn recopy_fetches_only_changed_blocks() {
 
     let srv = start_server(&lab, &src, "delta", &state, &[]);
     let srv_before = lab.port_rx("srv").1;
-    let o = spawn_copy(&lab, "c1", "delta", &dest, &tmp.path().join("cache2"), 30)
-        .wait(Duration::from_secs(60));
-    o.assert_success();
+    let o = copy_ok(&lab, "c1", "delta", &dest, &tmp.path().join("cache2"));
     let srv_sent = lab.port_rx("srv").1 - srv_before;
     assert_trees_equal(&src, &dest);
     assert_no_part_files(&dest);
@@ -870,11 +406,8 @@ fn recopy_fetches_only_changed_blocks() {
 /// publishes the same root.
 #[test]
 fn restart_does_not_rehash() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
-    let tmp = tmpdir();
+    let lab = Lab::with_clients(1);
+    let tmp = tmpdir("copy");
     let src = tmp.path().join("edge");
     make_edge_tree(&src, 0x1cf5_0002);
     let state = tmp.path().join("state");
@@ -942,11 +475,8 @@ fn restart_does_not_rehash() {
 /// and nothing that looks like a file under DEST.
 #[test]
 fn no_server_times_out() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
-    let tmp = tmpdir();
+    let lab = Lab::with_clients(1);
+    let tmp = tmpdir("copy");
     let dest = tmp.path().join("dest");
     let o = spawn_copy(&lab, "c1", "nosuch", &dest, &tmp.path().join("cache"), 3)
         .wait(Duration::from_secs(30));
@@ -955,11 +485,7 @@ fn no_server_times_out() {
         o.status,
         o.elapsed.as_secs_f64()
     );
-    assert!(
-        !o.status.success(),
-        "copy of a channel nobody serves succeeded:\n{}",
-        o.stderr
-    );
+    o.assert_failure("copy of a channel nobody serves");
     assert!(
         o.elapsed < Duration::from_secs(10),
         "copy with --timeout 3 took {:.1} s to give up",
@@ -970,21 +496,14 @@ fn no_server_times_out() {
         "the error does not name the channel `nosuch`:\n{}",
         o.stderr
     );
-    let left = non_dirs(&dest);
-    assert!(
-        left.is_empty(),
-        "a failed copy left files under DEST: {left:?}"
-    );
+    assert_nothing_written(&dest, "copy of a channel nobody serves");
 }
 
 /// `CHANNEL:SUBPATH` copies a subtree, or one file, and nothing else.
 #[test]
 fn subpath_copy() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
-    let tmp = tmpdir();
+    let lab = Lab::with_clients(1);
+    let tmp = tmpdir("copy");
     let src = tmp.path().join("edge");
     make_edge_tree(&src, 0x1cf5_0003);
     let srv = start_server(&lab, &src, "edge", &tmp.path().join("state"), &[]);
@@ -994,31 +513,15 @@ fn subpath_copy() {
         .enumerate()
     {
         let dest = tmp.path().join(format!("dest{i}"));
-        let o = spawn_copy(
-            &lab,
-            "c1",
-            &format!("edge:{sub}"),
-            &dest,
-            &tmp.path().join(format!("cache{i}")),
-            30,
-        )
-        .wait(Duration::from_secs(60));
-        o.assert_success();
+        let cache = tmp.path().join(format!("cache{i}"));
+        copy_ok(&lab, "c1", &format!("edge:{sub}"), &dest, &cache);
         assert_trees_equal(&src.join(sub), &dest);
     }
     // one file of the tree, into a directory
     let dest = tmp.path().join("dest-file");
     fs::create_dir(&dest).unwrap();
-    let o = spawn_copy(
-        &lab,
-        "c1",
-        "edge:perms/run.sh",
-        &dest,
-        &tmp.path().join("cache-file"),
-        30,
-    )
-    .wait(Duration::from_secs(60));
-    o.assert_success();
+    let cache = tmp.path().join("cache-file");
+    copy_ok(&lab, "c1", "edge:perms/run.sh", &dest, &cache);
     assert_eq!(list_tree(&dest), vec![PathBuf::from("run.sh")]);
     assert_entries_equal(&src.join("perms/run.sh"), &dest.join("run.sh"));
     // a path that does not exist in the channel
@@ -1032,16 +535,8 @@ fn subpath_copy() {
         5,
     )
     .wait(Duration::from_secs(30));
-    assert!(
-        !o.status.success(),
-        "copy of a missing subpath succeeded:\n{}",
-        o.stderr
-    );
-    assert!(
-        non_dirs(&dest).is_empty(),
-        "a failed copy left files: {:?}",
-        non_dirs(&dest)
-    );
+    o.assert_failure("copy of a missing subpath");
+    assert_nothing_written(&dest, "copy of a missing subpath");
     srv.stop();
 }
 
@@ -1053,7 +548,7 @@ fn copy_with_snooping_off() {
         snooping: false,
         ..Default::default()
     });
-    let tmp = tmpdir();
+    let tmp = tmpdir("copy");
     let src = tmp.path().join("edge");
     make_edge_tree(&src, 0x1cf5_0004);
     let tree_bytes = tree_file_bytes(&src);

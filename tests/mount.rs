@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::lab::{Lab, LabOptions};
+use common::lab::Lab;
 use common::lcfs::{describe, s, start_server, tmpdir, Mount, LCFS};
 use common::tree::{
     assert_trees_equal, list_tree, make_edge_tree, set_mtime, write_random_file, BLOCK,
@@ -23,7 +23,7 @@ use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -133,6 +133,14 @@ fn run_ok(cmd: &mut Command) -> std::process::Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?} failed: {}", describe(&out));
     out
+}
+
+/// `lcfs mount CHANNEL TMP/mnt` in c1 with the cache `TMP/cache` and
+/// `--timeout 30`; returns the mount and its path.
+fn mount_in_c1(lab: &Lab, tmp: &Path, channel: &str) -> (Mount, PathBuf) {
+    let mnt = tmp.join("mnt");
+    let m = Mount::new(lab, "c1", channel, &mnt, &tmp.join("cache"), 30, &[]);
+    (m, mnt)
 }
 
 /// Bytes the server has put on the wire so far (its bridge port's rx bytes).
@@ -267,10 +275,7 @@ fn mmap_read(path: &Path) -> Vec<u8> {
 /// Reading 1 byte of a 64 MiB file makes the server send less than 8 MiB.
 #[test]
 fn one_byte_of_a_big_file() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
+    let lab = Lab::with_clients(1);
     let tmp = tmpdir("mount");
     let src = tmp.path().join("src");
     fs::create_dir(&src).unwrap();
@@ -280,8 +285,7 @@ fn one_byte_of_a_big_file() {
     let srv = start_server(&lab, &src, "big", &tmp.path().join("state"), &[]);
 
     let before = server_bytes(&lab);
-    let mnt = tmp.path().join("mnt");
-    let m = Mount::new(&lab, "c1", "big", &mnt, &tmp.path().join("cache"), 30, &[]);
+    let (m, mnt) = mount_in_c1(&lab, tmp.path(), "big");
     let after_mount = server_bytes(&lab);
     let out = run_ok(
         Command::new("head")
@@ -318,17 +322,13 @@ fn one_byte_of_a_big_file() {
 /// reads, and tar archives the whole mount.
 #[test]
 fn full_walk_equals_source() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
+    let lab = Lab::with_clients(1);
     let tmp = tmpdir("mount");
     let src = tmp.path().join("src");
     make_edge_tree(&src, 0x3a11_0001);
     add_program_files(&src);
     let srv = start_server(&lab, &src, "walk", &tmp.path().join("state"), &[]);
-    let mnt = tmp.path().join("mnt");
-    let m = Mount::new(&lab, "c1", "walk", &mnt, &tmp.path().join("cache"), 30, &[]);
+    let (m, mnt) = mount_in_c1(&lab, tmp.path(), "walk");
 
     let t = Instant::now();
     let m_path = mnt.clone();
@@ -457,10 +457,7 @@ fn full_walk_equals_source() {
 /// Every write operation on the mount fails with EROFS ("Read-only file system").
 #[test]
 fn writes_fail_read_only() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
+    let lab = Lab::with_clients(1);
     let tmp = tmpdir("mount");
     let src = tmp.path().join("src");
     fs::create_dir_all(src.join("dir")).unwrap();
@@ -468,8 +465,7 @@ fn writes_fail_read_only() {
     fs::write(src.join("dir/inner.txt"), b"inner\n").unwrap();
     fs::create_dir(src.join("empty_dir")).unwrap();
     let srv = start_server(&lab, &src, "ro", &tmp.path().join("state"), &[]);
-    let mnt = tmp.path().join("mnt");
-    let m = Mount::new(&lab, "c1", "ro", &mnt, &tmp.path().join("cache"), 30, &[]);
+    let (m, mnt) = mount_in_c1(&lab, tmp.path(), "ro");
     assert_eq!(fs::read(mnt.join("file.txt")).unwrap(), b"original\n");
 
     let erofs = |what: &str, r: io::Result<()>| match r {
@@ -566,10 +562,7 @@ fn writes_fail_read_only() {
 #[test]
 fn server_killed() {
     const TIMEOUT: u32 = 5;
-    let lab = Lab::up(LabOptions {
-        clients: 2,
-        ..Default::default()
-    });
+    let lab = Lab::with_clients(2);
     let tmp = tmpdir("mount");
     let src = tmp.path().join("src");
     fs::create_dir_all(src.join("sub")).unwrap();
@@ -752,26 +745,14 @@ fn server_killed() {
 /// (1 B .. 300 KiB) through the mount; every read equals the source bytes.
 #[test]
 fn randomized_reader() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
+    let lab = Lab::with_clients(1);
     let tmp = tmpdir("mount");
     let src = tmp.path().join("src");
     fs::create_dir(&src).unwrap();
     let size = 24 * MIB + 4567;
     let data = std::sync::Arc::new(random_file(&src.join("r.bin"), 0x7a4d, size));
     let srv = start_server(&lab, &src, "random", &tmp.path().join("state"), &[]);
-    let mnt = tmp.path().join("mnt");
-    let m = Mount::new(
-        &lab,
-        "c1",
-        "random",
-        &mnt,
-        &tmp.path().join("cache"),
-        30,
-        &[],
-    );
+    let (m, mnt) = mount_in_c1(&lab, tmp.path(), "random");
 
     const THREADS: u64 = 4;
     const READS: usize = 150;
@@ -843,10 +824,7 @@ fn tail(text: &str, n: usize) -> String {
 /// the root's channel, generation and server state.
 #[test]
 fn xattrs() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
+    let lab = Lab::with_clients(1);
     let tmp = tmpdir("mount");
     let src = tmp.path().join("src");
     fs::create_dir_all(src.join("d")).unwrap();
@@ -854,16 +832,7 @@ fn xattrs() {
     let small = b"a small file\n".to_vec();
     fs::write(src.join("small.txt"), &small).unwrap();
     let srv = start_server(&lab, &src, "xattrs", &tmp.path().join("state"), &[]);
-    let mnt = tmp.path().join("mnt");
-    let m = Mount::new(
-        &lab,
-        "c1",
-        "xattrs",
-        &mnt,
-        &tmp.path().join("cache"),
-        30,
-        &[],
-    );
+    let (m, mnt) = mount_in_c1(&lab, tmp.path(), "xattrs");
 
     // the root
     let root_names = listxattr(&mnt).expect("listxattr of the mount root");
@@ -956,10 +925,7 @@ fn xattrs() {
 /// over-fetch).
 #[test]
 fn cat_a_big_file() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
+    let lab = Lab::with_clients(1);
     let tmp = tmpdir("mount");
     let src = tmp.path().join("src");
     fs::create_dir(&src).unwrap();
@@ -967,9 +933,8 @@ fn cat_a_big_file() {
     let data = random_file(&src.join("seq.bin"), 0xca7, size);
     random_file(&src.join("other.bin"), 0x07e, 8 * MIB);
     let srv = start_server(&lab, &src, "cat", &tmp.path().join("state"), &[]);
-    let mnt = tmp.path().join("mnt");
     let before = server_bytes(&lab);
-    let m = Mount::new(&lab, "c1", "cat", &mnt, &tmp.path().join("cache"), 30, &[]);
+    let (m, mnt) = mount_in_c1(&lab, tmp.path(), "cat");
     let t = Instant::now();
     let out = Command::new("cat")
         .arg(mnt.join("seq.bin"))

@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::lab::{Lab, LabOptions};
+use common::lab::Lab;
 use common::lcfs::{
     assert_nothing_written, collect_lines, describe, s, signal, spawn_copy_with, start_server,
     start_server_env, tmpdir, wait_limit, CopyOutcome, Mount, Server, IFACE, LCFS,
@@ -723,10 +723,7 @@ fn copy_fails(
 /// second copy after the floods; the server survives; the capture reveals
 /// nothing.
 fn encrypted_under_flood(key_args: &[&str], envs: &[(&str, &str)], channel: &str) {
-    let lab = Lab::up(LabOptions {
-        clients: 2,
-        ..Default::default()
-    });
+    let lab = Lab::with_clients(2);
     let tmp = tmpdir("private");
     let src = edge_tree(tmp.path(), 0x5eed_0004);
     let tree_bytes = common::tree::tree_file_bytes(&src);
@@ -851,10 +848,7 @@ fn password_copy() {
 /// a receiver without a key, and one with a keyfile on an unencrypted channel.
 #[test]
 fn wrong_keyfile_fails() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
+    let lab = Lab::with_clients(1);
     let tmp = tmpdir("private");
     let src = edge_tree(tmp.path(), 0x5eed_0005);
     let key = keygen(tmp.path(), "right.key");
@@ -982,10 +976,7 @@ fn wrong_keyfile_fails() {
 #[test]
 fn unencrypted_flood_never_corrupts() {
     const FLOOD_SECS: u32 = 12;
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
+    let lab = Lab::with_clients(1);
     let tmp = tmpdir("private");
     let src = edge_tree(tmp.path(), 0x5eed_0006);
     let cap = Capture::start(&lab, "srv", &tmp.path().join("clear.pcap"));
@@ -1068,10 +1059,7 @@ fn unencrypted_flood_never_corrupts() {
 /// unsigned server fails for a receiver that demands a publisher.
 #[test]
 fn signed_root() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
+    let lab = Lab::with_clients(1);
     let tmp = tmpdir("private");
     let src = edge_tree(tmp.path(), 0x5eed_0007);
     let (secret, public, hex) = keygen_sign(tmp.path(), "publisher");
@@ -1165,10 +1153,7 @@ fn signed_root() {
 /// and the plain channel gets the new tree.
 #[test]
 fn pinned_root() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
+    let lab = Lab::with_clients(1);
     let tmp = tmpdir("private");
     let src = edge_tree(tmp.path(), 0x5eed_0008);
     let state = tmp.path().join("state");
@@ -1267,10 +1252,7 @@ fn pinned_root() {
 /// generation (rollback) unless `--allow-rollback`.
 #[test]
 fn rollback_refused() {
-    let lab = Lab::up(LabOptions {
-        clients: 1,
-        ..Default::default()
-    });
+    let lab = Lab::with_clients(1);
     let tmp = tmpdir("private");
     let old_tree = edge_tree(tmp.path(), 0x5eed_0009);
     let new_tree = tmp.path().join("new");

@@ -232,6 +232,14 @@ impl Lab {
         }
     }
 
+    /// [`Lab::up`] with the default options but `clients` clients.
+    pub fn with_clients(clients: usize) -> Lab {
+        Lab::up(LabOptions {
+            clients,
+            ..Default::default()
+        })
+    }
+
     /// The namespace prefix, e.g. `lt1k3x0`.
     pub fn prefix(&self) -> &str {
         &self.prefix

@@ -122,6 +122,16 @@ pub fn parse_sent(stderr: &str) -> (u64, u64, u64) {
     (p, b, r)
 }
 
+/// Bytes hashed from every `indexed PATH in X s (N bytes hashed)` line of the
+/// server's log, in order.
+pub fn parse_hashed(stderr: &str) -> Vec<u64> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("indexed ") && l.contains("bytes hashed"))
+        .map(|l| number_before(l, " bytes hashed").expect("bytes hashed"))
+        .collect()
+}
+
 // ---------------------------------------------------------------- server
 
 /// The server's `ready channel=... generation=... root=... files=... bytes=...` line.
@@ -563,6 +573,32 @@ pub struct CopyOutcome {
     pub elapsed: Duration,
 }
 
+/// The counts of a copy's summary line: `copied F files, D dirs, S symlinks
+/// (B bytes) to DEST in T s: N bytes from the network (M MB/s), R reused from
+/// DEST, C from the cache`.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    pub network: u64,
+    pub reused: u64,
+    pub cache: u64,
+}
+
+/// Starts `lcfs copy SPEC DEST --iface lc0 --cache CACHE --timeout T` in `node`.
+pub fn spawn_copy(
+    lab: &Lab,
+    node: &str,
+    spec: &str,
+    dest: &Path,
+    cache: &Path,
+    timeout_secs: u32,
+) -> CopyRun {
+    spawn_copy_with(lab, node, spec, dest, cache, Some(timeout_secs), &[], &[])
+}
+
 /// Starts `lcfs copy SPEC DEST --iface lc0 --cache CACHE [--timeout T] EXTRA..`
 /// in `node` with `envs` added to its environment (no `--timeout` when
 /// `timeout_secs` is `None`: the default applies).
@@ -668,6 +704,38 @@ impl CopyOutcome {
             })
             .to_string()
     }
+
+    /// The `copied ...` summary line, parsed.
+    pub fn summary(&self) -> Summary {
+        let line = self.summary_line();
+        let line = &line[line.find("copied ").unwrap()..];
+        let n = |suffix: &str| {
+            number_before(line, suffix)
+                .unwrap_or_else(|| panic!("summary line lacks `N{suffix}`: {line:?}"))
+        };
+        let after = |key: &str| -> u64 {
+            let i = line.find(key).unwrap() + key.len();
+            line[i..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let net_end = line.find(" bytes from the network").unwrap();
+        let rest = &line[net_end..];
+        Summary {
+            files: after("copied "),
+            dirs: n(" dirs,"),
+            symlinks: n(" symlinks ("),
+            bytes: number_before(line, " bytes) to ").expect("bytes"),
+            network: n(" bytes from the network"),
+            reused: number_before(rest, " reused from ")
+                .unwrap_or_else(|| panic!("summary lacks `R reused from`: {line:?}")),
+            cache: number_before(rest, " from the cache")
+                .unwrap_or_else(|| panic!("summary lacks `C from the cache`: {line:?}")),
+        }
+    }
 }
 
 /// Every non-directory under `dir`, relative (none when `dir` does not exist).
@@ -692,5 +760,22 @@ pub fn assert_nothing_written(dest: &Path, what: &str) {
         left.len(),
         dest.display(),
         &left[..left.len().min(20)]
+    );
+}
+
+/// Panics if any `.lcfs-part-*` temporary file is left under `dir`.
+pub fn assert_no_part_files(dir: &Path) {
+    let parts: Vec<_> = super::tree::list_tree(dir)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with(".lcfs-part-"))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(
+        parts.is_empty(),
+        "temporary files left under {}: {parts:?}",
+        dir.display()
     );
 }
