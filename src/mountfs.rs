@@ -120,7 +120,7 @@ impl Inner {
 
     async fn file_leaves(&self, f: &FileRef) -> Result<Arc<Vec<Hash>>, SourceError> {
         let key = match &f.content {
-            Content::Index(r) => r.hash,
+            Content::Index { index, .. } => index.hash,
             Content::Block(h) => return Ok(Arc::new(vec![*h])),
             Content::Inline(_) => return Ok(Arc::new(Vec::new())),
         };
@@ -155,8 +155,11 @@ impl Inner {
         if let Content::Inline(bytes) = &f.content {
             return Ok(bytes[offset as usize..end as usize].to_vec());
         }
-        let leaves = self.file_leaves(&f).await?;
         let bs = self.tree.block_size().bytes();
+        if offset < bs {
+            self.start_first_block(&f);
+        }
+        let leaves = self.file_leaves(&f).await?;
         let (first, last) = (offset / bs, (end - 1) / bs);
         self.spawn_readahead(&f, &leaves, last + 1, end.saturating_add(hint.readahead));
         let blocks = (first..=last).map(|i| self.block(&f, &leaves, i, Priority::Demand));
@@ -195,6 +198,29 @@ impl Inner {
             .map_err(|e| self.demand_failed(leaf, e))
     }
 
+    /// Starts fetching a file's index and first block together: the entry names the first
+    /// block, so a cold first read costs one round trip instead of two.
+    fn start_first_block(&self, f: &FileRef) {
+        let Content::Index { index, first_leaf } = f.content else {
+            return;
+        };
+        if self
+            .leaves
+            .lock()
+            .expect("leaves lock")
+            .contains(&index.hash)
+        {
+            return;
+        }
+        let block = ObjectRef {
+            hash: first_leaf,
+            len: self.tree.block_size().block_len(f.size, 0),
+        };
+        self.tree
+            .fetcher()
+            .start_fetches(&[index, block], Priority::Demand);
+    }
+
     /// Starts fetching blocks from `from` up to byte `until`, without waiting for them.
     fn spawn_readahead(
         self: &Arc<Self>,
@@ -228,7 +254,7 @@ impl Inner {
         let leaves = match &f.content {
             Content::Inline(_) => return 1.0,
             Content::Block(h) => vec![*h],
-            Content::Index(r) => self.cached_leaves(f, *r),
+            Content::Index { index, .. } => self.cached_leaves(f, *index),
         };
         let total = self.tree.block_size().blocks_in(f.size).max(1);
         let cache = self.tree.fetcher().cache();

@@ -97,7 +97,7 @@ pub async fn prefetch(
 
 /// The file-index objects of a file (top level and pages).
 async fn index_objects(tree: &Tree, f: &FileRef) -> Result<Vec<ObjectRef>, FetchError> {
-    let Content::Index(top) = f.content else {
+    let Content::Index { index: top, .. } = f.content else {
         return Ok(Vec::new());
     };
     let mut out = vec![top];

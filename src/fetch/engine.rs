@@ -190,8 +190,24 @@ impl Fetcher {
         if let Some(v) = self.cached(&r)? {
             return Ok(v);
         }
+        tracing::trace!(hash = %&r.hash.to_hex()[..12], ?priority, "fetch");
         let rx = self.inner.request(r, priority);
         rx.await.map_err(|_| FetchError::Closed)?
+    }
+
+    /// Starts fetching every object of `refs` that is not cached, without waiting: their
+    /// joins go out together, in one MLD report. A later [`Fetcher::fetch`] of one of them
+    /// shares the fetch already under way.
+    pub fn start_fetches(&self, refs: &[ObjectRef], priority: Priority) {
+        let cache = &self.inner.cache;
+        let missing: Vec<ObjectRef> = refs
+            .iter()
+            .filter(|r| !cache.contains(&r.hash))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            self.inner.start(&missing, priority);
+        }
     }
 
     /// The object from the cache alone.
@@ -239,10 +255,18 @@ impl Inner {
         priority: Priority,
     ) -> oneshot::Receiver<Result<Verified, FetchError>> {
         let (tx, rx) = oneshot::channel();
-        let addr = self.channel.object_address(&r.hash);
         let mut st = self.lock();
+        self.register(&mut st, r, priority, Some(tx));
+        self.admit(&mut st);
+        self.flush(&mut st, Instant::now());
+        rx
+    }
+
+    /// Adds a waiter (or none) for `r`, creating its pending fetch if there is none.
+    fn register(&self, st: &mut State, r: ObjectRef, priority: Priority, waiter: Option<Waiter>) {
+        let addr = self.channel.object_address(&r.hash);
         if let Some(p) = st.pending.get_mut(&addr.tag) {
-            p.waiters.push(tx);
+            p.waiters.extend(waiter);
             if priority < p.priority && !p.joined {
                 let old = (p.priority, p.seq);
                 p.priority = priority;
@@ -250,7 +274,7 @@ impl Inner {
                 st.queue.remove(&old);
                 st.queue.insert(key, addr.tag);
             }
-            return rx;
+            return;
         }
         st.seq += 1;
         let seq = st.seq;
@@ -262,13 +286,19 @@ impl Inner {
                 joined: false,
                 priority,
                 seq,
-                waiters: vec![tx],
+                waiters: waiter.into_iter().collect(),
             },
         );
         st.queue.insert((priority, seq), addr.tag);
+    }
+
+    fn start(&self, refs: &[ObjectRef], priority: Priority) {
+        let mut st = self.lock();
+        for r in refs {
+            self.register(&mut st, *r, priority, None);
+        }
         self.admit(&mut st);
         self.flush(&mut st, Instant::now());
-        rx
     }
 
     fn request_root(&self) -> oneshot::Receiver<Result<RootRecord, FetchError>> {
@@ -315,6 +345,7 @@ impl Inner {
     }
 
     fn membership(&self, group: &Ipv6Addr, join: bool) {
+        tracing::trace!(%group, join, "membership");
         if let Err(e) = set_membership(&self.socket, group, self.iface.index, join) {
             let verb = if join { "join" } else { "leave" };
             tracing::warn!("cannot {verb} group {group} on {}: {e}", self.iface.name);
@@ -322,10 +353,15 @@ impl Inner {
     }
 
     fn run(self: Arc<Self>) {
+        const TICK: Duration = Duration::from_millis(20);
         let mut batch = RecvBatch::new(64, 65536);
-        let mut last_tick = Instant::now();
+        let mut next_tick = Instant::now() + TICK;
         while !self.shutdown.load(Ordering::Relaxed) {
-            match recv_batch(&self.socket, &mut batch) {
+            // Wake exactly when a membership batch falls due, so joins are not late.
+            let now = Instant::now();
+            let due = self.lock().members.poll_timeout().unwrap_or(next_tick);
+            let wait = due.min(next_tick).saturating_duration_since(now);
+            match recv_batch(&self.socket, &mut batch, wait.min(TICK)) {
                 Ok(_) => self.handle_batch(&mut batch),
                 Err(e) => {
                     tracing::warn!("receiving on {} failed: {e}", self.iface.name);
@@ -333,8 +369,8 @@ impl Inner {
                 }
             }
             let now = Instant::now();
-            if now.duration_since(last_tick) >= Duration::from_millis(20) {
-                last_tick = now;
+            if now >= next_tick {
+                next_tick = now + TICK;
                 self.tick(now);
             } else {
                 self.flush(&mut self.lock(), now);
@@ -426,13 +462,16 @@ impl Inner {
     }
 
     fn complete(&self, v: Verified, waiters: Vec<Waiter>) {
+        tracing::trace!(hash = %&v.hash().to_hex()[..12], len = v.len(), "fetched");
         self.stats.objects_fetched.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_fetched
             .fetch_add(v.len() as u64, Ordering::Relaxed);
+        let t = Instant::now();
         if let Err(e) = self.cache.insert(&v) {
             tracing::warn!("cannot store object {} in the cache: {e}", v.hash());
         }
+        tracing::trace!(us = t.elapsed().as_micros() as u64, "cache insert");
         for w in waiters {
             let _ = w.send(Ok(v.clone()));
         }

@@ -141,7 +141,9 @@ impl Tree {
                 "file".into(),
                 "one block reference for a file of several blocks",
             )),
-            Content::Index(r) => self.index_leaves(*r, IndexShape { blocks }, prio).await,
+            Content::Index { index, .. } => {
+                self.index_leaves(*index, IndexShape { blocks }, prio).await
+            }
         }
     }
 

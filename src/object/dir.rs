@@ -6,7 +6,8 @@
 //! body is, for a file (kind 0) `size u64 | blake3 [32] | content`, for a directory (1)
 //! `hash [32] | len u32`, for a symlink (2) `target_len u16 | target`. File content is
 //! `0 | bytes[size]` (inline, size <= [`INLINE_MAX`]), `1 | hash [32]` (one block) or
-//! `2 | hash [32] | len u32` (a file index).
+//! `2 | hash [32] | len u32 | first_leaf [32]` (a file index, and the hash of the file's first
+//! block, so that a reader can fetch the index and the first block at once).
 //!
 //! Invariants checked on decode: names are 1..=255 bytes without `/` or NUL and are neither `.`
 //! nor `..`; entries are strictly sorted by name bytes (so no duplicates); modes hold only the
@@ -32,8 +33,8 @@ pub enum Content {
     Inline(Vec<u8>),
     /// A file of exactly one block: the block's hash.
     Block(Hash),
-    /// A file of several blocks: its file index.
-    Index(ObjectRef),
+    /// A file of several blocks: its file index, and its first block's hash.
+    Index { index: ObjectRef, first_leaf: Hash },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,10 +134,11 @@ fn encode_entry(w: &mut Writer, e: &Entry) {
                     w.u8(1);
                     w.hash(h);
                 }
-                Content::Index(r) => {
+                Content::Index { index, first_leaf } => {
                     w.u8(2);
-                    w.hash(&r.hash);
-                    w.u32(r.len);
+                    w.hash(&index.hash);
+                    w.u32(index.len);
+                    w.hash(first_leaf);
                 }
             }
         }
@@ -200,10 +202,13 @@ fn decode_file(r: &mut Reader) -> Result<FileRef, ObjectError> {
         0 if size <= INLINE_MAX => Content::Inline(r.bytes(size as usize)?.to_vec()),
         0 => return Err(ObjectError::Invalid("inline file above the inline limit")),
         1 if size > 0 => Content::Block(r.hash()?),
-        2 if size > 0 => Content::Index(ObjectRef {
-            hash: r.hash()?,
-            len: r.u32()?,
-        }),
+        2 if size > 0 => Content::Index {
+            index: ObjectRef {
+                hash: r.hash()?,
+                len: r.u32()?,
+            },
+            first_leaf: r.hash()?,
+        },
         1 | 2 => return Err(ObjectError::Invalid("empty file with a block reference")),
         _ => return Err(ObjectError::Invalid("unknown content kind")),
     };
@@ -258,7 +263,10 @@ pub(crate) mod tests {
                 EntryKind::File(FileRef {
                     size: 1 << 20,
                     b3: h,
-                    content: Content::Index(ObjectRef { hash: h, len: 522 }),
+                    content: Content::Index {
+                        index: ObjectRef { hash: h, len: 522 },
+                        first_leaf: h,
+                    },
                 }),
             ),
             e("sub dir", EntryKind::Dir(ObjectRef { hash: h, len: 9 })),

@@ -455,7 +455,10 @@ impl Walker {
                     }
                     let top_ref = index_ref(&top);
                     self.add_memory(top);
-                    Content::Index(top_ref)
+                    Content::Index {
+                        index: top_ref,
+                        first_leaf: leaves[0],
+                    }
                 }
             }
         };

@@ -84,8 +84,19 @@ fn file_bytes(p: &Published, f: &FileRef) -> Vec<u8> {
     let leaves = match &f.content {
         Content::Inline(bytes) => return bytes.clone(),
         Content::Block(leaf) => vec![*leaf],
-        Content::Index(r) => {
+        Content::Index {
+            index: r,
+            first_leaf,
+        } => {
             let top = FileIndex::decode(&load(p, &r.hash)).unwrap();
+            let first = match &top {
+                FileIndex::Leaves(l) => l[0],
+                FileIndex::Pages(pages) => match FileIndex::decode(&load(p, &pages[0])).unwrap() {
+                    FileIndex::Leaves(l) => l[0],
+                    FileIndex::Pages(_) => panic!("pages of pages"),
+                },
+            };
+            assert_eq!(*first_leaf, first, "the entry names the first block");
             IndexShape {
                 blocks: bs().blocks_in(f.size),
             }
@@ -176,7 +187,7 @@ fn paged_file_round_trips() {
     let EntryKind::File(f) = &root.entries[0].kind else {
         panic!("not a file")
     };
-    let Content::Index(top) = &f.content else {
+    let Content::Index { index: top, .. } = &f.content else {
         panic!("no index")
     };
     assert!(
