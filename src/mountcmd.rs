@@ -65,6 +65,9 @@ fn run(args: &MountArgs, ready: Option<&OwnedFd>) -> anyhow::Result<()> {
             keep_ownership: args.keep_ownership,
             allow_other: args.allow_other,
             fs_name: format!("lcfs:{}", spec.name),
+            // Cache hits are answered on the session threads (hashing every block read from
+            // disk): one per core keeps warm reads from being bound to one core.
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
             ..lcfs_mount::MountConfig::default()
         };
         let source = Arc::new(TreeSource::new(tree));

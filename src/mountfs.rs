@@ -49,6 +49,8 @@ pub struct Inner {
     dirs: Mutex<LruCache<Hash, Arc<Vec<Child<Node>>>>>,
     /// Objects whose demand fetch timed out: when, and the error.
     timeouts: Mutex<LruCache<Hash, (Instant, String)>>,
+    /// Per file (by index hash): the block below which readahead has been started.
+    ahead: Mutex<LruCache<Hash, u64>>,
 }
 
 fn unavailable(e: FetchError) -> SourceError {
@@ -69,6 +71,7 @@ impl TreeSource {
             leaves: Mutex::new(LruCache::new(n(1024))),
             dirs: Mutex::new(LruCache::new(n(4096))),
             timeouts: Mutex::new(LruCache::new(n(256))),
+            ahead: Mutex::new(LruCache::new(n(1024))),
         }))
     }
 
@@ -221,7 +224,8 @@ impl Inner {
             .start_fetches(&[index, block], Priority::Demand);
     }
 
-    /// Starts fetching blocks from `from` up to byte `until`, without waiting for them.
+    /// Starts fetching blocks from `from` up to byte `until`, without waiting for them. Each
+    /// block is started once: a sequential reader's window slides, it is not started anew.
     fn spawn_readahead(
         self: &Arc<Self>,
         f: &Arc<FileRef>,
@@ -229,22 +233,36 @@ impl Inner {
         from: u64,
         until: u64,
     ) {
-        let bs = self.tree.block_size().bytes();
+        let bs = self.tree.block_size();
         let until = until.min(f.size);
-        if until == 0 || from * bs >= until {
+        let key = match &f.content {
+            Content::Index { index, .. } => index.hash,
+            _ => return,
+        };
+        if until == 0 || leaves.is_empty() {
             return;
         }
-        let last = (until - 1) / bs;
-        let cache = self.tree.fetcher().cache();
-        for i in from..=last.min(leaves.len() as u64 - 1) {
-            if cache.contains(&leaves[i as usize]) {
-                continue;
+        let last = ((until - 1) / bs.bytes()).min(leaves.len() as u64 - 1);
+        let from = {
+            let mut ahead = self.ahead.lock().expect("readahead lock");
+            let started = ahead.get(&key).copied().unwrap_or(0);
+            ahead.put(key, (last + 1).max(started));
+            // Within the window already started, only the new tail; after a jump, all of it.
+            if from <= started {
+                from.max(started)
+            } else {
+                from
             }
-            let (me, f, leaves) = (self.clone(), f.clone(), leaves.clone());
-            tokio::spawn(async move {
-                let _ = me.block(&f, &leaves, i, Priority::Readahead).await;
-            });
-        }
+        };
+        let refs: Vec<ObjectRef> = (from..=last)
+            .map(|i| ObjectRef {
+                hash: leaves[i as usize],
+                len: bs.block_len(f.size, i),
+            })
+            .collect();
+        self.tree
+            .fetcher()
+            .start_fetches(&refs, Priority::Readahead);
     }
 
     /// Fraction of a file's blocks in the cache, from the cache alone (no network). Blocks
