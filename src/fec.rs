@@ -49,26 +49,27 @@ pub fn symbol_size_for_object(len: u64, link_symbol_size: usize) -> usize {
     (len as usize).min(link_symbol_size).max(min)
 }
 
-/// Produces any encoding symbol of one object.
+/// Produces any encoding symbol of one object. Source symbols are slices of the object;
+/// RaptorQ's intermediate symbols (as large again as the object, and the costly part) are
+/// computed only when the first repair symbol is asked for, which a lossless link never does.
 pub struct ObjectEncoder {
     padded: Vec<u8>,
     symbol_size: usize,
     k: u32,
-    encoder: SourceBlockEncoder,
+    encoder: std::sync::OnceLock<SourceBlockEncoder>,
 }
 
 impl ObjectEncoder {
     pub fn new(data: &[u8], symbol_size: usize) -> Result<ObjectEncoder, FecError> {
-        let config = oti(data.len() as u64, symbol_size)?;
+        oti(data.len() as u64, symbol_size)?;
         let k = data.len().div_ceil(symbol_size);
         let mut padded = data.to_vec();
         padded.resize(k * symbol_size, 0);
-        let encoder = SourceBlockEncoder::new(0, &config, &padded);
         Ok(ObjectEncoder {
             padded,
             symbol_size,
             k: k as u32,
-            encoder,
+            encoder: std::sync::OnceLock::new(),
         })
     }
 
@@ -89,7 +90,13 @@ impl ObjectEncoder {
             let at = esi as usize * self.symbol_size;
             out.extend_from_slice(&self.padded[at..at + self.symbol_size]);
         } else {
-            let packet = self.encoder.repair_packets(esi - self.k, 1);
+            let encoder = self.encoder.get_or_init(|| {
+                let len = self.padded.len() as u64;
+                let config =
+                    ObjectTransmissionInformation::new(len, self.symbol_size as u16, 1, 1, 1);
+                SourceBlockEncoder::new(0, &config, &self.padded)
+            });
+            let packet = encoder.repair_packets(esi - self.k, 1);
             if let Some(p) = packet.first() {
                 out.extend_from_slice(p.data());
             }

@@ -70,6 +70,13 @@ fn run(args: &MountArgs, ready: Option<&OwnedFd>) -> anyhow::Result<()> {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
             ..lcfs_mount::MountConfig::default()
         };
+        // Every path lookup starts at the root directory: have it before the first one
+        // (offline, a missing one would only hold the mount back for the timeout).
+        if tree.origin() == Origin::Network {
+            if let Err(e) = tree.root_dir().await {
+                tracing::warn!("the root directory is not available yet: {e}");
+            }
+        }
         let source = Arc::new(TreeSource::new(tree));
         let handle = lcfs_mount::mount(source, &args.mountpoint, config, tokio::runtime::Handle::current())?;
         check_answers(&args.mountpoint).await?;

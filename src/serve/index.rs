@@ -86,7 +86,8 @@ pub enum Source {
     /// A block: `len` bytes at `offset` of the file at `path`, which had `size` bytes and
     /// modification time `mtime` when it was indexed.
     File {
-        path: PathBuf,
+        /// Shared by every block of the file: one allocation per file, not per block.
+        path: Arc<Path>,
         offset: u64,
         len: u32,
         size: u64,
@@ -186,7 +187,9 @@ pub fn read_block(source: &Source, expected: &Hash) -> Result<Arc<[u8]>, IndexEr
             path, offset, len, ..
         } => (path, *offset, *len as usize),
     };
-    let changed = || IndexError::Changed { path: path.clone() };
+    let changed = || IndexError::Changed {
+        path: path.to_path_buf(),
+    };
     let mut buf = vec![0u8; len];
     let read = open_file(path).and_then(|file| file.read_exact_at(&mut buf, offset));
     match read {
@@ -471,11 +474,12 @@ impl Walker {
 
     fn add_blocks(&self, path: &Path, meta: &Metadata, leaves: &[Hash]) {
         let (bs, size, mtime) = (self.block_size, meta.len(), mtime_of(meta));
+        let shared: Arc<Path> = Arc::from(path);
         let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
         for (i, leaf) in (0u64..).zip(leaves) {
             objects.entry(*leaf).or_insert_with(|| {
                 let (offset, len) = (i * bs.bytes(), bs.block_len(size, i));
-                let path = path.to_path_buf();
+                let path = shared.clone();
                 (
                     len,
                     Source::File {

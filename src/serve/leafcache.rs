@@ -38,7 +38,8 @@ const VERSION: u8 = 1;
 /// Name of the database inside the state dir.
 pub(crate) const DB_NAME: &str = "leaves.sled";
 /// sled's in-memory page cache; leaves are read once per start, so little is needed.
-const SLED_CACHE_BYTES: u64 = 64 << 20;
+/// Lookups happen while indexing; a small cache keeps the serving process lean.
+const SLED_CACHE_BYTES: u64 = 8 << 20;
 
 /// What identifies one version of a file without reading it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

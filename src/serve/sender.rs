@@ -45,7 +45,7 @@ impl Default for SenderConfig {
             port: crate::channel::DEFAULT_PORT,
             max_payload: 1452,
             batch: 32,
-            encoder_memory: 64 << 20,
+            encoder_memory: 32 << 20,
         }
     }
 }
@@ -85,7 +85,8 @@ impl Encoders {
 }
 
 fn enc_size(e: &ObjectEncoder) -> usize {
-    // The padded source plus RaptorQ's intermediate symbols, about as large again.
+    // The padded source plus, once repair symbols were asked for, RaptorQ's intermediate
+    // symbols, about as large again: count both.
     2 * e.source_symbols() as usize * e.symbol_size()
 }
 
