@@ -27,6 +27,13 @@ use std::time::{Duration, Instant};
 
 /// The product requirement: bytes the server sends for three lossy receivers
 /// together, over the tree's file bytes.
+/// The tests here measure what the server sends and how long receivers take: they run one
+/// at a time, so that another lab's transfers on the same two cores do not skew them.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 const MAX_SEND_RATIO: f64 = 1.6;
 /// Packets an idle server may send in [`IDLE_WINDOW`].
 const MAX_IDLE_PACKETS: u64 = 20;
@@ -68,6 +75,7 @@ fn server_packets_during(lab: &Lab, window: Duration) -> (u64, u64) {
 /// three together, and is quiet once they have finished.
 #[test]
 fn three_receivers_with_loss() {
+    let _serial = serial();
     let lab = Lab::up(LabOptions {
         clients: 3,
         loss: Some(5.0),
@@ -161,6 +169,7 @@ fn three_receivers_with_loss() {
 /// whose receivers have all finished.
 #[test]
 fn idle_server_is_quiet() {
+    let _serial = serial();
     let lab = Lab::with_clients(3);
     let tmp = tmpdir("copy");
     let src = tmp.path().join("quiet");
@@ -198,6 +207,7 @@ fn idle_server_is_quiet() {
 /// c2 joins while c1 is halfway through a large file: both get it whole.
 #[test]
 fn late_joiner() {
+    let _serial = serial();
     let lab = Lab::up(LabOptions {
         clients: 2,
         loss: Some(2.0),
@@ -265,6 +275,7 @@ fn late_joiner() {
 /// copied to a file path it takes that name.
 #[test]
 fn single_file_channel() {
+    let _serial = serial();
     let lab = Lab::with_clients(1);
     let tmp = tmpdir("copy");
     let dir = tmp.path().join("src");
@@ -330,6 +341,7 @@ fn single_file_channel() {
 /// the changed blocks, even with an empty cache.
 #[test]
 fn recopy_fetches_only_changed_blocks() {
+    let _serial = serial();
     let lab = Lab::with_clients(1);
     let tmp = tmpdir("copy");
     let src = tmp.path().join("delta");
@@ -406,6 +418,7 @@ fn recopy_fetches_only_changed_blocks() {
 /// publishes the same root.
 #[test]
 fn restart_does_not_rehash() {
+    let _serial = serial();
     let lab = Lab::with_clients(1);
     let tmp = tmpdir("copy");
     let src = tmp.path().join("edge");
@@ -475,6 +488,7 @@ fn restart_does_not_rehash() {
 /// and nothing that looks like a file under DEST.
 #[test]
 fn no_server_times_out() {
+    let _serial = serial();
     let lab = Lab::with_clients(1);
     let tmp = tmpdir("copy");
     let dest = tmp.path().join("dest");
@@ -502,6 +516,7 @@ fn no_server_times_out() {
 /// `CHANNEL:SUBPATH` copies a subtree, or one file, and nothing else.
 #[test]
 fn subpath_copy() {
+    let _serial = serial();
     let lab = Lab::with_clients(1);
     let tmp = tmpdir("copy");
     let src = tmp.path().join("edge");
@@ -543,6 +558,7 @@ fn subpath_copy() {
 /// The basic copy with MLD snooping off on the bridge (everything flooded).
 #[test]
 fn copy_with_snooping_off() {
+    let _serial = serial();
     let lab = Lab::up(LabOptions {
         clients: 1,
         snooping: false,

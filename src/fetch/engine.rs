@@ -89,6 +89,9 @@ struct State {
     seq: u64,
     root: Option<RootWait>,
     members: Memberships,
+    /// Objects just decoded, until the cache surely has them: a request that arrives between
+    /// the end of a fetch and the cache insert must not start the fetch again.
+    recent: lru::LruCache<Tag, Verified>,
 }
 
 impl Default for State {
@@ -100,6 +103,7 @@ impl Default for State {
             seq: 0,
             root: None,
             members: Memberships::new(default_gap()),
+            recent: lru::LruCache::new(std::num::NonZeroUsize::new(256).expect("non-zero")),
         }
     }
 }
@@ -265,6 +269,12 @@ impl Inner {
     /// Adds a waiter (or none) for `r`, creating its pending fetch if there is none.
     fn register(&self, st: &mut State, r: ObjectRef, priority: Priority, waiter: Option<Waiter>) {
         let addr = self.channel.object_address(&r.hash);
+        if let Some(v) = st.recent.get(&addr.tag).filter(|v| *v.hash() == r.hash) {
+            if let Some(w) = waiter {
+                let _ = w.send(Ok(v.clone()));
+            }
+            return;
+        }
         if let Some(p) = st.pending.get_mut(&addr.tag) {
             p.waiters.extend(waiter);
             if priority < p.priority && !p.joined {
@@ -308,7 +318,8 @@ impl Inner {
             Some(w) => w.waiters.push(tx),
             None => {
                 let now = Instant::now();
-                st.members.push(self.channel.root_address().group, true);
+                st.members
+                    .push(Instant::now(), self.channel.root_address().group, true);
                 st.root = Some(RootWait {
                     waiters: vec![tx],
                     started: now,
@@ -333,7 +344,7 @@ impl Inner {
             p.fetch.handle_started(Instant::now());
             let group = p.group;
             st.joined += 1;
-            st.members.push(group, true);
+            st.members.push(Instant::now(), group, true);
         }
     }
 
@@ -442,9 +453,10 @@ impl Inner {
             self.stats.forged_decodes.fetch_add(1, Ordering::Relaxed);
         }
         let v = v?;
+        st.recent.put(tag, v.clone());
         let p = st.pending.remove(&tag)?;
         st.joined -= 1;
-        st.members.push(p.group, false);
+        st.members.push(Instant::now(), p.group, false);
         Some((v, p.waiters))
     }
 
@@ -457,7 +469,8 @@ impl Inner {
             }
         };
         let wait = st.root.take()?;
-        st.members.push(self.channel.root_address().group, false);
+        st.members
+            .push(Instant::now(), self.channel.root_address().group, false);
         Some((record, wait.waiters))
     }
 
@@ -496,13 +509,13 @@ impl Inner {
         }
         for group in rejoin {
             // A leave and a join make the kernel send a fresh report for the group.
-            st.members.push(group, false);
-            st.members.push(group, true);
+            st.members.push(Instant::now(), group, false);
+            st.members.push(Instant::now(), group, true);
         }
         for tag in failed {
             if let Some(p) = st.pending.remove(&tag) {
                 st.joined -= 1;
-                st.members.push(p.group, false);
+                st.members.push(Instant::now(), p.group, false);
                 let err =
                     self.timeout_error(&format!("object {}", &p.fetch.want().hash.to_hex()[..16]));
                 p.waiters
@@ -519,7 +532,8 @@ impl Inner {
         let Some(w) = st.root.as_mut() else { return };
         if now.duration_since(w.started) >= self.config.timeout {
             let w = st.root.take().expect("checked above");
-            st.members.push(self.channel.root_address().group, false);
+            st.members
+                .push(Instant::now(), self.channel.root_address().group, false);
             let err = self.timeout_error("the root record");
             w.waiters
                 .into_iter()
@@ -527,8 +541,8 @@ impl Inner {
         } else if now.duration_since(w.last_join) >= self.config.stall {
             w.last_join = now;
             let g = self.channel.root_address().group;
-            st.members.push(g, false);
-            st.members.push(g, true);
+            st.members.push(Instant::now(), g, false);
+            st.members.push(Instant::now(), g, true);
         }
     }
 

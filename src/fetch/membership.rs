@@ -9,9 +9,16 @@
 //! after a quiet spell is applied at once, so a lone demand read pays no delay. The jiffy is
 //! the resolution of `CLOCK_REALTIME_COARSE` (4 ms here, HZ=250), so the gap follows the
 //! kernel: 11 ms here, 26 ms at HZ=100.
+//!
+//! Leaves are not urgent: after a round the sender pauses an object for longer than a leave
+//! takes to arrive, so a late leave costs nothing. Leaves alone therefore wait up to four gaps
+//! for a join to ride along with, which keeps the gap free for the next demand read's join.
 
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
+
+/// How many gaps leaves alone may wait for a join.
+const LEAVE_HOLD: u32 = 4;
 
 /// The gap between two batches of membership changes: two and a half jiffies and a
 /// millisecond, so that the kernel's report from the last batch has gone out.
@@ -33,40 +40,54 @@ pub fn default_gap() -> Duration {
 #[derive(Debug)]
 pub struct Memberships {
     ops: Vec<(Ipv6Addr, bool)>,
-    last_flush: Option<Instant>,
     gap: Duration,
+    last_flush: Option<Instant>,
+    /// When the oldest queued change was queued.
+    first_queued: Option<Instant>,
+    joins_queued: bool,
 }
 
 impl Memberships {
     pub fn new(gap: Duration) -> Memberships {
         Memberships {
             ops: Vec::new(),
-            last_flush: None,
             gap,
+            last_flush: None,
+            first_queued: None,
+            joins_queued: false,
         }
     }
 
-    /// Queues a join (`true`) or leave of `group`; changes keep their order.
-    pub fn push(&mut self, group: Ipv6Addr, join: bool) {
+    /// Queues a join (`true`) or leave of `group` at `now`; changes keep their order.
+    pub fn push(&mut self, now: Instant, group: Ipv6Addr, join: bool) {
         self.ops.push((group, join));
+        self.first_queued.get_or_insert(now);
+        self.joins_queued |= join;
     }
 
-    /// The changes to apply now, when there are some and the last batch is `gap` old.
+    /// The changes to apply now, if they are due (see [`Memberships::poll_timeout`]).
     pub fn poll_flush(&mut self, now: Instant) -> Option<Vec<(Ipv6Addr, bool)>> {
-        let due = self.last_flush.is_none_or(|t| now >= t + self.gap);
-        if self.ops.is_empty() || !due {
+        if self.poll_timeout()? > now {
             return None;
         }
         self.last_flush = Some(now);
+        self.first_queued = None;
+        self.joins_queued = false;
         Some(std::mem::take(&mut self.ops))
     }
 
-    /// When the queued changes may be applied.
+    /// When the queued changes are due: with a join among them, once the last batch is `gap`
+    /// old; leaves alone, after waiting [`LEAVE_HOLD`] gaps as well.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.ops.is_empty() {
-            return None;
+        let queued = self.first_queued?;
+        let mut due = match self.last_flush {
+            Some(t) => queued.max(t + self.gap),
+            None => queued,
+        };
+        if !self.joins_queued {
+            due = due.max(queued + self.gap * LEAVE_HOLD);
         }
-        Some(self.last_flush.map_or_else(Instant::now, |t| t + self.gap))
+        Some(due)
     }
 }
 
@@ -74,22 +95,52 @@ impl Memberships {
 mod tests {
     use super::*;
 
+    const GAP: Duration = Duration::from_millis(11);
+
+    fn g(i: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0xff1e, 0, 0, 0, 0, 0, 0, i)
+    }
+
     #[test]
-    fn first_change_goes_at_once_then_batches() {
+    fn first_join_goes_at_once_then_batches() {
         let t0 = Instant::now();
-        let g = |i: u16| Ipv6Addr::new(0xff1e, 0, 0, 0, 0, 0, 0, i);
-        let gap = Duration::from_millis(11);
-        let mut m = Memberships::new(gap);
+        let mut m = Memberships::new(GAP);
         assert!(m.poll_flush(t0).is_none());
-        m.push(g(1), true);
+        m.push(t0, g(1), true);
         assert_eq!(m.poll_flush(t0), Some(vec![(g(1), true)]));
-        m.push(g(1), false);
-        m.push(g(2), true);
-        assert!(m.poll_flush(t0 + Duration::from_millis(5)).is_none());
-        assert_eq!(m.poll_timeout(), Some(t0 + gap));
-        let later = t0 + gap;
-        assert_eq!(m.poll_flush(later), Some(vec![(g(1), false), (g(2), true)]));
+        let t1 = t0 + Duration::from_millis(5);
+        m.push(t1, g(1), false);
+        m.push(t1, g(2), true);
+        assert!(m.poll_flush(t1).is_none());
+        assert_eq!(m.poll_timeout(), Some(t0 + GAP));
+        assert_eq!(
+            m.poll_flush(t0 + GAP),
+            Some(vec![(g(1), false), (g(2), true)])
+        );
         assert!(m.poll_timeout().is_none());
+    }
+
+    #[test]
+    fn leaves_alone_wait_and_leave_the_gap_to_joins() {
+        let t0 = Instant::now();
+        let mut m = Memberships::new(GAP);
+        m.push(t0, g(1), true);
+        m.poll_flush(t0);
+        let t1 = t0 + Duration::from_millis(12);
+        m.push(t1, g(1), false);
+        assert!(m.poll_flush(t1).is_none(), "a lone leave waits");
+        assert_eq!(m.poll_timeout(), Some(t1 + GAP * LEAVE_HOLD));
+        let t2 = t1 + Duration::from_millis(3);
+        m.push(t2, g(2), true);
+        let both = Some(vec![(g(1), false), (g(2), true)]);
+        assert_eq!(m.poll_flush(t2), both, "a join takes it along at once");
+        let t3 = t2 + Duration::from_millis(1);
+        m.push(t3, g(2), false);
+        assert!(m.poll_flush(t3 + GAP).is_none());
+        assert_eq!(
+            m.poll_flush(t3 + GAP * LEAVE_HOLD),
+            Some(vec![(g(2), false)])
+        );
     }
 
     #[test]
