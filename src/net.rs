@@ -209,6 +209,8 @@ pub fn receiver_socket(iface: &Iface, port: u16) -> Result<Socket, NetError> {
     let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
     s.bind(&addr.into())
         .map_err(sock_err("binding the receive port", iface))?;
+    s.set_read_timeout(Some(Duration::from_millis(5)))
+        .map_err(sock_err("setting a receive timeout", iface))?;
     Ok(s)
 }
 
@@ -316,37 +318,10 @@ impl RecvBatch {
     }
 }
 
-/// Waits until `s` is readable or `timeout` passes, with ppoll's high-resolution timer (a
-/// socket receive timeout is rounded up to whole jiffies: 5 ms became 8 to 12 here).
-fn wait_readable(s: &Socket, timeout: Duration) -> io::Result<bool> {
-    let mut fd = libc::pollfd {
-        fd: s.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: one valid pollfd and a valid timespec; no signal mask is changed.
-    let rc = unsafe { libc::ppoll(&mut fd, 1, &ts, std::ptr::null()) };
-    match rc {
-        n if n > 0 => Ok(true),
-        0 => Ok(false),
-        _ => match io::Error::last_os_error() {
-            e if e.kind() == io::ErrorKind::Interrupted => Ok(false),
-            e => Err(e),
-        },
-    }
-}
-
-/// Receives up to a batch of datagrams, waiting at most `timeout` for the first. Returns how
-/// many arrived (0 on timeout).
-pub fn recv_batch(s: &Socket, batch: &mut RecvBatch, timeout: Duration) -> io::Result<usize> {
+/// Receives up to a batch of datagrams, waiting at most the socket's read timeout for the
+/// first. Returns how many arrived (0 on timeout).
+pub fn recv_batch(s: &Socket, batch: &mut RecvBatch) -> io::Result<usize> {
     batch.lens.iter_mut().for_each(|n| *n = 0);
-    if !wait_readable(s, timeout)? {
-        return Ok(0);
-    }
     let mut iovs: Vec<libc::iovec> = batch
         .bufs
         .iter_mut()
@@ -375,7 +350,7 @@ pub fn recv_batch(s: &Socket, batch: &mut RecvBatch, timeout: Duration) -> io::R
             s.as_raw_fd(),
             msgs.as_mut_ptr(),
             msgs.len() as u32,
-            libc::MSG_DONTWAIT,
+            libc::MSG_WAITFORONE,
             std::ptr::null_mut(),
         )
     };
@@ -441,7 +416,7 @@ mod tests {
         let mut batch = RecvBatch::new(8, 2048);
         let mut got = Vec::new();
         while got.len() < 5 {
-            assert!(recv_batch(&rx, &mut batch, Duration::from_secs(1)).unwrap() > 0);
+            assert!(recv_batch(&rx, &mut batch).unwrap() > 0);
             got.extend(batch.datagrams().map(|(src, d)| {
                 assert_eq!(src, Ipv6Addr::LOCALHOST);
                 d.to_vec()

@@ -364,15 +364,10 @@ impl Inner {
     }
 
     fn run(self: Arc<Self>) {
-        const TICK: Duration = Duration::from_millis(20);
         let mut batch = RecvBatch::new(64, 65536);
-        let mut next_tick = Instant::now() + TICK;
+        let mut last_tick = Instant::now();
         while !self.shutdown.load(Ordering::Relaxed) {
-            // Wake exactly when a membership batch falls due, so joins are not late.
-            let now = Instant::now();
-            let due = self.lock().members.poll_timeout().unwrap_or(next_tick);
-            let wait = due.min(next_tick).saturating_duration_since(now);
-            match recv_batch(&self.socket, &mut batch, wait.min(TICK)) {
+            match recv_batch(&self.socket, &mut batch) {
                 Ok(_) => self.handle_batch(&mut batch),
                 Err(e) => {
                     tracing::warn!("receiving on {} failed: {e}", self.iface.name);
@@ -380,8 +375,8 @@ impl Inner {
                 }
             }
             let now = Instant::now();
-            if now >= next_tick {
-                next_tick = now + TICK;
+            if now.duration_since(last_tick) >= Duration::from_millis(20) {
+                last_tick = now;
                 self.tick(now);
             } else {
                 self.flush(&mut self.lock(), now);
