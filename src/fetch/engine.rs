@@ -475,11 +475,9 @@ impl Inner {
         self.stats
             .bytes_fetched
             .fetch_add(v.len() as u64, Ordering::Relaxed);
-        let t = Instant::now();
         if let Err(e) = self.cache.insert(&v) {
             tracing::warn!("cannot store object {} in the cache: {e}", v.hash());
         }
-        tracing::trace!(us = t.elapsed().as_micros() as u64, "cache insert");
         for w in waiters {
             let _ = w.send(Ok(v.clone()));
         }
