@@ -49,8 +49,8 @@ pub struct Inner {
     dirs: Mutex<LruCache<Hash, Arc<Vec<Child<Node>>>>>,
     /// Objects whose demand fetch timed out: when, and the error.
     timeouts: Mutex<LruCache<Hash, (Instant, String)>>,
-    /// Per file (by index hash): the block below which readahead has been started.
-    ahead: Mutex<LruCache<Hash, u64>>,
+    /// Per file (by index hash): the blocks `lo..hi` for which readahead has been started.
+    ahead: Mutex<LruCache<Hash, (u64, u64)>>,
 }
 
 fn unavailable(e: FetchError) -> SourceError {
@@ -245,14 +245,14 @@ impl Inner {
         let last = ((until - 1) / bs.bytes()).min(leaves.len() as u64 - 1);
         let from = {
             let mut ahead = self.ahead.lock().expect("readahead lock");
-            let started = ahead.get(&key).copied().unwrap_or(0);
-            ahead.put(key, (last + 1).max(started));
-            // Within the window already started, only the new tail; after a jump, all of it.
-            if from <= started {
-                from.max(started)
-            } else {
-                from
-            }
+            // Within the window already started, only the new tail; after a jump (forwards,
+            // or back as when the file is read again), a new window.
+            let (lo, hi) = match ahead.get(&key).copied() {
+                Some((lo, hi)) if (lo..=hi).contains(&from) => (lo, hi),
+                _ => (from, from),
+            };
+            ahead.put(key, (lo, (last + 1).max(hi)));
+            from.max(hi)
         };
         let refs: Vec<ObjectRef> = (from..=last)
             .map(|i| ObjectRef {

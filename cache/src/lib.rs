@@ -60,8 +60,10 @@ pub struct CacheConfig {
 }
 
 impl CacheConfig {
-    /// Default size of the in-memory LRU: 64 MiB.
-    pub const DEFAULT_MEMORY: usize = 64 << 20;
+    /// Default size of the in-memory LRU: 16 MiB. The kernel's page cache already keeps hot
+    /// object files; this only spares the re-hash of objects read again soon after they
+    /// arrived (a readahead window) and of metadata, and counts against a mount's memory.
+    pub const DEFAULT_MEMORY: usize = 16 << 20;
 
     /// A cache in `dir`, without quota, with the default memory LRU.
     pub fn new(dir: impl Into<PathBuf>) -> CacheConfig {

@@ -31,6 +31,11 @@ impl MemLru {
         self.objects.get(hash).cloned()
     }
 
+    /// Whether the object is held, without marking it used.
+    pub(crate) fn contains(&self, hash: &Hash) -> bool {
+        self.objects.contains(hash)
+    }
+
     /// Keeps `obj` as most recently used, evicting older objects to stay within capacity.
     pub(crate) fn put(&mut self, obj: &Verified) {
         self.remove(obj.hash());

@@ -12,6 +12,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -160,6 +161,16 @@ impl Store {
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Read::Missing),
             Err(e) => Err(CacheError::io(&path, e)),
+        }
+    }
+
+    /// Asks the kernel to start reading the object's file in the background
+    /// (`POSIX_FADV_WILLNEED`). A missing or unreadable file is ignored: this is a hint.
+    pub(crate) fn will_need(&self, hash: &Hash) {
+        if let Ok(file) = File::open(self.path(hash)) {
+            // SAFETY: `file` owns the descriptor and keeps it open for the call; fadvise
+            // touches no memory of ours.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
         }
     }
 

@@ -103,7 +103,8 @@ impl Default for State {
             seq: 0,
             root: None,
             members: Memberships::new(default_gap()),
-            recent: lru::LruCache::new(std::num::NonZeroUsize::new(256).expect("non-zero")),
+            // The cache's memory LRU shares these bytes; a few dozen cover the insert's delay.
+            recent: lru::LruCache::new(std::num::NonZeroUsize::new(64).expect("non-zero")),
         }
     }
 }
@@ -201,16 +202,22 @@ impl Fetcher {
 
     /// Starts fetching every object of `refs` that is not cached, without waiting: their
     /// joins go out together, in one MLD report. A later [`Fetcher::fetch`] of one of them
-    /// shares the fetch already under way.
+    /// shares the fetch already under way. Cached ones are read ahead from disk instead
+    /// ([`Cache::will_need`]), in the background when there is a runtime to do it on.
     pub fn start_fetches(&self, refs: &[ObjectRef], priority: Priority) {
         let cache = &self.inner.cache;
-        let missing: Vec<ObjectRef> = refs
-            .iter()
-            .filter(|r| !cache.contains(&r.hash))
-            .copied()
-            .collect();
+        let (cached, missing): (Vec<ObjectRef>, Vec<ObjectRef>) =
+            refs.iter().partition(|r| cache.contains(&r.hash));
         if !missing.is_empty() {
             self.inner.start(&missing, priority);
+        }
+        if !cached.is_empty() {
+            let hashes: Vec<blake3::Hash> = cached.iter().map(|r| r.hash).collect();
+            let cache = cache.clone();
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(move || cache.will_need(&hashes))),
+                Err(_) => cache.will_need(&hashes),
+            }
         }
     }
 

@@ -85,9 +85,10 @@ impl Encoders {
 }
 
 fn enc_size(e: &ObjectEncoder) -> usize {
-    // The padded source plus, once repair symbols were asked for, RaptorQ's intermediate
-    // symbols, about as large again: count both.
-    2 * e.source_symbols() as usize * e.symbol_size()
+    // The padded source plus, once repair symbols were asked for, RaptorQ's copy of the
+    // source symbols and its intermediate symbols, each about as large again (measured with
+    // heaptrack): count all three, as an encoder may need them at any time.
+    3 * e.source_symbols() as usize * e.symbol_size()
 }
 
 pub struct SenderLoop {
