@@ -161,11 +161,25 @@ impl Inner {
         let bs = self.tree.block_size().bytes();
         if offset < bs {
             self.start_first_block(&f);
+            if end <= bs {
+                if let Some(first) = self.first_block_alone(&f, end + hint.readahead).await? {
+                    return Ok(first[offset as usize..end as usize].to_vec());
+                }
+            }
         }
         let leaves = self.file_leaves(&f).await?;
         let (first, last) = (offset / bs, (end - 1) / bs);
         self.spawn_readahead(&f, &leaves, last + 1, end.saturating_add(hint.readahead));
-        let blocks = (first..=last).map(|i| self.block(&f, &leaves, i, Priority::Demand));
+        let (this, file) = (&self, &f);
+        let blocks = (first..=last).map(|i| {
+            let leaf = leaves.get(i as usize).copied();
+            async move {
+                let leaf = leaf.ok_or_else(|| {
+                    SourceError::Invalid(format!("block {i} beyond the file's index"))
+                })?;
+                this.block(file, leaf, i, Priority::Demand).await
+            }
+        });
         let blocks = try_join_all(blocks).await?;
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (i, b) in (first..=last).zip(&blocks) {
@@ -177,16 +191,47 @@ impl Inner {
         Ok(out)
     }
 
+    /// Block 0 of a file with an index, without waiting for the index: the directory entry
+    /// names the first block, so a read within it (a cold `head`, a magic-number sniff) costs
+    /// one round trip. The index follows in the background, and with it the readahead up to
+    /// byte `until`. `None` for files without an index.
+    async fn first_block_alone(
+        self: &Arc<Self>,
+        f: &Arc<FileRef>,
+        until: u64,
+    ) -> Result<Option<lcfs_cache::Verified>, SourceError> {
+        let Content::Index { index, first_leaf } = &f.content else {
+            return Ok(None);
+        };
+        // Both were asked of the same server: if one just timed out, so does the other.
+        self.recent_timeout(&index.hash)?;
+        let first = match self.block(f, *first_leaf, 0, Priority::Demand).await {
+            Ok(b) => b,
+            Err(e) => {
+                let mut timeouts = self.timeouts.lock().expect("timeouts lock");
+                if let Some(t) = timeouts.get(first_leaf).cloned() {
+                    timeouts.put(index.hash, t);
+                }
+                return Err(e);
+            }
+        };
+        let (this, file) = (self.clone(), f.clone());
+        tokio::spawn(async move {
+            if let Ok(leaves) = this.file_leaves(&file).await {
+                this.spawn_readahead(&file, &leaves, 1, until);
+            }
+        });
+        Ok(Some(first))
+    }
+
+    /// Block `i` of `f`, whose leaf hash is `leaf`.
     async fn block(
         &self,
         f: &FileRef,
-        leaves: &[Hash],
+        leaf: Hash,
         i: u64,
         prio: Priority,
     ) -> Result<lcfs_cache::Verified, SourceError> {
-        let leaf = *leaves
-            .get(i as usize)
-            .ok_or_else(|| SourceError::Invalid(format!("block {i} beyond the file's index")))?;
         if prio != Priority::Demand {
             return self
                 .tree

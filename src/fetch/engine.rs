@@ -15,6 +15,7 @@ use super::membership::{default_gap, Memberships};
 use super::object::{Action, ObjectFetch};
 use super::{FetchError, KEY_HINT};
 use crate::channel::{Channel, Tag};
+use crate::mld::Reporter;
 use crate::net::{recv_batch, set_membership, Iface, RecvBatch};
 use crate::object::{ObjectRef, RootRecord};
 use crate::packet::{self, Body};
@@ -113,6 +114,8 @@ struct Inner {
     channel: Channel,
     iface: Iface,
     socket: Socket,
+    /// Our own MLD reports of joins; `None` without CAP_NET_RAW.
+    reporter: Option<Reporter>,
     cache: Cache,
     config: FetchConfig,
     state: Mutex<State>,
@@ -149,13 +152,32 @@ impl Fetcher {
         config: FetchConfig,
     ) -> Result<Fetcher, crate::net::NetError> {
         let socket = crate::net::receiver_socket(&iface, config.port)?;
+        // LCFS_MLD_REPORTS=kernel leaves reports to the kernel, for networks whose snooping
+        // should only ever see the kernel's, and for comparisons.
+        let kernel_only = std::env::var("LCFS_MLD_REPORTS").is_ok_and(|v| v == "kernel");
+        let reporter = match kernel_only {
+            true => None,
+            false => Reporter::open(iface.index)
+                .map_err(|e| {
+                    tracing::debug!(
+                        "membership changes are reported by the kernel alone, in batches: {e}"
+                    )
+                })
+                .ok(),
+        };
+        let mut state = State::default();
+        if reporter.is_some() {
+            // Our own reports do not wait for the kernel's timer: no batching needed.
+            state.members = Memberships::new(Duration::ZERO);
+        }
         let inner = Arc::new(Inner {
             channel,
             iface,
             socket,
+            reporter,
             cache,
             config,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             stats: FetchStats::default(),
             shutdown: AtomicBool::new(false),
         });
@@ -355,10 +377,27 @@ impl Inner {
         }
     }
 
-    /// Applies queued membership changes if their batch is due.
+    /// Applies queued membership changes if their batch is due, and reports them without
+    /// waiting for the kernel (see [`Reporter`]).
     fn flush(&self, st: &mut State, now: Instant) {
-        for (group, join) in st.members.poll_flush(now).unwrap_or_default() {
+        let Some(ops) = st.members.poll_flush(now) else {
+            return;
+        };
+        let (mut joined, mut left): (Vec<Ipv6Addr>, Vec<Ipv6Addr>) = (Vec::new(), Vec::new());
+        for &(group, join) in &ops {
             self.membership(&group, join);
+            joined.retain(|g| *g != group);
+            left.retain(|g| *g != group);
+            if join {
+                joined.push(group);
+            } else {
+                left.push(group);
+            }
+        }
+        if let Some(reporter) = &self.reporter {
+            if let Err(e) = reporter.report(&joined, &left) {
+                tracing::debug!("reporting membership changes on {}: {e}", self.iface.name);
+            }
         }
     }
 

@@ -10,6 +10,9 @@
 //! the resolution of `CLOCK_REALTIME_COARSE` (4 ms here, HZ=250), so the gap follows the
 //! kernel: 11 ms here, 26 ms at HZ=100.
 //!
+//! This pacing serves receivers that cannot send their own reports (no CAP_NET_RAW); one that
+//! can ([`crate::mld::Reporter`]) reports every change at once and uses a gap of zero.
+//!
 //! Leaves are not urgent: after a round the sender pauses an object for longer than a leave
 //! takes to arrive, so a late leave costs nothing. Leaves alone therefore wait up to four gaps
 //! for a join to ride along with, which keeps the gap free for the next demand read's join.

@@ -6,10 +6,12 @@
 //!
 //! Layout, sans-IO core plus a thin IO shell (quinn-proto style: `now` is always a parameter,
 //! inputs are `handle_*`, outputs are `poll_*`):
-//! - [`parse`]: ICMPv6 bytes to [`MldMessage`] and back ([`encode_query`]). Never panics.
+//! - [`parse`]: ICMPv6 bytes to [`MldMessage`] and back ([`encode_query`],
+//!   [`encode_report`]). Never panics.
 //! - [`tracker`]: explicit tracking of listeners per group per reporting address.
 //! - [`querier`]: when to send general queries, and when to stay quiet for another querier.
-//! - [`socket`]: the raw ICMPv6 socket and the thread that feeds the two state machines.
+//! - [`socket`]: the raw ICMPv6 socket and the thread that feeds the two state machines, and
+//!   a receiver's [`Reporter`].
 //!
 //! Invariant: listener expiry and query timing come from one [`MldTiming`]. The querier owns
 //! the effective timing (its own, or the one adopted from another querier it defers to) and the
@@ -24,9 +26,11 @@ pub mod tracker;
 use std::io;
 use std::time::Duration;
 
-pub use parse::{encode_query, parse, GroupRecord, MldMessage, Query, QueryV2, RecordType};
+pub use parse::{
+    encode_query, encode_report, parse, GroupRecord, MldMessage, Query, QueryV2, RecordType,
+};
 pub use querier::{Querier, QuerierConfig};
-pub use socket::{spawn_listener, ListenerConfig, MldStats};
+pub use socket::{spawn_listener, ListenerConfig, MldStats, Reporter};
 pub use tracker::{GroupEvent, Interest, ListenerTracker, TrackerConfig};
 
 /// Errors of the MLD module: decoding received bytes, and opening the socket.
