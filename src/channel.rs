@@ -121,6 +121,12 @@ impl Channel {
         self.address(b"root", &[0; 32])
     }
 
+    /// The group and tag of the channel's "on air" beacon: which objects the server is about
+    /// to send (see [`crate::packet::Body::Air`]).
+    pub fn air_address(&self) -> Address {
+        self.address(b"air!", &[0; 32])
+    }
+
     /// The group and tag of the object named `hash`.
     pub fn object_address(&self, hash: &Hash) -> Address {
         self.address(b"obj!", hash.as_bytes())

@@ -1,7 +1,9 @@
 //! The packet codec: what one UDP datagram carries (sans-IO).
 //!
 //! Clear layout: `"LC" | version 1 | kind | tag [16] | body`. Kind 0 is an encoding symbol of an
-//! object (body `esi u32 | symbol`), kind 1 the channel's root record (body: the record). The
+//! object (body `esi u32 | symbol`), kind 1 the channel's root record (body: the record), kind
+//! 2 the "on air" beacon (body: the tags of the objects the server sends next, 16 bytes each,
+//! at most [`MAX_AIR_TAGS`]). The
 //! symbol size is the body length less four; a receiver learns object lengths from the
 //! references it already trusts, so packets carry no sizes.
 //!
@@ -11,7 +13,7 @@
 //! to open. Symbol nonces are a keyed hash of (tag, esi, symbol length), which name the
 //! plaintext exactly: a nonce is never used for two different plaintexts, and every server and
 //! every burst of one channel produce the same packet for the same symbol, so symbols combine.
-//! Root-record nonces are random (a record is never split into symbols).
+//! Root-record and beacon nonces are random (neither is ever split into symbols).
 
 use crate::channel::{SealKeys, Tag};
 use crypto_secretbox::aead::{AeadInPlace, KeyInit};
@@ -21,6 +23,9 @@ const MAGIC: &[u8; 2] = b"LC";
 const VERSION: u8 = 1;
 const KIND_SYMBOL: u8 = 0;
 const KIND_ROOT: u8 = 1;
+const KIND_AIR: u8 = 2;
+/// Tags in one beacon: what fits the IPv6 minimum MTU's payload on a sealed channel.
+pub const MAX_AIR_TAGS: usize = 64;
 const SEALED: u8 = 0x80;
 /// Bytes of the clear header.
 pub const HEADER_LEN: usize = 20;
@@ -31,8 +36,13 @@ pub const SEAL_OVERHEAD: usize = NONCE_LEN + MAC_LEN + 17;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Body<'a> {
-    Symbol { esi: u32, data: &'a [u8] },
+    Symbol {
+        esi: u32,
+        data: &'a [u8],
+    },
     Root(&'a [u8]),
+    /// Tags of objects on air, soonest first; a multiple of 16 bytes (see [`air_tags`]).
+    Air(&'a [u8]),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -57,6 +67,8 @@ pub enum PacketError {
     Auth,
     #[error("empty symbol")]
     EmptySymbol,
+    #[error("beacon of {0} bytes is not a list of at most {MAX_AIR_TAGS} tags")]
+    BadAir(usize),
 }
 
 /// The largest symbol that fits a UDP payload of `payload` bytes.
@@ -78,6 +90,23 @@ pub fn encode_symbol(out: &mut Vec<u8>, tag: Tag, esi: u32, data: &[u8], seal: O
 pub fn encode_root(out: &mut Vec<u8>, tag: Tag, record: &[u8], seal: Option<&SealKeys>) {
     let nonce = seal.map(|s| (s, rand::random::<[u8; NONCE_LEN]>()));
     encode(out, KIND_ROOT, tag, record, nonce);
+}
+
+/// Appends one beacon packet to `out` (which is cleared first): at most [`MAX_AIR_TAGS`] of
+/// `tags`.
+pub fn encode_air(out: &mut Vec<u8>, tag: Tag, tags: &[Tag], seal: Option<&SealKeys>) {
+    let body: Vec<u8> = tags.iter().take(MAX_AIR_TAGS).flat_map(|t| t.0).collect();
+    let nonce = seal.map(|s| (s, rand::random::<[u8; NONCE_LEN]>()));
+    encode(out, KIND_AIR, tag, &body, nonce);
+}
+
+/// The tags of a beacon's body, as [`decode`] checked it.
+pub fn air_tags(body: &[u8]) -> impl Iterator<Item = Tag> + '_ {
+    body.chunks_exact(16).map(|c| {
+        let mut t = [0; 16];
+        t.copy_from_slice(c);
+        Tag(t)
+    })
 }
 
 fn symbol_nonce(seal: &SealKeys, tag: Tag, esi: u32, len: usize) -> [u8; NONCE_LEN] {
@@ -172,6 +201,10 @@ fn parse_body(kind: u8, tag: Tag, body: &[u8]) -> Result<Packet<'_>, PacketError
             }
         }
         KIND_ROOT => Body::Root(body),
+        KIND_AIR if body.len().is_multiple_of(16) && body.len() <= MAX_AIR_TAGS * 16 => {
+            Body::Air(body)
+        }
+        KIND_AIR => return Err(PacketError::BadAir(body.len())),
         k => return Err(PacketError::Kind(k)),
     };
     Ok(Packet { tag, body })
@@ -209,6 +242,26 @@ mod tests {
         );
         encode_root(&mut out, TAG, b"rec", None);
         assert_eq!(decode(&mut out, None).unwrap().body, Body::Root(b"rec"));
+    }
+
+    #[test]
+    fn beacons_round_trip_and_reject_bad_lengths() {
+        let tags: Vec<Tag> = (0..70u8).map(|i| Tag([i; 16])).collect();
+        for seal in [None, Some(keys())] {
+            let mut out = Vec::new();
+            encode_air(&mut out, TAG, &tags, seal.as_ref());
+            let p = decode(&mut out, seal.as_ref()).unwrap();
+            let Body::Air(body) = p.body else {
+                panic!("not a beacon: {p:?}")
+            };
+            let got: Vec<Tag> = air_tags(body).collect();
+            assert_eq!(got, tags[..MAX_AIR_TAGS], "capped at MAX_AIR_TAGS");
+        }
+        for len in [1, 15, 17, (MAX_AIR_TAGS + 1) * 16] {
+            let mut out = Vec::new();
+            encode(&mut out, KIND_AIR, TAG, &vec![0; len], None);
+            assert_eq!(decode(&mut out, None), Err(PacketError::BadAir(len)));
+        }
     }
 
     #[test]

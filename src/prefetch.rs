@@ -9,7 +9,8 @@ use crate::fetch::{FetchError, Priority, Tree};
 use crate::object::{Content, EntryKind, FileIndex, FileRef, ObjectRef};
 use crate::progress::Progress;
 
-const IN_FLIGHT: usize = 256;
+/// Objects asked for at once: well beyond the engine's window, as for `lcfs copy`.
+const IN_FLIGHT: usize = 4096;
 
 #[derive(Debug, Default)]
 pub struct PrefetchReport {

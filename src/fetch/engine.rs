@@ -93,6 +93,11 @@ struct State {
     /// Objects just decoded, until the cache surely has them: a request that arrives between
     /// the end of a fetch and the cache insert must not start the fetch again.
     recent: lru::LruCache<Tag, Verified>,
+    /// The server's last beacon: objects it sends next, soonest first, and when it came.
+    on_air: Vec<Tag>,
+    on_air_at: Option<Instant>,
+    /// Whether we listen to the beacon (while requests wait for room in the window).
+    air_joined: bool,
 }
 
 impl Default for State {
@@ -106,6 +111,9 @@ impl Default for State {
             members: Memberships::new(default_gap()),
             // The cache's memory LRU shares these bytes; a few dozen cover the insert's delay.
             recent: lru::LruCache::new(std::num::NonZeroUsize::new(64).expect("non-zero")),
+            on_air: Vec::new(),
+            on_air_at: None,
+            air_joined: false,
         }
     }
 }
@@ -360,21 +368,60 @@ impl Inner {
         rx
     }
 
-    /// Joins queued objects while there is room in the window.
+    /// Joins queued objects while there is room in the window: demand reads first, then what
+    /// the server's last beacon says is on air, then the rest in order. Listens to the beacon
+    /// while other requests wait.
     fn admit(&self, st: &mut State) {
-        while st.joined < self.config.max_joined {
-            let Some((_, tag)) = st.queue.pop_first() else {
-                return;
-            };
-            let Some(p) = st.pending.get_mut(&tag) else {
-                continue;
-            };
-            p.joined = true;
-            p.fetch.handle_started(Instant::now());
-            let group = p.group;
-            st.joined += 1;
-            st.members.push(Instant::now(), group, true);
+        let room = |st: &State| st.joined < self.config.max_joined;
+        while room(st) {
+            match st.queue.first_key_value() {
+                Some((&(Priority::Demand, _), &tag)) => {
+                    st.queue.pop_first();
+                    self.join(st, tag);
+                }
+                _ => break,
+            }
         }
+        let fresh = st.on_air_at.is_some_and(|t| t.elapsed() < Self::AIR_FRESH);
+        if fresh && room(st) {
+            for tag in std::mem::take(&mut st.on_air) {
+                if !room(st) {
+                    break;
+                }
+                let key = match st.pending.get(&tag) {
+                    Some(p) if !p.joined => (p.priority, p.seq),
+                    _ => continue,
+                };
+                st.queue.remove(&key);
+                self.join(st, tag);
+            }
+        }
+        while room(st) {
+            let Some((_, tag)) = st.queue.pop_first() else {
+                break;
+            };
+            self.join(st, tag);
+        }
+        let waiting = !st.queue.is_empty();
+        if waiting != st.air_joined {
+            st.air_joined = waiting;
+            st.members
+                .push(Instant::now(), self.channel.air_address().group, waiting);
+        }
+    }
+
+    /// How long a beacon's list is worth following.
+    const AIR_FRESH: Duration = Duration::from_millis(200);
+
+    fn join(&self, st: &mut State, tag: Tag) {
+        let Some(p) = st.pending.get_mut(&tag) else {
+            return;
+        };
+        p.joined = true;
+        p.fetch.handle_started(Instant::now());
+        let group = p.group;
+        st.joined += 1;
+        st.members.push(Instant::now(), group, true);
     }
 
     /// Applies queued membership changes if their batch is due, and reports them without
@@ -457,7 +504,11 @@ impl Inner {
                             roots.push(r);
                         }
                     }
-                    Body::Root(_) => {
+                    Body::Air(tags) if pkt.tag == self.channel.air_address().tag => {
+                        st.on_air = packet::air_tags(tags).collect();
+                        st.on_air_at = Some(now);
+                    }
+                    Body::Root(_) | Body::Air(_) => {
                         self.stats.unexpected.fetch_add(1, Ordering::Relaxed);
                     }
                 }

@@ -25,6 +25,12 @@
 //! joins late or lost packets always gets symbols it lacks. The root record, while its group is
 //! active, is interleaved every `root_interval`.
 //!
+//! While the beacon group has listeners and bulk rounds are queued, a beacon listing the bulk
+//! queue's head goes out every `air_interval`. Receivers that started late (or fell behind)
+//! join those objects first, and share the rounds under way instead of asking later for
+//! rounds of their own: without it, a receiver that starts a second after another trails it
+//! for the whole transfer and every block goes out twice.
+//!
 //! The pacer is a token bucket counting wire bytes (payload plus IPv6 and UDP headers): it
 //! holds the average to `rate` and lets at most `burst` bytes out at once, because multicast
 //! has no congestion control and an unpaced sender floods the link.
@@ -38,7 +44,12 @@ use lcfs_cache::Hash;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transmit {
     Root,
-    Symbol { hash: Hash, esi: u32 },
+    /// A beacon of the bulk queue's head ([`Scheduler::on_air`]).
+    Air,
+    Symbol {
+        hash: Hash,
+        esi: u32,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -52,6 +63,8 @@ pub struct SchedConfig {
     pub remembered_cursors: usize,
     /// Bounds of the first round's margin, as a fraction of K.
     pub max_margin: f64,
+    /// How often the beacon goes out while its group has listeners and bulk is queued.
+    pub air_interval: Duration,
 }
 
 impl Default for SchedConfig {
@@ -61,6 +74,7 @@ impl Default for SchedConfig {
             cooldown: Duration::from_millis(60),
             remembered_cursors: 1 << 16,
             max_margin: 0.15,
+            air_interval: Duration::from_millis(50),
         }
     }
 }
@@ -141,6 +155,8 @@ pub struct Scheduler {
     margin: Margin,
     root_active: bool,
     next_root: Option<Instant>,
+    air_active: bool,
+    next_air: Option<Instant>,
 }
 
 impl Scheduler {
@@ -160,6 +176,8 @@ impl Scheduler {
             cursors: HashMap::new(),
             root_active: false,
             next_root: None,
+            air_active: false,
+            next_air: None,
         }
     }
 
@@ -224,6 +242,16 @@ impl Scheduler {
         self.next_root = active.then_some(now);
     }
 
+    pub fn handle_air(&mut self, now: Instant, active: bool) {
+        self.air_active = active;
+        self.next_air = active.then_some(now);
+    }
+
+    /// The first `n` objects of the bulk queue: what goes out next, soonest first.
+    pub fn on_air(&self, n: usize) -> Vec<Hash> {
+        self.bulk.iter().take(n).copied().collect()
+    }
+
     /// Restarts an object's symbols at zero (after its bytes were found to have changed).
     pub fn forget(&mut self, hash: &Hash) {
         self.handle_inactive(Instant::now(), hash);
@@ -254,6 +282,13 @@ impl Scheduler {
             self.next_root =
                 Some(at.max(now - self.config.root_interval) + self.config.root_interval);
             return Some(Transmit::Root);
+        }
+        if let Some(at) = self
+            .next_air
+            .filter(|&at| at <= now && !self.bulk.is_empty())
+        {
+            self.next_air = Some(at.max(now - self.config.air_interval) + self.config.air_interval);
+            return Some(Transmit::Air);
         }
         self.resume_cooled(now);
         let urgent = !self.urgent.is_empty();
@@ -433,6 +468,32 @@ mod tests {
         s.handle_inactive(now_for_test(), &h(1));
         assert!(s.poll_transmit(t1).is_none());
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn beacon_lists_the_bulk_head_while_bulk_is_queued() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(SchedConfig::default());
+        s.handle_air(t0, true);
+        assert!(
+            s.poll_transmit(t0).is_none(),
+            "no beacon for an empty queue"
+        );
+        s.handle_active(h(1), 2, false);
+        s.handle_active(h(2), 2, false);
+        s.handle_active(h(3), 1, true);
+        assert_eq!(s.poll_transmit(t0), Some(Transmit::Air));
+        assert_eq!(s.on_air(8), vec![h(1), h(2)], "bulk only, soonest first");
+        assert_eq!(s.on_air(1), vec![h(1)]);
+        assert!(matches!(s.poll_transmit(t0), Some(Transmit::Symbol { .. })));
+        let t1 = t0 + Duration::from_millis(60);
+        assert_eq!(s.poll_transmit(t1), Some(Transmit::Air));
+        s.handle_air(t1, false);
+        let sent = drain(&mut s, t1 + Duration::from_millis(200));
+        assert!(
+            !sent.contains(&Transmit::Air),
+            "no beacon without listeners"
+        );
     }
 
     #[test]

@@ -202,6 +202,9 @@ impl SenderLoop {
         if group == self.current.root.group {
             tracing::debug!(on, "root group");
             self.sched.handle_root(now, on);
+        } else if group == self.current.air.group {
+            tracing::debug!(on, "beacon group");
+            self.sched.handle_air(now, on);
         } else if let Some(&hash) = self.current.by_group.get(&group) {
             tracing::trace!(%hash, on, "object group");
             if on {
@@ -307,6 +310,16 @@ impl SenderLoop {
                     );
                     self.stats.root_packets.fetch_add(1, Ordering::Relaxed);
                     table.root.group
+                }
+                Transmit::Air => {
+                    let tags: Vec<_> = self
+                        .sched
+                        .on_air(packet::MAX_AIR_TAGS)
+                        .iter()
+                        .map(|h| table.channel.object_address(h).tag)
+                        .collect();
+                    packet::encode_air(&mut out, table.air.tag, &tags, table.channel.seal());
+                    table.air.group
                 }
                 Transmit::Symbol { hash, esi } => match self.encode(&table, &hash, esi, &mut out) {
                     Some(group) => group,

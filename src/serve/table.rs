@@ -20,6 +20,8 @@ pub struct Table {
     /// The encoded (and possibly signed) root record, as sent.
     pub record: Vec<u8>,
     pub root: Address,
+    /// Where the beacon goes.
+    pub air: Address,
     pub objects: HashMap<Hash, (u32, Source)>,
     pub by_group: HashMap<Ipv6Addr, Hash>,
 }
@@ -52,6 +54,7 @@ impl Table {
         Table {
             record: root_record.encode(),
             root: channel.root_address(),
+            air: channel.air_address(),
             root_record,
             objects: published.objects,
             by_group,
@@ -61,7 +64,7 @@ impl Table {
 
     /// Whether `group` carries something this table publishes (the MLD listener's filter).
     pub fn interested(&self, group: &Ipv6Addr) -> bool {
-        *group == self.root.group || self.by_group.contains_key(group)
+        *group == self.root.group || *group == self.air.group || self.by_group.contains_key(group)
     }
 
     /// The bytes of object `hash`, re-read and re-verified when they live in a file.
