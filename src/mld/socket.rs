@@ -21,6 +21,7 @@
 //! counted and logged at debug level, never fatal. The thread ends on `shutdown` or when the
 //! event receiver is dropped.
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::mem::MaybeUninit;
@@ -162,13 +163,24 @@ const RECORDS_PER_REPORT: usize = 60;
 /// sending until it hears of the leave: every cold read paid the delay once per round trip,
 /// and a busy receiver's leaves came 40 to 160 ms late. Sending the same reports ourselves,
 /// right after the change, takes both delays out; the kernel's own reports follow and say the
-/// same. A leave is reported only once no other socket of this host listens to the group
-/// (`/proc/net/igmp6` says), which only the kernel knows.
+/// same.
+///
+/// A leave is not reported for a group that another socket of this host also listens to
+/// (another lcfs process on the same channel), which only the kernel knows: `/proc/net/igmp6`
+/// lists each group's users. Formatting that file costs a tenth of a receiver's time if read
+/// on every change, so it is read at most every [`SHARED_REFRESH`]; a group that became
+/// shared since then is reported left, and the other process's stall rejoin (with its own
+/// report) restores it within a stall period.
 pub struct Reporter {
     sock: Socket,
     dest: SockAddr,
     iface: u32,
+    /// Users of each group of the interface, and when that was read.
+    users: std::sync::Mutex<(Option<Instant>, HashMap<Ipv6Addr, u32>)>,
 }
+
+/// How often [`Reporter`] rereads `/proc/net/igmp6`.
+const SHARED_REFRESH: Duration = Duration::from_secs(1);
 
 impl Reporter {
     /// A raw ICMPv6 socket that sends on interface `iface` and receives nothing. Needs
@@ -200,26 +212,36 @@ impl Reporter {
         )
         .map_err(io_error(&name, "setting the Router Alert option"))?;
         let dest = SockAddr::from(SocketAddrV6::new(ALL_MLDV2_ROUTERS, 0, 0, iface));
-        Ok(Reporter { sock, dest, iface })
+        Ok(Reporter {
+            sock,
+            dest,
+            iface,
+            users: std::sync::Mutex::new((None, HashMap::new())),
+        })
     }
 
     /// Reports `joined` as joined (CHANGE_TO_EXCLUDE_MODE, no sources) and those of `left`
     /// that this host no longer listens to as left (CHANGE_TO_INCLUDE_MODE, no sources), in
     /// as many reports as they need. Call it after the memberships changed.
     pub fn report(&self, joined: &[Ipv6Addr], left: &[Ipv6Addr]) -> io::Result<()> {
-        let host = if left.is_empty() {
-            Vec::new()
-        } else {
-            std::fs::read_to_string("/proc/net/igmp6")
-                .map(|t| host_groups(&t, self.iface))
-                .unwrap_or_default()
-        };
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        // Read now, after our leaves, one user left means another socket; read earlier,
+        // while we were still joined, it takes two.
+        let mut others = 2;
+        if !left.is_empty() && users.0.is_none_or(|t| t.elapsed() >= SHARED_REFRESH) {
+            let groups = std::fs::read_to_string("/proc/net/igmp6")
+                .map(|t| group_users(&t, self.iface))
+                .unwrap_or_default();
+            *users = (Some(Instant::now()), groups);
+            others = 1;
+        }
+        let shared = |g: &Ipv6Addr| users.1.get(g).is_some_and(|&n| n >= others);
         let records: Vec<GroupRecord> = joined
             .iter()
             .map(|&group| (RecordType::ChangeToExclude, group))
             .chain(
                 left.iter()
-                    .filter(|g| !host.contains(g))
+                    .filter(|g| !shared(g))
                     .map(|&group| (RecordType::ChangeToInclude, group)),
             )
             .map(|(record_type, group)| GroupRecord {
@@ -235,19 +257,21 @@ impl Reporter {
     }
 }
 
-/// The groups that `/proc/net/igmp6` lists for interface `iface` (lines of index, name,
-/// 32 hex digits of group, users, flags, timer).
-fn host_groups(igmp6: &str, iface: u32) -> Vec<Ipv6Addr> {
+/// The groups that `/proc/net/igmp6` lists for interface `iface`, with their users (lines
+/// of index, name, 32 hex digits of group, users, flags, timer).
+fn group_users(igmp6: &str, iface: u32) -> HashMap<Ipv6Addr, u32> {
     igmp6
         .lines()
         .filter_map(|line| {
             let mut f = line.split_whitespace();
             let index: u32 = f.next()?.parse().ok()?;
             let hex = f.nth(1)?;
+            let users: u32 = f.next()?.parse().ok()?;
             if index != iface || hex.len() != 32 {
                 return None;
             }
-            u128::from_str_radix(hex, 16).ok().map(Ipv6Addr::from)
+            let group = u128::from_str_radix(hex, 16).ok().map(Ipv6Addr::from)?;
+            Some((group, users))
         })
         .collect()
 }
@@ -506,15 +530,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_the_hosts_groups_of_one_interface() {
+    fn reads_the_group_users_of_one_interface() {
         let text = "1    lo              ff020000000000000000000000000001     1 0000000C 0\n\
                     2    lc0             ff1e8530e7978c2f4115c11888ce8b0c     2 00000004 0\n\
                     2    lc0             ff020000000000000000000000000001     1 0000000C 0\n\
                     3    eth0            ff1e8530e7978c2f4115c11888ce8b0c     1 00000004 0\n\
                     2    lc0             not-hex\n";
         let g: Ipv6Addr = "ff1e:8530:e797:8c2f:4115:c118:88ce:8b0c".parse().unwrap();
-        assert_eq!(host_groups(text, 2), vec![g, ALL_NODES]);
-        assert!(host_groups(text, 9).is_empty());
+        let users = group_users(text, 2);
+        assert_eq!(users.len(), 2);
+        assert_eq!((users[&g], users[&ALL_NODES]), (2, 1));
+        assert!(group_users(text, 9).is_empty());
     }
 
     #[test]
