@@ -2,11 +2,15 @@
 //!
 //! A fetch of an object joins its group, feeds arriving symbols to an [`ObjectFetch`], and on
 //! a verified decode stores the object in the cache, leaves the group and wakes every waiter.
-//! Concurrent requests for one object share one fetch. At most `max_joined` groups are joined
-//! at once (a socket's membership list is bounded); further requests wait in priority order
-//! (demand reads before readahead before prefetch). Packets that do not parse, do not
-//! authenticate or belong to no pending object are dropped and counted. Nothing hangs: a
-//! fetch that sees no useful symbol for `timeout` fails with an error naming the channel.
+//! Concurrent requests for one object share one fetch. Demand reads join at once; other
+//! requests share a window of `max_joined` groups (the kernel's cost per received packet
+//! grows with the groups joined) and wait in order. While some wait, the engine listens to
+//! the server's beacon and lets the objects it lists as on air go first, so that a receiver
+//! that started late shares the rounds under way. Membership changes are reported by the
+//! engine itself when it may ([`crate::mld::Reporter`]), else by the kernel in batches
+//! ([`membership`]). Packets that do not parse, do not authenticate or belong to no pending
+//! object are dropped and counted. Nothing hangs: a fetch that sees no useful symbol for
+//! `timeout` fails with an error naming the channel.
 //!
 //! One receive thread owns the socket's receive side and all timers; callers are async.
 
