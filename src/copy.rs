@@ -3,8 +3,8 @@
 //! Invariants:
 //! - No partial or corrupt file ever appears under its real name. Every file and symlink is
 //!   first written under a hidden temporary name (`.lcfs-part-*`) in its target directory,
-//!   every block verified on the way; once all are staged one `syncfs` makes them durable and
-//!   they are renamed into place. A failed copy removes its temporary files, and a later copy
+//!   every block verified on the way; once all are staged an `fdatasync` each (or one `syncfs`
+//!   for many files) makes them durable and they are renamed into place. A failed copy removes its temporary files, and a later copy
 //!   into the same place removes any a killed copy left.
 //! - Where DEST already holds a file of the same name, each of its blocks whose BLAKE3 equals a
 //!   wanted leaf is reused (at any block-aligned offset), and only the others are fetched
@@ -83,6 +83,25 @@ impl Staging {
         self.parts.lock().expect("staging lock").push((part, dest));
     }
 
+    /// Makes the staged files durable before [`Staging::commit`] publishes them. A few files
+    /// get an `fdatasync` each, which waits for their own data only; many get one `syncfs`,
+    /// which costs one journal commit but also waits for every other writer of that
+    /// filesystem (a copy right after another program wrote 256 MiB took half a second more).
+    fn sync(&self, dest: &Path) {
+        const PER_FILE_LIMIT: usize = 64;
+        let parts = self.parts.lock().expect("staging lock");
+        if parts.len() > PER_FILE_LIMIT {
+            drop(parts);
+            sync_fs(dest);
+            return;
+        }
+        for (part, _) in parts.iter() {
+            if let Ok(f) = File::open(part) {
+                let _ = f.sync_data();
+            }
+        }
+    }
+
     fn commit(&self) -> Result<(), CopyError> {
         let parts = std::mem::take(&mut *self.parts.lock().expect("staging lock"));
         let mut left = parts.into_iter();
@@ -139,7 +158,7 @@ pub async fn copy(tree: &Tree, subpath: &str, dest: &Path) -> Result<CopyReport,
     };
     copier.make_dirs(&items)?;
     let mut report = copier.stage_all(&items).await?;
-    sync_fs(dest);
+    copier.staging.sync(dest);
     copier.staging.commit()?;
     set_dir_attrs(&items)?;
     copier.progress.finish();
