@@ -148,10 +148,8 @@ impl Cache {
     /// together. It blocks on file opens: call it off any latency-sensitive thread.
     pub fn will_need(&self, hashes: &[Hash]) {
         for hash in hashes {
-            if self.inner.hot.lock().memory.contains(hash) {
-                continue;
-            }
-            if self.contains(hash) {
+            // No index lookup: a file that is not there is simply not opened.
+            if !self.inner.hot.lock().memory.contains(hash) {
                 self.inner.store.will_need(hash);
             }
         }

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use super::membership::{default_gap, Memberships};
 use super::object::{Action, ObjectFetch};
 use super::{FetchError, KEY_HINT};
-use crate::channel::{Channel, Tag};
+use crate::channel::{Address, Channel, Tag};
 use crate::mld::Reporter;
 use crate::net::{recv_batch, set_membership, Iface, RecvBatch};
 use crate::object::{ObjectRef, RootRecord};
@@ -124,6 +124,9 @@ impl Default for State {
 
 struct Inner {
     channel: Channel,
+    /// The channel's root record and beacon addresses (keyed hashes: derived once).
+    root: Address,
+    air: Address,
     iface: Iface,
     socket: Socket,
     /// Our own MLD reports of joins; `None` without CAP_NET_RAW.
@@ -183,6 +186,8 @@ impl Fetcher {
             state.members = Memberships::new(Duration::ZERO);
         }
         let inner = Arc::new(Inner {
+            root: channel.root_address(),
+            air: channel.air_address(),
             channel,
             iface,
             socket,
@@ -359,8 +364,7 @@ impl Inner {
             Some(w) => w.waiters.push(tx),
             None => {
                 let now = Instant::now();
-                st.members
-                    .push(Instant::now(), self.channel.root_address().group, true);
+                st.members.push(Instant::now(), self.root.group, true);
                 st.root = Some(RootWait {
                     waiters: vec![tx],
                     started: now,
@@ -403,8 +407,7 @@ impl Inner {
         let waiting = !st.queue.is_empty();
         if waiting != st.air_joined {
             st.air_joined = waiting;
-            st.members
-                .push(Instant::now(), self.channel.air_address().group, waiting);
+            st.members.push(Instant::now(), self.air.group, waiting);
         }
     }
 
@@ -497,12 +500,12 @@ impl Inner {
                             done.push(v);
                         }
                     }
-                    Body::Root(bytes) if pkt.tag == self.channel.root_address().tag => {
+                    Body::Root(bytes) if pkt.tag == self.root.tag => {
                         if let Some(r) = self.handle_root(&mut st, bytes) {
                             roots.push(r);
                         }
                     }
-                    Body::Air(tags) if pkt.tag == self.channel.air_address().tag => {
+                    Body::Air(tags) if pkt.tag == self.air.tag => {
                         st.on_air = packet::air_tags(tags).collect();
                         st.on_air_at = Some(now);
                     }
@@ -559,8 +562,7 @@ impl Inner {
             }
         };
         let wait = st.root.take()?;
-        st.members
-            .push(Instant::now(), self.channel.root_address().group, false);
+        st.members.push(Instant::now(), self.root.group, false);
         Some((record, wait.waiters))
     }
 
@@ -620,15 +622,14 @@ impl Inner {
         let Some(w) = st.root.as_mut() else { return };
         if now.duration_since(w.started) >= self.config.timeout {
             let w = st.root.take().expect("checked above");
-            st.members
-                .push(Instant::now(), self.channel.root_address().group, false);
+            st.members.push(Instant::now(), self.root.group, false);
             let err = self.timeout_error("the root record");
             w.waiters
                 .into_iter()
                 .for_each(|t| drop(t.send(Err(err.clone()))));
         } else if now.duration_since(w.last_join) >= self.config.stall {
             w.last_join = now;
-            let g = self.channel.root_address().group;
+            let g = self.root.group;
             st.members.push(Instant::now(), g, false);
             st.members.push(Instant::now(), g, true);
         }

@@ -187,30 +187,9 @@ impl Reporter {
     /// CAP_NET_RAW ([`MldError::Permission`] without it).
     pub fn open(iface: u32) -> Result<Reporter, MldError> {
         let name = iface_name(iface)?;
-        let sock =
-            Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).map_err(|e| {
-                match e.kind() {
-                    io::ErrorKind::PermissionDenied => MldError::Permission(e),
-                    _ => io_error(&name, "opening a raw ICMPv6 socket")(e),
-                }
-            })?;
-        sock.bind_device_by_index_v6(NonZeroU32::new(iface))
-            .map_err(io_error(&name, "binding the socket to the interface"))?;
-        // A set bit blocks a type: this socket only sends, so nothing queues up on it.
-        let none: Vec<u8> = [u32::MAX; 8].iter().flat_map(|w| w.to_ne_bytes()).collect();
-        set_bytes_opt(&sock, libc::IPPROTO_ICMPV6, ICMP6_FILTER, &none)
-            .map_err(io_error(&name, "setting ICMP6_FILTER"))?;
-        sock.set_multicast_if_v6(iface)
-            .map_err(io_error(&name, "setting IPV6_MULTICAST_IF"))?;
-        sock.set_multicast_hops_v6(1)
-            .map_err(io_error(&name, "setting IPV6_MULTICAST_HOPS"))?;
-        set_bytes_opt(
-            &sock,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_HOPOPTS,
-            &ROUTER_ALERT_HOPOPTS,
-        )
-        .map_err(io_error(&name, "setting the Router Alert option"))?;
+        let sock = raw_sender(iface, &name)?;
+        // This socket only sends: pass no type, so nothing queues up on it.
+        set_icmp6_filter(&sock, &[]).map_err(io_error(&name, "setting ICMP6_FILTER"))?;
         let dest = SockAddr::from(SocketAddrV6::new(ALL_MLDV2_ROUTERS, 0, 0, iface));
         Ok(Reporter {
             sock,
@@ -276,7 +255,9 @@ fn group_users(igmp6: &str, iface: u32) -> HashMap<Ipv6Addr, u32> {
         .collect()
 }
 
-fn open_socket(iface: u32, name: &str, tick: Duration) -> Result<Socket, MldError> {
+/// A raw ICMPv6 socket bound to interface `iface` that sends MLD messages as RFC 3810 wants
+/// them: hop limit 1, Router Alert, out of that interface.
+fn raw_sender(iface: u32, name: &str) -> Result<Socket, MldError> {
     let sock = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).map_err(|e| match e
         .kind()
     {
@@ -285,16 +266,6 @@ fn open_socket(iface: u32, name: &str, tick: Duration) -> Result<Socket, MldErro
     })?;
     sock.bind_device_by_index_v6(NonZeroU32::new(iface))
         .map_err(io_error(name, "binding the socket to the interface"))?;
-    if let Err(e) = set_icmp6_filter(&sock) {
-        debug!(
-            iface = name,
-            "ICMP6_FILTER not set, parser filters instead: {e}"
-        );
-    }
-    for group in [ALL_MLDV2_ROUTERS, ALL_ROUTERS] {
-        sock.join_multicast_v6(&group, iface)
-            .map_err(io_error(name, "joining ff02::16 and ff02::2"))?;
-    }
     sock.set_multicast_if_v6(iface)
         .map_err(io_error(name, "setting IPV6_MULTICAST_IF"))?;
     sock.set_multicast_hops_v6(1)
@@ -306,15 +277,31 @@ fn open_socket(iface: u32, name: &str, tick: Duration) -> Result<Socket, MldErro
         &ROUTER_ALERT_HOPOPTS,
     )
     .map_err(io_error(name, "setting the Router Alert option"))?;
+    Ok(sock)
+}
+
+fn open_socket(iface: u32, name: &str, tick: Duration) -> Result<Socket, MldError> {
+    let sock = raw_sender(iface, name)?;
+    let mld = [MLD_QUERY, MLDV1_REPORT, MLDV1_DONE, MLDV2_REPORT];
+    if let Err(e) = set_icmp6_filter(&sock, &mld) {
+        debug!(
+            iface = name,
+            "ICMP6_FILTER not set, parser filters instead: {e}"
+        );
+    }
+    for group in [ALL_MLDV2_ROUTERS, ALL_ROUTERS] {
+        sock.join_multicast_v6(&group, iface)
+            .map_err(io_error(name, "joining ff02::16 and ff02::2"))?;
+    }
     sock.set_read_timeout(Some(tick.max(Duration::from_millis(1))))
         .map_err(io_error(name, "setting the receive timeout"))?;
     Ok(sock)
 }
 
-/// Pass only MLD types. Linux semantics: a set bit blocks that ICMPv6 type.
-fn set_icmp6_filter(sock: &Socket) -> io::Result<()> {
+/// Passes only the ICMPv6 types in `pass`. Linux semantics: a set bit blocks that type.
+fn set_icmp6_filter(sock: &Socket, pass: &[u8]) -> io::Result<()> {
     let mut words = [u32::MAX; 8];
-    for t in [MLD_QUERY, MLDV1_REPORT, MLDV1_DONE, MLDV2_REPORT] {
+    for &t in pass {
         if let Some(word) = words.get_mut(usize::from(t >> 5)) {
             *word &= !(1u32 << (t & 31));
         }
