@@ -124,6 +124,10 @@ struct ServeArgs {
     /// Sign root records with the publisher key in FILE (see `lcfs keygen --sign`).
     #[arg(long, value_name = "FILE")]
     sign_key: Option<PathBuf>,
+    /// How long a root record's signature stays valid (e.g. 12h, 7d). The server renews it
+    /// every quarter of that, at most every hour, while it runs; receivers refuse an expired one.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration, requires = "sign_key")]
+    sign_validity: Duration,
 }
 
 #[derive(Args)]
@@ -147,6 +151,14 @@ pub(crate) struct RecvArgs {
     /// Accept only root records signed by this publisher key (64 hex digits, or a .pub file).
     #[arg(long, value_name = "PUBKEY")]
     publisher: Option<String>,
+    /// Accept a publisher other than the one this cache trusted first for the channel (another
+    /// server address, or another signing key), and trust it from now on.
+    #[arg(long)]
+    allow_new_publisher: bool,
+    /// Refuse signed root records signed longer ago than this (e.g. 6h, 3d): a replayed old
+    /// record cannot hold a receiver on an old generation.
+    #[arg(long, value_name = "DURATION", default_value = "3d", value_parser = parse_duration)]
+    max_age: Duration,
 }
 
 #[derive(Args)]
@@ -241,6 +253,11 @@ fn parse_rate(s: &str) -> Result<u64, String> {
 
 fn parse_size(s: &str) -> Result<u64, String> {
     parse_scaled(s, 1024)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration such as 90s, 6h or 3d: {e}"))
 }
 
 fn parse_block_size(s: &str) -> Result<BlockSize, String> {
@@ -353,6 +370,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Some(p) => Some(crate::keys::publisher::read_signing_key(p)?),
             None => None,
         },
+        sign_validity: args.sign_validity,
         hops: args.hops,
         query_interval: Duration::from_secs(args.query_interval.max(1)),
         channel,
@@ -410,6 +428,8 @@ pub(crate) async fn open_tree(
         pinned: spec.pinned,
         publisher,
         allow_rollback: args.allow_rollback,
+        allow_new_publisher: args.allow_new_publisher,
+        max_age: args.max_age,
     };
     let tree = Tree::open(fetcher, &policy, offline_ok).await?;
     Ok(Receiver { tree })

@@ -111,6 +111,8 @@ pub enum Decoded {
     Pending,
     /// The symbol did not fit this decoder (size or ESI); it was ignored.
     Ignored,
+    /// This decoder already had a symbol with that ESI: no progress, whatever its bytes.
+    Duplicate,
     /// The object, exactly `len` bytes. Not yet verified against its hash.
     Done(Vec<u8>),
 }
@@ -121,6 +123,9 @@ pub struct ObjectDecoder {
     symbol_size: usize,
     k: u32,
     kept: u32,
+    /// ESIs taken so far: at most [`ObjectDecoder::saturated`]'s bound, then the caller
+    /// starts afresh.
+    seen: std::collections::HashSet<u32>,
     decoder: SourceBlockDecoder,
 }
 
@@ -133,6 +138,7 @@ impl ObjectDecoder {
             symbol_size,
             k: len.div_ceil(symbol_size as u64) as u32,
             kept: 0,
+            seen: std::collections::HashSet::new(),
             decoder: SourceBlockDecoder::new(0, &config, len),
         })
     }
@@ -145,7 +151,7 @@ impl ObjectDecoder {
         self.k
     }
 
-    /// Symbols kept so far (including any duplicates the decoder discarded).
+    /// Distinct symbols kept so far.
     pub fn kept(&self) -> u32 {
         self.kept
     }
@@ -159,6 +165,10 @@ impl ObjectDecoder {
     pub fn push(&mut self, esi: u32, data: &[u8]) -> Decoded {
         if data.len() != self.symbol_size || esi >= ESI_LIMIT {
             return Decoded::Ignored;
+        }
+        // Repeats prove nothing: a trickle of copies must not keep a dead fetch alive.
+        if !self.seen.insert(esi) {
+            return Decoded::Duplicate;
         }
         self.kept += 1;
         let packet = EncodingPacket::new(PayloadId::new(0, esi), data.to_vec());

@@ -2,7 +2,10 @@
 //!
 //! This is the only module with `unsafe` code (sendmmsg and recvmmsg through libc); every
 //! other module works on byte slices. Receivers set `IPV6_MULTICAST_ALL` to 0, so a socket sees
-//! only the groups it joined itself, and demultiplex by the tag in each packet. Senders keep
+//! only the groups it joined itself, and demultiplex by the tag in each packet. Unicast to the
+//! port (from any local user, through `[::1]`) still reaches a socket bound to `[::]`, so every
+//! datagram comes with its [`Envelope`] (`IPV6_PKTINFO`: destination and interface) and
+//! receivers act only on multicast to the group a packet's tag belongs to, on their interface. Senders keep
 //! multicast loop on, so that serve and mount work on one host over a veth pair.
 
 use std::io;
@@ -211,6 +214,7 @@ pub fn receiver_socket(iface: &Iface, port: u16) -> Result<Socket, NetError> {
         .map_err(sock_err("binding the receive port", iface))?;
     s.set_read_timeout(Some(Duration::from_millis(5)))
         .map_err(sock_err("setting a receive timeout", iface))?;
+    set_recv_pktinfo(&s).map_err(sock_err("setting IPV6_RECVPKTINFO", iface))?;
     Ok(s)
 }
 
@@ -289,11 +293,38 @@ pub fn send_batch(s: &Socket, dests: &[SocketAddrV6], packets: &[Vec<u8>]) -> io
     Ok(sent)
 }
 
+/// Where a received datagram came from and where it was addressed, as the kernel saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// The sender's address (attacker-chosen on a shared link: a hint, never a proof).
+    pub from: Ipv6Addr,
+    /// The destination address (`IPV6_PKTINFO`): a multicast group, or one of our own unicast
+    /// addresses. `None` if the kernel gave no packet information.
+    pub to: Option<Ipv6Addr>,
+    /// The interface the datagram arrived on (0 if unknown).
+    pub ifindex: u32,
+}
+
+impl Envelope {
+    /// Whether this datagram was multicast to `group` and arrived on interface `ifindex`:
+    /// the only datagrams a receiver may act on. Unicast, loopback and other interfaces are
+    /// refused, so that no local user can feed a receiver through `[::1]:4242`.
+    pub fn is_group(&self, group: &Ipv6Addr, ifindex: u32) -> bool {
+        self.to.as_ref() == Some(group) && group.is_multicast() && self.ifindex == ifindex
+    }
+}
+
+/// Control-message room for one `IPV6_PKTINFO` (and slack for anything else the kernel adds).
+const CMSG_ROOM: usize = 128;
+
 /// Reusable buffers for [`recv_batch`].
 pub struct RecvBatch {
     bufs: Vec<Vec<u8>>,
     lens: Vec<usize>,
     sources: Vec<libc::sockaddr_in6>,
+    /// Control buffers as u64 words, so that the cmsg headers in them are aligned.
+    controls: Vec<[u64; CMSG_ROOM / 8]>,
+    envelopes: Vec<Envelope>,
 }
 
 impl RecvBatch {
@@ -303,19 +334,57 @@ impl RecvBatch {
             lens: vec![0; count],
             // SAFETY: sockaddr_in6 is plain old data; all-zero is a valid value.
             sources: vec![unsafe { std::mem::zeroed() }; count],
+            controls: vec![[0; CMSG_ROOM / 8]; count],
+            envelopes: vec![
+                Envelope {
+                    from: Ipv6Addr::UNSPECIFIED,
+                    to: None,
+                    ifindex: 0,
+                };
+                count
+            ],
         }
     }
 
-    /// The datagrams received by the last call with their senders' addresses, as mutable
-    /// slices (decryption is in place).
-    pub fn datagrams(&mut self) -> impl Iterator<Item = (Ipv6Addr, &mut [u8])> {
+    /// The datagrams received by the last call with their envelopes, as mutable slices
+    /// (decryption is in place).
+    pub fn datagrams(&mut self) -> impl Iterator<Item = (Envelope, &mut [u8])> {
         self.bufs
             .iter_mut()
             .zip(&self.lens)
-            .zip(&self.sources)
+            .zip(&self.envelopes)
             .filter(|((_, &n), _)| n > 0)
-            .map(|((b, &n), src)| (Ipv6Addr::from(src.sin6_addr.s6_addr), &mut b[..n]))
+            .map(|((b, &n), env)| (*env, &mut b[..n]))
     }
+}
+
+/// Asks the kernel to tell, for every datagram `s` receives, its destination address and
+/// arrival interface ([`Envelope`]).
+pub fn set_recv_pktinfo(s: &Socket) -> io::Result<()> {
+    set_int_opt(s, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)
+}
+
+/// The `IPV6_PKTINFO` among the control messages of `m`, as (destination, interface).
+fn pktinfo(m: &libc::msghdr) -> Option<(Ipv6Addr, u32)> {
+    // SAFETY: `m` was filled in by recvmmsg; its control pointer and length describe a buffer
+    // we own, and the CMSG_* macros stay within msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(m);
+        while !c.is_null() {
+            let h = &*c;
+            let need = libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
+            if h.cmsg_level == libc::IPPROTO_IPV6
+                && h.cmsg_type == libc::IPV6_PKTINFO
+                && h.cmsg_len as usize >= need
+            {
+                let info: libc::in6_pktinfo =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>());
+                return Some((Ipv6Addr::from(info.ipi6_addr.s6_addr), info.ipi6_ifindex));
+            }
+            c = libc::CMSG_NXTHDR(m, c);
+        }
+    }
+    None
 }
 
 /// Receives up to a batch of datagrams, waiting at most the socket's read timeout for the
@@ -333,18 +402,21 @@ pub fn recv_batch(s: &Socket, batch: &mut RecvBatch) -> io::Result<usize> {
     let mut msgs: Vec<libc::mmsghdr> = iovs
         .iter_mut()
         .zip(batch.sources.iter_mut())
-        .map(|(iov, src)| {
+        .zip(batch.controls.iter_mut())
+        .map(|((iov, src), ctl)| {
             // SAFETY: mmsghdr is plain old data; all-zero is a valid empty header.
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
             m.msg_hdr.msg_iov = iov;
             m.msg_hdr.msg_iovlen = 1;
             m.msg_hdr.msg_name = (src as *mut libc::sockaddr_in6).cast();
             m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            m.msg_hdr.msg_control = ctl.as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = CMSG_ROOM as _;
             m
         })
         .collect();
-    // SAFETY: the headers point at buffers and addresses owned by `batch`, which outlive the
-    // call.
+    // SAFETY: the headers point at buffers, addresses and control buffers owned by `batch`,
+    // which outlive the call.
     let rc = unsafe {
         libc::recvmmsg(
             s.as_raw_fd(),
@@ -369,6 +441,12 @@ pub fn recv_batch(s: &Socket, batch: &mut RecvBatch) -> io::Result<usize> {
             0
         } else {
             m.msg_len as usize
+        };
+        let info = pktinfo(&m.msg_hdr);
+        batch.envelopes[i] = Envelope {
+            from: Ipv6Addr::from(batch.sources[i].sin6_addr.s6_addr),
+            to: info.map(|(to, _)| to),
+            ifindex: info.map_or(0, |(_, i)| i),
         };
     }
     Ok(rc as usize)
@@ -417,8 +495,12 @@ mod tests {
         let mut got = Vec::new();
         while got.len() < 5 {
             assert!(recv_batch(&rx, &mut batch).unwrap() > 0);
-            got.extend(batch.datagrams().map(|(src, d)| {
-                assert_eq!(src, Ipv6Addr::LOCALHOST);
+            got.extend(batch.datagrams().map(|(env, d)| {
+                assert_eq!(env.from, Ipv6Addr::LOCALHOST);
+                // Unicast to ::1 on lo: never a group on our interface.
+                assert_eq!(env.to, Some(Ipv6Addr::LOCALHOST));
+                assert_eq!(env.ifindex, 1);
+                assert!(!env.is_group(&Ipv6Addr::LOCALHOST, 1));
                 d.to_vec()
             }));
         }

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures::{stream, StreamExt, TryStreamExt};
 
+use crate::fetch::tree::WalkLimits;
 use crate::fetch::{FetchError, Priority, Tree};
 use crate::object::{Content, EntryKind, FileIndex, FileRef, ObjectRef};
 use crate::progress::Progress;
@@ -46,16 +47,14 @@ pub async fn prefetch(
         }
     }
     let mut objects: Vec<ObjectRef> = Vec::new();
-    for d in dirs.clone() {
-        for found in tree.walk(d, Priority::Prefetch).await? {
-            match found.entry.kind {
-                EntryKind::Dir(r) => objects.push(r),
-                EntryKind::File(f) => files.push(f),
-                EntryKind::Symlink(_) => {}
-            }
-        }
+    let limits = WalkLimits::default();
+    for d in dirs {
+        let (below, found) = tree.distinct_below(d, Priority::Prefetch, &limits).await?;
+        objects.extend(below);
+        files.extend(found);
     }
-    objects.extend(dirs);
+    files.sort_by_key(|f| *f.b3.as_bytes());
+    files.dedup();
     let total = files.iter().map(|f| f.size).sum();
     let progress = Progress::new("prefetch", total);
     let mut report = PrefetchReport {

@@ -1261,7 +1261,7 @@ fn rollback_refused() {
     let cache = tmp.path().join("cache");
 
     // the generation comes from the state directory: run once to create the
-    // file, then move it far into the future
+    // file, then move it days ahead (a week or more ahead is refused as implausible)
     let state = tmp.path().join("state-future");
     start_server(&lab, &new_tree, "roll", &state, &[]).stop();
     let gen_files: Vec<PathBuf> = fs::read_dir(&state)
@@ -1279,7 +1279,7 @@ fn rollback_refused() {
         1,
         "expected one generation-<id> file in the server's state dir, found {gen_files:?}"
     );
-    let future = unix_now() + 1_000_000;
+    let future = unix_now() + 3 * 86_400;
     fs::write(&gen_files[0], format!("{future}\n")).unwrap();
     let mut server = start_server(&lab, &new_tree, "roll", &state, &[]);
     let high = server.ready.generation;

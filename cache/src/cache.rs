@@ -237,6 +237,16 @@ impl Cache {
         Ok(self.inner.index.get_root(channel)?)
     }
 
+    /// Remembers the publisher first trusted on a channel (an opaque identity).
+    pub fn set_publisher(&self, channel: &[u8; 32], identity: &[u8]) -> Result<(), CacheError> {
+        Ok(self.inner.index.set_publisher(channel, identity)?)
+    }
+
+    /// The publisher remembered for a channel.
+    pub fn get_publisher(&self, channel: &[u8; 32]) -> Result<Option<Vec<u8>>, CacheError> {
+        Ok(self.inner.index.get_publisher(channel)?)
+    }
+
     /// What the cache holds on disk.
     pub fn usage(&self) -> Usage {
         let totals = *self.inner.write.lock();

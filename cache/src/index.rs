@@ -6,6 +6,8 @@
 //! - `lru`: last use (u64 big-endian) ++ hash -> empty, one key per *unpinned* object, so that
 //!   iterating from the start yields eviction candidates, oldest first.
 //! - `roots`: channel id (32 bytes) -> opaque root record.
+//! - `publishers`: channel id (32 bytes) -> opaque identity of the publisher trusted on first
+//!   use (see the receiver's trust policy).
 //!
 //! Invariants: every unpinned entry has its `lru` key. Writes are ordered so that a crash (sled
 //! recovers a prefix of its log) can only leave *stale* `lru` keys behind (keys whose entry is
@@ -122,6 +124,7 @@ pub(crate) struct Index {
     objects: Tree,
     lru: Tree,
     roots: Tree,
+    publishers: Tree,
 }
 
 type Result<T> = std::result::Result<T, sled::Error>;
@@ -138,6 +141,7 @@ impl Index {
             objects: db.open_tree("objects")?,
             lru: db.open_tree("lru")?,
             roots: db.open_tree("roots")?,
+            publishers: db.open_tree("publishers")?,
             db,
         })
     }
@@ -252,6 +256,14 @@ impl Index {
 
     pub(crate) fn get_root(&self, channel: &[u8; 32]) -> Result<Option<Vec<u8>>> {
         Ok(self.roots.get(channel)?.map(|v| v.to_vec()))
+    }
+
+    pub(crate) fn set_publisher(&self, channel: &[u8; 32], identity: &[u8]) -> Result<()> {
+        self.publishers.insert(channel, identity).map(drop)
+    }
+
+    pub(crate) fn get_publisher(&self, channel: &[u8; 32]) -> Result<Option<Vec<u8>>> {
+        Ok(self.publishers.get(channel)?.map(|v| v.to_vec()))
     }
 
     pub(crate) fn flush(&self) -> Result<()> {

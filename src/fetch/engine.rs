@@ -16,7 +16,7 @@ use super::object::{Action, ObjectFetch};
 use super::{FetchError, KEY_HINT};
 use crate::channel::{Address, Channel, Tag};
 use crate::mld::Reporter;
-use crate::net::{recv_batch, set_membership, Iface, RecvBatch};
+use crate::net::{recv_batch, set_membership, Envelope, Iface, RecvBatch};
 use crate::object::{ObjectRef, RootRecord};
 use crate::packet::{self, Body};
 
@@ -59,6 +59,9 @@ impl Default for FetchConfig {
 pub struct FetchStats {
     pub packets: AtomicU64,
     pub malformed: AtomicU64,
+    /// Datagrams not multicast to the group their tag names, on our interface: unicast,
+    /// loopback, another interface, or a tag replayed onto another group. Never acted on.
+    pub misaddressed: AtomicU64,
     pub unexpected: AtomicU64,
     pub forged_decodes: AtomicU64,
     pub objects_fetched: AtomicU64,
@@ -69,7 +72,15 @@ pub struct FetchStats {
 }
 
 type Waiter = oneshot::Sender<Result<Verified, FetchError>>;
-type RootWaiter = oneshot::Sender<Result<RootRecord, FetchError>>;
+type RootWaiter = oneshot::Sender<Result<HeardRoot, FetchError>>;
+
+/// A root record as received, before any trust decision: the record and who sent it.
+#[derive(Clone, Debug)]
+pub struct HeardRoot {
+    pub record: RootRecord,
+    /// The sender's address: what trust on first use remembers on a clear, unsigned channel.
+    pub from: Ipv6Addr,
+}
 
 struct Pending {
     fetch: ObjectFetch,
@@ -102,6 +113,9 @@ struct State {
     on_air_at: Option<Instant>,
     /// Whether we listen to the beacon (while requests wait for room in the window).
     air_joined: bool,
+    /// Senders whose symbols completed verified objects, or whose root record was trusted:
+    /// their decoders are never evicted for a newcomer's (see [`ObjectFetch`]).
+    good_senders: lru::LruCache<Ipv6Addr, ()>,
 }
 
 impl Default for State {
@@ -118,6 +132,7 @@ impl Default for State {
             on_air: Vec::new(),
             on_air_at: None,
             air_joined: false,
+            good_senders: lru::LruCache::new(std::num::NonZeroUsize::new(8).expect("non-zero")),
         }
     }
 }
@@ -277,6 +292,12 @@ impl Fetcher {
         Ok(hit)
     }
 
+    /// Tells the engine that `sender` is a real server of the channel (its root record was
+    /// trusted), so that its symbols keep their decoders under a flood.
+    pub fn prefer_sender(&self, sender: Ipv6Addr) {
+        self.inner.lock().good_senders.put(sender, ());
+    }
+
     /// How long a fetch may go without a useful symbol.
     pub fn timeout(&self) -> Duration {
         self.inner.config.timeout
@@ -288,7 +309,7 @@ impl Fetcher {
     }
 
     /// The next root record the server sends whose channel id matches; not yet trusted.
-    pub async fn fetch_root(&self) -> Result<RootRecord, FetchError> {
+    pub async fn fetch_root(&self) -> Result<HeardRoot, FetchError> {
         let rx = self.inner.request_root();
         rx.await.map_err(|_| FetchError::Closed)?
     }
@@ -357,7 +378,7 @@ impl Inner {
         self.flush(&mut st, Instant::now());
     }
 
-    fn request_root(&self) -> oneshot::Receiver<Result<RootRecord, FetchError>> {
+    fn request_root(&self) -> oneshot::Receiver<Result<HeardRoot, FetchError>> {
         let (tx, rx) = oneshot::channel();
         let mut st = self.lock();
         match &mut st.root {
@@ -486,24 +507,32 @@ impl Inner {
         let mut roots = Vec::new();
         {
             let mut st = self.lock();
-            for (sender, dgram) in batch.datagrams() {
+            for (env, dgram) in batch.datagrams() {
                 self.stats.packets.fetch_add(1, Ordering::Relaxed);
+                // Cheap before any decryption: only multicast on our interface can be ours.
+                if !env.to.is_some_and(|to| to.is_multicast()) || env.ifindex != self.iface.index {
+                    self.stats.misaddressed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 let Ok(pkt) = packet::decode(dgram, seal) else {
                     self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
                 match pkt.body {
                     Body::Symbol { esi, data } => {
-                        if let Some(v) =
-                            self.handle_symbol(&mut st, now, sender, pkt.tag, esi, data)
-                        {
+                        if let Some(v) = self.handle_symbol(&mut st, now, env, pkt.tag, esi, data) {
                             done.push(v);
                         }
                     }
                     Body::Root(bytes) if pkt.tag == self.root.tag => {
-                        if let Some(r) = self.handle_root(&mut st, bytes) {
+                        if !env.is_group(&self.root.group, self.iface.index) {
+                            self.stats.misaddressed.fetch_add(1, Ordering::Relaxed);
+                        } else if let Some(r) = self.handle_root(&mut st, env.from, bytes) {
                             roots.push(r);
                         }
+                    }
+                    Body::Air(_) if !env.is_group(&self.air.group, self.iface.index) => {
+                        self.stats.misaddressed.fetch_add(1, Ordering::Relaxed);
                     }
                     Body::Air(tags) if pkt.tag == self.air.tag => {
                         st.on_air = packet::air_tags(tags).collect();
@@ -531,7 +560,7 @@ impl Inner {
         &self,
         st: &mut State,
         now: Instant,
-        sender: Ipv6Addr,
+        env: Envelope,
         tag: Tag,
         esi: u32,
         data: &[u8],
@@ -540,12 +569,20 @@ impl Inner {
             self.stats.unexpected.fetch_add(1, Ordering::Relaxed);
             return None;
         };
+        // A symbol counts only on its own object's group: a tag copied onto another group
+        // (or onto unicast) is someone else's packet.
+        if !env.is_group(&p.group, self.iface.index) {
+            self.stats.misaddressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         let forged = p.fetch.stats.forged_decodes;
-        let v = p.fetch.handle_symbol(now, sender, esi, data);
+        let preferred = st.good_senders.contains(&env.from);
+        let v = p.fetch.handle_symbol(now, env.from, preferred, esi, data);
         if p.fetch.stats.forged_decodes > forged {
             self.stats.forged_decodes.fetch_add(1, Ordering::Relaxed);
         }
         let v = v?;
+        st.good_senders.put(env.from, ());
         st.recent.put(tag, v.clone());
         let p = st.pending.remove(&tag)?;
         st.joined -= 1;
@@ -553,7 +590,12 @@ impl Inner {
         Some((v, p.waiters))
     }
 
-    fn handle_root(&self, st: &mut State, bytes: &[u8]) -> Option<(RootRecord, Vec<RootWaiter>)> {
+    fn handle_root(
+        &self,
+        st: &mut State,
+        from: Ipv6Addr,
+        bytes: &[u8],
+    ) -> Option<(HeardRoot, Vec<RootWaiter>)> {
         let record = match RootRecord::decode(bytes) {
             Ok(r) if r.channel_id == *self.channel.id() => r,
             _ => {
@@ -563,7 +605,7 @@ impl Inner {
         };
         let wait = st.root.take()?;
         st.members.push(Instant::now(), self.root.group, false);
-        Some((record, wait.waiters))
+        Some((HeardRoot { record, from }, wait.waiters))
     }
 
     fn complete(&self, v: Verified, waiters: Vec<Waiter>) {

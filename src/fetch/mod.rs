@@ -18,9 +18,11 @@ mod engine;
 pub mod membership;
 pub mod object;
 pub mod tree;
+pub mod trust;
 
-pub use engine::{FetchConfig, FetchStats, Fetcher, Priority};
-pub use tree::{RootPolicy, Tree};
+pub use engine::{FetchConfig, FetchStats, Fetcher, HeardRoot, Priority};
+pub use tree::Tree;
+pub use trust::RootPolicy;
 
 use crate::packet::PacketError;
 

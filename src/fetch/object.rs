@@ -8,6 +8,12 @@
 //! symbols spoil only its own decoder while the server's still combine (symbols from several
 //! servers of one channel combine until the first forgery is seen).
 //!
+//! Decoders are few ([`MAX_DECODERS`]). When a symbol needs a new one and all are taken, the
+//! one with the least progress goes, but never one fed by a *preferred* sender (one whose
+//! symbols already produced verified objects, or the root record: the engine says which), so
+//! that a forger rotating spoofed source addresses cannot evict the server's decoder. Only
+//! new symbols count as progress: repeats of an ESI already held do not.
+//!
 //! Timers: after `stall` without a useful symbol the caller should leave and rejoin the group
 //! (a fresh MLD report); after `timeout` without one the fetch fails. Once forgery has been
 //! seen, symbols no longer prove progress, so the fetch must then finish within `timeout`
@@ -35,6 +41,7 @@ pub enum Action {
 pub struct SymbolStats {
     pub accepted: u64,
     pub ignored: u64,
+    pub duplicates: u64,
     pub forged_decodes: u64,
 }
 
@@ -45,9 +52,16 @@ struct Key {
     sender: Option<Ipv6Addr>,
 }
 
+struct Slot {
+    key: Key,
+    /// Whether a preferred sender fed this decoder: it is never evicted for a newcomer.
+    preferred: bool,
+    decoder: ObjectDecoder,
+}
+
 pub struct ObjectFetch {
     want: ObjectRef,
-    decoders: Vec<(Key, ObjectDecoder)>,
+    decoders: Vec<Slot>,
     started: Instant,
     last_progress: Instant,
     last_join: Instant,
@@ -70,11 +84,13 @@ impl ObjectFetch {
         &self.want
     }
 
-    /// Feeds one symbol from `sender`. Returns the verified object once it decodes.
+    /// Feeds one symbol from `sender`, `preferred` if the engine knows it as a real server.
+    /// Returns the verified object once it decodes.
     pub fn handle_symbol(
         &mut self,
         now: Instant,
         sender: Ipv6Addr,
+        preferred: bool,
         esi: u32,
         data: &[u8],
     ) -> Option<Verified> {
@@ -82,19 +98,24 @@ impl ObjectFetch {
             size: data.len(),
             sender: (self.stats.forged_decodes > 0).then_some(sender),
         };
-        let Some(i) = self.decoder_for(key) else {
+        let Some(i) = self.decoder_for(key, preferred) else {
             self.stats.ignored += 1;
             return None;
         };
-        match self.decoders[i].1.push(esi, data) {
+        self.decoders[i].preferred |= preferred;
+        match self.decoders[i].decoder.push(esi, data) {
             Decoded::Ignored => {
                 self.stats.ignored += 1;
+                None
+            }
+            Decoded::Duplicate => {
+                self.stats.duplicates += 1;
                 None
             }
             Decoded::Pending => {
                 self.stats.accepted += 1;
                 self.last_progress = now;
-                if self.decoders[i].1.saturated() {
+                if self.decoders[i].decoder.saturated() {
                     self.decoders.swap_remove(i);
                 }
                 None
@@ -113,7 +134,7 @@ impl ObjectFetch {
             Err(e) => {
                 tracing::debug!("discarding a decode that does not verify: {e}");
                 self.stats.forged_decodes += 1;
-                if self.decoders[i].0.sender.is_none() {
+                if self.decoders[i].key.sender.is_none() {
                     // Symbols mixed from every sender can no longer be trusted to combine.
                     self.decoders.clear();
                 } else {
@@ -124,17 +145,25 @@ impl ObjectFetch {
         }
     }
 
-    fn decoder_for(&mut self, key: Key) -> Option<usize> {
-        if let Some(i) = self.decoders.iter().position(|(k, _)| *k == key) {
+    fn decoder_for(&mut self, key: Key, preferred: bool) -> Option<usize> {
+        if let Some(i) = self.decoders.iter().position(|d| d.key == key) {
             return Some(i);
         }
         if self.decoders.len() >= MAX_DECODERS {
-            // Drop the decoder that made the least progress to make room.
-            let worst = (0..self.decoders.len()).min_by_key(|&i| self.decoders[i].1.kept())?;
+            // Make room by dropping the decoder with the least progress, never a preferred
+            // sender's; with every slot preferred, only a preferred newcomer gets one.
+            let evictable = |i: &usize| !self.decoders[*i].preferred || preferred;
+            let worst = (0..self.decoders.len())
+                .filter(evictable)
+                .min_by_key(|&i| self.decoders[i].decoder.kept())?;
             self.decoders.swap_remove(worst);
         }
-        let d = ObjectDecoder::new(self.want.len as u64, key.size).ok()?;
-        self.decoders.push((key, d));
+        let decoder = ObjectDecoder::new(self.want.len as u64, key.size).ok()?;
+        self.decoders.push(Slot {
+            key,
+            preferred,
+            decoder,
+        });
         Some(self.decoders.len() - 1)
     }
 
@@ -186,7 +215,7 @@ mod tests {
         let mut got = None;
         for esi in 3..40 {
             enc.symbol(esi, &mut buf);
-            if let Some(v) = f.handle_symbol(now, SERVER, esi, &buf) {
+            if let Some(v) = f.handle_symbol(now, SERVER, false, esi, &buf) {
                 got = Some(v);
                 break;
             }
@@ -199,14 +228,16 @@ mod tests {
         let (data, enc, mut f, now) = setup(3000);
         // Forged source symbols with the right size decode to something that fails the hash.
         for esi in 0..6 {
-            assert!(f.handle_symbol(now, FORGER, esi, &[0xAA; 500]).is_none());
+            assert!(f
+                .handle_symbol(now, FORGER, false, esi, &[0xAA; 500])
+                .is_none());
         }
         assert_eq!(f.stats.forged_decodes, 1);
         let mut buf = Vec::new();
         let mut got = None;
         for esi in 10..40 {
             enc.symbol(esi, &mut buf);
-            got = got.or(f.handle_symbol(now, SERVER, esi, &buf));
+            got = got.or(f.handle_symbol(now, SERVER, false, esi, &buf));
         }
         assert_eq!(&got.unwrap()[..], &data[..]);
     }
@@ -215,13 +246,13 @@ mod tests {
     fn wrong_sized_flood_does_not_lock_out() {
         let (data, enc, mut f, now) = setup(3000);
         for size in [1usize, 7, 99, 1400] {
-            f.handle_symbol(now, FORGER, 0, &vec![1; size]);
+            f.handle_symbol(now, FORGER, false, 0, &vec![1; size]);
         }
         let mut buf = Vec::new();
         let mut got = None;
         for esi in 0..20 {
             enc.symbol(esi, &mut buf);
-            got = got.or(f.handle_symbol(now, SERVER, esi, &buf));
+            got = got.or(f.handle_symbol(now, SERVER, false, esi, &buf));
         }
         assert_eq!(&got.unwrap()[..], &data[..]);
     }
@@ -232,12 +263,12 @@ mod tests {
         let mut buf = Vec::new();
         // The first decode mixes a forged symbol in and fails; after that the forger's
         // symbols, interleaved with the server's, go to a decoder of their own.
-        f.handle_symbol(now, FORGER, 0, &[0x55; 500]);
+        f.handle_symbol(now, FORGER, false, 0, &[0x55; 500]);
         let mut got = None;
         for esi in 1..200 {
             enc.symbol(esi, &mut buf);
-            got = got.or(f.handle_symbol(now, SERVER, esi, &buf));
-            got = got.or(f.handle_symbol(now, FORGER, esi + 1000, &[esi as u8; 500]));
+            got = got.or(f.handle_symbol(now, SERVER, false, esi, &buf));
+            got = got.or(f.handle_symbol(now, FORGER, false, esi + 1000, &[esi as u8; 500]));
             if got.is_some() {
                 break;
             }
@@ -254,10 +285,53 @@ mod tests {
         for round in 0..40u32 {
             now += Duration::from_millis(100);
             for esi in 0..6 {
-                f.handle_symbol(now, FORGER, round * 10 + esi, &[round as u8; 500]);
+                f.handle_symbol(now, FORGER, false, round * 10 + esi, &[round as u8; 500]);
             }
         }
         assert!(f.stats.forged_decodes > 0);
+        assert_eq!(f.poll_action(now, stall, timeout), Action::Fail);
+    }
+
+    #[test]
+    fn rotating_spoofed_senders_cannot_evict_the_servers_decoder() {
+        let (data, enc, mut f, now) = setup(20_000);
+        // A forgery first, so that symbols are kept apart by sender.
+        for esi in 0..50 {
+            f.handle_symbol(now, FORGER, false, esi, &[0x55; 500]);
+        }
+        assert!(f.stats.forged_decodes > 0);
+        let mut buf = Vec::new();
+        let mut got = None;
+        for esi in 0..200u32 {
+            enc.symbol(esi, &mut buf);
+            got = got.or(f.handle_symbol(now, SERVER, true, esi, &buf));
+            // Each server symbol is followed by three from never-seen addresses, each with
+            // more symbols than the server has sent so far.
+            for n in 0..3u32 {
+                let spoofed = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, esi as u16, n as u16 + 7);
+                for e in 0..=esi + 1 {
+                    f.handle_symbol(now, spoofed, false, 10_000 + e, &[n as u8; 500]);
+                }
+            }
+            if got.is_some() {
+                break;
+            }
+        }
+        assert_eq!(&got.expect("the server's decoder survived")[..], &data[..]);
+    }
+
+    #[test]
+    fn repeated_symbols_are_not_progress() {
+        let (_, enc, mut f, t0) = setup(20_000);
+        let (stall, timeout) = (Duration::from_millis(300), Duration::from_secs(2));
+        let mut buf = Vec::new();
+        enc.symbol(0, &mut buf);
+        let mut now = t0;
+        for _ in 0..40 {
+            now += Duration::from_millis(100);
+            f.handle_symbol(now, SERVER, true, 0, &buf);
+        }
+        assert!(f.stats.duplicates >= 39);
         assert_eq!(f.poll_action(now, stall, timeout), Action::Fail);
     }
 

@@ -1,34 +1,30 @@
 //! The published tree as a receiver sees it: the trusted root, directories, file leaves and
 //! blocks, each fetched through the engine (or found in the cache) and verified.
 //!
-//! Trust starts at the root record. [`RootPolicy`] decides whether a record is accepted: a
-//! pinned root hash must match exactly; a publisher key must have signed it; otherwise its
-//! generation must not be lower than one already seen for the channel (kept in the cache),
-//! unless rollback is allowed. From the root down every object is checked against the
-//! reference that named it, so nothing unverified reaches a caller.
+//! Trust starts at the root record; [`super::trust`] decides which records are accepted, and
+//! this module feeds it what was heard and what the cache remembers. From the root down every
+//! object is checked against the reference that named it, so nothing unverified reaches a
+//! caller.
 
 use std::time::Duration;
 
-use ed25519_dalek::VerifyingKey;
 use futures::future::try_join_all;
 use lcfs_cache::{Hash, Verified};
 
-use super::{FetchError, Fetcher, Priority};
+use super::trust::{self, Memory, Publisher, RootPolicy, LISTEN};
+use super::{FetchError, Fetcher, HeardRoot, Priority};
 use crate::object::index::IndexShape;
 use crate::object::{
     BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef, RootRecord,
 };
 
-/// Which root records a receiver accepts.
-#[derive(Clone, Debug, Default)]
-pub struct RootPolicy {
-    /// Accept only the snapshot whose root directory has this hash (`CHANNEL@ROOTHASH`).
-    pub pinned: Option<Hash>,
-    /// Accept only records signed by this publisher key.
-    pub publisher: Option<VerifyingKey>,
-    /// Accept a generation lower than one already seen.
-    pub allow_rollback: bool,
-}
+/// The most blocks a file may have for a receiver to index it: 2^21 leaves are 64 MiB of
+/// hashes in memory (a 128 GiB file at the default 64 KiB blocks, 8 TiB at 4 MiB). A hostile
+/// entry that claims more fails at once instead of making the receiver collect pages.
+pub const MAX_FILE_BLOCKS: u64 = 1 << 21;
+
+/// Index pages fetched at once for one file.
+const PAGES_IN_FLIGHT: usize = 16;
 
 /// How a tree was opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,28 +65,25 @@ impl Tree {
         policy: &RootPolicy,
         offline_wait: Option<Duration>,
     ) -> Result<Tree, FetchError> {
-        let remembered_root = match offline_wait {
-            Some(_) => remembered(&fetcher)?,
-            None => None,
-        };
-        let wait = match (offline_wait, &remembered_root) {
+        let memory = remembered(&fetcher)?;
+        let wait = match (offline_wait, &memory.root) {
             (Some(wait), Some(_)) => wait,
             _ => fetcher.timeout(),
         };
-        let (root, origin) = match (trusted_root(&fetcher, policy, wait).await, remembered_root) {
-            (Ok(r), _) => (r, Origin::Network),
+        let offline = memory.root.clone().filter(|_| offline_wait.is_some());
+        let (root, origin) = match (trusted_root(&fetcher, policy, &memory, wait).await, offline) {
+            (Ok((heard, publisher)), _) => {
+                fetcher.prefer_sender(heard.from);
+                let publisher = policy.pinned.is_none().then_some(publisher);
+                remember(&fetcher, &heard.record, publisher, &memory);
+                (heard.record, Origin::Network)
+            }
             (Err(FetchError::Timeout { .. }), Some(r)) => {
-                check_policy(&fetcher, policy, &r)?;
+                trust::check_remembered(policy, &r).map_err(|e| untrusted(&fetcher, e))?;
                 (r, Origin::Offline)
             }
             (Err(e), _) => return Err(e),
         };
-        if origin == Origin::Network {
-            let bytes = root.encode();
-            if let Err(e) = fetcher.cache().set_root(fetcher.channel().id(), &bytes) {
-                tracing::warn!("cannot remember the root record: {e}");
-            }
-        }
         Ok(Tree {
             fetcher,
             root,
@@ -131,9 +124,20 @@ impl Tree {
         self.directory(self.root.root, Priority::Demand).await
     }
 
-    /// The leaf hashes of a file with block content (empty for inline files).
+    /// The leaf hashes of a file with block content (empty for inline files). A file may
+    /// claim at most [`MAX_FILE_BLOCKS`] blocks; index pages are fetched a few at a time and
+    /// nothing is sized by what the entry claims before the pages are verified.
     pub async fn leaves(&self, f: &FileRef, prio: Priority) -> Result<Vec<Hash>, FetchError> {
         let blocks = self.block_size().blocks_in(f.size);
+        if blocks > MAX_FILE_BLOCKS && !matches!(f.content, Content::Inline(_)) {
+            return Err(self.invalid(
+                "file".into(),
+                format!(
+                    "it claims {blocks} blocks of {} bytes, more than the {MAX_FILE_BLOCKS} a receiver indexes (serve such files with a larger --block-size)",
+                    self.block_size().bytes()
+                ),
+            ));
+        }
         match &f.content {
             Content::Inline(_) => Ok(Vec::new()),
             Content::Block(h) if blocks == 1 => Ok(vec![*h]),
@@ -163,16 +167,22 @@ impl Tree {
         match index {
             FileIndex::Leaves(l) => Ok(l),
             FileIndex::Pages(pages) => {
-                let fetches = pages.iter().enumerate().map(|(i, h)| async move {
-                    let pr = shape.page_ref(i as u64, *h);
-                    let v = self.fetcher.fetch(pr, prio).await?;
-                    match FileIndex::decode(&v) {
-                        Ok(FileIndex::Leaves(l)) => Ok(l),
-                        _ => Err(self
-                            .invalid(format!("index page {}", short(h)), "not a page of leaves")),
-                    }
-                });
-                Ok(try_join_all(fetches).await?.concat())
+                let mut leaves = Vec::new();
+                for (n, chunk) in pages.chunks(PAGES_IN_FLIGHT).enumerate() {
+                    let fetches = chunk.iter().enumerate().map(|(i, h)| async move {
+                        let pr = shape.page_ref((n * PAGES_IN_FLIGHT + i) as u64, *h);
+                        let v = self.fetcher.fetch(pr, prio).await?;
+                        match FileIndex::decode(&v) {
+                            Ok(FileIndex::Leaves(l)) => Ok(l),
+                            _ => Err(self.invalid(
+                                format!("index page {}", short(h)),
+                                "not a page of leaves",
+                            )),
+                        }
+                    });
+                    leaves.extend(try_join_all(fetches).await?.concat());
+                }
+                Ok(leaves)
             }
         }
     }
@@ -225,83 +235,111 @@ fn short(h: &Hash) -> String {
     h.to_hex()[..16].to_owned()
 }
 
-/// Listens for root records until one passes `policy`. Records that fail it (forged,
-/// unsigned, older, another snapshot) are skipped, so a flood of bad records cannot stop a
-/// receiver from finding the good one; when time runs out the last refusal is the error.
+/// Listens for root records until one passes `policy`, then for [`LISTEN`] more, and takes
+/// the highest generation heard. Records that fail (forged, unsigned, stale, older, another
+/// publisher or snapshot) are skipped, so a flood of bad records cannot stop a receiver from
+/// finding the good one; when time runs out the last refusal is the error.
 async fn trusted_root(
     fetcher: &Fetcher,
     policy: &RootPolicy,
+    memory: &Memory,
     wait: Duration,
-) -> Result<RootRecord, FetchError> {
-    let deadline = tokio::time::Instant::now() + wait;
+) -> Result<(HeardRoot, Publisher), FetchError> {
+    let mut deadline = tokio::time::Instant::now() + wait;
     let mut refused = None;
+    let mut best: Option<(HeardRoot, Publisher)> = None;
     loop {
-        let timeout = || {
-            refused
-                .clone()
-                .unwrap_or_else(|| fetcher.timeout_error("the root record"))
+        let fetched = tokio::time::timeout_at(deadline, fetcher.fetch_root()).await;
+        let heard = match (fetched, best.take()) {
+            (Ok(Ok(h)), b) => {
+                best = b;
+                h
+            }
+            (Ok(Err(FetchError::Timeout { .. })) | Err(_), Some(b)) => return Ok(b),
+            (Ok(Err(FetchError::Timeout { .. })) | Err(_), None) => {
+                return Err(refused.unwrap_or_else(|| fetcher.timeout_error("the root record")))
+            }
+            (Ok(Err(e)), _) => return Err(e),
         };
-        let Ok(fetched) = tokio::time::timeout_at(deadline, fetcher.fetch_root()).await else {
-            return Err(timeout());
-        };
-        let root = match fetched {
-            Ok(r) => r,
-            Err(FetchError::Timeout { .. }) => return Err(timeout()),
-            Err(e) => return Err(e),
-        };
-        match check_policy(fetcher, policy, &root) {
-            Ok(()) => return Ok(root),
+        match trust::check(policy, &heard, memory, unix_now_ns()) {
+            Ok(publisher) => {
+                if best.is_none() {
+                    if policy.pinned.is_some() {
+                        return Ok((heard, publisher));
+                    }
+                    deadline = deadline.min(tokio::time::Instant::now() + LISTEN);
+                }
+                if best
+                    .as_ref()
+                    .is_none_or(|(b, _)| heard.record.generation > b.record.generation)
+                {
+                    best = Some((heard, publisher));
+                }
+            }
             Err(e) => {
-                tracing::debug!("skipping a root record: {e}");
-                refused = Some(e);
+                tracing::debug!("skipping a root record from {}: {e}", heard.from);
+                refused = Some(untrusted(fetcher, e));
             }
         }
     }
 }
 
-fn remembered(fetcher: &Fetcher) -> Result<Option<RootRecord>, FetchError> {
-    let bytes = fetcher
-        .cache()
-        .get_root(fetcher.channel().id())
-        .map_err(|e| FetchError::Cache(e.to_string()))?;
-    Ok(bytes.and_then(|b| RootRecord::decode(&b).ok()))
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64
 }
 
-fn check_policy(
-    fetcher: &Fetcher,
-    policy: &RootPolicy,
-    root: &RootRecord,
-) -> Result<(), FetchError> {
-    let untrusted = |reason: String| FetchError::Untrusted {
+fn untrusted(fetcher: &Fetcher, e: trust::Refusal) -> FetchError {
+    FetchError::Untrusted {
         channel: fetcher.channel().name().to_owned(),
-        reason,
+        reason: e.to_string(),
+    }
+}
+
+/// What the cache remembers of this channel; unreadable records count as none.
+fn remembered(fetcher: &Fetcher) -> Result<Memory, FetchError> {
+    let cache = fetcher.cache();
+    let id = fetcher.channel().id();
+    let cache_err = |e: lcfs_cache::CacheError| FetchError::Cache(e.to_string());
+    let root = cache.get_root(id).map_err(cache_err)?;
+    let publisher = cache.get_publisher(id).map_err(cache_err)?;
+    Ok(Memory {
+        root: root.and_then(|b| RootRecord::decode(&b).ok()),
+        publisher: publisher.and_then(|b| Publisher::decode(&b)),
+    })
+}
+
+/// Remembers an accepted root record unless it is older than the one remembered, and its
+/// publisher on first use (or when a new one was allowed). A pinned snapshot says nothing of
+/// who publishes the channel, so it comes with no publisher.
+fn remember(fetcher: &Fetcher, root: &RootRecord, publisher: Option<Publisher>, memory: &Memory) {
+    let cache = fetcher.cache();
+    let id = fetcher.channel().id();
+    if memory
+        .root
+        .as_ref()
+        .is_none_or(|m| root.generation >= m.generation)
+    {
+        if let Err(e) = cache.set_root(id, &root.encode()) {
+            tracing::warn!("cannot remember the root record: {e}");
+        }
+    }
+    let Some(publisher) = publisher.filter(|p| memory.publisher != Some(*p)) else {
+        return;
     };
-    if let Some(pin) = policy.pinned {
-        if root.root.hash != pin {
-            return Err(untrusted(format!(
-                "the server publishes root {}, not the pinned snapshot {}",
-                root.root.hash.to_hex(),
-                pin.to_hex()
-            )));
+    {
+        if let Some(was) = memory.publisher {
+            tracing::warn!(
+                "channel {:?}: now trusting {publisher} (was {was})",
+                fetcher.channel().name(),
+            );
         }
-        return Ok(());
-    }
-    if let Some(key) = &policy.publisher {
-        if !root.verify(key) {
-            return Err(untrusted(
-                "the root record is not signed by the publisher key given with --publisher".into(),
-            ));
+        if let Err(e) = cache.set_publisher(id, &publisher.encode()) {
+            tracing::warn!("cannot remember the channel's publisher: {e}");
         }
     }
-    if let Some(seen) = remembered(fetcher)? {
-        if root.generation < seen.generation && !policy.allow_rollback {
-            return Err(untrusted(format!(
-                "the server offers generation {} but generation {} was already seen: refusing a rollback (pass --allow-rollback to accept it)",
-                root.generation, seen.generation
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// One entry found by [`Tree::walk`], with its path relative to the walk's start.
@@ -311,27 +349,356 @@ pub struct Found {
     pub entry: crate::object::Entry,
 }
 
+/// Bounds on a walk. Directory objects are content-addressed, so one object may be named by
+/// many parents, and every path to it counts: 21 forged objects (2.4 KB) once named a million
+/// paths. Identical subtrees are legitimate (copies of a directory), so sharing is allowed up
+/// to a multiple of the distinct entries, and the walk fails with a clear error beyond it.
+#[derive(Clone, Copy, Debug)]
+pub struct WalkLimits {
+    /// Entries listed in all.
+    pub max_entries: u64,
+    /// Directory levels below the start (Linux paths are at most 4096 bytes: 2048 levels).
+    pub max_depth: usize,
+    /// Entries reached through directory objects already listed elsewhere in this walk may
+    /// be at most `shared_factor` times the distinct entries, plus `shared_slack`.
+    pub shared_factor: u64,
+    pub shared_slack: u64,
+}
+
+impl Default for WalkLimits {
+    fn default() -> Self {
+        WalkLimits {
+            max_entries: 1 << 23,
+            max_depth: 1024,
+            shared_factor: 4,
+            shared_slack: 1 << 16,
+        }
+    }
+}
+
+/// The chain of directory objects from a walk's start to one directory: a directory object
+/// that is its own ancestor is a cycle (impossible with honest hashes, so hostile).
+struct Lineage {
+    hash: Hash,
+    parent: Option<std::sync::Arc<Lineage>>,
+}
+
+impl Lineage {
+    fn contains(&self, h: &Hash) -> bool {
+        let mut at = Some(self);
+        while let Some(l) = at {
+            if l.hash == *h {
+                return true;
+            }
+            at = l.parent.as_deref();
+        }
+        false
+    }
+}
+
+/// Counts of a walk under way, checked against [`WalkLimits`].
+#[derive(Default)]
+struct WalkCount {
+    seen: std::collections::HashSet<Hash>,
+    distinct: u64,
+    shared: u64,
+}
+
+impl WalkCount {
+    /// Counts the `n` entries of directory `h`; an error names the limit passed.
+    fn add(&mut self, h: Hash, n: u64, limits: &WalkLimits) -> Result<(), String> {
+        if self.seen.insert(h) {
+            self.distinct += n;
+        } else {
+            self.shared += n;
+        }
+        if self.distinct + self.shared > limits.max_entries {
+            return Err(format!("it lists more than {} entries", limits.max_entries));
+        }
+        if self.shared > self.distinct * limits.shared_factor + limits.shared_slack {
+            return Err(format!(
+                "{} of its paths lead through directories already listed, against {} distinct entries: a tree that names the same directories over and over",
+                self.shared, self.distinct
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Tree {
-    /// Every entry below directory `start`, parents before children. Directories of one level
-    /// are fetched concurrently.
+    /// Every entry below directory `start`, parents before children, within the default
+    /// [`WalkLimits`]. Directories of one level are fetched concurrently.
     pub async fn walk(&self, start: ObjectRef, prio: Priority) -> Result<Vec<Found>, FetchError> {
+        self.walk_within(start, prio, &WalkLimits::default()).await
+    }
+
+    /// [`Tree::walk`] within `limits`.
+    pub async fn walk_within(
+        &self,
+        start: ObjectRef,
+        prio: Priority,
+        limits: &WalkLimits,
+    ) -> Result<Vec<Found>, FetchError> {
         use std::os::unix::ffi::OsStrExt;
+        use std::sync::Arc;
         let mut found = Vec::new();
-        let mut level = vec![(std::path::PathBuf::new(), start)];
+        let mut count = WalkCount::default();
+        let origin = Arc::new(Lineage {
+            hash: start.hash,
+            parent: None,
+        });
+        let mut level = vec![(std::path::PathBuf::new(), start, origin)];
+        let mut depth = 0;
         while !level.is_empty() {
-            let dirs = try_join_all(level.iter().map(|(_, r)| self.directory(*r, prio))).await?;
+            let dirs = self.level(&level, prio).await?;
             let mut next = Vec::new();
-            for ((base, _), dir) in level.iter().zip(dirs) {
+            for ((base, r, lineage), dir) in level.iter().zip(dirs) {
+                let over = |reason: String| self.too_big(base, reason);
+                count
+                    .add(r.hash, dir.entries.len() as u64, limits)
+                    .map_err(over)?;
                 for entry in dir.entries {
                     let path = base.join(std::ffi::OsStr::from_bytes(&entry.name));
-                    if let EntryKind::Dir(r) = entry.kind {
-                        next.push((path.clone(), r));
+                    if let EntryKind::Dir(child) = entry.kind {
+                        if lineage.contains(&child.hash) {
+                            return Err(self.too_big(&path, "it contains itself".into()));
+                        }
+                        let lineage = Arc::new(Lineage {
+                            hash: child.hash,
+                            parent: Some(lineage.clone()),
+                        });
+                        next.push((path.clone(), child, lineage));
                     }
                     found.push(Found { path, entry });
                 }
             }
+            depth += 1;
+            if !next.is_empty() && depth >= limits.max_depth {
+                return Err(self.too_big(
+                    &next[0].0,
+                    format!("it is more than {} directories deep", limits.max_depth),
+                ));
+            }
             level = next;
         }
         Ok(found)
+    }
+
+    /// Every distinct directory object and file below `start`, each directory listed once
+    /// however many parents name it (what `prefetch` needs: objects, not paths).
+    pub async fn distinct_below(
+        &self,
+        start: ObjectRef,
+        prio: Priority,
+        limits: &WalkLimits,
+    ) -> Result<(Vec<ObjectRef>, Vec<FileRef>), FetchError> {
+        let mut seen = std::collections::HashSet::from([start.hash]);
+        let (mut dirs, mut files) = (vec![start], Vec::new());
+        let mut level = vec![start];
+        let (mut entries, mut depth) = (0u64, 0);
+        while !level.is_empty() {
+            let listed = try_join_all(level.iter().map(|r| self.directory(*r, prio))).await?;
+            let mut next = Vec::new();
+            for dir in listed {
+                entries += dir.entries.len() as u64;
+                for entry in dir.entries {
+                    match entry.kind {
+                        EntryKind::Dir(r) if seen.insert(r.hash) => next.push(r),
+                        EntryKind::File(f) => files.push(f),
+                        _ => {}
+                    }
+                }
+            }
+            depth += 1;
+            if entries > limits.max_entries || (!next.is_empty() && depth >= limits.max_depth) {
+                let why = format!(
+                    "more than {} distinct entries or {} levels",
+                    limits.max_entries, limits.max_depth
+                );
+                return Err(self.too_big(std::path::Path::new(""), why));
+            }
+            dirs.extend(&next);
+            level = next;
+        }
+        Ok((dirs, files))
+    }
+
+    /// The directories of one level of a walk, fetched together.
+    async fn level<T>(
+        &self,
+        level: &[(std::path::PathBuf, ObjectRef, T)],
+        prio: Priority,
+    ) -> Result<Vec<Directory>, FetchError> {
+        try_join_all(level.iter().map(|(_, r, _)| self.directory(*r, prio))).await
+    }
+
+    fn too_big(&self, at: &std::path::Path, reason: String) -> FetchError {
+        let at = match at.as_os_str().is_empty() {
+            true => "the tree".to_owned(),
+            false => format!("the tree at {:?}", at),
+        };
+        self.invalid(at, format!("refused to walk it: {reason}"))
+    }
+}
+
+#[cfg(test)]
+impl Tree {
+    /// A tree over `fetcher` whose root record is `root`, without asking the network: tests
+    /// put the objects in the cache first.
+    pub(crate) fn for_tests(fetcher: Fetcher, root: RootRecord) -> Tree {
+        Tree {
+            fetcher,
+            root,
+            origin: Origin::Offline,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::Channel;
+    use crate::object::{object_ref, Entry, Timestamp};
+
+    /// A tree whose objects all sit in a fresh cache; nothing is ever sent.
+    fn cached_tree(objects: &[Vec<u8>], root: ObjectRef) -> (Tree, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = lcfs_cache::Cache::open(lcfs_cache::CacheConfig::new(dir.path())).unwrap();
+        for o in objects {
+            cache
+                .insert(&Verified::new(&blake3::hash(o), o.clone()).unwrap())
+                .unwrap();
+        }
+        let lo = crate::net::Iface {
+            name: "lo".into(),
+            index: 1,
+            mtu: 65536,
+        };
+        let config = super::super::FetchConfig {
+            timeout: Duration::from_secs(1),
+            port: 0,
+            ..Default::default()
+        };
+        let fetcher = Fetcher::start(Channel::new("t", None), lo, cache, config).unwrap();
+        let record = RootRecord {
+            channel_id: *Channel::new("t", None).id(),
+            generation: 1,
+            publish_time_ns: 0,
+            root,
+            block_size: BlockSize::DEFAULT,
+            single_file: false,
+            signature: None,
+        };
+        (Tree::for_tests(fetcher, record), dir)
+    }
+
+    fn dir_entry(name: &str, r: ObjectRef) -> Entry {
+        Entry {
+            name: name.as_bytes().to_vec(),
+            mode: 0o755,
+            mtime: Timestamp { secs: 0, nanos: 0 },
+            kind: EntryKind::Dir(r),
+        }
+    }
+
+    /// `levels` directories, each naming the next one twice: 2^levels paths from `levels`
+    /// objects of a few dozen bytes each.
+    fn doubling_tree(levels: usize) -> (Vec<Vec<u8>>, ObjectRef) {
+        let mut objects = vec![Directory::new(vec![]).encode()];
+        for _ in 0..levels {
+            let below = object_ref(objects.last().unwrap());
+            let d = Directory::new(vec![dir_entry("a", below), dir_entry("b", below)]);
+            objects.push(d.encode());
+        }
+        let top = object_ref(objects.last().unwrap());
+        (objects, top)
+    }
+
+    #[tokio::test]
+    async fn a_doubling_tree_fails_cleanly_and_early() {
+        let (objects, top) = doubling_tree(40);
+        let (tree, _dir) = cached_tree(&objects, top);
+        let e = tree.walk(top, Priority::Demand).await.unwrap_err();
+        assert!(e.to_string().contains("already listed"), "{e}");
+        // Each directory object is listed once when only objects are wanted.
+        let (dirs, files) = tree
+            .distinct_below(top, Priority::Demand, &WalkLimits::default())
+            .await
+            .unwrap();
+        assert_eq!((dirs.len(), files.len()), (41, 0));
+    }
+
+    #[tokio::test]
+    async fn identical_subtrees_are_still_walked() {
+        // Four copies of one directory of 100 files: ordinary sharing.
+        let files: Vec<Entry> = (0..100)
+            .map(|i| Entry {
+                name: format!("f{i}").into_bytes(),
+                mode: 0o644,
+                mtime: Timestamp { secs: 0, nanos: 0 },
+                kind: EntryKind::Symlink(b"x".to_vec()),
+            })
+            .collect();
+        let leaf = Directory::new(files).encode();
+        let r = object_ref(&leaf);
+        let top = Directory::new((0..4).map(|i| dir_entry(&format!("copy{i}"), r)).collect());
+        let top_enc = top.encode();
+        let (tree, _dir) = cached_tree(&[leaf, top_enc.clone()], object_ref(&top_enc));
+        let found = tree
+            .walk(object_ref(&top_enc), Priority::Demand)
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 404);
+    }
+
+    #[tokio::test]
+    async fn depth_is_bounded() {
+        let mut objects = vec![Directory::new(vec![]).encode()];
+        for _ in 0..40 {
+            let below = object_ref(objects.last().unwrap());
+            objects.push(Directory::new(vec![dir_entry("d", below)]).encode());
+        }
+        let top = object_ref(objects.last().unwrap());
+        let (tree, _dir) = cached_tree(&objects, top);
+        let limits = WalkLimits {
+            max_depth: 16,
+            ..WalkLimits::default()
+        };
+        let e = tree
+            .walk_within(top, Priority::Demand, &limits)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("16 directories deep"), "{e}");
+        assert_eq!(tree.walk(top, Priority::Demand).await.unwrap().len(), 40);
+    }
+
+    #[test]
+    fn a_directory_that_is_its_own_ancestor_is_seen() {
+        let (a, b) = (blake3::hash(b"a"), blake3::hash(b"b"));
+        let root = std::sync::Arc::new(Lineage {
+            hash: a,
+            parent: None,
+        });
+        let child = Lineage {
+            hash: b,
+            parent: Some(root),
+        };
+        assert!(child.contains(&a) && child.contains(&b));
+        assert!(!child.contains(&blake3::hash(b"c")));
+    }
+
+    #[tokio::test]
+    async fn a_file_claiming_too_many_blocks_fails_before_any_fetch() {
+        let (tree, _dir) = cached_tree(&[], object_ref(b"none"));
+        let f = FileRef {
+            size: 1 << 50,
+            b3: blake3::hash(b""),
+            content: Content::Index {
+                index: object_ref(b"never fetched"),
+                first_leaf: blake3::hash(b""),
+            },
+        };
+        let e = tree.leaves(&f, Priority::Demand).await.unwrap_err();
+        assert!(e.to_string().contains("--block-size"), "{e}");
     }
 }

@@ -305,7 +305,7 @@ impl SenderLoop {
                     packet::encode_root(
                         &mut out,
                         table.root.tag,
-                        &table.record,
+                        &table.record(),
                         table.channel.seal(),
                     );
                     self.stats.root_packets.fetch_add(1, Ordering::Relaxed);

@@ -30,6 +30,8 @@ pub struct ServeOptions {
     pub state_dir: Option<PathBuf>,
     pub key: Option<MasterKey>,
     pub sign_key: Option<SigningKey>,
+    /// How long a root record's signature is valid; it is renewed well before that.
+    pub sign_validity: Duration,
     pub hops: u32,
     pub query_interval: Duration,
 }
@@ -69,20 +71,17 @@ impl Publisher<'_> {
     }
 
     fn record(&self, p: &Published) -> RootRecord {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
         let mut record = RootRecord {
             channel_id: *self.channel.id(),
             generation: self.generation,
-            publish_time_ns: now.as_nanos() as u64,
+            publish_time_ns: unix_ns(),
             root: p.root,
             block_size: p.block_size,
             single_file: p.single_file,
             signature: None,
         };
         if let Some(key) = &self.opts.sign_key {
-            record.sign(key);
+            record.sign(key, unix_ns(), self.opts.sign_validity.as_nanos() as u64);
         }
         record
     }
@@ -111,6 +110,28 @@ fn report_ready(
         opts.iface.name,
         opts.port
     );
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64
+}
+
+/// Renews the current root record's signature once a quarter of its validity (at most an
+/// hour) has passed, so that receivers with a `--max-age` of hours still accept it and a
+/// captured record stops authenticating soon after the publisher moves on.
+fn renew_signature(opts: &ServeOptions, table: &SharedTable, last: &mut Instant) {
+    let Some(key) = &opts.sign_key else { return };
+    let every = (opts.sign_validity / 4).min(Duration::from_secs(3600));
+    if last.elapsed() < every {
+        return;
+    }
+    *last = Instant::now();
+    let t = table.read().expect("table lock").clone();
+    t.resign(key, unix_ns(), opts.sign_validity.as_nanos() as u64);
+    tracing::debug!("renewed the root record's signature");
 }
 
 /// The next generation: above the last one published (here or in the state directory) and,
@@ -189,7 +210,9 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
         .name("lcfs-send".into())
         .spawn(move || sender.run(events_rx, &stop))?;
 
+    let mut signed_at = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
+        renew_signature(&opts, &table, &mut signed_at);
         match changed_rx.recv_timeout(Duration::from_millis(200)) {
             Ok(path) => {
                 tracing::warn!(
@@ -200,7 +223,10 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
                 std::thread::sleep(Duration::from_millis(500));
                 while changed_rx.try_recv().is_ok() {}
                 match publisher.publish() {
-                    Ok(t) => *table.write().expect("table lock") = Arc::new(t),
+                    Ok(t) => {
+                        *table.write().expect("table lock") = Arc::new(t);
+                        signed_at = Instant::now();
+                    }
                     Err(e) => tracing::error!(
                         "reindexing failed, still serving the old generation: {e:#}"
                     ),

@@ -1,12 +1,15 @@
 //! What one generation publishes: the object table the sender and the MLD listener consult.
 //!
 //! The table maps every object's group to its hash and every hash to where its bytes are. It
-//! is immutable; a new generation builds a new table and swaps it in whole.
+//! is immutable but for the root record's signature, which is renewed while the generation
+//! is served; a new generation builds a new table and swaps it in whole.
 
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+use ed25519_dalek::SigningKey;
 
 use lcfs_cache::Hash;
 
@@ -16,9 +19,9 @@ use crate::object::RootRecord;
 
 pub struct Table {
     pub channel: Channel,
-    pub root_record: RootRecord,
-    /// The encoded (and possibly signed) root record, as sent.
-    pub record: Vec<u8>,
+    /// The root record as last signed (or unsigned), and its encoding as sent. Re-signing
+    /// replaces both; everything else in a table is immutable.
+    signed: RwLock<(RootRecord, Arc<[u8]>)>,
     pub root: Address,
     /// Where the beacon goes.
     pub air: Address,
@@ -52,14 +55,36 @@ impl Table {
             .map(|h| (channel.object_address(h).group, *h))
             .collect();
         Table {
-            record: root_record.encode(),
+            signed: RwLock::new((root_record.clone(), root_record.encode().into())),
             root: channel.root_address(),
             air: channel.air_address(),
-            root_record,
             objects: published.objects,
             by_group,
             channel,
         }
+    }
+
+    /// The encoded root record, as it goes on the wire.
+    pub fn record(&self) -> Arc<[u8]> {
+        self.signed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+
+    /// When the current signature expires (Unix ns), if the record is signed.
+    pub fn signature_expiry(&self) -> Option<u64> {
+        let signed = self.signed.read().unwrap_or_else(|p| p.into_inner());
+        signed.0.signature.as_ref().map(|s| s.expires_ns)
+    }
+
+    /// Signs the same generation again at `now_ns`, valid for `validity_ns`: receivers refuse
+    /// records whose signature is too old, so the publisher renews it while it serves.
+    pub fn resign(&self, key: &SigningKey, now_ns: u64, validity_ns: u64) {
+        let mut signed = self.signed.write().unwrap_or_else(|p| p.into_inner());
+        signed.0.sign(key, now_ns, validity_ns);
+        signed.1 = signed.0.encode().into();
     }
 
     /// Whether `group` carries something this table publishes (the MLD listener's filter).

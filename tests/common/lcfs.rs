@@ -192,7 +192,20 @@ pub fn start_server_env(
     extra: &[&str],
     envs: &[(&str, &str)],
 ) -> Server {
-    let mut cmd = lab.command("srv", LCFS);
+    start_server_at(lab, "srv", path, channel, state, extra, envs)
+}
+
+/// [`start_server_env`] on lab node `node` (another host of the link).
+pub fn start_server_at(
+    lab: &Lab,
+    node: &str,
+    path: &Path,
+    channel: &str,
+    state: &Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Server {
+    let mut cmd = lab.command(node, LCFS);
     cmd.envs(envs.iter().copied());
     cmd.args([
         "serve",
