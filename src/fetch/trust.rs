@@ -177,21 +177,26 @@ pub fn check(
         };
     }
     check_signature(policy, record, now_ns)?;
-    check_generation(record, memory, policy.allow_rollback, now_ns)?;
     let offered = Publisher::of(heard);
-    match memory.publisher {
-        Some(remembered)
-            if remembered != offered
-                && policy.publisher.is_none()
-                && !policy.allow_new_publisher =>
-        {
-            Err(Refusal::NewPublisher {
+    let other = memory.publisher.filter(|r| *r != offered);
+    if let Some(remembered) = other {
+        if policy.publisher.is_none() && !policy.allow_new_publisher {
+            return Err(Refusal::NewPublisher {
                 remembered,
                 offered,
-            })
+            });
         }
-        _ => Ok(offered),
     }
+    // Two publishers may well number a generation alike (generations are Unix seconds), so
+    // only one publisher's own history can fork.
+    check_generation(
+        record,
+        memory,
+        policy.allow_rollback,
+        other.is_none(),
+        now_ns,
+    )?;
+    Ok(offered)
 }
 
 /// Decides on the record remembered in the cache, for a start without the server: it was
@@ -243,6 +248,7 @@ fn check_generation(
     record: &RootRecord,
     memory: &Memory,
     allow_rollback: bool,
+    same_publisher: bool,
     now_ns: u64,
 ) -> Result<(), Refusal> {
     let now_secs = now_ns / 1_000_000_000;
@@ -262,7 +268,7 @@ fn check_generation(
             seen: seen.generation,
         });
     }
-    if record.generation == seen.generation && record.root != seen.root {
+    if same_publisher && record.generation == seen.generation && record.root != seen.root {
         return Err(Refusal::Fork {
             generation: record.generation,
             seen: seen.root.hash.to_hex().to_string(),
@@ -369,6 +375,13 @@ mod tests {
         ));
         let same = heard(record(gen_now(), b"a"), SERVER);
         assert!(check(&p, &same, &memory, NOW).is_ok());
+        // A new publisher (allowed) that numbers its generation alike is no fork.
+        let allow_new = RootPolicy {
+            allow_new_publisher: true,
+            ..RootPolicy::default()
+        };
+        let elsewhere = heard(record(gen_now(), b"other"), FORGER);
+        assert!(check(&allow_new, &elsewhere, &memory, NOW).is_ok());
     }
 
     fn signed(key: &SigningKey, signed_at: u64, validity: u64) -> RootRecord {
