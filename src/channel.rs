@@ -22,13 +22,19 @@ const CTX_ADDR: &str = "lcfs 2026-11 group addressing v1";
 const CTX_SEAL: &str = "lcfs 2026-11 packet sealing v1";
 const CTX_NONCE: &str = "lcfs 2026-11 packet nonces v1";
 
-/// A 32-byte secret shared by publisher and receivers of an encrypted channel.
-#[derive(Clone)]
+/// A 32-byte secret shared by publisher and receivers of an encrypted channel; wiped from
+/// memory when dropped.
+#[derive(Clone, zeroize::ZeroizeOnDrop)]
 pub struct MasterKey(pub(crate) [u8; 32]);
 
 impl MasterKey {
     pub fn from_bytes(bytes: [u8; 32]) -> MasterKey {
         MasterKey(bytes)
+    }
+
+    /// The key's bytes, for handing it to a process of our own (`mount --daemon`).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 }
 
@@ -55,8 +61,8 @@ pub struct Address {
     pub tag: Tag,
 }
 
-/// Keys for sealing packets of an encrypted channel.
-#[derive(Clone)]
+/// Keys for sealing packets of an encrypted channel; wiped from memory when dropped.
+#[derive(Clone, zeroize::ZeroizeOnDrop)]
 pub struct SealKeys {
     pub(crate) cipher: [u8; 32],
     pub(crate) nonce: [u8; 32],

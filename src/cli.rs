@@ -293,11 +293,27 @@ fn master_key(args: &KeyArgs, channel: &str) -> anyhow::Result<Option<MasterKey>
     if !args.password {
         return Ok(None);
     }
-    let password = match std::env::var("LCFS_PASSWORD") {
+    // A mount daemon gets the key its parent derived, through a pipe: it has no terminal to
+    // ask on, and the password is not left in its environment.
+    if let Some(key) = crate::mountcmd::inherited_key()? {
+        return Ok(Some(key));
+    }
+    let password = zeroize::Zeroizing::new(match std::env::var("LCFS_PASSWORD") {
         Ok(p) if !p.is_empty() => p,
         _ => rpassword_prompt(channel)?,
-    };
+    });
     Ok(Some(crate::keys::from_password(&password, channel)?))
+}
+
+impl RecvArgs {
+    /// The channel's key, if the options name one (asking for a password if need be).
+    pub(crate) fn master_key(&self, channel: &str) -> anyhow::Result<Option<MasterKey>> {
+        master_key(&self.key, channel)
+    }
+
+    pub(crate) fn uses_password(&self) -> bool {
+        self.key.password
+    }
 }
 
 fn rpassword_prompt(channel: &str) -> anyhow::Result<String> {

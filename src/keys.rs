@@ -8,6 +8,8 @@
 use std::io::Write;
 use std::path::Path;
 
+use zeroize::{Zeroize, Zeroizing};
+
 use crate::channel::MasterKey;
 
 const CTX_KEYFILE: &str = "lcfs 2026-11 keyfile v1";
@@ -34,10 +36,10 @@ pub enum KeyError {
 
 pub fn from_keyfile(path: &Path) -> Result<MasterKey, KeyError> {
     let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+    let bytes = Zeroizing::new(read_secret(path).map_err(|source| KeyError::Read {
         path: shown.clone(),
         source,
-    })?;
+    })?);
     if bytes.len() < MIN_KEYFILE {
         return Err(KeyError::Short {
             path: shown,
@@ -59,7 +61,26 @@ pub fn from_password(password: &str, channel: &str) -> Result<MasterKey, KeyErro
     argon
         .hash_password_into(password.as_bytes(), &salt[..16], &mut out)
         .map_err(|e| KeyError::Argon(e.to_string()))?;
-    Ok(MasterKey::from_bytes(out))
+    let key = MasterKey::from_bytes(out);
+    out.zeroize();
+    Ok(key)
+}
+
+/// Reads a file that holds a secret, warning (as ssh does) when other users may read it or
+/// it is not ours: anyone who can read a keyfile can read, and forge, the channel.
+pub fn read_secret(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    for w in secret_file_warnings(path, meta.mode(), meta.uid(), euid) {
+        tracing::warn!("{w}");
+    }
+    let mut bytes = Vec::with_capacity(meta.len().min(1 << 20) as usize);
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Writes a new random keyfile (64 hex digits and a newline) with mode 0600, refusing to
@@ -82,6 +103,26 @@ pub fn write_keyfile(path: &Path) -> Result<(), KeyError> {
     })
 }
 
+/// What is wrong with a secret file's mode `mode` and owner `uid`, read by user `euid`.
+fn secret_file_warnings(path: &Path, mode: u32, uid: u32, euid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    if mode & 0o077 != 0 {
+        out.push(format!(
+            "{} is open to other users (mode {:04o}): anyone who can read it holds the key; run `chmod 600 {}`",
+            path.display(),
+            mode & 0o7777,
+            path.display()
+        ));
+    }
+    if uid != euid && uid != 0 {
+        out.push(format!(
+            "{} belongs to uid {uid}, not to you (uid {euid}): its owner can change the key",
+            path.display()
+        ));
+    }
+    out
+}
+
 pub fn new_key_hex() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
@@ -101,6 +142,14 @@ mod tests {
         std::fs::write(dir.path().join("short"), b"abc").unwrap();
         let e = from_keyfile(&dir.path().join("short")).unwrap_err();
         assert!(e.to_string().contains("lcfs keygen"));
+        assert!(secret_file_warnings(&p, 0o100600, 0, 0).is_empty());
+        let w = secret_file_warnings(&p, 0o100644, 1000, 0);
+        assert!(w[0].contains("chmod 600"), "{w:?}");
+        assert!(
+            secret_file_warnings(&p, 0o100600, 0, 1000).is_empty(),
+            "root's files are trusted"
+        );
+        assert!(secret_file_warnings(&p, 0o100600, 1000, 1001)[0].contains("uid 1000"));
         let p1 = from_password("pw", "chan").unwrap();
         assert_ne!(p1.0, from_password("pw", "other").unwrap().0);
     }
@@ -142,11 +191,19 @@ pub mod publisher {
     /// Reads a signing key (the secret half) from a file written by `lcfs keygen --sign`.
     pub fn read_signing_key(path: &Path) -> Result<SigningKey, PublisherKeyError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PublisherKeyError::Read {
-            path: shown.clone(),
-            source,
+        let text = zeroize::Zeroizing::new(super::read_secret(path).map_err(|source| {
+            PublisherKeyError::Read {
+                path: shown.clone(),
+                source,
+            }
+        })?);
+        let text = std::str::from_utf8(&text).map_err(|_| PublisherKeyError::Format {
+            what: shown.clone(),
         })?;
-        Ok(SigningKey::from_bytes(&parse_hex32(&text, &shown)?))
+        let mut secret = parse_hex32(text, &shown)?;
+        let key = SigningKey::from_bytes(&secret);
+        zeroize::Zeroize::zeroize(&mut secret);
+        Ok(key)
     }
 
     /// A public key given as 64 hex digits or as the path of a `.pub` file.

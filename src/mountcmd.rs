@@ -21,6 +21,8 @@ use crate::fetch::tree::Origin;
 use crate::mountfs::TreeSource;
 
 const READY_FD: &str = "LCFS_READY_FD";
+/// The descriptor on which a daemon child reads the 32-byte key its parent derived.
+const KEY_FD: &str = "LCFS_KEY_FD";
 
 /// True in the detached child of `lcfs mount --daemon`.
 pub fn is_daemon_child() -> bool {
@@ -122,27 +124,67 @@ fn write_fd(fd: &OwnedFd, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)
 }
 
-/// Starts the detached child and waits for its verdict.
+/// The key a daemon's parent handed over (see [`spawn_daemon`]), read once.
+pub(crate) fn inherited_key() -> anyhow::Result<Option<crate::channel::MasterKey>> {
+    use std::io::Read;
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(fd) = std::env::var(KEY_FD)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return Ok(None);
+    };
+    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        bail!("the channel key from the parent of the mount daemon was already read");
+    }
+    // SAFETY: the parent passed this descriptor for us alone; nothing else owns it.
+    let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    f.read_exact(&mut key[..])
+        .context("reading the channel key from the parent of the mount daemon")?;
+    Ok(Some(crate::channel::MasterKey::from_bytes(*key)))
+}
+
+/// Starts the detached child and waits for its verdict. A password is asked for (or taken
+/// from `$LCFS_PASSWORD`) here, where there is a terminal, and the derived key goes to the
+/// child through a pipe; the password itself is removed from the child's environment.
 fn spawn_daemon(args: &MountArgs) -> anyhow::Result<()> {
     let (mut reader, writer) = std::io::pipe()?;
     let fd = writer.as_raw_fd();
+    let mut inherit = vec![fd];
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(std::env::args_os().skip(1))
         .env(READY_FD, fd.to_string())
+        .env_remove("LCFS_PASSWORD")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    let mut key_pipe = None;
+    if args.recv.uses_password() {
+        let name = parse_channel_spec(&args.channel)?.name;
+        if let Some(key) = args.recv.master_key(&name)? {
+            let (key_reader, mut key_writer) = std::io::pipe()?;
+            key_writer.write_all(key.as_bytes())?;
+            drop(key_writer);
+            cmd.env(KEY_FD, key_reader.as_raw_fd().to_string());
+            inherit.push(key_reader.as_raw_fd());
+            key_pipe = Some(key_reader);
+        }
+    }
     // SAFETY: only async-signal-safe calls (setsid, fcntl) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             libc::setsid();
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            for &fd in &inherit {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            }
             Ok(())
         });
     }
     let child = cmd.spawn().context("cannot start the mount daemon")?;
     drop(writer);
+    drop(key_pipe);
     // The child keeps the pipe open while it runs: read its one line, not to the end.
     let mut verdict = String::new();
     std::io::BufReader::new(&mut reader).read_line(&mut verdict)?;

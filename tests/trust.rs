@@ -11,7 +11,8 @@ mod common;
 
 use common::lab::Lab;
 use common::lcfs::{
-    assert_nothing_written, s, spawn_copy_with, start_server, start_server_at, tmpdir, CopyOutcome,
+    assert_nothing_written, s, spawn_copy_with, start_server, start_server_at, start_server_env,
+    tmpdir, CopyOutcome, Mount,
 };
 use common::tree::assert_trees_equal;
 use lcfs::channel::Channel;
@@ -321,4 +322,36 @@ fn expired_signed_root_is_refused() {
         "the refusal does not say the record expired:\n{}",
         o.stderr
     );
+}
+
+/// `mount --daemon --password`: the parent takes the password and hands the derived key to
+/// the daemon through a pipe, so the daemon mounts without a terminal and its environment
+/// holds no password.
+#[test]
+fn a_password_daemon_keeps_no_password() {
+    const PW: &str = "correct horse battery staple";
+    let lab = Lab::with_clients(1);
+    let tmp = tmpdir("trust");
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f.txt"), b"behind a password\n").unwrap();
+    let envs = [("LCFS_PASSWORD", PW)];
+    let state = tmp.path().join("state");
+    let server = start_server_env(&lab, &src, "pw", &state, &["--password"], &envs);
+    let mnt = tmp.path().join("mnt");
+    let cache = tmp.path().join("cache");
+    let m = Mount::new_env(&lab, "c1", "pw", &mnt, &cache, 20, &["--password"], &envs);
+    assert_eq!(
+        fs::read(m.path().join("f.txt")).unwrap(),
+        b"behind a password\n"
+    );
+    let pid = m.daemon_pid.expect("the daemon's pid");
+    let environ = fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let has = |needle: &[u8]| environ.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !has(b"LCFS_PASSWORD") && !has(PW.as_bytes()),
+        "the mount daemon's environment holds the password"
+    );
+    drop(m);
+    server.stop();
 }

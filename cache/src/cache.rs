@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 use crate::index::{parse_lru_key, Entry, Index, Lookup, Totals};
 use crate::memory::MemLru;
 use crate::open::{lock_dir, open_index, write_clean_mark, Recovered};
-use crate::store::{create_private_dir, discard, Read, Store};
+use crate::store::{create_private_dir, discard, make_private, Read, Store};
 use crate::{CacheConfig, CacheError, Usage, Verified};
 
 /// Uses remembered in memory before they are written to the index.
@@ -82,6 +82,7 @@ impl Cache {
     /// Opens (creating, locking, and if needed repairing) the cache directory.
     pub fn open(config: CacheConfig) -> Result<Cache, CacheError> {
         create_private_dir(&config.dir)?;
+        make_private(&config.dir)?;
         let lock = lock_dir(&config.dir)?;
         let store = Store::open(&config.dir)?;
         let Recovered {
@@ -89,6 +90,8 @@ impl Cache {
             totals,
             clock,
         } = open_index(&config.dir, &store)?;
+        // sled creates its files by the umask; the directory above already shuts others out.
+        let _ = make_private(&config.dir.join("index"));
         let inner = Inner {
             dir: config.dir,
             quota: config.quota,

@@ -35,6 +35,17 @@ pub enum CacheError {
         /// The cache directory.
         dir: PathBuf,
     },
+    /// The cache directory belongs to another user: its owner could read the plaintext it
+    /// holds and feed this process objects.
+    #[error("cache directory {dir} belongs to uid {owner}, not to you (uid {euid}): refusing it; pass --cache with a directory of your own")]
+    Foreign {
+        /// The cache directory.
+        dir: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Who we are.
+        euid: u32,
+    },
     /// `pin` was asked for an object that is not in the cache.
     #[error("object {hash} is not in cache {dir}; fetch it before pinning it")]
     NotCached {

@@ -56,6 +56,34 @@ pub(crate) fn create_private_dir(path: &Path) -> Result<(), CacheError> {
         .at(path)
 }
 
+/// Makes an existing directory private: refuses one that another user owns, and takes group
+/// and other permissions away (a cache holds decrypted plaintext). Works on a descriptor, so
+/// the directory checked is the one changed.
+pub(crate) fn make_private(path: &Path) -> Result<(), CacheError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let dir = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(path)
+        .at(path)?;
+    let meta = dir.metadata().at(path)?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != euid {
+        return Err(CacheError::Foreign {
+            dir: path.to_owned(),
+            owner: meta.uid(),
+            euid,
+        });
+    }
+    if meta.mode() & 0o077 != 0 {
+        let mode = meta.mode() & 0o700;
+        dir.set_permissions(fs::Permissions::from_mode(mode))
+            .at(path)?;
+    }
+    Ok(())
+}
+
 /// Real disk use of a file: allocated blocks, or its size rounded up to 4 KiB when the file
 /// system reports no blocks (inline data, delayed allocation).
 pub(crate) fn disk_size(meta: &fs::Metadata) -> u64 {

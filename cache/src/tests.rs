@@ -326,3 +326,35 @@ fn cache_is_send_sync_and_clone() {
     check::<Cache>();
     check::<Verified>();
 }
+
+#[test]
+fn an_existing_cache_directory_is_made_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("c");
+    std::fs::create_dir(&c).unwrap();
+    std::fs::set_permissions(&c, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cache = Cache::open(CacheConfig::new(&c)).unwrap();
+    drop(cache);
+    for d in [c.clone(), c.join("index")] {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", d.display());
+    }
+}
+
+#[test]
+fn a_cache_directory_of_another_user_is_refused() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test chowns a directory: run it as root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("theirs");
+    std::fs::create_dir(&c).unwrap();
+    std::os::unix::fs::chown(&c, Some(65534), Some(65534)).unwrap();
+    let e = Cache::open(CacheConfig::new(&c)).err().expect("refused");
+    assert!(matches!(e, CacheError::Foreign { owner: 65534, .. }), "{e}");
+    assert!(e.to_string().contains("--cache"), "{e}");
+}

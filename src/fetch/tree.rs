@@ -357,7 +357,8 @@ pub struct Found {
 pub struct WalkLimits {
     /// Entries listed in all.
     pub max_entries: u64,
-    /// Directory levels below the start (Linux paths are at most 4096 bytes: 2048 levels).
+    /// Directory levels below the start: as deep as `lcfs serve` publishes (2048; a Linux
+    /// path of 4096 bytes has at most that many).
     pub max_depth: usize,
     /// Entries reached through directory objects already listed elsewhere in this walk may
     /// be at most `shared_factor` times the distinct entries, plus `shared_slack`.
@@ -369,7 +370,7 @@ impl Default for WalkLimits {
     fn default() -> Self {
         WalkLimits {
             max_entries: 1 << 23,
-            max_depth: 1024,
+            max_depth: 2048,
             shared_factor: 4,
             shared_slack: 1 << 16,
         }
