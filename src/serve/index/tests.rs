@@ -3,8 +3,9 @@
 use super::*;
 use crate::object::index::IndexShape;
 use crate::object::INLINE_MAX;
-use std::ffi::OsStr;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::fs::{self, File, Metadata};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::time::{Duration, SystemTime};
 
 const BS: u64 = 16 << 10;
@@ -73,7 +74,7 @@ fn build_tree(root: &Path) {
 /// The bytes of object `hash`, checked against its hash and recorded length.
 fn load(p: &Published, hash: &Hash) -> Vec<u8> {
     let (len, source) = &p.objects[hash];
-    let bytes = read_block(source, hash).unwrap();
+    let bytes = read_block(&p.tree, source, hash).unwrap();
     assert_eq!(blake3::hash(&bytes), *hash);
     assert_eq!(bytes.len(), *len as usize);
     bytes.to_vec()
@@ -148,6 +149,13 @@ fn check_entry(p: &Published, entry: &Entry, path: &Path) {
             assert_eq!(f.b3, blake3::hash(&bytes), "{}", path.display());
             assert_eq!(file_bytes(p, f), bytes, "{}", path.display());
         }
+    }
+}
+
+fn mtime_of(meta: &Metadata) -> Timestamp {
+    Timestamp {
+        secs: meta.mtime(),
+        nanos: meta.mtime_nsec() as u32,
     }
 }
 
@@ -276,7 +284,8 @@ fn read_block_detects_changes() {
         .iter()
         .find(|(_, (_, s))| matches!(s, Source::File { offset, .. } if *offset == BS))
         .unwrap();
-    assert!(read_block(source, hash).is_ok());
+    let read = |source: &Source| read_block(&p.tree, source, hash);
+    assert!(read(source).is_ok());
     let changed = |r: Result<Arc<[u8]>, IndexError>| matches!(r, Err(IndexError::Changed { path: c }) if c == path);
     File::options()
         .write(true)
@@ -284,32 +293,30 @@ fn read_block_detects_changes() {
         .unwrap()
         .write_all_at(b"!", BS + 10)
         .unwrap();
-    assert!(changed(read_block(source, hash)));
+    assert!(changed(read(source)));
     File::options()
         .write(true)
         .open(&path)
         .unwrap()
         .set_len(BS + 5)
         .unwrap();
-    assert!(changed(read_block(source, hash)));
+    assert!(changed(read(source)));
     fs::remove_file(&path).unwrap();
-    assert!(changed(read_block(source, hash)));
+    assert!(changed(read(source)));
     symlink(dir.path(), &path).unwrap();
-    assert!(changed(read_block(source, hash)));
+    assert!(changed(read(source)));
 }
 
 #[test]
 fn vanished_and_unreadable_entries_are_skipped() {
     let dir = scratch();
     write(&dir.path().join("here"), b"x", 0o644);
-    let walker = Walker::new(bs(), None);
-    let ty = fs::symlink_metadata(dir.path().join("here"))
-        .unwrap()
-        .file_type();
-    assert!(walker
-        .child(dir.path(), "gone".into(), ty)
-        .unwrap()
-        .is_none());
+    let tree = Arc::new(Tree::open(dir.path()).unwrap());
+    let walker = Walker::new(tree.clone(), bs(), None);
+    let gone = walker
+        .child(tree.dir(), Path::new(""), c"gone".into(), 0)
+        .unwrap();
+    assert!(gone.is_none());
     let p = walker.finish(
         ObjectRef {
             hash: blake3::hash(b""),
@@ -320,6 +327,7 @@ fn vanished_and_unreadable_entries_are_skipped() {
     assert_eq!(p.skipped.len(), 1);
     assert_eq!(p.skipped[0].0, dir.path().join("gone"));
     // chmod 000 blocks reads only for non-root users.
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         write(&dir.path().join("locked"), b"secret", 0o000);
         let p = index_path(dir.path(), &config(None)).unwrap();
@@ -354,7 +362,8 @@ fn deep_tree_does_not_overflow() {
 
 #[test]
 fn oversized_directory_is_an_error() {
-    let walker = Walker::new(bs(), None);
+    let dir = scratch();
+    let walker = Walker::new(Arc::new(Tree::open(dir.path()).unwrap()), bs(), None);
     let file = FileRef {
         size: 0,
         b3: blake3::hash(b""),
