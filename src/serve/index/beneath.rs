@@ -139,10 +139,11 @@ pub(crate) fn read_link_at(dir: BorrowedFd, name: &CStr) -> io::Result<Vec<u8>> 
     Ok(rustix::fs::readlinkat(dir, name, Vec::new())?.into_bytes())
 }
 
-/// The names in directory `dir`, without `.` and `..`, read with `getdents64` from a
-/// duplicate of `dir` (the original is not read from, so it stays usable for `*at` calls).
+/// The names in directory `dir`, without `.` and `..`, read with `getdents64` from a fresh
+/// open of `dir`'s `.`: a `dup` would share the read position, and a second walk of the same
+/// directory (a reindex) would find it empty.
 pub(crate) fn list(dir: &OwnedFd) -> io::Result<Vec<CString>> {
-    let mut stream = rustix::fs::Dir::new(dir.try_clone()?)?;
+    let mut stream = rustix::fs::Dir::read_from(dir)?;
     let mut names = Vec::new();
     while let Some(entry) = stream.read() {
         let name = entry?.file_name().to_owned();

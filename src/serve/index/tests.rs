@@ -266,6 +266,16 @@ fn restart_reads_nothing_and_a_touched_file_alone_is_read() {
 }
 
 #[test]
+fn one_tree_indexed_again_gives_the_same_root() {
+    let dir = scratch();
+    build_tree(dir.path());
+    let tree = Arc::new(Tree::open(dir.path()).unwrap());
+    let first = index_tree(&tree, &config(None)).unwrap();
+    let again = index_tree(&tree, &config(None)).unwrap();
+    assert_eq!((again.root, again.files), (first.root, 10));
+}
+
+#[test]
 fn locked_state_dir_still_serves() {
     let (dir, state) = (scratch(), scratch());
     write(&dir.path().join("f"), &data(3 * BS, 1), 0o644);
