@@ -374,6 +374,27 @@ fn deep_tree_does_not_overflow() {
 }
 
 #[test]
+fn directories_below_max_depth_are_skipped() {
+    use rustix::fs::{mkdirat, openat, Mode, OFlags};
+    let dir = scratch();
+    // Made by descriptor: the path of the deepest one is longer than PATH_MAX.
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY;
+    let mut fd = openat(rustix::fs::CWD, dir.path(), flags, Mode::empty()).unwrap();
+    for _ in 0..=MAX_DEPTH {
+        mkdirat(&fd, "d", Mode::from_raw_mode(0o755)).unwrap();
+        fd = openat(&fd, "d", flags, Mode::empty()).unwrap();
+    }
+    let p = index_path(dir.path(), &config(None)).unwrap();
+    assert_eq!(p.dirs, 1 + MAX_DEPTH as u64);
+    assert_eq!(p.skipped.len(), 1);
+    assert!(
+        p.skipped[0].1.contains("2048 directories"),
+        "{:?}",
+        p.skipped
+    );
+}
+
+#[test]
 fn oversized_directory_is_an_error() {
     let dir = scratch();
     let walker = Walker::new(Arc::new(Tree::open(dir.path()).unwrap()), bs(), None);
