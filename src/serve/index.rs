@@ -1,18 +1,22 @@
 //! The server's index: every object the tree at PATH publishes, and where its bytes are
 //! (DESIGN.md sections 1 and 3).
 //!
-//! [`index_path`] walks PATH once and returns a [`Published`]: the root directory's reference
-//! and every object by hash with the [`Source`] of its bytes. Directories and file indexes are
-//! encoded here and kept in memory; blocks stay in their files, named by path and offset, and
-//! are read again and re-verified by [`read_block`] each time they are sent.
+//! [`Tree::open`] resolves PATH once and holds it open; [`index_tree`] walks that [`Tree`] and
+//! returns a [`Published`]: the root directory's reference and every object by hash with the
+//! [`Source`] of its bytes. Directories and file indexes are encoded here and kept in memory;
+//! blocks stay in their files, named by path relative to the tree and offset, and are read
+//! again through the tree and re-verified by [`read_block`] each time they are sent.
 //!
 //! How:
-//! - Below PATH the walk never follows symlinks (PATH itself is resolved). Symlinks are recorded
-//!   with their raw target bytes; sockets, fifos and devices are left out with a debug log. An
-//!   entry that cannot be read (permission denied, vanished, name or target lcfs cannot encode,
-//!   a file that keeps changing while read) is skipped with a warning and listed in
-//!   [`Published::skipped`]; the rest is served. Only PATH itself failing, or a directory whose
-//!   encoding passes [`DIRECTORY_MAX`], stops indexing.
+//! - The walk goes by descriptor, one name at a time, and never leaves the tree: no symlink is
+//!   followed below PATH, and what is published is what was opened (see `beneath.rs`, which
+//!   holds every file system call the server makes on the tree). Symlinks are recorded with
+//!   their raw target bytes; sockets, fifos and devices are left out with a debug log, and are
+//!   never read, also when one is swapped in for a file. An entry that cannot be read
+//!   (permission denied, vanished, swapped for a symlink, name or target lcfs cannot encode,
+//!   deeper than [`MAX_DEPTH`], a file that keeps changing while read) is skipped with a
+//!   warning and listed in [`Published::skipped`]; the rest is served. Only PATH itself
+//!   failing, or a directory whose encoding passes [`DIRECTORY_MAX`], stops indexing.
 //! - Directory objects are built bottom-up, siblings in parallel (rayon, on a pool of our own
 //!   with large stacks, since the recursion follows the tree's depth).
 //! - A file is read once, in block-sized `pread`s; each read gives both the block's leaf and its
@@ -29,11 +33,11 @@
 //! inline content) is in `objects`; identical blocks, pages or directories are one object.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::OsString;
-use std::fs::{self, File, FileType, Metadata};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -41,15 +45,18 @@ use std::sync::{Arc, Mutex};
 use lcfs_cache::Hash;
 use rayon::prelude::*;
 
-use super::leafcache::{Body, FileHash, FileStamp, LeafCache};
+use super::leafcache::{Body, FileHash, LeafCache};
 use crate::object::dir::valid_name;
 use crate::object::index::index_ref;
 use crate::object::{
     object_ref, BlockSize, Content, Directory, Entry, EntryKind, FileIndex, FileRef, ObjectRef,
     Timestamp, DIRECTORY_MAX, LEAVES_PER_PAGE,
 };
+pub use beneath::Tree;
+use beneath::{Attrs, Kind};
 use hash::hash_contents;
 
+mod beneath;
 mod hash;
 
 /// Times a file is read before it is given up as changing too fast to index.
@@ -60,6 +67,9 @@ const MAX_PAGES: u64 = 1 << 20;
 const STACK_BYTES: usize = 64 << 20;
 /// Longest symlink target a directory entry carries.
 const TARGET_MAX: usize = 4095;
+/// Deepest directory published, below PATH. Paths by name stopped near here (`PATH_MAX` is
+/// 4096 bytes); a walk by descriptor has no such limit but holds a descriptor per level.
+pub const MAX_DEPTH: usize = 2048;
 
 #[derive(Clone, Debug)]
 pub struct IndexConfig {
@@ -86,7 +96,8 @@ pub enum Source {
     /// A block: `len` bytes at `offset` of the file at `path`, which had `size` bytes and
     /// modification time `mtime` when it was indexed.
     File {
-        /// Shared by every block of the file: one allocation per file, not per block.
+        /// Relative to the [`Tree`], plain names only; shared by every block of the file:
+        /// one allocation per file, not per block.
         path: Arc<Path>,
         offset: u64,
         len: u32,
@@ -103,6 +114,8 @@ pub struct Published {
     /// PATH was a regular file: the root directory holds exactly that file.
     pub single_file: bool,
     pub block_size: BlockSize,
+    /// The tree walked: file sources are relative to it, and are read again through it.
+    pub tree: Arc<Tree>,
     /// Every object by hash, with its length and where its bytes are.
     pub objects: HashMap<Hash, (u32, Source)>,
     /// Regular files published.
@@ -138,10 +151,12 @@ pub enum IndexError {
     Unstable { path: PathBuf },
     #[error("{} changed since it was indexed", path.display())]
     Changed { path: PathBuf },
+    #[error("{} is more than {max} directories below the served path", path.display())]
+    TooDeep { path: PathBuf, max: usize },
 }
 
 impl IndexError {
-    fn io(path: &Path) -> impl FnOnce(io::Error) -> IndexError + '_ {
+    pub(crate) fn io(path: &Path) -> impl FnOnce(io::Error) -> IndexError + '_ {
         move |source| IndexError::Io {
             path: path.to_path_buf(),
             source,
@@ -154,71 +169,73 @@ impl IndexError {
     }
 }
 
-/// Walks `path` and builds every object it publishes. See the module docs.
+/// Opens `path` (see [`Tree::open`]) and indexes it once.
 pub fn index_path(path: &Path, config: &IndexConfig) -> Result<Published, IndexError> {
-    let root = fs::canonicalize(path).map_err(IndexError::io(path))?;
-    let meta = fs::metadata(&root).map_err(IndexError::io(path))?;
+    index_tree(&Arc::new(Tree::open(path)?), config)
+}
+
+/// Walks `tree` by descriptor and builds every object it publishes. See the module docs.
+pub fn index_tree(tree: &Arc<Tree>, config: &IndexConfig) -> Result<Published, IndexError> {
     let cache = config.state_dir.as_deref().and_then(LeafCache::shared);
-    let walker = Walker::new(config.block_size, cache.clone());
+    let walker = Walker::new(tree.clone(), config.block_size, cache.clone());
     let pool = rayon::ThreadPoolBuilder::new()
         .stack_size(STACK_BYTES)
         .thread_name(|i| format!("lcfs-index-{i}"))
         .build()
-        .map_err(|e| IndexError::io(path)(io::Error::other(e)))?;
-    let root_ref = pool.install(|| walker.root(path, &root, &meta))?;
-    let single_file = !meta.is_dir();
+        .map_err(|e| IndexError::io(tree.dir_path())(io::Error::other(e)))?;
+    let root_ref = pool.install(|| walker.root())?;
+    let single_file = tree.single_file().is_some();
     if let Some(cache) = &cache {
         if !single_file {
             let seen = walker.seen.lock().unwrap_or_else(|e| e.into_inner());
-            cache.forget_unseen(&root, &seen);
+            cache.forget_unseen(tree.dir_path(), &seen);
         }
         cache.flush();
     }
     Ok(walker.finish(root_ref, single_file))
 }
 
-/// Re-reads one object's bytes and checks that they still hash to `expected`. Memory sources
-/// were encoded by the indexer and are returned as they are; a file that is gone, shorter or
-/// different gives [`IndexError::Changed`].
-pub fn read_block(source: &Source, expected: &Hash) -> Result<Arc<[u8]>, IndexError> {
-    let (path, offset, len) = match source {
+/// Re-reads one object's bytes from `tree` and checks that they still hash to `expected`.
+/// Memory sources were encoded by the indexer and are returned as they are; a file that is
+/// gone, shorter, different, no longer a regular file, or reachable only through a symlink
+/// gives [`IndexError::Changed`]. Nothing outside `tree` is opened (see [`Tree::open_file`]).
+pub fn read_block(tree: &Tree, source: &Source, expected: &Hash) -> Result<Arc<[u8]>, IndexError> {
+    let (rel, offset, len) = match source {
         Source::Memory(bytes) => return Ok(bytes.clone()),
         Source::File {
             path, offset, len, ..
         } => (path, *offset, *len as usize),
     };
     let changed = || IndexError::Changed {
-        path: path.to_path_buf(),
+        path: tree.display(rel),
     };
     let mut buf = vec![0u8; len];
-    let read = open_file(path).and_then(|file| file.read_exact_at(&mut buf, offset));
+    let read = tree.open_file(rel).and_then(|file| {
+        if beneath::stat_fd(&file)?.kind != Kind::File {
+            return Err(io::Error::from_raw_os_error(libc::EISDIR));
+        }
+        file.read_exact_at(&mut buf, offset)
+    });
     match read {
         Err(e) if replaced(&e) => Err(changed()),
-        Err(e) => Err(IndexError::io(path)(e)),
+        Err(e) => Err(IndexError::io(&tree.display(rel))(e)),
         Ok(()) if blake3::hash(&buf) != *expected => Err(changed()),
         Ok(()) => Ok(buf.into()),
     }
 }
 
-/// Whether a read failed because the file is gone, shorter, or no longer a regular file.
+/// Whether a read failed because the file is gone, shorter, no longer a regular file, or
+/// now behind a symlink (`ELOOP`, or `EXDEV` from `RESOLVE_BENEATH`).
 fn replaced(e: &io::Error) -> bool {
     use io::ErrorKind::{NotFound, UnexpectedEof};
-    let other_kind = [libc::ELOOP, libc::EISDIR, libc::ENOTDIR];
+    let other_kind = [libc::ELOOP, libc::EISDIR, libc::ENOTDIR, libc::EXDEV];
     matches!(e.kind(), NotFound | UnexpectedEof)
         || e.raw_os_error().is_some_and(|n| other_kind.contains(&n))
 }
 
-/// Opens a file for reading without following a final symlink or blocking on a fifo that
-/// replaced it.
-fn open_file(path: &Path) -> io::Result<File> {
-    fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-}
-
 /// The shared state of one walk; its methods run on many threads at once.
 struct Walker {
+    tree: Arc<Tree>,
     block_size: BlockSize,
     cache: Option<LeafCache>,
     objects: Mutex<HashMap<Hash, (u32, Source)>>,
@@ -233,8 +250,9 @@ struct Walker {
 }
 
 impl Walker {
-    fn new(block_size: BlockSize, cache: Option<LeafCache>) -> Walker {
+    fn new(tree: Arc<Tree>, block_size: BlockSize, cache: Option<LeafCache>) -> Walker {
         Walker {
+            tree,
             block_size,
             cache,
             objects: Mutex::default(),
@@ -255,6 +273,7 @@ impl Walker {
             root,
             single_file,
             block_size: self.block_size,
+            tree: self.tree,
             objects: self.objects.into_inner().unwrap_or_else(|e| e.into_inner()),
             files: self.files.into_inner(),
             dirs: self.dirs.into_inner(),
@@ -265,43 +284,43 @@ impl Walker {
         }
     }
 
-    /// Builds the object of directory `path` and of everything below it.
-    fn dir(&self, path: &Path) -> Result<ObjectRef, IndexError> {
-        let children = self.list(path)?;
-        let entries: Vec<Entry> = children
+    /// The root directory: the tree's directory, or one holding just the single file.
+    fn root(&self) -> Result<ObjectRef, IndexError> {
+        let tree = self.tree.clone();
+        match tree.single_file() {
+            None => self.dir(tree.dir(), Path::new(""), 0),
+            Some((name, published)) => self.single_file(name, published),
+        }
+    }
+
+    /// Builds the object of directory `fd` (at `rel` in the tree, `depth` levels down) and of
+    /// everything below it.
+    fn dir(&self, fd: &OwnedFd, rel: &Path, depth: usize) -> Result<ObjectRef, IndexError> {
+        let names = beneath::list(fd).map_err(IndexError::io(&self.tree.display(rel)))?;
+        let entries: Vec<Entry> = names
             .into_par_iter()
-            .map(|(name, ty)| self.child(path, name, ty))
+            .map(|name| self.child(fd, rel, name, depth))
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .flatten()
             .collect();
-        self.add_directory(path, Directory::new(entries))
+        self.add_directory(&self.tree.display(rel), Directory::new(entries))
     }
 
-    /// The root directory of PATH (`given`, resolved to `root`, whose metadata is `meta`).
-    fn root(&self, given: &Path, root: &Path, meta: &Metadata) -> Result<ObjectRef, IndexError> {
-        if meta.is_dir() {
-            self.dir(root)
-        } else if meta.is_file() {
-            let name = given.file_name().or(root.file_name()).unwrap_or_default();
-            self.single_file(root, name.as_bytes())
-        } else {
-            let path = given.to_path_buf();
-            Err(IndexError::NotServable { path })
-        }
-    }
-
-    fn single_file(&self, path: &Path, name: &[u8]) -> Result<ObjectRef, IndexError> {
-        if !valid_name(name) {
+    fn single_file(&self, name: &CStr, published: &[u8]) -> Result<ObjectRef, IndexError> {
+        let rel = Path::new(OsStr::from_bytes(name.to_bytes()));
+        let path = self.tree.display(rel);
+        if !valid_name(published) {
             let what = "its name cannot be a directory entry";
-            return Err(IndexError::Unencodable {
-                path: path.to_path_buf(),
-                what,
-            });
+            return Err(IndexError::Unencodable { path, what });
         }
-        let meta = fs::symlink_metadata(path).map_err(IndexError::io(path))?;
-        let entry = self.file(path, name.to_vec(), &meta)?;
-        self.add_directory(path, Directory::new(vec![entry]))
+        let dir = self.tree.dir().as_fd();
+        let attrs = beneath::stat_at(dir, name).map_err(IndexError::io(&path))?;
+        if attrs.kind != Kind::File {
+            return Err(IndexError::NotServable { path });
+        }
+        let entry = self.file(dir, rel, name, published.to_vec(), &attrs)?;
+        self.add_directory(&path, Directory::new(vec![entry]))
     }
 
     fn add_directory(&self, path: &Path, dir: Directory) -> Result<ObjectRef, IndexError> {
@@ -314,107 +333,127 @@ impl Walker {
         Ok(self.add_memory(encoding))
     }
 
-    /// The names and types in directory `path`; entries whose type cannot be had are skipped.
-    fn list(&self, path: &Path) -> Result<Vec<(OsString, FileType)>, IndexError> {
-        let mut out = Vec::new();
-        for item in fs::read_dir(path).map_err(IndexError::io(path))? {
-            let item = item.map_err(IndexError::io(path))?;
-            match item.file_type() {
-                Ok(ty) => out.push((item.file_name(), ty)),
-                Err(e) => self.skip(&item.path(), &e),
-            }
-        }
-        Ok(out)
-    }
-
-    /// The entry for `name` in `parent`, or `None` if it is skipped or not servable.
+    /// The entry for `name` in directory `dir` (at `parent` in the tree), or `None` if it is
+    /// skipped or not servable.
     fn child(
         &self,
+        dir: &OwnedFd,
         parent: &Path,
-        name: OsString,
-        ty: FileType,
+        name: CString,
+        depth: usize,
     ) -> Result<Option<Entry>, IndexError> {
-        let path = parent.join(&name);
-        let name = name.into_vec();
-        let result = if !valid_name(&name) {
+        let rel = parent.join(OsStr::from_bytes(name.to_bytes()));
+        let result = if !valid_name(name.to_bytes()) {
             let what = "its name cannot be a directory entry";
             Err(IndexError::Unencodable {
-                path: path.clone(),
+                path: self.tree.display(&rel),
                 what,
             })
         } else {
-            self.entry(&path, name, ty)
+            self.entry(dir.as_fd(), &rel, &name, depth)
         };
         match result {
             Err(e) if e.is_fatal() => Err(e),
             Err(e) => {
-                self.skip(&path, &e);
+                self.skip(&self.tree.display(&rel), &e);
                 Ok(None)
             }
             Ok(entry) => Ok(entry),
         }
     }
 
-    fn entry(&self, path: &Path, name: Vec<u8>, ty: FileType) -> Result<Option<Entry>, IndexError> {
-        if !(ty.is_dir() || ty.is_file() || ty.is_symlink()) {
-            tracing::debug!(
-                "leaving out {}: not a file, directory or symlink",
-                path.display()
-            );
-            return Ok(None);
-        }
-        let meta = fs::symlink_metadata(path).map_err(IndexError::io(path))?;
-        let kind = if ty.is_dir() {
-            EntryKind::Dir(self.dir(path)?)
-        } else if ty.is_symlink() {
-            let target = symlink_target(path)?;
-            self.symlinks.fetch_add(1, Relaxed);
-            EntryKind::Symlink(target)
-        } else {
-            return self.file(path, name, &meta).map(Some);
+    /// The entry of `name` in `dir`. Its kind comes from an `lstat`; what is then published
+    /// comes from the `fstat` of what was opened (a symlink, fifo or device swapped in
+    /// meanwhile fails to open or is found out, see `beneath.rs`).
+    fn entry(
+        &self,
+        dir: BorrowedFd,
+        rel: &Path,
+        name: &CStr,
+        depth: usize,
+    ) -> Result<Option<Entry>, IndexError> {
+        let path = || self.tree.display(rel);
+        let attrs = beneath::stat_at(dir, name).map_err(|e| IndexError::io(&path())(e))?;
+        let name_bytes = name.to_bytes().to_vec();
+        let (attrs, kind) = match attrs.kind {
+            Kind::Other => {
+                tracing::debug!(
+                    "leaving out {}: not a file, directory or symlink",
+                    path().display()
+                );
+                return Ok(None);
+            }
+            Kind::File => return self.file(dir, rel, name, name_bytes, &attrs).map(Some),
+            Kind::Symlink => (attrs, EntryKind::Symlink(self.symlink(dir, rel, name)?)),
+            Kind::Dir if depth >= MAX_DEPTH => {
+                return Err(IndexError::TooDeep {
+                    path: path(),
+                    max: MAX_DEPTH,
+                })
+            }
+            Kind::Dir => {
+                let fd = beneath::open_dir_at(dir, name).map_err(|e| IndexError::io(&path())(e))?;
+                let opened = beneath::stat_fd(&fd).map_err(|e| IndexError::io(&path())(e))?;
+                (opened, EntryKind::Dir(self.dir(&fd, rel, depth + 1)?))
+            }
         };
-        Ok(Some(entry_of(name, &meta, kind)))
+        Ok(Some(entry_of(name_bytes, &attrs, kind)))
     }
 
-    /// The entry of regular file `path`, its objects added; `meta` is its `lstat`.
-    fn file(&self, path: &Path, name: Vec<u8>, meta: &Metadata) -> Result<Entry, IndexError> {
-        let (bs, stamp) = (self.block_size, FileStamp::of(meta));
-        let cached = self.cache.as_ref().and_then(|c| c.get(path, &stamp, bs));
-        let (meta, hash) = match cached {
-            Some(hash) => (meta.clone(), hash),
+    /// The entry of regular file `name` in `dir`, its objects added; `attrs` is its `lstat`,
+    /// enough to find it in the leaf cache without opening it.
+    fn file(
+        &self,
+        dir: BorrowedFd,
+        rel: &Path,
+        name: &CStr,
+        published: Vec<u8>,
+        attrs: &Attrs,
+    ) -> Result<Entry, IndexError> {
+        let (bs, path) = (self.block_size, self.tree.display(rel));
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.get(&path, &attrs.stamp(), bs));
+        let (attrs, hash) = match cached {
+            Some(hash) => (*attrs, hash),
             None => {
-                let (meta, hash) = self.read_file(path)?;
+                let (attrs, hash) = self.read_file(dir, &path, name)?;
                 if let Some(cache) = &self.cache {
-                    cache.put(path, &FileStamp::of(&meta), bs, &hash);
+                    cache.put(&path, &attrs.stamp(), bs, &hash);
                 }
-                (meta, hash)
+                (attrs, hash)
             }
         };
         if self.cache.is_some() {
             self.seen
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(path.to_path_buf());
+                .insert(path);
         }
-        let file = self.add_file(path, &meta, hash);
+        let file = self.add_file(rel, &attrs, hash);
         self.files.fetch_add(1, Relaxed);
         self.bytes.fetch_add(file.size, Relaxed);
-        Ok(entry_of(name, &meta, EntryKind::File(file)))
+        Ok(entry_of(published, &attrs, EntryKind::File(file)))
     }
 
-    /// Reads and hashes `path`, again if it changed meanwhile. Returns the `fstat` it matches.
-    fn read_file(&self, path: &Path) -> Result<(Metadata, FileHash), IndexError> {
-        let file = open_file(path).map_err(IndexError::io(path))?;
+    /// Opens `name` in `dir` (at `path`) and hashes it, again if it changed meanwhile. Returns
+    /// the `fstat` the contents match.
+    fn read_file(
+        &self,
+        dir: BorrowedFd,
+        path: &Path,
+        name: &CStr,
+    ) -> Result<(Attrs, FileHash), IndexError> {
+        let file = beneath::open_file_at(dir, name).map_err(IndexError::io(path))?;
         for _ in 0..READ_ATTEMPTS {
-            let before = file.metadata().map_err(IndexError::io(path))?;
+            let before = beneath::stat_fd(&file).map_err(IndexError::io(path))?;
             self.check_file(path, &before)?;
-            let hashed = hash_contents(&file, before.len(), self.block_size);
-            self.hashed_bytes.fetch_add(before.len(), Relaxed);
-            let after = file.metadata().map_err(IndexError::io(path))?;
+            let hashed = hash_contents(&file, before.size, self.block_size);
+            self.hashed_bytes.fetch_add(before.size, Relaxed);
+            let after = beneath::stat_fd(&file).map_err(IndexError::io(path))?;
             match hashed {
-                Ok(hash) if FileStamp::of(&before) == FileStamp::of(&after) => {
-                    return Ok((before, hash))
-                }
+                Ok(hash) if before.stamp() == after.stamp() => return Ok((before, hash)),
                 Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => {
                     return Err(IndexError::io(path)(e))
                 }
@@ -426,13 +465,14 @@ impl Walker {
         })
     }
 
-    fn check_file(&self, path: &Path, meta: &Metadata) -> Result<(), IndexError> {
-        if !meta.is_file() {
+    /// Refuses what was opened unless it is a regular file the index can list.
+    fn check_file(&self, path: &Path, attrs: &Attrs) -> Result<(), IndexError> {
+        if attrs.kind != Kind::File {
             return Err(IndexError::NotServable {
                 path: path.to_path_buf(),
             });
         }
-        let blocks = self.block_size.blocks_in(meta.len());
+        let blocks = self.block_size.blocks_in(attrs.size);
         if blocks > MAX_PAGES * LEAVES_PER_PAGE {
             return Err(IndexError::FileTooLarge {
                 path: path.to_path_buf(),
@@ -442,13 +482,25 @@ impl Walker {
         Ok(())
     }
 
+    /// The target of symlink `name` in `dir`, checked to fit a directory entry.
+    fn symlink(&self, dir: BorrowedFd, rel: &Path, name: &CStr) -> Result<Vec<u8>, IndexError> {
+        let path = self.tree.display(rel);
+        let target = beneath::read_link_at(dir, name).map_err(IndexError::io(&path))?;
+        if target.is_empty() || target.len() > TARGET_MAX || target.contains(&0) {
+            let what = "its symlink target cannot be carried";
+            return Err(IndexError::Unencodable { path, what });
+        }
+        self.symlinks.fetch_add(1, Relaxed);
+        Ok(target)
+    }
+
     /// Adds the block and index objects of a file and returns what its entry holds.
-    fn add_file(&self, path: &Path, meta: &Metadata, hash: FileHash) -> FileRef {
-        let size = meta.len();
+    fn add_file(&self, rel: &Path, attrs: &Attrs, hash: FileHash) -> FileRef {
+        let size = attrs.size;
         let content = match hash.body {
             Body::Inline(bytes) => Content::Inline(bytes),
             Body::Leaves(leaves) => {
-                self.add_blocks(path, meta, &leaves);
+                self.add_blocks(rel, attrs, &leaves);
                 if let [leaf] = leaves[..] {
                     Content::Block(leaf)
                 } else {
@@ -472,9 +524,9 @@ impl Walker {
         }
     }
 
-    fn add_blocks(&self, path: &Path, meta: &Metadata, leaves: &[Hash]) {
-        let (bs, size, mtime) = (self.block_size, meta.len(), mtime_of(meta));
-        let shared: Arc<Path> = Arc::from(path);
+    fn add_blocks(&self, rel: &Path, attrs: &Attrs, leaves: &[Hash]) {
+        let (bs, size, mtime) = (self.block_size, attrs.size, attrs.mtime);
+        let shared: Arc<Path> = Arc::from(rel);
         let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
         for (i, leaf) in (0u64..).zip(leaves) {
             objects.entry(*leaf).or_insert_with(|| {
@@ -513,35 +565,13 @@ impl Walker {
     }
 }
 
-fn mtime_of(meta: &Metadata) -> Timestamp {
-    Timestamp {
-        secs: meta.mtime(),
-        nanos: meta.mtime_nsec() as u32,
-    }
-}
-
-fn entry_of(name: Vec<u8>, meta: &Metadata, kind: EntryKind) -> Entry {
+fn entry_of(name: Vec<u8>, attrs: &Attrs, kind: EntryKind) -> Entry {
     Entry {
         name,
-        mode: meta.mode() & 0o7777,
-        mtime: mtime_of(meta),
+        mode: attrs.mode,
+        mtime: attrs.mtime,
         kind,
     }
-}
-
-fn symlink_target(path: &Path) -> Result<Vec<u8>, IndexError> {
-    let target = fs::read_link(path)
-        .map_err(IndexError::io(path))?
-        .into_os_string()
-        .into_vec();
-    if target.is_empty() || target.len() > TARGET_MAX || target.contains(&0) {
-        let what = "its symlink target cannot be carried";
-        return Err(IndexError::Unencodable {
-            path: path.to_path_buf(),
-            what,
-        });
-    }
-    Ok(target)
 }
 
 #[cfg(test)]

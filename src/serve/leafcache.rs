@@ -21,9 +21,7 @@
 //!   that cannot be opened for any other reason is taken as corrupt and recreated empty.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -41,7 +39,8 @@ pub(crate) const DB_NAME: &str = "leaves.sled";
 /// Lookups happen while indexing; a small cache keeps the serving process lean.
 const SLED_CACHE_BYTES: u64 = 8 << 20;
 
-/// What identifies one version of a file without reading it.
+/// What identifies one version of a file without reading it (made from a `statx` by the
+/// indexer, `dev` encoded as `st_dev`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct FileStamp {
     pub size: u64,
@@ -49,24 +48,6 @@ pub(crate) struct FileStamp {
     pub ctime: Timestamp,
     pub ino: u64,
     pub dev: u64,
-}
-
-impl FileStamp {
-    pub fn of(meta: &Metadata) -> FileStamp {
-        FileStamp {
-            size: meta.len(),
-            mtime: Timestamp {
-                secs: meta.mtime(),
-                nanos: meta.mtime_nsec() as u32,
-            },
-            ctime: Timestamp {
-                secs: meta.ctime(),
-                nanos: meta.ctime_nsec() as u32,
-            },
-            ino: meta.ino(),
-            dev: meta.dev(),
-        }
-    }
 }
 
 /// The result of reading a file: its whole-file BLAKE3 and its leaves or inline bytes.

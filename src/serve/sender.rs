@@ -4,7 +4,9 @@
 //! of RaptorQ encoders. It sleeps while no group has listeners, and otherwise fills each batch
 //! from the scheduler, limited by the pacer. A block is read from disk and hashed again before
 //! its encoder is built; a block whose file changed is never sent as the old object: it is
-//! dropped and reported so that the server reindexes.
+//! dropped and reported so that the server reindexes. That read goes through the served tree's
+//! descriptor with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` (`Table::load`, `index::read_block`):
+//! a symlink planted on the block's path after indexing makes it "changed", never followed.
 
 use std::collections::HashSet;
 use std::net::{Ipv6Addr, SocketAddrV6};

@@ -2,6 +2,10 @@
 //! asked to stop. A block found changed at send time makes the server reindex (cheap with the
 //! leaf cache) and publish a new generation; generations never decrease, also across
 //! restarts, because the last one is kept in the state directory.
+//!
+//! PATH is resolved once, at start, into a [`Tree`] held open; every index and every block
+//! read goes through it, so a reindex walks the same directory even if PATH was moved or
+//! repointed since (issue 9).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use ed25519_dalek::SigningKey;
 
-use super::index::{index_path, IndexConfig, Published};
+use super::index::{index_tree, IndexConfig, Published, Tree};
 use super::sender::{SendStats, SenderConfig, SenderLoop, SharedTable};
 use super::table::Table;
 use crate::channel::{Channel, MasterKey};
@@ -38,6 +42,7 @@ pub struct ServeOptions {
 
 struct Publisher<'a> {
     opts: &'a ServeOptions,
+    tree: Arc<Tree>,
     channel: Channel,
     generation: u64,
 }
@@ -49,7 +54,7 @@ impl Publisher<'_> {
             block_size: self.opts.block_size,
             state_dir: self.opts.state_dir.clone(),
         };
-        let published = index_path(&self.opts.path, &config)
+        let published = index_tree(&self.tree, &config)
             .with_context(|| format!("cannot index {}", self.opts.path.display()))?;
         for (path, why) in &published.skipped {
             tracing::warn!("skipped {}: {why}", path.display());
@@ -156,6 +161,18 @@ fn next_generation(state: Option<&Path>, channel: &Channel, last: u64) -> u64 {
     next
 }
 
+/// Warns when any user may hard-link any file into the tree: the walk cannot tell a hard
+/// link from the file, so it would publish it.
+fn warn_unless_protected_hardlinks() {
+    let setting = std::fs::read_to_string("/proc/sys/fs/protected_hardlinks");
+    if setting.is_ok_and(|s| s.trim() == "0") {
+        tracing::warn!(
+            "fs.protected_hardlinks is 0: a user who can write in the served tree can hard-link \
+             files they cannot read into it, and they would be published; set it to 1"
+        );
+    }
+}
+
 /// Serves until `shutdown` is set.
 pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     mld::socket::check_permission()?;
@@ -164,8 +181,12 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
             .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
     }
     let channel = Channel::new(&opts.channel, opts.key.as_ref());
+    let tree =
+        Tree::open(&opts.path).with_context(|| format!("cannot index {}", opts.path.display()))?;
+    warn_unless_protected_hardlinks();
     let mut publisher = Publisher {
         opts: &opts,
+        tree: Arc::new(tree),
         channel,
         generation: 0,
     };

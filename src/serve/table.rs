@@ -13,7 +13,7 @@ use ed25519_dalek::SigningKey;
 
 use lcfs_cache::Hash;
 
-use super::index::{read_block, IndexError, Published, Source};
+use super::index::{read_block, IndexError, Published, Source, Tree};
 use crate::channel::{Address, Channel};
 use crate::object::RootRecord;
 
@@ -26,6 +26,8 @@ pub struct Table {
     /// Where the beacon goes.
     pub air: Address,
     pub objects: HashMap<Hash, (u32, Source)>,
+    /// The tree that file sources are read from again, by descriptor.
+    pub tree: Arc<Tree>,
     pub by_group: HashMap<Ipv6Addr, Hash>,
 }
 
@@ -59,6 +61,7 @@ impl Table {
             root: channel.root_address(),
             air: channel.air_address(),
             objects: published.objects,
+            tree: published.tree,
             by_group,
             channel,
         }
@@ -97,7 +100,7 @@ impl Table {
         match self.objects.get(hash) {
             None => Err(LoadError::Unknown),
             Some((_, Source::Memory(bytes))) => Ok(bytes.clone()),
-            Some((_, source)) => Ok(read_block(source, hash)?),
+            Some((_, source)) => Ok(read_block(&self.tree, source, hash)?),
         }
     }
 }

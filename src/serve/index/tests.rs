@@ -3,8 +3,12 @@
 use super::*;
 use crate::object::index::IndexShape;
 use crate::object::INLINE_MAX;
-use std::ffi::OsStr;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::fs::{self, File, Metadata};
+use std::io::Write;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::Component;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, SystemTime};
 
 const BS: u64 = 16 << 10;
@@ -73,7 +77,7 @@ fn build_tree(root: &Path) {
 /// The bytes of object `hash`, checked against its hash and recorded length.
 fn load(p: &Published, hash: &Hash) -> Vec<u8> {
     let (len, source) = &p.objects[hash];
-    let bytes = read_block(source, hash).unwrap();
+    let bytes = read_block(&p.tree, source, hash).unwrap();
     assert_eq!(blake3::hash(&bytes), *hash);
     assert_eq!(bytes.len(), *len as usize);
     bytes.to_vec()
@@ -148,6 +152,13 @@ fn check_entry(p: &Published, entry: &Entry, path: &Path) {
             assert_eq!(f.b3, blake3::hash(&bytes), "{}", path.display());
             assert_eq!(file_bytes(p, f), bytes, "{}", path.display());
         }
+    }
+}
+
+fn mtime_of(meta: &Metadata) -> Timestamp {
+    Timestamp {
+        secs: meta.mtime(),
+        nanos: meta.mtime_nsec() as u32,
     }
 }
 
@@ -255,6 +266,16 @@ fn restart_reads_nothing_and_a_touched_file_alone_is_read() {
 }
 
 #[test]
+fn one_tree_indexed_again_gives_the_same_root() {
+    let dir = scratch();
+    build_tree(dir.path());
+    let tree = Arc::new(Tree::open(dir.path()).unwrap());
+    let first = index_tree(&tree, &config(None)).unwrap();
+    let again = index_tree(&tree, &config(None)).unwrap();
+    assert_eq!((again.root, again.files), (first.root, 10));
+}
+
+#[test]
 fn locked_state_dir_still_serves() {
     let (dir, state) = (scratch(), scratch());
     write(&dir.path().join("f"), &data(3 * BS, 1), 0o644);
@@ -276,7 +297,8 @@ fn read_block_detects_changes() {
         .iter()
         .find(|(_, (_, s))| matches!(s, Source::File { offset, .. } if *offset == BS))
         .unwrap();
-    assert!(read_block(source, hash).is_ok());
+    let read = |source: &Source| read_block(&p.tree, source, hash);
+    assert!(read(source).is_ok());
     let changed = |r: Result<Arc<[u8]>, IndexError>| matches!(r, Err(IndexError::Changed { path: c }) if c == path);
     File::options()
         .write(true)
@@ -284,32 +306,30 @@ fn read_block_detects_changes() {
         .unwrap()
         .write_all_at(b"!", BS + 10)
         .unwrap();
-    assert!(changed(read_block(source, hash)));
+    assert!(changed(read(source)));
     File::options()
         .write(true)
         .open(&path)
         .unwrap()
         .set_len(BS + 5)
         .unwrap();
-    assert!(changed(read_block(source, hash)));
+    assert!(changed(read(source)));
     fs::remove_file(&path).unwrap();
-    assert!(changed(read_block(source, hash)));
+    assert!(changed(read(source)));
     symlink(dir.path(), &path).unwrap();
-    assert!(changed(read_block(source, hash)));
+    assert!(changed(read(source)));
 }
 
 #[test]
 fn vanished_and_unreadable_entries_are_skipped() {
     let dir = scratch();
     write(&dir.path().join("here"), b"x", 0o644);
-    let walker = Walker::new(bs(), None);
-    let ty = fs::symlink_metadata(dir.path().join("here"))
-        .unwrap()
-        .file_type();
-    assert!(walker
-        .child(dir.path(), "gone".into(), ty)
-        .unwrap()
-        .is_none());
+    let tree = Arc::new(Tree::open(dir.path()).unwrap());
+    let walker = Walker::new(tree.clone(), bs(), None);
+    let gone = walker
+        .child(tree.dir(), Path::new(""), c"gone".into(), 0)
+        .unwrap();
+    assert!(gone.is_none());
     let p = walker.finish(
         ObjectRef {
             hash: blake3::hash(b""),
@@ -320,6 +340,7 @@ fn vanished_and_unreadable_entries_are_skipped() {
     assert_eq!(p.skipped.len(), 1);
     assert_eq!(p.skipped[0].0, dir.path().join("gone"));
     // chmod 000 blocks reads only for non-root users.
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         write(&dir.path().join("locked"), b"secret", 0o000);
         let p = index_path(dir.path(), &config(None)).unwrap();
@@ -353,8 +374,30 @@ fn deep_tree_does_not_overflow() {
 }
 
 #[test]
+fn directories_below_max_depth_are_skipped() {
+    use rustix::fs::{mkdirat, openat, Mode, OFlags};
+    let dir = scratch();
+    // Made by descriptor: the path of the deepest one is longer than PATH_MAX.
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY;
+    let mut fd = openat(rustix::fs::CWD, dir.path(), flags, Mode::empty()).unwrap();
+    for _ in 0..=MAX_DEPTH {
+        mkdirat(&fd, "d", Mode::from_raw_mode(0o755)).unwrap();
+        fd = openat(&fd, "d", flags, Mode::empty()).unwrap();
+    }
+    let p = index_path(dir.path(), &config(None)).unwrap();
+    assert_eq!(p.dirs, 1 + MAX_DEPTH as u64);
+    assert_eq!(p.skipped.len(), 1);
+    assert!(
+        p.skipped[0].1.contains("2048 directories"),
+        "{:?}",
+        p.skipped
+    );
+}
+
+#[test]
 fn oversized_directory_is_an_error() {
-    let walker = Walker::new(bs(), None);
+    let dir = scratch();
+    let walker = Walker::new(Arc::new(Tree::open(dir.path()).unwrap()), bs(), None);
     let file = FileRef {
         size: 0,
         b3: blake3::hash(b""),
@@ -407,4 +450,195 @@ fn speed() {
     }
     timed("10,000 small files", 10_000.0, "files");
     timed("10,000 small files, cached", 10_000.0, "files");
+}
+
+// ------------------------------------------------------------ the tree's edge (issue 9)
+
+/// Bytes no published object may ever hold: they live outside the served tree.
+const SECRET: &[u8] = b"TOP-SECRET outside the tree";
+
+/// Writes the secrets into `outside`: one inlined, one of a block, one a level deeper.
+/// Returns every hash that reading any of them would publish (leaves and whole-file BLAKE3).
+fn write_secrets(outside: &Path) -> Vec<Hash> {
+    let block: Vec<u8> = SECRET.iter().copied().cycle().take(BS as usize).collect();
+    fs::create_dir_all(outside.join("deeper")).unwrap();
+    write(&outside.join("small"), SECRET, 0o600);
+    write(&outside.join("block"), &block, 0o600);
+    write(&outside.join("deeper/small"), SECRET, 0o600);
+    vec![blake3::hash(SECRET), blake3::hash(&block)]
+}
+
+/// Panics if any object of `p` holds a secret's bytes or hashes, or a block source names a
+/// path that is not plain names below the tree.
+fn assert_nothing_from_outside(p: &Published, forbidden: &[Hash]) {
+    let holds = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    for (hash, (_, source)) in &p.objects {
+        assert!(!forbidden.contains(hash), "a secret's block is published");
+        match source {
+            Source::Memory(bytes) => {
+                assert!(!holds(bytes, SECRET), "a secret is inlined in an object");
+                for h in forbidden {
+                    assert!(!holds(bytes, h.as_bytes()), "a secret's hash is published");
+                }
+            }
+            Source::File { path, .. } => assert!(
+                path.components().all(|c| matches!(c, Component::Normal(_))),
+                "block source {} leaves the tree",
+                path.display()
+            ),
+        }
+    }
+    for (path, _) in &p.skipped {
+        assert!(path.starts_with(p.tree.dir_path()), "{}", path.display());
+    }
+}
+
+/// Swaps `a` and `b` (RENAME_EXCHANGE) until `stop` is set; returns how many times.
+fn swapper(a: PathBuf, b: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut swaps = 0;
+        while !stop.load(Relaxed) {
+            let flags = rustix::fs::RenameFlags::EXCHANGE;
+            rustix::fs::renameat_with(rustix::fs::CWD, &a, rustix::fs::CWD, &b, flags).unwrap();
+            swaps += 1;
+        }
+        swaps
+    })
+}
+
+#[test]
+fn symlinks_out_of_the_tree_are_published_as_symlinks() {
+    let base = scratch();
+    let (tree, outside) = (base.path().join("tree"), base.path().join("outside"));
+    let forbidden = write_secrets(&outside);
+    fs::create_dir(&tree).unwrap();
+    write(&tree.join("inside"), &data(BS + 3, 1), 0o644);
+    symlink(outside.join("block"), tree.join("to a file")).unwrap();
+    symlink("../outside", tree.join("to a dir")).unwrap();
+    let p = index_path(&tree, &config(None)).unwrap();
+    assert_nothing_from_outside(&p, &forbidden);
+    assert_eq!((p.files, p.symlinks, p.hashed_bytes), (1, 2, BS + 3));
+    let root = Directory::decode(&load(&p, &p.root.hash)).unwrap();
+    let targets: Vec<_> = root
+        .entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EntryKind::Symlink(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    let block = outside.join("block").into_os_string().into_vec();
+    assert_eq!(targets, [b"../outside".to_vec(), block], "in name order");
+}
+
+#[test]
+fn a_block_is_never_read_again_through_a_symlink() {
+    let base = scratch();
+    let (tree, outside) = (base.path().join("tree"), base.path().join("outside"));
+    fs::create_dir_all(tree.join("sub")).unwrap();
+    fs::create_dir_all(&outside).unwrap();
+    // The same bytes outside: the hash check alone would let them through.
+    let bytes = data(2 * BS, 7);
+    write(&tree.join("sub/f"), &bytes, 0o644);
+    write(&outside.join("f"), &bytes, 0o600);
+    let p = index_path(&tree, &config(None)).unwrap();
+    let (hash, (_, source)) = p
+        .objects
+        .iter()
+        .find(|(_, (_, s))| matches!(s, Source::File { .. }))
+        .unwrap();
+    assert!(read_block(&p.tree, source, hash).is_ok());
+    fs::rename(tree.join("sub"), base.path().join("moved")).unwrap();
+    symlink("../outside", tree.join("sub")).unwrap();
+    let got = read_block(&p.tree, source, hash);
+    assert!(
+        matches!(got, Err(IndexError::Changed { .. })),
+        "{:?}",
+        got.map(|b| b.len())
+    );
+    let rel = Path::new("sub/f");
+    for open in [
+        p.tree.open_file(rel),
+        beneath::open_by_components(p.tree.dir().as_fd(), rel),
+        p.tree.open_file(Path::new("../outside/f")),
+        beneath::open_by_components(p.tree.dir().as_fd(), Path::new("../outside/f")),
+    ] {
+        let e = open.unwrap_err();
+        assert!(replaced(&e), "{e}");
+    }
+}
+
+#[test]
+fn swapping_a_directory_for_a_symlink_never_publishes_outside() {
+    let base = scratch();
+    let (tree, outside) = (base.path().join("tree"), base.path().join("outside"));
+    let forbidden = write_secrets(&outside);
+    // "sub" holds harmless files of the secrets' names; "alt" points outside. The swapper
+    // exchanges the two as fast as it can while the tree is indexed again and again.
+    fs::create_dir_all(tree.join("sub/deeper")).unwrap();
+    for name in ["small", "block", "deeper/small"] {
+        write(&tree.join("sub").join(name), &data(BS + 1, 3), 0o644);
+    }
+    symlink("../outside", tree.join("alt")).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let swaps = swapper(tree.join("sub"), tree.join("alt"), stop.clone());
+    let mut dirs_seen = 0;
+    for _ in 0..300 {
+        let p = index_path(&tree, &config(None)).unwrap();
+        assert_nothing_from_outside(&p, &forbidden);
+        dirs_seen += p.dirs;
+    }
+    stop.store(true, Relaxed);
+    let swaps = swaps.join().unwrap();
+    assert!(swaps > 300, "the swapper ran only {swaps} times");
+    assert!(dirs_seen > 300, "the real directory was never published");
+}
+
+#[test]
+fn fifos_sockets_and_devices_are_never_read() {
+    let dir = scratch();
+    let content = data(100, 4);
+    write(&dir.path().join("file"), &content, 0o644);
+    let _socket = std::os::unix::net::UnixListener::bind(dir.path().join("socket")).unwrap();
+    let fifo = dir.path().join("fifo");
+    let path = std::ffi::CString::new(fifo.clone().into_os_string().into_vec()).unwrap();
+    // SAFETY: `path` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0);
+    // Bytes waiting in the fifo: whoever reads it takes them.
+    let pending = File::options().read(true).write(true).open(&fifo).unwrap();
+    (&pending).write_all(b"in the pipe").unwrap();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let zero = rustix::fs::FileType::CharacterDevice;
+        let dev = rustix::fs::makedev(1, 5);
+        let mode = rustix::fs::Mode::from_raw_mode(0o644);
+        rustix::fs::mknodat(rustix::fs::CWD, dir.path().join("zero"), zero, mode, dev)
+            .expect("root can make a device node");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let swaps = swapper(dir.path().join("file"), fifo.clone(), stop.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let root = dir.path().to_path_buf();
+    std::thread::spawn(move || {
+        for _ in 0..100 {
+            let p = index_path(&root, &config(None)).unwrap();
+            let _ = tx.send(Directory::decode(&load(&p, &p.root.hash)).unwrap());
+        }
+    });
+    for _ in 0..100 {
+        let listing = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("indexing hung");
+        // The one regular file may be seen under both names, each stat'ed at its own time.
+        for entry in &listing.entries {
+            assert!(
+                matches!(&entry.kind, EntryKind::File(f) if f.content == Content::Inline(content.clone()))
+            );
+        }
+    }
+    stop.store(true, Relaxed);
+    assert!(swaps.join().unwrap() > 0);
+    let mut left = vec![0u8; 64];
+    let n = io::Read::read(&mut &pending, &mut left).unwrap();
+    assert_eq!(&left[..n], b"in the pipe", "the fifo was read");
 }
