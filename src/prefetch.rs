@@ -62,8 +62,9 @@ pub async fn prefetch(
         ..Default::default()
     };
     for f in &files {
-        objects.extend(index_objects(tree, f).await?);
+        // Leaves first: they check what the entry claims before its index is fetched.
         let leaves = tree.leaves(f, Priority::Prefetch).await?;
+        objects.extend(index_objects(tree, f).await?);
         let bs = tree.block_size();
         let blocks = leaves.iter().enumerate().map(|(i, h)| ObjectRef {
             hash: *h,

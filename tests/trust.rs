@@ -355,3 +355,176 @@ fn a_password_daemon_keeps_no_password() {
     drop(m);
     server.stop();
 }
+
+/// Packets of a hostile channel sent by a host of the link: `dirs` are directory encodings,
+/// the last one the root.
+fn hostile_channel_packets(channel_name: &str, dirs: &[Vec<u8>]) -> Vec<(Ipv6Addr, Vec<u8>)> {
+    let channel = Channel::new(channel_name, None);
+    let top = dirs.last().expect("a root directory");
+    let root = RootRecord {
+        channel_id: *channel.id(),
+        generation: unix_now(),
+        publish_time_ns: 0,
+        root: object_ref(top),
+        block_size: BlockSize::DEFAULT,
+        single_file: false,
+        signature: None,
+    };
+    let mut out = Vec::new();
+    packet::encode_root(&mut out, channel.root_address().tag, &root.encode(), None);
+    let mut packets = vec![(channel.root_address().group, out.clone())];
+    for d in dirs {
+        let enc = ObjectEncoder::new(d, symbol_size_for_object(d.len() as u64, 1400)).unwrap();
+        let addr = channel.object_address(&blake3::hash(d));
+        let mut sym = Vec::new();
+        for esi in 0..enc.source_symbols() + 2 {
+            enc.symbol(esi, &mut sym);
+            packet::encode_symbol(&mut out, addr.tag, esi, &sym, None);
+            packets.push((addr.group, out.clone()));
+        }
+    }
+    packets
+}
+
+/// Sends every packet to its group on the lab interface until `stop`.
+fn multicast_blast(packets: Vec<(Ipv6Addr, Vec<u8>)>, stop: Arc<AtomicBool>) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None).unwrap();
+    sock.set_multicast_if_v6(ifindex(Lab::IFACE)).unwrap();
+    while !stop.load(Ordering::Relaxed) {
+        for (group, p) in &packets {
+            let _ = sock.send_to(p, &SocketAddrV6::new(*group, PORT, 0, 0).into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn dir_named(entries: Vec<Entry>) -> Vec<u8> {
+    Directory::new(entries).encode()
+}
+
+fn subdir(name: &str, below: &[u8]) -> Entry {
+    Entry {
+        name: name.as_bytes().to_vec(),
+        mode: 0o755,
+        mtime: Timestamp { secs: 0, nanos: 0 },
+        kind: EntryKind::Dir(object_ref(below)),
+    }
+}
+
+/// Runs `args` in c1 and samples its peak resident memory (VmHWM) until it exits; returns
+/// its output and the peak in MiB.
+fn run_measured(lab: &Lab, args: &[&str]) -> (std::process::Output, u64) {
+    let mut cmd = lab.command("c1", common::lcfs::LCFS);
+    cmd.args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let child = lab.spawn_command(cmd);
+    let pid = child.id();
+    let mut peak_kib = 0;
+    let sampler = std::thread::spawn(move || {
+        while let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) {
+            let hwm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+            match hwm {
+                Some(h) => peak_kib = peak_kib.max(h),
+                None => break, // a zombie: it has exited
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        peak_kib
+    });
+    let out = child.wait_with_output().unwrap();
+    (out, sampler.join().unwrap() / 1024)
+}
+
+/// A few kilobytes of hostile tree must fail cleanly and in bounded memory: 40 directories
+/// that each name the next twice (2^40 paths), and a file that claims 2^50 bytes. Before the
+/// walks were bounded, 21 such objects made `prefetch` list a million paths in 1.35 GB.
+#[test]
+fn a_hostile_tree_fails_cleanly_in_bounded_memory() {
+    const MAX_MIB: u64 = 100;
+    let lab = Lab::with_clients(2);
+    let tmp = tmpdir("trust");
+    let mut dirs = vec![dir_named(vec![])];
+    for _ in 0..40 {
+        let below = dirs.last().unwrap().clone();
+        dirs.push(dir_named(vec![subdir("a", &below), subdir("b", &below)]));
+    }
+    let huge = Entry {
+        name: b"huge".to_vec(),
+        mode: 0o644,
+        mtime: Timestamp { secs: 0, nanos: 0 },
+        kind: EntryKind::File(FileRef {
+            size: 1 << 50,
+            b3: blake3::hash(b""),
+            content: Content::Index {
+                index: object_ref(b"never sent"),
+                first_leaf: blake3::hash(b""),
+            },
+        }),
+    };
+    let huge_dirs = vec![dir_named(vec![huge])];
+    let total: usize = dirs.iter().map(Vec::len).sum();
+    eprintln!("the doubling tree is {total} bytes of directory objects");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut packets = hostile_channel_packets("doubling", &dirs);
+    packets.extend(hostile_channel_packets("hugefile", &huge_dirs));
+    let st = stop.clone();
+    let forger = in_netns(&lab, "c2", move || multicast_blast(packets, st));
+
+    let cache = |n: &str| tmp.path().join(format!("cache-{n}"));
+    let runs: [(&str, Vec<String>, &str); 4] = [
+        (
+            "copy doubling",
+            vec![
+                "copy".into(),
+                "doubling".into(),
+                s(&tmp.path().join("d1")).into(),
+            ],
+            "already listed",
+        ),
+        (
+            "prefetch hugefile",
+            vec!["prefetch".into(), "hugefile".into()],
+            "--block-size",
+        ),
+        (
+            "copy hugefile",
+            vec![
+                "copy".into(),
+                "hugefile".into(),
+                s(&tmp.path().join("d2")).into(),
+            ],
+            "--block-size",
+        ),
+        (
+            "prefetch doubling",
+            vec!["prefetch".into(), "doubling".into()],
+            "",
+        ),
+    ];
+    for (what, mut args, says) in runs {
+        let c = cache(&what.replace(' ', "-"));
+        args.extend(["--iface", Lab::IFACE, "--timeout", "10", "--cache", s(&c)].map(String::from));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (out, peak) = run_measured(&lab, &argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{what}: {} with a peak of {peak} MiB: {stderr}", out.status);
+        assert!(peak < MAX_MIB, "{what} reached {peak} MiB resident");
+        if says.is_empty() {
+            // Objects, not paths: each of the 41 directories is fetched once.
+            assert!(out.status.success(), "{what} failed: {stderr}");
+        } else {
+            assert!(!out.status.success(), "{what} succeeded on a hostile tree");
+            assert!(
+                stderr.contains(says),
+                "{what} does not say {says:?}: {stderr}"
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    forger.join().unwrap();
+}

@@ -451,14 +451,13 @@ impl Tree {
         let mut level = vec![(std::path::PathBuf::new(), start, origin)];
         let mut depth = 0;
         while !level.is_empty() {
-            let dirs = self.level(&level, prio).await?;
+            let dirs = self.distinct_dirs(level.iter().map(|(_, r, _)| *r), prio).await?;
             let mut next = Vec::new();
-            for ((base, r, lineage), dir) in level.iter().zip(dirs) {
+            for (base, r, lineage) in &level {
+                let dir = &dirs[&r.hash];
                 let over = |reason: String| self.too_big(base, reason);
-                count
-                    .add(r.hash, dir.entries.len() as u64, limits)
-                    .map_err(over)?;
-                for entry in dir.entries {
+                count.add(r.hash, dir.entries.len() as u64, limits).map_err(over)?;
+                for entry in &dir.entries {
                     let path = base.join(std::ffi::OsStr::from_bytes(&entry.name));
                     if let EntryKind::Dir(child) = entry.kind {
                         if lineage.contains(&child.hash) {
@@ -470,6 +469,7 @@ impl Tree {
                         });
                         next.push((path.clone(), child, lineage));
                     }
+                    let entry = entry.clone();
                     found.push(Found { path, entry });
                 }
             }
@@ -524,13 +524,18 @@ impl Tree {
         Ok((dirs, files))
     }
 
-    /// The directories of one level of a walk, fetched together.
-    async fn level<T>(
+    /// The directories of one level of a walk, fetched together and each decoded once
+    /// however many paths lead to it.
+    async fn distinct_dirs(
         &self,
-        level: &[(std::path::PathBuf, ObjectRef, T)],
+        refs: impl Iterator<Item = ObjectRef>,
         prio: Priority,
-    ) -> Result<Vec<Directory>, FetchError> {
-        try_join_all(level.iter().map(|(_, r, _)| self.directory(*r, prio))).await
+    ) -> Result<std::collections::HashMap<Hash, Directory>, FetchError> {
+        let mut unique: Vec<ObjectRef> = refs.collect();
+        unique.sort_by_key(|r| *r.hash.as_bytes());
+        unique.dedup_by_key(|r| r.hash);
+        let dirs = try_join_all(unique.iter().map(|r| self.directory(*r, prio))).await?;
+        Ok(unique.iter().map(|r| r.hash).zip(dirs).collect())
     }
 
     fn too_big(&self, at: &std::path::Path, reason: String) -> FetchError {
