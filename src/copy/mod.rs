@@ -10,6 +10,11 @@
 //!   wanted leaf is reused (at any block-aligned offset), and only the others are fetched
 //!   (lcsync's delta transfer). A file whose blocks all match is left in place.
 //! - Blocks already in the cache are not fetched again.
+//! - What lands belongs to the user running the copy (copy never chowns; run as root,
+//!   everything is root's) with the published permission bits, except that setuid and setgid
+//!   are dropped unless [`CopyOptions::keep_setuid`] asks for them: a published setuid file
+//!   would otherwise run as root. A directory's sticky bit stays, since it only restricts who
+//!   may delete in it.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -49,6 +54,25 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CopyError + '_ {
     move |source| CopyError::Io {
         path: path.to_owned(),
         source,
+    }
+}
+
+/// How to copy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CopyOptions {
+    /// Keep setuid and setgid bits as published (they are dropped by default).
+    pub keep_setuid: bool,
+}
+
+/// The permission bits an entry gets: as published, without setuid and setgid unless `keep`.
+/// A directory keeps its sticky bit: dropping it would let every user of a world-writable
+/// directory delete or replace what the copy put there.
+pub fn final_mode(published: u32, is_dir: bool, keep: bool) -> u32 {
+    let mode = published & 0o7777;
+    match (keep, is_dir) {
+        (true, _) => mode,
+        (false, true) => mode & 0o1777,
+        (false, false) => mode & 0o777,
     }
 }
 
@@ -142,10 +166,16 @@ struct Copier<'a> {
     progress: Progress,
     reused: AtomicU64,
     unchanged: AtomicU64,
+    opts: CopyOptions,
 }
 
 /// Copies `subpath` of the tree (the whole tree for "") to `dest`.
-pub async fn copy(tree: &Tree, subpath: &str, dest: &Path) -> Result<CopyReport, CopyError> {
+pub async fn copy(
+    tree: &Tree,
+    subpath: &str,
+    dest: &Path,
+    opts: CopyOptions,
+) -> Result<CopyReport, CopyError> {
     let started = Instant::now();
     let items = plan(tree, subpath, dest).await?;
     let total = items.iter().map(|(_, e)| file_size(e)).sum();
@@ -155,12 +185,13 @@ pub async fn copy(tree: &Tree, subpath: &str, dest: &Path) -> Result<CopyReport,
         progress: Progress::new("copy", total),
         reused: AtomicU64::new(0),
         unchanged: AtomicU64::new(0),
+        opts,
     };
     copier.make_dirs(&items)?;
     let mut report = copier.stage_all(&items).await?;
     copier.staging.sync(dest);
     copier.staging.commit()?;
-    set_dir_attrs(&items)?;
+    set_dir_attrs(&items, opts)?;
     copier.progress.finish();
     report.bytes = total;
     report.reused = copier.reused.load(Ordering::Relaxed);
@@ -255,7 +286,10 @@ impl Copier<'_> {
         match &e.kind {
             EntryKind::Dir(_) => Ok(()),
             EntryKind::Symlink(target) => self.stage_symlink(path, target, e.mtime),
-            EntryKind::File(f) => self.stage_file(path, f, e.mode, e.mtime).await,
+            EntryKind::File(f) => {
+                let mode = final_mode(e.mode, false, self.opts.keep_setuid);
+                self.stage_file(path, f, mode, e.mtime).await
+            }
         }
     }
 
@@ -431,10 +465,11 @@ fn finish_attrs(path: &Path, mode: u32, mtime: Timestamp) -> io::Result<()> {
 }
 
 /// Sets modes and mtimes of directories, deepest first (adding entries changes a parent's mtime).
-fn set_dir_attrs(items: &[(PathBuf, Entry)]) -> Result<(), CopyError> {
+fn set_dir_attrs(items: &[(PathBuf, Entry)], opts: CopyOptions) -> Result<(), CopyError> {
     for (path, e) in items.iter().rev() {
         if matches!(e.kind, EntryKind::Dir(_)) {
-            finish_attrs(path, e.mode, e.mtime).map_err(io_err(path))?;
+            let mode = final_mode(e.mode, true, opts.keep_setuid);
+            finish_attrs(path, mode, e.mtime).map_err(io_err(path))?;
         }
     }
     Ok(())
@@ -469,5 +504,29 @@ fn sync_fs(dir: &Path) {
     if let Ok(f) = File::open(target) {
         // SAFETY: syncfs only reads the descriptor, which `f` keeps open.
         unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::final_mode;
+
+    #[test]
+    fn setuid_and_setgid_are_dropped_unless_asked() {
+        assert_eq!(final_mode(0o6755, false, false), 0o755);
+        assert_eq!(final_mode(0o4700, false, false), 0o700);
+        assert_eq!(final_mode(0o1644, false, false), 0o644);
+        assert_eq!(final_mode(0o6755, false, true), 0o6755);
+        assert_eq!(
+            final_mode(0o3777, true, false),
+            0o1777,
+            "a directory keeps its sticky bit"
+        );
+        assert_eq!(final_mode(0o2755, true, true), 0o2755);
+        assert_eq!(
+            final_mode(0o100644, false, true),
+            0o644,
+            "only permission bits"
+        );
     }
 }
