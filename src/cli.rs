@@ -37,7 +37,9 @@ enum Command {
     ///
     /// What is written belongs to the user running the copy (copy never chowns: run as root,
     /// everything is root's), with the published permission bits and mtimes, except that
-    /// setuid and setgid bits are dropped unless --keep-setuid is given.
+    /// setuid and setgid bits are dropped unless --keep-setuid is given. Below DEST no symlink
+    /// is followed, a directory another user owns is refused, and files stay 0600 and new
+    /// directories 0700 until the copy ends.
     Copy(CopyArgs),
     /// Fill the cache with a channel's tree for offline use.
     Prefetch(PrefetchArgs),
