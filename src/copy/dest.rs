@@ -68,7 +68,7 @@ const PRIVATE_FILE: u32 = 0o600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DestError {
-    #[error("cannot {op} {}: {source}", path.display())]
+    #[error("cannot {op} {}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -378,10 +378,15 @@ pub fn symlink_part(dir: &OwnedFd, target: &[u8]) -> io::Result<OsString> {
 
 /// Opens the part file `part` for reading, if it is still the regular file with inode `ino`.
 pub fn open_part(dir: &OwnedFd, part: &OsStr, expected: u64) -> io::Result<File> {
-    let fd = rfs::openat(dir, part, READ_FLAGS, Mode::empty())?;
+    let replaced = || io::Error::other("its staged file was replaced by someone else");
+    let fd = match rfs::openat(dir, part, READ_FLAGS, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT | Errno::LOOP) => return Err(replaced()),
+        Err(e) => return Err(e.into()),
+    };
     let st = rfs::fstat(&fd)?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || ino(&st) != expected {
-        return Err(io::Error::other("the staged file was replaced"));
+        return Err(replaced());
     }
     Ok(File::from(fd))
 }

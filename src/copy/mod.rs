@@ -61,7 +61,7 @@ pub enum CopyError {
     Fetch(#[from] FetchError),
     #[error(transparent)]
     Dest(#[from] DestError),
-    #[error("cannot write {}: {source}", path.display())]
+    #[error("cannot write {}", path.display())]
     Io { path: PathBuf, source: io::Error },
 }
 
