@@ -408,10 +408,15 @@ pub fn solely_ours(st: &Stat, euid: u32) -> bool {
 /// Renames `part` over `name` in `dir`, first removing a directory that stands in the way.
 /// A symlink at `name` is replaced, not followed.
 pub fn replace(dir: &OwnedFd, part: &OsStr, name: &OsStr) -> io::Result<()> {
-    if let Ok(st) = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-        if is_dir(&st) {
-            remove_tree(dir.as_fd(), name, dev(&st), 0)?;
-        }
+    // A part is never a directory, so EISDIR means one stands at `name`; trying the rename
+    // first saves a stat per file in the usual case.
+    match rfs::renameat(dir, part, dir, name) {
+        Err(Errno::ISDIR) => {}
+        done => return Ok(done?),
+    }
+    let st = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if is_dir(&st) {
+        remove_tree(dir.as_fd(), name, dev(&st), 0)?;
     }
     Ok(rfs::renameat(dir, part, dir, name)?)
 }
