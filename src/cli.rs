@@ -34,6 +34,12 @@ enum Command {
     /// Publish a directory (or one file) on a channel.
     Serve(ServeArgs),
     /// Copy a channel's tree, a subtree or one file to a local path.
+    ///
+    /// What is written belongs to the user running the copy (copy never chowns: run as root,
+    /// everything is root's), with the published permission bits and mtimes, except that
+    /// setuid and setgid bits are dropped unless --keep-setuid is given. Below DEST no symlink
+    /// is followed, a directory another user owns is refused, and files stay 0600 and new
+    /// directories 0700 until the copy ends.
     Copy(CopyArgs),
     /// Fill the cache with a channel's tree for offline use.
     Prefetch(PrefetchArgs),
@@ -167,6 +173,10 @@ struct CopyArgs {
     channel: String,
     /// Where to write: a directory for a tree; a file path or a directory for one file.
     dest: PathBuf,
+    /// Keep setuid and setgid bits as published. Without it they are dropped, since the copy's
+    /// files belong to whoever runs it (root, as root).
+    #[arg(long)]
+    keep_setuid: bool,
     #[command(flatten)]
     recv: RecvArgs,
 }
@@ -454,7 +464,10 @@ pub(crate) async fn open_tree(
 async fn copy(args: CopyArgs) -> anyhow::Result<()> {
     let spec = parse_channel_spec(&args.channel)?;
     let rx = open_tree(&spec, &args.recv, false).await?;
-    let report = crate::copy::copy(&rx.tree, &spec.subpath, &args.dest).await?;
+    let opts = crate::copy::CopyOptions {
+        keep_setuid: args.keep_setuid,
+    };
+    let report = crate::copy::copy(&rx.tree, &spec.subpath, &args.dest, opts).await?;
     let stats = rx.tree.fetcher().stats();
     let fetched = stats.bytes_fetched.load(Ordering::Relaxed);
     let cached = stats.bytes_cached.load(Ordering::Relaxed);
