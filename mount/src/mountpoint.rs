@@ -1,9 +1,12 @@
 //! The mountpoint: checks before mounting, dead-mount recovery, unmounting by path.
 //!
-//! A daemon killed with its mount in place leaves a dead mountpoint: every access fails with
-//! ENOTCONN ("Transport endpoint is not connected"). [`prepare`] detaches such a mount before
-//! mounting again, refuses a mountpoint that already has a live FUSE mount, and checks for
-//! /dev/fuse, so that each failure names the mountpoint and the remedy.
+//! A daemon killed with its mount in place leaves a dead mountpoint: every request to it fails
+//! with ENOTCONN ("Transport endpoint is not connected"). `stat` alone does not tell: the
+//! kernel answers it from the attributes it cached (for an hour), so a FUSE mount found at the
+//! mountpoint is probed with `statfs`, which always reaches the daemon. [`prepare`] detaches a
+//! dead mount before mounting again, refuses a mountpoint that already has a live FUSE mount
+//! (or one whose daemon does not answer, naming `lcfs umount`), and checks for /dev/fuse, so
+//! that each failure names the mountpoint and the remedy.
 //!
 //! Root unmounts with umount2(2); a user through fusermount3.
 
@@ -36,7 +39,15 @@ pub(crate) fn prepare(mountpoint: &Path) -> Result<PathBuf, MountError> {
         .canonicalize()
         .map_err(|e| MountError::from_io(mountpoint.into(), e))?;
     if let Some(fstype) = fuse_mounted_at(&path) {
-        return Err(MountError::AlreadyMounted { path, fstype });
+        match probe(&path) {
+            Probe::Dead => {
+                warn!(mountpoint = %path.display(), "detaching a dead mount (its daemon was killed)");
+                detach(&path)?;
+            }
+            Probe::Alive | Probe::Silent => {
+                return Err(MountError::AlreadyMounted { path, fstype });
+            }
+        }
     }
     if !Path::new("/dev/fuse").exists() {
         return Err(MountError::NoFuseDevice(path));
@@ -52,6 +63,36 @@ fn detach_if_dead(path: &Path) -> Result<(), MountError> {
             detach(path)
         }
         _ => Ok(()),
+    }
+}
+
+/// What a FUSE mount's daemon said to a `statfs`.
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    Alive,
+    /// ENOTCONN: the daemon is gone.
+    Dead,
+    /// No answer in time (a stopped or hung daemon); the probe thread is left behind.
+    Silent,
+}
+
+/// Asks the filesystem at `path` for its statistics, which FUSE never caches.
+fn probe(path: &Path) -> Probe {
+    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
+        return Probe::Alive;
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: statfs is plain data; c_path is a valid NUL-terminated string.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut st) };
+        let err = (rc != 0).then(io::Error::last_os_error);
+        let _ = tx.send(err.and_then(|e| e.raw_os_error()));
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(2)) {
+        Ok(Some(libc::ENOTCONN)) => Probe::Dead,
+        Ok(_) => Probe::Alive,
+        Err(_) => Probe::Silent,
     }
 }
 

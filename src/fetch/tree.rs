@@ -451,12 +451,16 @@ impl Tree {
         let mut level = vec![(std::path::PathBuf::new(), start, origin)];
         let mut depth = 0;
         while !level.is_empty() {
-            let dirs = self.distinct_dirs(level.iter().map(|(_, r, _)| *r), prio).await?;
+            let dirs = self
+                .distinct_dirs(level.iter().map(|(_, r, _)| *r), prio)
+                .await?;
             let mut next = Vec::new();
             for (base, r, lineage) in &level {
                 let dir = &dirs[&r.hash];
                 let over = |reason: String| self.too_big(base, reason);
-                count.add(r.hash, dir.entries.len() as u64, limits).map_err(over)?;
+                count
+                    .add(r.hash, dir.entries.len() as u64, limits)
+                    .map_err(over)?;
                 for entry in &dir.entries {
                     let path = base.join(std::ffi::OsStr::from_bytes(&entry.name));
                     if let EntryKind::Dir(child) = entry.kind {
