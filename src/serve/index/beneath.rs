@@ -233,6 +233,23 @@ impl Tree {
         &self.dir_path
     }
 
+    /// Whether the tree's directory has been deleted (no name links to it any more): the
+    /// descriptor still works, but lists nothing, and nothing can be added to it.
+    pub fn is_deleted(&self) -> bool {
+        rustix::fs::fstat(&self.dir).is_ok_and(|st| st.st_nlink == 0)
+    }
+
+    /// Whether the path the tree was opened at now names something else, or nothing: the
+    /// directory was moved or replaced. Only compared, never opened.
+    pub fn moved(&self) -> bool {
+        let held = rustix::fs::fstat(&self.dir);
+        let named = rustix::fs::lstat(&self.dir_path);
+        match (held, named) {
+            (Ok(h), Ok(n)) => (h.st_dev, h.st_ino) != (n.st_dev, n.st_ino),
+            _ => true,
+        }
+    }
+
     /// `rel` (relative to the tree) as a path, for messages and leaf cache keys.
     pub fn display(&self, rel: &Path) -> PathBuf {
         if rel.as_os_str().is_empty() {
