@@ -813,3 +813,61 @@ fn a_tree_changing_while_indexed_is_never_published_inconsistently() {
     stop.store(true, Relaxed);
     assert!(churn.join().unwrap() > 30, "the tree hardly changed");
 }
+
+/// Issue 10's figure: republishing a 10,000-file tree after a one-file change, against its
+/// first index. `cargo test --lib serve::index::tests::republish_speed -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark: writes 10,000 files to /dev/shm"]
+fn republish_speed() {
+    use crate::serve::table::Table;
+    let (dir, state) = (scratch(), scratch());
+    let config = IndexConfig {
+        state_dir: Some(state.path().into()),
+        ..Default::default()
+    };
+    for i in 0..10_000u64 {
+        let sub = dir.path().join(format!("d{}", i / 100));
+        fs::create_dir_all(&sub).unwrap();
+        fs::write(sub.join(format!("f{i}")), data(500 + i % 16000, i as u8)).unwrap();
+    }
+    let tree = Arc::new(Tree::open(dir.path()).unwrap());
+    let timed = |what: &str| {
+        let start = std::time::Instant::now();
+        let p = index_tree(&tree, &config).unwrap();
+        println!(
+            "{what}: {:.1} ms, {} bytes hashed",
+            start.elapsed().as_secs_f64() * 1e3,
+            p.hashed_bytes
+        );
+        p
+    };
+    let record = |p: &Published, generation| crate::object::RootRecord {
+        channel_id: [0; 32],
+        generation,
+        publish_time_ns: 0,
+        root: p.root,
+        block_size: p.block_size,
+        single_file: false,
+        signature: None,
+    };
+    let first = timed("first index, 10,000 files");
+    let table = Table::new(
+        crate::channel::Channel::new("b", None),
+        first.clone(),
+        record(&first, 1),
+    );
+    timed("unchanged, leaf cache");
+    fs::write(dir.path().join("d42/f4242"), data(7000, 1)).unwrap();
+    let changed = timed("one file changed");
+    let start = std::time::Instant::now();
+    let next = table.next(
+        changed.clone(),
+        record(&changed, 2),
+        std::time::Instant::now(),
+    );
+    println!(
+        "new table: {:.1} ms, {:?} new objects",
+        start.elapsed().as_secs_f64() * 1e3,
+        next.new_since(Some(&table))
+    );
+}
