@@ -814,6 +814,33 @@ fn a_tree_changing_while_indexed_is_never_published_inconsistently() {
     assert!(churn.join().unwrap() > 30, "the tree hardly changed");
 }
 
+/// The server follows the directory it opened (issue 9) and must tell when PATH names another
+/// one, or when the directory is deleted (then a walk would find it empty).
+#[test]
+fn a_moved_repointed_or_deleted_tree_is_noticed() {
+    let dir = scratch();
+    let (v1, v2, current) = (
+        dir.path().join("v1"),
+        dir.path().join("v2"),
+        dir.path().join("current"),
+    );
+    for v in [&v1, &v2] {
+        fs::create_dir(v).unwrap();
+        write(&v.join("f"), b"x", 0o644);
+    }
+    symlink("v1", &current).unwrap();
+    let tree = Tree::open(&current).unwrap();
+    assert!(!tree.moved() && !tree.is_deleted());
+    fs::remove_file(&current).unwrap();
+    symlink("v2", &current).unwrap();
+    assert!(tree.moved(), "repointed");
+    let by_name = Tree::open(&v1).unwrap();
+    fs::rename(&v1, dir.path().join("v1.old")).unwrap();
+    assert!(by_name.moved() && !by_name.is_deleted(), "moved away");
+    fs::remove_dir_all(dir.path().join("v1.old")).unwrap();
+    assert!(tree.is_deleted() && by_name.is_deleted());
+}
+
 /// Issue 10's figure: republishing a 10,000-file tree after a one-file change, against its
 /// first index. `cargo test --lib serve::index::tests::republish_speed -- --ignored --nocapture`
 #[test]

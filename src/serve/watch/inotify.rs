@@ -3,9 +3,12 @@
 //!
 //! The watch is recursive on the directory the tree was opened at (the one held open, by the
 //! path it had then; see `index/beneath.rs`), never following symlinks, so that a symlink in
-//! the tree cannot add watches outside it. Notifications only say *that* something changed:
-//! what is published is always what a fresh walk by descriptor finds, so a notification with
-//! a stale or misleading path costs at most a reindex.
+//! the tree cannot add watches outside it. inotify itself watches by path, so a user who
+//! swaps a directory for a symlink just as the watcher adds a watch for it can make it watch
+//! a directory outside the tree. That is harmless: notifications only say *that* something
+//! changed, and what is published is always what a fresh walk by descriptor finds, so a
+//! notification with a stale or misleading path costs at most a reindex that publishes
+//! nothing new.
 //!
 //! Filtering, because the server itself is a reader of the tree: inotify reports every open
 //! (`IN_OPEN`, from the indexer and the sender), and those would make each reindex schedule
