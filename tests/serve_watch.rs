@@ -8,7 +8,7 @@ mod common;
 
 use common::lab::Lab;
 use common::lcfs::{number_before, s, signal, spawn_copy, start_server, tmpdir, Ready, Server};
-use common::tree::{assert_trees_equal, set_mtime, write_random_file};
+use common::tree::{assert_entries_equal, assert_trees_equal, set_mtime, write_random_file};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::fs;
@@ -346,4 +346,48 @@ fn a_deleted_tree_keeps_its_last_generation_served() {
         1,
         "said more than once:\n{log}"
     );
+}
+
+/// A copy under way while the tree keeps changing elsewhere (a generation every few hundred
+/// ms) finishes, gets its file whole, and the server sends little more than the file: new
+/// generations do not restart the transfers under way.
+#[test]
+fn a_copy_rides_through_new_generations() {
+    const SIZE: usize = 24 << 20;
+    let lab = Lab::with_clients(1);
+    let tmp = tmpdir("watch-churn");
+    let tree = tmp.path().join("tree");
+    write_random_file(&tree.join("big.bin"), &mut StdRng::seed_from_u64(7), SIZE);
+    fs::write(tree.join("ticker"), b"0").unwrap();
+    let extra = ["--debounce", "100ms", "--rate", "60M"];
+    let mut srv = start_server(&lab, &tree, "watch", &tmp.path().join("state"), &extra);
+    let dest = tmp.path().join("dest");
+    let (_, before) = lab.port_rx("srv");
+    let mut copy = spawn_copy(
+        &lab,
+        "c1",
+        "watch:big.bin",
+        &dest,
+        &tmp.path().join("cache"),
+        20,
+    );
+    let mut published = 0;
+    for tick in 1.. {
+        if !copy.running() {
+            break;
+        }
+        fs::write(tree.join("ticker"), tick.to_string()).unwrap();
+        published += usize::from(srv.try_wait_ready(Duration::from_millis(400)).is_some());
+    }
+    copy.wait(Duration::from_secs(60)).assert_success();
+    let sent = lab.port_rx("srv").1 - before;
+    let ratio = sent as f64 / SIZE as f64;
+    eprintln!("copy through {published} new generations: the server sent {ratio:.3} x the file");
+    assert!(
+        published >= 3,
+        "only {published} generations were published during the copy"
+    );
+    assert_entries_equal(&tree.join("big.bin"), &dest);
+    assert!(ratio < 1.15, "the server sent {ratio:.3} x the file");
+    srv.stop();
 }
