@@ -31,7 +31,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Publish a directory (or one file) on a channel.
+    /// Publish a directory (or one file) on a channel, and follow its changes.
+    #[command(long_about = SERVE_ABOUT)]
     Serve(ServeArgs),
     /// Copy a channel's tree, a subtree or one file to a local path.
     ///
@@ -50,6 +51,17 @@ enum Command {
     /// Write a new random keyfile for an encrypted channel.
     Keygen(KeygenArgs),
 }
+
+const SERVE_ABOUT: &str = "Publish a directory (or one file) on a channel, and follow its changes.
+
+The tree is watched (inotify, plus a rescan every --rescan for file systems that do not notify) \
+and a new generation is published --debounce after the last change of a burst, and at most \
+max(5s, --debounce) after its first change. Only what changed is read again. SIGHUP rescans at once; \
+--no-watch serves the tree as it is at start until SIGHUP.
+
+To publish a file safely, write it under a temporary name and rename it into place: a file still \
+being written after that delay is published half-written. Paths matched by .lcfsignore at the \
+tree's root (gitignore syntax) are never published, nor is that file.";
 
 #[derive(Args)]
 pub(crate) struct MountArgs {
@@ -134,6 +146,15 @@ struct ServeArgs {
     /// every quarter of that, at most every hour, while it runs; receivers refuse an expired one.
     #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_duration, requires = "sign_key")]
     sign_validity: Duration,
+    /// Do not follow the tree: serve it as it is at start; SIGHUP still rescans and publishes.
+    #[arg(long)]
+    no_watch: bool,
+    /// Quiet time after the last change of a burst before publishing (e.g. 200ms, 2s).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration, conflicts_with = "no_watch")]
+    debounce: Duration,
+    /// Rescan the whole tree this often without being notified (network file systems); 0: never.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration, conflicts_with = "no_watch")]
+    rescan: Duration,
 }
 
 #[derive(Args)]
@@ -400,12 +421,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         hops: args.hops,
         query_interval: Duration::from_secs(args.query_interval.max(1)),
         channel,
+        watch: (!args.no_watch).then(|| watch_config(args.debounce, args.rescan)),
+        rescan_now: Arc::new(AtomicBool::new(false)),
     };
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, shutdown.clone())?;
     }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, opts.rescan_now.clone())?;
     crate::serve::server::run(opts, shutdown)
+}
+
+/// How `serve` follows its tree: a burst is published at most 5 s (or one debounce, if
+/// longer) after its first change.
+fn watch_config(debounce: Duration, rescan: Duration) -> crate::serve::watch::WatchConfig {
+    crate::serve::watch::WatchConfig {
+        debounce,
+        max_delay: debounce.max(Duration::from_secs(5)),
+        rescan: (!rescan.is_zero()).then_some(rescan),
+    }
 }
 
 fn base_name(path: &Path) -> anyhow::Result<String> {

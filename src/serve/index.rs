@@ -24,6 +24,8 @@
 //!   (see [`hash`]).
 //! - A file is `fstat`ed before and after it is read; if it changed meanwhile it is read again,
 //!   and skipped after [`READ_ATTEMPTS`] tries.
+//! - Paths matched by `.lcfsignore` at the tree's root (gitignore syntax, see `ignore.rs`)
+//!   are left out, and so is that file; an ignored directory is not entered.
 //! - With a state dir, results are kept in the leaf cache (`leafcache.rs`), so an unchanged file
 //!   (same size, mtime, ctime, inode, device, block size) is not read at all, not even when it
 //!   is inlined. Entries of files that are gone are dropped after each walk.
@@ -55,9 +57,11 @@ use crate::object::{
 pub use beneath::Tree;
 use beneath::{Attrs, Kind};
 use hash::hash_contents;
+pub use ignore::{IgnoreRules, IGNORE_FILE};
 
 mod beneath;
 mod hash;
+mod ignore;
 
 /// Times a file is read before it is given up as changing too fast to index.
 pub const READ_ATTEMPTS: usize = 3;
@@ -129,6 +133,8 @@ pub struct Published {
     pub skipped: Vec<(PathBuf, String)>,
     /// File bytes read and hashed by this walk (0 when the leaf cache knew every file).
     pub hashed_bytes: u64,
+    /// The `.lcfsignore` rules this walk followed.
+    pub ignore: Arc<IgnoreRules>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +159,8 @@ pub enum IndexError {
     Changed { path: PathBuf },
     #[error("{} is more than {max} directories below the served path", path.display())]
     TooDeep { path: PathBuf, max: usize },
+    #[error("cannot use the ignore file {}: {why}", path.display())]
+    IgnoreFile { path: PathBuf, why: String },
 }
 
 impl IndexError {
@@ -165,7 +173,10 @@ impl IndexError {
 
     /// Whether the error stops the whole walk rather than skipping one entry.
     fn is_fatal(&self) -> bool {
-        matches!(self, IndexError::DirectoryTooLarge { .. })
+        matches!(
+            self,
+            IndexError::DirectoryTooLarge { .. } | IndexError::IgnoreFile { .. }
+        )
     }
 }
 
@@ -177,7 +188,8 @@ pub fn index_path(path: &Path, config: &IndexConfig) -> Result<Published, IndexE
 /// Walks `tree` by descriptor and builds every object it publishes. See the module docs.
 pub fn index_tree(tree: &Arc<Tree>, config: &IndexConfig) -> Result<Published, IndexError> {
     let cache = config.state_dir.as_deref().and_then(LeafCache::shared);
-    let walker = Walker::new(tree.clone(), config.block_size, cache.clone());
+    let ignore = Arc::new(IgnoreRules::load(tree)?);
+    let walker = Walker::new(tree.clone(), config.block_size, cache.clone(), ignore);
     let pool = rayon::ThreadPoolBuilder::new()
         .stack_size(STACK_BYTES)
         .thread_name(|i| format!("lcfs-index-{i}"))
@@ -238,6 +250,7 @@ struct Walker {
     tree: Arc<Tree>,
     block_size: BlockSize,
     cache: Option<LeafCache>,
+    ignore: Arc<IgnoreRules>,
     objects: Mutex<HashMap<Hash, (u32, Source)>>,
     skipped: Mutex<Vec<(PathBuf, String)>>,
     /// Files whose results are in the leaf cache now.
@@ -250,11 +263,17 @@ struct Walker {
 }
 
 impl Walker {
-    fn new(tree: Arc<Tree>, block_size: BlockSize, cache: Option<LeafCache>) -> Walker {
+    fn new(
+        tree: Arc<Tree>,
+        block_size: BlockSize,
+        cache: Option<LeafCache>,
+        ignore: Arc<IgnoreRules>,
+    ) -> Walker {
         Walker {
             tree,
             block_size,
             cache,
+            ignore,
             objects: Mutex::default(),
             skipped: Mutex::default(),
             seen: Mutex::default(),
@@ -281,6 +300,7 @@ impl Walker {
             bytes: self.bytes.into_inner(),
             skipped,
             hashed_bytes: self.hashed_bytes.into_inner(),
+            ignore: self.ignore,
         }
     }
 
@@ -374,6 +394,10 @@ impl Walker {
     ) -> Result<Option<Entry>, IndexError> {
         let path = || self.tree.display(rel);
         let attrs = beneath::stat_at(dir, name).map_err(|e| IndexError::io(&path())(e))?;
+        if self.ignore.is_ignored(rel, attrs.kind == Kind::Dir) {
+            tracing::debug!("leaving out {}: ignored", path().display());
+            return Ok(None);
+        }
         let name_bytes = name.to_bytes().to_vec();
         let (attrs, kind) = match attrs.kind {
             Kind::Other => {

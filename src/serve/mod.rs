@@ -11,3 +11,4 @@ pub mod sched;
 pub mod sender;
 pub mod server;
 pub mod table;
+pub mod watch;

@@ -4,13 +4,13 @@
 //! of RaptorQ encoders. It sleeps while no group has listeners, and otherwise fills each batch
 //! from the scheduler, limited by the pacer. A block is read from disk and hashed again before
 //! its encoder is built; a block whose file changed is never sent as the old object: it is
-//! dropped and reported so that the server reindexes. That read goes through the served tree's
+//! dropped and, when it belongs to the current generation, reported so that the server
+//! reindexes (blocks kept from older generations are expected to change, see `table.rs`). That read goes through the served tree's
 //! descriptor with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` (`Table::load`, `index::read_block`):
 //! a symlink planted on the block's path after indexing makes it "changed", never followed.
 
 use std::collections::HashSet;
 use std::net::{Ipv6Addr, SocketAddrV6};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, RwLock};
@@ -21,7 +21,8 @@ use lru::LruCache;
 use socket2::Socket;
 
 use super::sched::{Pacer, SchedConfig, Scheduler, Transmit};
-use super::table::Table;
+use super::table::{LoadError, Table};
+use super::watch::Notice;
 use crate::fec::{symbol_size_for_object, ObjectEncoder};
 use crate::mld::GroupEvent;
 use crate::net::{send_batch, WIRE_OVERHEAD};
@@ -103,7 +104,7 @@ pub struct SenderLoop {
     encoders: Encoders,
     active: HashSet<Ipv6Addr>,
     stats: Arc<SendStats>,
-    changed: Sender<PathBuf>,
+    changed: Sender<Notice>,
     packets: Vec<Vec<u8>>,
     dests: Vec<SocketAddrV6>,
     symbol: Vec<u8>,
@@ -115,7 +116,7 @@ impl SenderLoop {
         socket: Socket,
         table: SharedTable,
         stats: Arc<SendStats>,
-        changed: Sender<PathBuf>,
+        changed: Sender<Notice>,
     ) -> SenderLoop {
         let now = Instant::now();
         let burst = config.batch * (config.max_payload + WIRE_OVERHEAD);
@@ -207,7 +208,7 @@ impl SenderLoop {
         } else if group == self.current.air.group {
             tracing::debug!(on, "beacon group");
             self.sched.handle_air(now, on);
-        } else if let Some(&hash) = self.current.by_group.get(&group) {
+        } else if let Some(hash) = self.current.hash_of(&group) {
             tracing::trace!(%hash, on, "object group");
             if on {
                 self.sched
@@ -222,18 +223,14 @@ impl SenderLoop {
     /// before they can ask for blocks.
     fn urgent(&self, hash: &Hash) -> bool {
         matches!(
-            self.current.objects.get(hash),
-            Some((_, super::index::Source::Memory(_)))
+            self.current.object(hash).map(|o| &o.source),
+            Some(super::index::Source::Memory(_))
         )
     }
 
     /// K of an object, from its length and the symbol size it will be sent with.
     fn source_symbols(&self, hash: &Hash) -> u32 {
-        let len = self
-            .current
-            .objects
-            .get(hash)
-            .map_or(1, |(len, _)| *len as u64);
+        let len = self.current.object(hash).map_or(1, |o| o.len as u64);
         let link = packet::symbol_size_for(
             self.config.max_payload,
             self.current.channel.seal().is_some(),
@@ -357,15 +354,26 @@ impl SenderLoop {
         Some(addr.group)
     }
 
+    /// A block of the current generation that changed on disk means the tree changed: the
+    /// server is told, to reindex. One of an older generation is expected to change (its
+    /// generation was replaced because files changed) and is only dropped.
+    fn report_unloadable(&self, table: &Table, hash: &Hash, e: &LoadError) {
+        match e.changed_path() {
+            Some(path) if table.is_current(hash) => {
+                tracing::warn!("not sending object {hash}: {e}");
+                let _ = self.changed.send(Notice::BlockChanged(path));
+            }
+            Some(_) => tracing::debug!("not sending object {hash} of an older generation: {e}"),
+            None => tracing::warn!("not sending object {hash}: {e}"),
+        }
+    }
+
     fn build_encoder(&mut self, table: &Table, hash: &Hash) -> Option<Arc<ObjectEncoder>> {
         let bytes = match table.load(hash) {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!("not sending object {hash}: {e}");
                 self.sched.forget(hash);
-                if let Some(path) = e.changed_path() {
-                    let _ = self.changed.send(path);
-                }
+                self.report_unloadable(table, hash, &e);
                 return None;
             }
         };

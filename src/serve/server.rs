@@ -1,28 +1,43 @@
-//! `lcfs serve`: index, publish a generation, and run the MLD listener and the sender until
-//! asked to stop. A block found changed at send time makes the server reindex (cheap with the
-//! leaf cache) and publish a new generation; generations never decrease, also across
-//! restarts, because the last one is kept in the state directory.
+//! `lcfs serve`: index, publish a generation, run the MLD listener and the sender, and follow
+//! the tree until asked to stop (issue 10).
+//!
+//! Following the tree: change notifications (`watch/inotify.rs`), a block the sender found
+//! changed, SIGHUP and a periodic rescan feed the debouncer (`watch.rs`); when it says so, the
+//! publish loop here reindexes (cheap with the leaf cache: only changed files are read) and
+//! publishes a new generation if, and only if, the root hash differs from the one served.
+//! Each new table keeps the objects of the generations just replaced for a while (see
+//! `table.rs`). Every generation published logs one `published generation=N ...` line on
+//! stderr and prints one `ready ...` line on stdout (the first one is what scripts and tests
+//! wait for). Generations never decrease, also across restarts, because the last one is kept
+//! in the state directory.
 //!
 //! PATH is resolved once, at start, into a [`Tree`] held open; every index and every block
 //! read goes through it, so a reindex walks the same directory even if PATH was moved or
-//! repointed since (issue 9).
+//! repointed since (issue 9). A tree whose directory was deleted is not indexed again (that
+//! would publish it empty): the server says so once and keeps serving the last generation.
+//! With `--no-watch` nothing is watched or rescanned on its own: the first generation is
+//! served until SIGHUP asks for a rescan.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use ed25519_dalek::SigningKey;
 
-use super::index::{index_tree, IndexConfig, Published, Tree};
+use super::index::{index_tree, IgnoreRules, IndexConfig, Published, Tree};
 use super::sender::{SendStats, SenderConfig, SenderLoop, SharedTable};
 use super::table::Table;
+use super::watch::{self, Change, Debouncer, Notice, Reason, WatchConfig};
 use crate::channel::{Channel, MasterKey};
 use crate::mld::{self, ListenerConfig, QuerierConfig};
 use crate::net::{sender_socket, Iface};
 use crate::object::{BlockSize, RootRecord};
+
+/// Longest the publish loop sleeps: it also renews signatures and looks for shutdown.
+const TICK: Duration = Duration::from_millis(200);
 
 pub struct ServeOptions {
     pub path: PathBuf,
@@ -38,6 +53,10 @@ pub struct ServeOptions {
     pub sign_validity: Duration,
     pub hops: u32,
     pub query_interval: Duration,
+    /// How to follow the tree; `None` serves the first generation until SIGHUP (`--no-watch`).
+    pub watch: Option<WatchConfig>,
+    /// Set (by SIGHUP) to rescan the tree now; the server clears it.
+    pub rescan_now: Arc<AtomicBool>,
 }
 
 struct Publisher<'a> {
@@ -45,10 +64,42 @@ struct Publisher<'a> {
     tree: Arc<Tree>,
     channel: Channel,
     generation: u64,
+    /// The ignore rules of the last index, to drop notifications about ignored paths.
+    ignore: Arc<IgnoreRules>,
+    /// Whether the tree's deletion or move was reported already.
+    said_deleted: bool,
+    said_moved: bool,
+}
+
+/// What one index gave, and how long it took.
+struct Indexed {
+    published: Published,
+    took: Duration,
+}
+
+/// The figures of an index that its log line gives, kept when its objects move into a table.
+struct Figures {
+    files: u64,
+    bytes: u64,
+    hashed_bytes: u64,
+    took: Duration,
+}
+
+impl Indexed {
+    fn split(self) -> (Published, Figures) {
+        let p = &self.published;
+        let figures = Figures {
+            files: p.files,
+            bytes: p.bytes,
+            hashed_bytes: p.hashed_bytes,
+            took: self.took,
+        };
+        (self.published, figures)
+    }
 }
 
 impl Publisher<'_> {
-    fn publish(&mut self) -> anyhow::Result<Table> {
+    fn index(&mut self) -> anyhow::Result<Indexed> {
         let started = Instant::now();
         let config = IndexConfig {
             block_size: self.opts.block_size,
@@ -59,23 +110,84 @@ impl Publisher<'_> {
         for (path, why) in &published.skipped {
             tracing::warn!("skipped {}: {why}", path.display());
         }
+        self.ignore = published.ignore.clone();
+        let took = started.elapsed();
+        Ok(Indexed { published, took })
+    }
+
+    /// Indexes the tree and builds the first generation's table.
+    fn first(&mut self) -> anyhow::Result<Table> {
+        let (published, figures) = self.index()?.split();
+        let record = self.next_record(&published);
+        let table = Table::new(self.channel.clone(), published, record);
+        self.report(&table, &figures, None, &Reason::default());
+        Ok(table)
+    }
+
+    /// Reindexes after `reason`; the table that replaces `current`, if anything changed.
+    fn republish(&mut self, current: &Table, reason: &Reason) -> Option<Table> {
+        if self.tree_deleted(current) {
+            return None;
+        }
+        self.warn_if_moved();
+        let indexed = match self.index() {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!("reindexing failed, still serving the old generation: {e:#}");
+                return None;
+            }
+        };
+        // Deleted while it was walked: what the walk saw may be half gone.
+        if self.tree_deleted(current) {
+            return None;
+        }
+        let (published, figures) = indexed.split();
+        if published.root == current.root_object() {
+            let took = figures.took.as_secs_f64();
+            tracing::debug!("rescanned ({reason}) in {took:.3} s: nothing changed");
+            return None;
+        }
+        let record = self.next_record(&published);
+        let next = current.next(published, record, Instant::now());
+        self.report(&next, &figures, Some(current), reason);
+        Some(next)
+    }
+
+    /// Whether the tree's directory is gone; says so once, naming the generation kept.
+    fn tree_deleted(&mut self, current: &Table) -> bool {
+        let deleted = self.tree.is_deleted();
+        if deleted && !self.said_deleted {
+            tracing::error!(
+                "{} was deleted: still serving generation {}; nothing more will be published \
+                 from it (start lcfs serve again on a new tree)",
+                self.opts.path.display(),
+                current.generation
+            );
+        }
+        self.said_deleted |= deleted;
+        deleted
+    }
+
+    /// Warns once when PATH names another directory than the one served (issue 9: the one
+    /// opened at start is the one followed).
+    fn warn_if_moved(&mut self) {
+        if !self.said_moved && self.tree.moved() {
+            self.said_moved = true;
+            tracing::warn!(
+                "{} no longer names the directory being served (moved or replaced); still \
+                 following the directory opened at start: restart lcfs serve to serve the new one",
+                self.opts.path.display()
+            );
+        }
+    }
+
+    /// The next generation's root record for `p`.
+    fn next_record(&mut self, p: &Published) -> RootRecord {
         self.generation = next_generation(
             self.opts.state_dir.as_deref(),
             &self.channel,
             self.generation,
         );
-        let record = self.record(&published);
-        report_ready(
-            self.opts,
-            &self.channel,
-            &record,
-            &published,
-            started.elapsed(),
-        );
-        Ok(Table::new(self.channel.clone(), published, record))
-    }
-
-    fn record(&self, p: &Published) -> RootRecord {
         let mut record = RootRecord {
             channel_id: *self.channel.id(),
             generation: self.generation,
@@ -90,31 +202,51 @@ impl Publisher<'_> {
         }
         record
     }
-}
 
-fn report_ready(
-    opts: &ServeOptions,
-    channel: &Channel,
-    r: &RootRecord,
-    p: &Published,
-    took: Duration,
-) {
-    tracing::info!(
-        "indexed {} in {:.2} s ({} bytes hashed)",
-        opts.path.display(),
-        took.as_secs_f64(),
-        p.hashed_bytes
-    );
-    println!(
-        "ready channel={} generation={} root={} files={} bytes={} iface={} port={}",
-        channel.name(),
-        r.generation,
-        r.root.hash.to_hex(),
-        p.files,
-        p.bytes,
-        opts.iface.name,
-        opts.port
-    );
+    /// The log lines of a published generation: `indexed` and `published` on stderr, and
+    /// `ready` on stdout.
+    fn report(&self, t: &Table, f: &Figures, previous: Option<&Table>, reason: &Reason) {
+        let took = f.took.as_secs_f64();
+        let path = self.opts.path.display();
+        tracing::info!(
+            "indexed {path} in {took:.2} s ({} bytes hashed)",
+            f.hashed_bytes
+        );
+        let (objects, bytes) = t.new_since(previous);
+        let kept = t.counts().1;
+        tracing::info!(
+            "published generation={} root={} files={} changed={objects} objects ({bytes} bytes) \
+             hashed={} took={took:.3}s kept={kept} older objects (reason: {reason})",
+            t.generation,
+            t.root_object().hash.to_hex(),
+            f.files,
+            f.hashed_bytes,
+        );
+        println!(
+            "ready channel={} generation={} root={} files={} bytes={} iface={} port={}",
+            self.channel.name(),
+            t.generation,
+            t.root_object().hash.to_hex(),
+            f.files,
+            f.bytes,
+            self.opts.iface.name,
+            self.opts.port
+        );
+    }
+
+    /// Feeds one notice to the debouncer, unless it only concerns ignored paths.
+    fn handle_notice(&self, debounce: &mut Debouncer, now: Instant, notice: Notice) {
+        let change = match notice {
+            Notice::Changed(rel) if self.ignore.change_is_ignored(&rel) => return,
+            Notice::Changed(rel) => Change::Path(rel),
+            Notice::Overflow => Change::Overflow,
+            Notice::BlockChanged(path) => {
+                tracing::warn!("{} changed while being served: reindexing", path.display());
+                Change::BlockChanged
+            }
+        };
+        debounce.handle_event(now, change);
+    }
 }
 
 fn unix_ns() -> u64 {
@@ -173,6 +305,69 @@ fn warn_unless_protected_hardlinks() {
     }
 }
 
+/// Starts the change notifications when the tree is followed; without them (inotify missing
+/// or out of instances) the periodic rescan still follows it.
+fn start_watching(
+    opts: &ServeOptions,
+    tree: &Tree,
+    tx: &Sender<Notice>,
+) -> Option<watch::inotify::TreeWatcher> {
+    let config = opts.watch.as_ref()?;
+    match watch::inotify::watch(tree, tx.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            let every = config
+                .rescan
+                .map_or("never".into(), |r| format!("every {r:?}"));
+            tracing::warn!(
+                "cannot watch {} for changes ({e}); rescanning {every}",
+                opts.path.display()
+            );
+            None
+        }
+    }
+}
+
+/// The publish loop: notices and SIGHUP in, new generations out, until `shutdown`.
+fn follow(
+    publisher: &mut Publisher,
+    table: &SharedTable,
+    notices: &Receiver<Notice>,
+    shutdown: &AtomicBool,
+) {
+    let opts = publisher.opts;
+    let config = opts.watch.clone().unwrap_or(WatchConfig {
+        rescan: None,
+        ..WatchConfig::default()
+    });
+    let mut debounce = Debouncer::new(Instant::now(), config);
+    let mut signed_at = Instant::now();
+    while !shutdown.load(Ordering::Relaxed) {
+        renew_signature(opts, table, &mut signed_at);
+        if opts.rescan_now.swap(false, Ordering::Relaxed) {
+            debounce.handle_event(Instant::now(), Change::Signal);
+        }
+        let now = Instant::now();
+        let wait = debounce
+            .poll_timeout()
+            .map_or(TICK, |t| t.saturating_duration_since(now));
+        if let Ok(first) = notices.recv_timeout(wait.min(TICK)) {
+            for notice in std::iter::once(first).chain(notices.try_iter()) {
+                if opts.watch.is_some() {
+                    publisher.handle_notice(&mut debounce, Instant::now(), notice);
+                }
+            }
+        }
+        if let Some(reason) = debounce.poll_publish(Instant::now()) {
+            let current = table.read().expect("table lock").clone();
+            if let Some(next) = publisher.republish(&current, &reason) {
+                *table.write().expect("table lock") = Arc::new(next);
+                signed_at = Instant::now();
+            }
+        }
+    }
+}
+
 /// Serves until `shutdown` is set.
 pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     mld::socket::check_permission()?;
@@ -184,14 +379,47 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
     let tree =
         Tree::open(&opts.path).with_context(|| format!("cannot index {}", opts.path.display()))?;
     warn_unless_protected_hardlinks();
+    let tree = Arc::new(tree);
+    let (notice_tx, notices) = mpsc::channel();
+    // Watching before the first index: a change made while it runs is not missed.
+    let _watcher = start_watching(&opts, &tree, &notice_tx);
     let mut publisher = Publisher {
         opts: &opts,
-        tree: Arc::new(tree),
+        tree,
         channel,
         generation: 0,
+        ignore: Arc::new(IgnoreRules::none()),
+        said_deleted: false,
+        said_moved: false,
     };
-    let table: SharedTable = Arc::new(RwLock::new(Arc::new(publisher.publish()?)));
+    let table: SharedTable = Arc::new(RwLock::new(Arc::new(publisher.first()?)));
+    let (sender, mld, stats) = start_sending(&opts, &table, notice_tx, &shutdown)?;
+    follow(&mut publisher, &table, &notices, &shutdown);
+    shutdown.store(true, Ordering::Relaxed);
+    let _ = sender.join();
+    let _ = mld.join();
+    tracing::info!(
+        "sent {} packets ({} bytes on the wire, {} root records)",
+        stats.packets.load(Ordering::Relaxed),
+        stats.bytes.load(Ordering::Relaxed),
+        stats.root_packets.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
 
+type Threads = (
+    std::thread::JoinHandle<()>,
+    std::thread::JoinHandle<()>,
+    Arc<SendStats>,
+);
+
+/// Starts the MLD listener and the sender over `table`.
+fn start_sending(
+    opts: &ServeOptions,
+    table: &SharedTable,
+    changed: Sender<Notice>,
+    shutdown: &Arc<AtomicBool>,
+) -> anyhow::Result<Threads> {
     let (events_tx, events_rx) = mpsc::channel();
     let interest_table = table.clone();
     let interest = Arc::new(move |g: &std::net::Ipv6Addr| {
@@ -215,56 +443,18 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
         events_tx,
         shutdown.clone(),
     )?;
-
     let socket = sender_socket(&opts.iface, opts.hops)?;
     let stats = Arc::new(SendStats::default());
-    let (changed_tx, changed_rx) = mpsc::channel();
     let config = SenderConfig {
         rate_bps: opts.rate_bps,
         port: opts.port,
         max_payload: opts.iface.max_payload(),
         ..SenderConfig::default()
     };
-    let sender = SenderLoop::new(config, socket, table.clone(), stats.clone(), changed_tx);
+    let sender = SenderLoop::new(config, socket, table.clone(), stats.clone(), changed);
     let stop = shutdown.clone();
     let sender = std::thread::Builder::new()
         .name("lcfs-send".into())
         .spawn(move || sender.run(events_rx, &stop))?;
-
-    let mut signed_at = Instant::now();
-    while !shutdown.load(Ordering::Relaxed) {
-        renew_signature(&opts, &table, &mut signed_at);
-        match changed_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(path) => {
-                tracing::warn!(
-                    "{} changed while being served: publishing a new generation",
-                    path.display()
-                );
-                // Let a writer finish before reading the tree again.
-                std::thread::sleep(Duration::from_millis(500));
-                while changed_rx.try_recv().is_ok() {}
-                match publisher.publish() {
-                    Ok(t) => {
-                        *table.write().expect("table lock") = Arc::new(t);
-                        signed_at = Instant::now();
-                    }
-                    Err(e) => tracing::error!(
-                        "reindexing failed, still serving the old generation: {e:#}"
-                    ),
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    shutdown.store(true, Ordering::Relaxed);
-    let _ = sender.join();
-    let _ = mld.join();
-    tracing::info!(
-        "sent {} packets ({} bytes on the wire, {} root records)",
-        stats.packets.load(Ordering::Relaxed),
-        stats.bytes.load(Ordering::Relaxed),
-        stats.root_packets.load(Ordering::Relaxed)
-    );
-    Ok(())
+    Ok((sender, mld, stats))
 }

@@ -276,6 +276,20 @@ impl Server {
         }
     }
 
+    /// The next `ready` line on stdout within `limit`, or `None` (a server that publishes
+    /// each new generation prints one per generation).
+    pub fn try_wait_ready(&mut self, limit: Duration) -> Option<Ready> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with("ready ") => return Some(parse_ready(&l)),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// Everything the server has logged so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()

@@ -165,6 +165,8 @@ pub struct Tree {
     /// When PATH is a regular file: its name in `dir`, and the name it is published under
     /// (the last component of PATH as given).
     file: Option<(CString, Vec<u8>)>,
+    /// PATH as given, to tell when it names another directory; never opened again.
+    given: PathBuf,
 }
 
 impl Tree {
@@ -184,6 +186,7 @@ impl Tree {
                 dir: open_dir_at(handle.as_fd(), c".").map_err(IndexError::io(path))?,
                 dir_path: resolved,
                 file: None,
+                given: path.to_path_buf(),
             }),
             Kind::File => Self::open_file_root(path, &resolved, &attrs),
             _ => Err(IndexError::NotServable {
@@ -216,6 +219,7 @@ impl Tree {
             dir,
             dir_path: parent.to_path_buf(),
             file: Some((name.clone(), published.to_vec())),
+            given: given.to_path_buf(),
         })
     }
 
@@ -231,6 +235,26 @@ impl Tree {
     /// Where the tree's directory was when it was opened.
     pub fn dir_path(&self) -> &Path {
         &self.dir_path
+    }
+
+    /// Whether the tree's directory has been deleted (no name links to it any more): the
+    /// descriptor still works, but lists nothing, and nothing can be added to it.
+    pub fn is_deleted(&self) -> bool {
+        rustix::fs::fstat(&self.dir).is_ok_and(|st| st.st_nlink == 0)
+    }
+
+    /// Whether PATH now names another directory than the one held, or nothing: it was moved,
+    /// replaced or repointed (a symlink such as `current`). Only compared, never opened.
+    pub fn moved(&self) -> bool {
+        let held = rustix::fs::fstat(&self.dir);
+        let named = match self.file {
+            None => rustix::fs::stat(&self.given),
+            Some(_) => rustix::fs::stat(&self.dir_path),
+        };
+        match (held, named) {
+            (Ok(h), Ok(n)) => (h.st_dev, h.st_ino) != (n.st_dev, n.st_ino),
+            _ => true,
+        }
     }
 
     /// `rel` (relative to the tree) as a path, for messages and leaf cache keys.

@@ -325,7 +325,7 @@ fn vanished_and_unreadable_entries_are_skipped() {
     let dir = scratch();
     write(&dir.path().join("here"), b"x", 0o644);
     let tree = Arc::new(Tree::open(dir.path()).unwrap());
-    let walker = Walker::new(tree.clone(), bs(), None);
+    let walker = Walker::new(tree.clone(), bs(), None, Arc::new(IgnoreRules::none()));
     let gone = walker
         .child(tree.dir(), Path::new(""), c"gone".into(), 0)
         .unwrap();
@@ -397,7 +397,12 @@ fn directories_below_max_depth_are_skipped() {
 #[test]
 fn oversized_directory_is_an_error() {
     let dir = scratch();
-    let walker = Walker::new(Arc::new(Tree::open(dir.path()).unwrap()), bs(), None);
+    let walker = Walker::new(
+        Arc::new(Tree::open(dir.path()).unwrap()),
+        bs(),
+        None,
+        Arc::new(IgnoreRules::none()),
+    );
     let file = FileRef {
         size: 0,
         b3: blake3::hash(b""),
@@ -641,4 +646,255 @@ fn fifos_sockets_and_devices_are_never_read() {
     let mut left = vec![0u8; 64];
     let n = io::Read::read(&mut &pending, &mut left).unwrap();
     assert_eq!(&left[..n], b"in the pipe", "the fifo was read");
+}
+
+// ------------------------------------------------------------ .lcfsignore (issue 10)
+
+/// The names in directory object `dir`.
+fn names(p: &Published, dir: &Hash) -> Vec<String> {
+    let decoded = Directory::decode(&load(p, dir)).unwrap();
+    decoded
+        .entries
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+        .collect()
+}
+
+/// The object of subdirectory `name` of directory object `dir`.
+fn subdir(p: &Published, dir: &Hash, name: &str) -> Hash {
+    let decoded = Directory::decode(&load(p, dir)).unwrap();
+    let entry = decoded.entries.iter().find(|e| e.name == name.as_bytes());
+    match entry.map(|e| &e.kind) {
+        Some(EntryKind::Dir(r)) => r.hash,
+        other => panic!("{name} is no directory: {other:?}"),
+    }
+}
+
+#[test]
+fn lcfsignore_keeps_paths_out() {
+    let dir = scratch();
+    let root = dir.path();
+    fs::create_dir_all(root.join("build/deep")).unwrap();
+    fs::create_dir_all(root.join("sub")).unwrap();
+    for f in [
+        "keep",
+        "id.key",
+        "a.tmp",
+        "build/out",
+        "build/deep/x",
+        "sub/id.key",
+    ] {
+        write(&root.join(f), &data(BS + 3, 1), 0o644);
+    }
+    write(&root.join("sub/keep.tmp"), b"kept", 0o644);
+    write(
+        &root.join("sub/anchored"),
+        b"kept: the pattern is anchored",
+        0o644,
+    );
+    write(&root.join("anchored"), b"left out", 0o644);
+    let rules = "# secrets\n*.key\nbuild/\n*.tmp\n!keep.tmp\n/anchored\n";
+    write(&root.join(IGNORE_FILE), rules.as_bytes(), 0o644);
+    let p = index_path(root, &config(None)).unwrap();
+    assert_eq!(names(&p, &p.root.hash), ["keep", "sub"]);
+    let sub = subdir(&p, &p.root.hash, "sub");
+    assert_eq!(names(&p, &sub), ["anchored", "keep.tmp"]);
+    assert_eq!((p.files, p.dirs), (3, 2));
+    check_objects(&p);
+    for (change, ignored) in [
+        ("build/deep/new", true),
+        ("sub/x.tmp", true),
+        ("sub/keep.tmp", false),
+        ("keep", false),
+        (IGNORE_FILE, false),
+        ("", false),
+    ] {
+        assert_eq!(
+            p.ignore.change_is_ignored(Path::new(change)),
+            ignored,
+            "{change}"
+        );
+    }
+}
+
+#[test]
+fn an_unusable_ignore_file_stops_the_index() {
+    let dir = scratch();
+    write(&dir.path().join("f"), b"x", 0o644);
+    let ignore = dir.path().join(IGNORE_FILE);
+    let cases: [(&str, &dyn Fn()); 4] = [
+        ("a symlink", &|| symlink("/etc/hostname", &ignore).unwrap()),
+        ("not UTF-8", &|| fs::write(&ignore, b"\xff\xfe\n").unwrap()),
+        ("a bad pattern", &|| {
+            fs::write(&ignore, b"ok\n{unclosed\n").unwrap()
+        }),
+        ("a directory", &|| fs::create_dir(&ignore).unwrap()),
+    ];
+    for (what, make) in cases {
+        make();
+        let err = index_path(dir.path(), &config(None)).unwrap_err();
+        assert!(
+            matches!(err, IndexError::IgnoreFile { .. }),
+            "{what}: {err}"
+        );
+        let _ = fs::remove_file(&ignore).or_else(|_| fs::remove_dir(&ignore));
+    }
+    let p = index_path(dir.path(), &config(None)).unwrap();
+    assert_eq!(names(&p, &p.root.hash), ["f"]);
+}
+
+/// Every object a published directory names, recursively, is in `p.objects`.
+fn assert_complete(p: &Published, dir: &Hash) {
+    assert!(p.objects.contains_key(dir), "directory object missing");
+    let decoded = Directory::decode(&load(p, dir)).unwrap();
+    for entry in &decoded.entries {
+        match &entry.kind {
+            EntryKind::Dir(r) => assert_complete(p, &r.hash),
+            EntryKind::File(f) => match &f.content {
+                Content::Inline(_) => {}
+                Content::Block(leaf) => assert!(p.objects.contains_key(leaf)),
+                Content::Index { index, first_leaf } => {
+                    assert!(p.objects.contains_key(first_leaf));
+                    let (_, source) = &p.objects[&index.hash];
+                    let Source::Memory(bytes) = source else {
+                        panic!("index not in memory")
+                    };
+                    match FileIndex::decode(bytes).unwrap() {
+                        FileIndex::Leaves(l) => {
+                            assert!(l.iter().all(|h| p.objects.contains_key(h)))
+                        }
+                        FileIndex::Pages(pages) => {
+                            assert!(pages.iter().all(|h| p.objects.contains_key(h)))
+                        }
+                    }
+                }
+            },
+            EntryKind::Symlink(_) => {}
+        }
+    }
+}
+
+/// Issue 10's "bad input": a tree that changes faster than it can be indexed. Every walk
+/// still gives a generation in which each directory entry names objects that were built.
+#[test]
+fn a_tree_changing_while_indexed_is_never_published_inconsistently() {
+    let (dir, state) = (scratch(), scratch());
+    let root = dir.path().to_path_buf();
+    for i in 0..20 {
+        write(
+            &root.join(format!("f{i}")),
+            &data(BS * 3 + i, i as u8),
+            0o644,
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let (root, stop) = (root.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Relaxed) {
+                let (i, d) = (n % 20, root.join(format!("d{}", n % 3)));
+                let _ = fs::create_dir_all(&d);
+                let tmp = root.join(format!(".tmp{i}"));
+                fs::write(&tmp, data(BS * (1 + n % 4), n as u8)).unwrap();
+                let _ = fs::rename(&tmp, d.join(format!("f{i}")));
+                let _ = fs::write(root.join(format!("f{i}")), data(BS * 2 + n, 7));
+                let _ = fs::remove_dir_all(root.join(format!("d{}", (n + 1) % 3)));
+                n += 1;
+            }
+            n
+        })
+    };
+    let tree = Arc::new(Tree::open(&root).unwrap());
+    for _ in 0..30 {
+        let p = index_tree(&tree, &config(Some(state.path()))).unwrap();
+        assert_complete(&p, &p.root.hash);
+    }
+    stop.store(true, Relaxed);
+    assert!(churn.join().unwrap() > 30, "the tree hardly changed");
+}
+
+/// The server follows the directory it opened (issue 9) and must tell when PATH names another
+/// one, or when the directory is deleted (then a walk would find it empty).
+#[test]
+fn a_moved_repointed_or_deleted_tree_is_noticed() {
+    let dir = scratch();
+    let (v1, v2, current) = (
+        dir.path().join("v1"),
+        dir.path().join("v2"),
+        dir.path().join("current"),
+    );
+    for v in [&v1, &v2] {
+        fs::create_dir(v).unwrap();
+        write(&v.join("f"), b"x", 0o644);
+    }
+    symlink("v1", &current).unwrap();
+    let tree = Tree::open(&current).unwrap();
+    assert!(!tree.moved() && !tree.is_deleted());
+    fs::remove_file(&current).unwrap();
+    symlink("v2", &current).unwrap();
+    assert!(tree.moved(), "repointed");
+    let by_name = Tree::open(&v1).unwrap();
+    fs::rename(&v1, dir.path().join("v1.old")).unwrap();
+    assert!(by_name.moved() && !by_name.is_deleted(), "moved away");
+    fs::remove_dir_all(dir.path().join("v1.old")).unwrap();
+    assert!(tree.is_deleted() && by_name.is_deleted());
+}
+
+/// Issue 10's figure: republishing a 10,000-file tree after a one-file change, against its
+/// first index. `cargo test --lib serve::index::tests::republish_speed -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark: writes 10,000 files to /dev/shm"]
+fn republish_speed() {
+    use crate::serve::table::Table;
+    let (dir, state) = (scratch(), scratch());
+    let config = IndexConfig {
+        state_dir: Some(state.path().into()),
+        ..Default::default()
+    };
+    for i in 0..10_000u64 {
+        let sub = dir.path().join(format!("d{}", i / 100));
+        fs::create_dir_all(&sub).unwrap();
+        fs::write(sub.join(format!("f{i}")), data(500 + i % 16000, i as u8)).unwrap();
+    }
+    let tree = Arc::new(Tree::open(dir.path()).unwrap());
+    let timed = |what: &str| {
+        let start = std::time::Instant::now();
+        let p = index_tree(&tree, &config).unwrap();
+        println!(
+            "{what}: {:.1} ms, {} bytes hashed",
+            start.elapsed().as_secs_f64() * 1e3,
+            p.hashed_bytes
+        );
+        p
+    };
+    let record = |p: &Published, generation| crate::object::RootRecord {
+        channel_id: [0; 32],
+        generation,
+        publish_time_ns: 0,
+        root: p.root,
+        block_size: p.block_size,
+        single_file: false,
+        signature: None,
+    };
+    let first = timed("first index, 10,000 files");
+    let table = Table::new(
+        crate::channel::Channel::new("b", None),
+        first.clone(),
+        record(&first, 1),
+    );
+    timed("unchanged, leaf cache");
+    fs::write(dir.path().join("d42/f4242"), data(7000, 1)).unwrap();
+    let changed = timed("one file changed");
+    let start = std::time::Instant::now();
+    let next = table.next(
+        changed.clone(),
+        record(&changed, 2),
+        std::time::Instant::now(),
+    );
+    println!(
+        "new table: {:.1} ms, {:?} new objects",
+        start.elapsed().as_secs_f64() * 1e3,
+        next.new_since(Some(&table))
+    );
 }
