@@ -16,7 +16,9 @@
 //! Invariant: listener expiry and query timing come from one [`MldTiming`]. The querier owns
 //! the effective timing (its own, or the one adopted from another querier it defers to) and the
 //! shell copies it into the tracker after every query, so a listener is never expired sooner
-//! than the link's querier would ask it again.
+//! than the link's querier would ask it again. What is adopted from another querier is
+//! clamped ([`querier::clamp_adopted`]), so no query can make the tracker keep a listener
+//! longer than 260 s after its last report.
 
 pub mod parse;
 pub mod querier;
