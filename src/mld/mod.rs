@@ -8,7 +8,8 @@
 //! inputs are `handle_*`, outputs are `poll_*`):
 //! - [`parse`]: ICMPv6 bytes to [`MldMessage`] and back ([`encode_query`],
 //!   [`encode_report`]). Never panics.
-//! - [`tracker`]: explicit tracking of listeners per group per reporting address.
+//! - [`tracker`]: explicit tracking of listeners per group per reporting address, within
+//!   fixed limits, with last-listener queries before a leave is believed.
 //! - [`querier`]: when to send general queries, and when to stay quiet for another querier.
 //! - [`socket`]: the raw ICMPv6 socket and the thread that feeds the two state machines, and
 //!   a receiver's [`Reporter`].
@@ -33,7 +34,7 @@ pub use parse::{
 };
 pub use querier::{Querier, QuerierConfig};
 pub use socket::{spawn_listener, ListenerConfig, MldStats, Reporter};
-pub use tracker::{GroupEvent, Interest, ListenerTracker, TrackerConfig};
+pub use tracker::{GroupEvent, Interest, ListenerTracker, TrackerConfig, TrackerStats};
 
 /// Errors of the MLD module: decoding received bytes, and opening the socket.
 #[derive(Debug, thiserror::Error)]

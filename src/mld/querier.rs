@@ -141,6 +141,11 @@ impl Querier {
         }
     }
 
+    /// The settings this querier was made with.
+    pub fn config(&self) -> &QuerierConfig {
+        &self.config
+    }
+
     /// Our link-local address on the link, or `None` while it is unknown.
     pub fn set_own_address(&mut self, own: Option<Ipv6Addr>) {
         self.own = own;

@@ -14,12 +14,14 @@
 //! - Sends with hop limit 1 and a Router Alert hop-by-hop option (`IPV6_HOPOPTS`), to
 //!   `ff02::1` on the interface; the kernel fills in the checksum and picks the link-local
 //!   source (the destination is link-scoped). Queries wait until the interface has a
-//!   non-tentative link-local address.
+//!   non-tentative link-local address. The tracker's last-listener queries go to the group
+//!   they ask about (RFC 3810 5.1.15), whenever the tracker hands one out.
 //!
 //! The thread wakes at least every `tick` (recv timeout) to check `shutdown` and run timers.
 //! Own addresses are re-read from `/proc/net/if_inet6` every second. Malformed packets are
-//! counted and logged at debug level, never fatal. The thread ends on `shutdown` or when the
-//! event receiver is dropped.
+//! counted and logged at debug level, never fatal. What the tracker refuses is counted in
+//! [`MldStats`] and said once at warning level, never per packet. The thread ends on
+//! `shutdown` or when the event receiver is dropped.
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -41,7 +43,7 @@ use super::parse::{encode_query, encode_report, parse, GroupRecord, MldMessage, 
 use super::parse::{RecordType, MLDV1_DONE, MLDV1_REPORT};
 use super::parse::{MLDV2_REPORT, MLD_QUERY};
 use super::querier::{Querier, QuerierConfig};
-use super::tracker::{GroupEvent, ListenerTracker};
+use super::tracker::{GroupEvent, ListenerTracker, TrackerConfig};
 use super::MldError;
 
 const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
@@ -62,6 +64,8 @@ const RECV_BUF: usize = 65536;
 pub struct ListenerConfig {
     /// Query timing; the tracker's listener expiry is derived from the same numbers.
     pub querier: QuerierConfig,
+    /// Limits and last-listener queries of the tracker; its timing comes from `querier`.
+    pub tracker: TrackerConfig,
     /// Receive timeout: the granularity of timers and of the shutdown check.
     pub tick: Duration,
     /// Counters, shared with whoever wants to read them.
@@ -72,6 +76,7 @@ impl Default for ListenerConfig {
     fn default() -> Self {
         Self {
             querier: QuerierConfig::default(),
+            tracker: TrackerConfig::default(),
             tick: Duration::from_millis(50),
             stats: Arc::default(),
         }
@@ -93,6 +98,35 @@ pub struct MldStats {
     pub ignored: AtomicU64,
     /// Queries the kernel refused to send.
     pub send_errors: AtomicU64,
+    /// Last-listener (multicast-address-specific) queries sent.
+    pub specific_queries_sent: AtomicU64,
+    /// Last-listener queries not sent because their rate limit was reached.
+    pub specific_queries_limited: AtomicU64,
+    /// New listeners refused because their group or the tracker was full.
+    pub refused_listeners: AtomicU64,
+    /// New groups refused because the tracker tracked as many as it may.
+    pub refused_groups: AtomicU64,
+}
+
+impl MldStats {
+    /// One line for the server's log.
+    pub fn summary(&self) -> String {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "MLD: {} reports, {} queries received, {} general and {} last-listener queries sent \
+             ({} rate limited); dropped {} malformed, {} ignored; refused {} new listeners and \
+             {} new groups (limits)",
+            n(&self.reports),
+            n(&self.queries_received),
+            n(&self.queries_sent),
+            n(&self.specific_queries_sent),
+            n(&self.specific_queries_limited),
+            n(&self.malformed),
+            n(&self.ignored),
+            n(&self.refused_listeners),
+            n(&self.refused_groups),
+        )
+    }
 }
 
 fn bump(counter: &AtomicU64) {
@@ -112,10 +146,11 @@ pub fn spawn_listener(
     let name = iface_name(iface)?;
     let sock = open_socket(iface, &name, config.tick)?;
     let now = Instant::now();
-    let tracker = ListenerTracker::new(
-        config.querier.tracker_config(),
-        Box::new(move |group| interest(group)),
-    );
+    let tracker_config = TrackerConfig {
+        timing: config.querier.timing(),
+        ..config.tracker
+    };
+    let tracker = ListenerTracker::new(tracker_config, Box::new(move |group| interest(group)));
     let shell = Shell {
         sock,
         iface,
@@ -127,6 +162,7 @@ pub fn spawn_listener(
         events,
         shutdown,
         next_address_refresh: now,
+        limits_reported: false,
     };
     std::thread::Builder::new()
         .name(format!("lcfs-mld-{name}"))
@@ -352,6 +388,8 @@ struct Shell {
     events: Sender<GroupEvent>,
     shutdown: Arc<AtomicBool>,
     next_address_refresh: Instant,
+    /// The tracker's limits were reached and that was logged (once per run).
+    limits_reported: bool,
 }
 
 impl Shell {
@@ -388,10 +426,46 @@ impl Shell {
             return false;
         }
         if let Some(query) = self.querier.poll_transmit(now) {
-            self.send_query(&query);
+            self.send_query(&query, ALL_NODES);
         }
+        self.send_specific_queries();
         self.tracker.set_timing(self.querier.timing());
+        self.publish_stats();
         true
+    }
+
+    /// The tracker's last-listener queries, each to the group it asks about. They carry our
+    /// own robustness and query interval, like our general queries.
+    fn send_specific_queries(&mut self) {
+        let c = self.querier.config();
+        let delay = self.tracker.config().last_listener_interval;
+        while let Some(group) = self.tracker.poll_query() {
+            let query = Query::address_specific(group, delay, c.robustness, c.query_interval);
+            if self.send_query(&query, group) {
+                bump(&self.stats.specific_queries_sent);
+            }
+        }
+    }
+
+    /// Copies the tracker's counters out, and says once that its limits were reached.
+    fn publish_stats(&mut self) {
+        let t = self.tracker.stats();
+        let s = &self.stats;
+        s.refused_listeners
+            .store(t.refused_listeners, Ordering::Relaxed);
+        s.refused_groups.store(t.refused_groups, Ordering::Relaxed);
+        s.specific_queries_limited
+            .store(t.specific_queries_limited, Ordering::Relaxed);
+        if !self.limits_reported && t.refused_listeners + t.refused_groups > 0 {
+            self.limits_reported = true;
+            let c = self.tracker.config();
+            warn!(
+                iface = %self.name,
+                "MLD listener limits reached ({} per group, {} in all, {} groups): new \
+                 listeners are refused and counted, the ones known are kept",
+                c.max_listeners_per_group, c.max_listeners, c.max_groups
+            );
+        }
     }
 
     fn refresh_addresses(&mut self) -> bool {
@@ -457,14 +531,26 @@ impl Shell {
         true
     }
 
-    fn send_query(&self, query: &Query) {
+    /// Sends `query` to `to`; false if the kernel refused (counted, and logged at warning
+    /// level for general queries only: specific ones follow leaves anyone can forge).
+    fn send_query(&self, query: &Query, to: Ipv6Addr) -> bool {
         let bytes = encode_query(query);
-        let dst = SockAddr::from(SocketAddrV6::new(ALL_NODES, 0, 0, self.iface));
+        let dst = SockAddr::from(SocketAddrV6::new(to, 0, 0, self.iface));
         match self.sock.send_to(&bytes, &dst) {
-            Ok(_) => bump(&self.stats.queries_sent),
-            Err(e) => {
+            Ok(_) if query.is_general() => {
+                bump(&self.stats.queries_sent);
+                true
+            }
+            Ok(_) => true,
+            Err(e) if query.is_general() => {
                 bump(&self.stats.send_errors);
                 warn!(iface = %self.name, "sending MLD query failed: {e}");
+                false
+            }
+            Err(e) => {
+                bump(&self.stats.send_errors);
+                debug!(iface = %self.name, %to, "sending MLD query failed: {e}");
+                false
             }
         }
     }
@@ -613,7 +699,8 @@ fe80 04 40 20 80 short";
             stats.reports.load(Ordering::Relaxed) - reports
         );
         drop(local);
-        assert_eq!(wait("local leave"), GroupEvent::Inactive(group));
+        assert_eq!(wait("local leave"), GroupEvent::Leaving(group));
+        assert_eq!(wait("no answer"), GroupEvent::Inactive(group));
 
         // Another host: a process in the peer namespace joins on lcm1.
         let mut remote = Lab::remote_joiner("lcm1", group);
@@ -625,12 +712,14 @@ fe80 04 40 20 80 short";
         );
         remote.kill().unwrap();
         remote.wait().unwrap();
-        assert_eq!(wait("remote leave"), GroupEvent::Inactive(group));
+        assert_eq!(wait("remote leave"), GroupEvent::Leaving(group));
+        assert_eq!(wait("no answer"), GroupEvent::Inactive(group));
 
         shutdown.store(true, Ordering::Relaxed);
         handle.join().unwrap();
         eprintln!("final stats {stats:?}");
         assert!(stats.queries_sent.load(Ordering::Relaxed) >= 4);
+        assert!(stats.specific_queries_sent.load(Ordering::Relaxed) >= 2);
         assert_eq!(stats.malformed.load(Ordering::Relaxed), 0);
     }
 

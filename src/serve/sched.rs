@@ -35,6 +35,16 @@
 //! rounds of their own: without it, a receiver that starts a second after another trails it
 //! for the whole transfer and every block goes out twice.
 //!
+//! A leave is not trusted (anyone on the link can forge one; see `crate::mld::tracker`): when
+//! the last listener of an object says it left, the tracker asks whether others still listen
+//! and reports the object *leaving*. A leaving object is paused at once, as a leave always
+//! stopped it (sending on until the query's answer sent 2.3 rather than about 1.7 times the
+//! tree in the lossy three-receiver test: rounds queued or under way when receivers leave
+//! are mostly not needed), but keeps its state: if a listener answers the query (within the
+//! tracker's Last Listener Query Interval, 250 ms), it resumes exactly where it stopped, with
+//! the rest of its round; if nobody does, the tracker reports it inactive and it is dropped.
+//! So a forged leave costs a real receiver one query's answer, not a stall and a rejoin.
+//!
 //! The pacer is a token bucket counting wire bytes (payload plus IPv6 and UDP headers): it
 //! holds the average to `rate` and lets at most `burst` bytes out at once, because multicast
 //! has no congestion control and an unpaced sender floods the link.
@@ -98,6 +108,9 @@ struct Active {
     first_done: Option<Instant>,
     /// When the object last lost its listeners, until its first symbol of this activation.
     idle_since: Option<Instant>,
+    /// When its last listener said it left, while the tracker checks whether others listen:
+    /// the object is in no queue and waits for a listener or the end.
+    leaving: Option<Instant>,
 }
 
 impl Active {
@@ -196,7 +209,10 @@ impl Scheduler {
     /// An object's group gained its first listener; `k` is its number of source symbols and
     /// `urgent` marks metadata.
     pub fn handle_active(&mut self, hash: Hash, k: u32, urgent: bool) {
-        if self.active.contains_key(&hash) {
+        if let Some(a) = self.active.get_mut(&hash) {
+            if a.leaving.take().is_some() {
+                self.resume(hash);
+            }
             return;
         }
         let budget = self.margin.first_round(k);
@@ -209,6 +225,7 @@ impl Scheduler {
                 rounds: 0,
                 first_done: None,
                 idle_since: self.idle_since.remove(&hash),
+                leaving: None,
             },
         );
         let class = usize::from(!urgent);
@@ -225,26 +242,72 @@ impl Scheduler {
         self.cursors.entry(hash).or_insert(0);
     }
 
-    pub fn handle_inactive(&mut self, now: Instant, hash: &Hash) {
-        let Some(a) = self.active.remove(hash) else {
+    /// The last listener of an object said it left; the tracker checks whether others still
+    /// listen. The object pauses where it is.
+    pub fn handle_leaving(&mut self, now: Instant, hash: &Hash) {
+        let Some(a) = self.active.get_mut(hash) else {
             return;
         };
+        if a.leaving.is_some() {
+            return;
+        }
+        a.leaving = Some(now);
+        Self::note_leave(&mut self.stats, a, now);
+        if a.rounds == 0 && a.budget == 0 && !a.urgent {
+            // Everyone left during the cooldown after the first round: it was enough.
+            self.margin.observe(false);
+        }
+        self.withdraw(hash);
+    }
+
+    /// A paused object whose listener answered: the rest of its round, or its next round.
+    fn resume(&mut self, hash: Hash) {
+        let Some(a) = self.active.get_mut(&hash) else {
+            return;
+        };
+        if a.budget == 0 {
+            a.later_round();
+            self.stats.later_rounds[usize::from(!a.urgent)] += 1;
+        }
+        if a.urgent || a.rounds > 0 {
+            self.urgent.push_back(hash);
+        } else {
+            self.bulk.push_back(hash);
+        }
+    }
+
+    /// Takes `hash` out of every queue.
+    fn withdraw(&mut self, hash: &Hash) {
+        self.urgent.retain(|h| h != hash);
+        self.bulk.retain(|h| h != hash);
+        self.cooling.retain(|(_, h)| h != hash);
+    }
+
+    /// How long after the end of its first round a block's listeners left.
+    fn note_leave(stats: &mut SchedStats, a: &Active, now: Instant) {
         if let (Some(t), false) = (a.first_done, a.urgent) {
             let ms = now.saturating_duration_since(t).as_millis();
             let bucket = [10, 20, 40, 80, 160]
                 .iter()
                 .position(|&b| ms < b)
                 .unwrap_or(5);
-            self.stats.leave_delay[bucket] += 1;
+            stats.leave_delay[bucket] += 1;
         }
-        if a.rounds == 0 && a.budget == 0 && !a.urgent {
-            // Everyone left during the cooldown after the first round: it was enough.
-            self.margin.observe(false);
+    }
+
+    pub fn handle_inactive(&mut self, now: Instant, hash: &Hash) {
+        let Some(a) = self.active.remove(hash) else {
+            return;
+        };
+        if a.leaving.is_none() {
+            Self::note_leave(&mut self.stats, &a, now);
+            if a.rounds == 0 && a.budget == 0 && !a.urgent {
+                // Everyone left during the cooldown after the first round: it was enough.
+                self.margin.observe(false);
+            }
+            self.withdraw(hash);
         }
-        self.urgent.retain(|h| h != hash);
-        self.bulk.retain(|h| h != hash);
-        self.cooling.retain(|(_, h)| h != hash);
-        self.idle_since.insert(*hash, now);
+        self.idle_since.insert(*hash, a.leaving.unwrap_or(now));
         if self.cursors.len() > self.config.remembered_cursors {
             let active = &self.active;
             self.cursors.retain(|h, _| active.contains_key(h));
@@ -273,8 +336,12 @@ impl Scheduler {
         self.cursors.remove(hash);
     }
 
+    /// True when nothing is queued, cooling or repeating (paused objects wait for an event).
     pub fn is_idle(&self) -> bool {
-        self.active.is_empty() && !self.root_active
+        self.urgent.is_empty()
+            && self.bulk.is_empty()
+            && self.cooling.is_empty()
+            && !self.root_active
     }
 
     pub fn active_objects(&self) -> usize {
@@ -537,6 +604,38 @@ mod tests {
             !sent.contains(&Transmit::Air),
             "no beacon without listeners"
         );
+    }
+
+    #[test]
+    fn a_leaving_object_pauses_and_resumes_where_it_stopped() {
+        let t0 = Instant::now();
+        let cooldown = SchedConfig::default().cooldown;
+        let mut s = Scheduler::new(SchedConfig::default());
+        s.handle_active(h(1), 32, false);
+        let first = std::iter::from_fn(|| s.poll_transmit(t0)).take(20).count();
+        assert_eq!(first, 20);
+        s.handle_leaving(t0, &h(1));
+        assert!(drain(&mut s, t0).is_empty(), "paused at once");
+        assert!(drain(&mut s, t0 + cooldown).is_empty());
+        assert!(s.is_idle() && s.poll_timeout().is_none(), "no busy wait");
+        // A listener answers the query: the rest of the round, with the next symbols.
+        s.handle_active(h(1), 32, false);
+        let rest = drain(&mut s, t0);
+        assert_eq!(rest.len(), 12);
+        assert_eq!(
+            rest[0],
+            Transmit::Symbol {
+                hash: h(1),
+                esi: 20
+            }
+        );
+        // Paused between rounds, it resumes with a later round.
+        s.handle_leaving(t0, &h(1));
+        s.handle_active(h(1), 32, false);
+        assert_eq!(drain(&mut s, t0).len(), 4, "a later round of K/8");
+        s.handle_leaving(t0, &h(1));
+        s.handle_inactive(t0 + cooldown * 3, &h(1));
+        assert!(s.is_idle() && s.active_objects() == 0);
     }
 
     #[test]

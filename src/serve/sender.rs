@@ -189,6 +189,13 @@ impl SenderLoop {
         let (group, on) = match event {
             GroupEvent::Active(g) => (g, true),
             GroupEvent::Inactive(g) => (g, false),
+            GroupEvent::Leaving(g) => {
+                // The root record and the beacon are cheap: they go on until `Inactive`.
+                if let Some(hash) = self.current.by_group.get(&g) {
+                    self.sched.handle_leaving(now, hash);
+                }
+                return;
+            }
         };
         if on {
             self.active.insert(group);

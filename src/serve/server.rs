@@ -16,7 +16,7 @@ use super::index::{index_path, IndexConfig, Published};
 use super::sender::{SendStats, SenderConfig, SenderLoop, SharedTable};
 use super::table::Table;
 use crate::channel::{Channel, MasterKey};
-use crate::mld::{self, ListenerConfig, QuerierConfig};
+use crate::mld::{self, ListenerConfig, MldStats, QuerierConfig, TrackerConfig};
 use crate::net::{sender_socket, Iface};
 use crate::object::{BlockSize, RootRecord};
 
@@ -135,6 +135,18 @@ fn next_generation(state: Option<&Path>, channel: &Channel, last: u64) -> u64 {
     next
 }
 
+/// Wire bytes of one last-listener query: Ethernet, IPv6, hop-by-hop header, MLDv2 query.
+const SPECIFIC_QUERY_WIRE_BYTES: u64 = 14 + 40 + 8 + 28;
+
+/// Last-listener queries a second: at most 1% of the send rate, so that a flood of forged
+/// leaves can never make the server send much more than it sends anyway (at least 100 a
+/// second, for slow links: 1 388 a second at the default 100 Mbit/s, well above the 400 or
+/// so that honest leaves ask for at that rate).
+fn specific_query_rate(rate_bps: u64) -> u32 {
+    let per_sec = rate_bps / 100 / (8 * SPECIFIC_QUERY_WIRE_BYTES);
+    u32::try_from(per_sec.max(100)).unwrap_or(u32::MAX)
+}
+
 /// Serves until `shutdown` is set.
 pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     mld::socket::check_permission()?;
@@ -158,12 +170,18 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
             .map(|t| t.interested(g))
             .unwrap_or(false)
     });
+    let mld_stats = Arc::new(MldStats::default());
     let listener_config = ListenerConfig {
         querier: QuerierConfig {
             query_interval: opts.query_interval,
             startup_query_interval: opts.query_interval / 4,
             ..QuerierConfig::default()
         },
+        tracker: TrackerConfig {
+            specific_queries_per_sec: specific_query_rate(opts.rate_bps),
+            ..TrackerConfig::default()
+        },
+        stats: mld_stats.clone(),
         ..ListenerConfig::default()
     };
     let mld = mld::spawn_listener(
@@ -213,6 +231,7 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
     shutdown.store(true, Ordering::Relaxed);
     let _ = sender.join();
     let _ = mld.join();
+    tracing::info!("{}", mld_stats.summary());
     tracing::info!(
         "sent {} packets ({} bytes on the wire, {} root records)",
         stats.packets.load(Ordering::Relaxed),
@@ -220,4 +239,22 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
         stats.root_packets.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_listener_queries_stay_within_a_percent_of_the_rate() {
+        assert_eq!(specific_query_rate(100_000_000), 1388);
+        assert_eq!(
+            specific_query_rate(1_000_000),
+            100,
+            "a floor for slow links"
+        );
+        let rate = 10_000_000_000;
+        let bits = u64::from(specific_query_rate(rate)) * SPECIFIC_QUERY_WIRE_BYTES * 8;
+        assert!(bits <= rate / 100);
+    }
 }
