@@ -10,6 +10,8 @@
 //!   [`encode_report`]). Never panics.
 //! - [`tracker`]: explicit tracking of listeners per group per reporting address, within
 //!   fixed limits, with last-listener queries before a leave is believed.
+//! - [`envelope`]: the RFC 3810 section 5 checks (link-local source, hop limit 1, Router
+//!   Alert) every received message must pass.
 //! - [`querier`]: when to send general queries, and when to stay quiet for another querier.
 //! - [`socket`]: the raw ICMPv6 socket and the thread that feeds the two state machines, and
 //!   a receiver's [`Reporter`].
@@ -21,6 +23,7 @@
 //! clamped ([`querier::clamp_adopted`]), so no query can make the tracker keep a listener
 //! longer than 260 s after its last report.
 
+pub mod envelope;
 pub mod parse;
 pub mod querier;
 pub mod socket;

@@ -22,6 +22,8 @@
 //!   silences ours at most 2 * 125 + 5 = 255 s after its last query, computed from the
 //!   clamped values. The floors are our own values, so that a query announcing tiny timers
 //!   cannot expire real listeners before anyone asked them again.
+//! - Only queries that passed the shell's checks reach [`Querier::handle_query`] (a
+//!   link-local source, hop limit 1 and a Router Alert option, RFC 3810 section 5).
 //! - Without a known own link-local address nothing is sent (queries must come from one) and
 //!   every other querier is deferred to.
 //!

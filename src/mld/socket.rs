@@ -7,6 +7,12 @@
 //! - Bound to the interface (`SO_BINDTOIFINDEX`), so only that link's messages are seen.
 //! - `ICMP6_FILTER` passes only types 130, 131, 132 and 143 (best effort; the parser also
 //!   rejects everything else).
+//! - Asks for each message's hop limit and hop-by-hop header: only messages with a link-local
+//!   (or, for reports, `::`) source, hop limit 1 and a Router Alert option are believed
+//!   ([`super::envelope`], RFC 3810 section 5); the others are counted in
+//!   [`MldStats::untrusted`].
+//! - A receive buffer of [`RECV_BUFFER`] bytes (best effort), so that a burst of reports queues
+//!   while the thread is off the CPU rather than pushing real reports out.
 //! - Joins `ff02::16` (where MLDv2 reports go) and `ff02::2` (where MLDv1 dones go). The kernel
 //!   delivers a multicast packet only if the host is a member of its destination, so MLDv1
 //!   reports (sent to the group itself) from other hosts are seen only for groups this host
@@ -36,9 +42,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, MaybeUninitSlice, MsgHdrMut, Protocol, SockAddr, Socket, Type};
 use tracing::{debug, warn};
 
+use super::envelope::{self, Checks, Distrust, Envelope};
 use super::parse::{encode_query, encode_report, parse, GroupRecord, MldMessage, Query};
 use super::parse::{RecordType, MLDV1_DONE, MLDV1_REPORT};
 use super::parse::{MLDV2_REPORT, MLD_QUERY};
@@ -58,6 +65,10 @@ const ROUTER_ALERT_HOPOPTS: [u8; 8] = [0, 0, 5, 2, 0, 0, 1, 0];
 const UNUSABLE_ADDR_FLAGS: u32 = 0x40 | 0x08;
 const ADDRESS_REFRESH: Duration = Duration::from_secs(1);
 const RECV_BUF: usize = 65536;
+/// Control messages of one message: hop limit, and a hop-by-hop header of up to 2048 bytes.
+const CONTROL_BUF: usize = 2304;
+/// Socket receive buffer: about a thousand queued reports, 25 ms of a 40 000 a second flood.
+const RECV_BUFFER: usize = 1 << 20;
 
 /// Settings of the MLD listener thread.
 #[derive(Debug, Clone)]
@@ -98,6 +109,8 @@ pub struct MldStats {
     pub ignored: AtomicU64,
     /// Queries the kernel refused to send.
     pub send_errors: AtomicU64,
+    /// Messages dropped by the RFC 3810 section 5 checks (source, hop limit, Router Alert).
+    pub untrusted: AtomicU64,
     /// Last-listener (multicast-address-specific) queries sent.
     pub specific_queries_sent: AtomicU64,
     /// Last-listener queries not sent because their rate limit was reached.
@@ -114,8 +127,8 @@ impl MldStats {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
             "MLD: {} reports, {} queries received, {} general and {} last-listener queries sent \
-             ({} rate limited); dropped {} malformed, {} ignored; refused {} new listeners and \
-             {} new groups (limits)",
+             ({} rate limited); dropped {} malformed, {} ignored, {} untrusted; refused {} new \
+             listeners and {} new groups (limits)",
             n(&self.reports),
             n(&self.queries_received),
             n(&self.queries_sent),
@@ -123,6 +136,7 @@ impl MldStats {
             n(&self.specific_queries_limited),
             n(&self.malformed),
             n(&self.ignored),
+            n(&self.untrusted),
             n(&self.refused_listeners),
             n(&self.refused_groups),
         )
@@ -144,7 +158,7 @@ pub fn spawn_listener(
     shutdown: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, MldError> {
     let name = iface_name(iface)?;
-    let sock = open_socket(iface, &name, config.tick)?;
+    let (sock, checks) = open_socket(iface, &name, config.tick)?;
     let now = Instant::now();
     let tracker_config = TrackerConfig {
         timing: config.querier.timing(),
@@ -153,6 +167,7 @@ pub fn spawn_listener(
     let tracker = ListenerTracker::new(tracker_config, Box::new(move |group| interest(group)));
     let shell = Shell {
         sock,
+        checks,
         iface,
         name: name.clone(),
         tracker,
@@ -316,8 +331,10 @@ fn raw_sender(iface: u32, name: &str) -> Result<Socket, MldError> {
     Ok(sock)
 }
 
-fn open_socket(iface: u32, name: &str, tick: Duration) -> Result<Socket, MldError> {
+fn open_socket(iface: u32, name: &str, tick: Duration) -> Result<(Socket, Checks), MldError> {
     let sock = raw_sender(iface, name)?;
+    let checks = ask_for_envelopes(&sock, name);
+    raise_recv_buffer(&sock, name);
     let mld = [MLD_QUERY, MLDV1_REPORT, MLDV1_DONE, MLDV2_REPORT];
     if let Err(e) = set_icmp6_filter(&sock, &mld) {
         debug!(
@@ -331,7 +348,40 @@ fn open_socket(iface: u32, name: &str, tick: Duration) -> Result<Socket, MldErro
     }
     sock.set_read_timeout(Some(tick.max(Duration::from_millis(1))))
         .map_err(io_error(name, "setting the receive timeout"))?;
-    Ok(sock)
+    Ok((sock, checks))
+}
+
+/// [`RECV_BUFFER`] bytes of receive buffer: past `net.core.rmem_max` with CAP_NET_ADMIN
+/// (`SO_RCVBUFFORCE`), else as much as that limit allows.
+fn raise_recv_buffer(sock: &Socket, name: &str) {
+    let size = libc::c_int::try_from(RECV_BUFFER).unwrap_or(libc::c_int::MAX);
+    let forced = set_bytes_opt(
+        sock,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        &size.to_ne_bytes(),
+    );
+    if forced.is_err() {
+        let _ = sock.set_recv_buffer_size(RECV_BUFFER);
+    }
+    debug!(iface = name, size = ?sock.recv_buffer_size(), "MLD receive buffer");
+}
+
+/// Asks the kernel for each message's hop limit and hop-by-hop header; a check whose option
+/// it refuses cannot be made.
+fn ask_for_envelopes(sock: &Socket, name: &str) -> Checks {
+    let on = 1 as libc::c_int;
+    let enable = |opt, what| {
+        let ok = set_bytes_opt(sock, libc::IPPROTO_IPV6, opt, &on.to_ne_bytes()).is_ok();
+        if !ok {
+            debug!(iface = name, "{what} refused: that MLD check is not made");
+        }
+        ok
+    };
+    Checks {
+        hop_limit: enable(libc::IPV6_RECVHOPLIMIT, "IPV6_RECVHOPLIMIT"),
+        router_alert: enable(libc::IPV6_RECVHOPOPTS, "IPV6_RECVHOPOPTS"),
+    }
 }
 
 /// Passes only the ICMPv6 types in `pass`. Linux semantics: a set bit blocks that type.
@@ -379,6 +429,8 @@ fn iface_name(index: u32) -> Result<String, MldError> {
 /// The state machines and the socket, owned by the thread.
 struct Shell {
     sock: Socket,
+    /// Which RFC 3810 section 5 checks the socket lets us make.
+    checks: Checks,
     iface: u32,
     name: String,
     tracker: ListenerTracker,
@@ -395,14 +447,15 @@ struct Shell {
 impl Shell {
     fn run(mut self) {
         let mut buf = vec![0u8; RECV_BUF];
+        let mut control = vec![0u8; CONTROL_BUF];
         while !self.shutdown.load(Ordering::Relaxed) {
             if !self.on_timers(Instant::now()) {
                 return;
             }
-            let keep_going = match recv_from(&self.sock, &mut buf) {
-                Ok((len, from)) => {
+            let keep_going = match recv_envelope(&self.sock, &mut buf, &mut control) {
+                Ok((len, envelope)) => {
                     let bytes = buf.get(..len).unwrap_or(&[]);
-                    self.on_packet(Instant::now(), from, bytes)
+                    self.on_packet(Instant::now(), &envelope, bytes)
                 }
                 Err(e) => self.on_recv_error(&e),
             };
@@ -483,12 +536,11 @@ impl Shell {
         self.emit(events)
     }
 
-    fn on_packet(&mut self, now: Instant, from: Option<Ipv6Addr>, bytes: &[u8]) -> bool {
-        let from = match from {
-            Some(a) if a.is_unicast_link_local() || a.is_unspecified() => a,
-            other => {
-                debug!(iface = %self.name, "MLD from non-link-local source {other:?} ignored");
-                bump(&self.stats.ignored);
+    fn on_packet(&mut self, now: Instant, envelope: &Envelope, bytes: &[u8]) -> bool {
+        let from = match envelope::check(envelope, self.checks) {
+            Ok(from) => from,
+            Err(why) => {
+                self.on_untrusted(envelope, why);
                 return true;
             }
         };
@@ -509,6 +561,16 @@ impl Shell {
                 true
             }
         }
+    }
+
+    fn on_untrusted(&self, envelope: &Envelope, why: Distrust) {
+        if why == Distrust::Source {
+            // Not MLD's business at all (our socket sees every ICMPv6 type it lets through).
+            bump(&self.stats.ignored);
+        } else {
+            bump(&self.stats.untrusted);
+        }
+        debug!(iface = %self.name, ?envelope, ?why, "MLD message not believed");
     }
 
     fn on_parse_error(&self, from: Ipv6Addr, e: &MldError) {
@@ -568,12 +630,34 @@ impl Shell {
     }
 }
 
-fn recv_from(sock: &Socket, buf: &mut [u8]) -> io::Result<(usize, Option<Ipv6Addr>)> {
-    // SAFETY: MaybeUninit<u8> has the layout of u8, and recv_from only ever writes initialized
-    // bytes into the slice, so `buf` stays initialized.
-    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
-    let (len, addr) = sock.recv_from(uninit)?;
-    Ok((len, addr.as_socket_ipv6().map(|a| *a.ip())))
+/// Receives one message into `buf`, with what the kernel says about it.
+fn recv_envelope(
+    sock: &Socket,
+    buf: &mut [u8],
+    control: &mut [u8],
+) -> io::Result<(usize, Envelope)> {
+    // SAFETY: MaybeUninit<u8> has the layout of u8, and recvmsg only ever writes initialized
+    // bytes into these slices, so `buf` and `control` stay initialized.
+    let data = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+    // SAFETY: as above.
+    let ctrl = unsafe { &mut *(control as *mut [u8] as *mut [MaybeUninit<u8>]) };
+    let mut addr = SockAddr::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0));
+    let mut bufs = [MaybeUninitSlice::new(data)];
+    let mut msg = MsgHdrMut::new()
+        .with_addr(&mut addr)
+        .with_buffers(&mut bufs)
+        .with_control(ctrl);
+    let len = sock.recvmsg(&mut msg, 0)?;
+    let control_len = msg.control_len();
+    let (hop_limit, router_alert) =
+        envelope::parse_control(control.get(..control_len).unwrap_or(&[]));
+    let from = addr.as_socket_ipv6().map(|a| *a.ip());
+    let envelope = Envelope {
+        from,
+        hop_limit,
+        router_alert,
+    };
+    Ok((len, envelope))
 }
 
 /// The non-tentative addresses of interface `iface` in `/proc/net/if_inet6` text
@@ -721,6 +805,11 @@ fe80 04 40 20 80 short";
         assert!(stats.queries_sent.load(Ordering::Relaxed) >= 4);
         assert!(stats.specific_queries_sent.load(Ordering::Relaxed) >= 2);
         assert_eq!(stats.malformed.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            stats.untrusted.load(Ordering::Relaxed),
+            0,
+            "real MLD messages pass the RFC 3810 section 5 checks"
+        );
     }
 
     /// The veth pair and namespace of the smoke test, removed on drop.
