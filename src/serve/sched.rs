@@ -45,11 +45,27 @@
 //! the rest of its round; if nobody does, the tracker reports it inactive and it is dropped.
 //! So a forged leave costs a real receiver one query's answer, not a stall and a rejoin.
 //!
+//! Nothing can starve the bulk queue, because a listener may never leave: a receiver stopped
+//! mid-transfer (SIGSTOP, a hung process: the kernel still answers queries for it) or a
+//! hostile host that joins every group it sees keeps objects listened to forever, and with
+//! strict priority their later rounds filled the urgent queue and no new block went out (a
+//! real copy stalled beside a host that did this). So:
+//! - a bulk round that has waited behind `bulk_patience` (2048) urgent symbols goes next, so
+//!   new objects get at least a round per 2048 symbols (a quarter of a second at 100 Mbit/s).
+//!   Honest later rounds (32 objects in flight, K/8 to K symbols each) rarely keep the queue
+//!   busy that long (at most once a run in the lossy three-receiver test), so they keep their
+//!   priority: alternating every round with bulk sent about 8% more bytes there, stragglers
+//!   falling out of step. Counted in symbols, unlike in time, the limit does not fire when
+//!   the sending thread merely waited for a core;
+//! - an object that still has listeners after `steady_rounds` later rounds waits twice as
+//!   long after each further round, up to `max_cooldown`, so an object listened to forever
+//!   costs about one round per `max_cooldown` (honest stragglers need a few rounds at most).
+//!
 //! The pacer is a token bucket counting wire bytes (payload plus IPv6 and UDP headers): it
 //! holds the average to `rate` and lets at most `burst` bytes out at once, because multicast
 //! has no congestion control and an unpaced sender floods the link.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use lcfs_cache::Hash;
@@ -81,6 +97,12 @@ pub struct SchedConfig {
     pub max_margin: f64,
     /// How often the beacon goes out while its group has listeners and bulk is queued.
     pub air_interval: Duration,
+    /// Later rounds after which the cooldown doubles with each further round.
+    pub steady_rounds: u32,
+    /// The longest pause between rounds of an object whose listeners never leave.
+    pub max_cooldown: Duration,
+    /// Urgent symbols a queued bulk round lets go first, at most, before it goes.
+    pub bulk_patience: u32,
 }
 
 impl Default for SchedConfig {
@@ -92,6 +114,9 @@ impl Default for SchedConfig {
             cursor_reset: Duration::from_secs(2),
             max_margin: 0.15,
             air_interval: Duration::from_millis(50),
+            steady_rounds: 4,
+            max_cooldown: Duration::from_secs(1),
+            bulk_patience: 2048,
         }
     }
 }
@@ -162,6 +187,8 @@ pub struct SchedStats {
     /// Blocks whose listeners all left within 10, 20, 40, 80, 160 ms or later after the end
     /// of the first round: how long MLD leaves take to arrive.
     pub leave_delay: [u64; 6],
+    /// Bulk rounds sent ahead of urgent ones because they had waited `bulk_patience`.
+    pub bulk_turns: u64,
 }
 
 pub struct Scheduler {
@@ -171,8 +198,13 @@ pub struct Scheduler {
     urgent: VecDeque<Hash>,
     bulk: VecDeque<Hash>,
     active: HashMap<Hash, Active>,
-    /// Objects between rounds, in order of when they resume.
-    cooling: VecDeque<(Instant, Hash)>,
+    /// Objects between rounds, by when they resume (and a sequence number, for order).
+    cooling: BTreeMap<(Instant, u64), Hash>,
+    cooling_seq: u64,
+    /// Urgent symbols sent while a bulk round waited.
+    bulk_waited: u32,
+    /// A bulk round goes first until it ends: the bulk queue waited `bulk_patience`.
+    bulk_turn: bool,
     cursors: HashMap<Hash, u32>,
     /// When objects that have a cursor last lost their listeners.
     idle_since: HashMap<Hash, Instant>,
@@ -196,7 +228,10 @@ impl Scheduler {
             urgent: VecDeque::new(),
             bulk: VecDeque::new(),
             active: HashMap::new(),
-            cooling: VecDeque::new(),
+            cooling: BTreeMap::new(),
+            cooling_seq: 0,
+            bulk_waited: 0,
+            bulk_turn: false,
             cursors: HashMap::new(),
             idle_since: HashMap::new(),
             root_active: false,
@@ -280,7 +315,7 @@ impl Scheduler {
     fn withdraw(&mut self, hash: &Hash) {
         self.urgent.retain(|h| h != hash);
         self.bulk.retain(|h| h != hash);
-        self.cooling.retain(|(_, h)| h != hash);
+        self.cooling.retain(|_, h| h != hash);
     }
 
     /// How long after the end of its first round a block's listeners left.
@@ -373,11 +408,11 @@ impl Scheduler {
             return Some(Transmit::Air);
         }
         self.resume_cooled(now);
-        let urgent = !self.urgent.is_empty();
-        let queue = if urgent {
-            &mut self.urgent
-        } else {
+        let from_bulk = self.pick_bulk();
+        let queue = if from_bulk {
             &mut self.bulk
+        } else {
+            &mut self.urgent
         };
         let hash = *queue.front()?;
         let a = self.active.get_mut(&hash)?;
@@ -388,7 +423,10 @@ impl Scheduler {
                 a.first_done = Some(now);
             }
             queue.pop_front();
-            self.cooling.push_back((now + self.config.cooldown, hash));
+            self.bulk_turn &= !from_bulk;
+            let pause = cooldown_after(&self.config, a.rounds);
+            self.cooling.insert((now + pause, self.cooling_seq), hash);
+            self.cooling_seq += 1;
         }
         let cursor = self.cursors.entry(hash).or_insert(0);
         if let Some(t) = a.idle_since.take() {
@@ -401,10 +439,34 @@ impl Scheduler {
         Some(Transmit::Symbol { hash, esi })
     }
 
+    /// Whether the next symbol comes from the bulk queue: when nothing is urgent, or when a
+    /// bulk round has waited behind `bulk_patience` urgent symbols (then until it ends).
+    fn pick_bulk(&mut self) -> bool {
+        if self.bulk.is_empty() {
+            self.bulk_turn = false;
+            self.bulk_waited = 0;
+            return false;
+        }
+        if self.urgent.is_empty() || self.bulk_turn {
+            self.bulk_waited = 0;
+            return true;
+        }
+        self.bulk_waited += 1;
+        if self.bulk_waited >= self.config.bulk_patience {
+            self.bulk_turn = true;
+            self.stats.bulk_turns += 1;
+        }
+        self.bulk_turn
+    }
+
     /// Objects whose cooldown ended still have listeners: they get another round, urgently.
     fn resume_cooled(&mut self, now: Instant) {
-        while self.cooling.front().is_some_and(|(t, _)| *t <= now) {
-            let Some((_, hash)) = self.cooling.pop_front() else {
+        while self
+            .cooling
+            .first_key_value()
+            .is_some_and(|((t, _), _)| *t <= now)
+        {
+            let Some((_, hash)) = self.cooling.pop_first() else {
                 return;
             };
             let Some(a) = self.active.get_mut(&hash) else {
@@ -424,12 +486,22 @@ impl Scheduler {
         if !self.urgent.is_empty() || !self.bulk.is_empty() {
             return None;
         }
-        let cool = self.cooling.front().map(|(t, _)| *t);
+        let cool = self.cooling.first_key_value().map(|((t, _), _)| *t);
         match (cool, self.next_root) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
+}
+
+/// The pause after an object's round number `rounds` (0 for the first): `cooldown` for the
+/// first `steady_rounds` later rounds, then doubling, up to `max_cooldown`.
+fn cooldown_after(config: &SchedConfig, rounds: u32) -> Duration {
+    let doublings = rounds.saturating_sub(config.steady_rounds).min(16);
+    config
+        .cooldown
+        .saturating_mul(1 << doublings)
+        .min(config.max_cooldown.max(config.cooldown))
 }
 
 /// A token bucket of wire bytes.
@@ -636,6 +708,66 @@ mod tests {
         s.handle_leaving(t0, &h(1));
         s.handle_inactive(t0 + cooldown * 3, &h(1));
         assert!(s.is_idle() && s.active_objects() == 0);
+    }
+
+    /// Symbols sent for `hash` in `sent`.
+    fn count(sent: &[Transmit], hash: Hash) -> usize {
+        sent.iter()
+            .filter(|t| matches!(t, Transmit::Symbol { hash: h, .. } if *h == hash))
+            .count()
+    }
+
+    #[test]
+    fn listeners_that_never_leave_cannot_starve_new_objects() {
+        let mut s = Scheduler::new(SchedConfig::default());
+        // 40 large objects whose listeners never leave; one packet per 116 us (100 Mbit/s).
+        for i in 0..40 {
+            s.handle_active(h(i), 400, false);
+        }
+        let (t0, tick) = (Instant::now(), Duration::from_micros(116));
+        let mut now = t0;
+        let send_until = |s: &mut Scheduler, now: &mut Instant, end: Instant| {
+            let mut sent = Vec::new();
+            while *now < end {
+                sent.extend(s.poll_transmit(*now));
+                *now += tick;
+            }
+            sent
+        };
+        // Long enough for every first round and for the rounds to slow down: 40 rounds of
+        // 400 a second are still more than the link carries.
+        send_until(&mut s, &mut now, t0 + Duration::from_secs(20));
+        assert!(s.bulk.is_empty());
+        // A real receiver's new block arrives while their later rounds go on.
+        s.handle_active(h(200), 32, false);
+        let sent = send_until(&mut s, &mut now, t0 + Duration::from_secs(21));
+        let got = count(&sent, h(200));
+        assert!(
+            got >= 32,
+            "the new block got {got} symbols in a second, K is 32"
+        );
+    }
+
+    #[test]
+    fn rounds_of_an_object_listened_to_forever_slow_down() {
+        let config = SchedConfig::default();
+        let mut s = Scheduler::new(config.clone());
+        s.handle_active(h(1), 32, false);
+        let (t0, mut now) = (Instant::now(), Instant::now());
+        let mut symbols = 0;
+        while now < t0 + Duration::from_secs(10) {
+            symbols += drain(&mut s, now).len();
+            now = s
+                .poll_timeout()
+                .unwrap()
+                .max(now + Duration::from_millis(1));
+        }
+        // Without the backoff: a round of K every 60 ms, about 5300 symbols in 10 s.
+        assert!(symbols < 32 * 20, "{symbols} symbols in 10 s");
+        assert_eq!(cooldown_after(&config, 0), config.cooldown);
+        assert_eq!(cooldown_after(&config, 4), config.cooldown);
+        assert_eq!(cooldown_after(&config, 5), config.cooldown * 2);
+        assert_eq!(cooldown_after(&config, 100), config.max_cooldown);
     }
 
     #[test]
