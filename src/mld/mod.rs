@@ -8,7 +8,10 @@
 //! inputs are `handle_*`, outputs are `poll_*`):
 //! - [`parse`]: ICMPv6 bytes to [`MldMessage`] and back ([`encode_query`],
 //!   [`encode_report`]). Never panics.
-//! - [`tracker`]: explicit tracking of listeners per group per reporting address.
+//! - [`tracker`]: explicit tracking of listeners per group per reporting address, within
+//!   fixed limits, with last-listener queries before a leave is believed.
+//! - [`envelope`]: the RFC 3810 section 5 checks (link-local source, hop limit 1, Router
+//!   Alert) every received message must pass.
 //! - [`querier`]: when to send general queries, and when to stay quiet for another querier.
 //! - [`socket`]: the raw ICMPv6 socket and the thread that feeds the two state machines, and
 //!   a receiver's [`Reporter`].
@@ -16,8 +19,11 @@
 //! Invariant: listener expiry and query timing come from one [`MldTiming`]. The querier owns
 //! the effective timing (its own, or the one adopted from another querier it defers to) and the
 //! shell copies it into the tracker after every query, so a listener is never expired sooner
-//! than the link's querier would ask it again.
+//! than the link's querier would ask it again. What is adopted from another querier is
+//! clamped ([`querier::clamp_adopted`]), so no query can make the tracker keep a listener
+//! longer than 260 s after its last report.
 
+pub mod envelope;
 pub mod parse;
 pub mod querier;
 pub mod socket;
@@ -31,7 +37,7 @@ pub use parse::{
 };
 pub use querier::{Querier, QuerierConfig};
 pub use socket::{spawn_listener, ListenerConfig, MldStats, Reporter};
-pub use tracker::{GroupEvent, Interest, ListenerTracker, TrackerConfig};
+pub use tracker::{GroupEvent, Interest, ListenerTracker, TrackerConfig, TrackerStats};
 
 /// Errors of the MLD module: decoding received bytes, and opening the socket.
 #[derive(Debug, thiserror::Error)]

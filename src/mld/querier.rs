@@ -13,6 +13,17 @@
 //!   general queries; RFC defaults of 2 and 125 s for an MLDv1 querier) is the effective timing
 //!   returned by [`Querier::timing`]: the tracker must expire listeners by the querier that
 //!   actually asks them, not by ours.
+//! - Adopted timers are clamped ([`clamp_adopted`]): anyone on the link can send a query from
+//!   `fe80::1`, and one announcing the largest QRV (7), QQIC (31744 s) and response delay
+//!   (8387 s) would otherwise keep every listener, forged ones included, for 61 hours and
+//!   silence our queries as long. The ceilings are RFC 3810's defaults (9.1, 9.2, 9.3:
+//!   robustness 2, query interval 125 s, response delay 10 s), what real routers announce: a
+//!   listener is kept at most 2 * 125 + 10 = 260 s after its last report, and a lower querier
+//!   silences ours at most 2 * 125 + 5 = 255 s after its last query, computed from the
+//!   clamped values. The floors are our own values, so that a query announcing tiny timers
+//!   cannot expire real listeners before anyone asked them again.
+//! - Only queries that passed the shell's checks reach [`Querier::handle_query`] (a
+//!   link-local source, hop limit 1 and a Router Alert option, RFC 3810 section 5).
 //! - Without a known own link-local address nothing is sent (queries must come from one) and
 //!   every other querier is deferred to.
 //!
@@ -27,6 +38,34 @@ use super::MldTiming;
 
 /// RFC 2710 default query interval, assumed for an MLDv1 querier (its queries carry no QQIC).
 const MLDV1_QUERY_INTERVAL: Duration = Duration::from_secs(125);
+
+/// The largest timing adopted from another querier: RFC 3810's defaults.
+const MAX_ADOPTED: MldTiming = MldTiming {
+    robustness: 2,
+    query_interval: Duration::from_secs(125),
+    max_response_delay: Duration::from_secs(10),
+};
+
+/// `timing` announced by another querier, held between `ours` and the larger of `ours` and
+/// [`MAX_ADOPTED`].
+pub fn clamp_adopted(timing: MldTiming, ours: MldTiming) -> MldTiming {
+    fn within<T: Ord + Copy>(v: T, lo: T, hi: T) -> T {
+        v.clamp(lo, hi.max(lo))
+    }
+    MldTiming {
+        robustness: within(timing.robustness, ours.robustness, MAX_ADOPTED.robustness),
+        query_interval: within(
+            timing.query_interval,
+            ours.query_interval,
+            MAX_ADOPTED.query_interval,
+        ),
+        max_response_delay: within(
+            timing.max_response_delay,
+            ours.max_response_delay,
+            MAX_ADOPTED.max_response_delay,
+        ),
+    }
+}
 
 /// Querier settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +141,11 @@ impl Querier {
             next_query: now,
             other: None,
         }
+    }
+
+    /// The settings this querier was made with.
+    pub fn config(&self) -> &QuerierConfig {
+        &self.config
     }
 
     /// Our link-local address on the link, or `None` while it is unknown.
@@ -181,8 +225,8 @@ impl Querier {
         }
     }
 
-    /// RFC 3810 9.1/9.2: adopt QRV and QQI of the querier's general queries when non-zero.
-    /// Address-specific queries keep what was adopted before.
+    /// RFC 3810 9.1/9.2: adopt QRV and QQI of the querier's general queries when non-zero,
+    /// clamped. Address-specific queries keep what was adopted before.
     fn adopted_timing(&self, query: &Query, previous: Option<MldTiming>) -> MldTiming {
         let ours = self.config.timing();
         if !query.is_general() {
@@ -198,11 +242,12 @@ impl Querier {
             ),
             None => (ours.robustness, MLDV1_QUERY_INTERVAL),
         };
-        MldTiming {
+        let announced = MldTiming {
             robustness,
             query_interval,
             max_response_delay: query.max_response_delay(),
-        }
+        };
+        clamp_adopted(announced, ours)
     }
 }
 
@@ -316,12 +361,12 @@ mod tests {
         assert_eq!(q.timing(), QuerierConfig::default().timing());
         q.handle_query(start, LOWER, &general_v2(3, 60));
         let adopted = MldTiming {
-            robustness: 3,
+            robustness: 2,
             query_interval: Duration::from_secs(60),
             max_response_delay: Duration::from_secs(2),
         };
-        assert_eq!(q.timing(), adopted);
-        assert_eq!(q.poll_timeout(), Some(start + secs(181.0)));
+        assert_eq!(q.timing(), adopted, "QRV 3 is held to 2");
+        assert_eq!(q.poll_timeout(), Some(start + secs(121.0)));
         let specific = Query::address_specific(
             Ipv6Addr::new(0xff1e, 0, 0, 0, 0, 0, 0, 1),
             Duration::from_millis(100),
@@ -330,7 +375,45 @@ mod tests {
         );
         q.handle_query(start + secs(1.0), LOWER, &specific);
         assert_eq!(q.timing(), adopted, "specific queries refresh, not adopt");
-        assert!(q.poll_transmit(start + secs(182.0)).is_some());
+        assert!(q.poll_transmit(start + secs(122.0)).is_some());
+        assert_eq!(q.timing(), QuerierConfig::default().timing());
+    }
+
+    /// The forged query: the largest timers MLD can carry, from below our address.
+    #[test]
+    fn forged_timers_are_clamped() {
+        let start = Instant::now();
+        let mut q = querier(start);
+        let forged = Query {
+            max_response_code: 0xffff,
+            group: Ipv6Addr::UNSPECIFIED,
+            v2: Some(crate::mld::QueryV2 {
+                suppress_router_side: false,
+                qrv: 7,
+                qqic: 0xff,
+                sources: Vec::new(),
+            }),
+        };
+        assert!(forged.max_response_delay() > Duration::from_secs(8000));
+        assert_eq!(forged.v2.as_ref().unwrap().query_interval(), secs(31744.0));
+        assert!(q.poll_transmit(start).is_some());
+        q.handle_query(start, LOWER, &forged);
+        assert_eq!(q.timing(), MAX_ADOPTED);
+        assert_eq!(q.timing().listener_interval(), secs(260.0));
+        assert_eq!(q.poll_timeout(), Some(start + secs(255.0)));
+        assert!(q.poll_transmit(start + secs(254.9)).is_none());
+        assert!(
+            q.poll_transmit(start + secs(255.0)).is_some(),
+            "we query again"
+        );
+    }
+
+    #[test]
+    fn tiny_timers_are_raised_to_ours() {
+        let start = Instant::now();
+        let mut q = querier(start);
+        let tiny = Query::general(Duration::ZERO, 1, Duration::from_secs(1));
+        q.handle_query(start, LOWER, &tiny);
         assert_eq!(q.timing(), QuerierConfig::default().timing());
     }
 

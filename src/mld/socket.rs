@@ -7,6 +7,12 @@
 //! - Bound to the interface (`SO_BINDTOIFINDEX`), so only that link's messages are seen.
 //! - `ICMP6_FILTER` passes only types 130, 131, 132 and 143 (best effort; the parser also
 //!   rejects everything else).
+//! - Asks for each message's hop limit and hop-by-hop header: only messages with a link-local
+//!   (or, for reports, `::`) source, hop limit 1 and a Router Alert option are believed
+//!   ([`super::envelope`], RFC 3810 section 5); the others are counted in
+//!   [`MldStats::untrusted`].
+//! - A receive buffer of [`RECV_BUFFER`] bytes (best effort), so that a burst of reports queues
+//!   while the thread is off the CPU rather than pushing real reports out.
 //! - Joins `ff02::16` (where MLDv2 reports go) and `ff02::2` (where MLDv1 dones go). The kernel
 //!   delivers a multicast packet only if the host is a member of its destination, so MLDv1
 //!   reports (sent to the group itself) from other hosts are seen only for groups this host
@@ -14,12 +20,14 @@
 //! - Sends with hop limit 1 and a Router Alert hop-by-hop option (`IPV6_HOPOPTS`), to
 //!   `ff02::1` on the interface; the kernel fills in the checksum and picks the link-local
 //!   source (the destination is link-scoped). Queries wait until the interface has a
-//!   non-tentative link-local address.
+//!   non-tentative link-local address. The tracker's last-listener queries go to the group
+//!   they ask about (RFC 3810 5.1.15), whenever the tracker hands one out.
 //!
 //! The thread wakes at least every `tick` (recv timeout) to check `shutdown` and run timers.
 //! Own addresses are re-read from `/proc/net/if_inet6` every second. Malformed packets are
-//! counted and logged at debug level, never fatal. The thread ends on `shutdown` or when the
-//! event receiver is dropped.
+//! counted and logged at debug level, never fatal. What the tracker refuses is counted in
+//! [`MldStats`] and said once at warning level, never per packet. The thread ends on
+//! `shutdown` or when the event receiver is dropped.
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -34,14 +42,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, MaybeUninitSlice, MsgHdrMut, Protocol, SockAddr, Socket, Type};
 use tracing::{debug, warn};
 
+use super::envelope::{self, Checks, Distrust, Envelope};
 use super::parse::{encode_query, encode_report, parse, GroupRecord, MldMessage, Query};
 use super::parse::{RecordType, MLDV1_DONE, MLDV1_REPORT};
 use super::parse::{MLDV2_REPORT, MLD_QUERY};
 use super::querier::{Querier, QuerierConfig};
-use super::tracker::{GroupEvent, ListenerTracker};
+use super::tracker::{GroupEvent, ListenerTracker, TrackerConfig};
 use super::MldError;
 
 const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
@@ -56,12 +65,18 @@ const ROUTER_ALERT_HOPOPTS: [u8; 8] = [0, 0, 5, 2, 0, 0, 1, 0];
 const UNUSABLE_ADDR_FLAGS: u32 = 0x40 | 0x08;
 const ADDRESS_REFRESH: Duration = Duration::from_secs(1);
 const RECV_BUF: usize = 65536;
+/// Control messages of one message: hop limit, and a hop-by-hop header of up to 2048 bytes.
+const CONTROL_BUF: usize = 2304;
+/// Socket receive buffer: about a thousand queued reports, 25 ms of a 40 000 a second flood.
+const RECV_BUFFER: usize = 1 << 20;
 
 /// Settings of the MLD listener thread.
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
     /// Query timing; the tracker's listener expiry is derived from the same numbers.
     pub querier: QuerierConfig,
+    /// Limits and last-listener queries of the tracker; its timing comes from `querier`.
+    pub tracker: TrackerConfig,
     /// Receive timeout: the granularity of timers and of the shutdown check.
     pub tick: Duration,
     /// Counters, shared with whoever wants to read them.
@@ -72,6 +87,7 @@ impl Default for ListenerConfig {
     fn default() -> Self {
         Self {
             querier: QuerierConfig::default(),
+            tracker: TrackerConfig::default(),
             tick: Duration::from_millis(50),
             stats: Arc::default(),
         }
@@ -93,6 +109,38 @@ pub struct MldStats {
     pub ignored: AtomicU64,
     /// Queries the kernel refused to send.
     pub send_errors: AtomicU64,
+    /// Messages dropped by the RFC 3810 section 5 checks (source, hop limit, Router Alert).
+    pub untrusted: AtomicU64,
+    /// Last-listener (multicast-address-specific) queries sent.
+    pub specific_queries_sent: AtomicU64,
+    /// Last-listener queries not sent because their rate limit was reached.
+    pub specific_queries_limited: AtomicU64,
+    /// New listeners refused because their group or the tracker was full.
+    pub refused_listeners: AtomicU64,
+    /// New groups refused because the tracker tracked as many as it may.
+    pub refused_groups: AtomicU64,
+}
+
+impl MldStats {
+    /// One line for the server's log.
+    pub fn summary(&self) -> String {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "MLD: {} reports, {} queries received, {} general and {} last-listener queries sent \
+             ({} rate limited); dropped {} malformed, {} ignored, {} untrusted; refused {} new \
+             listeners and {} new groups (limits)",
+            n(&self.reports),
+            n(&self.queries_received),
+            n(&self.queries_sent),
+            n(&self.specific_queries_sent),
+            n(&self.specific_queries_limited),
+            n(&self.malformed),
+            n(&self.ignored),
+            n(&self.untrusted),
+            n(&self.refused_listeners),
+            n(&self.refused_groups),
+        )
+    }
 }
 
 fn bump(counter: &AtomicU64) {
@@ -110,14 +158,16 @@ pub fn spawn_listener(
     shutdown: Arc<AtomicBool>,
 ) -> Result<JoinHandle<()>, MldError> {
     let name = iface_name(iface)?;
-    let sock = open_socket(iface, &name, config.tick)?;
+    let (sock, checks) = open_socket(iface, &name, config.tick)?;
     let now = Instant::now();
-    let tracker = ListenerTracker::new(
-        config.querier.tracker_config(),
-        Box::new(move |group| interest(group)),
-    );
+    let tracker_config = TrackerConfig {
+        timing: config.querier.timing(),
+        ..config.tracker
+    };
+    let tracker = ListenerTracker::new(tracker_config, Box::new(move |group| interest(group)));
     let shell = Shell {
         sock,
+        checks,
         iface,
         name: name.clone(),
         tracker,
@@ -127,6 +177,7 @@ pub fn spawn_listener(
         events,
         shutdown,
         next_address_refresh: now,
+        limits_reported: false,
     };
     std::thread::Builder::new()
         .name(format!("lcfs-mld-{name}"))
@@ -280,8 +331,10 @@ fn raw_sender(iface: u32, name: &str) -> Result<Socket, MldError> {
     Ok(sock)
 }
 
-fn open_socket(iface: u32, name: &str, tick: Duration) -> Result<Socket, MldError> {
+fn open_socket(iface: u32, name: &str, tick: Duration) -> Result<(Socket, Checks), MldError> {
     let sock = raw_sender(iface, name)?;
+    let checks = ask_for_envelopes(&sock, name);
+    raise_recv_buffer(&sock, name);
     let mld = [MLD_QUERY, MLDV1_REPORT, MLDV1_DONE, MLDV2_REPORT];
     if let Err(e) = set_icmp6_filter(&sock, &mld) {
         debug!(
@@ -295,7 +348,40 @@ fn open_socket(iface: u32, name: &str, tick: Duration) -> Result<Socket, MldErro
     }
     sock.set_read_timeout(Some(tick.max(Duration::from_millis(1))))
         .map_err(io_error(name, "setting the receive timeout"))?;
-    Ok(sock)
+    Ok((sock, checks))
+}
+
+/// [`RECV_BUFFER`] bytes of receive buffer: past `net.core.rmem_max` with CAP_NET_ADMIN
+/// (`SO_RCVBUFFORCE`), else as much as that limit allows.
+fn raise_recv_buffer(sock: &Socket, name: &str) {
+    let size = libc::c_int::try_from(RECV_BUFFER).unwrap_or(libc::c_int::MAX);
+    let forced = set_bytes_opt(
+        sock,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        &size.to_ne_bytes(),
+    );
+    if forced.is_err() {
+        let _ = sock.set_recv_buffer_size(RECV_BUFFER);
+    }
+    debug!(iface = name, size = ?sock.recv_buffer_size(), "MLD receive buffer");
+}
+
+/// Asks the kernel for each message's hop limit and hop-by-hop header; a check whose option
+/// it refuses cannot be made.
+fn ask_for_envelopes(sock: &Socket, name: &str) -> Checks {
+    let on = 1 as libc::c_int;
+    let enable = |opt, what| {
+        let ok = set_bytes_opt(sock, libc::IPPROTO_IPV6, opt, &on.to_ne_bytes()).is_ok();
+        if !ok {
+            debug!(iface = name, "{what} refused: that MLD check is not made");
+        }
+        ok
+    };
+    Checks {
+        hop_limit: enable(libc::IPV6_RECVHOPLIMIT, "IPV6_RECVHOPLIMIT"),
+        router_alert: enable(libc::IPV6_RECVHOPOPTS, "IPV6_RECVHOPOPTS"),
+    }
 }
 
 /// Passes only the ICMPv6 types in `pass`. Linux semantics: a set bit blocks that type.
@@ -343,6 +429,8 @@ fn iface_name(index: u32) -> Result<String, MldError> {
 /// The state machines and the socket, owned by the thread.
 struct Shell {
     sock: Socket,
+    /// Which RFC 3810 section 5 checks the socket lets us make.
+    checks: Checks,
     iface: u32,
     name: String,
     tracker: ListenerTracker,
@@ -352,19 +440,22 @@ struct Shell {
     events: Sender<GroupEvent>,
     shutdown: Arc<AtomicBool>,
     next_address_refresh: Instant,
+    /// The tracker's limits were reached and that was logged (once per run).
+    limits_reported: bool,
 }
 
 impl Shell {
     fn run(mut self) {
         let mut buf = vec![0u8; RECV_BUF];
+        let mut control = vec![0u8; CONTROL_BUF];
         while !self.shutdown.load(Ordering::Relaxed) {
             if !self.on_timers(Instant::now()) {
                 return;
             }
-            let keep_going = match recv_from(&self.sock, &mut buf) {
-                Ok((len, from)) => {
+            let keep_going = match recv_envelope(&self.sock, &mut buf, &mut control) {
+                Ok((len, envelope)) => {
                     let bytes = buf.get(..len).unwrap_or(&[]);
-                    self.on_packet(Instant::now(), from, bytes)
+                    self.on_packet(Instant::now(), &envelope, bytes)
                 }
                 Err(e) => self.on_recv_error(&e),
             };
@@ -388,10 +479,46 @@ impl Shell {
             return false;
         }
         if let Some(query) = self.querier.poll_transmit(now) {
-            self.send_query(&query);
+            self.send_query(&query, ALL_NODES);
         }
+        self.send_specific_queries();
         self.tracker.set_timing(self.querier.timing());
+        self.publish_stats();
         true
+    }
+
+    /// The tracker's last-listener queries, each to the group it asks about. They carry our
+    /// own robustness and query interval, like our general queries.
+    fn send_specific_queries(&mut self) {
+        let c = self.querier.config();
+        let delay = self.tracker.config().last_listener_interval;
+        while let Some(group) = self.tracker.poll_query() {
+            let query = Query::address_specific(group, delay, c.robustness, c.query_interval);
+            if self.send_query(&query, group) {
+                bump(&self.stats.specific_queries_sent);
+            }
+        }
+    }
+
+    /// Copies the tracker's counters out, and says once that its limits were reached.
+    fn publish_stats(&mut self) {
+        let t = self.tracker.stats();
+        let s = &self.stats;
+        s.refused_listeners
+            .store(t.refused_listeners, Ordering::Relaxed);
+        s.refused_groups.store(t.refused_groups, Ordering::Relaxed);
+        s.specific_queries_limited
+            .store(t.specific_queries_limited, Ordering::Relaxed);
+        if !self.limits_reported && t.refused_listeners + t.refused_groups > 0 {
+            self.limits_reported = true;
+            let c = self.tracker.config();
+            warn!(
+                iface = %self.name,
+                "MLD listener limits reached ({} per group, {} in all, {} groups): new \
+                 listeners are refused and counted, the ones known are kept",
+                c.max_listeners_per_group, c.max_listeners, c.max_groups
+            );
+        }
     }
 
     fn refresh_addresses(&mut self) -> bool {
@@ -409,12 +536,11 @@ impl Shell {
         self.emit(events)
     }
 
-    fn on_packet(&mut self, now: Instant, from: Option<Ipv6Addr>, bytes: &[u8]) -> bool {
-        let from = match from {
-            Some(a) if a.is_unicast_link_local() || a.is_unspecified() => a,
-            other => {
-                debug!(iface = %self.name, "MLD from non-link-local source {other:?} ignored");
-                bump(&self.stats.ignored);
+    fn on_packet(&mut self, now: Instant, envelope: &Envelope, bytes: &[u8]) -> bool {
+        let from = match envelope::check(envelope, self.checks) {
+            Ok(from) => from,
+            Err(why) => {
+                self.on_untrusted(envelope, why);
                 return true;
             }
         };
@@ -437,6 +563,16 @@ impl Shell {
         }
     }
 
+    fn on_untrusted(&self, envelope: &Envelope, why: Distrust) {
+        if why == Distrust::Source {
+            // Not MLD's business at all (our socket sees every ICMPv6 type it lets through).
+            bump(&self.stats.ignored);
+        } else {
+            bump(&self.stats.untrusted);
+        }
+        debug!(iface = %self.name, ?envelope, ?why, "MLD message not believed");
+    }
+
     fn on_parse_error(&self, from: Ipv6Addr, e: &MldError) {
         if let MldError::NotMld(_) = e {
             bump(&self.stats.ignored);
@@ -457,14 +593,26 @@ impl Shell {
         true
     }
 
-    fn send_query(&self, query: &Query) {
+    /// Sends `query` to `to`; false if the kernel refused (counted, and logged at warning
+    /// level for general queries only: specific ones follow leaves anyone can forge).
+    fn send_query(&self, query: &Query, to: Ipv6Addr) -> bool {
         let bytes = encode_query(query);
-        let dst = SockAddr::from(SocketAddrV6::new(ALL_NODES, 0, 0, self.iface));
+        let dst = SockAddr::from(SocketAddrV6::new(to, 0, 0, self.iface));
         match self.sock.send_to(&bytes, &dst) {
-            Ok(_) => bump(&self.stats.queries_sent),
-            Err(e) => {
+            Ok(_) if query.is_general() => {
+                bump(&self.stats.queries_sent);
+                true
+            }
+            Ok(_) => true,
+            Err(e) if query.is_general() => {
                 bump(&self.stats.send_errors);
                 warn!(iface = %self.name, "sending MLD query failed: {e}");
+                false
+            }
+            Err(e) => {
+                bump(&self.stats.send_errors);
+                debug!(iface = %self.name, %to, "sending MLD query failed: {e}");
+                false
             }
         }
     }
@@ -482,12 +630,34 @@ impl Shell {
     }
 }
 
-fn recv_from(sock: &Socket, buf: &mut [u8]) -> io::Result<(usize, Option<Ipv6Addr>)> {
-    // SAFETY: MaybeUninit<u8> has the layout of u8, and recv_from only ever writes initialized
-    // bytes into the slice, so `buf` stays initialized.
-    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
-    let (len, addr) = sock.recv_from(uninit)?;
-    Ok((len, addr.as_socket_ipv6().map(|a| *a.ip())))
+/// Receives one message into `buf`, with what the kernel says about it.
+fn recv_envelope(
+    sock: &Socket,
+    buf: &mut [u8],
+    control: &mut [u8],
+) -> io::Result<(usize, Envelope)> {
+    // SAFETY: MaybeUninit<u8> has the layout of u8, and recvmsg only ever writes initialized
+    // bytes into these slices, so `buf` and `control` stay initialized.
+    let data = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+    // SAFETY: as above.
+    let ctrl = unsafe { &mut *(control as *mut [u8] as *mut [MaybeUninit<u8>]) };
+    let mut addr = SockAddr::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0));
+    let mut bufs = [MaybeUninitSlice::new(data)];
+    let mut msg = MsgHdrMut::new()
+        .with_addr(&mut addr)
+        .with_buffers(&mut bufs)
+        .with_control(ctrl);
+    let len = sock.recvmsg(&mut msg, 0)?;
+    let control_len = msg.control_len();
+    let (hop_limit, router_alert) =
+        envelope::parse_control(control.get(..control_len).unwrap_or(&[]));
+    let from = addr.as_socket_ipv6().map(|a| *a.ip());
+    let envelope = Envelope {
+        from,
+        hop_limit,
+        router_alert,
+    };
+    Ok((len, envelope))
 }
 
 /// The non-tentative addresses of interface `iface` in `/proc/net/if_inet6` text
@@ -613,7 +783,8 @@ fe80 04 40 20 80 short";
             stats.reports.load(Ordering::Relaxed) - reports
         );
         drop(local);
-        assert_eq!(wait("local leave"), GroupEvent::Inactive(group));
+        assert_eq!(wait("local leave"), GroupEvent::Leaving(group));
+        assert_eq!(wait("no answer"), GroupEvent::Inactive(group));
 
         // Another host: a process in the peer namespace joins on lcm1.
         let mut remote = Lab::remote_joiner("lcm1", group);
@@ -625,13 +796,20 @@ fe80 04 40 20 80 short";
         );
         remote.kill().unwrap();
         remote.wait().unwrap();
-        assert_eq!(wait("remote leave"), GroupEvent::Inactive(group));
+        assert_eq!(wait("remote leave"), GroupEvent::Leaving(group));
+        assert_eq!(wait("no answer"), GroupEvent::Inactive(group));
 
         shutdown.store(true, Ordering::Relaxed);
         handle.join().unwrap();
         eprintln!("final stats {stats:?}");
         assert!(stats.queries_sent.load(Ordering::Relaxed) >= 4);
+        assert!(stats.specific_queries_sent.load(Ordering::Relaxed) >= 2);
         assert_eq!(stats.malformed.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            stats.untrusted.load(Ordering::Relaxed),
+            0,
+            "real MLD messages pass the RFC 3810 section 5 checks"
+        );
     }
 
     /// The veth pair and namespace of the smoke test, removed on drop.

@@ -1,41 +1,101 @@
 //! Explicit tracking of multicast listeners: per group, per reporting address, that listener's
-//! filter mode, source list and expiry.
+//! filter mode, source list and expiry, within fixed limits whatever the link sends.
 //!
 //! The tracker is a sans-IO state machine: [`ListenerTracker::handle_message`] takes a decoded
-//! report and `now`, [`ListenerTracker::poll_expired`] drops listeners that stopped reporting,
-//! [`ListenerTracker::poll_timeout`] says when that next happens. Both return [`GroupEvent`]s.
+//! report and `now`; [`ListenerTracker::poll_expired`] runs the timers that are due,
+//! [`ListenerTracker::poll_timeout`] says when that next happens, and
+//! [`ListenerTracker::poll_query`] hands out the Multicast-Address-Specific Queries to send.
 //!
 //! Semantics (the listener's own filter state, RFC 3810 section 6 as a host keeps it):
 //! - MLDv1 report = EXCLUDE{}; MLDv1 done = the listener leaves.
 //! - IS_IN / TO_IN (S) = INCLUDE(S); IS_EX / TO_EX (S) = EXCLUDE(S).
 //! - ALLOW(S): INCLUDE(A) becomes A + S, EXCLUDE(X) becomes X - S; with no state, INCLUDE(S).
 //! - BLOCK(S): INCLUDE(A) becomes A - S, EXCLUDE(X) becomes X + S; with no state, nothing.
-//! - INCLUDE{} removes the listener at once (no last-listener query: explicit tracking knows).
+//! - INCLUDE{} removes the listener.
 //! - A listener wants the group in EXCLUDE mode unless it excludes one of our own addresses,
 //!   and in INCLUDE mode if the list is non-empty and, when our addresses are known, holds one.
 //! - Any record from a listener refreshes its expiry to `now` + [`MldTiming::listener_interval`].
 //! - Reports from `::` (sent during duplicate address detection) are one more listener.
 //!
-//! Invariants: only groups for which the interest predicate (given to the constructor) returns
-//! true are stored; a group is active iff one of its listeners wants it; [`GroupEvent`]s are
-//! emitted only when that changes, once per message; a listener in INCLUDE{} is never stored.
-//! Queries are ignored here (the querier handles them). `poll_timeout` is O(listeners).
+//! A group is *listened* while one of its listeners wants it, *checking* while a last-listener
+//! query runs, and *idle* otherwise. [`GroupEvent`]s report changes of that status, at most
+//! one per group per message or timer: `Active` (now listened), `Leaving` (listened, now
+//! checking), `Inactive` (now idle).
+//!
+//! Leaves are not trusted (MLD carries no authentication, and anyone on the link can send a
+//! done from a receiver's address). When the last listener that wants a group stops wanting
+//! it, by a done, TO_IN{}, BLOCK or an EXCLUDE of our address, the group turns *checking*
+//! (RFC 3810 7.6.2 and 9.5 to 9.7): a Multicast-Address-Specific Query goes out at once and
+//! `robustness - 1` more follow `last_listener_interval` apart; any report that wants the group
+//! makes it listened again, and without one it turns idle after robustness *
+//! `last_listener_interval` (the Last Listener Query Time). The same check runs when the last
+//! known listener of a group that refused listeners (see below) expires: the refused ones may
+//! still listen. We send these queries even while another querier is elected, a deviation
+//! from RFC 3810 7.6.2: our own explicit tracking needs the answers, and a forged querier
+//! must not make forged leaves trusted again.
+//!
+//! These queries are rate limited (a token bucket, `specific_queries_per_sec` with a burst of
+//! `specific_query_burst`), so that a flood of dones cannot make the server a query
+//! amplifier: one check per group at a time, and a check that finds the bucket empty sends no
+//! query and turns idle after the same Last Listener Query Time (a receiver that still wants
+//! the group rejoins, which reports, within its stall interval).
+//!
+//! Limits, chosen for real links and held against any flood:
+//! - `max_groups` (4096) groups tracked: a receiver joins at most 34 groups at once (root,
+//!   beacon and a window of 32 objects), and a sender at 100 Mbit/s finishes about 200 block
+//!   rounds a second, so more groups than this could not all be served within a receiver's
+//!   timeout anyway. Only groups the interest predicate accepts (our objects) are stored.
+//! - `max_listeners` (16384) listeners in all, 34 groups for each of 480 receivers.
+//! - `max_listeners_per_group` (64): one listener keeps a group active; more only spare a
+//!   last-listener query when one of them leaves. Every receiver joins the root and beacon
+//!   groups, so on a link with more receivers the others are refused there and found again
+//!   by the query when the known ones leave or expire.
+//! - `max_sources` (16) sources per listener, our own addresses kept first: lcfs receivers
+//!   filter no sources, and 16 sources decide "wants our data" as well as 1024 did.
+//!
+//! When a limit is reached, listeners already stored keep their state and are refreshed as
+//! usual; only new ones are refused, and counted in [`TrackerStats`]. A group without any
+//! listener always admits one, so that a flood of new addresses for the groups already
+//! tracked never stops a real receiver's new group from turning active. At about 250 bytes a
+//! listener (its map entry and heap entries), and up to 600 more for its sources, the limits
+//! hold the tracker to about 5 MiB, 17 MiB at worst.
+//!
+//! Timers (listener expiry, checks and their queries) live in a binary heap with lazy deletion
+//! ([`timers`]): a message costs O(records * log n) and a timer O(log n); nothing scans the
+//! listeners, except a change of our own addresses (rare) and a heap rebuild that happens once
+//! every n pushes or more. [`TrackerStats::timer_work`] counts what timers examined.
+//!
+//! Invariants: only groups for which the interest predicate (given to the constructor)
+//! returns true are stored; a group is stored while it has listeners or a check; a checking
+//! group has no listener that wants it; a listener in INCLUDE{} is never stored; each
+//! listener and each check has exactly one live heap entry, at or before its deadline.
+//! Queries are ignored here (the querier handles them).
 
-use std::collections::{BTreeSet, HashMap};
+mod timers;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::Ipv6Addr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::parse::{GroupRecord, MldMessage, RecordType};
 use super::MldTiming;
+use timers::Deadlines;
 
 /// Which groups the tracker stores: the server passes "is this group one of my objects".
 pub type Interest = Box<dyn Fn(&Ipv6Addr) -> bool + Send>;
 
-/// A change of a whole group: its first listener arrived, or its last one left.
+/// A change of a whole group's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GroupEvent {
-    /// Someone listens now: start sending the group's object.
+    /// Someone listens now: start sending the group's object, or go on.
     Active(Ipv6Addr),
+    /// The last listener said it left, and a last-listener query asks whether anyone else
+    /// still listens: finish what is under way but start nothing new. `Active` follows if
+    /// someone answers, `Inactive` if nobody does.
+    Leaving(Ipv6Addr),
     /// Nobody listens any more: stop sending.
     Inactive(Ipv6Addr),
 }
@@ -47,15 +107,51 @@ pub struct TrackerConfig {
     pub timing: MldTiming,
     /// Most sources remembered per listener per group (bounds memory under hostile ALLOWs).
     pub max_sources: usize,
+    /// Most groups tracked at once.
+    pub max_groups: usize,
+    /// Most listeners stored in all (a group's first listener is admitted beyond this).
+    pub max_listeners: usize,
+    /// Most listeners stored per group.
+    pub max_listeners_per_group: usize,
+    /// Last Listener Query Interval: the gap between a check's queries, and their maximum
+    /// response delay (RFC 3810 9.8; its default is 1 s, ours is shorter like our query
+    /// interval, so that a forged leave delays a receiver little).
+    pub last_listener_interval: Duration,
+    /// Multicast-Address-Specific Queries sent per second at most, on average.
+    pub specific_queries_per_sec: u32,
+    /// Multicast-Address-Specific Queries that may go out back to back.
+    pub specific_query_burst: u32,
 }
 
 impl Default for TrackerConfig {
     fn default() -> Self {
         Self {
             timing: MldTiming::default(),
-            max_sources: 1024,
+            max_sources: 16,
+            max_groups: 4096,
+            max_listeners: 16_384,
+            max_listeners_per_group: 64,
+            last_listener_interval: Duration::from_millis(250),
+            specific_queries_per_sec: 1000,
+            specific_query_burst: 256,
         }
     }
+}
+
+/// What the tracker refused, asked and examined: counters, never logged per packet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrackerStats {
+    /// New listeners refused because their group or the tracker was full.
+    pub refused_listeners: u64,
+    /// New groups refused because `max_groups` were tracked.
+    pub refused_groups: u64,
+    /// Multicast-Address-Specific Queries handed to [`ListenerTracker::poll_query`].
+    pub specific_queries: u64,
+    /// Checks and repeats that found the query budget empty and sent nothing.
+    pub specific_queries_limited: u64,
+    /// Heap entries and listeners examined by timers and own-address changes: what an O(n)
+    /// scan per packet would make grow with every packet.
+    pub timer_work: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +165,8 @@ struct Listener {
     mode: FilterMode,
     sources: BTreeSet<Ipv6Addr>,
     expires: Instant,
+    /// Deadline of this listener's live heap entry: at or before `expires`.
+    queued: Instant,
 }
 
 impl Listener {
@@ -81,6 +179,60 @@ impl Listener {
     }
 }
 
+/// A last-listener check under way.
+#[derive(Debug, Clone, Copy)]
+struct Check {
+    /// When the group turns idle unless a report wants it.
+    deadline: Instant,
+    /// When the next query goes out, if one is left.
+    next_query: Option<Instant>,
+    /// Queries still to send after `next_query`.
+    queries_left: u8,
+}
+
+impl Check {
+    fn next_timer(&self) -> Instant {
+        self.next_query
+            .map_or(self.deadline, |q| q.min(self.deadline))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Idle,
+    Listened,
+    Checking,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    listeners: HashMap<Ipv6Addr, Listener>,
+    /// Listeners that want the group.
+    wanting: usize,
+    /// A listener was refused since the last check: unknown listeners may exist.
+    crowded: bool,
+    check: Option<Check>,
+    /// Deadline of the check's live heap entry.
+    queued: Option<Instant>,
+}
+
+impl Group {
+    fn status(&self) -> Status {
+        match (self.wanting, self.check) {
+            (1.., _) => Status::Listened,
+            (0, Some(_)) => Status::Checking,
+            (0, None) => Status::Idle,
+        }
+    }
+}
+
+/// A heap entry's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Listener { group: Ipv6Addr, from: Ipv6Addr },
+    Check(Ipv6Addr),
+}
+
 /// A change to one listener's state, from one record.
 enum Change<'a> {
     Record(&'a GroupRecord),
@@ -88,12 +240,42 @@ enum Change<'a> {
     Leave,
 }
 
+/// A token bucket of Multicast-Address-Specific Queries.
+#[derive(Debug)]
+struct QueryBudget {
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl QueryBudget {
+    fn take(&mut self, now: Instant, config: &TrackerConfig) -> bool {
+        let burst = f64::from(config.specific_query_burst.max(1));
+        let rate = f64::from(config.specific_queries_per_sec);
+        let elapsed = self
+            .last
+            .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+        self.tokens = (self.tokens + elapsed.as_secs_f64() * rate).min(burst);
+        self.last = Some(now);
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
 /// Listeners per group, for the groups the server is interested in.
 pub struct ListenerTracker {
     config: TrackerConfig,
     interest: Interest,
     own: Vec<Ipv6Addr>,
-    groups: HashMap<Ipv6Addr, HashMap<Ipv6Addr, Listener>>,
+    groups: HashMap<Ipv6Addr, Group>,
+    /// Listeners stored, in all groups.
+    listeners: usize,
+    timers: Deadlines<Timer>,
+    queries: VecDeque<Ipv6Addr>,
+    budget: QueryBudget,
+    stats: TrackerStats,
 }
 
 impl std::fmt::Debug for ListenerTracker {
@@ -101,7 +283,9 @@ impl std::fmt::Debug for ListenerTracker {
         f.debug_struct("ListenerTracker")
             .field("config", &self.config)
             .field("own", &self.own)
-            .field("groups", &self.groups)
+            .field("groups", &self.groups.len())
+            .field("listeners", &self.listeners)
+            .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
 }
@@ -114,7 +298,20 @@ impl ListenerTracker {
             interest,
             own: Vec::new(),
             groups: HashMap::new(),
+            listeners: 0,
+            timers: Deadlines::new(),
+            queries: VecDeque::new(),
+            budget: QueryBudget {
+                tokens: 0.0,
+                last: None,
+            },
+            stats: TrackerStats::default(),
         }
+    }
+
+    /// The settings in force (the timing as last set).
+    pub fn config(&self) -> &TrackerConfig {
+        &self.config
     }
 
     /// Change the timing (the shell copies the querier's effective timing here). Applies to
@@ -124,12 +321,31 @@ impl ListenerTracker {
     }
 
     /// The addresses our data is sent from; decides source-filtered listeners. Empty: unknown,
-    /// any INCLUDE list that is not empty and any EXCLUDE list count as listening.
+    /// any INCLUDE list that is not empty and any EXCLUDE list count as listening. A change
+    /// is local knowledge, not a leave: groups it leaves unwanted turn idle at once.
     pub fn set_own_addresses(&mut self, own: &[Ipv6Addr]) -> Vec<GroupEvent> {
-        let groups: Vec<Ipv6Addr> = self.groups.keys().copied().collect();
-        let before = self.snapshot(&groups);
+        let same = own.len() == self.own.len() && own.iter().all(|a| self.own.contains(a));
+        if same {
+            return Vec::new();
+        }
         self.own = own.to_vec();
-        self.transitions(before)
+        let mut events = Vec::new();
+        let addresses: Vec<Ipv6Addr> = self.groups.keys().copied().collect();
+        for address in addresses {
+            let Some(group) = self.groups.get_mut(&address) else {
+                continue;
+            };
+            let before = group.status();
+            self.stats.timer_work += group.listeners.len() as u64;
+            group.wanting = group.listeners.values().filter(|l| l.wants(own)).count();
+            if group.wanting > 0 {
+                group.check = None;
+                group.queued = None;
+            }
+            events.extend(transition(address, before, group.status()));
+            self.drop_if_empty(address);
+        }
+        events
     }
 
     /// Apply one message received from `from` (its IPv6 source address).
@@ -148,91 +364,342 @@ impl ListenerTracker {
                 .map(|r| (r.group, Change::Record(r)))
                 .collect(),
         };
-        let changes: Vec<_> = changes
-            .into_iter()
-            .filter(|(group, _)| group.is_multicast() && (self.interest)(group))
-            .collect();
-        let mut touched: Vec<Ipv6Addr> = changes.iter().map(|(g, _)| *g).collect();
-        touched.sort_unstable();
-        touched.dedup();
-        let before = self.snapshot(&touched);
+        let mut seen = HashSet::new();
+        let mut touched = Vec::new();
         for (group, change) in changes {
+            if !group.is_multicast() || !(self.interest)(&group) {
+                continue;
+            }
+            if seen.insert(group) {
+                touched.push((group, self.status(&group)));
+            }
             self.apply(now, from, group, change);
         }
-        self.transitions(before)
+        let events = touched
+            .into_iter()
+            .filter_map(|(group, before)| self.settle(now, group, before))
+            .collect();
+        self.maybe_rebuild();
+        events
     }
 
-    /// Drop listeners whose expiry is at or before `now`.
+    /// Runs the timers due at `now`: listeners that stopped reporting expire, checks send
+    /// their next query or end.
     pub fn poll_expired(&mut self, now: Instant) -> Vec<GroupEvent> {
-        let groups: Vec<Ipv6Addr> = self.groups.keys().copied().collect();
-        let before = self.snapshot(&groups);
-        self.groups.retain(|_, listeners| {
-            listeners.retain(|_, l| l.expires > now);
-            !listeners.is_empty()
-        });
-        self.transitions(before)
+        let mut events = Vec::new();
+        while let Some((at, timer)) = self.timers.pop_due(now) {
+            self.stats.timer_work += 1;
+            let event = match timer {
+                Timer::Listener { group, from } => self.on_listener_timer(now, at, group, from),
+                Timer::Check(group) => self.on_check_timer(now, at, group),
+            };
+            events.extend(event);
+        }
+        self.maybe_rebuild();
+        events
     }
 
-    /// The next listener expiry, if any listener is stored.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.groups
-            .values()
-            .flat_map(|listeners| listeners.values().map(|l| l.expires))
-            .min()
+    /// When [`ListenerTracker::poll_expired`] should next run: never later than the next
+    /// expiry or query, sometimes earlier (a listener refreshed since its timer was set).
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(timer) = self.timers.peek_key() {
+            let at = self.timers.peek()?;
+            if self.is_live(at, timer) {
+                return Some(at);
+            }
+            self.stats.timer_work += 1;
+            self.timers.pop();
+        }
+        None
     }
 
-    /// True while at least one listener wants `group`.
+    /// The group of the next Multicast-Address-Specific Query to send, if one is due. The
+    /// budget was checked already: send every one returned.
+    pub fn poll_query(&mut self) -> Option<Ipv6Addr> {
+        self.queries.pop_front()
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> TrackerStats {
+        self.stats
+    }
+
+    /// True while at least one listener wants `group`, or a check runs for it.
     pub fn is_active(&self, group: &Ipv6Addr) -> bool {
-        self.listener_count(group) > 0
+        self.status(group) != Status::Idle
     }
 
-    /// The groups someone listens to, in no particular order.
+    /// The groups that are listened or checking, in no particular order.
     pub fn active_groups(&self) -> impl Iterator<Item = Ipv6Addr> + '_ {
         self.groups
             .iter()
-            .filter(|(_, listeners)| listeners.values().any(|l| l.wants(&self.own)))
+            .filter(|(_, g)| g.status() != Status::Idle)
             .map(|(group, _)| *group)
     }
 
-    /// How many listeners want `group` (listeners that exclude all our sources do not count).
+    /// How many stored listeners want `group` (listeners that exclude all our sources do
+    /// not count).
     pub fn listener_count(&self, group: &Ipv6Addr) -> usize {
-        self.groups.get(group).map_or(0, |listeners| {
-            listeners.values().filter(|l| l.wants(&self.own)).count()
-        })
+        self.groups.get(group).map_or(0, |g| g.wanting)
     }
 
-    fn snapshot(&self, groups: &[Ipv6Addr]) -> Vec<(Ipv6Addr, bool)> {
-        groups.iter().map(|g| (*g, self.is_active(g))).collect()
+    /// Listeners stored, in all groups.
+    pub fn total_listeners(&self) -> usize {
+        self.listeners
     }
 
-    fn transitions(&self, before: Vec<(Ipv6Addr, bool)>) -> Vec<GroupEvent> {
-        before
-            .into_iter()
-            .filter_map(|(group, was)| match (was, self.is_active(&group)) {
-                (false, true) => Some(GroupEvent::Active(group)),
-                (true, false) => Some(GroupEvent::Inactive(group)),
-                _ => None,
-            })
-            .collect()
+    /// Groups stored (listened, checking, or holding listeners that do not want them).
+    pub fn tracked_groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Heap entries held, stale ones included (bounded by twice the live timers + 1024).
+    pub fn timer_entries(&self) -> usize {
+        self.timers.len()
+    }
+
+    fn status(&self, group: &Ipv6Addr) -> Status {
+        self.groups.get(group).map_or(Status::Idle, Group::status)
+    }
+
+    fn is_live(&self, at: Instant, timer: Timer) -> bool {
+        match timer {
+            Timer::Listener { group, from } => self
+                .groups
+                .get(&group)
+                .and_then(|g| g.listeners.get(&from))
+                .is_some_and(|l| l.queued == at),
+            Timer::Check(group) => self
+                .groups
+                .get(&group)
+                .is_some_and(|g| g.queued == Some(at)),
+        }
+    }
+
+    /// After a message's records for `group`: start a check if its last wanting listener
+    /// left, end one if someone wants it again, and say what changed.
+    fn settle(&mut self, now: Instant, group: Ipv6Addr, before: Status) -> Option<GroupEvent> {
+        if let Some(g) = self.groups.get_mut(&group) {
+            if g.wanting > 0 {
+                g.check = None;
+                g.queued = None;
+            } else if before == Status::Listened && g.check.is_none() {
+                self.start_check(now, group);
+            }
+        }
+        let after = self.status(&group);
+        self.drop_if_empty(group);
+        transition(group, before, after)
     }
 
     fn apply(&mut self, now: Instant, from: Ipv6Addr, group: Ipv6Addr, change: Change<'_>) {
-        let listeners = self.groups.entry(group).or_default();
-        let old = listeners.remove(&from);
-        let state = old.map(|l| (l.mode, l.sources));
-        if let Some((mode, mut sources)) = next_state(state, change) {
-            cap_sources(&mut sources, &self.own, self.config.max_sources);
-            let expires = now + self.config.timing.listener_interval();
-            let listener = Listener {
-                mode,
-                sources,
-                expires,
-            };
-            listeners.insert(from, listener);
+        let old = self.take_listener(group, from);
+        let known = old.is_some();
+        let queued = old.as_ref().map(|l| l.queued);
+        let Some((mode, sources)) = next_state(old.map(|l| (l.mode, l.sources)), change) else {
+            return;
+        };
+        if known || self.admit(group) {
+            self.store_listener(now, group, from, (mode, sources), queued);
         }
-        if listeners.is_empty() {
+    }
+
+    /// Removes a listener, keeping the counts right; its heap entry turns stale.
+    fn take_listener(&mut self, group: Ipv6Addr, from: Ipv6Addr) -> Option<Listener> {
+        let g = self.groups.get_mut(&group)?;
+        let old = g.listeners.remove(&from)?;
+        g.wanting -= usize::from(old.wants(&self.own));
+        self.listeners -= 1;
+        Some(old)
+    }
+
+    /// Stores a listener in an existing group, expiring a listener interval from `now`. Its
+    /// live heap entry (`queued`) is kept unless it would fire late (the timing shrank).
+    fn store_listener(
+        &mut self,
+        now: Instant,
+        group: Ipv6Addr,
+        from: Ipv6Addr,
+        (mode, mut sources): (FilterMode, BTreeSet<Ipv6Addr>),
+        queued: Option<Instant>,
+    ) {
+        cap_sources(&mut sources, &self.own, self.config.max_sources);
+        let expires = now + self.config.timing.listener_interval();
+        let queued = match queued {
+            Some(q) if q <= expires => q,
+            _ => {
+                self.timers.push(expires, Timer::Listener { group, from });
+                expires
+            }
+        };
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        let listener = Listener {
+            mode,
+            sources,
+            expires,
+            queued,
+        };
+        g.wanting += usize::from(listener.wants(&self.own));
+        g.listeners.insert(from, listener);
+        self.listeners += 1;
+    }
+
+    /// Whether a new listener may be stored in `group` (creating the group if needed);
+    /// counts refusals.
+    fn admit(&mut self, group: Ipv6Addr) -> bool {
+        let c = &self.config;
+        let tracked = self.groups.len();
+        match self.groups.get_mut(&group) {
+            None if tracked >= c.max_groups => {
+                self.stats.refused_groups += 1;
+                false
+            }
+            None => {
+                self.groups.insert(group, Group::default());
+                true
+            }
+            Some(g) if g.listeners.is_empty() => true,
+            Some(g) => {
+                let room = g.listeners.len() < c.max_listeners_per_group
+                    && self.listeners < c.max_listeners;
+                if !room {
+                    g.crowded = true;
+                    self.stats.refused_listeners += 1;
+                }
+                room
+            }
+        }
+    }
+
+    /// The last wanting listener of `group` left: ask whether anyone else listens.
+    fn start_check(&mut self, now: Instant, group: Ipv6Addr) {
+        let interval = self.config.last_listener_interval;
+        let count = self.config.timing.robustness.max(1);
+        let queried = self.take_query(now, group);
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        let check = Check {
+            deadline: now + interval.saturating_mul(u32::from(count)),
+            next_query: (queried && count > 1).then(|| now + interval),
+            queries_left: if queried { count.saturating_sub(2) } else { 0 },
+        };
+        g.crowded = false;
+        g.check = Some(check);
+        g.queued = Some(check.next_timer());
+        self.timers.push(check.next_timer(), Timer::Check(group));
+    }
+
+    /// Queues a query for `group` if the budget allows; false (counted) if not.
+    fn take_query(&mut self, now: Instant, group: Ipv6Addr) -> bool {
+        if !self.budget.take(now, &self.config) {
+            self.stats.specific_queries_limited += 1;
+            return false;
+        }
+        self.stats.specific_queries += 1;
+        self.queries.push_back(group);
+        true
+    }
+
+    fn on_listener_timer(
+        &mut self,
+        now: Instant,
+        at: Instant,
+        group: Ipv6Addr,
+        from: Ipv6Addr,
+    ) -> Option<GroupEvent> {
+        let g = self.groups.get_mut(&group)?;
+        let listener = g.listeners.get_mut(&from).filter(|l| l.queued == at)?;
+        if listener.expires > now {
+            listener.queued = listener.expires;
+            self.timers
+                .push(listener.expires, Timer::Listener { group, from });
+            return None;
+        }
+        let before = g.status();
+        let gone = g.listeners.remove(&from)?;
+        self.listeners -= 1;
+        g.wanting -= usize::from(gone.wants(&self.own));
+        if before == Status::Listened && g.wanting == 0 && g.crowded {
+            self.start_check(now, group);
+        }
+        let after = self.status(&group);
+        self.drop_if_empty(group);
+        transition(group, before, after)
+    }
+
+    fn on_check_timer(&mut self, now: Instant, at: Instant, group: Ipv6Addr) -> Option<GroupEvent> {
+        let g = self
+            .groups
+            .get_mut(&group)
+            .filter(|g| g.queued == Some(at))?;
+        g.queued = None;
+        let mut check = g.check?;
+        if check.deadline <= now {
+            g.check = None;
+            self.drop_if_empty(group);
+            return transition(group, Status::Checking, self.status(&group));
+        }
+        if check.next_query.is_some_and(|q| q <= now) {
+            let interval = self.config.last_listener_interval;
+            let queried = self.take_query(now, group);
+            let more = queried && check.queries_left > 0;
+            check.next_query = more.then(|| now + interval);
+            check.queries_left = check.queries_left.saturating_sub(1);
+        }
+        let g = self.groups.get_mut(&group)?;
+        g.check = Some(check);
+        g.queued = Some(check.next_timer());
+        self.timers.push(check.next_timer(), Timer::Check(group));
+        None
+    }
+
+    fn drop_if_empty(&mut self, group: Ipv6Addr) {
+        if self
+            .groups
+            .get(&group)
+            .is_some_and(|g| g.listeners.is_empty() && g.check.is_none())
+        {
             self.groups.remove(&group);
         }
+    }
+
+    /// Rebuilds the heap from the live timers once stale entries outnumber them.
+    fn maybe_rebuild(&mut self) {
+        if !self
+            .timers
+            .needs_rebuild(self.listeners + self.groups.len())
+        {
+            return;
+        }
+        let live: Vec<(Instant, Timer)> = self
+            .groups
+            .iter()
+            .flat_map(|(&group, g)| {
+                let check = g.queued.map(|at| (at, Timer::Check(group)));
+                let listeners = g
+                    .listeners
+                    .iter()
+                    .map(move |(&from, l)| (l.queued, Timer::Listener { group, from }));
+                check.into_iter().chain(listeners)
+            })
+            .collect();
+        self.stats.timer_work += live.len() as u64;
+        self.timers.rebuild(live.into_iter());
+    }
+}
+
+/// The event for a group whose status went from `before` to `after`.
+fn transition(group: Ipv6Addr, before: Status, after: Status) -> Option<GroupEvent> {
+    match (before, after) {
+        (Status::Listened, Status::Listened)
+        | (Status::Checking, Status::Checking)
+        | (Status::Idle, Status::Idle | Status::Checking) => None,
+        (_, Status::Listened) => Some(GroupEvent::Active(group)),
+        (Status::Listened, Status::Checking) => Some(GroupEvent::Leaving(group)),
+        (_, Status::Idle) => Some(GroupEvent::Inactive(group)),
     }
 }
 
@@ -286,284 +753,5 @@ fn cap_sources(set: &mut BTreeSet<Ipv6Addr>, own: &[Ipv6Addr], max: usize) {
         .collect();
     for v in victims {
         set.remove(&v);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    const G1: Ipv6Addr = Ipv6Addr::new(0xff1e, 0, 0, 0, 0, 0, 0, 1);
-    const G2: Ipv6Addr = Ipv6Addr::new(0xff1e, 0, 0, 0, 0, 0, 0, 2);
-    const BORING: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0xfb);
-    const H1: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x11);
-    const H2: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x22);
-    const OWN: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
-    const OTHER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
-    const MALI: Duration = Duration::from_secs(11);
-
-    fn tracker() -> ListenerTracker {
-        ListenerTracker::new(
-            TrackerConfig::default(),
-            Box::new(|g: &Ipv6Addr| g.segments()[0] == 0xff1e),
-        )
-    }
-
-    fn v2(records: &[(RecordType, Ipv6Addr, &[Ipv6Addr])]) -> MldMessage {
-        let records = records
-            .iter()
-            .map(|(t, g, s)| GroupRecord {
-                record_type: *t,
-                group: *g,
-                sources: s.to_vec(),
-            })
-            .collect();
-        MldMessage::ReportV2 { records }
-    }
-
-    fn rec(t: RecordType, g: Ipv6Addr, s: &[Ipv6Addr]) -> MldMessage {
-        v2(&[(t, g, s)])
-    }
-
-    use GroupEvent::{Active, Inactive};
-    use RecordType::*;
-
-    #[test]
-    fn v2_join_and_leave() {
-        let (mut t, now) = (tracker(), Instant::now());
-        assert_eq!(
-            t.handle_message(now, H1, &rec(ChangeToExclude, G1, &[])),
-            [Active(G1)]
-        );
-        assert!(t.is_active(&G1));
-        assert_eq!(t.handle_message(now, H1, &rec(ModeIsExclude, G1, &[])), []);
-        assert_eq!(
-            t.handle_message(now, H1, &rec(ChangeToInclude, G1, &[])),
-            [Inactive(G1)]
-        );
-        assert!(!t.is_active(&G1));
-        assert_eq!(t.poll_timeout(), None, "INCLUDE{{}} is not stored");
-    }
-
-    #[test]
-    fn v1_report_and_done() {
-        let (mut t, now) = (tracker(), Instant::now());
-        let join = MldMessage::ReportV1 { group: G1 };
-        assert_eq!(t.handle_message(now, H1, &join), [Active(G1)]);
-        assert_eq!(
-            t.handle_message(now, H1, &MldMessage::DoneV1 { group: G1 }),
-            [Inactive(G1)]
-        );
-    }
-
-    #[test]
-    fn events_only_on_transitions_with_several_listeners() {
-        let (mut t, now) = (tracker(), Instant::now());
-        assert_eq!(
-            t.handle_message(now, H1, &MldMessage::ReportV1 { group: G1 }),
-            [Active(G1)]
-        );
-        assert_eq!(
-            t.handle_message(now, H2, &rec(ChangeToExclude, G1, &[])),
-            []
-        );
-        assert_eq!(t.listener_count(&G1), 2);
-        assert_eq!(
-            t.handle_message(now, H1, &MldMessage::DoneV1 { group: G1 }),
-            []
-        );
-        assert_eq!(t.listener_count(&G1), 1);
-        assert_eq!(
-            t.handle_message(now, H2, &rec(ModeIsInclude, G1, &[])),
-            [Inactive(G1)]
-        );
-    }
-
-    #[test]
-    fn unspecified_source_is_a_listener() {
-        let (mut t, now) = (tracker(), Instant::now());
-        let msg = rec(ChangeToExclude, G1, &[]);
-        assert_eq!(
-            t.handle_message(now, Ipv6Addr::UNSPECIFIED, &msg),
-            [Active(G1)]
-        );
-        assert_eq!(t.handle_message(now, H1, &msg), []);
-        assert_eq!(t.listener_count(&G1), 2);
-    }
-
-    #[test]
-    fn expiry() {
-        let (mut t, now) = (tracker(), Instant::now());
-        t.handle_message(now, H1, &rec(ChangeToExclude, G1, &[]));
-        let later = now + Duration::from_secs(5);
-        t.handle_message(later, H2, &rec(ChangeToExclude, G1, &[]));
-        assert_eq!(t.poll_timeout(), Some(now + MALI));
-        assert_eq!(t.poll_expired(now + MALI - Duration::from_millis(1)), []);
-        assert_eq!(t.poll_expired(now + MALI), []);
-        assert_eq!(t.listener_count(&G1), 1);
-        assert_eq!(t.poll_timeout(), Some(later + MALI));
-        assert_eq!(t.poll_expired(later + MALI), [Inactive(G1)]);
-        assert_eq!(t.poll_timeout(), None);
-    }
-
-    #[test]
-    fn reports_refresh_expiry() {
-        let (mut t, now) = (tracker(), Instant::now());
-        t.handle_message(now, H1, &MldMessage::ReportV1 { group: G1 });
-        let later = now + Duration::from_secs(10);
-        t.handle_message(later, H1, &rec(ModeIsExclude, G1, &[]));
-        assert_eq!(t.poll_expired(now + MALI), []);
-        assert_eq!(t.poll_expired(later + MALI), [Inactive(G1)]);
-    }
-
-    #[test]
-    fn timing_change_applies_to_later_reports() {
-        let (mut t, now) = (tracker(), Instant::now());
-        t.set_timing(MldTiming {
-            robustness: 3,
-            query_interval: Duration::from_secs(125),
-            max_response_delay: Duration::from_secs(10),
-        });
-        t.handle_message(now, H1, &MldMessage::ReportV1 { group: G1 });
-        assert_eq!(t.poll_timeout(), Some(now + Duration::from_secs(385)));
-    }
-
-    #[test]
-    fn uninteresting_groups_are_ignored() {
-        let (mut t, now) = (tracker(), Instant::now());
-        let msg = v2(&[(ChangeToExclude, BORING, &[]), (ChangeToExclude, G2, &[])]);
-        assert_eq!(t.handle_message(now, H1, &msg), [Active(G2)]);
-        assert!(!t.is_active(&BORING));
-        assert_eq!(t.active_groups().collect::<Vec<_>>(), [G2]);
-        let unicast = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 9);
-        let mut all = ListenerTracker::new(TrackerConfig::default(), Box::new(|_| true));
-        assert_eq!(
-            all.handle_message(now, H1, &rec(ChangeToExclude, unicast, &[])),
-            []
-        );
-    }
-
-    #[test]
-    fn queries_are_ignored() {
-        let (mut t, now) = (tracker(), Instant::now());
-        let q = crate::mld::Query::general(Duration::from_secs(1), 2, Duration::from_secs(5));
-        assert_eq!(t.handle_message(now, H1, &MldMessage::Query(q)), []);
-        assert_eq!(t.poll_timeout(), None);
-    }
-
-    #[test]
-    fn v1_and_v2_listeners_mix() {
-        let (mut t, now) = (tracker(), Instant::now());
-        t.handle_message(now, H1, &MldMessage::ReportV1 { group: G1 });
-        t.handle_message(now, H2, &rec(AllowNewSources, G1, &[OWN]));
-        assert_eq!(t.listener_count(&G1), 2);
-        assert_eq!(
-            t.handle_message(now, H1, &MldMessage::DoneV1 { group: G1 }),
-            []
-        );
-        assert_eq!(
-            t.handle_message(now, H2, &rec(BlockOldSources, G1, &[OWN])),
-            [Inactive(G1)]
-        );
-    }
-
-    #[test]
-    fn include_mode_with_sources() {
-        let (mut t, now) = (tracker(), Instant::now());
-        assert_eq!(
-            t.handle_message(now, H1, &rec(ModeIsInclude, G1, &[OTHER])),
-            [Active(G1)]
-        );
-        assert_eq!(
-            t.set_own_addresses(&[OWN]),
-            [Inactive(G1)],
-            "only OTHER is included"
-        );
-        assert_eq!(
-            t.handle_message(now, H1, &rec(AllowNewSources, G1, &[OWN])),
-            [Active(G1)]
-        );
-        assert_eq!(
-            t.handle_message(now, H1, &rec(BlockOldSources, G1, &[OWN])),
-            [Inactive(G1)]
-        );
-        assert_eq!(t.listener_count(&G1), 0);
-        assert_eq!(
-            t.handle_message(now, H1, &rec(BlockOldSources, G1, &[OTHER])),
-            []
-        );
-        assert_eq!(t.poll_timeout(), None, "INCLUDE{{}} listener removed");
-    }
-
-    #[test]
-    fn exclude_mode_with_own_address() {
-        let (mut t, now) = (tracker(), Instant::now());
-        t.set_own_addresses(&[OWN]);
-        assert_eq!(
-            t.handle_message(now, H1, &rec(ChangeToExclude, G1, &[OTHER])),
-            [Active(G1)]
-        );
-        assert_eq!(
-            t.handle_message(now, H1, &rec(BlockOldSources, G1, &[OWN])),
-            [Inactive(G1)]
-        );
-        assert_eq!(
-            t.handle_message(now, H1, &rec(AllowNewSources, G1, &[OWN])),
-            [Active(G1)]
-        );
-        assert_eq!(
-            t.handle_message(now, H1, &rec(ModeIsExclude, G1, &[OWN])),
-            [Inactive(G1)]
-        );
-        assert_eq!(t.set_own_addresses(&[]), [Active(G1)]);
-    }
-
-    #[test]
-    fn allow_without_state_is_include() {
-        let (mut t, now) = (tracker(), Instant::now());
-        assert_eq!(
-            t.handle_message(now, H1, &rec(BlockOldSources, G1, &[OWN])),
-            []
-        );
-        assert_eq!(t.poll_timeout(), None);
-        assert_eq!(
-            t.handle_message(now, H1, &rec(AllowNewSources, G1, &[OWN])),
-            [Active(G1)]
-        );
-    }
-
-    #[test]
-    fn one_message_gives_net_transitions() {
-        let (mut t, now) = (tracker(), Instant::now());
-        let msg = v2(&[
-            (ChangeToExclude, G1, &[]),
-            (ChangeToInclude, G1, &[]),
-            (ChangeToExclude, G2, &[]),
-            (ModeIsExclude, G2, &[]),
-        ]);
-        assert_eq!(t.handle_message(now, H1, &msg), [Active(G2)]);
-    }
-
-    #[test]
-    fn source_lists_are_capped() {
-        let config = TrackerConfig {
-            max_sources: 4,
-            ..TrackerConfig::default()
-        };
-        let mut t = ListenerTracker::new(config, Box::new(|_| true));
-        t.set_own_addresses(&[OWN]);
-        let many: Vec<Ipv6Addr> = (0..100u16)
-            .map(|i| Ipv6Addr::new(0x3000, 0, 0, 0, 0, 0, 0, i))
-            .chain([OWN])
-            .collect();
-        let now = Instant::now();
-        assert_eq!(
-            t.handle_message(now, H1, &rec(ModeIsInclude, G1, &many)),
-            [Active(G1)]
-        );
-        let sources = &t.groups[&G1][&H1].sources;
-        assert_eq!(sources.len(), 4);
-        assert!(sources.contains(&OWN));
     }
 }

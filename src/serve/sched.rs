@@ -35,11 +35,37 @@
 //! rounds of their own: without it, a receiver that starts a second after another trails it
 //! for the whole transfer and every block goes out twice.
 //!
+//! A leave is not trusted (anyone on the link can forge one; see `crate::mld::tracker`): when
+//! the last listener of an object says it left, the tracker asks whether others still listen
+//! and reports the object *leaving*. A leaving object is paused at once, as a leave always
+//! stopped it (sending on until the query's answer sent 2.3 rather than about 1.7 times the
+//! tree in the lossy three-receiver test: rounds queued or under way when receivers leave
+//! are mostly not needed), but keeps its state: if a listener answers the query (within the
+//! tracker's Last Listener Query Interval, 250 ms), it resumes exactly where it stopped, with
+//! the rest of its round; if nobody does, the tracker reports it inactive and it is dropped.
+//! So a forged leave costs a real receiver one query's answer, not a stall and a rejoin.
+//!
+//! Nothing can starve the bulk queue, because a listener may never leave: a receiver stopped
+//! mid-transfer (SIGSTOP, a hung process: the kernel still answers queries for it) or a
+//! hostile host that joins every group it sees keeps objects listened to forever, and with
+//! strict priority their later rounds filled the urgent queue and no new block went out (a
+//! real copy stalled beside a host that did this). So:
+//! - a bulk round that has waited behind `bulk_patience` (2048) urgent symbols goes next, so
+//!   new objects get at least a round per 2048 symbols (a quarter of a second at 100 Mbit/s).
+//!   Honest later rounds (32 objects in flight, K/8 to K symbols each) rarely keep the queue
+//!   busy that long (at most once a run in the lossy three-receiver test), so they keep their
+//!   priority: alternating every round with bulk sent about 8% more bytes there, stragglers
+//!   falling out of step. Counted in symbols, unlike in time, the limit does not fire when
+//!   the sending thread merely waited for a core;
+//! - an object that still has listeners after `steady_rounds` later rounds waits twice as
+//!   long after each further round, up to `max_cooldown`, so an object listened to forever
+//!   costs about one round per `max_cooldown` (honest stragglers need a few rounds at most).
+//!
 //! The pacer is a token bucket counting wire bytes (payload plus IPv6 and UDP headers): it
 //! holds the average to `rate` and lets at most `burst` bytes out at once, because multicast
 //! has no congestion control and an unpaced sender floods the link.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use lcfs_cache::Hash;
@@ -71,6 +97,12 @@ pub struct SchedConfig {
     pub max_margin: f64,
     /// How often the beacon goes out while its group has listeners and bulk is queued.
     pub air_interval: Duration,
+    /// Later rounds after which the cooldown doubles with each further round.
+    pub steady_rounds: u32,
+    /// The longest pause between rounds of an object whose listeners never leave.
+    pub max_cooldown: Duration,
+    /// Urgent symbols a queued bulk round lets go first, at most, before it goes.
+    pub bulk_patience: u32,
 }
 
 impl Default for SchedConfig {
@@ -82,6 +114,9 @@ impl Default for SchedConfig {
             cursor_reset: Duration::from_secs(2),
             max_margin: 0.15,
             air_interval: Duration::from_millis(50),
+            steady_rounds: 4,
+            max_cooldown: Duration::from_secs(1),
+            bulk_patience: 2048,
         }
     }
 }
@@ -98,6 +133,9 @@ struct Active {
     first_done: Option<Instant>,
     /// When the object last lost its listeners, until its first symbol of this activation.
     idle_since: Option<Instant>,
+    /// When its last listener said it left, while the tracker checks whether others listen:
+    /// the object is in no queue and waits for a listener or the end.
+    leaving: Option<Instant>,
 }
 
 impl Active {
@@ -149,6 +187,8 @@ pub struct SchedStats {
     /// Blocks whose listeners all left within 10, 20, 40, 80, 160 ms or later after the end
     /// of the first round: how long MLD leaves take to arrive.
     pub leave_delay: [u64; 6],
+    /// Bulk rounds sent ahead of urgent ones because they had waited `bulk_patience`.
+    pub bulk_turns: u64,
 }
 
 pub struct Scheduler {
@@ -158,8 +198,13 @@ pub struct Scheduler {
     urgent: VecDeque<Hash>,
     bulk: VecDeque<Hash>,
     active: HashMap<Hash, Active>,
-    /// Objects between rounds, in order of when they resume.
-    cooling: VecDeque<(Instant, Hash)>,
+    /// Objects between rounds, by when they resume (and a sequence number, for order).
+    cooling: BTreeMap<(Instant, u64), Hash>,
+    cooling_seq: u64,
+    /// Urgent symbols sent while a bulk round waited.
+    bulk_waited: u32,
+    /// A bulk round goes first until it ends: the bulk queue waited `bulk_patience`.
+    bulk_turn: bool,
     cursors: HashMap<Hash, u32>,
     /// When objects that have a cursor last lost their listeners.
     idle_since: HashMap<Hash, Instant>,
@@ -183,7 +228,10 @@ impl Scheduler {
             urgent: VecDeque::new(),
             bulk: VecDeque::new(),
             active: HashMap::new(),
-            cooling: VecDeque::new(),
+            cooling: BTreeMap::new(),
+            cooling_seq: 0,
+            bulk_waited: 0,
+            bulk_turn: false,
             cursors: HashMap::new(),
             idle_since: HashMap::new(),
             root_active: false,
@@ -196,7 +244,10 @@ impl Scheduler {
     /// An object's group gained its first listener; `k` is its number of source symbols and
     /// `urgent` marks metadata.
     pub fn handle_active(&mut self, hash: Hash, k: u32, urgent: bool) {
-        if self.active.contains_key(&hash) {
+        if let Some(a) = self.active.get_mut(&hash) {
+            if a.leaving.take().is_some() {
+                self.resume(hash);
+            }
             return;
         }
         let budget = self.margin.first_round(k);
@@ -209,6 +260,7 @@ impl Scheduler {
                 rounds: 0,
                 first_done: None,
                 idle_since: self.idle_since.remove(&hash),
+                leaving: None,
             },
         );
         let class = usize::from(!urgent);
@@ -225,26 +277,72 @@ impl Scheduler {
         self.cursors.entry(hash).or_insert(0);
     }
 
-    pub fn handle_inactive(&mut self, now: Instant, hash: &Hash) {
-        let Some(a) = self.active.remove(hash) else {
+    /// The last listener of an object said it left; the tracker checks whether others still
+    /// listen. The object pauses where it is.
+    pub fn handle_leaving(&mut self, now: Instant, hash: &Hash) {
+        let Some(a) = self.active.get_mut(hash) else {
             return;
         };
+        if a.leaving.is_some() {
+            return;
+        }
+        a.leaving = Some(now);
+        Self::note_leave(&mut self.stats, a, now);
+        if a.rounds == 0 && a.budget == 0 && !a.urgent {
+            // Everyone left during the cooldown after the first round: it was enough.
+            self.margin.observe(false);
+        }
+        self.withdraw(hash);
+    }
+
+    /// A paused object whose listener answered: the rest of its round, or its next round.
+    fn resume(&mut self, hash: Hash) {
+        let Some(a) = self.active.get_mut(&hash) else {
+            return;
+        };
+        if a.budget == 0 {
+            a.later_round();
+            self.stats.later_rounds[usize::from(!a.urgent)] += 1;
+        }
+        if a.urgent || a.rounds > 0 {
+            self.urgent.push_back(hash);
+        } else {
+            self.bulk.push_back(hash);
+        }
+    }
+
+    /// Takes `hash` out of every queue.
+    fn withdraw(&mut self, hash: &Hash) {
+        self.urgent.retain(|h| h != hash);
+        self.bulk.retain(|h| h != hash);
+        self.cooling.retain(|_, h| h != hash);
+    }
+
+    /// How long after the end of its first round a block's listeners left.
+    fn note_leave(stats: &mut SchedStats, a: &Active, now: Instant) {
         if let (Some(t), false) = (a.first_done, a.urgent) {
             let ms = now.saturating_duration_since(t).as_millis();
             let bucket = [10, 20, 40, 80, 160]
                 .iter()
                 .position(|&b| ms < b)
                 .unwrap_or(5);
-            self.stats.leave_delay[bucket] += 1;
+            stats.leave_delay[bucket] += 1;
         }
-        if a.rounds == 0 && a.budget == 0 && !a.urgent {
-            // Everyone left during the cooldown after the first round: it was enough.
-            self.margin.observe(false);
+    }
+
+    pub fn handle_inactive(&mut self, now: Instant, hash: &Hash) {
+        let Some(a) = self.active.remove(hash) else {
+            return;
+        };
+        if a.leaving.is_none() {
+            Self::note_leave(&mut self.stats, &a, now);
+            if a.rounds == 0 && a.budget == 0 && !a.urgent {
+                // Everyone left during the cooldown after the first round: it was enough.
+                self.margin.observe(false);
+            }
+            self.withdraw(hash);
         }
-        self.urgent.retain(|h| h != hash);
-        self.bulk.retain(|h| h != hash);
-        self.cooling.retain(|(_, h)| h != hash);
-        self.idle_since.insert(*hash, now);
+        self.idle_since.insert(*hash, a.leaving.unwrap_or(now));
         if self.cursors.len() > self.config.remembered_cursors {
             let active = &self.active;
             self.cursors.retain(|h, _| active.contains_key(h));
@@ -273,8 +371,12 @@ impl Scheduler {
         self.cursors.remove(hash);
     }
 
+    /// True when nothing is queued, cooling or repeating (paused objects wait for an event).
     pub fn is_idle(&self) -> bool {
-        self.active.is_empty() && !self.root_active
+        self.urgent.is_empty()
+            && self.bulk.is_empty()
+            && self.cooling.is_empty()
+            && !self.root_active
     }
 
     pub fn active_objects(&self) -> usize {
@@ -306,11 +408,11 @@ impl Scheduler {
             return Some(Transmit::Air);
         }
         self.resume_cooled(now);
-        let urgent = !self.urgent.is_empty();
-        let queue = if urgent {
-            &mut self.urgent
-        } else {
+        let from_bulk = self.pick_bulk();
+        let queue = if from_bulk {
             &mut self.bulk
+        } else {
+            &mut self.urgent
         };
         let hash = *queue.front()?;
         let a = self.active.get_mut(&hash)?;
@@ -321,7 +423,10 @@ impl Scheduler {
                 a.first_done = Some(now);
             }
             queue.pop_front();
-            self.cooling.push_back((now + self.config.cooldown, hash));
+            self.bulk_turn &= !from_bulk;
+            let pause = cooldown_after(&self.config, a.rounds);
+            self.cooling.insert((now + pause, self.cooling_seq), hash);
+            self.cooling_seq += 1;
         }
         let cursor = self.cursors.entry(hash).or_insert(0);
         if let Some(t) = a.idle_since.take() {
@@ -334,10 +439,34 @@ impl Scheduler {
         Some(Transmit::Symbol { hash, esi })
     }
 
+    /// Whether the next symbol comes from the bulk queue: when nothing is urgent, or when a
+    /// bulk round has waited behind `bulk_patience` urgent symbols (then until it ends).
+    fn pick_bulk(&mut self) -> bool {
+        if self.bulk.is_empty() {
+            self.bulk_turn = false;
+            self.bulk_waited = 0;
+            return false;
+        }
+        if self.urgent.is_empty() || self.bulk_turn {
+            self.bulk_waited = 0;
+            return true;
+        }
+        self.bulk_waited += 1;
+        if self.bulk_waited >= self.config.bulk_patience {
+            self.bulk_turn = true;
+            self.stats.bulk_turns += 1;
+        }
+        self.bulk_turn
+    }
+
     /// Objects whose cooldown ended still have listeners: they get another round, urgently.
     fn resume_cooled(&mut self, now: Instant) {
-        while self.cooling.front().is_some_and(|(t, _)| *t <= now) {
-            let Some((_, hash)) = self.cooling.pop_front() else {
+        while self
+            .cooling
+            .first_key_value()
+            .is_some_and(|((t, _), _)| *t <= now)
+        {
+            let Some((_, hash)) = self.cooling.pop_first() else {
                 return;
             };
             let Some(a) = self.active.get_mut(&hash) else {
@@ -357,12 +486,22 @@ impl Scheduler {
         if !self.urgent.is_empty() || !self.bulk.is_empty() {
             return None;
         }
-        let cool = self.cooling.front().map(|(t, _)| *t);
+        let cool = self.cooling.first_key_value().map(|((t, _), _)| *t);
         match (cool, self.next_root) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
+}
+
+/// The pause after an object's round number `rounds` (0 for the first): `cooldown` for the
+/// first `steady_rounds` later rounds, then doubling, up to `max_cooldown`.
+fn cooldown_after(config: &SchedConfig, rounds: u32) -> Duration {
+    let doublings = rounds.saturating_sub(config.steady_rounds).min(16);
+    config
+        .cooldown
+        .saturating_mul(1 << doublings)
+        .min(config.max_cooldown.max(config.cooldown))
 }
 
 /// A token bucket of wire bytes.
@@ -537,6 +676,98 @@ mod tests {
             !sent.contains(&Transmit::Air),
             "no beacon without listeners"
         );
+    }
+
+    #[test]
+    fn a_leaving_object_pauses_and_resumes_where_it_stopped() {
+        let t0 = Instant::now();
+        let cooldown = SchedConfig::default().cooldown;
+        let mut s = Scheduler::new(SchedConfig::default());
+        s.handle_active(h(1), 32, false);
+        let first = std::iter::from_fn(|| s.poll_transmit(t0)).take(20).count();
+        assert_eq!(first, 20);
+        s.handle_leaving(t0, &h(1));
+        assert!(drain(&mut s, t0).is_empty(), "paused at once");
+        assert!(drain(&mut s, t0 + cooldown).is_empty());
+        assert!(s.is_idle() && s.poll_timeout().is_none(), "no busy wait");
+        // A listener answers the query: the rest of the round, with the next symbols.
+        s.handle_active(h(1), 32, false);
+        let rest = drain(&mut s, t0);
+        assert_eq!(rest.len(), 12);
+        assert_eq!(
+            rest[0],
+            Transmit::Symbol {
+                hash: h(1),
+                esi: 20
+            }
+        );
+        // Paused between rounds, it resumes with a later round.
+        s.handle_leaving(t0, &h(1));
+        s.handle_active(h(1), 32, false);
+        assert_eq!(drain(&mut s, t0).len(), 4, "a later round of K/8");
+        s.handle_leaving(t0, &h(1));
+        s.handle_inactive(t0 + cooldown * 3, &h(1));
+        assert!(s.is_idle() && s.active_objects() == 0);
+    }
+
+    /// Symbols sent for `hash` in `sent`.
+    fn count(sent: &[Transmit], hash: Hash) -> usize {
+        sent.iter()
+            .filter(|t| matches!(t, Transmit::Symbol { hash: h, .. } if *h == hash))
+            .count()
+    }
+
+    #[test]
+    fn listeners_that_never_leave_cannot_starve_new_objects() {
+        let mut s = Scheduler::new(SchedConfig::default());
+        // 40 large objects whose listeners never leave; one packet per 116 us (100 Mbit/s).
+        for i in 0..40 {
+            s.handle_active(h(i), 400, false);
+        }
+        let (t0, tick) = (Instant::now(), Duration::from_micros(116));
+        let mut now = t0;
+        let send_until = |s: &mut Scheduler, now: &mut Instant, end: Instant| {
+            let mut sent = Vec::new();
+            while *now < end {
+                sent.extend(s.poll_transmit(*now));
+                *now += tick;
+            }
+            sent
+        };
+        // Long enough for every first round and for the rounds to slow down: 40 rounds of
+        // 400 a second are still more than the link carries.
+        send_until(&mut s, &mut now, t0 + Duration::from_secs(20));
+        assert!(s.bulk.is_empty());
+        // A real receiver's new block arrives while their later rounds go on.
+        s.handle_active(h(200), 32, false);
+        let sent = send_until(&mut s, &mut now, t0 + Duration::from_secs(21));
+        let got = count(&sent, h(200));
+        assert!(
+            got >= 32,
+            "the new block got {got} symbols in a second, K is 32"
+        );
+    }
+
+    #[test]
+    fn rounds_of_an_object_listened_to_forever_slow_down() {
+        let config = SchedConfig::default();
+        let mut s = Scheduler::new(config.clone());
+        s.handle_active(h(1), 32, false);
+        let (t0, mut now) = (Instant::now(), Instant::now());
+        let mut symbols = 0;
+        while now < t0 + Duration::from_secs(10) {
+            symbols += drain(&mut s, now).len();
+            now = s
+                .poll_timeout()
+                .unwrap()
+                .max(now + Duration::from_millis(1));
+        }
+        // Without the backoff: a round of K every 60 ms, about 5300 symbols in 10 s.
+        assert!(symbols < 32 * 20, "{symbols} symbols in 10 s");
+        assert_eq!(cooldown_after(&config, 0), config.cooldown);
+        assert_eq!(cooldown_after(&config, 4), config.cooldown);
+        assert_eq!(cooldown_after(&config, 5), config.cooldown * 2);
+        assert_eq!(cooldown_after(&config, 100), config.max_cooldown);
     }
 
     #[test]

@@ -156,9 +156,10 @@ impl SenderLoop {
         }
         let s = self.sched.stats();
         tracing::debug!(
-            "scheduler: {} distinct objects; metadata {} activations, {} of {} source symbols sent, {} later rounds; blocks {} activations, {} of {} source symbols sent, {} later rounds; margin {:.3}; leaves after <10/20/40/80/160/more ms: {:?}",
+            "scheduler: {} distinct objects; metadata {} activations, {} of {} source symbols sent, {} later rounds; blocks {} activations, {} of {} source symbols sent, {} later rounds; margin {:.3}; leaves after <10/20/40/80/160/more ms: {:?}; {} bulk rounds let ahead",
             s.distinct, s.activations[0], s.sent[0], s.source_symbols[0], s.later_rounds[0],
-            s.activations[1], s.sent[1], s.source_symbols[1], s.later_rounds[1], self.sched.margin(), s.leave_delay
+            s.activations[1], s.sent[1], s.source_symbols[1], s.later_rounds[1], self.sched.margin(), s.leave_delay,
+            s.bulk_turns
         );
     }
 
@@ -192,6 +193,13 @@ impl SenderLoop {
         let (group, on) = match event {
             GroupEvent::Active(g) => (g, true),
             GroupEvent::Inactive(g) => (g, false),
+            GroupEvent::Leaving(g) => {
+                // The root record and the beacon are cheap: they go on until `Inactive`.
+                if let Some(hash) = self.current.hash_of(&g) {
+                    self.sched.handle_leaving(now, &hash);
+                }
+                return;
+            }
         };
         if on {
             self.active.insert(group);

@@ -32,7 +32,7 @@ use super::sender::{SendStats, SenderConfig, SenderLoop, SharedTable};
 use super::table::Table;
 use super::watch::{self, Change, Debouncer, Notice, Reason, WatchConfig};
 use crate::channel::{Channel, MasterKey};
-use crate::mld::{self, ListenerConfig, QuerierConfig};
+use crate::mld::{self, ListenerConfig, MldStats, QuerierConfig, TrackerConfig};
 use crate::net::{sender_socket, Iface};
 use crate::object::{BlockSize, RootRecord};
 
@@ -368,6 +368,18 @@ fn follow(
     }
 }
 
+/// Wire bytes of one last-listener query: Ethernet, IPv6, hop-by-hop header, MLDv2 query.
+const SPECIFIC_QUERY_WIRE_BYTES: u64 = 14 + 40 + 8 + 28;
+
+/// Last-listener queries a second: at most 1% of the send rate, so that a flood of forged
+/// leaves can never make the server send much more than it sends anyway (at least 100 a
+/// second, for slow links: 1 388 a second at the default 100 Mbit/s, well above the 400 or
+/// so that honest leaves ask for at that rate).
+fn specific_query_rate(rate_bps: u64) -> u32 {
+    let per_sec = rate_bps / 100 / (8 * SPECIFIC_QUERY_WIRE_BYTES);
+    u32::try_from(per_sec.max(100)).unwrap_or(u32::MAX)
+}
+
 /// Serves until `shutdown` is set.
 pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     mld::socket::check_permission()?;
@@ -393,11 +405,12 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
         said_moved: false,
     };
     let table: SharedTable = Arc::new(RwLock::new(Arc::new(publisher.first()?)));
-    let (sender, mld, stats) = start_sending(&opts, &table, notice_tx, &shutdown)?;
+    let (sender, mld, stats, mld_stats) = start_sending(&opts, &table, notice_tx, &shutdown)?;
     follow(&mut publisher, &table, &notices, &shutdown);
     shutdown.store(true, Ordering::Relaxed);
     let _ = sender.join();
     let _ = mld.join();
+    tracing::info!("{}", mld_stats.summary());
     tracing::info!(
         "sent {} packets ({} bytes on the wire, {} root records)",
         stats.packets.load(Ordering::Relaxed),
@@ -411,6 +424,7 @@ type Threads = (
     std::thread::JoinHandle<()>,
     std::thread::JoinHandle<()>,
     Arc<SendStats>,
+    Arc<MldStats>,
 );
 
 /// Starts the MLD listener and the sender over `table`.
@@ -428,12 +442,18 @@ fn start_sending(
             .map(|t| t.interested(g))
             .unwrap_or(false)
     });
+    let mld_stats = Arc::new(MldStats::default());
     let listener_config = ListenerConfig {
         querier: QuerierConfig {
             query_interval: opts.query_interval,
             startup_query_interval: opts.query_interval / 4,
             ..QuerierConfig::default()
         },
+        tracker: TrackerConfig {
+            specific_queries_per_sec: specific_query_rate(opts.rate_bps),
+            ..TrackerConfig::default()
+        },
+        stats: mld_stats.clone(),
         ..ListenerConfig::default()
     };
     let mld = mld::spawn_listener(
@@ -456,5 +476,23 @@ fn start_sending(
     let sender = std::thread::Builder::new()
         .name("lcfs-send".into())
         .spawn(move || sender.run(events_rx, &stop))?;
-    Ok((sender, mld, stats))
+    Ok((sender, mld, stats, mld_stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_listener_queries_stay_within_a_percent_of_the_rate() {
+        assert_eq!(specific_query_rate(100_000_000), 1388);
+        assert_eq!(
+            specific_query_rate(1_000_000),
+            100,
+            "a floor for slow links"
+        );
+        let rate = 10_000_000_000;
+        let bits = u64::from(specific_query_rate(rate)) * SPECIFIC_QUERY_WIRE_BYTES * 8;
+        assert!(bits <= rate / 100);
+    }
 }
