@@ -252,13 +252,22 @@ impl SenderLoop {
         if Arc::ptr_eq(&latest, &self.current) {
             return;
         }
+        // Groups are derived from object hashes, so a group active in both tables names the
+        // same object and its round goes on untouched: only groups whose object left or came
+        // are routed again (the root and beacon groups stay; the new record goes out on the
+        // root's next repeat).
         let now = Instant::now();
-        let groups: Vec<Ipv6Addr> = self.active.iter().copied().collect();
-        for &g in &groups {
+        let moved: Vec<Ipv6Addr> = self
+            .active
+            .iter()
+            .copied()
+            .filter(|g| self.current.hash_of(g) != latest.hash_of(g))
+            .collect();
+        for &g in &moved {
             self.route(now, g, false);
         }
         self.current = latest;
-        for g in groups {
+        for g in moved {
             self.route(now, g, true);
         }
     }
