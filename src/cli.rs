@@ -198,6 +198,14 @@ struct CopyArgs {
     /// files belong to whoever runs it (root, as root).
     #[arg(long)]
     keep_setuid: bool,
+    /// Move what DEST holds and the channel does not into DEST/.lcfs-trash/<UTC time>/
+    /// (nothing is deleted outright).
+    #[arg(long)]
+    delete: bool,
+    /// After the copy, keep following the channel: apply each new generation to DEST,
+    /// fetching only changed blocks. Ctrl-C stops it; no partial file is ever left.
+    #[arg(long)]
+    watch: bool,
     #[command(flatten)]
     recv: RecvArgs,
 }
@@ -460,6 +468,7 @@ fn base_name(path: &Path) -> anyhow::Result<String> {
 
 pub(crate) struct Receiver {
     pub(crate) tree: Tree,
+    pub(crate) policy: RootPolicy,
 }
 
 pub(crate) async fn open_tree(
@@ -492,7 +501,7 @@ pub(crate) async fn open_tree(
         max_age: args.max_age,
     };
     let tree = Tree::open(fetcher, &policy, offline_ok).await?;
-    Ok(Receiver { tree })
+    Ok(Receiver { tree, policy })
 }
 
 async fn copy(args: CopyArgs) -> anyhow::Result<()> {
@@ -500,28 +509,74 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
     let rx = open_tree(&spec, &args.recv, false).await?;
     let opts = crate::copy::CopyOptions {
         keep_setuid: args.keep_setuid,
+        delete: args.delete,
     };
     let report = crate::copy::copy(&rx.tree, &spec.subpath, &args.dest, opts).await?;
-    let stats = rx.tree.fetcher().stats();
+    say_copied(&rx.tree, &report, &args.dest);
+    if !args.watch {
+        return Ok(());
+    }
+    eprintln!(
+        "following channel {:?} from generation {}: each new generation is applied to {} (Ctrl-C stops)",
+        spec.name,
+        rx.tree.root_record().generation,
+        args.dest.display()
+    );
+    let mut tree = rx.tree;
+    loop {
+        // One root record a second costs the server nothing; a new one is applied at once.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let next = match tree.newer(&rx.policy, Duration::from_secs(2)).await {
+            Ok(Some(next)) => next,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!("not following a root record: {e}");
+                continue;
+            }
+        };
+        let generation = next.root_record().generation;
+        match crate::copy::copy(&next, &spec.subpath, &args.dest, opts).await {
+            Ok(report) => {
+                eprintln!("generation {generation}:");
+                say_copied(&next, &report, &args.dest);
+                tree = next;
+            }
+            // The server may have moved on again: the next generation is tried afresh.
+            Err(e) => tracing::warn!("generation {generation} not applied: {e:#}"),
+        }
+    }
+}
+
+fn say_copied(tree: &Tree, report: &crate::copy::CopyReport, dest: &Path) {
+    let stats = tree.fetcher().stats();
     let fetched = stats.bytes_fetched.load(Ordering::Relaxed);
     let cached = stats.bytes_cached.load(Ordering::Relaxed);
     let secs = report.elapsed.as_secs_f64().max(1e-3);
+    let unchanged = match report.unchanged {
+        0 => String::new(),
+        n => format!(", {n} files already up to date"),
+    };
+    let trashed = match report.trashed {
+        0 => String::new(),
+        n => format!(
+            ", {n} entries moved to {}",
+            dest.join(crate::copy::trash::TRASH).display()
+        ),
+    };
     eprintln!(
-        "copied {} files, {} dirs, {} symlinks ({} bytes) to {} in {:.2} s: {} bytes from the network ({:.1} MB/s), {} reused from {}, {} from the cache{}",
+        "copied {} files, {} dirs, {} symlinks ({} bytes) to {} in {:.2} s: {} bytes from the network ({:.1} MB/s), {} reused from {}, {} from the cache{unchanged}{trashed}",
         report.files,
         report.dirs,
         report.symlinks,
         report.bytes,
-        args.dest.display(),
+        dest.display(),
         secs,
         fetched,
         fetched as f64 / secs / 1e6,
         report.reused,
-        args.dest.display(),
+        dest.display(),
         cached,
-        if report.unchanged > 0 { format!(", {} files already up to date", report.unchanged) } else { String::new() }
     );
-    Ok(())
 }
 
 async fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {

@@ -26,6 +26,7 @@
 mod dest;
 mod existing;
 mod staging;
+pub mod trash;
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -70,6 +71,8 @@ pub enum CopyError {
 pub struct CopyOptions {
     /// Keep setuid and setgid bits as published (they are dropped by default).
     pub keep_setuid: bool,
+    /// Move what DEST holds and the tree does not into `DEST/.lcfs-trash/<time>/` ([`trash`]).
+    pub delete: bool,
 }
 
 /// What a copy did.
@@ -84,6 +87,8 @@ pub struct CopyReport {
     pub reused: u64,
     /// Files already in DEST with every block in place.
     pub unchanged: u64,
+    /// Entries moved to the trash (`--delete`).
+    pub trashed: u64,
     pub elapsed: Duration,
 }
 
@@ -132,6 +137,9 @@ pub async fn copy(
     let mut report = copier.stage_all(&plan.items).await?;
     copier.staging.sync();
     copier.staging.commit()?;
+    if opts.delete && plan.tree {
+        report.trashed = trash::sweep(&plan.dest, &plan.items)?;
+    }
     copier.set_dir_attrs(&plan.items, plan.root_attrs)?;
     copier.progress.finish();
     report.bytes = total;
@@ -148,6 +156,8 @@ struct Plan {
     items: Vec<(PathBuf, Entry)>,
     /// DEST's own mode and mtime, when this copy created it.
     root_attrs: Option<(u32, Timestamp)>,
+    /// Whether DEST mirrors a directory of the tree (not one file put into it).
+    tree: bool,
 }
 
 async fn plan(tree: &Tree, subpath: &str, dest: &Path) -> Result<Plan, CopyError> {
@@ -171,6 +181,7 @@ async fn plan(tree: &Tree, subpath: &str, dest: &Path) -> Result<Plan, CopyError
         root_attrs: dest.created().then_some(attrs),
         dest,
         items: found.into_iter().map(|f| (f.path, f.entry)).collect(),
+        tree: true,
     })
 }
 
@@ -209,6 +220,7 @@ fn single(dest: &Path, entries: Vec<Entry>) -> Result<Plan, CopyError> {
         dest: Dest::open_existing(dir)?,
         items,
         root_attrs: None,
+        tree: false,
     })
 }
 

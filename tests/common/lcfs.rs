@@ -663,6 +663,11 @@ pub fn spawn_copy_with(
 }
 
 impl CopyRun {
+    /// What the copy has written to stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
     pub fn running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
