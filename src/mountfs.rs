@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use lcfs_cache::Hash;
-use lcfs_mount::{Attr, BoxFuture, Child, Kind, ReadHint, Source, SourceError, Totals};
+use lcfs_mount::{Attr, BoxFuture, Child, Kind, ReadHint, Source, SourceError, Totals, Version};
 use lru::LruCache;
 
 use crate::fetch::tree::Origin;
@@ -439,7 +439,7 @@ fn children(dir: Directory) -> Vec<Child<Node>> {
 impl Source for TreeSource {
     type Node = Node;
 
-    fn root(&self) -> (Node, Attr) {
+    fn root(&self) -> Version<Node> {
         let r = self.0.tree.root_record();
         let t = Timestamp {
             secs: (r.publish_time_ns / 1_000_000_000) as i64,
@@ -452,7 +452,11 @@ impl Source for TreeSource {
             mtime_secs: t.secs,
             mtime_nanos: t.nanos,
         };
-        (Node::Dir(r.root), attr)
+        Version {
+            number: r.generation,
+            root: Node::Dir(r.root),
+            attr,
+        }
     }
 
     fn list(&self, dir: &Node) -> BoxFuture<Result<Arc<Vec<Child<Node>>>, SourceError>> {
