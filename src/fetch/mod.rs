@@ -20,7 +20,7 @@ pub mod object;
 pub mod tree;
 pub mod trust;
 
-pub use engine::{FetchConfig, FetchStats, Fetcher, HeardRoot, Priority};
+pub use engine::{FetchConfig, FetchStats, Fetcher, Freshness, HeardRoot, Priority, RootWatcher};
 pub use tree::Tree;
 pub use trust::RootPolicy;
 
@@ -36,6 +36,8 @@ pub enum FetchError {
         iface: String,
         hint: &'static str,
     },
+    #[error("channel {channel:?}: {what} belongs to a generation the server has moved past; it no longer sends it")]
+    Stale { channel: String, what: String },
     #[error("the fetch engine stopped")]
     Closed,
     #[error("cache: {0}")]
