@@ -426,6 +426,8 @@ fn base_name(path: &Path) -> anyhow::Result<String> {
 
 pub(crate) struct Receiver {
     pub(crate) tree: Tree,
+    /// What the tree's root record was accepted under; a mount follows the publisher by it.
+    pub(crate) policy: RootPolicy,
 }
 
 pub(crate) async fn open_tree(
@@ -458,7 +460,7 @@ pub(crate) async fn open_tree(
         max_age: args.max_age,
     };
     let tree = Tree::open(fetcher, &policy, offline_ok).await?;
-    Ok(Receiver { tree })
+    Ok(Receiver { tree, policy })
 }
 
 async fn copy(args: CopyArgs) -> anyhow::Result<()> {

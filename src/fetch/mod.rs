@@ -12,9 +12,15 @@
 //! object are dropped and counted. Nothing hangs: a fetch that sees no useful symbol for
 //! `timeout` fails with an error naming the channel.
 //!
+//! A mount also follows the channel's publisher ([`follow`]): it keeps hearing root records,
+//! accepts each exactly as the first one was accepted ([`trust`]), and moves to higher
+//! generations; fetches that may belong only to the generation left behind are put in doubt
+//! and fail as stale within `stale_after` when the server no longer sends them.
+//!
 //! One receive thread owns the socket's receive side and all timers; callers are async.
 
 mod engine;
+pub mod follow;
 pub mod membership;
 pub mod object;
 pub mod tree;
