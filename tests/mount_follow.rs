@@ -20,7 +20,7 @@
 mod common;
 
 use common::lab::Lab;
-use common::lcfs::{s, start_server, tmpdir, Mount, Server};
+use common::lcfs::{s, start_server, start_server_at, tmpdir, Mount, Server};
 use common::tree::BLOCK;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -531,5 +531,65 @@ fn an_offline_mount_follows_when_the_server_returns() {
         "an unchanged file changed inode"
     );
     drop(m);
+    srv.stop();
+}
+
+/// A second host publishing the channel, with a newer generation, does not move a mount that
+/// trusts the first publisher: every record is checked like the first one.
+#[test]
+fn a_mount_does_not_follow_another_publisher() {
+    let lab = Lab::with_clients(2);
+    let tmp = tmpdir("follow");
+    let (src, state) = (tmp.path().join("src"), tmp.path().join("state"));
+    let plan = Plan::new();
+    plan.create(&src);
+    let srv = start_server(&lab, &src, CHANNEL, &state, &[]);
+    let first = srv.ready.generation;
+    let mnt = tmp.path().join("mnt");
+    let m = Mount::new(
+        &lab,
+        "c1",
+        CHANNEL,
+        &mnt,
+        &tmp.path().join("cache"),
+        10,
+        &[],
+    );
+
+    let rogue_src = tmp.path().join("rogue");
+    plan.create(&rogue_src);
+    plan.change(&rogue_src, 1);
+    let rogue_state = tmp.path().join("rogue-state");
+    // Generations are Unix seconds: let the clock pass the first one, so that the rogue's is
+    // higher and would be moved to if it were trusted.
+    let unix = || {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        now.unwrap().as_secs()
+    };
+    assert!(within(Duration::from_secs(3), || unix() > first).is_some());
+    let rogue = start_server_at(&lab, "c2", &rogue_src, CHANNEL, &rogue_state, &[], &[]);
+    assert!(rogue.ready.generation > first);
+    // The mount's log says when it refused the rogue's record: the event to wait for.
+    let refused = format!("ignoring a root record from {}", lab.addr("c2"));
+    let seen = within(Duration::from_secs(10), || m.log_text().contains(&refused));
+    assert!(
+        seen.is_some(),
+        "the mount never logged {refused:?}\n--- mount log ---\n{}",
+        tail(&m.log_text(), 40)
+    );
+    assert_eq!(
+        generation(&mnt),
+        first,
+        "the mount followed another publisher"
+    );
+    assert_eq!(fs::read(mnt.join("chg.bin")).unwrap(), plan.chg[0]);
+    let line = m.log_text();
+    let line = line
+        .lines()
+        .find(|l| l.contains(&refused))
+        .unwrap_or_default();
+    assert!(line.contains("--allow-new-publisher"), "{line}");
+    drop(m);
+    rogue.stop();
     srv.stop();
 }
