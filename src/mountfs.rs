@@ -171,13 +171,10 @@ impl Inner {
             return Ok(hit.clone());
         }
         self.recent_failure(&r.hash)?;
-        // A directory of an older generation may be gone from the server.
-        let freshness = match tree.root_record().generation < self.tree().root_record().generation {
-            true => Freshness::Superseded,
-            false => Freshness::Current,
-        };
+        // Always as current: the directories of an unchanged subtree keep the nodes of the
+        // generation they were first listed in, and must never fail as stale.
         let dir = tree
-            .directory_as(r, Priority::Demand, freshness)
+            .directory(r, Priority::Demand)
             .await
             .map_err(|e| self.demand_failed(r.hash, e))?;
         let children = Arc::new(children(dir, &tree));

@@ -153,17 +153,7 @@ impl Tree {
     }
 
     pub async fn directory(&self, r: ObjectRef, prio: Priority) -> Result<Directory, FetchError> {
-        self.directory_as(r, prio, Freshness::Current).await
-    }
-
-    /// [`Tree::directory`] for a reader of the given freshness.
-    pub async fn directory_as(
-        &self,
-        r: ObjectRef,
-        prio: Priority,
-        freshness: Freshness,
-    ) -> Result<Directory, FetchError> {
-        let v = self.fetcher.fetch_as(r, prio, freshness).await?;
+        let v = self.fetcher.fetch(r, prio).await?;
         Directory::decode(&v).map_err(|e| self.invalid(format!("directory {}", short(&r.hash)), e))
     }
 
