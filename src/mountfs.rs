@@ -140,10 +140,14 @@ impl Inner {
         }
     }
 
-    /// The error of a demand fetch of `h` that failed less than [`RECENT_FAILURE`] ago.
-    fn recent_failure(&self, h: &Hash) -> Result<(), SourceError> {
+    /// The error of a demand fetch of `h` that failed less than [`RECENT_FAILURE`] ago. A
+    /// stale failure answers superseded readers only: a current reader's object is in the
+    /// current tree, so it asks again (the kernel retries a failed page read once, and that
+    /// retry then waits as long as it needs, however busy the server was at the move).
+    fn recent_failure(&self, h: &Hash, freshness: Freshness) -> Result<(), SourceError> {
         let mut t = self.failures.lock().expect("failures lock");
         match t.get(h) {
+            Some((_, SourceError::Stale(_))) if freshness == Freshness::Current => Ok(()),
             Some((at, e)) if at.elapsed() < RECENT_FAILURE => Err(e.clone()),
             _ => Ok(()),
         }
@@ -170,7 +174,7 @@ impl Inner {
         if let Some(hit) = self.dirs.lock().expect("dirs lock").get(&r.hash) {
             return Ok(hit.clone());
         }
-        self.recent_failure(&r.hash)?;
+        self.recent_failure(&r.hash, Freshness::Current)?;
         // Always as current: the directories of an unchanged subtree keep the nodes of the
         // generation they were first listed in, and must never fail as stale.
         let dir = tree
@@ -199,7 +203,7 @@ impl Inner {
         if let Some(hit) = self.leaves.lock().expect("leaves lock").get(&key) {
             return Ok(hit.clone());
         }
-        self.recent_failure(&key)?;
+        self.recent_failure(&key, freshness)?;
         let leaves = Arc::new(
             tree.leaves_as(f, Priority::Demand, freshness)
                 .await
@@ -277,7 +281,7 @@ impl Inner {
             return Ok(None);
         };
         // Both were asked of the same server: if one just failed, so does the other.
-        self.recent_failure(&index.hash)?;
+        self.recent_failure(&index.hash, file.freshness)?;
         let first = match self.block(file, *first_leaf, 0, Priority::Demand).await {
             Ok(b) => b,
             Err(e) => {
@@ -311,7 +315,7 @@ impl Inner {
         if prio != Priority::Demand {
             return fetch.await.map_err(unavailable);
         }
-        self.recent_failure(&leaf)?;
+        self.recent_failure(&leaf, file.freshness)?;
         fetch.await.map_err(|e| self.demand_failed(leaf, e))
     }
 
@@ -616,5 +620,89 @@ impl Source for TreeSource {
             bytes: usage.disk_bytes,
             files: usage.objects,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::Channel;
+    use crate::fetch::FetchConfig;
+    use crate::object::{object_ref, BlockSize, RootRecord};
+
+    fn source() -> (TreeSource, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = lcfs_cache::Cache::open(lcfs_cache::CacheConfig::new(dir.path())).unwrap();
+        let lo = crate::net::Iface {
+            name: "lo".into(),
+            index: 1,
+            mtu: 65536,
+        };
+        let config = FetchConfig {
+            port: 0,
+            ..FetchConfig::default()
+        };
+        let channel = Channel::new("t", None);
+        let record = RootRecord {
+            channel_id: *channel.id(),
+            generation: 1,
+            publish_time_ns: 0,
+            root: object_ref(b"root"),
+            block_size: BlockSize::DEFAULT,
+            single_file: false,
+            signature: None,
+        };
+        let fetcher = Fetcher::start(channel, lo, cache, config).unwrap();
+        (TreeSource::new(Tree::for_tests(fetcher, record)), dir)
+    }
+
+    #[test]
+    fn a_stale_failure_is_repeated_to_superseded_readers_only() {
+        let (s, _dir) = source();
+        let h = blake3::hash(b"block");
+        let stale = FetchError::Stale {
+            channel: "t".into(),
+            what: "block".into(),
+        };
+        assert!(matches!(s.0.demand_failed(h, stale), SourceError::Stale(_)));
+        assert!(matches!(
+            s.0.recent_failure(&h, Freshness::Superseded),
+            Err(SourceError::Stale(_))
+        ));
+        assert_eq!(s.0.recent_failure(&h, Freshness::Current), Ok(()));
+        let timeout = s.0.fetcher.timeout_error("block");
+        s.0.demand_failed(h, timeout);
+        assert!(s.0.recent_failure(&h, Freshness::Current).is_err());
+    }
+
+    #[test]
+    fn same_content_means_the_same_objects_at_the_same_block_size() {
+        let (s, _dir) = source();
+        let tree = s.tree();
+        let file = |content: Content| {
+            let f = FileRef {
+                size: 5,
+                b3: blake3::hash(b"hello"),
+                content,
+            };
+            Node::File(Arc::new(f), tree.clone())
+        };
+        let a = file(Content::Block(blake3::hash(b"hello")));
+        assert!(s.same_content(&a, &a.clone()));
+        assert!(!s.same_content(&a, &file(Content::Inline(b"hello".to_vec()))));
+        let mut other = tree.root_record().clone();
+        other.block_size = BlockSize::from_log2(20).unwrap();
+        let moved = Arc::new(tree.moved_to(other));
+        let b = Node::File(
+            Arc::new(FileRef {
+                size: 5,
+                b3: blake3::hash(b"hello"),
+                content: Content::Block(blake3::hash(b"hello")),
+            }),
+            moved,
+        );
+        assert!(!s.same_content(&a, &b), "another block size");
+        let d = |x: &[u8]| Node::Dir(object_ref(x), tree.clone());
+        assert!(s.same_content(&d(b"x"), &d(b"x")) && !s.same_content(&d(b"x"), &d(b"y")));
     }
 }
