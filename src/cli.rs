@@ -468,6 +468,8 @@ fn base_name(path: &Path) -> anyhow::Result<String> {
 
 pub(crate) struct Receiver {
     pub(crate) tree: Tree,
+    /// What the tree's root record was accepted under; a mount and `copy --watch` follow the
+    /// publisher by it.
     pub(crate) policy: RootPolicy,
 }
 

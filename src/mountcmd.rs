@@ -5,7 +5,9 @@
 //! process, because a multi-threaded one cannot safely fork) and waits on a pipe until the
 //! child's mount answers: the parent exits 0 only then, or non-zero with the child's error.
 //! With no server, a mount whose cache holds the channel's last root record starts from it
-//! (offline); with no server and nothing cached it fails within the timeout.
+//! (offline); with no server and nothing cached it fails within the timeout. Once mounted, it
+//! follows the publisher to every new generation it accepts (`mountfs`), and an offline
+//! mount goes online when the server answers; a pinned snapshot never moves.
 
 use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -54,7 +56,7 @@ fn run(args: &MountArgs, ready: Option<&OwnedFd>) -> anyhow::Result<()> {
     rt.block_on(async {
         let spec = parse_channel_spec(&args.channel)?;
         let rx = open_tree(&spec, &args.recv, true).await?;
-        let tree = rx.tree;
+        let (tree, policy) = (rx.tree, rx.policy);
         let root = tree.root_record().clone();
         if tree.origin() == Origin::Offline {
             tracing::warn!(
@@ -80,6 +82,7 @@ fn run(args: &MountArgs, ready: Option<&OwnedFd>) -> anyhow::Result<()> {
             }
         }
         let source = Arc::new(TreeSource::new(tree));
+        source.follow(&policy)?;
         let handle = lcfs_mount::mount(source, &args.mountpoint, config, tokio::runtime::Handle::current())?;
         check_answers(&args.mountpoint).await?;
         tracing::info!(

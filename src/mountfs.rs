@@ -6,49 +6,70 @@
 //! and directory listings are kept in small LRUs so that a sequential reader costs one index
 //! fetch per file, not one per read.
 //!
-//! A demand fetch that timed out is remembered for [`RECENT_TIMEOUT`]: the kernel retries a
-//! failed page read at once (the readahead request fails, then it reads the page again
-//! synchronously), and without this the reader would wait for the timeout twice.
+//! A demand fetch that timed out or went stale is remembered for [`RECENT_FAILURE`]: the
+//! kernel retries a failed page read at once (the readahead request fails, then it reads the
+//! page again synchronously), and without this the reader would wait for the timeout twice.
+//!
+//! Generations. The source follows the publisher ([`TreeSource::follow`], with
+//! [`crate::fetch::follow`] deciding which root records to move to) and tells the mount of
+//! each move ([`Source::next_version`]). A node carries the tree of the generation it was
+//! listed from, so it keeps reading that generation (its block size, its objects) for as long
+//! as the objects can be had: from the cache, or from the server while it still sends them
+//! (objects are content-addressed: what a later generation kept, it still sends). Two nodes
+//! have the same content when they name the same objects ([`Source::same_content`]): a
+//! directory by its object hash, a file by its content reference (index, block or inline
+//! bytes) at the same block size. Reads of a superseded handle ([`ReadHint::superseded`]) are
+//! fetched as [`Freshness::Superseded`]: what the server no longer sends fails with ESTALE
+//! within the engine's `stale_after` (0.75 s) instead of EIO after `--timeout`, and they start
+//! no readahead of objects that are most likely gone.
 
 use std::ffi::OsStr;
 use std::num::NonZeroUsize;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use lcfs_cache::Hash;
-use lcfs_mount::{Attr, BoxFuture, Child, Kind, ReadHint, Source, SourceError, Totals};
+use lcfs_mount::{Attr, BoxFuture, Child, Kind, ReadHint, Source, SourceError, Totals, Version};
 use lru::LruCache;
+use tokio::sync::watch;
 
+use crate::fetch::follow::{self, Followed};
 use crate::fetch::tree::Origin;
-use crate::fetch::{FetchError, Priority, Tree};
+use crate::fetch::{FetchError, Fetcher, Freshness, Priority, RootPolicy, Tree};
 use crate::object::index::IndexShape;
 use crate::object::{
     Content, Directory, Entry, EntryKind, FileIndex, FileRef, ObjectRef, Timestamp,
 };
 
-/// A node of the published tree.
+/// A node of the published tree, with the tree of the generation it was listed from.
 #[derive(Clone, Debug)]
 pub enum Node {
-    Dir(ObjectRef),
-    File(Arc<FileRef>),
+    Dir(ObjectRef, Arc<Tree>),
+    File(Arc<FileRef>, Arc<Tree>),
     Symlink,
 }
 
-/// How long a demand fetch that timed out answers with the same error at once.
-const RECENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a demand fetch that timed out or went stale answers with the same error at once.
+const RECENT_FAILURE: Duration = Duration::from_secs(2);
 
 /// The channel's tree as a mount source; clone it freely.
 #[derive(Clone)]
 pub struct TreeSource(Arc<Inner>);
 
 pub struct Inner {
-    tree: Tree,
+    fetcher: Fetcher,
+    /// The tree of the generation the mount shows; receivers hear of moves.
+    current: watch::Sender<Arc<Tree>>,
+    /// Whether the server has answered (false for a mount started from the cached root).
+    online: AtomicBool,
     leaves: Mutex<LruCache<Hash, Arc<Vec<Hash>>>>,
+    /// Listings by directory hash; the nodes in them carry the tree they were listed from.
     dirs: Mutex<LruCache<Hash, Arc<Vec<Child<Node>>>>>,
-    /// Objects whose demand fetch timed out: when, and the error.
-    timeouts: Mutex<LruCache<Hash, (Instant, String)>>,
+    /// Objects whose demand fetch timed out or went stale: when, and the error.
+    failures: Mutex<LruCache<Hash, (Instant, SourceError)>>,
     /// Per file (by index hash): the blocks `lo..hi` for which readahead has been started.
     ahead: Mutex<LruCache<Hash, (u64, u64)>>,
 }
@@ -58,8 +79,16 @@ fn unavailable(e: FetchError) -> SourceError {
         FetchError::Invalid { .. } | FetchError::Untrusted { .. } => {
             SourceError::Invalid(e.to_string())
         }
+        FetchError::Stale { .. } => SourceError::Stale(e.to_string()),
         FetchError::Closed => SourceError::Closed,
         e => SourceError::Unavailable(e.to_string()),
+    }
+}
+
+fn freshness(hint: ReadHint) -> Freshness {
+    match hint.superseded {
+        true => Freshness::Superseded,
+        false => Freshness::Current,
     }
 }
 
@@ -67,53 +96,92 @@ impl TreeSource {
     pub fn new(tree: Tree) -> TreeSource {
         let n = |k| NonZeroUsize::new(k).expect("non-zero");
         TreeSource(Arc::new(Inner {
-            tree,
+            fetcher: tree.fetcher().clone(),
+            online: AtomicBool::new(tree.origin() == Origin::Network),
+            current: watch::Sender::new(Arc::new(tree)),
             leaves: Mutex::new(LruCache::new(n(1024))),
             dirs: Mutex::new(LruCache::new(n(4096))),
-            timeouts: Mutex::new(LruCache::new(n(256))),
+            failures: Mutex::new(LruCache::new(n(256))),
             ahead: Mutex::new(LruCache::new(n(1024))),
         }))
     }
 
-    pub fn tree(&self) -> &Tree {
-        &self.0.tree
+    /// The tree of the generation the mount shows.
+    pub fn tree(&self) -> Arc<Tree> {
+        self.0.tree()
+    }
+
+    /// Follows the channel's publisher from now on, on the current tokio runtime: every root
+    /// record accepted under `policy` with a higher generation moves the source (see the
+    /// module doc). A pinned policy never moves, and nothing is started for it.
+    pub fn follow(&self, policy: &RootPolicy) -> Result<(), FetchError> {
+        let tree = self.tree().as_ref().clone();
+        let Some(follower) = tree.follower(policy)? else {
+            return Ok(());
+        };
+        let me = self.0.clone();
+        tokio::spawn(follow::run(tree, follower, move |e| me.handle_followed(e)));
+        Ok(())
     }
 }
 
 impl Inner {
-    /// The error of a demand fetch of `h` that timed out less than [`RECENT_TIMEOUT`] ago.
-    fn recent_timeout(&self, h: &Hash) -> Result<(), SourceError> {
-        let mut t = self.timeouts.lock().expect("timeouts lock");
-        match t.get(h) {
-            Some((at, msg)) if at.elapsed() < RECENT_TIMEOUT => {
-                Err(SourceError::Unavailable(msg.clone()))
+    fn tree(&self) -> Arc<Tree> {
+        self.current.borrow().clone()
+    }
+
+    fn handle_followed(&self, e: Followed) {
+        match e {
+            Followed::Online => self.online.store(true, Ordering::Relaxed),
+            Followed::Moved(tree) => {
+                self.online.store(true, Ordering::Relaxed);
+                self.current.send_replace(Arc::new(*tree));
             }
+        }
+    }
+
+    /// The error of a demand fetch of `h` that failed less than [`RECENT_FAILURE`] ago. A
+    /// stale failure answers superseded readers only: a current reader's object is in the
+    /// current tree, so it asks again (the kernel retries a failed page read once, and that
+    /// retry then waits as long as it needs, however busy the server was at the move).
+    fn recent_failure(&self, h: &Hash, freshness: Freshness) -> Result<(), SourceError> {
+        let mut t = self.failures.lock().expect("failures lock");
+        match t.get(h) {
+            Some((_, SourceError::Stale(_))) if freshness == Freshness::Current => Ok(()),
+            Some((at, e)) if at.elapsed() < RECENT_FAILURE => Err(e.clone()),
             _ => Ok(()),
         }
     }
 
-    /// Maps a failed demand fetch of `h`, remembering it when it timed out.
+    /// Maps a failed demand fetch of `h`, remembering it when it timed out or went stale.
     fn demand_failed(&self, h: Hash, e: FetchError) -> SourceError {
-        if matches!(e, FetchError::Timeout { .. }) {
-            self.timeouts
+        let remember = matches!(e, FetchError::Timeout { .. } | FetchError::Stale { .. });
+        let e = unavailable(e);
+        if remember {
+            self.failures
                 .lock()
-                .expect("timeouts lock")
-                .put(h, (Instant::now(), e.to_string()));
+                .expect("failures lock")
+                .put(h, (Instant::now(), e.clone()));
         }
-        unavailable(e)
+        e
     }
 
-    async fn list_dir(self: Arc<Self>, r: ObjectRef) -> Result<Arc<Vec<Child<Node>>>, SourceError> {
+    async fn list_dir(
+        self: Arc<Self>,
+        r: ObjectRef,
+        tree: Arc<Tree>,
+    ) -> Result<Arc<Vec<Child<Node>>>, SourceError> {
         if let Some(hit) = self.dirs.lock().expect("dirs lock").get(&r.hash) {
             return Ok(hit.clone());
         }
-        self.recent_timeout(&r.hash)?;
-        let dir = self
-            .tree
+        self.recent_failure(&r.hash, Freshness::Current)?;
+        // Always as current: the directories of an unchanged subtree keep the nodes of the
+        // generation they were first listed in, and must never fail as stale.
+        let dir = tree
             .directory(r, Priority::Demand)
             .await
             .map_err(|e| self.demand_failed(r.hash, e))?;
-        let children = Arc::new(children(dir));
+        let children = Arc::new(children(dir, &tree));
         self.dirs
             .lock()
             .expect("dirs lock")
@@ -121,7 +189,12 @@ impl Inner {
         Ok(children)
     }
 
-    async fn file_leaves(&self, f: &FileRef) -> Result<Arc<Vec<Hash>>, SourceError> {
+    async fn file_leaves(
+        &self,
+        tree: &Tree,
+        f: &FileRef,
+        freshness: Freshness,
+    ) -> Result<Arc<Vec<Hash>>, SourceError> {
         let key = match &f.content {
             Content::Index { index, .. } => index.hash,
             Content::Block(h) => return Ok(Arc::new(vec![*h])),
@@ -130,10 +203,9 @@ impl Inner {
         if let Some(hit) = self.leaves.lock().expect("leaves lock").get(&key) {
             return Ok(hit.clone());
         }
-        self.recent_timeout(&key)?;
+        self.recent_failure(&key, freshness)?;
         let leaves = Arc::new(
-            self.tree
-                .leaves(f, Priority::Demand)
+            tree.leaves_as(f, Priority::Demand, freshness)
                 .await
                 .map_err(|e| self.demand_failed(key, e))?,
         );
@@ -146,11 +218,12 @@ impl Inner {
 
     async fn read_file(
         self: Arc<Self>,
-        f: Arc<FileRef>,
+        file: Reading,
         offset: u64,
         len: u32,
         hint: ReadHint,
     ) -> Result<Vec<u8>, SourceError> {
+        let f = &file.f;
         let end = offset.saturating_add(len as u64).min(f.size);
         if offset >= end {
             return Ok(Vec::new());
@@ -158,19 +231,23 @@ impl Inner {
         if let Content::Inline(bytes) = &f.content {
             return Ok(bytes[offset as usize..end as usize].to_vec());
         }
-        let bs = self.tree.block_size().bytes();
-        if offset < bs {
-            self.start_first_block(&f);
+        let bs = file.tree.block_size().bytes();
+        // A superseded file's objects are most likely gone: fetch only what is read.
+        let ahead = file.freshness == Freshness::Current;
+        if offset < bs && ahead {
+            self.start_first_block(&file);
             if end <= bs {
-                if let Some(first) = self.first_block_alone(&f, end + hint.readahead).await? {
+                if let Some(first) = self.first_block_alone(&file, end + hint.readahead).await? {
                     return Ok(first[offset as usize..end as usize].to_vec());
                 }
             }
         }
-        let leaves = self.file_leaves(&f).await?;
+        let leaves = self.file_leaves(&file.tree, f, file.freshness).await?;
         let (first, last) = (offset / bs, (end - 1) / bs);
-        self.spawn_readahead(&f, &leaves, last + 1, end.saturating_add(hint.readahead));
-        let (this, file) = (&self, &f);
+        if ahead {
+            self.spawn_readahead(&file, &leaves, last + 1, end.saturating_add(hint.readahead));
+        }
+        let (this, file) = (&self, &file);
         let blocks = (first..=last).map(|i| {
             let leaf = leaves.get(i as usize).copied();
             async move {
@@ -197,59 +274,55 @@ impl Inner {
     /// byte `until`. `None` for files without an index.
     async fn first_block_alone(
         self: &Arc<Self>,
-        f: &Arc<FileRef>,
+        file: &Reading,
         until: u64,
     ) -> Result<Option<lcfs_cache::Verified>, SourceError> {
-        let Content::Index { index, first_leaf } = &f.content else {
+        let Content::Index { index, first_leaf } = &file.f.content else {
             return Ok(None);
         };
-        // Both were asked of the same server: if one just timed out, so does the other.
-        self.recent_timeout(&index.hash)?;
-        let first = match self.block(f, *first_leaf, 0, Priority::Demand).await {
+        // Both were asked of the same server: if one just failed, so does the other.
+        self.recent_failure(&index.hash, file.freshness)?;
+        let first = match self.block(file, *first_leaf, 0, Priority::Demand).await {
             Ok(b) => b,
             Err(e) => {
-                let mut timeouts = self.timeouts.lock().expect("timeouts lock");
-                if let Some(t) = timeouts.get(first_leaf).cloned() {
-                    timeouts.put(index.hash, t);
+                let mut failures = self.failures.lock().expect("failures lock");
+                if let Some(t) = failures.get(first_leaf).cloned() {
+                    failures.put(index.hash, t);
                 }
                 return Err(e);
             }
         };
-        let (this, file) = (self.clone(), f.clone());
+        let (this, file) = (self.clone(), file.clone());
         tokio::spawn(async move {
-            if let Ok(leaves) = this.file_leaves(&file).await {
+            if let Ok(leaves) = this.file_leaves(&file.tree, &file.f, file.freshness).await {
                 this.spawn_readahead(&file, &leaves, 1, until);
             }
         });
         Ok(Some(first))
     }
 
-    /// Block `i` of `f`, whose leaf hash is `leaf`.
+    /// Block `i` of `file`, whose leaf hash is `leaf`.
     async fn block(
         &self,
-        f: &FileRef,
+        file: &Reading,
         leaf: Hash,
         i: u64,
         prio: Priority,
     ) -> Result<lcfs_cache::Verified, SourceError> {
+        let fetch = file
+            .tree
+            .block_as(leaf, file.f.size, i, prio, file.freshness);
         if prio != Priority::Demand {
-            return self
-                .tree
-                .block(leaf, f.size, i, prio)
-                .await
-                .map_err(unavailable);
+            return fetch.await.map_err(unavailable);
         }
-        self.recent_timeout(&leaf)?;
-        self.tree
-            .block(leaf, f.size, i, prio)
-            .await
-            .map_err(|e| self.demand_failed(leaf, e))
+        self.recent_failure(&leaf, file.freshness)?;
+        fetch.await.map_err(|e| self.demand_failed(leaf, e))
     }
 
     /// Starts fetching a file's index and first block together: the entry names the first
     /// block, so a cold first read costs one round trip instead of two.
-    fn start_first_block(&self, f: &FileRef) {
-        let Content::Index { index, first_leaf } = f.content else {
+    fn start_first_block(&self, file: &Reading) {
+        let Content::Index { index, first_leaf } = file.f.content else {
             return;
         };
         if self
@@ -262,10 +335,9 @@ impl Inner {
         }
         let block = ObjectRef {
             hash: first_leaf,
-            len: self.tree.block_size().block_len(f.size, 0),
+            len: file.tree.block_size().block_len(file.f.size, 0),
         };
-        self.tree
-            .fetcher()
+        self.fetcher
             .start_fetches(&[index, block], Priority::Demand);
     }
 
@@ -273,12 +345,12 @@ impl Inner {
     /// block is started once: a sequential reader's window slides, it is not started anew.
     fn spawn_readahead(
         self: &Arc<Self>,
-        f: &Arc<FileRef>,
+        file: &Reading,
         leaves: &Arc<Vec<Hash>>,
         from: u64,
         until: u64,
     ) {
-        let bs = self.tree.block_size();
+        let (f, bs) = (&file.f, file.tree.block_size());
         let until = until.min(f.size);
         let key = match &f.content {
             Content::Index { index, .. } => index.hash,
@@ -305,29 +377,27 @@ impl Inner {
                 len: bs.block_len(f.size, i),
             })
             .collect();
-        self.tree
-            .fetcher()
-            .start_fetches(&refs, Priority::Readahead);
+        self.fetcher.start_fetches(&refs, Priority::Readahead);
     }
 
     /// Fraction of a file's blocks in the cache, from the cache alone (no network). Blocks
     /// whose leaf hashes are not known from a cached file index count as not cached (they
     /// cannot be read offline), so a file nobody has read yet says 0.
-    fn cached_fraction(&self, f: &FileRef) -> f64 {
+    fn cached_fraction(&self, tree: &Tree, f: &FileRef) -> f64 {
         let leaves = match &f.content {
             Content::Inline(_) => return 1.0,
             Content::Block(h) => vec![*h],
-            Content::Index { index, .. } => self.cached_leaves(f, *index),
+            Content::Index { index, .. } => self.cached_leaves(tree, f, *index),
         };
-        let total = self.tree.block_size().blocks_in(f.size).max(1);
-        let cache = self.tree.fetcher().cache();
+        let total = tree.block_size().blocks_in(f.size).max(1);
+        let cache = self.fetcher.cache();
         let have = leaves.iter().filter(|h| cache.contains(h)).count() as u64;
         (have as f64 / total as f64).min(1.0)
     }
 
     /// The leaf hashes of `f` that the cache knows: all of them when its whole index is
     /// cached, those of the cached pages otherwise, none without the top of the index.
-    fn cached_leaves(&self, f: &FileRef, r: ObjectRef) -> Vec<Hash> {
+    fn cached_leaves(&self, tree: &Tree, f: &FileRef, r: ObjectRef) -> Vec<Hash> {
         if let Some(hit) = self
             .leaves
             .lock()
@@ -336,7 +406,7 @@ impl Inner {
         {
             return hit.to_vec();
         }
-        let fetcher = self.tree.fetcher();
+        let fetcher = &self.fetcher;
         let Some(top) = fetcher
             .cached(&r)
             .ok()
@@ -349,7 +419,7 @@ impl Inner {
             FileIndex::Leaves(l) => l,
             FileIndex::Pages(pages) => {
                 let shape = IndexShape {
-                    blocks: self.tree.block_size().blocks_in(f.size),
+                    blocks: tree.block_size().blocks_in(f.size),
                 };
                 let mut all = Vec::new();
                 for (i, h) in pages.iter().enumerate() {
@@ -368,17 +438,18 @@ impl Inner {
     }
 
     fn root_xattrs(&self) -> Vec<(String, Vec<u8>)> {
-        let r = self.tree.root_record();
-        let stats = self.tree.fetcher().stats();
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        let state = match self.tree.origin() {
-            Origin::Network => "online",
-            Origin::Offline => "offline (from the cached root record)",
+        let tree = self.tree();
+        let r = tree.root_record();
+        let stats = self.fetcher.stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let state = match self.online.load(Ordering::Relaxed) {
+            true => "online",
+            false => "offline (from the cached root record)",
         };
         vec![
             (
                 "user.lcfs.channel".into(),
-                self.tree.fetcher().channel().name().as_bytes().to_vec(),
+                self.fetcher.channel().name().as_bytes().to_vec(),
             ),
             (
                 "user.lcfs.generation".into(),
@@ -401,6 +472,14 @@ impl Inner {
     }
 }
 
+/// A file being read: its reference, the tree of its generation, and the reader's freshness.
+#[derive(Clone)]
+struct Reading {
+    f: Arc<FileRef>,
+    tree: Arc<Tree>,
+    freshness: Freshness,
+}
+
 fn attr(e: &Entry) -> Attr {
     let (kind, size) = match &e.kind {
         EntryKind::File(f) => (Kind::File, f.size),
@@ -416,14 +495,15 @@ fn attr(e: &Entry) -> Attr {
     }
 }
 
-fn children(dir: Directory) -> Vec<Child<Node>> {
+/// The children of `dir`, listed from `tree`'s generation.
+fn children(dir: Directory, tree: &Arc<Tree>) -> Vec<Child<Node>> {
     dir.entries
         .into_iter()
         .map(|e| {
             let attr = attr(&e);
             let (node, target) = match e.kind {
-                EntryKind::File(f) => (Node::File(Arc::new(f)), None),
-                EntryKind::Dir(r) => (Node::Dir(r), None),
+                EntryKind::File(f) => (Node::File(Arc::new(f), tree.clone()), None),
+                EntryKind::Dir(r) => (Node::Dir(r, tree.clone()), None),
                 EntryKind::Symlink(t) => (Node::Symlink, Some(t)),
             };
             Child {
@@ -436,29 +516,60 @@ fn children(dir: Directory) -> Vec<Child<Node>> {
         .collect()
 }
 
+/// The version `tree` shows.
+fn version(tree: &Arc<Tree>) -> Version<Node> {
+    let r = tree.root_record();
+    let t = Timestamp {
+        secs: (r.publish_time_ns / 1_000_000_000) as i64,
+        nanos: (r.publish_time_ns % 1_000_000_000) as u32,
+    };
+    let attr = Attr {
+        kind: Kind::Dir,
+        size: r.root.len as u64,
+        mode: 0o755,
+        mtime_secs: t.secs,
+        mtime_nanos: t.nanos,
+    };
+    Version {
+        number: r.generation,
+        root: Node::Dir(r.root, tree.clone()),
+        attr,
+    }
+}
+
 impl Source for TreeSource {
     type Node = Node;
 
-    fn root(&self) -> (Node, Attr) {
-        let r = self.0.tree.root_record();
-        let t = Timestamp {
-            secs: (r.publish_time_ns / 1_000_000_000) as i64,
-            nanos: (r.publish_time_ns % 1_000_000_000) as u32,
-        };
-        let attr = Attr {
-            kind: Kind::Dir,
-            size: r.root.len as u64,
-            mode: 0o755,
-            mtime_secs: t.secs,
-            mtime_nanos: t.nanos,
-        };
-        (Node::Dir(r.root), attr)
+    fn root(&self) -> Version<Node> {
+        version(&self.tree())
+    }
+
+    fn next_version(&self, seen: u64) -> BoxFuture<Result<Version<Node>, SourceError>> {
+        let mut rx = self.0.current.subscribe();
+        Box::pin(async move {
+            let tree = rx
+                .wait_for(|t| t.root_record().generation > seen)
+                .await
+                .map_err(|_| SourceError::Closed)?;
+            Ok(version(&tree))
+        })
+    }
+
+    fn same_content(&self, a: &Node, b: &Node) -> bool {
+        match (a, b) {
+            (Node::Dir(x, _), Node::Dir(y, _)) => x == y,
+            // The same objects, read at the same block size.
+            (Node::File(x, tx), Node::File(y, ty)) => {
+                x.size == y.size && x.content == y.content && tx.block_size() == ty.block_size()
+            }
+            _ => false,
+        }
     }
 
     fn list(&self, dir: &Node) -> BoxFuture<Result<Arc<Vec<Child<Node>>>, SourceError>> {
         let me = self.0.clone();
         match dir {
-            Node::Dir(r) => Box::pin(me.list_dir(*r)),
+            Node::Dir(r, tree) => Box::pin(me.list_dir(*r, tree.clone())),
             _ => Box::pin(async { Err(SourceError::WrongKind) }),
         }
     }
@@ -472,7 +583,14 @@ impl Source for TreeSource {
     ) -> BoxFuture<Result<Vec<u8>, SourceError>> {
         let me = self.0.clone();
         match file {
-            Node::File(f) => Box::pin(me.read_file(f.clone(), offset, len, hint)),
+            Node::File(f, tree) => {
+                let reading = Reading {
+                    f: f.clone(),
+                    tree: tree.clone(),
+                    freshness: freshness(hint),
+                };
+                Box::pin(me.read_file(reading, offset, len, hint))
+            }
             _ => Box::pin(async { Err(SourceError::WrongKind) }),
         }
     }
@@ -483,13 +601,13 @@ impl Source for TreeSource {
         } else {
             Vec::new()
         };
-        if let Node::File(f) = node {
+        if let Node::File(f, tree) = node {
             out.push(("user.lcfs.blake3".into(), f.b3.to_hex().as_bytes().to_vec()));
             // rounded down: "1.000" only when every block is cached
-            let frac = (self.0.cached_fraction(f) * 1000.0).floor() / 1000.0;
+            let frac = (self.0.cached_fraction(tree, f) * 1000.0).floor() / 1000.0;
             out.push(("user.lcfs.cached".into(), format!("{frac:.3}").into_bytes()));
             if !root {
-                let g = self.0.tree.root_record().generation;
+                let g = self.0.tree().root_record().generation;
                 out.push(("user.lcfs.generation".into(), g.to_string().into_bytes()));
             }
         }
@@ -497,10 +615,94 @@ impl Source for TreeSource {
     }
 
     fn totals(&self) -> Totals {
-        let usage = self.0.tree.fetcher().cache().usage();
+        let usage = self.0.fetcher.cache().usage();
         Totals {
             bytes: usage.disk_bytes,
             files: usage.objects,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::Channel;
+    use crate::fetch::FetchConfig;
+    use crate::object::{object_ref, BlockSize, RootRecord};
+
+    fn source() -> (TreeSource, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = lcfs_cache::Cache::open(lcfs_cache::CacheConfig::new(dir.path())).unwrap();
+        let lo = crate::net::Iface {
+            name: "lo".into(),
+            index: 1,
+            mtu: 65536,
+        };
+        let config = FetchConfig {
+            port: 0,
+            ..FetchConfig::default()
+        };
+        let channel = Channel::new("t", None);
+        let record = RootRecord {
+            channel_id: *channel.id(),
+            generation: 1,
+            publish_time_ns: 0,
+            root: object_ref(b"root"),
+            block_size: BlockSize::DEFAULT,
+            single_file: false,
+            signature: None,
+        };
+        let fetcher = Fetcher::start(channel, lo, cache, config).unwrap();
+        (TreeSource::new(Tree::for_tests(fetcher, record)), dir)
+    }
+
+    #[test]
+    fn a_stale_failure_is_repeated_to_superseded_readers_only() {
+        let (s, _dir) = source();
+        let h = blake3::hash(b"block");
+        let stale = FetchError::Stale {
+            channel: "t".into(),
+            what: "block".into(),
+        };
+        assert!(matches!(s.0.demand_failed(h, stale), SourceError::Stale(_)));
+        assert!(matches!(
+            s.0.recent_failure(&h, Freshness::Superseded),
+            Err(SourceError::Stale(_))
+        ));
+        assert_eq!(s.0.recent_failure(&h, Freshness::Current), Ok(()));
+        let timeout = s.0.fetcher.timeout_error("block");
+        s.0.demand_failed(h, timeout);
+        assert!(s.0.recent_failure(&h, Freshness::Current).is_err());
+    }
+
+    #[test]
+    fn same_content_means_the_same_objects_at_the_same_block_size() {
+        let (s, _dir) = source();
+        let tree = s.tree();
+        let file = |content: Content| {
+            let f = FileRef {
+                size: 5,
+                b3: blake3::hash(b"hello"),
+                content,
+            };
+            Node::File(Arc::new(f), tree.clone())
+        };
+        let a = file(Content::Block(blake3::hash(b"hello")));
+        assert!(s.same_content(&a, &a.clone()));
+        assert!(!s.same_content(&a, &file(Content::Inline(b"hello".to_vec()))));
+        let mut other = tree.root_record().clone();
+        other.block_size = BlockSize::from_log2(20).unwrap();
+        let moved = Arc::new(tree.moved_to(other));
+        let b = Node::File(
+            Arc::new(FileRef {
+                size: 5,
+                b3: blake3::hash(b"hello"),
+                content: Content::Block(blake3::hash(b"hello")),
+            }),
+            moved,
+        );
+        assert!(!s.same_content(&a, &b), "another block size");
+        let d = |x: &[u8]| Node::Dir(object_ref(x), tree.clone());
+        assert!(s.same_content(&d(b"x"), &d(b"x")) && !s.same_content(&d(b"x"), &d(b"y")));
     }
 }

@@ -152,6 +152,7 @@ mod tests {
             (FsError::BadHandle, libc::EBADF),
             (SourceError::Unavailable("gone".into()).into(), libc::EIO),
             (SourceError::Invalid("bad".into()).into(), libc::EIO),
+            (SourceError::Stale("gone".into()).into(), libc::ESTALE),
             (SourceError::Closed.into(), libc::EIO),
         ];
         for (error, errno) in cases {

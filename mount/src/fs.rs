@@ -5,6 +5,18 @@
 //! polls them once and hands them to a task if they are not done). It owns the inode table,
 //! the open files with their sequential detectors, and the read-only policy.
 //!
+//! It also moves the mount to new versions of the source ([`Fs::switch`]): it plans the move
+//! (listing the changed directories the kernel knows, see `inode/switch.rs`), applies it to
+//! the inode table in one step, marks the open files it superseded, and returns what the
+//! kernel must forget. Lookups and listings racing with a move retry on the new version rather
+//! than store or hand out entries of the old one.
+//!
+//! An open file pins the version it was opened on: its handle keeps the node (for lcfs, the
+//! file's reference with its index) and every read goes through it, so one handle never
+//! returns bytes of two versions. A handle whose file a later version replaced or removed
+//! reads with [`ReadHint::superseded`], so that the source fails fast with ESTALE where it
+//! can no longer get the old bytes, instead of waiting for its timeout.
+//!
 //! Invariants:
 //! - Every entry handed out (lookup, readdirplus) is counted in the inode table before the
 //!   adaptor replies (see `inode.rs`).
@@ -20,10 +32,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::FsError;
-use crate::inode::{InodeTable, Listing, ROOT};
+use crate::inode::{kept_dirs, sorted, InodeTable, Invalidation, Listing, ROOT};
 use crate::mount::{Census, MountStats};
 use crate::readahead::SequentialDetector;
-use crate::source::{Attr, BoxFuture, Kind, ReadHint, Source, Totals};
+use crate::source::{Attr, BoxFuture, Children, Kind, ReadHint, Source, Totals, Version};
 
 /// An entry handed to the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,17 +111,23 @@ impl<N> DirView<N> {
 }
 
 struct OpenFile<N> {
+    ino: u64,
+    /// The node as it was at open: the version this handle reads.
     node: N,
     size: u64,
     detector: SequentialDetector,
+    /// A later version replaced or removed the file.
+    superseded: bool,
 }
 
-/// The filesystem over source `S`.
+/// The filesystem over source `S`. Lock order: the inode table, then the open files.
 pub struct Fs<S: Source> {
     source: Arc<S>,
     table: Mutex<InodeTable<S::Node>>,
     files: Mutex<HashMap<u64, OpenFile<S::Node>>>,
     next_fh: AtomicU64,
+    /// The number of the version the table is on.
+    version: AtomicU64,
     readahead_min: u64,
     readahead_max: u64,
 }
@@ -123,39 +141,105 @@ impl<S: Source> Fs<S> {
     /// A filesystem whose sequential readers get readahead windows from `readahead_min` up to
     /// `readahead_max` bytes.
     pub fn new(source: Arc<S>, readahead_min: u64, readahead_max: u64) -> Fs<S> {
-        let (root, attr) = source.root();
+        let root = source.root();
         Fs {
             source,
-            table: Mutex::new(InodeTable::new(root, attr)),
+            table: Mutex::new(InodeTable::new(root.root, root.attr)),
             files: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            version: AtomicU64::new(root.number),
             readahead_min,
             readahead_max,
         }
     }
 
+    /// The source it reads through.
+    pub fn source(&self) -> &Arc<S> {
+        &self.source
+    }
+
+    /// The number of the version the mount shows.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
     /// Finds `name` in directory `parent` and counts one lookup of it.
     pub async fn lookup(&self, parent: u64, name: &OsStr) -> Result<Entry, FsError> {
-        let listing = self.listing(parent).await?;
-        let index = listing.find(name).ok_or(FsError::NotFound)?;
-        let ino = lock(&self.table).remember(parent, &listing, index)?;
-        Ok(Entry {
-            ino,
-            attr: listing.children[index].attr.clone(),
-        })
+        loop {
+            let listing = self.listing(parent).await?;
+            let index = listing.find(name).ok_or(FsError::NotFound)?;
+            let mut table = lock(&self.table);
+            // A move to a new version got in between: look again, in the new listing.
+            if !table.is_current(parent, &listing) {
+                continue;
+            }
+            let ino = table.remember(parent, &listing, index)?;
+            return Ok(Entry {
+                ino,
+                attr: listing.children[index].attr.clone(),
+            });
+        }
     }
 
     /// The listing of directory `dir`, from the table or else from the source.
     async fn listing(&self, dir: u64) -> Result<Listing<S::Node>, FsError> {
-        let node = {
-            let table = lock(&self.table);
-            if let Some(listing) = table.listing(dir)? {
+        loop {
+            let (node, epoch) = {
+                let table = lock(&self.table);
+                if let Some(listing) = table.listing(dir)? {
+                    return Ok(listing);
+                }
+                (table.get(dir)?.node.clone(), table.epoch())
+            };
+            let children = self.source.list(&node).await?;
+            // None: the directory moved to a new version while it was being listed.
+            if let Some(listing) = lock(&self.table).set_listing(dir, children, epoch)? {
                 return Ok(listing);
             }
-            table.get(dir)?.node.clone()
-        };
-        let children = self.source.list(&node).await?;
-        lock(&self.table).set_listing(dir, children)
+        }
+    }
+
+    /// Moves the mount to version `v` (see the module doc); returns what the kernel must
+    /// forget. Never fails: a changed directory that cannot be listed now is forgotten, and
+    /// listed afresh when next looked up.
+    pub async fn switch(&self, v: Version<S::Node>) -> Vec<Invalidation> {
+        let same = |a: &S::Node, b: &S::Node| self.source.same_content(a, b);
+        let listed = self.plan(&v.root).await;
+        let applied = lock(&self.table).apply(v.root, v.attr, &listed, &same);
+        if !applied.superseded.is_empty() {
+            let mut files = lock(&self.files);
+            for f in files.values_mut() {
+                f.superseded |= applied.superseded.contains(&f.ino);
+            }
+        }
+        self.version.store(v.number, Ordering::Release);
+        applied.invalidations
+    }
+
+    /// The new listing of every changed directory the table has a listing of, from the root
+    /// of the new version down; unchanged subtrees are skipped at their top.
+    async fn plan(&self, root: &S::Node) -> HashMap<u64, Children<S::Node>> {
+        let same = |a: &S::Node, b: &S::Node| self.source.same_content(a, b);
+        let mut listed = HashMap::new();
+        let mut todo = vec![(ROOT, root.clone())];
+        while let Some((ino, node)) = todo.pop() {
+            let Some(old) = lock(&self.table).changed_listing(ino, &node, &same) else {
+                continue;
+            };
+            match self.source.list(&node).await {
+                Ok(new) => {
+                    let new = sorted(new);
+                    todo.extend(kept_dirs(&old, &new, &same));
+                    listed.insert(ino, new);
+                }
+                Err(e) => tracing::warn!(
+                    ino,
+                    error = %e,
+                    "cannot list a changed directory of the new version; its entries will be looked up again"
+                ),
+            }
+        }
+        listed
     }
 
     /// Takes back `n` lookups of `ino`.
@@ -184,10 +268,10 @@ impl<S: Source> Fs<S> {
         {
             return Err(FsError::ReadOnly);
         }
-        let (node, attr) = {
+        let (node, attr, superseded) = {
             let table = lock(&self.table);
             let inode = table.get(ino)?;
-            (inode.node.clone(), inode.attr.clone())
+            (inode.node.clone(), inode.attr.clone(), inode.superseded)
         };
         match attr.kind {
             Kind::File => {}
@@ -199,9 +283,11 @@ impl<S: Source> Fs<S> {
         lock(&self.files).insert(
             fh,
             OpenFile {
+                ino,
                 node,
                 size: attr.size,
                 detector,
+                superseded,
             },
         );
         Ok(fh)
@@ -225,6 +311,7 @@ impl<S: Source> Fs<S> {
                 len,
                 ReadHint {
                     readahead: window.min(left - len),
+                    superseded: file.superseded,
                 },
             )
         };

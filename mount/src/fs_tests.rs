@@ -1,9 +1,11 @@
 //! Tests of the filesystem core over a [`MemSource`], without the kernel.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::Arc;
 
 use super::*;
+use crate::inode::Invalidation;
 use crate::testing::MemSource;
 
 const KIB: u64 = 1024;
@@ -174,4 +176,170 @@ async fn xattrs_probe_size_and_check_the_buffer() {
         panic!()
     };
     assert!(root.windows(16).any(|w| w == b"user.lcfs.source"));
+}
+
+// ---------------------------------------------------------------- new versions
+
+/// A tree with one entry of each kind of change to come.
+fn versioned() -> (Fs<MemSource>, Arc<MemSource>) {
+    let mut s = MemSource::new();
+    s.file("keep/a", b"unchanged".to_vec(), 0o644)
+        .file("keep/deep/b", b"deep".to_vec(), 0o644)
+        .file("chg", b"version one".to_vec(), 0o644)
+        .file("del", b"deleted".to_vec(), 0o644)
+        .file("ren-old", b"renamed".to_vec(), 0o644)
+        .file("mode.sh", b"#!/bin/sh\n".to_vec(), 0o644)
+        .symlink("link", "chg")
+        .file("sub/x", b"x1".to_vec(), 0o644);
+    let s = Arc::new(s);
+    (Fs::new(s.clone(), 128 * KIB, 8 * 1024 * KIB), s)
+}
+
+/// Every kind of change at once, as a publisher would make them.
+fn publish_changes(s: &MemSource) -> u64 {
+    s.publish(|t| {
+        t.file("chg", b"version two, longer".to_vec(), 0o644)
+            .remove("del")
+            .rename("ren-old", "ren-new")
+            .chmod("mode.sh", 0o755)
+            .symlink("link", "keep/a")
+            .dir("made", 0o755)
+            .file("sub/x", b"x2".to_vec(), 0o644);
+    })
+}
+
+fn entries(invalidations: &[Invalidation]) -> Vec<(u64, String)> {
+    let mut v: Vec<_> = invalidations
+        .iter()
+        .filter_map(|i| match i {
+            Invalidation::Entry { parent, name } => {
+                Some((*parent, name.to_string_lossy().into_owned()))
+            }
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn read_all(fs: &Fs<MemSource>, fh: u64) -> Result<Vec<u8>, FsError> {
+    fs.read(fh, 0, 1 << 20)?.await
+}
+
+#[tokio::test]
+async fn a_new_version_invalidates_what_changed_and_nothing_else() {
+    let (fs, src) = versioned();
+    let names = [
+        "keep/a",
+        "keep/deep/b",
+        "chg",
+        "del",
+        "ren-old",
+        "mode.sh",
+        "link",
+        "sub/x",
+    ];
+    let mut before = HashMap::new();
+    for n in names {
+        before.insert(n, lookup(&fs, n).await);
+    }
+    let lists_before = src.lists().len();
+    let v = publish_changes(&src);
+    let inv = fs.switch(src.next_version(1).await.unwrap()).await;
+    assert_eq!(fs.version(), v);
+    // Only the root and sub/ were listed: keep/ is the same subtree, recognised at its top.
+    assert_eq!(src.lists()[lists_before..], ["", "sub"]);
+    let sub = lookup(&fs, "sub").await.ino;
+    let mut want = vec![
+        (ROOT, "chg".to_string()),
+        (ROOT, "del".into()),
+        (ROOT, "link".into()),
+        (ROOT, "made".into()),
+        (ROOT, "ren-new".into()),
+        (ROOT, "ren-old".into()),
+        (sub, "x".into()),
+    ];
+    want.sort();
+    assert_eq!(entries(&inv), want);
+    assert!(inv.contains(&Invalidation::Data(ROOT)) && inv.contains(&Invalidation::Data(sub)));
+    let mode = before["mode.sh"].ino;
+    assert!(inv.contains(&Invalidation::Attr(mode)));
+    // Unchanged files (and the chmodded one) keep their inode numbers; changed ones do not.
+    for n in ["keep/a", "keep/deep/b", "mode.sh"] {
+        assert_eq!(lookup(&fs, n).await.ino, before[n].ino, "{n}");
+    }
+    assert_eq!(fs.getattr(mode).unwrap().mode, 0o755);
+    for n in ["chg", "link", "sub/x"] {
+        assert_ne!(lookup(&fs, n).await.ino, before[n].ino, "{n}");
+    }
+    assert_eq!(
+        fs.lookup(ROOT, OsStr::new("del")).await,
+        Err(FsError::NotFound)
+    );
+    assert_eq!(
+        fs.lookup(ROOT, OsStr::new("ren-old")).await,
+        Err(FsError::NotFound)
+    );
+    let link = lookup(&fs, "link").await.ino;
+    assert_eq!(fs.readlink(link).unwrap(), b"keep/a");
+    lookup(&fs, "ren-new").await;
+    lookup(&fs, "made").await;
+}
+
+#[tokio::test]
+async fn handles_keep_the_version_they_opened() {
+    let (fs, src) = versioned();
+    let chg = lookup(&fs, "chg").await.ino;
+    let keep = lookup(&fs, "keep/a").await.ino;
+    let old = fs.open(chg, libc::O_RDONLY).unwrap();
+    let unchanged = fs.open(keep, libc::O_RDONLY).unwrap();
+    publish_changes(&src);
+    fs.switch(src.next_version(1).await.unwrap()).await;
+    // The old handle reads the old bytes, and says it is superseded.
+    assert_eq!(read_all(&fs, old).await.unwrap(), b"version one");
+    assert!(src.reads().last().unwrap().hint.superseded);
+    // A new open sees the new version.
+    let new_ino = lookup(&fs, "chg").await.ino;
+    let new = fs.open(new_ino, libc::O_RDONLY).unwrap();
+    assert_eq!(read_all(&fs, new).await.unwrap(), b"version two, longer");
+    assert!(!src.reads().last().unwrap().hint.superseded);
+    // Once the source cannot get the old bytes, the old handle fails with ESTALE at once;
+    // the handle of the unchanged file goes on reading.
+    src.forget_old();
+    let e = read_all(&fs, old).await.unwrap_err();
+    assert_eq!(e.errno(), libc::ESTALE, "{e}");
+    assert_eq!(read_all(&fs, unchanged).await.unwrap(), b"unchanged");
+    assert!(!src.reads().last().unwrap().hint.superseded);
+    // Even an open of the old inode (an entry the kernel has not dropped yet) is superseded.
+    let late = fs.open(chg, libc::O_RDONLY).unwrap();
+    assert_eq!(read_all(&fs, late).await.unwrap_err().errno(), libc::ESTALE);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_racing_with_a_move_answers_from_the_new_version() {
+    let (fs, src) = versioned();
+    src.set_fault(
+        "",
+        crate::testing::Fault::slow(std::time::Duration::from_secs(1)),
+    );
+    let (found, ()) = tokio::join!(fs.lookup(ROOT, OsStr::new("chg")), async {
+        publish_changes(&src);
+        let v = src.next_version(1).await.unwrap();
+        fs.switch(v).await;
+    });
+    let fh = fs.open(found.unwrap().ino, libc::O_RDONLY).unwrap();
+    assert_eq!(read_all(&fs, fh).await.unwrap(), b"version two, longer");
+}
+
+#[tokio::test]
+async fn a_move_to_the_same_content_changes_nothing() {
+    let (fs, src) = versioned();
+    let a = lookup(&fs, "keep/a").await;
+    let lists = src.lists().len();
+    src.publish(|_| {});
+    let inv = fs.switch(src.next_version(1).await.unwrap()).await;
+    assert!(inv.is_empty(), "{inv:?}");
+    assert_eq!(src.lists().len(), lists);
+    assert_eq!(lookup(&fs, "keep/a").await.ino, a.ino);
+    assert_eq!(fs.version(), 2);
 }

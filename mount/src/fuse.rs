@@ -84,6 +84,11 @@ impl<S: Source> FuseFs<S> {
         self.fs.clone()
     }
 
+    /// The filesystem core, for the task that follows the source's versions.
+    pub(crate) fn core(&self) -> Arc<Fs<S>> {
+        self.fs.clone()
+    }
+
     /// Runs `fut` to completion and passes its output to `done`: at once if a first poll
     /// finishes it, else from a task on the runtime.
     fn complete<T, F>(&self, fut: F, done: impl FnOnce(T) + Send + 'static)

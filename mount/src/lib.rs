@@ -7,9 +7,12 @@
 //!
 //! Layout:
 //! - `source`: the trait and its plain types;
-//! - `fs`: the filesystem core (inode table, open files, read-only policy), free of fuser;
+//! - `fs`: the filesystem core (inode table, open files, read-only policy, moves to new
+//!   versions), free of fuser; `follow`: the task that follows the source's versions and
+//!   tells the kernel what to forget;
 //! - `fuse`: the thin fuser adaptor (forward, log, reply); `attr`: attributes for the kernel;
-//! - `inode`: the lazily populated inode table; `readahead`: sequential detection;
+//! - `inode`: the lazily populated inode table and its diff between versions;
+//!   `readahead`: sequential detection;
 //! - `mount`: [`mount`], [`MountConfig`], [`MountHandle`];
 //! - `mountpoint`: checks, dead-mountpoint recovery, [`unmount`]; `fusermount`: user mounts;
 //! - `error`: [`FsError`] with the one errno table, and [`MountError`].
@@ -20,6 +23,7 @@
 
 mod attr;
 mod error;
+mod follow;
 mod fs;
 mod fuse;
 mod fusermount;
@@ -34,4 +38,6 @@ pub use error::{FsError, MountError};
 pub use fuser::{INodeNo, Notifier};
 pub use mount::{mount, MountConfig, MountHandle, MountStats};
 pub use mountpoint::unmount;
-pub use source::{Attr, BoxFuture, Child, Children, Kind, ReadHint, Source, SourceError, Totals};
+pub use source::{
+    Attr, BoxFuture, Child, Children, Kind, ReadHint, Source, SourceError, Totals, Version,
+};

@@ -8,7 +8,7 @@
 //!
 //! Invariants: a [`MountHandle`] unmounts on drop (lazily if the mount is busy); the
 //! "ended" signal fires exactly when the session thread lets go of the filesystem, whoever
-//! unmounted it.
+//! unmounted it; a task follows the source's new versions until then (`follow.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -89,6 +89,12 @@ impl Ended {
         self.tx.send_replace(true);
     }
 
+    /// Resolves when the session ends.
+    pub(crate) async fn wait_async(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
     fn is_set(&self) -> bool {
         *self.done.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -161,8 +167,7 @@ impl MountHandle {
 
     /// Resolves when the session ends.
     pub async fn ended(&self) {
-        let mut rx = self.ended.tx.subscribe();
-        let _ = rx.wait_for(|done| *done).await;
+        self.ended.wait_async().await;
     }
 
     /// Unmounts and waits for the session to end. If the mount is busy it is detached lazily
@@ -223,14 +228,16 @@ pub fn mount<S: Source>(
 ) -> Result<MountHandle, MountError> {
     let path = prepare(mountpoint)?;
     let ended = Arc::new(Ended::new());
-    let fs = FuseFs::new(source, &config, runtime, ended.clone());
+    let fs = FuseFs::new(source, &config, runtime.clone(), ended.clone());
     let census = fs.census();
+    let core = fs.core();
     let session = start(fs, &path, &config)?;
     info!(mountpoint = %path.display(), fs_name = %config.fs_name, "mounted");
     if config.kernel_readahead > 0 {
         set_kernel_readahead(&path, config.kernel_readahead);
     }
     let notifier = session.notifier();
+    runtime.spawn(crate::follow::run(core, notifier.clone(), ended.clone()));
     Ok(MountHandle {
         session: Some(session),
         mountpoint: path,

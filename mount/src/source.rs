@@ -4,6 +4,12 @@
 //! entries of a directory and for byte ranges of a file, and gets futures back, so that FUSE
 //! handlers never block on the network (the reply is sent by a task when the future ends).
 //! `lcfs` implements this trait with its fetch engine; tests implement it in memory.
+//!
+//! A source may move to new versions of its tree while mounted ([`Source::next_version`]).
+//! Nodes stay valid after a move: a node of an older version still reads that version's bytes
+//! for as long as the source can get them, and fails with [`SourceError::Stale`] once it
+//! cannot. [`Source::same_content`] tells the mount which nodes of two versions are the same,
+//! so that it keeps their inodes and skips unchanged subtrees without listing them.
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -48,6 +54,20 @@ pub struct ReadHint {
     /// Bytes after the requested range that the reader is expected to want soon (0 for a
     /// random reader).
     pub readahead: u64,
+    /// The file changed or went away in a later version: the handle reads the version it
+    /// opened, whose bytes the source may no longer be able to get. It should answer from
+    /// what it has, or fail fast with [`SourceError::Stale`] rather than wait.
+    pub superseded: bool,
+}
+
+/// One version of the source's tree.
+#[derive(Clone, Debug)]
+pub struct Version<N> {
+    /// Increases with every version (for lcfs, the root record's generation).
+    pub number: u64,
+    /// The root directory.
+    pub root: N,
+    pub attr: Attr,
 }
 
 /// Errors a source reports; the mount maps each to one errno in one place.
@@ -56,6 +76,10 @@ pub enum SourceError {
     /// The data could not be had in time (server gone, timeout): EIO.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The data belongs to a version the source has moved past, and it can no longer be had
+    /// (the server stopped sending it): ESTALE, at once rather than after a timeout.
+    #[error("stale: {0}")]
+    Stale(String),
     /// The data is corrupt or does not verify: EIO.
     #[error("invalid: {0}")]
     Invalid(String),
@@ -73,6 +97,7 @@ impl SourceError {
             SourceError::Unavailable(_) | SourceError::Invalid(_) | SourceError::Closed => {
                 libc::EIO
             }
+            SourceError::Stale(_) => libc::ESTALE,
             SourceError::WrongKind => libc::EINVAL,
         }
     }
@@ -93,8 +118,24 @@ pub struct Totals {
 pub trait Source: Send + Sync + 'static {
     type Node: Clone + Send + Sync + 'static;
 
-    /// The root directory.
-    fn root(&self) -> (Self::Node, Attr);
+    /// The current version: its number and root directory.
+    fn root(&self) -> Version<Self::Node>;
+
+    /// Resolves with the current version once its number is above `seen`. A source that never
+    /// changes never resolves (the default); [`SourceError::Closed`] ends the mount's watch.
+    fn next_version(&self, seen: u64) -> BoxFuture<Result<Version<Self::Node>, SourceError>> {
+        let _ = seen;
+        Box::pin(std::future::pending())
+    }
+
+    /// Whether nodes `a` and `b`, of the same kind and possibly of two versions, hold the same
+    /// content: for files the same bytes (the mount keeps the inode and its page cache), for
+    /// directories the same entries all the way down (the mount skips the subtree). Must be
+    /// cheap: it is asked without the network. `false` when unsure (the default).
+    fn same_content(&self, a: &Self::Node, b: &Self::Node) -> bool {
+        let _ = (a, b);
+        false
+    }
 
     /// The entries of directory `dir`, sorted by name.
     fn list(&self, dir: &Self::Node) -> BoxFuture<Result<Children<Self::Node>, SourceError>>;

@@ -1,4 +1,13 @@
 //! The I/O shell of the fetch engine: socket, receive thread, joins and waiters.
+//!
+//! Root records reach two kinds of listeners: one-shot waiters ([`Fetcher::fetch_root`], used
+//! to open a tree), and watchers ([`Fetcher::watch_roots`], used by a mount to follow the
+//! publisher), for whom the root group stays joined; it is rejoined every
+//! [`ROOT_WATCH_REJOIN`] while nothing is heard, so that a restarted server learns of the
+//! watcher at once. When the channel moves to a new generation,
+//! [`Fetcher::handle_new_generation`] puts every pending fetch in doubt (see
+//! [`super::object`]): what the server no longer sends fails as stale within `stale_after`
+//! instead of `timeout`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv6Addr;
@@ -9,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use lcfs_cache::{Cache, Verified};
 use socket2::Socket;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::membership::{default_gap, Memberships};
-use super::object::{Action, ObjectFetch};
+use super::object::{Action, ObjectFetch, Timers};
 use super::{FetchError, KEY_HINT};
 use crate::channel::{Address, Channel, Tag};
 use crate::mld::Reporter;
@@ -28,6 +37,23 @@ pub enum Priority {
     Prefetch = 2,
 }
 
+/// Whether the reader asking for an object reads the channel's current generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// The object is in the current tree: the server has it.
+    Current,
+    /// The object is of a file a later generation replaced or removed: the server may no
+    /// longer have it, and the fetch fails as stale after `stale_after` without a symbol.
+    Superseded,
+}
+
+/// While a root watcher hears nothing, its group is rejoined this often (a fresh report).
+pub const ROOT_WATCH_REJOIN: Duration = Duration::from_secs(1);
+
+/// Root records queued for a watcher that is slow to take them; more are dropped (a flood
+/// of forged records must not grow memory; the server repeats its record every 25 ms).
+const ROOT_WATCH_QUEUE: usize = 16;
+
 #[derive(Clone, Debug)]
 pub struct FetchConfig {
     /// A fetch fails after this long without a useful symbol.
@@ -40,6 +66,11 @@ pub struct FetchConfig {
     /// flight still covers a LAN's round trip, and loss costs the same (5% per receiver:
     /// 13.5 s at 200 Mbit/s with 16 to 128).
     pub max_joined: usize,
+    /// A fetch in doubt (the channel moved to a new generation, or a superseded file's
+    /// reader asked for it) fails as stale after this long without a useful symbol. The
+    /// server answers a join within a round trip and sends its first round of an object
+    /// within a few hundred milliseconds when it has it.
+    pub stale_after: Duration,
     pub port: u16,
 }
 
@@ -49,6 +80,7 @@ impl Default for FetchConfig {
             timeout: Duration::from_secs(30),
             stall: Duration::from_millis(400),
             max_joined: 32,
+            stale_after: Duration::from_millis(750),
             port: crate::channel::DEFAULT_PORT,
         }
     }
@@ -69,6 +101,8 @@ pub struct FetchStats {
     pub cache_hits: AtomicU64,
     pub bytes_cached: AtomicU64,
     pub rejoins: AtomicU64,
+    /// Fetches failed as stale: in doubt after a new generation, and nothing came.
+    pub stale: AtomicU64,
 }
 
 type Waiter = oneshot::Sender<Result<Verified, FetchError>>;
@@ -97,6 +131,26 @@ struct RootWait {
     last_join: Instant,
 }
 
+/// The watchers of root records, and when the root group was last heard and joined for them.
+struct RootWatch {
+    senders: Vec<mpsc::Sender<HeardRoot>>,
+    heard: Instant,
+    joined: Instant,
+}
+
+/// Root records as the engine hears them, not yet trusted; the root group stays joined while
+/// this lives.
+pub struct RootWatcher {
+    rx: mpsc::Receiver<HeardRoot>,
+}
+
+impl RootWatcher {
+    /// The next record heard; `None` once the engine stopped.
+    pub async fn next(&mut self) -> Option<HeardRoot> {
+        self.rx.recv().await
+    }
+}
+
 struct State {
     pending: HashMap<Tag, Pending>,
     /// Not yet joined, in priority order: (priority, arrival) -> tag.
@@ -104,6 +158,9 @@ struct State {
     joined: usize,
     seq: u64,
     root: Option<RootWait>,
+    watch: Option<RootWatch>,
+    /// Whether the root group is joined (for waiters or watchers).
+    root_joined: bool,
     members: Memberships,
     /// Objects just decoded, until the cache surely has them: a request that arrives between
     /// the end of a fetch and the cache insert must not start the fetch again.
@@ -126,6 +183,8 @@ impl Default for State {
             joined: 0,
             seq: 0,
             root: None,
+            watch: None,
+            root_joined: false,
             members: Memberships::new(default_gap()),
             // The cache's memory LRU shares these bytes; a few dozen cover the insert's delay.
             recent: lru::LruCache::new(std::num::NonZeroUsize::new(64).expect("non-zero")),
@@ -246,12 +305,60 @@ impl Fetcher {
 
     /// The object `r`, from the cache or the network, verified.
     pub async fn fetch(&self, r: ObjectRef, priority: Priority) -> Result<Verified, FetchError> {
+        self.fetch_as(r, priority, Freshness::Current).await
+    }
+
+    /// [`Fetcher::fetch`] for a reader of the given freshness.
+    pub async fn fetch_as(
+        &self,
+        r: ObjectRef,
+        priority: Priority,
+        freshness: Freshness,
+    ) -> Result<Verified, FetchError> {
         if let Some(v) = self.cached(&r)? {
             return Ok(v);
         }
-        tracing::trace!(hash = %&r.hash.to_hex()[..12], ?priority, "fetch");
-        let rx = self.inner.request(r, priority);
+        tracing::trace!(hash = %&r.hash.to_hex()[..12], ?priority, ?freshness, "fetch");
+        let rx = self.inner.request(r, priority, freshness);
         rx.await.map_err(|_| FetchError::Closed)?
+    }
+
+    /// The channel moved to a new generation: every pending fetch is in doubt from now on
+    /// (what the server still has keeps coming; the rest fails as stale within
+    /// `stale_after`), and joined groups are reported afresh, for a server that restarted.
+    pub fn handle_new_generation(&self) {
+        let now = Instant::now();
+        let mut st = self.inner.lock();
+        let mut rejoin = Vec::new();
+        for p in st.pending.values_mut() {
+            p.fetch.handle_doubt(now);
+            if p.joined {
+                p.fetch.handle_joined(now);
+                rejoin.push(p.group);
+            }
+        }
+        for group in rejoin {
+            st.members.push(now, group, false);
+            st.members.push(now, group, true);
+        }
+        self.inner.flush(&mut st, now);
+    }
+
+    /// Root records from now on, as heard (not yet trusted); the root group stays joined
+    /// until the watcher is dropped.
+    pub fn watch_roots(&self) -> RootWatcher {
+        let (tx, rx) = mpsc::channel(ROOT_WATCH_QUEUE);
+        let now = Instant::now();
+        let mut st = self.inner.lock();
+        let watch = st.watch.get_or_insert_with(|| RootWatch {
+            senders: Vec::new(),
+            heard: now,
+            joined: now,
+        });
+        watch.senders.push(tx);
+        self.inner.update_root_membership(&mut st, now);
+        self.inner.flush(&mut st, now);
+        RootWatcher { rx }
     }
 
     /// Starts fetching every object of `refs` that is not cached, without waiting: their
@@ -324,17 +431,26 @@ impl Inner {
         &self,
         r: ObjectRef,
         priority: Priority,
+        freshness: Freshness,
     ) -> oneshot::Receiver<Result<Verified, FetchError>> {
         let (tx, rx) = oneshot::channel();
         let mut st = self.lock();
-        self.register(&mut st, r, priority, Some(tx));
+        self.register(&mut st, r, priority, freshness, Some(tx));
         self.admit(&mut st);
         self.flush(&mut st, Instant::now());
         rx
     }
 
-    /// Adds a waiter (or none) for `r`, creating its pending fetch if there is none.
-    fn register(&self, st: &mut State, r: ObjectRef, priority: Priority, waiter: Option<Waiter>) {
+    /// Adds a waiter (or none) for `r`, creating its pending fetch if there is none. A
+    /// current reader vouches for the object; a superseded one puts a new fetch in doubt.
+    fn register(
+        &self,
+        st: &mut State,
+        r: ObjectRef,
+        priority: Priority,
+        freshness: Freshness,
+        waiter: Option<Waiter>,
+    ) {
         let addr = self.channel.object_address(&r.hash);
         if let Some(v) = st.recent.get(&addr.tag).filter(|v| *v.hash() == r.hash) {
             if let Some(w) = waiter {
@@ -344,6 +460,9 @@ impl Inner {
         }
         if let Some(p) = st.pending.get_mut(&addr.tag) {
             p.waiters.extend(waiter);
+            if freshness == Freshness::Current {
+                p.fetch.handle_vouched();
+            }
             if priority < p.priority && !p.joined {
                 let old = (p.priority, p.seq);
                 p.priority = priority;
@@ -355,10 +474,15 @@ impl Inner {
         }
         st.seq += 1;
         let seq = st.seq;
+        let now = Instant::now();
+        let mut fetch = ObjectFetch::new(now, r);
+        if freshness == Freshness::Superseded {
+            fetch.handle_doubt(now);
+        }
         st.pending.insert(
             addr.tag,
             Pending {
-                fetch: ObjectFetch::new(Instant::now(), r),
+                fetch,
                 group: addr.group,
                 joined: false,
                 priority,
@@ -372,7 +496,7 @@ impl Inner {
     fn start(&self, refs: &[ObjectRef], priority: Priority) {
         let mut st = self.lock();
         for r in refs {
-            self.register(&mut st, *r, priority, None);
+            self.register(&mut st, *r, priority, Freshness::Current, None);
         }
         self.admit(&mut st);
         self.flush(&mut st, Instant::now());
@@ -385,16 +509,39 @@ impl Inner {
             Some(w) => w.waiters.push(tx),
             None => {
                 let now = Instant::now();
-                st.members.push(Instant::now(), self.root.group, true);
                 st.root = Some(RootWait {
                     waiters: vec![tx],
                     started: now,
                     last_join: now,
                 });
+                self.update_root_membership(&mut st, now);
                 self.flush(&mut st, now);
             }
         }
         rx
+    }
+
+    /// Joins or leaves the root group as waiters and watchers come and go.
+    fn update_root_membership(&self, st: &mut State, now: Instant) {
+        if let Some(w) = &mut st.watch {
+            w.senders.retain(|s| !s.is_closed());
+        }
+        if st.watch.as_ref().is_some_and(|w| w.senders.is_empty()) {
+            st.watch = None;
+        }
+        let wanted = st.root.is_some() || st.watch.is_some();
+        if wanted != st.root_joined {
+            st.root_joined = wanted;
+            st.members.push(now, self.root.group, wanted);
+        }
+    }
+
+    /// Leaves and joins the root group again: the kernel sends a fresh report.
+    fn rejoin_root(&self, st: &mut State, now: Instant) {
+        if st.root_joined {
+            st.members.push(now, self.root.group, false);
+            st.members.push(now, self.root.group, true);
+        }
     }
 
     /// Joins demand reads, then queued objects while there is room in the window: what the
@@ -603,9 +750,18 @@ impl Inner {
                 return None;
             }
         };
-        let wait = st.root.take()?;
-        st.members.push(Instant::now(), self.root.group, false);
-        Some((HeardRoot { record, from }, wait.waiters))
+        let heard = HeardRoot { record, from };
+        let now = Instant::now();
+        if let Some(w) = &mut st.watch {
+            w.heard = now;
+            for tx in &w.senders {
+                // Full: the watcher is behind; the server repeats its record anyway.
+                let _ = tx.try_send(heard.clone());
+            }
+        }
+        let wait = st.root.take();
+        self.update_root_membership(st, now);
+        Some((heard, wait?.waiters))
     }
 
     fn complete(&self, v: Verified, waiters: Vec<Waiter>) {
@@ -622,21 +778,26 @@ impl Inner {
         }
     }
 
-    /// Timers: rejoin stalled groups, fail fetches that timed out.
+    /// Timers: rejoin stalled groups, fail fetches that timed out or went stale.
     fn tick(&self, now: Instant) {
-        let (stall, timeout) = (self.config.stall, self.config.timeout);
+        let timers = Timers {
+            stall: self.config.stall,
+            timeout: self.config.timeout,
+            stale_after: self.config.stale_after,
+        };
         let mut failed = Vec::new();
         let mut rejoin = Vec::new();
         let mut st = self.lock();
         for (tag, p) in st.pending.iter_mut().filter(|(_, p)| p.joined) {
-            match p.fetch.poll_action(now, stall, timeout) {
+            match p.fetch.poll_action(now, &timers) {
                 Action::Wait => {}
                 Action::Rejoin => {
                     self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
                     rejoin.push(p.group);
                     p.fetch.handle_joined(now);
                 }
-                Action::Fail => failed.push(*tag),
+                Action::Fail => failed.push((*tag, false)),
+                Action::Stale => failed.push((*tag, true)),
             }
         }
         for group in rejoin {
@@ -644,36 +805,60 @@ impl Inner {
             st.members.push(Instant::now(), group, false);
             st.members.push(Instant::now(), group, true);
         }
-        for tag in failed {
-            if let Some(p) = st.pending.remove(&tag) {
-                st.joined -= 1;
-                st.members.push(Instant::now(), p.group, false);
-                let err =
-                    self.timeout_error(&format!("object {}", &p.fetch.want().hash.to_hex()[..16]));
-                p.waiters
-                    .into_iter()
-                    .for_each(|w| drop(w.send(Err(err.clone()))));
-            }
+        for (tag, stale) in failed {
+            self.fail_pending(&mut st, tag, stale);
         }
         self.tick_root(&mut st, now);
         self.admit(&mut st);
         self.flush(&mut st, now);
     }
 
+    /// Ends the pending fetch `tag` with a timeout, or as stale.
+    fn fail_pending(&self, st: &mut State, tag: Tag, stale: bool) {
+        let Some(p) = st.pending.remove(&tag) else {
+            return;
+        };
+        st.joined -= 1;
+        st.members.push(Instant::now(), p.group, false);
+        let what = format!("object {}", &p.fetch.want().hash.to_hex()[..16]);
+        let err = if stale {
+            self.stats.stale.fetch_add(1, Ordering::Relaxed);
+            FetchError::Stale {
+                channel: self.channel.name().to_owned(),
+                what,
+            }
+        } else {
+            self.timeout_error(&what)
+        };
+        p.waiters
+            .into_iter()
+            .for_each(|w| drop(w.send(Err(err.clone()))));
+    }
+
+    /// Root timers: waiters time out, and the group is rejoined while nothing is heard.
     fn tick_root(&self, st: &mut State, now: Instant) {
-        let Some(w) = st.root.as_mut() else { return };
-        if now.duration_since(w.started) >= self.config.timeout {
-            let w = st.root.take().expect("checked above");
-            st.members.push(Instant::now(), self.root.group, false);
-            let err = self.timeout_error("the root record");
-            w.waiters
-                .into_iter()
-                .for_each(|t| drop(t.send(Err(err.clone()))));
-        } else if now.duration_since(w.last_join) >= self.config.stall {
-            w.last_join = now;
-            let g = self.root.group;
-            st.members.push(Instant::now(), g, false);
-            st.members.push(Instant::now(), g, true);
+        let mut rejoin = false;
+        if let Some(w) = st.root.as_mut() {
+            if now.duration_since(w.started) >= self.config.timeout {
+                let w = st.root.take().expect("checked above");
+                let err = self.timeout_error("the root record");
+                w.waiters
+                    .into_iter()
+                    .for_each(|t| drop(t.send(Err(err.clone()))));
+            } else if now.duration_since(w.last_join) >= self.config.stall {
+                w.last_join = now;
+                rejoin = true;
+            }
+        }
+        if let Some(w) = st.watch.as_mut() {
+            if now.duration_since(w.heard.max(w.joined)) >= ROOT_WATCH_REJOIN {
+                w.joined = now;
+                rejoin = true;
+            }
+        }
+        self.update_root_membership(st, now);
+        if rejoin {
+            self.rejoin_root(st, now);
         }
     }
 
@@ -703,5 +888,7 @@ impl Inner {
                 .into_iter()
                 .for_each(|t| drop(t.send(Err(err.clone()))));
         }
+        // Dropping the senders ends every watcher.
+        st.watch = None;
     }
 }

@@ -12,15 +12,21 @@
 //! object are dropped and counted. Nothing hangs: a fetch that sees no useful symbol for
 //! `timeout` fails with an error naming the channel.
 //!
+//! A mount also follows the channel's publisher ([`follow`]): it keeps hearing root records,
+//! accepts each exactly as the first one was accepted ([`trust`]), and moves to higher
+//! generations; fetches that may belong only to the generation left behind are put in doubt
+//! and fail as stale within `stale_after` when the server no longer sends them.
+//!
 //! One receive thread owns the socket's receive side and all timers; callers are async.
 
 mod engine;
+pub mod follow;
 pub mod membership;
 pub mod object;
 pub mod tree;
 pub mod trust;
 
-pub use engine::{FetchConfig, FetchStats, Fetcher, HeardRoot, Priority};
+pub use engine::{FetchConfig, FetchStats, Fetcher, Freshness, HeardRoot, Priority, RootWatcher};
 pub use tree::Tree;
 pub use trust::RootPolicy;
 
@@ -36,6 +42,8 @@ pub enum FetchError {
         iface: String,
         hint: &'static str,
     },
+    #[error("channel {channel:?}: {what} belongs to a generation the server has moved past; it no longer sends it")]
+    Stale { channel: String, what: String },
     #[error("the fetch engine stopped")]
     Closed,
     #[error("cache: {0}")]

@@ -18,6 +18,16 @@
 //! (a fresh MLD report); after `timeout` without one the fetch fails. Once forgery has been
 //! seen, symbols no longer prove progress, so the fetch must then finish within `timeout`
 //! of its start: a flood can slow a fetch down, never hang it.
+//!
+//! A fetch may be *in doubt*: the channel moved to a new generation while it was pending, or
+//! it was asked for by a reader of a superseded file, so the object may belong only to an
+//! older generation, which the server no longer sends. The server answers a join within a
+//! round trip and its first round of an object within a few hundred milliseconds, so a
+//! doubtful fetch that sees no useful symbol for `stale_after` (from the doubt, its join or
+//! its last progress, whichever is latest) is stale: the caller fails it with ESTALE at once
+//! instead of waiting for `timeout`. A request from a reader of the current generation
+//! vouches for the object (it is in the current tree, so the server has it) and lifts the
+//! doubt.
 
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
@@ -35,6 +45,16 @@ pub enum Action {
     Wait,
     Rejoin,
     Fail,
+    /// The fetch was in doubt and nothing came: the object is gone from the server.
+    Stale,
+}
+
+/// The timers a fetch is judged by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timers {
+    pub stall: Duration,
+    pub timeout: Duration,
+    pub stale_after: Duration,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +85,8 @@ pub struct ObjectFetch {
     started: Instant,
     last_progress: Instant,
     last_join: Instant,
+    /// Since when the fetch is in doubt (see the module doc).
+    doubted: Option<Instant>,
     pub stats: SymbolStats,
 }
 
@@ -76,6 +98,7 @@ impl ObjectFetch {
             started: now,
             last_progress: now,
             last_join: now,
+            doubted: None,
             stats: SymbolStats::default(),
         }
     }
@@ -178,12 +201,32 @@ impl ObjectFetch {
         self.last_join = now;
     }
 
-    pub fn poll_action(&self, now: Instant, stall: Duration, timeout: Duration) -> Action {
+    /// Puts the fetch in doubt from `now` (see the module doc).
+    pub fn handle_doubt(&mut self, now: Instant) {
+        self.doubted = Some(now);
+    }
+
+    /// A reader of the current generation wants the object: it is not in doubt.
+    pub fn handle_vouched(&mut self) {
+        self.doubted = None;
+    }
+
+    pub fn is_doubted(&self) -> bool {
+        self.doubted.is_some()
+    }
+
+    pub fn poll_action(&self, now: Instant, t: &Timers) -> Action {
         let quiet = now.saturating_duration_since(self.last_progress);
         let forged = self.stats.forged_decodes > 0;
-        if quiet >= timeout || (forged && now.saturating_duration_since(self.started) >= timeout) {
+        let since = |at: Instant| now.saturating_duration_since(at);
+        if quiet >= t.timeout || (forged && since(self.started) >= t.timeout) {
             Action::Fail
-        } else if quiet >= stall && now.saturating_duration_since(self.last_join) >= stall {
+        } else if self.doubted.is_some_and(|d| {
+            // Progress counts only when it is news: `last_progress` starts at the join.
+            since(d.max(self.last_progress).max(self.started)) >= t.stale_after
+        }) {
+            Action::Stale
+        } else if quiet >= t.stall && since(self.last_join) >= t.stall {
             Action::Rejoin
         } else {
             Action::Wait
@@ -199,6 +242,14 @@ mod tests {
 
     const SERVER: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
     const FORGER: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 666);
+
+    fn timers(stall: Duration, timeout: Duration) -> Timers {
+        Timers {
+            stall,
+            timeout,
+            stale_after: Duration::from_millis(750),
+        }
+    }
 
     fn setup(len: usize) -> (Vec<u8>, ObjectEncoder, ObjectFetch, Instant) {
         let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
@@ -280,7 +331,7 @@ mod tests {
     #[test]
     fn a_flood_cannot_postpone_the_timeout() {
         let (_, _, mut f, t0) = setup(3000);
-        let (stall, timeout) = (Duration::from_millis(300), Duration::from_secs(2));
+        let t = timers(Duration::from_millis(300), Duration::from_secs(2));
         let mut now = t0;
         for round in 0..40u32 {
             now += Duration::from_millis(100);
@@ -289,7 +340,7 @@ mod tests {
             }
         }
         assert!(f.stats.forged_decodes > 0);
-        assert_eq!(f.poll_action(now, stall, timeout), Action::Fail);
+        assert_eq!(f.poll_action(now, &t), Action::Fail);
     }
 
     #[test]
@@ -323,7 +374,7 @@ mod tests {
     #[test]
     fn repeated_symbols_are_not_progress() {
         let (_, enc, mut f, t0) = setup(20_000);
-        let (stall, timeout) = (Duration::from_millis(300), Duration::from_secs(2));
+        let t = timers(Duration::from_millis(300), Duration::from_secs(2));
         let mut buf = Vec::new();
         enc.symbol(0, &mut buf);
         let mut now = t0;
@@ -332,16 +383,53 @@ mod tests {
             f.handle_symbol(now, SERVER, true, 0, &buf);
         }
         assert!(f.stats.duplicates >= 39);
-        assert_eq!(f.poll_action(now, stall, timeout), Action::Fail);
+        assert_eq!(f.poll_action(now, &t), Action::Fail);
     }
 
     #[test]
-    fn timers() {
+    fn timers_stall_then_fail() {
         let (_, _, f, t0) = setup(100);
-        let stall = Duration::from_millis(300);
-        let timeout = Duration::from_secs(2);
-        assert_eq!(f.poll_action(t0, stall, timeout), Action::Wait);
-        assert_eq!(f.poll_action(t0 + stall, stall, timeout), Action::Rejoin);
-        assert_eq!(f.poll_action(t0 + timeout, stall, timeout), Action::Fail);
+        let t = timers(Duration::from_millis(300), Duration::from_secs(2));
+        assert_eq!(f.poll_action(t0, &t), Action::Wait);
+        assert_eq!(f.poll_action(t0 + t.stall, &t), Action::Rejoin);
+        assert_eq!(f.poll_action(t0 + t.timeout, &t), Action::Fail);
+    }
+
+    #[test]
+    fn a_doubtful_fetch_without_symbols_is_stale_soon() {
+        let (_, enc, mut f, t0) = setup(20_000);
+        let t = timers(Duration::from_millis(300), Duration::from_secs(30));
+        let ms = Duration::from_millis;
+        // Quiet for a while before the doubt (the server restarted): the doubt counts from
+        // itself, not from the last symbol.
+        let doubt = t0 + Duration::from_secs(5);
+        f.handle_doubt(doubt);
+        assert_eq!(f.poll_action(doubt + ms(700), &t), Action::Rejoin);
+        assert_eq!(f.poll_action(doubt + t.stale_after, &t), Action::Stale);
+        // A symbol after the doubt shows the server has the object: it restarts the clock.
+        let mut buf = Vec::new();
+        enc.symbol(0, &mut buf);
+        f.handle_symbol(doubt + ms(500), SERVER, true, 0, &buf);
+        assert_ne!(f.poll_action(doubt + ms(1000), &t), Action::Stale);
+        assert_eq!(f.poll_action(doubt + ms(1250), &t), Action::Stale);
+        // A current reader vouches for it: back to the ordinary timeout.
+        f.handle_vouched();
+        assert_eq!(f.poll_action(doubt + ms(5000), &t), Action::Rejoin);
+        assert!(!f.is_doubted());
+    }
+
+    #[test]
+    fn a_doubtful_fetch_waits_for_its_join() {
+        let (_, _, mut f, t0) = setup(100);
+        let t = timers(Duration::from_millis(300), Duration::from_secs(30));
+        f.handle_doubt(t0);
+        // Queued behind the window for a second, then joined: the clock starts at the join.
+        let joined = t0 + Duration::from_secs(1);
+        f.handle_started(joined);
+        assert_eq!(
+            f.poll_action(joined + Duration::from_millis(500), &t),
+            Action::Rejoin
+        );
+        assert_eq!(f.poll_action(joined + t.stale_after, &t), Action::Stale);
     }
 }

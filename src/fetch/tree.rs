@@ -11,8 +11,9 @@ use std::time::Duration;
 use futures::future::try_join_all;
 use lcfs_cache::{Hash, Verified};
 
+use super::follow::RootFollower;
 use super::trust::{self, Memory, Publisher, RootPolicy, LISTEN};
-use super::{FetchError, Fetcher, HeardRoot, Priority};
+use super::{FetchError, Fetcher, Freshness, HeardRoot, Priority};
 use crate::object::index::IndexShape;
 use crate::object::{
     BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef, RootRecord,
@@ -39,6 +40,17 @@ pub struct Tree {
     fetcher: Fetcher,
     root: RootRecord,
     origin: Origin,
+}
+
+impl std::fmt::Debug for Tree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tree(generation {}, root {})",
+            self.root.generation,
+            short(&self.root.root.hash)
+        )
+    }
 }
 
 impl Tree {
@@ -137,6 +149,31 @@ impl Tree {
         self.root.block_size
     }
 
+    /// The same channel at generation `root` (heard from the server, and trusted).
+    pub fn moved_to(&self, root: RootRecord) -> Tree {
+        Tree {
+            fetcher: self.fetcher.clone(),
+            root,
+            origin: Origin::Network,
+        }
+    }
+
+    /// The follower of this tree's publisher, for a mount: `None` when `policy` pins a
+    /// snapshot, which never moves.
+    pub fn follower(&self, policy: &RootPolicy) -> Result<Option<RootFollower>, FetchError> {
+        if policy.pinned.is_some() {
+            return Ok(None);
+        }
+        let memory = remembered(&self.fetcher)?;
+        let online = self.origin == Origin::Network;
+        Ok(Some(RootFollower::new(
+            policy.clone(),
+            memory,
+            self.root.clone(),
+            online,
+        )))
+    }
+
     fn invalid(&self, what: String, reason: impl ToString) -> FetchError {
         FetchError::Invalid {
             channel: self.fetcher.channel().name().to_owned(),
@@ -158,6 +195,16 @@ impl Tree {
     /// claim at most [`MAX_FILE_BLOCKS`] blocks; index pages are fetched a few at a time and
     /// nothing is sized by what the entry claims before the pages are verified.
     pub async fn leaves(&self, f: &FileRef, prio: Priority) -> Result<Vec<Hash>, FetchError> {
+        self.leaves_as(f, prio, Freshness::Current).await
+    }
+
+    /// [`Tree::leaves`] for a reader of the given freshness.
+    pub async fn leaves_as(
+        &self,
+        f: &FileRef,
+        prio: Priority,
+        freshness: Freshness,
+    ) -> Result<Vec<Hash>, FetchError> {
         let blocks = self.block_size().blocks_in(f.size);
         if blocks > MAX_FILE_BLOCKS && !matches!(f.content, Content::Inline(_)) {
             return Err(self.invalid(
@@ -176,7 +223,8 @@ impl Tree {
                 "one block reference for a file of several blocks",
             )),
             Content::Index { index, .. } => {
-                self.index_leaves(*index, IndexShape { blocks }, prio).await
+                let shape = IndexShape { blocks };
+                self.index_leaves(*index, shape, prio, freshness).await
             }
         }
     }
@@ -186,12 +234,13 @@ impl Tree {
         r: ObjectRef,
         shape: IndexShape,
         prio: Priority,
+        freshness: Freshness,
     ) -> Result<Vec<Hash>, FetchError> {
         let what = || format!("file index {}", short(&r.hash));
         if r.len as u64 != shape.top_len() {
             return Err(self.invalid(what(), "length does not fit the file size"));
         }
-        let v = self.fetcher.fetch(r, prio).await?;
+        let v = self.fetcher.fetch_as(r, prio, freshness).await?;
         let index = FileIndex::decode(&v).map_err(|e| self.invalid(what(), e))?;
         shape.check(&index).map_err(|e| self.invalid(what(), e))?;
         match index {
@@ -201,7 +250,7 @@ impl Tree {
                 for (n, chunk) in pages.chunks(PAGES_IN_FLIGHT).enumerate() {
                     let fetches = chunk.iter().enumerate().map(|(i, h)| async move {
                         let pr = shape.page_ref((n * PAGES_IN_FLIGHT + i) as u64, *h);
-                        let v = self.fetcher.fetch(pr, prio).await?;
+                        let v = self.fetcher.fetch_as(pr, prio, freshness).await?;
                         match FileIndex::decode(&v) {
                             Ok(FileIndex::Leaves(l)) => Ok(l),
                             _ => Err(self.invalid(
@@ -225,10 +274,22 @@ impl Tree {
         index: u64,
         prio: Priority,
     ) -> Result<Verified, FetchError> {
-        let len = self.block_size().block_len(size, index);
-        self.fetcher
-            .fetch(ObjectRef { hash: leaf, len }, prio)
+        self.block_as(leaf, size, index, prio, Freshness::Current)
             .await
+    }
+
+    /// [`Tree::block`] for a reader of the given freshness.
+    pub async fn block_as(
+        &self,
+        leaf: Hash,
+        size: u64,
+        index: u64,
+        prio: Priority,
+        freshness: Freshness,
+    ) -> Result<Verified, FetchError> {
+        let len = self.block_size().block_len(size, index);
+        let r = ObjectRef { hash: leaf, len };
+        self.fetcher.fetch_as(r, prio, freshness).await
     }
 
     /// The entry at `path` (components separated by `/`), or the root directory for "".
@@ -314,7 +375,7 @@ async fn trusted_root(
     }
 }
 
-fn unix_now_ns() -> u64 {
+pub(super) fn unix_now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -344,7 +405,12 @@ fn remembered(fetcher: &Fetcher) -> Result<Memory, FetchError> {
 /// Remembers an accepted root record unless it is older than the one remembered, and its
 /// publisher on first use (or when a new one was allowed). A pinned snapshot says nothing of
 /// who publishes the channel, so it comes with no publisher.
-fn remember(fetcher: &Fetcher, root: &RootRecord, publisher: Option<Publisher>, memory: &Memory) {
+pub(super) fn remember(
+    fetcher: &Fetcher,
+    root: &RootRecord,
+    publisher: Option<Publisher>,
+    memory: &Memory,
+) {
     let cache = fetcher.cache();
     let id = fetcher.channel().id();
     if memory
