@@ -524,29 +524,34 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
         rx.tree.root_record().generation,
         args.dest.display()
     );
-    let mut tree = rx.tree;
-    loop {
-        // One root record a second costs the server nothing; a new one is applied at once.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let next = match tree.newer(&rx.policy, Duration::from_secs(2)).await {
-            Ok(Some(next)) => next,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!("not following a root record: {e}");
-                continue;
-            }
-        };
+    // The same follower as a mount's: every record is checked like the first, and a move
+    // is announced once its root directory is verified. Copies run one at a time, each to
+    // the latest generation announced by then.
+    let Some(follower) = rx.tree.follower(&rx.policy)? else {
+        // A pinned snapshot never moves.
+        return std::future::pending().await;
+    };
+    let (tx, mut moves) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(crate::fetch::follow::run(rx.tree, follower, move |e| {
+        if let crate::fetch::follow::Followed::Moved(tree) = e {
+            let _ = tx.send(*tree);
+        }
+    }));
+    while let Some(mut next) = moves.recv().await {
+        while let Ok(newer) = moves.try_recv() {
+            next = newer;
+        }
         let generation = next.root_record().generation;
         match crate::copy::copy(&next, &spec.subpath, &args.dest, opts).await {
             Ok(report) => {
                 eprintln!("generation {generation}:");
                 say_copied(&next, &report, &args.dest);
-                tree = next;
             }
             // The server may have moved on again: the next generation is tried afresh.
             Err(e) => tracing::warn!("generation {generation} not applied: {e:#}"),
         }
     }
+    Ok(())
 }
 
 fn say_copied(tree: &Tree, report: &crate::copy::CopyReport, dest: &Path) {

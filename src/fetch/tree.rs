@@ -107,36 +107,6 @@ impl Tree {
         &self.fetcher
     }
 
-    /// Listens up to `wait` for a root record that `policy` accepts with a higher generation
-    /// than this tree's, and returns the tree it roots (remembered as the channel's latest).
-    /// A pinned tree never moves.
-    pub async fn newer(
-        &self,
-        policy: &RootPolicy,
-        wait: Duration,
-    ) -> Result<Option<Tree>, FetchError> {
-        if policy.pinned.is_some() {
-            tokio::time::sleep(wait).await;
-            return Ok(None);
-        }
-        let memory = remembered(&self.fetcher)?;
-        let (heard, publisher) = match trusted_root(&self.fetcher, policy, &memory, wait).await {
-            Ok(found) => found,
-            Err(FetchError::Timeout { .. }) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        if heard.record.generation <= self.root.generation {
-            return Ok(None);
-        }
-        self.fetcher.prefer_sender(heard.from);
-        remember(&self.fetcher, &heard.record, Some(publisher), &memory);
-        Ok(Some(Tree {
-            fetcher: self.fetcher.clone(),
-            root: heard.record,
-            origin: Origin::Network,
-        }))
-    }
-
     pub fn root_record(&self) -> &RootRecord {
         &self.root
     }
