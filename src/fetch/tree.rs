@@ -309,18 +309,21 @@ async fn trusted_root(
     let mut deadline = tokio::time::Instant::now() + wait;
     let mut refused = None;
     let mut best: Option<(HeardRoot, Publisher)> = None;
+    // One join for the whole wait: the server repeats its record every 25 ms while the group
+    // is joined, and a join and leave per record would make it answer each join at once.
+    let mut roots = fetcher.watch_roots();
     loop {
-        let fetched = tokio::time::timeout_at(deadline, fetcher.fetch_root()).await;
-        let heard = match (fetched, best.take()) {
-            (Ok(Ok(h)), b) => {
-                best = b;
-                h
+        let heard = match tokio::time::timeout_at(deadline, roots.next()).await {
+            Ok(Some(h)) => h,
+            Ok(None) => return Err(FetchError::Closed),
+            Err(_) => {
+                return match best {
+                    Some(b) => Ok(b),
+                    None => {
+                        Err(refused.unwrap_or_else(|| fetcher.timeout_error("the root record")))
+                    }
+                }
             }
-            (Ok(Err(FetchError::Timeout { .. })) | Err(_), Some(b)) => return Ok(b),
-            (Ok(Err(FetchError::Timeout { .. })) | Err(_), None) => {
-                return Err(refused.unwrap_or_else(|| fetcher.timeout_error("the root record")))
-            }
-            (Ok(Err(e)), _) => return Err(e),
         };
         match trust::check(policy, &heard, memory, unix_now_ns()) {
             Ok(publisher) => {
