@@ -1,8 +1,8 @@
 //! The I/O shell of the fetch engine: socket, receive thread, joins and waiters.
 //!
-//! Root records reach two kinds of listeners: one-shot waiters ([`Fetcher::fetch_root`], used
-//! to open a tree), and watchers ([`Fetcher::watch_roots`], used by a mount to follow the
-//! publisher), for whom the root group stays joined; it is rejoined every
+//! Root records reach watchers ([`Fetcher::watch_roots`]: opening a tree listens through one
+//! for a short while, a mount and `copy --watch` for as long as they follow the publisher),
+//! for whom the root group stays joined; it is rejoined every
 //! [`ROOT_WATCH_REJOIN`] while nothing is heard, so that a restarted server learns of the
 //! watcher at once. When the channel moves to a new generation,
 //! [`Fetcher::handle_new_generation`] puts every pending fetch in doubt (see
@@ -106,7 +106,6 @@ pub struct FetchStats {
 }
 
 type Waiter = oneshot::Sender<Result<Verified, FetchError>>;
-type RootWaiter = oneshot::Sender<Result<HeardRoot, FetchError>>;
 
 /// A root record as received, before any trust decision: the record and who sent it.
 #[derive(Clone, Debug)]
@@ -123,12 +122,6 @@ struct Pending {
     priority: Priority,
     seq: u64,
     waiters: Vec<Waiter>,
-}
-
-struct RootWait {
-    waiters: Vec<RootWaiter>,
-    started: Instant,
-    last_join: Instant,
 }
 
 /// The watchers of root records, and when the root group was last heard and joined for them.
@@ -157,7 +150,6 @@ struct State {
     queue: BTreeMap<(Priority, u64), Tag>,
     joined: usize,
     seq: u64,
-    root: Option<RootWait>,
     watch: Option<RootWatch>,
     /// Whether the root group is joined (for waiters or watchers).
     root_joined: bool,
@@ -182,7 +174,6 @@ impl Default for State {
             queue: BTreeMap::new(),
             joined: 0,
             seq: 0,
-            root: None,
             watch: None,
             root_joined: false,
             members: Memberships::new(default_gap()),
@@ -414,12 +405,6 @@ impl Fetcher {
     pub fn timeout_error(&self, what: &str) -> FetchError {
         self.inner.timeout_error(what)
     }
-
-    /// The next root record the server sends whose channel id matches; not yet trusted.
-    pub async fn fetch_root(&self) -> Result<HeardRoot, FetchError> {
-        let rx = self.inner.request_root();
-        rx.await.map_err(|_| FetchError::Closed)?
-    }
 }
 
 impl Inner {
@@ -502,25 +487,6 @@ impl Inner {
         self.flush(&mut st, Instant::now());
     }
 
-    fn request_root(&self) -> oneshot::Receiver<Result<HeardRoot, FetchError>> {
-        let (tx, rx) = oneshot::channel();
-        let mut st = self.lock();
-        match &mut st.root {
-            Some(w) => w.waiters.push(tx),
-            None => {
-                let now = Instant::now();
-                st.root = Some(RootWait {
-                    waiters: vec![tx],
-                    started: now,
-                    last_join: now,
-                });
-                self.update_root_membership(&mut st, now);
-                self.flush(&mut st, now);
-            }
-        }
-        rx
-    }
-
     /// Joins or leaves the root group as waiters and watchers come and go.
     fn update_root_membership(&self, st: &mut State, now: Instant) {
         if let Some(w) = &mut st.watch {
@@ -529,7 +495,7 @@ impl Inner {
         if st.watch.as_ref().is_some_and(|w| w.senders.is_empty()) {
             st.watch = None;
         }
-        let wanted = st.root.is_some() || st.watch.is_some();
+        let wanted = st.watch.is_some();
         if wanted != st.root_joined {
             st.root_joined = wanted;
             st.members.push(now, self.root.group, wanted);
@@ -651,7 +617,6 @@ impl Inner {
         let now = Instant::now();
         let seal = self.channel.seal();
         let mut done = Vec::new();
-        let mut roots = Vec::new();
         {
             let mut st = self.lock();
             for (env, dgram) in batch.datagrams() {
@@ -674,8 +639,8 @@ impl Inner {
                     Body::Root(bytes) if pkt.tag == self.root.tag => {
                         if !env.is_group(&self.root.group, self.iface.index) {
                             self.stats.misaddressed.fetch_add(1, Ordering::Relaxed);
-                        } else if let Some(r) = self.handle_root(&mut st, env.from, bytes) {
-                            roots.push(r);
+                        } else {
+                            self.handle_root(&mut st, env.from, bytes);
                         }
                     }
                     Body::Air(_) if !env.is_group(&self.air.group, self.iface.index) => {
@@ -695,11 +660,6 @@ impl Inner {
         }
         for (v, waiters) in done {
             self.complete(v, waiters);
-        }
-        for (r, waiters) in roots {
-            for w in waiters {
-                let _ = w.send(Ok(r.clone()));
-            }
         }
     }
 
@@ -737,17 +697,12 @@ impl Inner {
         Some((v, p.waiters))
     }
 
-    fn handle_root(
-        &self,
-        st: &mut State,
-        from: Ipv6Addr,
-        bytes: &[u8],
-    ) -> Option<(HeardRoot, Vec<RootWaiter>)> {
+    fn handle_root(&self, st: &mut State, from: Ipv6Addr, bytes: &[u8]) {
         let record = match RootRecord::decode(bytes) {
             Ok(r) if r.channel_id == *self.channel.id() => r,
             _ => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                return None;
+                return;
             }
         };
         let heard = HeardRoot { record, from };
@@ -759,9 +714,7 @@ impl Inner {
                 let _ = tx.try_send(heard.clone());
             }
         }
-        let wait = st.root.take();
         self.update_root_membership(st, now);
-        Some((heard, wait?.waiters))
     }
 
     fn complete(&self, v: Verified, waiters: Vec<Waiter>) {
@@ -835,21 +788,9 @@ impl Inner {
             .for_each(|w| drop(w.send(Err(err.clone()))));
     }
 
-    /// Root timers: waiters time out, and the group is rejoined while nothing is heard.
+    /// Root timers: the group is rejoined while nothing is heard.
     fn tick_root(&self, st: &mut State, now: Instant) {
         let mut rejoin = false;
-        if let Some(w) = st.root.as_mut() {
-            if now.duration_since(w.started) >= self.config.timeout {
-                let w = st.root.take().expect("checked above");
-                let err = self.timeout_error("the root record");
-                w.waiters
-                    .into_iter()
-                    .for_each(|t| drop(t.send(Err(err.clone()))));
-            } else if now.duration_since(w.last_join) >= self.config.stall {
-                w.last_join = now;
-                rejoin = true;
-            }
-        }
         if let Some(w) = st.watch.as_mut() {
             if now.duration_since(w.heard.max(w.joined)) >= ROOT_WATCH_REJOIN {
                 w.joined = now;
@@ -882,11 +823,6 @@ impl Inner {
             p.waiters
                 .into_iter()
                 .for_each(|w| drop(w.send(Err(err.clone()))));
-        }
-        if let Some(w) = st.root.take() {
-            w.waiters
-                .into_iter()
-                .for_each(|t| drop(t.send(Err(err.clone()))));
         }
         // Dropping the senders ends every watcher.
         st.watch = None;

@@ -297,7 +297,7 @@ fn short(h: &Hash) -> String {
 }
 
 /// Listens for root records until one passes `policy`, then for [`LISTEN`] more, and takes
-/// the highest generation heard. Records that fail (forged, unsigned, stale, older, another
+/// the highest generation heard from that same publisher. Records that fail (forged, unsigned, stale, older, another
 /// publisher or snapshot) are skipped, so a flood of bad records cannot stop a receiver from
 /// finding the good one; when time runs out the last refusal is the error.
 async fn trusted_root(
@@ -333,10 +333,13 @@ async fn trusted_root(
                     }
                     deadline = deadline.min(tokio::time::Instant::now() + LISTEN);
                 }
-                if best
-                    .as_ref()
-                    .is_none_or(|(b, _)| heard.record.generation > b.record.generation)
-                {
+                // Only the first publisher's later records count: otherwise anyone on the
+                // link could win the window with a higher number (a replay defence must not
+                // become a way in).
+                let better = best.as_ref().is_none_or(|(b, p)| {
+                    *p == publisher && heard.record.generation > b.record.generation
+                });
+                if better {
                     best = Some((heard, publisher));
                 }
             }

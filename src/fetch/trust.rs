@@ -15,9 +15,10 @@
 //! same generation with another root is a fork; and a generation far ahead of the clock is
 //! refused, because generations are Unix seconds (`serve::server::next_generation`) and one
 //! forged generation of 2^63 would otherwise lock out every later honest record as a rollback.
-//! A receiver also listens for a short window and takes the highest generation it hears
-//! ([`LISTEN`]), so that a replayed old record does not pin a new receiver to the past while
-//! the real server is on the link.
+//! A receiver also listens for a short window and takes the highest generation it hears from
+//! the publisher of the first acceptable record ([`LISTEN`]), so that a replayed old record
+//! does not pin a new receiver to the past while the real server is on the link. Records of
+//! other publishers in that window do not count: a forger's higher number must not win.
 
 use std::fmt;
 use std::net::Ipv6Addr;
