@@ -514,7 +514,7 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
         delete: args.delete,
     };
     let report = crate::copy::copy(&rx.tree, &spec.subpath, &args.dest, opts).await?;
-    say_copied(&rx.tree, &report, &args.dest);
+    let mut counted = say_copied(&rx.tree, &report, &args.dest, (0, 0));
     if !args.watch {
         return Ok(());
     }
@@ -545,7 +545,7 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
         match crate::copy::copy(&next, &spec.subpath, &args.dest, opts).await {
             Ok(report) => {
                 eprintln!("generation {generation}:");
-                say_copied(&next, &report, &args.dest);
+                counted = say_copied(&next, &report, &args.dest, counted);
             }
             // The server may have moved on again: the next generation is tried afresh.
             Err(e) => tracing::warn!("generation {generation} not applied: {e:#}"),
@@ -554,10 +554,23 @@ async fn copy(args: CopyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn say_copied(tree: &Tree, report: &crate::copy::CopyReport, dest: &Path) {
+/// Prints what a copy did. `before` is the engine's (network, cache) byte counts when it
+/// started (a watching copy reuses one engine); returns the counts now.
+fn say_copied(
+    tree: &Tree,
+    report: &crate::copy::CopyReport,
+    dest: &Path,
+    before: (u64, u64),
+) -> (u64, u64) {
     let stats = tree.fetcher().stats();
-    let fetched = stats.bytes_fetched.load(Ordering::Relaxed);
-    let cached = stats.bytes_cached.load(Ordering::Relaxed);
+    let now = (
+        stats.bytes_fetched.load(Ordering::Relaxed),
+        stats.bytes_cached.load(Ordering::Relaxed),
+    );
+    let (fetched, cached) = (
+        now.0.saturating_sub(before.0),
+        now.1.saturating_sub(before.1),
+    );
     let secs = report.elapsed.as_secs_f64().max(1e-3);
     let unchanged = match report.unchanged {
         0 => String::new(),
@@ -584,6 +597,7 @@ fn say_copied(tree: &Tree, report: &crate::copy::CopyReport, dest: &Path) {
         dest.display(),
         cached,
     );
+    now
 }
 
 async fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
