@@ -218,28 +218,10 @@ async fn move_to(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::{BlockSize, ObjectRef};
+    use crate::fetch::trust::fixtures::{record, FORGER, NOW, SERVER};
     use ed25519_dalek::SigningKey;
 
     const SEC: u64 = 1_000_000_000;
-    const NOW: u64 = 1_800_000_000 * SEC;
-    const SERVER: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
-    const FORGER: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 66);
-
-    fn record(generation: u64, root: &[u8]) -> RootRecord {
-        RootRecord {
-            channel_id: [1; 32],
-            generation,
-            publish_time_ns: NOW,
-            root: ObjectRef {
-                hash: blake3::hash(root),
-                len: 10,
-            },
-            block_size: BlockSize::DEFAULT,
-            single_file: false,
-            signature: None,
-        }
-    }
 
     fn heard(generation: u64, root: &[u8], from: Ipv6Addr) -> HeardRoot {
         HeardRoot {

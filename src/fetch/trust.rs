@@ -279,18 +279,18 @@ fn check_generation(
     Ok(())
 }
 
+/// Root records for the tests of trust and of following: one clock, a server, a forger.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
     use crate::object::{BlockSize, ObjectRef};
-    use ed25519_dalek::SigningKey;
 
-    const NOW: u64 = 1_800_000_000 * 1_000_000_000;
-    const HOUR: u64 = 3600 * 1_000_000_000;
-    const SERVER: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
-    const FORGER: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 66);
+    pub const NOW: u64 = 1_800_000_000 * 1_000_000_000;
+    pub const SERVER: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+    pub const FORGER: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 66);
 
-    fn record(generation: u64, root: &[u8]) -> RootRecord {
+    /// An unsigned record of channel [1; 32] whose root is the hash of `root`.
+    pub fn record(generation: u64, root: &[u8]) -> RootRecord {
         RootRecord {
             channel_id: [1; 32],
             generation,
@@ -304,6 +304,15 @@ mod tests {
             signature: None,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{record, FORGER, NOW, SERVER};
+    use super::*;
+    use ed25519_dalek::SigningKey;
+
+    const HOUR: u64 = 3600 * 1_000_000_000;
 
     fn heard(record: RootRecord, from: Ipv6Addr) -> HeardRoot {
         HeardRoot { record, from }

@@ -235,22 +235,26 @@ fn share_memory(new: &mut Source, old: &Source) {
     }
 }
 
+/// An unsigned root record of `p` as generation `generation`, for tests of tables.
+#[cfg(test)]
+pub(crate) fn test_record(p: &Published, generation: u64) -> RootRecord {
+    RootRecord {
+        channel_id: [0; 32],
+        generation,
+        publish_time_ns: 0,
+        root: p.root,
+        block_size: p.block_size,
+        single_file: false,
+        signature: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::serve::index::{index_tree, IndexConfig};
 
-    fn record(p: &Published, generation: u64) -> RootRecord {
-        RootRecord {
-            channel_id: [0; 32],
-            generation,
-            publish_time_ns: 0,
-            root: p.root,
-            block_size: p.block_size,
-            single_file: false,
-            signature: None,
-        }
-    }
+    use super::test_record as record;
 
     /// The hash of the only block of a file of `len` bytes of `byte`.
     fn block(byte: u8, len: usize) -> Hash {

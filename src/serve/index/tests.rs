@@ -868,15 +868,7 @@ fn republish_speed() {
         );
         p
     };
-    let record = |p: &Published, generation| crate::object::RootRecord {
-        channel_id: [0; 32],
-        generation,
-        publish_time_ns: 0,
-        root: p.root,
-        block_size: p.block_size,
-        single_file: false,
-        signature: None,
-    };
+    let record = crate::serve::table::test_record;
     let first = timed("first index, 10,000 files");
     let table = Table::new(
         crate::channel::Channel::new("b", None),
