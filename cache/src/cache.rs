@@ -1,147 +1,149 @@
-//! [`Cache`]: the memory LRU, the object files and the index, kept in step.
+//! [`Cache`]: one handle, whichever role this process has in the cache directory: the owner
+//! (it holds the lock and the index, [`Owned`]) or a client of the owner ([`crate::shared`]).
 //!
-//! Concurrency: reads (`get`, `contains`, `get_root`) take no lock except the short one around
-//! the memory LRU. Everything that changes which objects exist, their pins or the totals holds
-//! the `write` mutex (which owns the [`Totals`]); lock order is `write` before `hot`. Object
-//! bytes are written to a temp file before taking `write`; only the rename happens under it.
-//!
-//! Invariants (under `write`): `Totals` is the sum over decodable index entries; an object file
-//! is deleted before its entry, so an entry may lack a file (repaired on read) but a counted
-//! file always has an entry unless an insert failed halfway (then the close is left unclean so
-//! the next open adopts the file). Anything in the memory LRU is verified; it may outlive its
-//! file briefly, which can only return correct bytes.
+//! Invariants: the role changes only under the `role` write lock, and only after a request
+//! found the owner gone (then this process takes the lock or connects to whoever took it);
+//! `epoch` counts those changes, so threads that saw the same dead owner recover once. A
+//! client reads object files itself and never returns unverified bytes; everything that
+//! changes the index goes to the owner.
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use blake3::Hash;
-use parking_lot::Mutex;
-use tracing::{debug, warn};
+use parking_lot::{Mutex, RwLock};
+use tracing::{debug, info, warn};
 
-use crate::index::{parse_lru_key, Entry, Index, Lookup, Totals};
 use crate::memory::MemLru;
-use crate::open::{lock_dir, open_index, write_clean_mark, Recovered};
+use crate::open::try_lock_dir;
+use crate::owned::Owned;
+use crate::shared::client::{CallError, Client, ConnectError};
+use crate::shared::server::Service;
+use crate::shared::wire::{Reply, Request, MAX_TOUCHED};
+use crate::shared::{owner_pid, SockAddr};
 use crate::store::{create_private_dir, discard, make_private, Read, Store};
 use crate::{CacheConfig, CacheError, Usage, Verified};
 
-/// Uses remembered in memory before they are written to the index.
-pub(crate) const RECENCY_BATCH: usize = 4096;
+/// How long an open waits for an owner that holds the lock but does not answer yet (it may be
+/// checking its index after a crash).
+const OWNER_WAIT: Duration = Duration::from_secs(60);
 
-/// A verified object cache in one directory. Cloning shares it.
+/// Uses a client remembers before telling the owner.
+const TOUCH_BATCH: usize = 1024;
+
+/// A verified object cache in one directory, shared with every other lcfs process of this
+/// user that opened it. Cloning shares it.
 #[derive(Clone)]
 pub struct Cache {
-    inner: Arc<Inner>,
+    inner: Arc<Shared>,
 }
 
-struct Inner {
-    dir: PathBuf,
-    quota: Option<u64>,
+struct Shared {
+    config: CacheConfig,
+    addr: SockAddr,
+    role: RwLock<Role>,
+    epoch: AtomicU64,
+    /// The object files, read directly in the client role.
     store: Store,
-    index: Index,
-    write: Mutex<Totals>,
-    hot: Mutex<Hot>,
-    /// Set when an operation failed halfway; the close is then left unclean.
-    damaged: AtomicBool,
-    /// Dropped last, so the directory stays locked until the index is closed.
-    _lock: File,
+    /// A client's memory LRU and uses not yet told to the owner.
+    hot: Mutex<ClientHot>,
 }
 
-/// State touched on every read.
-struct Hot {
+enum Role {
+    Owner(Owner),
+    Client(Mutex<Client>),
+}
+
+/// The service is dropped before the cache it serves, so that no client thread outlives it.
+struct Owner {
+    _service: Service,
+    owned: Arc<Owned>,
+}
+
+struct ClientHot {
     memory: MemLru,
-    /// Last uses not yet written to the index.
-    dirty: HashMap<Hash, u64>,
-    /// The logical clock of uses.
-    clock: u64,
+    touched: Vec<Hash>,
 }
 
-impl Hot {
-    fn next_use(&mut self) -> u64 {
-        let now = self.clock;
-        self.clock += 1;
-        now
-    }
-
-    /// Records a use; true when the batch of unwritten uses is full.
-    fn touch(&mut self, hash: &Hash) -> bool {
-        let now = self.next_use();
-        self.dirty.insert(*hash, now);
-        self.dirty.len() >= RECENCY_BATCH
-    }
-
-    fn remember(&mut self, obj: &Verified) -> bool {
-        self.memory.put(obj);
-        self.touch(obj.hash())
+impl ClientHot {
+    /// Records a use; the batch to send once it is full.
+    fn touch(&mut self, hash: &Hash) -> Option<Vec<Hash>> {
+        self.touched.push(*hash);
+        (self.touched.len() >= TOUCH_BATCH).then(|| std::mem::take(&mut self.touched))
     }
 }
 
 impl Cache {
-    /// Opens (creating, locking, and if needed repairing) the cache directory.
+    /// Opens the cache directory (creating it private), as its owner if no other process
+    /// owns it, else as a client of the owner.
     pub fn open(config: CacheConfig) -> Result<Cache, CacheError> {
         create_private_dir(&config.dir)?;
         make_private(&config.dir)?;
-        let lock = lock_dir(&config.dir)?;
+        let addr = SockAddr::new(&config.dir)?;
+        let role = acquire(&config, &addr)?;
         let store = Store::open(&config.dir)?;
-        let Recovered {
-            index,
-            totals,
-            clock,
-        } = open_index(&config.dir, &store)?;
-        // sled creates its files by the umask; the directory above already shuts others out.
-        let _ = make_private(&config.dir.join("index"));
-        let inner = Inner {
-            dir: config.dir,
-            quota: config.quota,
-            store,
-            index,
-            write: Mutex::new(totals),
-            hot: Mutex::new(Hot {
-                memory: MemLru::new(config.memory),
-                dirty: HashMap::new(),
-                clock,
-            }),
-            damaged: AtomicBool::new(false),
-            _lock: lock,
-        };
-        inner.evict_over_quota(&mut inner.write.lock())?;
+        let memory = MemLru::new(config.memory);
         Ok(Cache {
-            inner: Arc::new(inner),
+            inner: Arc::new(Shared {
+                config,
+                addr,
+                role: RwLock::new(role),
+                epoch: AtomicU64::new(0),
+                store,
+                hot: Mutex::new(ClientHot {
+                    memory,
+                    touched: Vec::new(),
+                }),
+            }),
         })
+    }
+
+    /// Whether this process owns the directory (else it is a client of the process that does).
+    pub fn is_owner(&self) -> bool {
+        matches!(&*self.inner.role.read(), Role::Owner(_))
     }
 
     /// The object, from memory or from its file (re-hashed). A damaged file is deleted, logged
     /// and reported as a miss.
     pub fn get(&self, hash: &Hash) -> Result<Option<Verified>, CacheError> {
-        let inner = &*self.inner;
+        if let Role::Owner(o) = &*self.inner.role.read() {
+            return o.owned.get(hash);
+        }
         let hit = {
-            let mut hot = inner.hot.lock();
+            let mut hot = self.inner.hot.lock();
             hot.memory.get(hash).map(|obj| (obj, hot.touch(hash)))
         };
-        if let Some((obj, batch_full)) = hit {
-            inner.persist_if(batch_full);
+        if let Some((obj, batch)) = hit {
+            self.send_touched(batch);
             return Ok(Some(obj));
         }
-        match inner.index.lookup(hash)? {
-            Lookup::Absent => return Ok(None),
-            Lookup::Garbage(_) => return inner.repair(hash),
-            Lookup::Found(_) => {}
-        }
-        match inner.store.read(hash)? {
+        match self.inner.store.read(hash)? {
             Read::Good(obj) => {
-                let batch_full = inner.hot.lock().remember(&obj);
-                inner.persist_if(batch_full);
+                let batch = {
+                    let mut hot = self.inner.hot.lock();
+                    hot.memory.put(&obj);
+                    hot.touch(hash)
+                };
+                self.send_touched(batch);
                 Ok(Some(obj))
             }
-            Read::Missing | Read::Bad => inner.repair(hash),
+            Read::Missing => Ok(None),
+            Read::Bad => {
+                // The owner checks again and deletes it, under its lock.
+                self.call(&Request::Check(*hash), |_| Ok(()), |o| o.check(hash))?;
+                Ok(None)
+            }
         }
     }
 
-    /// Whether the index lists the object (no file access).
+    /// Whether the object is cached (no hashing: a later `get` may still miss).
     pub fn contains(&self, hash: &Hash) -> bool {
-        matches!(self.inner.index.contains(hash), Ok(true))
+        if let Role::Owner(o) = &*self.inner.role.read() {
+            return o.owned.contains(hash);
+        }
+        self.inner.hot.lock().memory.contains(hash) || self.inner.store.exists(hash)
     }
 
     /// Starts reading the files of those objects that are on disk but not in memory, so that
@@ -150,8 +152,10 @@ impl Cache {
     /// it can give (0.6 against 1 GB/s with eight in flight); the kernel queues these
     /// together. It blocks on file opens: call it off any latency-sensitive thread.
     pub fn will_need(&self, hashes: &[Hash]) {
+        if let Role::Owner(o) = &*self.inner.role.read() {
+            return o.owned.will_need(hashes);
+        }
         for hash in hashes {
-            // No index lookup: a file that is not there is simply not opened.
             if !self.inner.hot.lock().memory.contains(hash) {
                 self.inner.store.will_need(hash);
             }
@@ -160,283 +164,288 @@ impl Cache {
 
     /// Stores the object (a no-op if present), then evicts down to the quota.
     pub fn insert(&self, obj: &Verified) -> Result<(), CacheError> {
-        let inner = &*self.inner;
-        if let Lookup::Found(_) = inner.index.lookup(obj.hash())? {
-            let batch_full = inner.hot.lock().remember(obj);
-            inner.persist_if(batch_full);
+        if let Role::Owner(o) = &*self.inner.role.read() {
+            return o.owned.insert(obj);
+        }
+        if self.inner.store.exists(obj.hash()) {
+            let batch = {
+                let mut hot = self.inner.hot.lock();
+                hot.memory.put(obj);
+                hot.touch(obj.hash())
+            };
+            self.send_touched(batch);
             return Ok(());
         }
-        let temp = inner.store.write_temp(obj)?;
-        let mut totals = inner.write.lock();
-        if let Lookup::Found(_) = inner.index.lookup(obj.hash())? {
-            discard(temp);
-        } else {
-            let disk_size = temp.disk_size;
-            inner.store.commit(temp, obj.hash())?;
-            let last_use = inner.hot.lock().next_use();
-            let entry = Entry {
-                disk_size,
-                last_use,
-                pinned: false,
-            };
-            if let Err(e) = inner.index.add(obj.hash(), entry) {
-                inner.damaged.store(true, Ordering::Relaxed);
-                return Err(e.into());
+        let temp = self.inner.store.write_temp(obj)?;
+        let name = temp.name().to_owned();
+        let request = Request::Commit {
+            hash: *obj.hash(),
+            temp: name.clone(),
+        };
+        let committed = self.call(&request, expect_done, |o| o.commit_temp(&name, obj.hash()));
+        match committed {
+            Ok(()) => {
+                self.inner.hot.lock().memory.put(obj);
+                Ok(())
             }
-            totals.add(&entry);
+            Err(e) => {
+                discard(temp);
+                Err(e)
+            }
         }
-        inner.hot.lock().memory.put(obj);
-        inner.evict_over_quota(&mut totals)
     }
 
     /// Protects a cached object from eviction until unpinned.
     pub fn pin(&self, hash: &Hash) -> Result<(), CacheError> {
-        let inner = &*self.inner;
-        let mut totals = inner.write.lock();
-        match inner.index.lookup(hash)? {
-            Lookup::Found(entry) => inner.set_pinned(hash, entry, true, &mut totals),
-            Lookup::Absent | Lookup::Garbage(_) => Err(CacheError::NotCached {
-                hash: *hash,
-                dir: inner.dir.clone(),
-            }),
-        }
+        self.call(&Request::Pin(*hash), expect_done, |o| o.pin(hash))
     }
 
     /// Makes the object evictable again (a no-op if absent or not pinned).
     pub fn unpin(&self, hash: &Hash) -> Result<(), CacheError> {
-        let inner = &*self.inner;
-        let mut totals = inner.write.lock();
-        if let Lookup::Found(entry) = inner.index.lookup(hash)? {
-            inner.set_pinned(hash, entry, false, &mut totals)?;
-        }
-        inner.evict_over_quota(&mut totals)
+        self.call(&Request::Unpin(*hash), expect_done, |o| o.unpin(hash))
     }
 
     /// Unpins every object.
     pub fn unpin_all(&self) -> Result<(), CacheError> {
-        let inner = &*self.inner;
-        let mut totals = inner.write.lock();
-        let mut pinned = Vec::new();
-        for item in inner.index.entries() {
-            let (key, value) = item?;
-            let entry = Entry::decode(&value).filter(|e| e.pinned);
-            if let (Some(hash), Some(entry)) = (crate::index::parse_hash(&key), entry) {
-                pinned.push((hash, entry));
-            }
-        }
-        for (hash, entry) in pinned {
-            inner.set_pinned(&hash, entry, false, &mut totals)?;
-        }
-        inner.evict_over_quota(&mut totals)
+        self.call(&Request::UnpinAll, expect_done, Owned::unpin_all)
     }
 
     /// Remembers the last root record seen on a channel.
     pub fn set_root(&self, channel: &[u8; 32], record: &[u8]) -> Result<(), CacheError> {
-        Ok(self.inner.index.set_root(channel, record)?)
+        let request = Request::SetRoot {
+            channel: *channel,
+            record: record.to_vec(),
+        };
+        self.call(&request, expect_done, |o| o.set_root(channel, record))
     }
 
     /// The last root record remembered for a channel.
     pub fn get_root(&self, channel: &[u8; 32]) -> Result<Option<Vec<u8>>, CacheError> {
-        Ok(self.inner.index.get_root(channel)?)
+        self.call(&Request::GetRoot(*channel), expect_bytes, |o| {
+            o.get_root(channel)
+        })
     }
 
     /// Remembers the publisher first trusted on a channel (an opaque identity).
     pub fn set_publisher(&self, channel: &[u8; 32], identity: &[u8]) -> Result<(), CacheError> {
-        Ok(self.inner.index.set_publisher(channel, identity)?)
+        let request = Request::SetPublisher {
+            channel: *channel,
+            identity: identity.to_vec(),
+        };
+        self.call(&request, expect_done, |o| {
+            o.set_publisher(channel, identity)
+        })
     }
 
     /// The publisher remembered for a channel.
     pub fn get_publisher(&self, channel: &[u8; 32]) -> Result<Option<Vec<u8>>, CacheError> {
-        Ok(self.inner.index.get_publisher(channel)?)
+        self.call(&Request::GetPublisher(*channel), expect_bytes, |o| {
+            o.get_publisher(channel)
+        })
     }
 
-    /// What the cache holds on disk.
+    /// What the cache directory holds on disk (for every process sharing it); zeros, logged,
+    /// if the owner cannot be asked.
     pub fn usage(&self) -> Usage {
-        let totals = *self.inner.write.lock();
-        Usage {
-            objects: totals.objects,
-            disk_bytes: totals.disk_bytes,
-            pinned_bytes: totals.pinned_bytes,
-        }
+        let expect_usage = |reply| match reply {
+            Reply::Usage(u) => Ok(u),
+            other => Err(other),
+        };
+        self.call(&Request::Usage, expect_usage, |o| Ok(o.usage()))
+            .unwrap_or_else(|e| {
+                debug!("cache usage unknown: {e}");
+                Usage::default()
+            })
     }
 
-    /// Bytes of objects held in the memory LRU.
+    /// Bytes of objects held in this process's memory LRU.
     pub fn memory_bytes(&self) -> usize {
+        if let Role::Owner(o) = &*self.inner.role.read() {
+            return o.owned.memory_bytes();
+        }
         self.inner.hot.lock().memory.bytes()
     }
 
     /// Writes remembered uses and the index to disk.
     pub fn flush(&self) -> Result<(), CacheError> {
-        let inner = &*self.inner;
-        let mut totals = inner.write.lock();
-        inner.persist_recency(&mut totals)?;
-        Ok(inner.index.flush()?)
+        let touched = std::mem::take(&mut self.inner.hot.lock().touched);
+        self.send_touched(Some(touched));
+        self.call(&Request::Flush, expect_done, Owned::flush)
     }
 
     /// The cache directory.
     pub fn dir(&self) -> &Path {
-        &self.inner.dir
+        &self.inner.config.dir
+    }
+
+    /// Tells the owner of a batch of uses; lost uses only cost LRU order, so failures are
+    /// logged.
+    fn send_touched(&self, batch: Option<Vec<Hash>>) {
+        let Some(batch) = batch.filter(|b| !b.is_empty()) else {
+            return;
+        };
+        for chunk in batch.chunks(MAX_TOUCHED) {
+            let request = Request::Touched(chunk.to_vec());
+            let sent = self.call(&request, expect_done, |o| {
+                o.touch_all(chunk);
+                Ok(())
+            });
+            if let Err(e) = sent {
+                debug!("could not record object uses: {e}");
+            }
+        }
+    }
+
+    /// Runs a request: on the owned cache if we own it, else by the owner, whose reply
+    /// `remote` reads. An owner found gone is replaced (see [`Shared::recover`]) and the
+    /// request made again.
+    fn call<T>(
+        &self,
+        request: &Request,
+        remote: impl Fn(Reply) -> Result<T, Reply>,
+        local: impl Fn(&Owned) -> Result<T, CacheError>,
+    ) -> Result<T, CacheError> {
+        for _ in 0..3 {
+            let epoch = self.inner.epoch.load(Ordering::Acquire);
+            {
+                let role = self.inner.role.read();
+                let client = match &*role {
+                    Role::Owner(o) => return local(&o.owned),
+                    Role::Client(c) => c,
+                };
+                let mut client = client.lock();
+                match client.call(request) {
+                    Ok(reply) => return remote(reply).map_err(|r| self.unexpected(&client, r)),
+                    Err(CallError::Failed(e)) => return Err(e),
+                    Err(CallError::Gone) => {}
+                }
+            }
+            self.inner.recover(epoch)?;
+        }
+        Err(CacheError::OwnerSilent {
+            dir: self.dir().to_owned(),
+            pid: pid_text(self.dir()),
+            secs: 0,
+        })
+    }
+
+    /// The error for a reply that is not the one the request wants.
+    fn unexpected(&self, client: &Client, reply: Reply) -> CacheError {
+        match reply {
+            Reply::NotCached(hash) => CacheError::NotCached {
+                hash,
+                dir: self.dir().to_owned(),
+            },
+            Reply::Failed(message) => client.owner_error(message),
+            other => client.owner_error(format!("unexpected answer {other:?}")),
+        }
     }
 
     #[cfg(test)]
-    pub(crate) fn index(&self) -> &Index {
-        &self.inner.index
+    pub(crate) fn owned(&self) -> Arc<Owned> {
+        match &*self.inner.role.read() {
+            Role::Owner(o) => o.owned.clone(),
+            Role::Client(_) => panic!("this cache is a client"),
+        }
     }
 
     /// Leaves the next close unclean, as after a crash.
     #[cfg(test)]
     pub(crate) fn inner_mark_damaged(&self) {
-        self.inner.damaged.store(true, Ordering::Relaxed);
+        self.owned().mark_damaged();
     }
 
     #[cfg(test)]
-    pub(crate) fn object_path(&self, hash: &Hash) -> PathBuf {
+    pub(crate) fn object_path(&self, hash: &Hash) -> std::path::PathBuf {
         self.inner.store.path(hash)
     }
 }
 
-impl Inner {
-    /// Writes the remembered uses to the index if the batch is full; failures only cost
-    /// recency, so they are logged.
-    fn persist_if(&self, batch_full: bool) {
-        if batch_full {
-            if let Err(e) = self.persist_recency(&mut self.write.lock()) {
-                warn!(dir = %self.dir.display(), error = %e, "could not record object uses");
-            }
-        }
-    }
-
-    /// Writes the remembered uses to the index. `_totals` proves `write` is held.
-    fn persist_recency(&self, _totals: &mut Totals) -> Result<(), CacheError> {
-        let dirty = std::mem::take(&mut self.hot.lock().dirty);
-        for (hash, last_use) in dirty {
-            if let Lookup::Found(entry) = self.index.lookup(&hash)? {
-                if entry.last_use < last_use {
-                    self.index.touch(&hash, entry, last_use)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn set_pinned(
-        &self,
-        hash: &Hash,
-        entry: Entry,
-        pinned: bool,
-        totals: &mut Totals,
-    ) -> Result<(), CacheError> {
-        if entry.pinned == pinned {
-            return Ok(());
-        }
-        self.index.set_pinned(hash, entry, pinned)?;
-        totals.sub(&entry);
-        totals.add(&Entry { pinned, ..entry });
-        Ok(())
-    }
-
-    /// Evicts least recently used unpinned objects until disk use is within the quota.
-    fn evict_over_quota(&self, totals: &mut Totals) -> Result<(), CacheError> {
-        let Some(quota) = self.quota else {
-            return Ok(());
-        };
-        if totals.disk_bytes <= quota {
-            return Ok(());
-        }
-        self.persist_recency(totals)?;
-        for key in self.index.lru_keys() {
-            if totals.disk_bytes <= quota {
-                return Ok(());
-            }
-            self.evict_key(&key?, totals)?;
-        }
-        if totals.disk_bytes > quota {
-            debug!(
-                quota,
-                used = totals.disk_bytes,
-                "cache over quota: the rest is pinned"
-            );
-        }
-        Ok(())
-    }
-
-    /// Evicts the object of one `lru` key, or drops the key if it is stale.
-    fn evict_key(&self, key: &[u8], totals: &mut Totals) -> Result<(), CacheError> {
-        if let Some((last_use, hash)) = parse_lru_key(key) {
-            if let Lookup::Found(e) = self.index.lookup(&hash)? {
-                if !e.pinned && e.last_use == last_use {
-                    return self.remove_object(&hash, e, totals);
-                }
-            }
-        }
-        // Left behind by a crash: its entry is gone, pinned, or has moved on.
-        Ok(self.index.remove_lru_key(key)?)
-    }
-
-    /// Deletes an object: file first, then entry, then memory.
-    fn remove_object(
-        &self,
-        hash: &Hash,
-        entry: Entry,
-        totals: &mut Totals,
-    ) -> Result<(), CacheError> {
-        self.store.remove(hash)?;
-        self.index.remove(hash, entry)?;
-        totals.sub(&entry);
-        let mut hot = self.hot.lock();
-        hot.memory.remove(hash);
-        hot.dirty.remove(hash);
-        Ok(())
-    }
-
-    /// Looks again, under `write`, at an object whose file or entry looked bad, and deletes
-    /// it if it still does.
-    fn repair(&self, hash: &Hash) -> Result<Option<Verified>, CacheError> {
-        let mut totals = self.write.lock();
-        let path = self.store.path(hash);
-        let entry = match self.index.lookup(hash)? {
-            Lookup::Absent => return Ok(None),
-            Lookup::Found(entry) => entry,
-            Lookup::Garbage(raw) => {
-                warn!(path = %path.display(), "undecodable cache index entry; deleting the object");
-                self.store.remove(hash)?;
-                self.index.remove_garbage(hash, raw)?;
-                return Ok(None);
-            }
-        };
-        match self.store.read(hash)? {
-            Read::Good(obj) => {
-                self.hot.lock().remember(&obj);
-                return Ok(Some(obj));
-            }
-            Read::Missing => warn!(path = %path.display(), "object file vanished; forgetting it"),
-            Read::Bad => warn!(
-                path = %path.display(),
-                "object file does not match its hash; deleted it, it will be fetched again"
-            ),
-        }
-        self.remove_object(hash, entry, &mut totals)?;
-        Ok(None)
+fn expect_done(reply: Reply) -> Result<(), Reply> {
+    match reply {
+        Reply::Done => Ok(()),
+        other => Err(other),
     }
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        let closed = (|| -> Result<(), CacheError> {
-            let mut totals = self.write.lock();
-            self.persist_recency(&mut totals)?;
-            self.index.flush()?;
-            if self.damaged.load(Ordering::Relaxed) {
-                return Ok(());
+fn expect_bytes(reply: Reply) -> Result<Option<Vec<u8>>, Reply> {
+    match reply {
+        Reply::Bytes(b) => Ok(b),
+        other => Err(other),
+    }
+}
+
+fn pid_text(dir: &Path) -> String {
+    owner_pid(dir).map_or_else(|| "?".to_owned(), |p| p.to_string())
+}
+
+impl Shared {
+    /// Replaces an owner found gone: takes the lock, or connects to whoever took it. Only
+    /// the first thread that saw this owner gone does it.
+    fn recover(&self, seen: u64) -> Result<(), CacheError> {
+        let mut role = self.role.write();
+        if self.epoch.load(Ordering::Acquire) != seen {
+            return Ok(());
+        }
+        let new = acquire(&self.config, &self.addr)?;
+        if matches!(new, Role::Owner(_)) {
+            info!(dir = %self.config.dir.display(), "took over the cache from an lcfs process that exited");
+        }
+        *role = new;
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+/// Becomes the owner of the directory if nobody is, else a client of the owner, waiting up
+/// to [`OWNER_WAIT`] for an owner that holds the lock but does not listen yet.
+fn acquire(config: &CacheConfig, addr: &SockAddr) -> Result<Role, CacheError> {
+    let deadline = Instant::now() + OWNER_WAIT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(lock) = try_lock_dir(&config.dir)? {
+            let owned = Arc::new(Owned::open(config, lock)?);
+            let service = Service::start(owned.clone(), addr)?;
+            return Ok(Role::Owner(Owner {
+                _service: service,
+                owned,
+            }));
+        }
+        match Client::connect(&config.dir, addr) {
+            Ok(client) => return Ok(Role::Client(Mutex::new(client))),
+            Err(ConnectError::Refused(e)) => return Err(e),
+            Err(ConnectError::NotListening) if Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
             }
-            write_clean_mark(&self.dir, &totals)
-        })();
-        if let Err(e) = closed {
-            warn!(
-                dir = %self.dir.display(),
-                error = %e,
-                "could not close the cache index cleanly; it will be checked at next open"
-            );
+            Err(ConnectError::NotListening) => {
+                return Err(CacheError::OwnerSilent {
+                    dir: config.dir.clone(),
+                    pid: pid_text(&config.dir),
+                    secs: OWNER_WAIT.as_secs(),
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let touched = std::mem::take(&mut self.hot.lock().touched);
+        if touched.is_empty() {
+            return;
+        }
+        if let Role::Client(client) = &*self.role.read() {
+            for chunk in touched.chunks(MAX_TOUCHED) {
+                if client
+                    .lock()
+                    .call(&Request::Touched(chunk.to_vec()))
+                    .is_err()
+                {
+                    warn!("could not record object uses in the cache before exiting");
+                    return;
+                }
+            }
         }
     }
 }

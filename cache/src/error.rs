@@ -29,11 +29,40 @@ pub enum CacheError {
          delete that directory to have it rebuilt from the object files"
     )]
     Index(#[source] sled::Error),
-    /// Another process holds the cache directory.
-    #[error("cache {dir} is in use by another lcfs process; pass --cache to use another")]
-    Locked {
+    /// The process that owns the cache directory neither answers nor lets go of it.
+    #[error(
+        "cache {dir} is locked by lcfs process {pid}, which does not answer on {dir}/cache.sock \
+         (waited {secs} s); if it hangs, kill it (the next lcfs process takes the cache over), \
+         or pass --cache to use another"
+    )]
+    OwnerSilent {
         /// The cache directory.
         dir: PathBuf,
+        /// The owner's pid, as written in `DIR/lock` (or "?" if unknown).
+        pid: String,
+        /// How long we waited.
+        secs: u64,
+    },
+    /// The process that owns the cache directory failed a request, or answered nonsense.
+    #[error("cache {dir}, owned by lcfs process {pid}: {message}")]
+    Owner {
+        /// The cache directory.
+        dir: PathBuf,
+        /// The owner's pid.
+        pid: i32,
+        /// What went wrong (the owner's own error names the path and the remedy).
+        message: String,
+    },
+    /// The cache socket is not a socket of ours: whoever made it could read what we cache
+    /// or feed us objects.
+    #[error("cache socket {path} is not a socket owned by you (uid {euid}) but by uid {owner}: refusing it; remove it, or pass --cache with a directory of your own")]
+    ForeignSocket {
+        /// The socket's path.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Who we are.
+        euid: u32,
     },
     /// The cache directory belongs to another user: its owner could read the plaintext it
     /// holds and feed this process objects.
@@ -89,12 +118,26 @@ mod tests {
 
     #[test]
     fn messages_name_the_path_and_a_remedy() {
-        let locked = CacheError::Locked {
+        let silent = CacheError::OwnerSilent {
             dir: PathBuf::from("/x/cache"),
+            pid: "42".into(),
+            secs: 60,
         };
-        assert_eq!(
-            locked.to_string(),
-            "cache /x/cache is in use by another lcfs process; pass --cache to use another"
+        let msg = silent.to_string();
+        assert!(
+            msg.contains("/x/cache/cache.sock") && msg.contains("process 42"),
+            "{msg}"
+        );
+        assert!(msg.contains("kill it") && msg.contains("--cache"), "{msg}");
+        let foreign = CacheError::ForeignSocket {
+            path: PathBuf::from("/x/cache/cache.sock"),
+            owner: 1000,
+            euid: 0,
+        };
+        let msg = foreign.to_string();
+        assert!(
+            msg.contains("/x/cache/cache.sock") && msg.contains("uid 1000"),
+            "{msg}"
         );
         let io = CacheError::io(Path::new("/x/cache/objects"), io::Error::other("boom"));
         let msg = io.to_string();

@@ -7,11 +7,15 @@
 //! Layout of the cache directory (mode 0700, shared by every channel):
 //!
 //! ```text
-//! DIR/lock              flock'd by the one process using the cache
+//! DIR/lock              flock'd by the process that owns the cache; holds its pid
+//! DIR/cache.sock        the owner answers the other processes here (mode 0600)
 //! DIR/objects/ab/<hex>  object bodies, named by the lowercase hex of their hash
-//! DIR/tmp/              objects being written; renamed into objects/ when complete
+//! DIR/tmp/<pid>-<n>     objects being written; renamed into objects/ when complete
 //! DIR/index/            sled: hash -> (disk size, last use, pinned); channel -> root record
 //! ```
+//!
+//! Any number of processes of one user share a cache directory: the first to open it owns
+//! the index, the others are its clients and take over when it exits (see [`shared`]).
 //!
 //! Invariants:
 //! - Nothing leaves the cache unverified: [`Cache::get`] returns [`Verified`] bytes, and every
@@ -31,6 +35,8 @@ mod error;
 mod index;
 mod memory;
 mod open;
+mod owned;
+mod shared;
 mod store;
 mod verified;
 
@@ -38,6 +44,8 @@ mod verified;
 mod model_tests;
 #[cfg(test)]
 mod recovery_tests;
+#[cfg(test)]
+mod shared_tests;
 #[cfg(test)]
 mod tests;
 

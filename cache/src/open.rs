@@ -1,9 +1,9 @@
 //! Opening a cache directory: the process lock, the index, and recovery.
 //!
 //! Invariants:
-//! - `DIR/lock` is held with `flock(LOCK_EX)` for the whole life of a cache, so one process at
-//!   a time owns the directory; a second open fails with [`CacheError::Locked`] and touches
-//!   nothing.
+//! - `DIR/lock` is held with `flock(LOCK_EX)` by the process that owns the directory, for as
+//!   long as it owns it, and holds its pid; only that process opens the index (the others
+//!   are its clients, see [`crate::shared`]).
 //! - The index is disposable. If sled cannot open or read it (error or panic), it is deleted
 //!   and rebuilt by scanning `objects/`, hashing every file and deleting mismatches; root
 //!   records are lost. A lock conflict is never treated as damage.
@@ -16,7 +16,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::thread;
@@ -36,31 +36,35 @@ pub(crate) struct Recovered {
     pub(crate) clock: u64,
 }
 
-/// Takes the exclusive lock of the cache directory; the lock lasts as long as the file.
-pub(crate) fn lock_dir(dir: &Path) -> Result<File, CacheError> {
+/// Takes the exclusive lock of the cache directory if it is free, and writes our pid into it
+/// (for messages of the processes that find it taken); the lock lasts as long as the file.
+/// `None`: another process owns the directory.
+pub(crate) fn try_lock_dir(dir: &Path) -> Result<Option<File>, CacheError> {
     let path = dir.join("lock");
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .mode(0o600)
         .open(&path)
         .at(&path)?;
     // SAFETY: flock takes a file descriptor, which `file` owns and keeps open; no memory is
     // shared with the kernel.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(file);
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(None);
+        }
+        return Err(CacheError::io(&path, err));
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Err(CacheError::Locked {
-            dir: dir.to_path_buf(),
-        })
-    } else {
-        Err(CacheError::io(&path, err))
-    }
+    let pid = format!("{}\n", std::process::id());
+    file.set_len(0)
+        .and_then(|()| file.write_all_at(pid.as_bytes(), 0))
+        .at(&path)?;
+    Ok(Some(file))
 }
 
 /// Name of the clean-close mark in the cache directory.
@@ -68,7 +72,8 @@ const CLEAN_MARK: &str = "clean";
 
 /// Why one attempt to open the index failed.
 enum Failure {
-    /// sled's own lock is held: not damage.
+    /// sled's own lock is held (a cache of this process just closed and its threads have
+    /// not yet let go): not damage.
     Locked,
     /// Anything else sled complained (or panicked) about.
     Broken(String),
@@ -96,9 +101,13 @@ pub(crate) fn open_index(dir: &Path, store: &Store) -> Result<Recovered, CacheEr
 
 fn fatal(dir: &Path, path: &Path, failure: Failure) -> CacheError {
     match failure {
-        Failure::Locked => CacheError::Locked {
-            dir: dir.to_path_buf(),
-        },
+        Failure::Locked => CacheError::io(
+            path,
+            io::Error::other(format!(
+                "the index is still held by another cache of this process ({})",
+                dir.display()
+            )),
+        ),
         Failure::Broken(why) => CacheError::io(path, io::Error::other(why)),
         Failure::Fatal(e) => e,
     }

@@ -1,26 +1,10 @@
-//! Tests of recovery: locking, index rebuild after damage, reconciliation after a crash,
+//! Tests of recovery: index rebuild after damage, reconciliation after a crash,
 //! hostile files in the cache directory.
 
 use std::fs;
 use std::path::Path;
 
 use crate::tests::{obj, open, present};
-use crate::{Cache, CacheConfig, CacheError};
-
-#[test]
-fn second_open_is_locked() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), None, 0);
-    cache.insert(&obj(1)).unwrap();
-    let err = Cache::open(CacheConfig::new(dir.path())).err().unwrap();
-    assert!(matches!(&err, CacheError::Locked { dir: d } if d == dir.path()));
-    let msg = err.to_string();
-    assert!(msg.contains("in use by another lcfs process") && msg.contains("--cache"));
-    assert!(present(&cache, &obj(1)), "the first cache is untouched");
-    drop(cache);
-    let cache = open(dir.path(), None, 0);
-    assert!(present(&cache, &obj(1)));
-}
 
 fn index_is_rebuilt_after(damage: impl Fn(&Path)) {
     let dir = tempfile::tempdir().unwrap();
@@ -92,13 +76,14 @@ fn garbage_index_value_is_a_repaired_miss() {
     cache.insert(&a).unwrap();
     cache.insert(&b).unwrap();
     cache
+        .owned()
         .index()
         .put_raw_entry(a.hash(), b"\xff garbage")
         .unwrap();
     assert_eq!(cache.get(a.hash()).unwrap(), None);
     assert!(!cache.contains(a.hash()));
     assert!(!cache.object_path(a.hash()).exists());
-    cache.index().put_raw_entry(b.hash(), b"").unwrap();
+    cache.owned().index().put_raw_entry(b.hash(), b"").unwrap();
     drop(cache);
     let cache = open(dir.path(), None, 0);
     assert!(present(&cache, &b), "re-adopted from its file at open");
@@ -119,11 +104,11 @@ fn unclean_close_adopts_orphans_and_drops_dangling_entries() {
     drop(cache);
     let cache = open(dir.path(), None, 0);
     // Simulate a crash after rename but before indexing, and a lost file.
-    let entry = match cache.index().lookup(orphan.hash()).unwrap() {
+    let entry = match cache.owned().index().lookup(orphan.hash()).unwrap() {
         crate::index::Lookup::Found(e) => e,
         _ => panic!("orphan not indexed"),
     };
-    cache.index().remove(orphan.hash(), entry).unwrap();
+    cache.owned().index().remove(orphan.hash(), entry).unwrap();
     fs::remove_file(cache.object_path(b.hash())).unwrap();
     cache.inner_mark_damaged();
     drop(cache);

@@ -4,7 +4,8 @@
 //! - A file appears under `objects/` only by `rename` from `DIR/tmp/`, after all its bytes were
 //!   written, so a reader never sees a half-written object from this process; a crash or a
 //!   hostile disk can still leave short or damaged files, which is why every read re-hashes.
-//! - `tmp/` holds only files of the process holding the cache lock; it is emptied at open.
+//! - `tmp/` holds files being written by any process sharing the cache, named `<pid>-<n>`;
+//!   the owner removes those of processes that no longer exist when it opens the cache.
 //! - Files under `objects/` whose names are not the lowercase hex of a hash, in the directory
 //!   named by the first two hex digits, are deleted by [`Store::scan`].
 //!
@@ -35,6 +36,16 @@ pub(crate) struct TempObject {
     path: PathBuf,
     /// Real disk use of the file.
     pub(crate) disk_size: u64,
+}
+
+impl TempObject {
+    /// The file's name under `tmp/`, which the owner is told to commit.
+    pub(crate) fn name(&self) -> &str {
+        self.path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("temp names are made by create_temp")
+    }
 }
 
 /// What reading an object file found.
@@ -114,9 +125,16 @@ impl Store {
         fs::read_dir(&self.objects).map_or(true, |mut d| d.next().is_none())
     }
 
+    /// Removes the temp files of processes that are gone (and anything not named like a
+    /// temp file); those of live processes are theirs to commit.
     fn clear_tmp(&self) -> Result<(), CacheError> {
         for entry in fs::read_dir(&self.tmp).at(&self.tmp)? {
-            let path = entry.at(&self.tmp)?.path();
+            let entry = entry.at(&self.tmp)?;
+            let writer = entry.file_name().to_str().and_then(temp_writer);
+            if writer.is_some_and(process_exists) {
+                continue;
+            }
+            let path = entry.path();
             let removed = match fs::remove_file(&path) {
                 Err(e) if e.kind() == io::ErrorKind::IsADirectory => fs::remove_dir_all(&path),
                 other => other,
@@ -126,6 +144,42 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// A temp file another process wrote and asks us to commit; `None` if it is not there.
+    /// The name must be one [`Store::write_temp`] makes, and the file a regular file.
+    pub(crate) fn temp_named(&self, name: &str) -> Result<Option<TempObject>, CacheError> {
+        let path = self.tmp.join(name);
+        if temp_writer(name).is_none() {
+            return Err(CacheError::io(
+                &path,
+                io::Error::new(io::ErrorKind::InvalidInput, "not a temp file name"),
+            ));
+        }
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() => Ok(Some(TempObject {
+                disk_size: disk_size(&meta),
+                path,
+            })),
+            Ok(_) => Err(CacheError::io(
+                &path,
+                io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CacheError::io(&path, e)),
+        }
+    }
+
+    /// Real disk use of the object file of `hash`.
+    pub(crate) fn disk_size_of(&self, hash: &Hash) -> Result<u64, CacheError> {
+        let path = self.path(hash);
+        let meta = fs::symlink_metadata(&path).at(&path)?;
+        Ok(disk_size(&meta))
+    }
+
+    /// Whether the object file of `hash` exists (no hashing).
+    pub(crate) fn exists(&self, hash: &Hash) -> bool {
+        fs::symlink_metadata(self.path(hash)).is_ok_and(|m| m.is_file())
     }
 
     /// Where the object named `hash` lives.
@@ -253,11 +307,31 @@ impl Store {
     }
 }
 
-/// Removes a temp file that will not be committed.
+/// Removes a temp file that will not be committed (gone already is fine).
 pub(crate) fn discard(temp: TempObject) {
-    if let Err(e) = fs::remove_file(&temp.path) {
-        warn!(path = %temp.path.display(), error = %e, "could not remove temp file");
+    match fs::remove_file(&temp.path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            warn!(path = %temp.path.display(), error = %e, "could not remove temp file");
+        }
+        _ => {}
     }
+}
+
+/// The pid in a temp file's name `<pid>-<n>`, if it is one.
+fn temp_writer(name: &str) -> Option<i32> {
+    let (pid, n) = name.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(pid) || !digits(n) {
+        return None;
+    }
+    pid.parse().ok().filter(|&p: &i32| p > 0)
+}
+
+/// Whether a process with this pid exists (a recycled pid only keeps a stale file longer).
+fn process_exists(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists and may be signalled.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 fn is_fanout_name(name: &str) -> bool {
@@ -329,9 +403,21 @@ mod tests {
     fn open_removes_stale_temp_files() {
         let dir = tempfile::tempdir().unwrap();
         create_private_dir(&dir.path().join("tmp/sub")).unwrap();
-        fs::write(dir.path().join("tmp/123-0"), b"x").unwrap();
+        // Above any pid_max: no such process.
+        fs::write(dir.path().join("tmp/2147483646-0"), b"x").unwrap();
+        fs::write(dir.path().join("tmp/garbage"), b"x").unwrap();
+        let live = format!("{}-7", std::process::id());
+        fs::write(dir.path().join("tmp").join(&live), b"x").unwrap();
         Store::open(dir.path()).unwrap();
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        let left: Vec<_> = fs::read_dir(dir.path().join("tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            [std::ffi::OsString::from(live)],
+            "a live process's temp stays"
+        );
     }
 
     #[test]

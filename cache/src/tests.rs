@@ -309,13 +309,13 @@ fn recency_batches_are_written() {
     let cache = open(dir.path(), None, 1 << 20);
     let a = obj(1);
     cache.insert(&a).unwrap();
-    for _ in 0..crate::cache::RECENCY_BATCH + 1 {
+    for _ in 0..crate::owned::RECENCY_BATCH + 1 {
         cache.get(a.hash()).unwrap();
     }
     cache.flush().unwrap();
     let hash: Hash = *a.hash();
-    match cache.index().lookup(&hash).unwrap() {
-        crate::index::Lookup::Found(e) => assert!(e.last_use > crate::cache::RECENCY_BATCH as u64),
+    match cache.owned().index().lookup(&hash).unwrap() {
+        crate::index::Lookup::Found(e) => assert!(e.last_use > crate::owned::RECENCY_BATCH as u64),
         _ => panic!("entry lost"),
     }
 }

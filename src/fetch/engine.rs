@@ -50,6 +50,10 @@ pub enum Freshness {
 /// While a root watcher hears nothing, its group is rejoined this often (a fresh report).
 pub const ROOT_WATCH_REJOIN: Duration = Duration::from_secs(1);
 
+/// How often joined fetches are looked up in the cache, which other processes may have
+/// filled: a stat per joined object, and a leave within this of the other process's store.
+const CACHED_ELSEWHERE_PROBE: Duration = Duration::from_millis(100);
+
 /// Root records queued for a watcher that is slow to take them; more are dropped (a flood
 /// of forged records must not grow memory; the server repeats its record every 25 ms).
 const ROOT_WATCH_QUEUE: usize = 16;
@@ -594,6 +598,7 @@ impl Inner {
     fn run(self: Arc<Self>) {
         let mut batch = RecvBatch::new(64, 65536);
         let mut last_tick = Instant::now();
+        let mut last_probe = last_tick;
         while !self.shutdown.load(Ordering::Relaxed) {
             match recv_batch(&self.socket, &mut batch) {
                 Ok(_) => self.handle_batch(&mut batch),
@@ -603,6 +608,10 @@ impl Inner {
                 }
             }
             let now = Instant::now();
+            if now.duration_since(last_probe) >= CACHED_ELSEWHERE_PROBE {
+                last_probe = now;
+                self.take_cached_elsewhere();
+            }
             if now.duration_since(last_tick) >= Duration::from_millis(20) {
                 last_tick = now;
                 self.tick(now);
@@ -728,6 +737,47 @@ impl Inner {
         }
         for w in waiters {
             let _ = w.send(Ok(v.clone()));
+        }
+    }
+
+    /// Ends the joined fetches whose object another process sharing the cache has stored
+    /// meanwhile: its waiters get it from the cache and its group is left, so that two
+    /// commands wanting one object cost the server one transfer, not one each.
+    fn take_cached_elsewhere(&self) {
+        let joined: Vec<(Tag, blake3::Hash)> = {
+            let st = self.lock();
+            st.pending
+                .iter()
+                .filter(|(_, p)| p.joined)
+                .map(|(tag, p)| (*tag, p.fetch.want().hash))
+                .collect()
+        };
+        for (tag, hash) in joined {
+            if !self.cache.contains(&hash) {
+                continue;
+            }
+            // Read (and re-hashed) outside the state lock; a file evicted meanwhile is
+            // simply fetched on.
+            let Ok(Some(v)) = self.cache.get(&hash) else {
+                continue;
+            };
+            let waiters = {
+                let mut st = self.lock();
+                let Some(p) = st.pending.remove(&tag) else {
+                    continue;
+                };
+                st.joined -= 1;
+                st.members.push(Instant::now(), p.group, false);
+                st.recent.put(tag, v.clone());
+                p.waiters
+            };
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .bytes_cached
+                .fetch_add(v.len() as u64, Ordering::Relaxed);
+            for w in waiters {
+                let _ = w.send(Ok(v.clone()));
+            }
         }
     }
 

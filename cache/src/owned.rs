@@ -1,0 +1,479 @@
+//! [`Owned`]: the cache as its owning process sees it: the memory LRU, the object files and
+//! the index, kept in step. Other processes reach it through [`Owned::serve`].
+//!
+//! Concurrency: reads (`get`, `contains`, `get_root`) take no lock except the short one around
+//! the memory LRU. Everything that changes which objects exist, their pins or the totals holds
+//! the `write` mutex (which owns the [`Totals`]); lock order is `write` before `hot`. Object
+//! bytes are written to a temp file before taking `write`; only the rename happens under it.
+//!
+//! Invariants (under `write`): `Totals` is the sum over decodable index entries; an object file
+//! is deleted before its entry, so an entry may lack a file (repaired on read) but a counted
+//! file always has an entry unless an insert failed halfway (then the close is left unclean so
+//! the next open adopts the file). Anything in the memory LRU is verified; it may outlive its
+//! file briefly, which can only return correct bytes.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use blake3::Hash;
+use parking_lot::Mutex;
+use tracing::{debug, warn};
+
+use crate::index::{parse_lru_key, Entry, Index, Lookup, Totals};
+use crate::memory::MemLru;
+use crate::open::{open_index, write_clean_mark, Recovered};
+use crate::store::{discard, make_private, Read, Store, TempObject};
+use crate::{CacheConfig, CacheError, Usage, Verified};
+
+/// Uses remembered in memory before they are written to the index.
+pub(crate) const RECENCY_BATCH: usize = 4096;
+
+/// The cache of the process that owns the directory: it alone writes the index.
+pub(crate) struct Owned {
+    dir: PathBuf,
+    quota: Option<u64>,
+    pub(crate) store: Store,
+    index: Index,
+    write: Mutex<Totals>,
+    hot: Mutex<Hot>,
+    /// Set when an operation failed halfway; the close is then left unclean.
+    damaged: AtomicBool,
+    /// Dropped last, so the directory stays locked until the index is closed.
+    _lock: File,
+}
+/// State touched on every read.
+struct Hot {
+    memory: MemLru,
+    /// Last uses not yet written to the index.
+    dirty: HashMap<Hash, u64>,
+    /// The logical clock of uses.
+    clock: u64,
+}
+
+impl Hot {
+    fn next_use(&mut self) -> u64 {
+        let now = self.clock;
+        self.clock += 1;
+        now
+    }
+
+    /// Records a use; true when the batch of unwritten uses is full.
+    fn touch(&mut self, hash: &Hash) -> bool {
+        let now = self.next_use();
+        self.dirty.insert(*hash, now);
+        self.dirty.len() >= RECENCY_BATCH
+    }
+
+    fn remember(&mut self, obj: &Verified) -> bool {
+        self.memory.put(obj);
+        self.touch(obj.hash())
+    }
+}
+
+impl Owned {
+    /// Opens (and if needed repairs) the index of a directory whose `lock` the caller holds.
+    pub(crate) fn open(config: &CacheConfig, lock: File) -> Result<Owned, CacheError> {
+        let store = Store::open(&config.dir)?;
+        let Recovered {
+            index,
+            totals,
+            clock,
+        } = open_index(&config.dir, &store)?;
+        // sled creates its files by the umask; the directory above already shuts others out.
+        let _ = make_private(&config.dir.join("index"));
+        let owned = Owned {
+            dir: config.dir.clone(),
+            quota: config.quota,
+            store,
+            index,
+            write: Mutex::new(totals),
+            hot: Mutex::new(Hot {
+                memory: MemLru::new(config.memory),
+                dirty: HashMap::new(),
+                clock,
+            }),
+            damaged: AtomicBool::new(false),
+            _lock: lock,
+        };
+        owned.evict_over_quota(&mut owned.write.lock())?;
+        Ok(owned)
+    }
+
+    /// The object, from memory or from its file (re-hashed). A damaged file is deleted, logged
+    /// and reported as a miss.
+    pub(crate) fn get(&self, hash: &Hash) -> Result<Option<Verified>, CacheError> {
+        let inner = self;
+        let hit = {
+            let mut hot = inner.hot.lock();
+            hot.memory.get(hash).map(|obj| (obj, hot.touch(hash)))
+        };
+        if let Some((obj, batch_full)) = hit {
+            inner.persist_if(batch_full);
+            return Ok(Some(obj));
+        }
+        match inner.index.lookup(hash)? {
+            Lookup::Absent => return Ok(None),
+            Lookup::Garbage(_) => return inner.repair(hash),
+            Lookup::Found(_) => {}
+        }
+        match inner.store.read(hash)? {
+            Read::Good(obj) => {
+                let batch_full = inner.hot.lock().remember(&obj);
+                inner.persist_if(batch_full);
+                Ok(Some(obj))
+            }
+            Read::Missing | Read::Bad => inner.repair(hash),
+        }
+    }
+
+    /// Whether the index lists the object (no file access).
+    pub(crate) fn contains(&self, hash: &Hash) -> bool {
+        matches!(self.index.contains(hash), Ok(true))
+    }
+
+    /// Starts reading the files of those objects that are on disk but not in memory, so that
+    /// a later [`Cache::get`] finds them in the page cache. Reading object files one at a
+    /// time keeps one request in flight, which on this kind of disk is about half of what
+    /// it can give (0.6 against 1 GB/s with eight in flight); the kernel queues these
+    /// together. It blocks on file opens: call it off any latency-sensitive thread.
+    pub(crate) fn will_need(&self, hashes: &[Hash]) {
+        for hash in hashes {
+            // No index lookup: a file that is not there is simply not opened.
+            if !self.hot.lock().memory.contains(hash) {
+                self.store.will_need(hash);
+            }
+        }
+    }
+
+    /// Stores the object (a no-op if present), then evicts down to the quota.
+    pub(crate) fn insert(&self, obj: &Verified) -> Result<(), CacheError> {
+        if let Lookup::Found(_) = self.index.lookup(obj.hash())? {
+            let batch_full = self.hot.lock().remember(obj);
+            self.persist_if(batch_full);
+            return Ok(());
+        }
+        let temp = self.store.write_temp(obj)?;
+        // Kept in memory before the eviction that may take its file (a huge object over the
+        // quota): then eviction forgets it from memory too.
+        self.hot.lock().memory.put(obj);
+        self.adopt(temp, obj.hash())
+    }
+
+    /// Takes a client's fully written temp file `name` as the object `hash` (see
+    /// [`crate::shared`]). The bytes are not hashed here: every read re-hashes them.
+    pub(crate) fn commit_temp(&self, name: &str, hash: &Hash) -> Result<(), CacheError> {
+        match self.store.temp_named(name)? {
+            Some(temp) => self.adopt(temp, hash),
+            // A client retrying a commit whose reply was lost with the previous owner: its
+            // file may already be in place.
+            None => self.adopt_in_place(hash),
+        }
+    }
+
+    /// Renames a temp file into place as `hash` and indexes it, unless the object is there
+    /// already; then evicts down to the quota.
+    fn adopt(&self, temp: TempObject, hash: &Hash) -> Result<(), CacheError> {
+        let mut totals = self.write.lock();
+        if let Lookup::Found(_) = self.index.lookup(hash)? {
+            discard(temp);
+            return Ok(());
+        }
+        let disk_size = temp.disk_size;
+        self.store.commit(temp, hash)?;
+        self.index_new(hash, disk_size, &mut totals)?;
+        self.evict_over_quota(&mut totals)
+    }
+
+    /// Indexes an object file already in place, if the index lacks it.
+    fn adopt_in_place(&self, hash: &Hash) -> Result<(), CacheError> {
+        let mut totals = self.write.lock();
+        if let Lookup::Found(_) = self.index.lookup(hash)? {
+            return Ok(());
+        }
+        let disk_size = self.store.disk_size_of(hash)?;
+        self.index_new(hash, disk_size, &mut totals)?;
+        self.evict_over_quota(&mut totals)
+    }
+
+    fn index_new(
+        &self,
+        hash: &Hash,
+        disk_size: u64,
+        totals: &mut Totals,
+    ) -> Result<(), CacheError> {
+        let last_use = self.hot.lock().next_use();
+        let entry = Entry {
+            disk_size,
+            last_use,
+            pinned: false,
+        };
+        if let Err(e) = self.index.add(hash, entry) {
+            self.damaged.store(true, Ordering::Relaxed);
+            return Err(e.into());
+        }
+        totals.add(&entry);
+        Ok(())
+    }
+
+    /// Records uses of objects by another process (their order is approximate).
+    pub(crate) fn touch_all(&self, hashes: &[Hash]) {
+        let batch_full = {
+            let mut hot = self.hot.lock();
+            hashes.iter().fold(false, |full, h| hot.touch(h) | full)
+        };
+        self.persist_if(batch_full);
+    }
+
+    /// Re-reads an object another process found damaged, deleting it if it still is.
+    pub(crate) fn check(&self, hash: &Hash) -> Result<(), CacheError> {
+        self.hot.lock().memory.remove(hash);
+        self.repair(hash).map(drop)
+    }
+
+    /// Protects a cached object from eviction until unpinned.
+    pub(crate) fn pin(&self, hash: &Hash) -> Result<(), CacheError> {
+        let inner = self;
+        let mut totals = inner.write.lock();
+        match inner.index.lookup(hash)? {
+            Lookup::Found(entry) => inner.set_pinned(hash, entry, true, &mut totals),
+            Lookup::Absent | Lookup::Garbage(_) => Err(CacheError::NotCached {
+                hash: *hash,
+                dir: inner.dir.clone(),
+            }),
+        }
+    }
+
+    /// Makes the object evictable again (a no-op if absent or not pinned).
+    pub(crate) fn unpin(&self, hash: &Hash) -> Result<(), CacheError> {
+        let inner = self;
+        let mut totals = inner.write.lock();
+        if let Lookup::Found(entry) = inner.index.lookup(hash)? {
+            inner.set_pinned(hash, entry, false, &mut totals)?;
+        }
+        inner.evict_over_quota(&mut totals)
+    }
+
+    /// Unpins every object.
+    pub(crate) fn unpin_all(&self) -> Result<(), CacheError> {
+        let inner = self;
+        let mut totals = inner.write.lock();
+        let mut pinned = Vec::new();
+        for item in inner.index.entries() {
+            let (key, value) = item?;
+            let entry = Entry::decode(&value).filter(|e| e.pinned);
+            if let (Some(hash), Some(entry)) = (crate::index::parse_hash(&key), entry) {
+                pinned.push((hash, entry));
+            }
+        }
+        for (hash, entry) in pinned {
+            inner.set_pinned(&hash, entry, false, &mut totals)?;
+        }
+        inner.evict_over_quota(&mut totals)
+    }
+
+    /// Remembers the last root record seen on a channel.
+    pub(crate) fn set_root(&self, channel: &[u8; 32], record: &[u8]) -> Result<(), CacheError> {
+        Ok(self.index.set_root(channel, record)?)
+    }
+
+    /// The last root record remembered for a channel.
+    pub(crate) fn get_root(&self, channel: &[u8; 32]) -> Result<Option<Vec<u8>>, CacheError> {
+        Ok(self.index.get_root(channel)?)
+    }
+
+    /// Remembers the publisher first trusted on a channel (an opaque identity).
+    pub(crate) fn set_publisher(
+        &self,
+        channel: &[u8; 32],
+        identity: &[u8],
+    ) -> Result<(), CacheError> {
+        Ok(self.index.set_publisher(channel, identity)?)
+    }
+
+    /// The publisher remembered for a channel.
+    pub(crate) fn get_publisher(&self, channel: &[u8; 32]) -> Result<Option<Vec<u8>>, CacheError> {
+        Ok(self.index.get_publisher(channel)?)
+    }
+
+    /// What the cache holds on disk.
+    pub(crate) fn usage(&self) -> Usage {
+        let totals = *self.write.lock();
+        Usage {
+            objects: totals.objects,
+            disk_bytes: totals.disk_bytes,
+            pinned_bytes: totals.pinned_bytes,
+        }
+    }
+
+    /// Bytes of objects held in the memory LRU.
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.hot.lock().memory.bytes()
+    }
+
+    /// Writes remembered uses and the index to disk.
+    pub(crate) fn flush(&self) -> Result<(), CacheError> {
+        let inner = self;
+        let mut totals = inner.write.lock();
+        inner.persist_recency(&mut totals)?;
+        Ok(inner.index.flush()?)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Leaves the next close unclean, as after a crash.
+    #[cfg(test)]
+    pub(crate) fn mark_damaged(&self) {
+        self.damaged.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Owned {
+    /// Writes the remembered uses to the index if the batch is full; failures only cost
+    /// recency, so they are logged.
+    fn persist_if(&self, batch_full: bool) {
+        if batch_full {
+            if let Err(e) = self.persist_recency(&mut self.write.lock()) {
+                warn!(dir = %self.dir.display(), error = %e, "could not record object uses");
+            }
+        }
+    }
+
+    /// Writes the remembered uses to the index. `_totals` proves `write` is held.
+    fn persist_recency(&self, _totals: &mut Totals) -> Result<(), CacheError> {
+        let dirty = std::mem::take(&mut self.hot.lock().dirty);
+        for (hash, last_use) in dirty {
+            if let Lookup::Found(entry) = self.index.lookup(&hash)? {
+                if entry.last_use < last_use {
+                    self.index.touch(&hash, entry, last_use)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_pinned(
+        &self,
+        hash: &Hash,
+        entry: Entry,
+        pinned: bool,
+        totals: &mut Totals,
+    ) -> Result<(), CacheError> {
+        if entry.pinned == pinned {
+            return Ok(());
+        }
+        self.index.set_pinned(hash, entry, pinned)?;
+        totals.sub(&entry);
+        totals.add(&Entry { pinned, ..entry });
+        Ok(())
+    }
+
+    /// Evicts least recently used unpinned objects until disk use is within the quota.
+    fn evict_over_quota(&self, totals: &mut Totals) -> Result<(), CacheError> {
+        let Some(quota) = self.quota else {
+            return Ok(());
+        };
+        if totals.disk_bytes <= quota {
+            return Ok(());
+        }
+        self.persist_recency(totals)?;
+        for key in self.index.lru_keys() {
+            if totals.disk_bytes <= quota {
+                return Ok(());
+            }
+            self.evict_key(&key?, totals)?;
+        }
+        if totals.disk_bytes > quota {
+            debug!(
+                quota,
+                used = totals.disk_bytes,
+                "cache over quota: the rest is pinned"
+            );
+        }
+        Ok(())
+    }
+
+    /// Evicts the object of one `lru` key, or drops the key if it is stale.
+    fn evict_key(&self, key: &[u8], totals: &mut Totals) -> Result<(), CacheError> {
+        if let Some((last_use, hash)) = parse_lru_key(key) {
+            if let Lookup::Found(e) = self.index.lookup(&hash)? {
+                if !e.pinned && e.last_use == last_use {
+                    return self.remove_object(&hash, e, totals);
+                }
+            }
+        }
+        // Left behind by a crash: its entry is gone, pinned, or has moved on.
+        Ok(self.index.remove_lru_key(key)?)
+    }
+
+    /// Deletes an object: file first, then entry, then memory.
+    fn remove_object(
+        &self,
+        hash: &Hash,
+        entry: Entry,
+        totals: &mut Totals,
+    ) -> Result<(), CacheError> {
+        self.store.remove(hash)?;
+        self.index.remove(hash, entry)?;
+        totals.sub(&entry);
+        let mut hot = self.hot.lock();
+        hot.memory.remove(hash);
+        hot.dirty.remove(hash);
+        Ok(())
+    }
+
+    /// Looks again, under `write`, at an object whose file or entry looked bad, and deletes
+    /// it if it still does.
+    fn repair(&self, hash: &Hash) -> Result<Option<Verified>, CacheError> {
+        let mut totals = self.write.lock();
+        let path = self.store.path(hash);
+        let entry = match self.index.lookup(hash)? {
+            Lookup::Absent => return Ok(None),
+            Lookup::Found(entry) => entry,
+            Lookup::Garbage(raw) => {
+                warn!(path = %path.display(), "undecodable cache index entry; deleting the object");
+                self.store.remove(hash)?;
+                self.index.remove_garbage(hash, raw)?;
+                return Ok(None);
+            }
+        };
+        match self.store.read(hash)? {
+            Read::Good(obj) => {
+                self.hot.lock().remember(&obj);
+                return Ok(Some(obj));
+            }
+            Read::Missing => warn!(path = %path.display(), "object file vanished; forgetting it"),
+            Read::Bad => warn!(
+                path = %path.display(),
+                "object file does not match its hash; deleted it, it will be fetched again"
+            ),
+        }
+        self.remove_object(hash, entry, &mut totals)?;
+        Ok(None)
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let closed = (|| -> Result<(), CacheError> {
+            let mut totals = self.write.lock();
+            self.persist_recency(&mut totals)?;
+            self.index.flush()?;
+            if self.damaged.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            write_clean_mark(&self.dir, &totals)
+        })();
+        if let Err(e) = closed {
+            warn!(
+                dir = %self.dir.display(),
+                error = %e,
+                "could not close the cache index cleanly; it will be checked at next open"
+            );
+        }
+    }
+}

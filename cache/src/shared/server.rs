@@ -1,0 +1,202 @@
+//! The owner's side of `DIR/cache.sock`: a thread accepting clients and one thread per client
+//! answering its requests against the [`Owned`] cache.
+//!
+//! Invariants: only peers with our uid are served; a client's bad frame ends its connection,
+//! never the owner; stopping the service (on drop) ends every thread before returning, so the
+//! owned cache is closed (and its clean mark written) by the process that owned it.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+use tracing::{debug, warn};
+
+use super::wire::{frame_len, Reply, Request};
+use super::{euid, peer, SockAddr};
+use crate::owned::Owned;
+use crate::CacheError;
+
+/// How often the accept loop looks whether it should stop.
+const STOP_POLL_MS: i32 = 200;
+
+/// The running service; dropping it stops it.
+pub(crate) struct Service {
+    stop: Arc<AtomicBool>,
+    conns: Arc<Conns>,
+    accept: Option<JoinHandle<()>>,
+}
+
+/// The connections being served, so that a stop can end them.
+#[derive(Default)]
+struct Conns {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, UnixStream>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Service {
+    /// Binds the socket (replacing a stale one: the caller holds the directory lock, so its
+    /// last owner is gone) and starts answering.
+    pub(crate) fn start(owned: Arc<Owned>, addr: &SockAddr) -> Result<Service, CacheError> {
+        addr.check_owner()?;
+        match std::fs::remove_file(&addr.addr) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(CacheError::io(&addr.path, e))
+            }
+            _ => {}
+        }
+        let listener = UnixListener::bind(&addr.addr).map_err(|e| CacheError::io(&addr.path, e))?;
+        // Non-blocking, so that a client gone between poll and accept cannot hold up a stop.
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| CacheError::io(&addr.path, e))?;
+        // The directory is 0700 already; this keeps the socket private if it ever is not.
+        std::fs::set_permissions(&addr.addr, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| CacheError::io(&addr.path, e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(Conns::default());
+        let accept = {
+            let (stop, conns) = (stop.clone(), conns.clone());
+            std::thread::Builder::new()
+                .name("lcfs-cache-owner".into())
+                .spawn(move || accept_loop(&listener, &owned, &stop, &conns))
+                .map_err(|e| CacheError::io(&addr.path, e))?
+        };
+        Ok(Service {
+            stop,
+            conns,
+            accept: Some(accept),
+        })
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        for (_, conn) in self.conns.open.lock().drain() {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        let threads = std::mem::take(&mut *self.conns.threads.lock());
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(listener: &UnixListener, owned: &Arc<Owned>, stop: &AtomicBool, conns: &Arc<Conns>) {
+    while !stop.load(Ordering::Relaxed) {
+        if !readable(listener.as_raw_fd()) {
+            continue;
+        }
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                debug!("cache socket accept: {e}");
+                continue;
+            }
+        };
+        match peer(&stream) {
+            Ok((uid, _)) if uid == euid() => {}
+            Ok((uid, pid)) => {
+                warn!(
+                    uid,
+                    pid, "refused a connection to the cache socket from another user"
+                );
+                continue;
+            }
+            Err(e) => {
+                debug!("cache socket peer: {e}");
+                continue;
+            }
+        }
+        if let Err(e) = serve_client(stream, owned.clone(), conns) {
+            warn!("cannot serve a cache client: {e}");
+        }
+    }
+}
+
+/// Waits up to [`STOP_POLL_MS`] for a connection.
+fn readable(fd: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, STOP_POLL_MS) > 0 }
+}
+
+fn serve_client(stream: UnixStream, owned: Arc<Owned>, conns: &Arc<Conns>) -> io::Result<()> {
+    let id = conns.next.fetch_add(1, Ordering::Relaxed);
+    conns.open.lock().insert(id, stream.try_clone()?);
+    let mine = conns.clone();
+    let thread = std::thread::Builder::new()
+        .name("lcfs-cache-client".into())
+        .spawn(move || {
+            if let Err(e) = answer_all(stream, &owned) {
+                debug!("cache client connection ended: {e}");
+            }
+            mine.open.lock().remove(&id);
+        })?;
+    let mut threads = conns.threads.lock();
+    threads.retain(|t| !t.is_finished());
+    threads.push(thread);
+    Ok(())
+}
+
+/// Answers one client's requests until it hangs up or sends a bad frame.
+fn answer_all(mut stream: UnixStream, owned: &Owned) -> io::Result<()> {
+    loop {
+        let mut header = [0; 4];
+        match stream.read_exact(&mut header) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            other => other?,
+        }
+        let len = frame_len(header).map_err(io::Error::other)?;
+        let mut body = vec![0; len];
+        stream.read_exact(&mut body)?;
+        let request = Request::decode(&body).map_err(io::Error::other)?;
+        stream.write_all(&answer(owned, request).encode())?;
+    }
+}
+
+/// What the owner answers a request.
+pub(crate) fn answer(owned: &Owned, request: Request) -> Reply {
+    let done = |r: Result<(), CacheError>| match r {
+        Ok(()) => Reply::Done,
+        Err(CacheError::NotCached { hash, .. }) => Reply::NotCached(hash),
+        Err(e) => Reply::Failed(e.to_string()),
+    };
+    let bytes = |r: Result<Option<Vec<u8>>, CacheError>| match r {
+        Ok(b) => Reply::Bytes(b),
+        Err(e) => Reply::Failed(e.to_string()),
+    };
+    match request {
+        Request::Commit { hash, temp } => done(owned.commit_temp(&temp, &hash)),
+        Request::Touched(hashes) => {
+            owned.touch_all(&hashes);
+            Reply::Done
+        }
+        Request::Check(hash) => done(owned.check(&hash)),
+        Request::Pin(hash) => done(owned.pin(&hash)),
+        Request::Unpin(hash) => done(owned.unpin(&hash)),
+        Request::UnpinAll => done(owned.unpin_all()),
+        Request::SetRoot { channel, record } => done(owned.set_root(&channel, &record)),
+        Request::GetRoot(channel) => bytes(owned.get_root(&channel)),
+        Request::SetPublisher { channel, identity } => {
+            done(owned.set_publisher(&channel, &identity))
+        }
+        Request::GetPublisher(channel) => bytes(owned.get_publisher(&channel)),
+        Request::Usage => Reply::Usage(owned.usage()),
+        Request::Flush => done(owned.flush()),
+    }
+}

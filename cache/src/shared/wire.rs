@@ -1,0 +1,421 @@
+//! The frames a cache's clients and its owner exchange on `DIR/cache.sock` (sans-IO).
+//!
+//! A frame is a 4-byte big-endian length, at most [`MAX_FRAME`], then its body. A request body
+//! is an op byte and the op's fields; a reply body is a status byte and its payload. Hashes
+//! and channel ids are 32 raw bytes, variable fields a 4-byte length and the bytes.
+//!
+//! Invariant: decoding never panics and never allocates more than the frame it was given;
+//! anything truncated, oversized, unknown or with bytes left over is a [`WireError`]. Both
+//! ends are processes of one user (peer credentials are checked), but a bug or a stale
+//! peer must still give an error, not a crash.
+
+use blake3::Hash;
+
+use crate::Usage;
+
+/// The largest frame either side sends or accepts. A batch of touches is the largest
+/// request (4096 hashes, 128 KiB); root records are a few hundred bytes.
+pub(crate) const MAX_FRAME: usize = 1 << 20;
+
+/// The most hashes one `Touched` frame carries.
+pub(crate) const MAX_TOUCHED: usize = (MAX_FRAME - 5) / 32;
+
+/// What a client asks of the owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Request {
+    /// Index the fully written file `tmp/<temp>` as the object `hash`.
+    Commit {
+        hash: Hash,
+        temp: String,
+    },
+    /// The client read these objects (for the LRU order).
+    Touched(Vec<Hash>),
+    /// The client found this object's file damaged: check it again, delete it if bad.
+    Check(Hash),
+    Pin(Hash),
+    Unpin(Hash),
+    UnpinAll,
+    SetRoot {
+        channel: [u8; 32],
+        record: Vec<u8>,
+    },
+    GetRoot([u8; 32]),
+    SetPublisher {
+        channel: [u8; 32],
+        identity: Vec<u8>,
+    },
+    GetPublisher([u8; 32]),
+    Usage,
+    Flush,
+}
+
+/// The owner's answer to one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Reply {
+    Done,
+    Bytes(Option<Vec<u8>>),
+    Usage(Usage),
+    /// `Pin` of an object the index does not list.
+    NotCached(Hash),
+    /// The owner's error, as text (it names the path and the remedy).
+    Failed(String),
+}
+
+/// Why a frame could not be decoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum WireError {
+    #[error("frame of {0} bytes is larger than {MAX_FRAME}")]
+    TooLong(usize),
+    #[error("frame is truncated")]
+    Truncated,
+    #[error("unknown op or status {0}")]
+    Unknown(u8),
+    #[error("{0} bytes left over after the frame")]
+    Trailing(usize),
+    #[error("temp file name is not UTF-8")]
+    BadName,
+}
+
+/// The length of the frame whose 4-byte header is `header`, if acceptable.
+pub(crate) fn frame_len(header: [u8; 4]) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::TooLong(len));
+    }
+    Ok(len)
+}
+
+/// Prefixes `body` with its length.
+fn frame(body: Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+impl Request {
+    /// The request as one frame, header included.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        match self {
+            Request::Commit { hash, temp } => {
+                b.push(1);
+                b.extend_from_slice(hash.as_bytes());
+                put_bytes(&mut b, temp.as_bytes());
+            }
+            Request::Touched(hashes) => {
+                b.push(2);
+                b.extend_from_slice(&(hashes.len() as u32).to_be_bytes());
+                hashes
+                    .iter()
+                    .for_each(|h| b.extend_from_slice(h.as_bytes()));
+            }
+            Request::Check(h) => put_hash(&mut b, 3, h),
+            Request::Pin(h) => put_hash(&mut b, 4, h),
+            Request::Unpin(h) => put_hash(&mut b, 5, h),
+            Request::UnpinAll => b.push(6),
+            Request::SetRoot { channel, record } => put_pair(&mut b, 7, channel, record),
+            Request::GetRoot(c) => put_id(&mut b, 8, c),
+            Request::SetPublisher { channel, identity } => put_pair(&mut b, 9, channel, identity),
+            Request::GetPublisher(c) => put_id(&mut b, 10, c),
+            Request::Usage => b.push(11),
+            Request::Flush => b.push(12),
+        }
+        frame(b)
+    }
+
+    /// Decodes a request body (the frame without its header).
+    pub(crate) fn decode(body: &[u8]) -> Result<Request, WireError> {
+        let mut r = Reader(body);
+        let req = match r.u8()? {
+            1 => Request::Commit {
+                hash: r.hash()?,
+                temp: String::from_utf8(r.bytes()?.to_vec()).map_err(|_| WireError::BadName)?,
+            },
+            2 => {
+                let n = r.u32()? as usize;
+                // Checked against what is there before allocating.
+                if n > r.0.len() / 32 {
+                    return Err(WireError::Truncated);
+                }
+                Request::Touched((0..n).map(|_| r.hash()).collect::<Result<_, _>>()?)
+            }
+            3 => Request::Check(r.hash()?),
+            4 => Request::Pin(r.hash()?),
+            5 => Request::Unpin(r.hash()?),
+            6 => Request::UnpinAll,
+            7 => Request::SetRoot {
+                channel: r.id()?,
+                record: r.bytes()?.to_vec(),
+            },
+            8 => Request::GetRoot(r.id()?),
+            9 => Request::SetPublisher {
+                channel: r.id()?,
+                identity: r.bytes()?.to_vec(),
+            },
+            10 => Request::GetPublisher(r.id()?),
+            11 => Request::Usage,
+            12 => Request::Flush,
+            op => return Err(WireError::Unknown(op)),
+        };
+        r.end()?;
+        Ok(req)
+    }
+}
+
+impl Reply {
+    /// The reply as one frame, header included. A reply that would not fit (it cannot: the
+    /// bytes it carries came in a request) becomes a `Failed`.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        match self {
+            Reply::Done => b.push(0),
+            Reply::Bytes(None) => b.push(1),
+            Reply::Bytes(Some(bytes)) if bytes.len() + 9 > MAX_FRAME => {
+                return Reply::Failed("reply too large".into()).encode()
+            }
+            Reply::Bytes(Some(bytes)) => {
+                b.push(2);
+                put_bytes(&mut b, bytes);
+            }
+            Reply::Usage(u) => {
+                b.push(3);
+                for n in [u.objects, u.disk_bytes, u.pinned_bytes] {
+                    b.extend_from_slice(&n.to_be_bytes());
+                }
+            }
+            Reply::NotCached(h) => put_hash(&mut b, 4, h),
+            Reply::Failed(msg) => {
+                b.push(5);
+                let cut = msg.len().min(MAX_FRAME / 2);
+                let cut = (0..=cut)
+                    .rev()
+                    .find(|&i| msg.is_char_boundary(i))
+                    .unwrap_or(0);
+                put_bytes(&mut b, &msg.as_bytes()[..cut]);
+            }
+        }
+        frame(b)
+    }
+
+    /// Decodes a reply body (the frame without its header).
+    pub(crate) fn decode(body: &[u8]) -> Result<Reply, WireError> {
+        let mut r = Reader(body);
+        let reply = match r.u8()? {
+            0 => Reply::Done,
+            1 => Reply::Bytes(None),
+            2 => Reply::Bytes(Some(r.bytes()?.to_vec())),
+            3 => Reply::Usage(Usage {
+                objects: r.u64()?,
+                disk_bytes: r.u64()?,
+                pinned_bytes: r.u64()?,
+            }),
+            4 => Reply::NotCached(r.hash()?),
+            5 => Reply::Failed(String::from_utf8_lossy(r.bytes()?).into_owned()),
+            status => return Err(WireError::Unknown(status)),
+        };
+        r.end()?;
+        Ok(reply)
+    }
+}
+
+fn put_bytes(b: &mut Vec<u8>, bytes: &[u8]) {
+    b.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    b.extend_from_slice(bytes);
+}
+
+fn put_hash(b: &mut Vec<u8>, op: u8, hash: &Hash) {
+    b.push(op);
+    b.extend_from_slice(hash.as_bytes());
+}
+
+fn put_id(b: &mut Vec<u8>, op: u8, id: &[u8; 32]) {
+    b.push(op);
+    b.extend_from_slice(id);
+}
+
+fn put_pair(b: &mut Vec<u8>, op: u8, id: &[u8; 32], bytes: &[u8]) {
+    put_id(b, op, id);
+    put_bytes(b, bytes);
+}
+
+/// Reads fields off the front of a body.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut out = [0; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    fn hash(&mut self) -> Result<Hash, WireError> {
+        Ok(Hash::from_bytes(self.array()?))
+    }
+
+    fn id(&mut self) -> Result<[u8; 32], WireError> {
+        self.array()
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], WireError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    fn end(&self) -> Result<(), WireError> {
+        match self.0.len() {
+            0 => Ok(()),
+            n => Err(WireError::Trailing(n)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn h(n: u8) -> Hash {
+        blake3::hash(&[n])
+    }
+
+    fn requests() -> Vec<Request> {
+        vec![
+            Request::Commit {
+                hash: h(1),
+                temp: "123-4".into(),
+            },
+            Request::Touched(vec![h(1), h(2), h(3)]),
+            Request::Touched(vec![]),
+            Request::Check(h(4)),
+            Request::Pin(h(5)),
+            Request::Unpin(h(6)),
+            Request::UnpinAll,
+            Request::SetRoot {
+                channel: [7; 32],
+                record: vec![1, 2, 3],
+            },
+            Request::GetRoot([8; 32]),
+            Request::SetPublisher {
+                channel: [9; 32],
+                identity: vec![],
+            },
+            Request::GetPublisher([10; 32]),
+            Request::Usage,
+            Request::Flush,
+        ]
+    }
+
+    fn replies() -> Vec<Reply> {
+        vec![
+            Reply::Done,
+            Reply::Bytes(None),
+            Reply::Bytes(Some(vec![1, 2])),
+            Reply::Usage(Usage {
+                objects: 1,
+                disk_bytes: 2,
+                pinned_bytes: 3,
+            }),
+            Reply::NotCached(h(1)),
+            Reply::Failed("cache file /x: disk full".into()),
+        ]
+    }
+
+    fn body(frame: &[u8]) -> &[u8] {
+        let len = frame_len(frame[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, frame.len() - 4);
+        &frame[4..]
+    }
+
+    #[test]
+    fn every_request_and_reply_round_trips() {
+        for req in requests() {
+            assert_eq!(Request::decode(body(&req.encode())), Ok(req));
+        }
+        for reply in replies() {
+            assert_eq!(Reply::decode(body(&reply.encode())), Ok(reply));
+        }
+    }
+
+    #[test]
+    fn truncated_and_padded_frames_are_errors() {
+        for req in requests() {
+            let frame = req.encode();
+            let b = body(&frame);
+            for cut in 0..b.len() {
+                assert!(Request::decode(&b[..cut]).is_err(), "{req:?} cut at {cut}");
+            }
+            let mut padded = b.to_vec();
+            padded.push(0);
+            assert_eq!(Request::decode(&padded), Err(WireError::Trailing(1)));
+        }
+        for reply in replies() {
+            let frame = reply.encode();
+            let b = body(&frame);
+            for cut in 0..b.len() {
+                assert!(Reply::decode(&b[..cut]).is_err(), "{reply:?} cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_frames_and_counts_are_refused() {
+        let too_long = (MAX_FRAME as u32 + 1).to_be_bytes();
+        assert_eq!(frame_len(too_long), Err(WireError::TooLong(MAX_FRAME + 1)));
+        // A touch count far beyond the bytes that follow is refused before allocating.
+        let mut b = vec![2];
+        b.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(Request::decode(&b), Err(WireError::Truncated));
+        assert_eq!(Request::decode(&[99]), Err(WireError::Unknown(99)));
+        assert_eq!(Reply::decode(&[99]), Err(WireError::Unknown(99)));
+    }
+
+    #[test]
+    fn a_long_error_message_is_cut_on_a_character_boundary() {
+        let msg = "é".repeat(MAX_FRAME);
+        let frame = Reply::Failed(msg).encode();
+        assert!(frame.len() <= MAX_FRAME + 4);
+        assert!(matches!(Reply::decode(body(&frame)), Ok(Reply::Failed(m)) if m.starts_with('é')));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Request::decode(&bytes);
+            let _ = Reply::decode(&bytes);
+        }
+
+        #[test]
+        fn bit_flips_give_an_error_or_another_valid_message(i in 0usize..64, bit in 0u8..8) {
+            for req in requests() {
+                let mut frame = req.encode();
+                let n = 4 + i % (frame.len() - 4);
+                frame[n] ^= 1 << bit;
+                if let Ok(other) = Request::decode(&frame[4..]) {
+                    prop_assert_eq!(Request::decode(&other.encode()[4..]), Ok(other));
+                }
+            }
+        }
+    }
+}
