@@ -409,7 +409,15 @@ impl TwoChannels {
         make_tree(&src_a, a.0, a.1, a.2);
         make_tree(&src_b, b.0, b.1, b.2);
         let state = |n: &str| tmp.path().join(n);
-        let srv_a = start_server(&lab, &src_a, CHANNEL_A, &state("state-a"), &[]);
+        let srv_a = start_server_at(
+            &lab,
+            "srv",
+            &src_a,
+            CHANNEL_A,
+            &state("state-a"),
+            &[],
+            &[("RUST_LOG", "info,lcfs::serve::sender=debug")],
+        );
         let srv_b = start_server_at(
             &lab,
             "c2",
@@ -417,7 +425,7 @@ impl TwoChannels {
             CHANNEL_B,
             &state("state-b"),
             b_args,
-            &[],
+            &[("RUST_LOG", "info,lcfs::serve::sender=debug")],
         );
         let two = TwoChannels {
             cache: tmp.path().join("cache"),

@@ -7,6 +7,7 @@
 //! client reads object files itself and never returns unverified bytes; everything that
 //! changes the index goes to the owner.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,11 +20,12 @@ use tracing::{debug, info, warn};
 use crate::memory::MemLru;
 use crate::open::try_lock_dir;
 use crate::owned::Owned;
+use crate::shared::claims::OWNER;
 use crate::shared::client::{CallError, Client, ConnectError};
 use crate::shared::server::Service;
-use crate::shared::wire::{Reply, Request, MAX_TOUCHED};
+use crate::shared::wire::{Reply, Request, MAX_COMMIT, MAX_TOUCHED};
 use crate::shared::{owner_pid, SockAddr};
-use crate::store::{create_private_dir, discard, make_private, Read, Store};
+use crate::store::{create_private_dir, discard, make_private, Read, Store, TempObject};
 use crate::{CacheConfig, CacheError, Usage, Verified};
 
 /// How long an open waits for an owner that holds the lock but does not answer yet (it may be
@@ -49,6 +51,8 @@ struct Shared {
     store: Store,
     /// A client's memory LRU and uses not yet told to the owner.
     hot: Mutex<ClientHot>,
+    /// Fetch claims this process holds as a client (see [`Cache::claim_fetch`]).
+    claimed: Mutex<HashSet<Hash>>,
 }
 
 enum Role {
@@ -96,6 +100,7 @@ impl Cache {
                     memory,
                     touched: Vec::new(),
                 }),
+                claimed: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -164,34 +169,116 @@ impl Cache {
 
     /// Stores the object (a no-op if present), then evicts down to the quota.
     pub fn insert(&self, obj: &Verified) -> Result<(), CacheError> {
+        self.insert_all(std::slice::from_ref(obj))
+    }
+
+    /// Stores the objects (those present are no-ops), then evicts down to the quota. A
+    /// process sharing the cache hands them to the owner in one request. On an error some
+    /// may be stored and others not; it names the first failure.
+    pub fn insert_all(&self, objs: &[Verified]) -> Result<(), CacheError> {
         if let Role::Owner(o) = &*self.inner.role.read() {
-            return o.owned.insert(obj);
+            return objs
+                .iter()
+                .map(|obj| o.owned.insert(obj))
+                .fold(Ok(()), Result::and);
         }
-        if self.inner.store.exists(obj.hash()) {
-            let batch = {
-                let mut hot = self.inner.hot.lock();
-                hot.memory.put(obj);
-                hot.touch(obj.hash())
-            };
-            self.send_touched(batch);
-            return Ok(());
+        let mut temps = Vec::new();
+        let mut result = Ok(());
+        for obj in objs {
+            if self.inner.store.exists(obj.hash()) {
+                self.release_fetch(obj.hash());
+                self.remember(obj);
+                continue;
+            }
+            match self.inner.store.write_temp(obj) {
+                Ok(temp) => temps.push((obj, temp)),
+                Err(e) => result = result.and(Err(e)),
+            }
         }
-        let temp = self.inner.store.write_temp(obj)?;
-        let name = temp.name().to_owned();
-        let request = Request::Commit {
-            hash: *obj.hash(),
-            temp: name.clone(),
+        for chunk in temps.chunks(MAX_COMMIT) {
+            result = result.and(self.commit(chunk));
+        }
+        for (obj, temp) in temps {
+            // Gone if it was committed; ours to remove if not.
+            discard(temp);
+            if self.inner.claimed.lock().contains(obj.hash()) {
+                self.release_fetch(obj.hash());
+            }
+        }
+        result
+    }
+
+    /// Asks the owner to take written temp files as objects.
+    fn commit(&self, temps: &[(&Verified, TempObject)]) -> Result<(), CacheError> {
+        let list: Vec<(Hash, String)> = temps
+            .iter()
+            .map(|(obj, temp)| (*obj.hash(), temp.name().to_owned()))
+            .collect();
+        let request = Request::Commit(list.clone());
+        self.call(&request, expect_done, |o| {
+            list.iter()
+                .map(|(hash, name)| o.commit_temp(name, hash))
+                .fold(Ok(()), Result::and)
+        })?;
+        let mut claimed = self.inner.claimed.lock();
+        let mut hot = self.inner.hot.lock();
+        for (obj, _) in temps {
+            // Storing it ended our claim at the owner.
+            claimed.remove(obj.hash());
+            hot.memory.put(obj);
+        }
+        Ok(())
+    }
+
+    /// Keeps an object in the memory LRU and records its use.
+    fn remember(&self, obj: &Verified) {
+        let batch = {
+            let mut hot = self.inner.hot.lock();
+            hot.memory.put(obj);
+            hot.touch(obj.hash())
         };
-        let committed = self.call(&request, expect_done, |o| o.commit_temp(&name, obj.hash()));
-        match committed {
-            Ok(()) => {
-                self.inner.hot.lock().memory.put(obj);
-                Ok(())
-            }
-            Err(e) => {
-                discard(temp);
-                Err(e)
-            }
+        self.send_touched(batch);
+    }
+
+    /// Claims the fetch of `hash` before joining its group: true if no other process sharing
+    /// the cache is fetching it (the claim lasts until this process stores the object, calls
+    /// [`Cache::release_fetch`], or exits); false if another is, and this process should
+    /// wait for the object to appear in the cache instead. If the owner cannot be asked, the
+    /// answer is true: a duplicate fetch costs bytes, a wait on nobody would cost the reader.
+    pub fn claim_fetch(&self, hash: &Hash) -> bool {
+        let expect_claimed = |reply| match reply {
+            Reply::Claimed(granted) => Ok(granted),
+            other => Err(other),
+        };
+        let granted = self
+            .call(&Request::Claim(*hash), expect_claimed, |o| {
+                Ok(o.claims.claim(hash, OWNER))
+            })
+            .unwrap_or_else(|e| {
+                debug!("fetch claim not answered: {e}");
+                true
+            });
+        if granted && !self.is_owner() {
+            self.inner.claimed.lock().insert(*hash);
+        }
+        granted
+    }
+
+    /// Gives up a claim of [`Cache::claim_fetch`] (the fetch failed or was abandoned); a
+    /// no-op without one.
+    pub fn release_fetch(&self, hash: &Hash) {
+        if let Role::Owner(o) = &*self.inner.role.read() {
+            return o.owned.claims.release(hash, OWNER);
+        }
+        if !self.inner.claimed.lock().remove(hash) {
+            return;
+        }
+        let released = self.call(&Request::Release(*hash), expect_done, |o| {
+            o.claims.release(hash, OWNER);
+            Ok(())
+        });
+        if let Err(e) = released {
+            debug!("fetch claim not released: {e}");
         }
     }
 

@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 use crate::index::{parse_lru_key, Entry, Index, Lookup, Totals};
 use crate::memory::MemLru;
 use crate::open::{open_index, write_clean_mark, Recovered};
+use crate::shared::claims::Claims;
 use crate::store::{discard, make_private, Read, Store, TempObject};
 use crate::{CacheConfig, CacheError, Usage, Verified};
 
@@ -40,6 +41,8 @@ pub(crate) struct Owned {
     hot: Mutex<Hot>,
     /// Set when an operation failed halfway; the close is then left unclean.
     damaged: AtomicBool,
+    /// Objects being fetched by some process sharing the cache.
+    pub(crate) claims: Claims,
     /// Dropped last, so the directory stays locked until the index is closed.
     _lock: File,
 }
@@ -95,6 +98,7 @@ impl Owned {
                 clock,
             }),
             damaged: AtomicBool::new(false),
+            claims: Claims::default(),
             _lock: lock,
         };
         owned.evict_over_quota(&mut owned.write.lock())?;
@@ -150,6 +154,7 @@ impl Owned {
     /// Stores the object (a no-op if present), then evicts down to the quota.
     pub(crate) fn insert(&self, obj: &Verified) -> Result<(), CacheError> {
         if let Lookup::Found(_) = self.index.lookup(obj.hash())? {
+            self.claims.stored(obj.hash());
             let batch_full = self.hot.lock().remember(obj);
             self.persist_if(batch_full);
             return Ok(());
@@ -178,10 +183,12 @@ impl Owned {
         let mut totals = self.write.lock();
         if let Lookup::Found(_) = self.index.lookup(hash)? {
             discard(temp);
+            self.claims.stored(hash);
             return Ok(());
         }
         let disk_size = temp.disk_size;
         self.store.commit(temp, hash)?;
+        self.claims.stored(hash);
         self.index_new(hash, disk_size, &mut totals)?;
         self.evict_over_quota(&mut totals)
     }

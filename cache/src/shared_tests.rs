@@ -189,10 +189,7 @@ fn hostile_requests_fail_alone() {
     let mut s = UnixStream::connect(&sock).unwrap();
     fs::write(dir.path().join("victim"), b"x").unwrap();
     for temp in ["../victim", "/etc/passwd", "1-2/../../victim", ""] {
-        let req = Request::Commit {
-            hash: *obj(1).hash(),
-            temp: temp.into(),
-        };
+        let req = Request::Commit(vec![(*obj(1).hash(), temp.into())]);
         assert!(
             matches!(raw_call(&mut s, &req.encode()), Ok(Reply::Failed(_))),
             "{temp}"
@@ -212,4 +209,32 @@ fn hostile_requests_fail_alone() {
     let client = open(dir.path(), None, 0);
     client.insert(&obj(2)).unwrap();
     assert!(owner.contains(obj(2).hash()));
+}
+
+#[test]
+fn a_fetch_is_claimed_by_one_process_until_stored_released_or_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (owner, client) = pair(dir.path(), None);
+    let (x, y) = (obj(1), obj(2));
+    assert!(owner.claim_fetch(x.hash()));
+    assert!(!client.claim_fetch(x.hash()), "the owner is fetching it");
+    owner.insert(&x).unwrap();
+    assert!(client.claim_fetch(x.hash()), "stored: the claim ended");
+    client.insert(&x).unwrap();
+    assert!(client.claim_fetch(y.hash()));
+    assert!(!owner.claim_fetch(y.hash()));
+    client.release_fetch(y.hash());
+    assert!(owner.claim_fetch(y.hash()));
+    owner.release_fetch(y.hash());
+    // A client that goes away gives up its claims.
+    assert!(client.claim_fetch(y.hash()));
+    drop(client);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !owner.claim_fetch(y.hash()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "claim of a closed client kept"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }

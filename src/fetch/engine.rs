@@ -8,8 +8,18 @@
 //! [`Fetcher::handle_new_generation`] puts every pending fetch in doubt (see
 //! [`super::object`]): what the server no longer sends fails as stale within `stale_after`
 //! instead of `timeout`.
+//!
+//! Processes sharing a cache coordinate through it: before joining an object's group the
+//! engine claims the object ([`Cache::claim_fetch`]); if another process holds the claim, the
+//! fetch keeps its place in the window without a group and ends when that process stores the
+//! object, so one object wanted by several processes is joined, sent and decoded once (three
+//! processes reading one small-file tree cost its server 1.39 times the tree without this,
+//! 1.11 with it, as much as one process). Three threads keep the receive thread from ever
+//! waiting on another process or the disk: it decodes and leaves; a claim thread asks the
+//! cache's owner about claims; a store thread writes what was fetched, in batches, and then
+//! answers the waiters (so a reader that gets an object finds it in the cache, to pin it).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv6Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,6 +63,22 @@ pub const ROOT_WATCH_REJOIN: Duration = Duration::from_secs(1);
 /// How often joined fetches are looked up in the cache, which other processes may have
 /// filled: a stat per joined object, and a leave within this of the other process's store.
 const CACHED_ELSEWHERE_PROBE: Duration = Duration::from_millis(100);
+
+/// Completed objects waiting to be stored: as many as `State::recent` keeps, so that a request
+/// for one of them finds it there.
+const STORE_QUEUE: usize = 64;
+
+/// How often fetches waiting for another process are looked up in the cache: a stat each.
+const ELSEWHERE_PROBE: Duration = Duration::from_millis(5);
+
+/// How long a fetch waits for another process that holds its claim before joining anyway
+/// (that process may be stopped). Joining earlier gains nothing, since the server sends
+/// in its own order, but costs: a late joiner lacks the round under way and makes the
+/// server send another.
+const ELSEWHERE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// How often a fetch waiting for another process asks whether the claim is free again.
+const CLAIM_RECHECK: Duration = Duration::from_millis(100);
 
 /// Root records queued for a watcher that is slow to take them; more are dropped (a flood
 /// of forged records must not grow memory; the server repeats its record every 25 ms).
@@ -119,10 +145,37 @@ pub struct HeardRoot {
     pub from: Ipv6Addr,
 }
 
+/// Where a pending fetch stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for room in the window.
+    Queued,
+    /// In the window, asking the cache's owner whether another process fetches it (on
+    /// the claim thread, so that the receive thread never waits on another process).
+    Claiming { since: Instant },
+    /// Its group is joined and its symbols decoded.
+    Joined,
+    /// Another process sharing the cache claimed it (see [`Cache::claim_fetch`]): it holds
+    /// a place in the window but no group, and ends when that process stores the object;
+    /// the claim is asked for again every [`CLAIM_RECHECK`], and after [`ELSEWHERE_PATIENCE`]
+    /// the group is joined anyway.
+    Elsewhere { since: Instant, recheck: Instant },
+}
+
+/// The answer to a claim (see [`Inner::ask_claim`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Claim {
+    Granted,
+    /// Another process is fetching the object.
+    Elsewhere,
+    /// The object is in the cache already.
+    Cached,
+}
+
 struct Pending {
     fetch: ObjectFetch,
     group: Ipv6Addr,
-    joined: bool,
+    phase: Phase,
     priority: Priority,
     seq: u64,
     waiters: Vec<Waiter>,
@@ -152,7 +205,10 @@ struct State {
     pending: HashMap<Tag, Pending>,
     /// Not yet joined, in priority order: (priority, arrival) -> tag.
     queue: BTreeMap<(Priority, u64), Tag>,
+    /// Places taken in the window: fetches joined or waiting for another process.
     joined: usize,
+    /// The fetches in [`Phase::Elsewhere`].
+    elsewhere: HashSet<Tag>,
     seq: u64,
     watch: Option<RootWatch>,
     /// Whether the root group is joined (for waiters or watchers).
@@ -177,6 +233,7 @@ impl Default for State {
             pending: HashMap::new(),
             queue: BTreeMap::new(),
             joined: 0,
+            elsewhere: HashSet::new(),
             seq: 0,
             watch: None,
             root_joined: false,
@@ -205,6 +262,8 @@ struct Inner {
     state: Mutex<State>,
     stats: FetchStats,
     shutdown: AtomicBool,
+    /// Claims to ask the cache's owner about (see [`Inner::claim_loop`]).
+    claimer: std::sync::OnceLock<std::sync::mpsc::Sender<(Tag, blake3::Hash)>>,
 }
 
 /// A handle to the fetch engine of one channel; clone it freely.
@@ -266,6 +325,7 @@ impl Fetcher {
             state: Mutex::new(state),
             stats: FetchStats::default(),
             shutdown: AtomicBool::new(false),
+            claimer: std::sync::OnceLock::new(),
         });
         let worker = inner.clone();
         let handle = std::thread::Builder::new()
@@ -327,7 +387,7 @@ impl Fetcher {
         let mut rejoin = Vec::new();
         for p in st.pending.values_mut() {
             p.fetch.handle_doubt(now);
-            if p.joined {
+            if p.phase == Phase::Joined {
                 p.fetch.handle_joined(now);
                 rejoin.push(p.group);
             }
@@ -452,7 +512,7 @@ impl Inner {
             if freshness == Freshness::Current {
                 p.fetch.handle_vouched();
             }
-            if priority < p.priority && !p.joined {
+            if priority < p.priority && p.phase == Phase::Queued {
                 let old = (p.priority, p.seq);
                 p.priority = priority;
                 let key = (priority, p.seq);
@@ -473,7 +533,7 @@ impl Inner {
             Pending {
                 fetch,
                 group: addr.group,
-                joined: false,
+                phase: Phase::Queued,
                 priority,
                 seq,
                 waiters: waiter.into_iter().collect(),
@@ -530,7 +590,7 @@ impl Inner {
             let tag = st.on_air[i];
             i += 1;
             let key = match st.pending.get(&tag) {
-                Some(p) if !p.joined => (p.priority, p.seq),
+                Some(p) if p.phase == Phase::Queued => (p.priority, p.seq),
                 _ => continue,
             };
             st.queue.remove(&key);
@@ -552,15 +612,102 @@ impl Inner {
     /// How long a beacon's list is worth following.
     const AIR_FRESH: Duration = Duration::from_millis(200);
 
+    /// Gives `tag` a place in the window: joins its group, unless another process sharing
+    /// the cache is fetching it already.
     fn join(&self, st: &mut State, tag: Tag) {
+        if !st.pending.contains_key(&tag) {
+            return;
+        }
+        let now = Instant::now();
+        st.joined += 1;
+        self.claim(st, tag, now, now);
+    }
+
+    /// Claims the fetch of `tag` (see [`Cache::claim_fetch`]), which has had a place in the
+    /// window since `since`: at once if this process owns the cache (a table in memory), else
+    /// on the claim thread; without a claim thread it is joined unclaimed.
+    fn claim(&self, st: &mut State, tag: Tag, since: Instant, now: Instant) {
         let Some(p) = st.pending.get_mut(&tag) else {
             return;
         };
-        p.joined = true;
-        p.fetch.handle_started(Instant::now());
+        let hash = p.fetch.want().hash;
+        if self.cache.is_owner() {
+            let answer = self.ask_claim(&hash);
+            return self.claimed(st, tag, since, answer, now);
+        }
+        match self.claimer.get() {
+            Some(tx) if tx.send((tag, hash)).is_ok() => p.phase = Phase::Claiming { since },
+            _ => self.join_group(st, tag, now),
+        }
+    }
+
+    /// Asks for the claim of `hash`; an object stored meanwhile (the claim of the process
+    /// that stored it ended with the store) is not fetched again, and its claim is given back.
+    fn ask_claim(&self, hash: &blake3::Hash) -> Claim {
+        if !self.cache.claim_fetch(hash) {
+            return Claim::Elsewhere;
+        }
+        if self.cache.contains(hash) {
+            self.cache.release_fetch(hash);
+            return Claim::Cached;
+        }
+        Claim::Granted
+    }
+
+    /// Applies the answer to a claim: join, or wait for the process that has it (or for the
+    /// next look into the cache, which has it).
+    fn claimed(&self, st: &mut State, tag: Tag, since: Instant, answer: Claim, now: Instant) {
+        if answer == Claim::Granted {
+            return self.join_group(st, tag, now);
+        }
+        if let Some(p) = st.pending.get_mut(&tag) {
+            p.phase = Phase::Elsewhere {
+                since,
+                recheck: now + CLAIM_RECHECK,
+            };
+            st.elsewhere.insert(tag);
+        }
+    }
+
+    /// The claim thread: asks the cache's owner about claims, so that the receive thread
+    /// never waits on another process.
+    fn claim_loop(&self, rx: &std::sync::mpsc::Receiver<(Tag, blake3::Hash)>) {
+        while !self.shutdown.load(Ordering::Relaxed) {
+            let Ok(first) = rx.recv_timeout(Duration::from_millis(100)) else {
+                continue;
+            };
+            let asked: Vec<(Tag, blake3::Hash)> =
+                std::iter::once(first).chain(rx.try_iter()).collect();
+            let answers: Vec<Claim> = asked.iter().map(|(_, h)| self.ask_claim(h)).collect();
+            let now = Instant::now();
+            let mut unwanted = Vec::new();
+            {
+                let mut st = self.lock();
+                for (&(tag, hash), answer) in asked.iter().zip(answers) {
+                    match st.pending.get(&tag).map(|p| p.phase) {
+                        Some(Phase::Claiming { since }) => {
+                            self.claimed(&mut st, tag, since, answer, now)
+                        }
+                        // Ended meanwhile (found in the cache): give the claim back.
+                        _ if answer == Claim::Granted => unwanted.push(hash),
+                        _ => {}
+                    }
+                }
+                self.flush(&mut st, now);
+            }
+            unwanted.iter().for_each(|h| self.cache.release_fetch(h));
+        }
+    }
+
+    fn join_group(&self, st: &mut State, tag: Tag, now: Instant) {
+        let Some(p) = st.pending.get_mut(&tag) else {
+            return;
+        };
+        p.phase = Phase::Joined;
+        p.fetch.handle_started(now);
         let group = p.group;
-        st.joined += 1;
-        st.members.push(Instant::now(), group, true);
+        st.elsewhere.remove(&tag);
+        st.members.push(now, group, true);
     }
 
     /// Applies queued membership changes if their batch is due, and reports them without
@@ -595,13 +742,52 @@ impl Inner {
         }
     }
 
+    /// The receive loop. Completed objects go to a second thread that stores them and then
+    /// answers their waiters, so that the cache write (a file, and for a process sharing the
+    /// cache a message to its owner) never holds up decoding, leaves and joins.
     fn run(self: Arc<Self>) {
+        let (store_tx, store_rx) = std::sync::mpsc::sync_channel(STORE_QUEUE);
+        let (claim_tx, claim_rx) = std::sync::mpsc::channel();
+        let _ = self.claimer.set(claim_tx);
+        let this = &*self;
+        std::thread::scope(|scope| {
+            let claims = std::thread::Builder::new()
+                .name("lcfs-claims".into())
+                .spawn_scoped(scope, move || this.claim_loop(&claim_rx));
+            if let Err(e) = claims {
+                tracing::warn!("fetches are not coordinated with other lcfs processes: {e}");
+            }
+            let storer = std::thread::Builder::new()
+                .name("lcfs-store".into())
+                .spawn_scoped(scope, move || {
+                    while let Ok(first) = store_rx.recv() {
+                        let more = store_rx.try_iter().take(STORE_QUEUE);
+                        this.complete(std::iter::once(first).chain(more).collect());
+                    }
+                });
+            if let Err(e) = storer {
+                tracing::error!("cannot start the thread that stores fetched objects: {e}");
+                return;
+            }
+            this.receive(&store_tx);
+            drop(store_tx);
+        });
+        self.fail_all(FetchError::Closed);
+    }
+
+    fn receive(&self, store: &std::sync::mpsc::SyncSender<(Verified, Vec<Waiter>)>) {
         let mut batch = RecvBatch::new(64, 65536);
         let mut last_tick = Instant::now();
         let mut last_probe = last_tick;
+        let mut last_elsewhere = last_tick;
         while !self.shutdown.load(Ordering::Relaxed) {
             match recv_batch(&self.socket, &mut batch) {
-                Ok(_) => self.handle_batch(&mut batch),
+                Ok(_) => {
+                    for done in self.handle_batch(&mut batch) {
+                        // Blocks only while the disk is this far behind: back pressure.
+                        let _ = store.send(done);
+                    }
+                }
                 Err(e) => {
                     tracing::warn!("receiving on {} failed: {e}", self.iface.name);
                     std::thread::sleep(Duration::from_millis(50));
@@ -610,7 +796,11 @@ impl Inner {
             let now = Instant::now();
             if now.duration_since(last_probe) >= CACHED_ELSEWHERE_PROBE {
                 last_probe = now;
-                self.take_cached_elsewhere();
+                self.take_cached_elsewhere(false);
+            }
+            if now.duration_since(last_elsewhere) >= ELSEWHERE_PROBE {
+                last_elsewhere = now;
+                self.poll_elsewhere(now);
             }
             if now.duration_since(last_tick) >= Duration::from_millis(20) {
                 last_tick = now;
@@ -619,10 +809,10 @@ impl Inner {
                 self.flush(&mut self.lock(), now);
             }
         }
-        self.fail_all(FetchError::Closed);
     }
 
-    fn handle_batch(&self, batch: &mut RecvBatch) {
+    /// Handles received datagrams; returns the objects they completed, with their waiters.
+    fn handle_batch(&self, batch: &mut RecvBatch) -> Vec<(Verified, Vec<Waiter>)> {
         let now = Instant::now();
         let seal = self.channel.seal();
         let mut done = Vec::new();
@@ -664,12 +854,12 @@ impl Inner {
                     }
                 }
             }
+            // Leaves first: admitting may wait on claims (see `join`).
+            self.flush(&mut st, now);
             self.admit(&mut st);
             self.flush(&mut st, now);
         }
-        for (v, waiters) in done {
-            self.complete(v, waiters);
-        }
+        done
     }
 
     fn handle_symbol(
@@ -681,7 +871,11 @@ impl Inner {
         esi: u32,
         data: &[u8],
     ) -> Option<(Verified, Vec<Waiter>)> {
-        let Some(p) = st.pending.get_mut(&tag).filter(|p| p.joined) else {
+        let Some(p) = st
+            .pending
+            .get_mut(&tag)
+            .filter(|p| p.phase == Phase::Joined)
+        else {
             self.stats.unexpected.fetch_add(1, Ordering::Relaxed);
             return None;
         };
@@ -726,59 +920,107 @@ impl Inner {
         self.update_root_membership(st, now);
     }
 
-    fn complete(&self, v: Verified, waiters: Vec<Waiter>) {
-        tracing::trace!(hash = %&v.hash().to_hex()[..12], len = v.len(), "fetched");
-        self.stats.objects_fetched.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .bytes_fetched
-            .fetch_add(v.len() as u64, Ordering::Relaxed);
-        if let Err(e) = self.cache.insert(&v) {
-            tracing::warn!("cannot store object {} in the cache: {e}", v.hash());
+    /// Stores fetched objects (in one request to the cache's owner when it is another
+    /// process), then hands them to their waiters: a reader that gets an object can pin it.
+    fn complete(&self, done: Vec<(Verified, Vec<Waiter>)>) {
+        let objects: Vec<Verified> = done.iter().map(|(v, _)| v.clone()).collect();
+        for v in &objects {
+            tracing::trace!(hash = %&v.hash().to_hex()[..12], len = v.len(), "fetched");
+            self.stats.objects_fetched.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .bytes_fetched
+                .fetch_add(v.len() as u64, Ordering::Relaxed);
         }
-        for w in waiters {
-            let _ = w.send(Ok(v.clone()));
+        if let Err(e) = self.cache.insert_all(&objects) {
+            tracing::warn!("cannot store fetched objects in the cache: {e}");
+        }
+        for (v, waiters) in done {
+            for w in waiters {
+                let _ = w.send(Ok(v.clone()));
+            }
         }
     }
 
-    /// Ends the joined fetches whose object another process sharing the cache has stored
-    /// meanwhile: its waiters get it from the cache and its group is left, so that two
-    /// commands wanting one object cost the server one transfer, not one each.
-    fn take_cached_elsewhere(&self) {
-        let joined: Vec<(Tag, blake3::Hash)> = {
+    /// Ends the fetches (waiting for another process if `waiting`, else joined) whose object
+    /// another process sharing the cache has stored meanwhile: their waiters get it from the
+    /// cache and joined groups are left. Waiting fetches end this way; joined ones rarely
+    /// (a claim lost with a dead owner).
+    fn take_cached_elsewhere(&self, waiting: bool) {
+        let candidates: Vec<(Tag, blake3::Hash)> = {
             let st = self.lock();
-            st.pending
-                .iter()
-                .filter(|(_, p)| p.joined)
-                .map(|(tag, p)| (*tag, p.fetch.want().hash))
-                .collect()
+            let want = |(tag, p): (&Tag, &Pending)| (*tag, p.fetch.want().hash);
+            if waiting {
+                let of = |tag: &Tag| st.pending.get_key_value(tag).map(want);
+                st.elsewhere.iter().filter_map(of).collect()
+            } else {
+                let joined = |e: &(&Tag, &Pending)| e.1.phase == Phase::Joined;
+                st.pending.iter().filter(joined).map(want).collect()
+            }
         };
-        for (tag, hash) in joined {
+        for (tag, hash) in candidates {
             if !self.cache.contains(&hash) {
                 continue;
             }
             // Read (and re-hashed) outside the state lock; a file evicted meanwhile is
             // simply fetched on.
-            let Ok(Some(v)) = self.cache.get(&hash) else {
-                continue;
-            };
-            let waiters = {
-                let mut st = self.lock();
-                let Some(p) = st.pending.remove(&tag) else {
-                    continue;
-                };
-                st.joined -= 1;
-                st.members.push(Instant::now(), p.group, false);
-                st.recent.put(tag, v.clone());
-                p.waiters
-            };
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .bytes_cached
-                .fetch_add(v.len() as u64, Ordering::Relaxed);
-            for w in waiters {
-                let _ = w.send(Ok(v.clone()));
+            if let Ok(Some(v)) = self.cache.get(&hash) {
+                self.finish_from_cache(tag, v);
             }
         }
+    }
+
+    /// Completes the pending fetch `tag` with `v`, found in the cache.
+    fn finish_from_cache(&self, tag: Tag, v: Verified) {
+        let waiters = {
+            let mut st = self.lock();
+            let Some(p) = st.pending.remove(&tag) else {
+                return;
+            };
+            st.elsewhere.remove(&tag);
+            if p.phase == Phase::Joined {
+                st.members.push(Instant::now(), p.group, false);
+                self.cache.release_fetch(v.hash());
+            }
+            if p.phase != Phase::Queued {
+                st.joined -= 1;
+            }
+            st.recent.put(tag, v.clone());
+            p.waiters
+        };
+        self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_cached
+            .fetch_add(v.len() as u64, Ordering::Relaxed);
+        for w in waiters {
+            let _ = w.send(Ok(v.clone()));
+        }
+    }
+
+    /// Fetches waiting for another process: taken from the cache once stored there; joined
+    /// when the claim becomes ours (that process gave up or died) or after `stale_after`.
+    fn poll_elsewhere(&self, now: Instant) {
+        if self.lock().elsewhere.is_empty() {
+            return;
+        }
+        self.take_cached_elsewhere(true);
+        let mut st = self.lock();
+        let due: Vec<(Tag, Instant)> = st
+            .elsewhere
+            .iter()
+            .filter_map(|tag| match st.pending.get(tag).map(|p| p.phase) {
+                Some(Phase::Elsewhere { since, recheck }) if now >= recheck => Some((*tag, since)),
+                _ => None,
+            })
+            .collect();
+        for (tag, since) in due {
+            if now.duration_since(since) >= ELSEWHERE_PATIENCE {
+                self.join_group(&mut st, tag, now);
+            } else {
+                st.elsewhere.remove(&tag);
+                self.claim(&mut st, tag, since, now);
+            }
+        }
+        self.flush(&mut st, now);
     }
 
     /// Timers: rejoin stalled groups, fail fetches that timed out or went stale.
@@ -791,7 +1033,11 @@ impl Inner {
         let mut failed = Vec::new();
         let mut rejoin = Vec::new();
         let mut st = self.lock();
-        for (tag, p) in st.pending.iter_mut().filter(|(_, p)| p.joined) {
+        for (tag, p) in st
+            .pending
+            .iter_mut()
+            .filter(|(_, p)| p.phase == Phase::Joined)
+        {
             match p.fetch.poll_action(now, &timers) {
                 Action::Wait => {}
                 Action::Rejoin => {
@@ -822,7 +1068,11 @@ impl Inner {
             return;
         };
         st.joined -= 1;
-        st.members.push(Instant::now(), p.group, false);
+        st.elsewhere.remove(&tag);
+        if p.phase == Phase::Joined {
+            st.members.push(Instant::now(), p.group, false);
+            self.cache.release_fetch(&p.fetch.want().hash);
+        }
         let what = format!("object {}", &p.fetch.want().hash.to_hex()[..16]);
         let err = if stale {
             self.stats.stale.fetch_add(1, Ordering::Relaxed);

@@ -15,10 +15,11 @@
 //! (the index's crash recovery adopts files committed but not yet written to the index). A
 //! client never waits on a dead owner: a stale socket is replaced by whoever holds the lock.
 //!
-//! Each process keeps its own fetch engine: multicast delivers a group's packets once to the
-//! machine for every process that joined it, so an object several processes want at once costs
-//! the server one transfer; an engine that sees another process commit an object it is
-//! fetching takes it from the cache and leaves the group.
+//! Each process keeps its own fetch engine. Before joining an object's group an engine claims
+//! the object ([`claims`]); if another process holds the claim, it waits for that process to
+//! store the object instead of joining, so an object several processes want at once is
+//! joined, sent and decoded once. An engine that sees another process store an object it is
+//! fetching anyway (a claim lost with a dead owner) takes it from the cache and leaves.
 //!
 //! Security: the directory is 0700 and must be ours; the socket is 0600, must be a socket we
 //! own, and both ends check the peer's uid (`SO_PEERCRED`) against their own: no user can
@@ -26,6 +27,7 @@
 //! issue 10; the alternative, a separate daemon owning cache and engines, would put every
 //! read of a mount behind a socket and make one process's crash everyone's.)
 
+pub(crate) mod claims;
 pub(crate) mod client;
 pub(crate) mod server;
 pub(crate) mod wire;

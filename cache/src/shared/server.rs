@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use parking_lot::Mutex;
 use tracing::{debug, warn};
 
+use super::claims::Holder;
 use super::wire::{frame_len, Reply, Request};
 use super::{euid, peer, SockAddr};
 use crate::owned::Owned;
@@ -136,15 +137,18 @@ fn readable(fd: i32) -> bool {
 }
 
 fn serve_client(stream: UnixStream, owned: Arc<Owned>, conns: &Arc<Conns>) -> io::Result<()> {
-    let id = conns.next.fetch_add(1, Ordering::Relaxed);
+    // Holder 0 is the owner itself.
+    let id = conns.next.fetch_add(1, Ordering::Relaxed) + 1;
     conns.open.lock().insert(id, stream.try_clone()?);
     let mine = conns.clone();
     let thread = std::thread::Builder::new()
         .name("lcfs-cache-client".into())
         .spawn(move || {
-            if let Err(e) = answer_all(stream, &owned) {
+            if let Err(e) = answer_all(stream, &owned, id) {
                 debug!("cache client connection ended: {e}");
             }
+            // A client that went away fetches nothing any more.
+            owned.claims.release_all(id);
             mine.open.lock().remove(&id);
         })?;
     let mut threads = conns.threads.lock();
@@ -154,7 +158,7 @@ fn serve_client(stream: UnixStream, owned: Arc<Owned>, conns: &Arc<Conns>) -> io
 }
 
 /// Answers one client's requests until it hangs up or sends a bad frame.
-fn answer_all(mut stream: UnixStream, owned: &Owned) -> io::Result<()> {
+fn answer_all(mut stream: UnixStream, owned: &Owned, holder: Holder) -> io::Result<()> {
     loop {
         let mut header = [0; 4];
         match stream.read_exact(&mut header) {
@@ -165,12 +169,12 @@ fn answer_all(mut stream: UnixStream, owned: &Owned) -> io::Result<()> {
         let mut body = vec![0; len];
         stream.read_exact(&mut body)?;
         let request = Request::decode(&body).map_err(io::Error::other)?;
-        stream.write_all(&answer(owned, request).encode())?;
+        stream.write_all(&answer(owned, holder, request).encode())?;
     }
 }
 
-/// What the owner answers a request.
-pub(crate) fn answer(owned: &Owned, request: Request) -> Reply {
+/// What the owner answers a request of a client.
+fn answer(owned: &Owned, holder: Holder, request: Request) -> Reply {
     let done = |r: Result<(), CacheError>| match r {
         Ok(()) => Reply::Done,
         Err(CacheError::NotCached { hash, .. }) => Reply::NotCached(hash),
@@ -181,7 +185,13 @@ pub(crate) fn answer(owned: &Owned, request: Request) -> Reply {
         Err(e) => Reply::Failed(e.to_string()),
     };
     match request {
-        Request::Commit { hash, temp } => done(owned.commit_temp(&temp, &hash)),
+        Request::Commit(objects) => {
+            // Each is committed on its own; the first failure is the answer.
+            let results = objects
+                .iter()
+                .map(|(hash, temp)| owned.commit_temp(temp, hash));
+            done(results.fold(Ok(()), Result::and))
+        }
         Request::Touched(hashes) => {
             owned.touch_all(&hashes);
             Reply::Done
@@ -198,5 +208,10 @@ pub(crate) fn answer(owned: &Owned, request: Request) -> Reply {
         Request::GetPublisher(channel) => bytes(owned.get_publisher(&channel)),
         Request::Usage => Reply::Usage(owned.usage()),
         Request::Flush => done(owned.flush()),
+        Request::Claim(hash) => Reply::Claimed(owned.claims.claim(&hash, holder)),
+        Request::Release(hash) => {
+            owned.claims.release(&hash, holder);
+            Reply::Done
+        }
     }
 }

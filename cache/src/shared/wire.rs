@@ -13,21 +13,23 @@ use blake3::Hash;
 
 use crate::Usage;
 
-/// The largest frame either side sends or accepts. A batch of touches is the largest
-/// request (4096 hashes, 128 KiB); root records are a few hundred bytes.
+/// The largest frame either side sends or accepts. Batches of touches and commits are the
+/// largest requests (a commit takes about 60 bytes an object); root records are a few
+/// hundred bytes.
 pub(crate) const MAX_FRAME: usize = 1 << 20;
 
 /// The most hashes one `Touched` frame carries.
 pub(crate) const MAX_TOUCHED: usize = (MAX_FRAME - 5) / 32;
 
+/// The most objects one `Commit` frame carries (temp names are under 45 bytes).
+pub(crate) const MAX_COMMIT: usize = 8192;
+
 /// What a client asks of the owner.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Request {
-    /// Index the fully written file `tmp/<temp>` as the object `hash`.
-    Commit {
-        hash: Hash,
-        temp: String,
-    },
+    /// Index each fully written file `tmp/<name>` as the object `hash` (a batch: a client
+    /// storing what it fetched sends everything waiting in one request).
+    Commit(Vec<(Hash, String)>),
     /// The client read these objects (for the LRU order).
     Touched(Vec<Hash>),
     /// The client found this object's file damaged: check it again, delete it if bad.
@@ -47,6 +49,10 @@ pub(crate) enum Request {
     GetPublisher([u8; 32]),
     Usage,
     Flush,
+    /// The client is about to fetch this object: is another process fetching it already?
+    Claim(Hash),
+    /// The client no longer fetches this object (it failed, or it stored it as present).
+    Release(Hash),
 }
 
 /// The owner's answer to one request.
@@ -55,6 +61,8 @@ pub(crate) enum Reply {
     Done,
     Bytes(Option<Vec<u8>>),
     Usage(Usage),
+    /// Whether a `Claim` is granted (false: another process is fetching the object).
+    Claimed(bool),
     /// `Pin` of an object the index does not list.
     NotCached(Hash),
     /// The owner's error, as text (it names the path and the remedy).
@@ -98,10 +106,13 @@ impl Request {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut b = Vec::new();
         match self {
-            Request::Commit { hash, temp } => {
+            Request::Commit(objects) => {
                 b.push(1);
-                b.extend_from_slice(hash.as_bytes());
-                put_bytes(&mut b, temp.as_bytes());
+                b.extend_from_slice(&(objects.len() as u32).to_be_bytes());
+                for (hash, temp) in objects {
+                    b.extend_from_slice(hash.as_bytes());
+                    put_bytes(&mut b, temp.as_bytes());
+                }
             }
             Request::Touched(hashes) => {
                 b.push(2);
@@ -120,6 +131,8 @@ impl Request {
             Request::GetPublisher(c) => put_id(&mut b, 10, c),
             Request::Usage => b.push(11),
             Request::Flush => b.push(12),
+            Request::Claim(h) => put_hash(&mut b, 13, h),
+            Request::Release(h) => put_hash(&mut b, 14, h),
         }
         frame(b)
     }
@@ -128,10 +141,20 @@ impl Request {
     pub(crate) fn decode(body: &[u8]) -> Result<Request, WireError> {
         let mut r = Reader(body);
         let req = match r.u8()? {
-            1 => Request::Commit {
-                hash: r.hash()?,
-                temp: String::from_utf8(r.bytes()?.to_vec()).map_err(|_| WireError::BadName)?,
-            },
+            1 => {
+                let n = r.u32()? as usize;
+                // Each takes at least 36 bytes: checked before allocating.
+                if n > r.0.len() / 36 {
+                    return Err(WireError::Truncated);
+                }
+                let mut objects = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let hash = r.hash()?;
+                    let name = String::from_utf8(r.bytes()?.to_vec());
+                    objects.push((hash, name.map_err(|_| WireError::BadName)?));
+                }
+                Request::Commit(objects)
+            }
             2 => {
                 let n = r.u32()? as usize;
                 // Checked against what is there before allocating.
@@ -156,6 +179,8 @@ impl Request {
             10 => Request::GetPublisher(r.id()?),
             11 => Request::Usage,
             12 => Request::Flush,
+            13 => Request::Claim(r.hash()?),
+            14 => Request::Release(r.hash()?),
             op => return Err(WireError::Unknown(op)),
         };
         r.end()?;
@@ -185,6 +210,7 @@ impl Reply {
                 }
             }
             Reply::NotCached(h) => put_hash(&mut b, 4, h),
+            Reply::Claimed(granted) => b.extend_from_slice(&[6, u8::from(*granted)]),
             Reply::Failed(msg) => {
                 b.push(5);
                 let cut = msg.len().min(MAX_FRAME / 2);
@@ -212,6 +238,11 @@ impl Reply {
             }),
             4 => Reply::NotCached(r.hash()?),
             5 => Reply::Failed(String::from_utf8_lossy(r.bytes()?).into_owned()),
+            6 => match r.u8()? {
+                0 => Reply::Claimed(false),
+                1 => Reply::Claimed(true),
+                other => return Err(WireError::Unknown(other)),
+            },
             status => return Err(WireError::Unknown(status)),
         };
         r.end()?;
@@ -302,10 +333,8 @@ mod tests {
 
     fn requests() -> Vec<Request> {
         vec![
-            Request::Commit {
-                hash: h(1),
-                temp: "123-4".into(),
-            },
+            Request::Commit(vec![(h(1), "123-4".into()), (h(2), "123-5".into())]),
+            Request::Commit(vec![]),
             Request::Touched(vec![h(1), h(2), h(3)]),
             Request::Touched(vec![]),
             Request::Check(h(4)),
@@ -324,6 +353,8 @@ mod tests {
             Request::GetPublisher([10; 32]),
             Request::Usage,
             Request::Flush,
+            Request::Claim(h(11)),
+            Request::Release(h(12)),
         ]
     }
 
@@ -338,6 +369,8 @@ mod tests {
                 pinned_bytes: 3,
             }),
             Reply::NotCached(h(1)),
+            Reply::Claimed(true),
+            Reply::Claimed(false),
             Reply::Failed("cache file /x: disk full".into()),
         ]
     }
