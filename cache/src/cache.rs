@@ -32,6 +32,9 @@ use crate::{CacheConfig, CacheError, Usage, Verified};
 /// checking its index after a crash).
 const OWNER_WAIT: Duration = Duration::from_secs(60);
 
+/// How long requests fail at once after the owner did not answer in time.
+const SILENT_BACKOFF: Duration = Duration::from_secs(10);
+
 /// Uses a client remembers before telling the owner.
 const TOUCH_BATCH: usize = 1024;
 
@@ -53,6 +56,9 @@ struct Shared {
     hot: Mutex<ClientHot>,
     /// Fetch claims this process holds as a client (see [`Cache::claim_fetch`]).
     claimed: Mutex<HashSet<Hash>>,
+    /// After the owner failed to answer in time, requests fail at once until then, so that
+    /// a stopped owner costs this process one wait, not one per request.
+    silent_until: Mutex<Option<Instant>>,
 }
 
 enum Role {
@@ -101,6 +107,7 @@ impl Cache {
                     touched: Vec::new(),
                 }),
                 claimed: Mutex::new(HashSet::new()),
+                silent_until: Mutex::new(None),
             }),
         })
     }
@@ -401,8 +408,21 @@ impl Cache {
                     Role::Client(c) => c,
                 };
                 let mut client = client.lock();
+                if let Some(until) = *self.inner.silent_until.lock() {
+                    if Instant::now() < until {
+                        return Err(client.owner_error(format!(
+                            "it did not answer a moment ago; asking again in {} ms",
+                            until.saturating_duration_since(Instant::now()).as_millis()
+                        )));
+                    }
+                }
                 match client.call(request) {
                     Ok(reply) => return remote(reply).map_err(|r| self.unexpected(&client, r)),
+                    Err(CallError::Stuck(e)) => {
+                        warn!("{e}");
+                        *self.inner.silent_until.lock() = Some(Instant::now() + SILENT_BACKOFF);
+                        return Err(e);
+                    }
                     Err(CallError::Failed(e)) => return Err(e),
                     Err(CallError::Gone) => {}
                 }

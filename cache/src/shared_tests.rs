@@ -238,3 +238,32 @@ fn a_fetch_is_claimed_by_one_process_until_stored_released_or_gone() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+#[test]
+fn a_stopped_owner_costs_one_wait_not_one_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::store::create_private_dir(dir.path()).unwrap();
+    // An "owner" that holds the lock and accepts connections but never answers, as a
+    // SIGSTOPped process does (the kernel still accepts on its socket).
+    let _lock = crate::open::try_lock_dir(dir.path())
+        .unwrap()
+        .expect("lock free");
+    let _listener = UnixListener::bind(dir.path().join("cache.sock")).unwrap();
+    let client = open(dir.path(), None, 0);
+    let started = std::time::Instant::now();
+    let err = client.set_root(&[1; 32], b"r").unwrap_err();
+    assert!(err.to_string().contains("did not answer within"), "{err}");
+    assert!(started.elapsed() >= crate::shared::client::ANSWER_WITHIN);
+    let again = std::time::Instant::now();
+    let err = client.get_root(&[1; 32]).unwrap_err();
+    assert!(
+        again.elapsed() < std::time::Duration::from_secs(1),
+        "waited again: {err}"
+    );
+    assert!(
+        client.claim_fetch(obj(1).hash()),
+        "no answer: fetch rather than wait"
+    );
+    // Reads of what is on disk need no owner.
+    assert_eq!(client.get(obj(1).hash()).unwrap(), None);
+}

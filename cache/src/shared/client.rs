@@ -14,8 +14,10 @@ use super::wire::{frame_len, Reply, Request};
 use super::{euid, peer, SockAddr};
 use crate::CacheError;
 
-/// How long a request may wait for the owner's answer.
-pub(crate) const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+/// How long a request may wait for the owner's answer. The owner answers in microseconds
+/// (an eviction of thousands of objects in a few hundred milliseconds); one that takes
+/// seconds is stopped or hung, and every lcfs process of the machine would wait with it.
+pub(crate) const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
 pub(crate) struct Client {
     stream: UnixStream,
@@ -38,6 +40,8 @@ pub(crate) enum ConnectError {
 /// Why a request did not get a reply.
 pub(crate) enum CallError {
     Gone,
+    /// The owner did not answer within [`ANSWER_WITHIN`].
+    Stuck(CacheError),
     Failed(CacheError),
 }
 
@@ -88,7 +92,16 @@ impl Client {
             Err(e) if is_gone(&e) => Err(CallError::Gone),
             Err(e) => {
                 self.broken = true;
-                Err(CallError::Failed(self.failed(e)))
+                let stuck = matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                );
+                let err = self.failed(e);
+                Err(if stuck {
+                    CallError::Stuck(err)
+                } else {
+                    CallError::Failed(err)
+                })
             }
         }
     }
