@@ -12,7 +12,7 @@
 mod common;
 
 use common::lab::Lab;
-use common::lcfs::{describe, s, start_server, tmpdir, Mount, LCFS};
+use common::lcfs::{bounded, describe, s, start_server, tmpdir, Mount, LCFS};
 use common::tree::{
     assert_trees_equal, list_tree, make_edge_tree, set_mtime, write_random_file, BLOCK,
 };
@@ -25,7 +25,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1024 * 1024;
@@ -99,30 +98,6 @@ fn drop_page_cache() {
     unsafe { libc::sync() };
     fs::write("/proc/sys/vm/drop_caches", b"3\n")
         .unwrap_or_else(|e| panic!("cannot drop the page cache via /proc/sys/vm/drop_caches: {e}"));
-}
-
-/// Runs `f` on a thread and waits up to `limit` for its result; panics with
-/// `what` if it does not finish (a hung FUSE read must fail the test, not hang it).
-fn bounded<T: Send + 'static>(
-    what: &str,
-    limit: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(v) => v,
-        // it panicked: fail with its panic, not as a hang
-        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
-            Err(payload) => std::panic::resume_unwind(payload),
-            Ok(()) => panic!("{what} ended without a result"),
-        },
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what} did not finish within {limit:?} (hung?)")
-        }
-    }
 }
 
 /// Runs a program outside the lab, panicking with its output unless it succeeds.

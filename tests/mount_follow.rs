@@ -20,7 +20,7 @@
 mod common;
 
 use common::lab::Lab;
-use common::lcfs::{s, start_server, start_server_at, tmpdir, Mount, Server};
+use common::lcfs::{s, start_server, start_server_at, tmpdir, within, Mount, Server};
 use common::tree::BLOCK;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -79,20 +79,6 @@ fn generation(mnt: &Path) -> u64 {
     getfattr(mnt, "user.lcfs.generation")
         .parse()
         .expect("a numeric generation")
-}
-
-/// Waits up to `limit` for `cond`; returns how long it took, or `None`.
-fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return Some(start.elapsed());
-        }
-        if start.elapsed() >= limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn ino(p: &Path) -> u64 {

@@ -20,8 +20,8 @@ mod common;
 
 use common::lab::Lab;
 use common::lcfs::{
-    collect_lines, describe, is_mountpoint, number_before, parse_sent, s, spawn_copy, start_server,
-    start_server_at, tmpdir, wait_limit, Mount, Server, IFACE, LCFS,
+    bounded, collect_lines, describe, is_mountpoint, number_before, parse_sent, s, spawn_copy,
+    start_server, start_server_at, tmpdir, wait_limit, within, Mount, Server, IFACE, LCFS,
 };
 use common::tree::{assert_trees_equal, list_tree, tree_file_bytes, write_random_file, BLOCK};
 use rand::rngs::StdRng;
@@ -133,26 +133,6 @@ fn check_files_bounded(what: &str, mnt: &Path, want: &[(PathBuf, blake3::Hash)])
         want.len(),
         &bad[..bad.len().min(10)]
     );
-}
-
-/// Runs `f` on a thread and waits up to `limit` for its result.
-fn bounded<T: Send + 'static>(
-    what: &str,
-    limit: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(v) => v,
-        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
-            Err(payload) => std::panic::resume_unwind(payload),
-            Ok(()) => panic!("{what} ended without a result"),
-        },
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what} did not finish within {limit:?}"),
-    }
 }
 
 // ---------------------------------------------------------------- processes
@@ -290,23 +270,9 @@ fn kill_9(pid: u32, what: &str) {
     let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     assert_eq!(rc, 0, "kill -9 {what}: {}", std::io::Error::last_os_error());
     assert!(
-        wait_until(Duration::from_secs(10), || !alive(pid)).is_some(),
+        within(Duration::from_secs(10), || !alive(pid)).is_some(),
         "{what} (pid {pid}) survived kill -9 for 10 s"
     );
-}
-
-/// Polls `cond` every 20 ms until it holds (returns how long that took) or `limit` passes.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return Some(start.elapsed());
-        }
-        if start.elapsed() >= limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 // ---------------------------------------------------------------- the cache directory
@@ -544,7 +510,7 @@ fn kill_9_of_any_process_leaves_the_others_working() {
     eprintln!("new prefetch --pin of A: {:.2} s", p3.elapsed.as_secs_f64());
     let mount_b_pid = mount_b.daemon_pid.expect("mount B's daemon pid");
     mount_b.unmount();
-    let gone = wait_until(Duration::from_secs(10), || !alive(mount_b_pid));
+    let gone = within(Duration::from_secs(10), || !alive(mount_b_pid));
     assert!(
         gone.is_some(),
         "mount B's daemon still runs 10 s after its unmount"
@@ -606,7 +572,7 @@ fn read_all_of_b_after_the_owner_died(two: &TwoChannels) {
     }
     check_files_bounded("mount B after kill -9 of the owner", &mnt_b, &two.want_b);
     for f in &fresh {
-        let stored = wait_until(Duration::from_secs(10), || cached_fraction(f) == "1.000");
+        let stored = within(Duration::from_secs(10), || cached_fraction(f) == "1.000");
         assert!(
             stored.is_some(),
             "{} was read after the owner died but is not in the cache",
@@ -656,7 +622,7 @@ fn prefetch_until_storing(two: &TwoChannels, who: &str, what: &str) -> Cmd {
     let cache = two.cache(who);
     let before = count_objects(&cache);
     let mut p = spawn_prefetch(&two.lab, CHANNEL_B, &["bulk"], &cache, false);
-    let storing = wait_until(Duration::from_secs(30), || {
+    let storing = within(Duration::from_secs(30), || {
         count_objects(&cache) >= before + 16
     });
     assert!(storing.is_some(), "{what} stored no 16 objects in 30 s");
