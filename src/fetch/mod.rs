@@ -23,6 +23,9 @@ mod engine;
 pub mod follow;
 pub mod membership;
 pub mod object;
+pub mod state;
+#[cfg(test)]
+mod state_tests;
 pub mod tree;
 pub mod trust;
 

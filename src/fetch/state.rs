@@ -1,0 +1,625 @@
+//! The receiver's protocol state for one channel (sans-IO): which objects are wanted, which
+//! groups are joined, what arriving datagrams complete, and when to rejoin, give up or ask.
+//!
+//! [`FetchState`] is fed requests, datagrams, answers and time (`now` is always a parameter)
+//! and says what to do through `poll_*`: membership changes to make and report, claims to
+//! ask the cache's owner about, cache lookups to make, and [`Event`]s (an object completed, a
+//! fetch failed, a root record heard). It owns no socket, thread, clock or cache, so tests
+//! and the network simulation drive it directly; [`super::engine`] is its I/O shell.
+//!
+//! A fetch goes `Queued` (waiting for room in the window) → `Claiming` (asking whether
+//! another process sharing the cache fetches it) → `Joined` (symbols decoded) or `Elsewhere`
+//! (waiting for that process to store it) → done. Demand reads never wait for room; other
+//! requests share a window of `max_joined` places, filled first with what the server's
+//! beacon lists as on air. Invariants:
+//! - `in_window` counts the fetches in `Claiming`, `Joined` and `Elsewhere`; `elsewhere`
+//!   holds exactly the tags in `Elsewhere`; a group is joined exactly while its fetch is
+//!   `Joined` (plus the root group while watched, the beacon group while requests wait);
+//! - symbols count only when multicast to their own object's group on our interface;
+//! - every fetch ends: completed, found in the cache, failed by its timers (`timeout`, or
+//!   `stale_after` when in doubt), or joined anyway after [`ELSEWHERE_PATIENCE`].
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::Ipv6Addr;
+use std::num::NonZeroUsize;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lcfs_cache::Verified;
+
+use super::engine::{FetchConfig, FetchStats, Freshness, HeardRoot, Priority};
+use super::membership::Memberships;
+use super::object::{Action, ObjectFetch, Timers};
+use crate::channel::{Address, Channel, Tag};
+use crate::net::Envelope;
+use crate::object::{ObjectRef, RootRecord};
+use crate::packet::{self, Body};
+
+/// While the root group is watched and nothing is heard, it is rejoined this often (a fresh
+/// report), so that a restarted server learns of the watcher at once.
+pub const ROOT_WATCH_REJOIN: Duration = Duration::from_secs(1);
+
+/// How long a beacon's list is worth following.
+const AIR_FRESH: Duration = Duration::from_millis(200);
+
+/// How often fetches waiting for another process are looked up in the cache (a stat each).
+const ELSEWHERE_PROBE: Duration = Duration::from_millis(5);
+
+/// How often joined fetches are looked up in the cache, which another process may have
+/// filled despite the claims (a claim lost with a dead owner).
+const JOINED_PROBE: Duration = Duration::from_millis(100);
+
+/// How often a fetch waiting for another process asks whether the claim is free again.
+const CLAIM_RECHECK: Duration = Duration::from_millis(100);
+
+/// How long a fetch waits for another process that holds its claim before joining anyway
+/// (that process may be stopped). Joining earlier gains nothing, since the server sends in
+/// its own order, but costs: a late joiner lacks the round under way and makes the server
+/// send another.
+pub const ELSEWHERE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Objects just completed, kept until the cache surely has them, so that a request arriving
+/// between the end of a fetch and its store does not start it again.
+pub const RECENT: usize = 64;
+
+/// Where a pending fetch stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Queued,
+    Claiming { since: Instant },
+    Joined,
+    Elsewhere { since: Instant, recheck: Instant },
+}
+
+/// The answer to a claim (see `lcfs_cache::Cache::claim_fetch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    Granted,
+    /// Another process is fetching the object.
+    Elsewhere,
+    /// The object is in the cache already.
+    Cached,
+}
+
+/// What a request found.
+#[derive(Debug)]
+pub enum Requested {
+    /// Completed a moment ago: here it is.
+    Recent(Verified),
+    /// Pending under this tag: its outcome comes as an [`Event`] (or [`FetchState::handle_cached`]).
+    Pending(Tag),
+}
+
+/// What happened, for the shell to act on.
+#[derive(Debug)]
+pub enum Event {
+    /// Decoded and verified: store it, then hand it to the waiters of `tag`.
+    Completed { tag: Tag, object: Verified },
+    /// The fetch of `want` failed: nothing useful came within `timeout`, or, in doubt,
+    /// within `stale_after` (`stale`).
+    Failed {
+        tag: Tag,
+        want: ObjectRef,
+        stale: bool,
+    },
+    /// A root record of the channel (not yet trusted), while roots are watched.
+    Root(HeardRoot),
+}
+
+struct Pending {
+    fetch: ObjectFetch,
+    group: Ipv6Addr,
+    phase: Phase,
+    priority: Priority,
+    seq: u64,
+}
+
+/// When the watched root group was last heard and joined.
+struct RootWatch {
+    heard: Instant,
+    joined: Instant,
+}
+
+/// The receiver state of one channel.
+pub struct FetchState {
+    channel: Channel,
+    root: Address,
+    air: Address,
+    /// The interface datagrams must arrive on.
+    ifindex: u32,
+    config: FetchConfig,
+    stats: Arc<FetchStats>,
+    pending: HashMap<Tag, Pending>,
+    /// Not yet in the window, in priority order: (priority, arrival) -> tag.
+    queue: BTreeMap<(Priority, u64), Tag>,
+    in_window: usize,
+    elsewhere: HashSet<Tag>,
+    seq: u64,
+    watch: Option<RootWatch>,
+    root_joined: bool,
+    members: Memberships,
+    recent: lru::LruCache<Tag, Verified>,
+    /// The server's last beacon: objects it sends next, soonest first, and when it came.
+    on_air: Vec<Tag>,
+    on_air_at: Option<Instant>,
+    air_joined: bool,
+    /// Senders whose symbols completed verified objects, or whose root record was trusted:
+    /// their decoders are never evicted for a newcomer's (see [`ObjectFetch`]).
+    good_senders: lru::LruCache<Ipv6Addr, ()>,
+    claims: VecDeque<(Tag, blake3::Hash)>,
+    events: VecDeque<Event>,
+    probed_elsewhere: Instant,
+    probed_joined: Instant,
+    last_tick: Instant,
+}
+
+impl FetchState {
+    /// The state of `channel` received on interface `ifindex`; membership changes are
+    /// batched `member_gap` apart (zero when the shell reports them itself).
+    pub fn new(
+        now: Instant,
+        channel: Channel,
+        ifindex: u32,
+        config: FetchConfig,
+        stats: Arc<FetchStats>,
+        member_gap: Duration,
+    ) -> FetchState {
+        FetchState {
+            root: channel.root_address(),
+            air: channel.air_address(),
+            channel,
+            ifindex,
+            config,
+            stats,
+            pending: HashMap::new(),
+            queue: BTreeMap::new(),
+            in_window: 0,
+            elsewhere: HashSet::new(),
+            seq: 0,
+            watch: None,
+            root_joined: false,
+            members: Memberships::new(member_gap),
+            recent: lru::LruCache::new(nonzero(RECENT)),
+            on_air: Vec::new(),
+            on_air_at: None,
+            air_joined: false,
+            good_senders: lru::LruCache::new(nonzero(8)),
+            claims: VecDeque::new(),
+            events: VecDeque::new(),
+            probed_elsewhere: now,
+            probed_joined: now,
+            last_tick: now,
+        }
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    pub fn config(&self) -> &FetchConfig {
+        &self.config
+    }
+
+    /// Asks for `r`. A current reader vouches for the object (the server has it); a reader of
+    /// a superseded file puts a new fetch in doubt.
+    pub fn handle_request(
+        &mut self,
+        now: Instant,
+        r: ObjectRef,
+        priority: Priority,
+        freshness: Freshness,
+    ) -> Requested {
+        let addr = self.channel.object_address(&r.hash);
+        if let Some(v) = self.recent.get(&addr.tag).filter(|v| *v.hash() == r.hash) {
+            return Requested::Recent(v.clone());
+        }
+        if let Some(p) = self.pending.get_mut(&addr.tag) {
+            if freshness == Freshness::Current {
+                p.fetch.handle_vouched();
+            }
+            if priority < p.priority && p.phase == Phase::Queued {
+                self.queue.remove(&(p.priority, p.seq));
+                p.priority = priority;
+                self.queue.insert((priority, p.seq), addr.tag);
+            }
+        } else {
+            self.seq += 1;
+            let mut fetch = ObjectFetch::new(now, r);
+            if freshness == Freshness::Superseded {
+                fetch.handle_doubt(now);
+            }
+            let pending = Pending {
+                fetch,
+                group: addr.group,
+                phase: Phase::Queued,
+                priority,
+                seq: self.seq,
+            };
+            self.pending.insert(addr.tag, pending);
+            self.queue.insert((priority, self.seq), addr.tag);
+        }
+        self.admit(now);
+        Requested::Pending(addr.tag)
+    }
+
+    /// Handles one received datagram (decrypted in place on a sealed channel).
+    pub fn handle_datagram(&mut self, now: Instant, env: Envelope, dgram: &mut [u8]) {
+        self.stats.packets.fetch_add(1, Ordering::Relaxed);
+        // Cheap before any decryption: only multicast on our interface can be ours.
+        if !env.to.is_some_and(|to| to.is_multicast()) || env.ifindex != self.ifindex {
+            self.stats.misaddressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Ok(pkt) = packet::decode(dgram, self.channel.seal()) else {
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        match pkt.body {
+            Body::Symbol { esi, data } => self.handle_symbol(now, env, pkt.tag, esi, data),
+            Body::Root(bytes) if pkt.tag == self.root.tag => {
+                if env.is_group(&self.root.group, self.ifindex) {
+                    self.handle_root(now, env.from, bytes);
+                } else {
+                    self.stats.misaddressed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Body::Air(_) if !env.is_group(&self.air.group, self.ifindex) => {
+                self.stats.misaddressed.fetch_add(1, Ordering::Relaxed);
+            }
+            Body::Air(tags) if pkt.tag == self.air.tag => {
+                self.on_air = packet::air_tags(tags).collect();
+                self.on_air_at = Some(now);
+                self.admit(now);
+            }
+            Body::Root(_) | Body::Air(_) => {
+                self.stats.unexpected.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn handle_symbol(&mut self, now: Instant, env: Envelope, tag: Tag, esi: u32, data: &[u8]) {
+        let Some(p) = self
+            .pending
+            .get_mut(&tag)
+            .filter(|p| p.phase == Phase::Joined)
+        else {
+            self.stats.unexpected.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        // A symbol counts only on its own object's group: a tag copied onto another group
+        // (or onto unicast) is someone else's packet.
+        if !env.is_group(&p.group, self.ifindex) {
+            self.stats.misaddressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let forged = p.fetch.stats.forged_decodes;
+        let preferred = self.good_senders.contains(&env.from);
+        let done = p.fetch.handle_symbol(now, env.from, preferred, esi, data);
+        if p.fetch.stats.forged_decodes > forged {
+            self.stats.forged_decodes.fetch_add(1, Ordering::Relaxed);
+        }
+        let Some(object) = done else {
+            return;
+        };
+        self.good_senders.put(env.from, ());
+        self.recent.put(tag, object.clone());
+        self.end(now, tag);
+        self.events.push_back(Event::Completed { tag, object });
+        self.admit(now);
+    }
+
+    fn handle_root(&mut self, now: Instant, from: Ipv6Addr, bytes: &[u8]) {
+        let record = match RootRecord::decode(bytes) {
+            Ok(r) if r.channel_id == *self.channel.id() => r,
+            _ => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        if let Some(w) = &mut self.watch {
+            w.heard = now;
+            self.events
+                .push_back(Event::Root(HeardRoot { record, from }));
+        }
+    }
+
+    /// The answer to a claim [`FetchState::poll_claim`] asked for. True if the shell should
+    /// give a granted claim back (the fetch ended meanwhile).
+    pub fn handle_claim(&mut self, now: Instant, tag: Tag, answer: Claim) -> bool {
+        let since = match self.pending.get(&tag).map(|p| p.phase) {
+            Some(Phase::Claiming { since }) => since,
+            _ => return answer == Claim::Granted,
+        };
+        if answer == Claim::Granted {
+            self.join_group(now, tag);
+        } else if let Some(p) = self.pending.get_mut(&tag) {
+            // Cached: the next look into the cache finds it.
+            p.phase = Phase::Elsewhere {
+                since,
+                recheck: now + CLAIM_RECHECK,
+            };
+            self.elsewhere.insert(tag);
+        }
+        false
+    }
+
+    /// The object of `tag`, found in the cache (stored by another process). Returns whether
+    /// the fetch was pending (then its waiters get `object`, and a claim it held goes back).
+    pub fn handle_cached(&mut self, now: Instant, tag: Tag, object: &Verified) -> bool {
+        if !self.pending.contains_key(&tag) {
+            return false;
+        }
+        self.recent.put(tag, object.clone());
+        self.end(now, tag);
+        self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+        (self.stats.bytes_cached).fetch_add(object.len() as u64, Ordering::Relaxed);
+        self.admit(now);
+        true
+    }
+
+    /// The channel moved to a new generation: every pending fetch is in doubt from now on
+    /// (what the server still has keeps coming; the rest fails as stale within
+    /// `stale_after`), and joined groups are reported afresh, for a server that restarted.
+    pub fn handle_new_generation(&mut self, now: Instant) {
+        let mut rejoin = Vec::new();
+        for p in self.pending.values_mut() {
+            p.fetch.handle_doubt(now);
+            if p.phase == Phase::Joined {
+                p.fetch.handle_joined(now);
+                rejoin.push(p.group);
+            }
+        }
+        for group in rejoin {
+            self.members.push(now, group, false);
+            self.members.push(now, group, true);
+        }
+    }
+
+    /// Whether root records are wanted: the root group stays joined while they are.
+    pub fn set_watching(&mut self, now: Instant, on: bool) {
+        match (on, &self.watch) {
+            (true, None) => {
+                self.watch = Some(RootWatch {
+                    heard: now,
+                    joined: now,
+                })
+            }
+            (false, Some(_)) => self.watch = None,
+            _ => {}
+        }
+        if on != self.root_joined {
+            self.root_joined = on;
+            self.members.push(now, self.root.group, on);
+        }
+    }
+
+    /// `sender` is a real server of the channel (its root record was trusted): its symbols
+    /// keep their decoders under a flood.
+    pub fn prefer_sender(&mut self, sender: Ipv6Addr) {
+        self.good_senders.put(sender, ());
+    }
+
+    /// Timers: rejoin stalled groups, fail fetches that timed out or went stale, rejoin a
+    /// silent root group, ask again about claims held elsewhere. Call it at least every
+    /// [`FetchState::TICK`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_tick = now;
+        let timers = Timers {
+            stall: self.config.stall,
+            timeout: self.config.timeout,
+            stale_after: self.config.stale_after,
+        };
+        let mut failed = Vec::new();
+        for (tag, p) in self
+            .pending
+            .iter_mut()
+            .filter(|(_, p)| p.phase == Phase::Joined)
+        {
+            match p.fetch.poll_action(now, &timers) {
+                Action::Wait => {}
+                Action::Rejoin => {
+                    self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+                    p.fetch.handle_joined(now);
+                    // A leave and a join make the kernel send a fresh report for the group.
+                    self.members.push(now, p.group, false);
+                    self.members.push(now, p.group, true);
+                }
+                Action::Fail => failed.push((*tag, false)),
+                Action::Stale => failed.push((*tag, true)),
+            }
+        }
+        for (tag, stale) in failed {
+            self.fail(now, tag, stale);
+        }
+        self.recheck_elsewhere(now);
+        self.tick_root(now);
+        self.admit(now);
+    }
+
+    /// How often [`FetchState::handle_timeout`] wants to run.
+    pub const TICK: Duration = Duration::from_millis(20);
+
+    /// When [`FetchState::handle_timeout`] or a membership batch is due next.
+    pub fn poll_timeout(&self) -> Instant {
+        let tick = self.last_tick + Self::TICK;
+        self.members.poll_timeout().map_or(tick, |t| t.min(tick))
+    }
+
+    /// Membership changes to make now (and report), in order.
+    pub fn poll_membership(&mut self, now: Instant) -> Option<Vec<(Ipv6Addr, bool)>> {
+        self.members.poll_flush(now)
+    }
+
+    /// The next claim to ask the cache's owner about; answer with [`FetchState::handle_claim`].
+    pub fn poll_claim(&mut self) -> Option<(Tag, blake3::Hash)> {
+        self.claims.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Objects to look up in the cache now: those waiting for another process, and now and
+    /// then those joined. Answer hits with [`FetchState::handle_cached`].
+    pub fn poll_probe(&mut self, now: Instant) -> Vec<(Tag, blake3::Hash)> {
+        let mut out = Vec::new();
+        if !self.elsewhere.is_empty() && now >= self.probed_elsewhere + ELSEWHERE_PROBE {
+            self.probed_elsewhere = now;
+            let want = |t: &Tag| self.pending.get(t).map(|p| (*t, p.fetch.want().hash));
+            out.extend(self.elsewhere.iter().filter_map(want));
+        }
+        if now >= self.probed_joined + JOINED_PROBE {
+            self.probed_joined = now;
+            let joined = self
+                .pending
+                .iter()
+                .filter(|(_, p)| p.phase == Phase::Joined);
+            out.extend(joined.map(|(t, p)| (*t, p.fetch.want().hash)));
+        }
+        out
+    }
+
+    /// Fails every pending fetch (the engine stops): their tags, to fail their waiters.
+    pub fn drain(&mut self) -> Vec<Tag> {
+        self.queue.clear();
+        self.elsewhere.clear();
+        self.in_window = 0;
+        self.watch = None;
+        self.pending.drain().map(|(tag, _)| tag).collect()
+    }
+
+    /// Fetches pending (queued or in the window).
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Gives requests places in the window: demand reads at once, then what the server's
+    /// last beacon lists, then the rest in order. Listens to the beacon while some wait.
+    fn admit(&mut self, now: Instant) {
+        // A program waits for a demand read: it never waits for room.
+        while let Some((&(Priority::Demand, _), &tag)) = self.queue.first_key_value() {
+            self.queue.pop_first();
+            self.enter_window(now, tag);
+        }
+        let fresh = self
+            .on_air_at
+            .is_some_and(|t| now.duration_since(t) < AIR_FRESH);
+        let mut i = 0;
+        while fresh && self.has_room() && i < self.on_air.len() {
+            let tag = self.on_air[i];
+            i += 1;
+            let key = match self.pending.get(&tag) {
+                Some(p) if p.phase == Phase::Queued => (p.priority, p.seq),
+                _ => continue,
+            };
+            self.queue.remove(&key);
+            self.enter_window(now, tag);
+        }
+        while self.has_room() {
+            let Some((_, tag)) = self.queue.pop_first() else {
+                break;
+            };
+            self.enter_window(now, tag);
+        }
+        let waiting = !self.queue.is_empty();
+        if waiting != self.air_joined {
+            self.air_joined = waiting;
+            self.members.push(now, self.air.group, waiting);
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.in_window < self.config.max_joined
+    }
+
+    /// A place in the window: first the claim.
+    fn enter_window(&mut self, now: Instant, tag: Tag) {
+        if self.pending.contains_key(&tag) {
+            self.in_window += 1;
+            self.ask_claim(tag, now);
+        }
+    }
+
+    fn ask_claim(&mut self, tag: Tag, since: Instant) {
+        if let Some(p) = self.pending.get_mut(&tag) {
+            p.phase = Phase::Claiming { since };
+            self.elsewhere.remove(&tag);
+            self.claims.push_back((tag, p.fetch.want().hash));
+        }
+    }
+
+    fn join_group(&mut self, now: Instant, tag: Tag) {
+        let Some(p) = self.pending.get_mut(&tag) else {
+            return;
+        };
+        p.phase = Phase::Joined;
+        p.fetch.handle_started(now);
+        self.elsewhere.remove(&tag);
+        self.members.push(now, p.group, true);
+    }
+
+    /// Fetches waiting for another process ask again about their claim, or join after
+    /// [`ELSEWHERE_PATIENCE`].
+    fn recheck_elsewhere(&mut self, now: Instant) {
+        let due: Vec<(Tag, Instant)> = self
+            .elsewhere
+            .iter()
+            .filter_map(|tag| match self.pending.get(tag).map(|p| p.phase) {
+                Some(Phase::Elsewhere { since, recheck }) if now >= recheck => Some((*tag, since)),
+                _ => None,
+            })
+            .collect();
+        for (tag, since) in due {
+            if now.duration_since(since) >= ELSEWHERE_PATIENCE {
+                self.join_group(now, tag);
+            } else {
+                self.ask_claim(tag, since);
+            }
+        }
+    }
+
+    /// Takes `tag` out of the state: out of the window, its group left.
+    fn end(&mut self, now: Instant, tag: Tag) -> Option<Pending> {
+        let p = self.pending.remove(&tag)?;
+        self.elsewhere.remove(&tag);
+        match p.phase {
+            Phase::Queued => {
+                self.queue.remove(&(p.priority, p.seq));
+            }
+            Phase::Joined => {
+                self.in_window -= 1;
+                self.members.push(now, p.group, false);
+            }
+            Phase::Claiming { .. } | Phase::Elsewhere { .. } => self.in_window -= 1,
+        }
+        Some(p)
+    }
+
+    fn fail(&mut self, now: Instant, tag: Tag, stale: bool) {
+        let Some(p) = self.end(now, tag) else {
+            return;
+        };
+        if stale {
+            self.stats.stale.fetch_add(1, Ordering::Relaxed);
+        }
+        let want = *p.fetch.want();
+        self.events.push_back(Event::Failed { tag, want, stale });
+    }
+
+    /// The watched root group is rejoined while nothing is heard.
+    fn tick_root(&mut self, now: Instant) {
+        let Some(w) = self.watch.as_mut() else {
+            return;
+        };
+        if now.duration_since(w.heard.max(w.joined)) >= ROOT_WATCH_REJOIN {
+            w.joined = now;
+            self.members.push(now, self.root.group, false);
+            self.members.push(now, self.root.group, true);
+        }
+    }
+}
+
+fn nonzero(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
+}

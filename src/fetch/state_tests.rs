@@ -1,0 +1,358 @@
+//! Tests of the receiver state without sockets: requests, claims, datagrams and time go in,
+//! membership changes, claims and events come out, on a simulated clock.
+
+use std::net::Ipv6Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lcfs_cache::Verified;
+use proptest::prelude::*;
+
+use super::engine::{FetchConfig, FetchStats, Freshness, Priority};
+use super::state::{Claim, Event, FetchState, Requested, ELSEWHERE_PATIENCE, ROOT_WATCH_REJOIN};
+use crate::channel::{Channel, Tag};
+use crate::fec::ObjectEncoder;
+use crate::net::Envelope;
+use crate::object::ObjectRef;
+use crate::packet;
+
+const IFINDEX: u32 = 7;
+const SERVER: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+const SYMBOL: usize = 1024;
+
+struct Rig {
+    now: Instant,
+    st: FetchState,
+    channel: Channel,
+    stats: Arc<FetchStats>,
+}
+
+fn rig(max_joined: usize) -> Rig {
+    let now = Instant::now();
+    let channel = Channel::new("state-test", None);
+    let stats = Arc::new(FetchStats::default());
+    let config = FetchConfig {
+        max_joined,
+        ..FetchConfig::default()
+    };
+    let st = FetchState::new(
+        now,
+        channel.clone(),
+        IFINDEX,
+        config,
+        stats.clone(),
+        Duration::ZERO,
+    );
+    Rig {
+        now,
+        st,
+        channel,
+        stats,
+    }
+}
+
+fn object(n: u32, len: usize) -> Verified {
+    let bytes: Vec<u8> = (0..len).map(|i| (i as u32 * 7 + n) as u8).collect();
+    Verified::hash_of(bytes)
+}
+
+fn want(v: &Verified) -> ObjectRef {
+    ObjectRef {
+        hash: *v.hash(),
+        len: v.len() as u32,
+    }
+}
+
+impl Rig {
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.st.handle_timeout(self.now);
+    }
+
+    fn request(&mut self, v: &Verified, priority: Priority) -> Tag {
+        match self
+            .st
+            .handle_request(self.now, want(v), priority, Freshness::Current)
+        {
+            Requested::Pending(tag) => tag,
+            Requested::Recent(_) => panic!("not pending"),
+        }
+    }
+
+    fn claims(&mut self) -> Vec<(Tag, blake3::Hash)> {
+        std::iter::from_fn(|| self.st.poll_claim()).collect()
+    }
+
+    fn grant_all(&mut self) {
+        for (tag, _) in self.claims() {
+            assert!(!self.st.handle_claim(self.now, tag, Claim::Granted));
+        }
+    }
+
+    fn membership(&mut self) -> Vec<(Ipv6Addr, bool)> {
+        self.st.poll_membership(self.now).unwrap_or_default()
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.st.poll_event()).collect()
+    }
+
+    fn group(&self, v: &Verified) -> Ipv6Addr {
+        self.channel.object_address(v.hash()).group
+    }
+
+    /// Every source symbol of `v`, multicast to `to` on `ifindex`.
+    fn send(&mut self, v: &Verified, to: Option<Ipv6Addr>, ifindex: u32) {
+        let tag = self.channel.object_address(v.hash()).tag;
+        let enc = ObjectEncoder::new(v, SYMBOL.min(v.len())).unwrap();
+        let (mut sym, mut pkt) = (Vec::new(), Vec::new());
+        for esi in 0..enc.source_symbols() {
+            enc.symbol(esi, &mut sym);
+            packet::encode_symbol(&mut pkt, tag, esi, &sym, None);
+            let env = Envelope {
+                from: SERVER,
+                to,
+                ifindex,
+            };
+            self.st.handle_datagram(self.now, env, &mut pkt);
+        }
+    }
+
+    fn deliver(&mut self, v: &Verified) {
+        let group = self.group(v);
+        self.send(v, Some(group), IFINDEX);
+    }
+}
+
+fn completed(events: &[Event]) -> Vec<blake3::Hash> {
+    let done = |e: &Event| match e {
+        Event::Completed { object, .. } => Some(*object.hash()),
+        _ => None,
+    };
+    events.iter().filter_map(done).collect()
+}
+
+#[test]
+fn a_request_is_claimed_joined_decoded_and_left() {
+    let mut r = rig(32);
+    let v = object(1, 5000);
+    r.request(&v, Priority::Demand);
+    assert!(
+        r.membership().is_empty(),
+        "nothing is joined before the claim"
+    );
+    r.grant_all();
+    let group = r.group(&v);
+    assert_eq!(r.membership(), [(group, true)]);
+    r.deliver(&v);
+    assert_eq!(completed(&r.events()), [*v.hash()]);
+    assert_eq!(r.membership(), [(group, false)]);
+    assert_eq!(r.st.pending(), 0);
+    let again =
+        r.st.handle_request(r.now, want(&v), Priority::Demand, Freshness::Current);
+    assert!(
+        matches!(again, Requested::Recent(o) if o == v),
+        "kept until stored"
+    );
+}
+
+#[test]
+fn symbols_count_only_on_their_own_group_and_interface() {
+    let mut r = rig(32);
+    let (v, other) = (object(1, 3000), object(2, 3000));
+    r.request(&v, Priority::Demand);
+    r.request(&other, Priority::Demand);
+    r.grant_all();
+    let wrong_group = r.group(&other);
+    r.send(&v, Some(wrong_group), IFINDEX);
+    r.send(&v, Some(SERVER), IFINDEX);
+    r.send(&v, None, IFINDEX);
+    let group = r.group(&v);
+    r.send(&v, Some(group), IFINDEX + 1);
+    assert!(completed(&r.events()).is_empty());
+    let misaddressed = r
+        .stats
+        .misaddressed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(misaddressed, 4 * 3, "every datagram of the four wrong ways");
+    r.deliver(&v);
+    assert_eq!(completed(&r.events()), [*v.hash()]);
+}
+
+#[test]
+fn the_window_admits_demand_at_once_and_the_rest_in_turn() {
+    let mut r = rig(2);
+    let objs: Vec<Verified> = (0..5).map(|n| object(n, 2000)).collect();
+    for v in &objs {
+        r.request(v, Priority::Prefetch);
+    }
+    assert_eq!(r.claims().len(), 2, "the window holds two");
+    let air = r.channel.air_address().group;
+    assert!(
+        r.membership().contains(&(air, true)),
+        "the beacon is heard while some wait"
+    );
+    let urgent = object(9, 2000);
+    r.request(&urgent, Priority::Demand);
+    assert_eq!(r.claims().len(), 1, "a demand read never waits for room");
+    r.st.handle_claim(
+        r.now,
+        r.channel.object_address(objs[0].hash()).tag,
+        Claim::Granted,
+    );
+    r.membership();
+    r.deliver(&objs[0]);
+    r.events();
+    // One place is free again but the demand read still holds one: the window is full.
+    assert!(r.claims().is_empty());
+}
+
+#[test]
+fn a_fetch_claimed_elsewhere_waits_for_the_cache_then_joins_after_patience() {
+    let mut r = rig(32);
+    let (v, w) = (object(1, 4000), object(2, 4000));
+    let tv = r.request(&v, Priority::Readahead);
+    let tw = r.request(&w, Priority::Readahead);
+    for (tag, _) in r.claims() {
+        r.st.handle_claim(r.now, tag, Claim::Elsewhere);
+    }
+    assert!(
+        r.membership().is_empty(),
+        "another process fetches them: no join"
+    );
+    // The other process stores v: a probe finds it.
+    r.now += Duration::from_millis(10);
+    let probes = r.st.poll_probe(r.now);
+    assert!(probes.iter().any(|(t, _)| *t == tv) && probes.iter().any(|(t, _)| *t == tw));
+    assert!(r.st.handle_cached(r.now, tv, &v));
+    assert!(r.membership().is_empty(), "never joined, nothing to leave");
+    // w's claim is asked again every 100 ms; the holder never lets go.
+    r.advance(Duration::from_millis(150));
+    let asked = r.claims();
+    assert_eq!(asked.iter().map(|(t, _)| *t).collect::<Vec<_>>(), [tw]);
+    r.st.handle_claim(r.now, tw, Claim::Elsewhere);
+    let waiting_since = r.now - Duration::from_millis(150);
+    let mut joined = Vec::new();
+    while joined.is_empty() {
+        r.advance(Duration::from_millis(20));
+        for (tag, _) in r.claims() {
+            r.st.handle_claim(r.now, tag, Claim::Elsewhere);
+        }
+        joined = r.membership();
+    }
+    let waited = r.now.duration_since(waiting_since);
+    assert_eq!(joined, [(r.group(&w), true)]);
+    assert!(
+        waited >= ELSEWHERE_PATIENCE && waited < ELSEWHERE_PATIENCE + Duration::from_millis(100),
+        "joined anyway after {waited:?}"
+    );
+    r.deliver(&w);
+    assert_eq!(completed(&r.events()), [*w.hash()]);
+}
+
+#[test]
+fn a_granted_claim_for_an_ended_fetch_goes_back() {
+    let mut r = rig(32);
+    let v = object(1, 4000);
+    let tag = r.request(&v, Priority::Readahead);
+    r.claims();
+    // Found in the cache while its claim was being asked.
+    r.now += Duration::from_millis(200);
+    r.st.handle_claim(r.now, tag, Claim::Cached);
+    assert!(r.st.handle_cached(r.now, tag, &v));
+    assert!(
+        r.st.handle_claim(r.now, tag, Claim::Granted),
+        "give it back"
+    );
+}
+
+#[test]
+fn silence_rejoins_then_fails_and_doubt_fails_fast_as_stale() {
+    let mut r = rig(32);
+    let (v, w) = (object(1, 4000), object(2, 4000));
+    r.request(&v, Priority::Demand);
+    r.grant_all();
+    r.membership();
+    let group = r.group(&v);
+    r.advance(Duration::from_millis(450));
+    assert_eq!(
+        r.membership(),
+        [(group, false), (group, true)],
+        "a stall rejoins"
+    );
+    let (timeout, joined_at) = (r.st.config().timeout, r.now - Duration::from_millis(450));
+    let mut failed = Vec::new();
+    while failed.is_empty() {
+        r.advance(Duration::from_millis(500));
+        failed = r.events();
+    }
+    assert!(matches!(failed[..], [Event::Failed { stale: false, .. }]));
+    let took = r.now.duration_since(joined_at);
+    assert!(
+        took >= timeout && took <= timeout + Duration::from_secs(1),
+        "{took:?}"
+    );
+    // In doubt after a new generation, nothing comes: stale within stale_after.
+    let start = r.now;
+    r.request(&w, Priority::Demand);
+    r.grant_all();
+    r.st.handle_new_generation(r.now);
+    let mut events = Vec::new();
+    while events.is_empty() {
+        r.advance(Duration::from_millis(20));
+        events = r.events();
+    }
+    assert!(matches!(events[..], [Event::Failed { stale: true, .. }]));
+    assert!(r.now.duration_since(start) < r.st.config().stale_after + Duration::from_millis(100));
+}
+
+#[test]
+fn the_root_group_is_joined_while_watched_and_rejoined_while_silent() {
+    let mut r = rig(32);
+    let root = r.channel.root_address();
+    r.st.set_watching(r.now, true);
+    assert_eq!(r.membership(), [(root.group, true)]);
+    r.advance(ROOT_WATCH_REJOIN);
+    assert_eq!(r.membership(), [(root.group, false), (root.group, true)]);
+    r.st.set_watching(r.now, false);
+    assert_eq!(r.membership(), [(root.group, false)]);
+}
+
+#[test]
+fn a_foreign_root_record_is_dropped() {
+    let mut r = rig(32);
+    let root = r.channel.root_address();
+    r.st.set_watching(r.now, true);
+    let mut pkt = Vec::new();
+    packet::encode_root(&mut pkt, root.tag, b"not a record", None);
+    let env = Envelope {
+        from: SERVER,
+        to: Some(root.group),
+        ifindex: IFINDEX,
+    };
+    r.st.handle_datagram(r.now, env, &mut pkt);
+    assert!(r.events().is_empty());
+    assert_eq!(
+        r.stats.malformed.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+proptest! {
+    #[test]
+    fn garbage_datagrams_never_panic_or_complete(
+        dgrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..1600), 1..40),
+    ) {
+        let mut r = rig(32);
+        let v = object(1, 3000);
+        r.request(&v, Priority::Demand);
+        r.grant_all();
+        let group = r.group(&v);
+        for mut d in dgrams {
+            let env = Envelope { from: SERVER, to: Some(group), ifindex: IFINDEX };
+            r.st.handle_datagram(r.now, env, &mut d);
+        }
+        prop_assert!(completed(&r.events()).is_empty());
+        prop_assert_eq!(r.st.pending(), 1);
+    }
+}
