@@ -12,7 +12,6 @@ pub mod fec;
 pub mod fetch;
 pub mod keys;
 pub mod mld;
-pub mod mountcmd;
 pub mod mountfs;
 pub mod net;
 pub mod object;

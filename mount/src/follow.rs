@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::fs::Fs;
 use crate::inode::Invalidation;
-use crate::mount::Ended;
+use crate::session::Ended;
 use crate::source::{Source, SourceError};
 
 /// When a batch of invalidations is sent again.

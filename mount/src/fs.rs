@@ -33,8 +33,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::FsError;
 use crate::inode::{kept_dirs, sorted, InodeTable, Invalidation, Listing, ROOT};
-use crate::mount::{Census, MountStats};
 use crate::readahead::SequentialDetector;
+use crate::session::{Census, MountStats};
 use crate::source::{Attr, BoxFuture, Children, Kind, ReadHint, Source, Totals, Version};
 
 /// An entry handed to the kernel.

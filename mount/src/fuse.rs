@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 use crate::attr::{file_type, AttrStyle, BLOCK, NAME_MAX};
 use crate::error::FsError;
 use crate::fs::{Fs, Xattr};
-use crate::mount::{Census, Ended, MountConfig};
+use crate::session::{Census, Ended, MountConfig};
 use crate::source::Source;
 
 /// The errno for `e`, logged: source failures are worth a warning, the rest is routine.

@@ -31,6 +31,7 @@ mod inode;
 mod mount;
 mod mountpoint;
 pub mod readahead;
+mod session;
 pub mod source;
 pub mod testing;
 

@@ -18,13 +18,13 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 
-use crate::cli::{init_logging_to, open_tree, parse_channel_spec, MountArgs};
+use super::args::{parse_channel_spec, MountArgs};
+use super::logging::init_logging_to;
+use super::receive::{open_tree, KEY_FD};
 use crate::fetch::tree::Origin;
 use crate::mountfs::TreeSource;
 
 const READY_FD: &str = "LCFS_READY_FD";
-/// The descriptor on which a daemon child reads the 32-byte key its parent derived.
-const KEY_FD: &str = "LCFS_KEY_FD";
 
 /// True in the detached child of `lcfs mount --daemon`.
 pub fn is_daemon_child() -> bool {
@@ -125,27 +125,6 @@ fn take_ready_pipe() -> Option<OwnedFd> {
 fn write_fd(fd: &OwnedFd, bytes: &[u8]) -> std::io::Result<()> {
     let mut f = std::fs::File::from(fd.try_clone()?);
     f.write_all(bytes)
-}
-
-/// The key a daemon's parent handed over (see [`spawn_daemon`]), read once.
-pub(crate) fn inherited_key() -> anyhow::Result<Option<crate::channel::MasterKey>> {
-    use std::io::Read;
-    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let Some(fd) = std::env::var(KEY_FD)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-    else {
-        return Ok(None);
-    };
-    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
-        bail!("the channel key from the parent of the mount daemon was already read");
-    }
-    // SAFETY: the parent passed this descriptor for us alone; nothing else owns it.
-    let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    let mut key = zeroize::Zeroizing::new([0u8; 32]);
-    f.read_exact(&mut key[..])
-        .context("reading the channel key from the parent of the mount daemon")?;
-    Ok(Some(crate::channel::MasterKey::from_bytes(*key)))
 }
 
 /// Starts the detached child and waits for its verdict. A password is asked for (or taken
