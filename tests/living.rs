@@ -178,14 +178,27 @@ fn differences(want: &Snapshot, got: &Snapshot) -> Vec<String> {
         .filter(|p| want.get(*p) != got.get(*p))
         .take(8)
         .map(|p| {
-            format!(
-                "{}: want {:?}, got {:?}",
-                p.display(),
-                want.get(p),
-                got.get(p)
-            )
+            let (w, g) = (describe(want.get(p)), describe(got.get(p)));
+            format!("{}: want {w}, got {g}", p.display())
         })
         .collect()
+}
+
+fn describe(node: Option<&Node>) -> String {
+    let t = |(s, ns): &(i64, i64)| format!("mtime {s}.{ns:09}");
+    match node {
+        None => "nothing".into(),
+        Some(Node::File { mode, mtime, hash }) => {
+            format!("file {mode:04o} {} b3 {}", t(mtime), hex(&hash[..6]))
+        }
+        Some(Node::Dir { mode, mtime }) => format!("dir {mode:04o} {}", t(mtime)),
+        Some(Node::Link { target, mtime }) => format!("link to {target:?} {}", t(mtime)),
+        Some(Node::Unreadable(e)) => e.clone(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 // ---------------------------------------------------------------- the publisher's changes
@@ -638,6 +651,8 @@ struct Living {
     /// The server's egress while nothing changes, in bytes a second (root records).
     idle_rate: f64,
     generation: u64,
+    /// Bytes of every object of the first generation.
+    first_objects: u64,
     lab: Lab,
 }
 
@@ -824,6 +839,52 @@ fn check_bytes(figures: &[Figures]) {
     }
 }
 
+/// `user.lcfs.fetched_bytes` of the mount: object bytes its engine took from the network.
+fn mount_fetched(mnt: &Path) -> u64 {
+    let path = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
+    let mut buf = [0u8; 32];
+    // SAFETY: both names are NUL-terminated, and buf is writable for its whole length.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"user.lcfs.fetched_bytes".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let err = io::Error::last_os_error();
+    let text = buf.get(..usize::try_from(n).unwrap_or_else(|_| panic!("getxattr: {err}")));
+    let text = String::from_utf8_lossy(text.unwrap_or_default());
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("fetched_bytes {text:?}: {e}"))
+}
+
+/// Object bytes the copy took from the network, summed over its `copied ...` lines.
+fn copy_fetched(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .filter_map(|l| number_before(l, " bytes from the network"))
+        .sum()
+}
+
+/// The mount and the copy share one cache: every object of every generation came from the
+/// network once, into one of them, and the other read it from the cache.
+fn check_fetched_once(living: &Living, figures: &[Figures]) {
+    let all = living.first_objects + figures.iter().map(|f| f.new_bytes).sum::<u64>();
+    let mount = mount_fetched(&living.shared.mnt);
+    let copy = copy_fetched(&living.copy.stderr_so_far());
+    eprintln!(
+        "objects of every generation: {all} B; fetched from the network by the mount {mount} B, \
+         by the copy {copy} B"
+    );
+    assert!(
+        mount + copy <= all,
+        "the mount ({mount} B) and the copy ({copy} B) fetched more than every object once \
+         ({all} B): the shared cache did not spare a transfer"
+    );
+}
+
 // ---------------------------------------------------------------- the scenario
 
 /// Server, mount, copy and readers up on the first tree, everything read once.
@@ -844,6 +905,8 @@ fn start(tmp: &Path, publisher: &Publisher) -> Living {
         passes: (0..READERS).map(|_| AtomicU64::new(0)).collect(),
     });
     let generation = server.ready.generation;
+    let first = published_line(&server, &server.ready);
+    let first_objects = number_before(&first, " bytes)").expect("the objects' bytes");
     let mut living = Living {
         mount,
         copy,
@@ -854,6 +917,7 @@ fn start(tmp: &Path, publisher: &Publisher) -> Living {
         states: Vec::new(),
         idle_rate: 0.0,
         generation,
+        first_objects,
         lab,
     };
     living.record_state();
@@ -902,6 +966,7 @@ fn serve_mount_and_copy_follow_changes_together() {
     );
     assert!(verdict.good > 1000, "the readers read too little");
     check_bytes(&figures);
+    check_fetched_once(&living, &figures);
 
     let Living {
         copy, dest, src, ..
@@ -915,4 +980,62 @@ fn serve_mount_and_copy_follow_changes_together() {
     assert_trees_equal(&src, &dest);
     drop(living.mount);
     living.server.stop();
+}
+
+/// The judge itself, on made-up states and reads: each kind of bad read is caught, and what
+/// the rules allow is not.
+#[test]
+fn the_judge_catches_every_bad_read() {
+    let file = |h: u8| Node::File {
+        mode: 0o644,
+        mtime: (0, 0),
+        hash: [h; 32],
+    };
+    let state = |entries: &[(&str, u8)]| -> Snapshot {
+        entries
+            .iter()
+            .map(|(p, h)| (PathBuf::from(p), file(*h)))
+            .collect()
+    };
+    // Change 1 replaces "a" and deletes "b"; change 2 leaves both alone; "k" never changes.
+    let states = [
+        state(&[("a", 1), ("b", 2), ("k", 9)]),
+        state(&[("a", 3), ("k", 9)]),
+        state(&[("a", 3), ("k", 9)]),
+    ];
+    let paths = [PathBuf::from("a"), PathBuf::from("b"), PathBuf::from("k")];
+    let now = Instant::now();
+    let moves = [(now, now), (now, now)];
+    let op = |path: u32, rounds: (u32, u32), took_ms: u64, got: Result<u8, i32>| Op {
+        path,
+        rounds,
+        span: (now, now),
+        took: Duration::from_millis(took_ms),
+        got: got.map(|h| [h; 32]).map_err(io::Error::from_raw_os_error),
+    };
+    let allowed = [
+        op(0, (1, 1), 5, Ok(1)), // the old version, while change 1 is made
+        op(0, (1, 1), 5, Ok(3)), // the new one
+        op(0, (1, 1), 5, Err(libc::ESTALE)), // a changed file gone stale
+        op(1, (1, 2), 5, Err(libc::ENOENT)), // a deleted file
+        op(2, (0, 2), 900, Ok(9)), // unchanged, slow but fine
+    ];
+    let v = judge(&states, &moves, &paths, &allowed);
+    assert!(v.bad.is_empty(), "{:?}", v.bad);
+    assert_eq!((v.good, v.stale, v.absent), (3, 1, 1));
+    let bad = [
+        op(0, (1, 1), 5, Ok(7)),             // bytes of no version: a mix
+        op(0, (2, 2), 5, Ok(1)),             // the old version after change 1 settled
+        op(0, (1, 1), 1500, Ok(3)),          // a changed file, read in 1.5 s
+        op(0, (1, 1), 5, Err(libc::EIO)),    // a changed file, failing with EIO
+        op(0, (2, 2), 5, Err(libc::ESTALE)), // stale long after its change
+        op(2, (1, 2), 5, Err(libc::ESTALE)), // an unchanged file gone stale
+        op(2, (1, 1), 5, Err(libc::ENOENT)), // an unchanged file missing
+        op(0, (2, 2), 5, Err(libc::ENOENT)), // a replaced file missing
+    ];
+    for o in bad {
+        let what = format!("{:?} during {:?}", o.got.as_ref().map(|h| h[0]), o.rounds);
+        let v = judge(&states, &moves, &paths, &[o]);
+        assert_eq!(v.bad.len(), 1, "not caught: {what}");
+    }
 }
