@@ -692,19 +692,8 @@ impl Living {
         self.shared.round.store(n as u32, Ordering::SeqCst);
         let (_, before) = self.lab.port_rx("srv");
         let started = Instant::now();
-        let kind = publisher.apply(n);
-        self.record_state();
-        let ready = self.server.try_wait_ready(Duration::from_secs(10));
-        let ready = ready.unwrap_or_else(|| panic!("change {n} ({kind}): nothing published"));
+        let (kind, mut new_bytes) = self.publish(publisher, n);
         let published = started.elapsed();
-        assert!(
-            ready.generation > self.generation,
-            "change {n} ({kind}): generation {} after {}",
-            ready.generation,
-            self.generation
-        );
-        self.generation = ready.generation;
-        let mut new_bytes = new_objects(&self.server, &ready);
         let visible = self.wait_visible(n, kind);
         let moved = (started, Instant::now());
         let mirrored = self.wait_mirrored(n, kind);
@@ -715,7 +704,6 @@ impl Living {
         new_bytes += self.later_generations(n, kind);
         let raw_sent = self.lab.port_rx("srv").1 - before;
         let idle = self.idle_rate * started.elapsed().as_secs_f64();
-        let sent = raw_sent.saturating_sub(idle as u64);
         Figures {
             kind,
             published,
@@ -724,8 +712,25 @@ impl Living {
             moved,
             new_bytes,
             raw_sent,
-            sent,
+            sent: raw_sent.saturating_sub(idle as u64),
         }
+    }
+
+    /// Makes change `n` and waits for the server's ready line for it; its kind and the bytes
+    /// of the generation's new objects.
+    fn publish(&mut self, publisher: &mut Publisher, n: usize) -> (&'static str, u64) {
+        let kind = publisher.apply(n);
+        self.record_state();
+        let ready = self.server.try_wait_ready(Duration::from_secs(10));
+        let ready = ready.unwrap_or_else(|| panic!("change {n} ({kind}): nothing published"));
+        assert!(
+            ready.generation > self.generation,
+            "change {n} ({kind}): generation {} after {}",
+            ready.generation,
+            self.generation
+        );
+        self.generation = ready.generation;
+        (kind, new_objects(&self.server, &ready))
     }
 
     /// The new objects of generations published after the first one for change `n`: a
@@ -883,9 +888,13 @@ fn mount_fetched(mnt: &Path) -> u64 {
             buf.len(),
         )
     };
-    let err = io::Error::last_os_error();
-    let text = buf.get(..usize::try_from(n).unwrap_or_else(|_| panic!("getxattr: {err}")));
-    let text = String::from_utf8_lossy(text.unwrap_or_default());
+    let Ok(n) = usize::try_from(n) else {
+        panic!(
+            "getxattr user.lcfs.fetched_bytes: {}",
+            io::Error::last_os_error()
+        )
+    };
+    let text = String::from_utf8_lossy(buf.get(..n).unwrap_or_default());
     text.trim()
         .parse()
         .unwrap_or_else(|e| panic!("fetched_bytes {text:?}: {e}"))
