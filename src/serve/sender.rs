@@ -389,7 +389,7 @@ impl SenderLoop {
         let bytes = match table.load(hash) {
             Ok(b) => b,
             Err(e) => {
-                self.sched.forget(hash);
+                self.sched.forget(Instant::now(), hash);
                 self.report_unloadable(table, hash, &e);
                 return None;
             }
@@ -405,7 +405,7 @@ impl SenderLoop {
             }
             Err(e) => {
                 tracing::warn!("cannot encode object {hash}: {e}");
-                self.sched.forget(hash);
+                self.sched.forget(Instant::now(), hash);
                 None
             }
         }
