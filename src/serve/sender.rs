@@ -9,6 +9,9 @@
 //! descriptor with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` (`Table::load`, `index::read_block`):
 //! a symlink planted on the block's path after indexing makes it "changed", never followed.
 
+pub mod carousel;
+pub mod encoders;
+
 use std::collections::HashSet;
 use std::net::{Ipv6Addr, SocketAddrV6};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
