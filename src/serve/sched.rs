@@ -366,8 +366,8 @@ impl Scheduler {
     }
 
     /// Restarts an object's symbols at zero (after its bytes were found to have changed).
-    pub fn forget(&mut self, hash: &Hash) {
-        self.handle_inactive(Instant::now(), hash);
+    pub fn forget(&mut self, now: Instant, hash: &Hash) {
+        self.handle_inactive(now, hash);
         self.cursors.remove(hash);
     }
 
@@ -516,7 +516,8 @@ impl Pacer {
     /// A pacer for `rate_bps` bits per second that lets `burst` bytes out back to back.
     pub fn new(now: Instant, rate_bps: u64, burst: usize) -> Pacer {
         Pacer {
-            bytes_per_sec: rate_bps as f64 / 8.0,
+            // A floor keeps the timer maths finite for a rate that rounds to zero.
+            bytes_per_sec: (rate_bps as f64 / 8.0).max(1.0),
             burst: burst as f64,
             tokens: burst as f64,
             last: now,
@@ -543,11 +544,17 @@ impl Pacer {
     /// When `bytes` will be available.
     pub fn poll_timeout(&mut self, now: Instant, bytes: usize) -> Instant {
         self.refill(now);
-        let missing = bytes as f64 - self.tokens;
+        self.ready_at(bytes)
+    }
+
+    /// When `bytes` will be available, counted from the last refill (no clock needed). More
+    /// than `burst` never is: that asks for `burst`.
+    pub fn ready_at(&self, bytes: usize) -> Instant {
+        let missing = (bytes as f64).min(self.burst) - self.tokens;
         if missing <= 0.0 {
-            return now;
+            return self.last;
         }
-        now + Duration::from_secs_f64(missing / self.bytes_per_sec)
+        self.last + Duration::from_secs_f64(missing / self.bytes_per_sec)
     }
 }
 
@@ -606,7 +613,7 @@ mod tests {
             s.poll_transmit(now),
             Some(Transmit::Symbol { hash: h(1), esi: 1 })
         );
-        s.forget(&h(1));
+        s.forget(now, &h(1));
         s.handle_active(h(1), 100, false);
         assert_eq!(
             s.poll_transmit(now),
@@ -853,9 +860,28 @@ mod tests {
         assert_eq!(p.available(t0), 0);
         assert_eq!(p.poll_timeout(t0, 1000), t0 + Duration::from_millis(1));
         assert_eq!(
+            p.ready_at(1000),
+            t0 + Duration::from_millis(1),
+            "no clock needed"
+        );
+        assert_eq!(
+            p.ready_at(50_000),
+            t0 + Duration::from_millis(10),
+            "never more than the burst"
+        );
+        assert_eq!(
             p.available(t0 + Duration::from_secs(1)),
             10_000,
             "burst caps the bucket"
         );
+    }
+
+    #[test]
+    fn a_rate_that_rounds_to_zero_waits_instead_of_panicking() {
+        // `--rate 0.5` parses to 0 bit/s.
+        let t0 = Instant::now();
+        let mut p = Pacer::new(t0, 0, 3000);
+        p.handle_sent(t0, 3000);
+        assert!(p.poll_timeout(t0, 1500) > t0);
     }
 }

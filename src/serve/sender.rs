@@ -1,32 +1,46 @@
-//! The sender's I/O loop: MLD events in, paced batches of symbols out.
+//! The sender's I/O shell: MLD events in, paced batches of symbols out.
 //!
-//! One thread owns the send socket, the [`Scheduler`], the [`Pacer`] and a byte-bounded cache
-//! of RaptorQ encoders. It sleeps while no group has listeners, and otherwise fills each batch
-//! from the scheduler, limited by the pacer. A block is read from disk and hashed again before
-//! its encoder is built; a block whose file changed is never sent as the old object: it is
-//! dropped and, when it belongs to the current generation, reported so that the server
-//! reindexes (blocks kept from older generations are expected to change, see `table.rs`). That read goes through the served tree's
-//! descriptor with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` (`Table::load`, `index::read_block`):
-//! a symlink planted on the block's path after indexing makes it "changed", never followed.
+//! The state lives in [`carousel`] (sans-IO: which object each listened group names, the
+//! encoders at hand, the scheduler and the pacer, all fed `now`). This shell owns what it
+//! cannot: the send socket, the disk, the clock and the thread. Each turn it waits for MLD
+//! events until the carousel's timeout, feeds it those events and the newest [`Table`], then
+//! fills a batch of up to `batch` packets from [`Carousel::poll_transmit`], building encoders
+//! when [`Carousel::poll_load`] asks, and hands the batch to `sendmmsg`.
+//!
+//! A block is read from disk and hashed again before its encoder is built; a block whose file
+//! changed is never sent as the old object: the carousel drops it and, when it belongs to the
+//! current generation, the shell reports it so that the server reindexes (blocks kept from
+//! older generations are expected to change, see `table.rs`). That read goes through the
+//! served tree's descriptor with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` (`Table::load`,
+//! `index::read_block`): a symlink planted on the block's path after indexing makes it
+//! "changed", never followed.
+//!
+//! Layout: `sender.rs` (this shell), `sender/carousel.rs` (the state, with its tests in
+//! `sender/carousel/tests.rs`), `sender/encoders.rs` (the byte-bounded encoder LRU).
 
-use std::collections::HashSet;
-use std::net::{Ipv6Addr, SocketAddrV6};
+pub mod carousel;
+pub mod encoders;
+
+use std::net::SocketAddrV6;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use lcfs_cache::Hash;
-use lru::LruCache;
 use socket2::Socket;
 
-use super::sched::{Pacer, SchedConfig, Scheduler, Transmit};
 use super::table::{LoadError, Table};
 use super::watch::Notice;
-use crate::fec::{symbol_size_for_object, ObjectEncoder};
+use crate::channel::SealKeys;
+use crate::fec::ObjectEncoder;
 use crate::mld::GroupEvent;
 use crate::net::{send_batch, WIRE_OVERHEAD};
 use crate::packet;
+use carousel::{Carousel, CarouselConfig, Load, Payload, Transmit};
+use lcfs_cache::Hash;
+
+/// The longest wait for events: how soon a shutdown or a new table is noticed when idle.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
@@ -53,6 +67,19 @@ impl Default for SenderConfig {
     }
 }
 
+impl SenderConfig {
+    fn carousel(&self) -> CarouselConfig {
+        CarouselConfig {
+            rate_bps: self.rate_bps,
+            max_payload: self.max_payload,
+            burst_packets: self.batch,
+            wake_packets: self.batch.min(8),
+            encoder_memory: self.encoder_memory,
+            ..CarouselConfig::default()
+        }
+    }
+}
+
 /// Counters a running sender keeps; read them from any thread.
 #[derive(Default, Debug)]
 pub struct SendStats {
@@ -65,46 +92,14 @@ pub struct SendStats {
 /// The shared, swappable table of what is published now.
 pub type SharedTable = Arc<RwLock<Arc<Table>>>;
 
-struct Encoders {
-    lru: LruCache<Hash, Arc<ObjectEncoder>>,
-    bytes: usize,
-    max: usize,
-}
-
-impl Encoders {
-    fn get(&mut self, hash: &Hash) -> Option<Arc<ObjectEncoder>> {
-        self.lru.get(hash).cloned()
-    }
-
-    fn put(&mut self, hash: Hash, enc: Arc<ObjectEncoder>) {
-        self.bytes += enc_size(&enc);
-        self.lru.put(hash, enc);
-        while self.bytes > self.max && self.lru.len() > 1 {
-            if let Some((_, old)) = self.lru.pop_lru() {
-                self.bytes -= enc_size(&old);
-            }
-        }
-    }
-}
-
-fn enc_size(e: &ObjectEncoder) -> usize {
-    // The padded source plus, once repair symbols were asked for, RaptorQ's copy of the
-    // source symbols and its intermediate symbols, each about as large again (measured with
-    // heaptrack): count all three, as an encoder may need them at any time.
-    3 * e.source_symbols() as usize * e.symbol_size()
-}
-
 pub struct SenderLoop {
-    config: SenderConfig,
+    port: u16,
     socket: Socket,
     table: SharedTable,
-    current: Arc<Table>,
-    sched: Scheduler,
-    pacer: Pacer,
-    encoders: Encoders,
-    active: HashSet<Ipv6Addr>,
+    carousel: Carousel,
     stats: Arc<SendStats>,
     changed: Sender<Notice>,
+    /// The batch being filled: `packets[..used]` and their destinations. Buffers are reused.
     packets: Vec<Vec<u8>>,
     dests: Vec<SocketAddrV6>,
     symbol: Vec<u8>,
@@ -118,27 +113,17 @@ impl SenderLoop {
         stats: Arc<SendStats>,
         changed: Sender<Notice>,
     ) -> SenderLoop {
-        let now = Instant::now();
-        let burst = config.batch * (config.max_payload + WIRE_OVERHEAD);
-        let current = table.read().expect("table lock").clone();
+        let current = table.read().unwrap_or_else(|p| p.into_inner()).clone();
         SenderLoop {
-            pacer: Pacer::new(now, config.rate_bps, burst),
-            encoders: Encoders {
-                lru: LruCache::unbounded(),
-                bytes: 0,
-                max: config.encoder_memory,
-            },
-            sched: Scheduler::new(SchedConfig::default()),
+            carousel: Carousel::new(Instant::now(), config.carousel(), current),
+            port: config.port,
             socket,
             table,
-            current,
-            active: HashSet::new(),
             stats,
             changed,
-            packets: Vec::new(),
+            packets: vec![Vec::new(); config.batch.max(1)],
             dests: Vec::new(),
             symbol: Vec::new(),
-            config,
         }
     }
 
@@ -148,227 +133,107 @@ impl SenderLoop {
             if !self.handle_events(&events) {
                 break;
             }
-            self.refresh_table();
+            let latest = self.table.read().unwrap_or_else(|p| p.into_inner()).clone();
+            self.carousel.handle_table(Instant::now(), latest);
             if let Err(e) = self.send_some() {
                 tracing::warn!("sending on the multicast socket failed: {e}");
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        let s = self.sched.stats();
-        tracing::debug!(
-            "scheduler: {} distinct objects; metadata {} activations, {} of {} source symbols sent, {} later rounds; blocks {} activations, {} of {} source symbols sent, {} later rounds; margin {:.3}; leaves after <10/20/40/80/160/more ms: {:?}; {} bulk rounds let ahead",
-            s.distinct, s.activations[0], s.sent[0], s.source_symbols[0], s.later_rounds[0],
-            s.activations[1], s.sent[1], s.source_symbols[1], s.later_rounds[1], self.sched.margin(), s.leave_delay,
-            s.bulk_turns
-        );
+        self.log_stats();
     }
 
-    /// Applies pending MLD events, waiting for one while there is nothing to send.
+    /// Waits for MLD events until the carousel has something to do, and feeds them all.
     fn handle_events(&mut self, events: &Receiver<GroupEvent>) -> bool {
         let now = Instant::now();
-        let wait = if self.sched.is_idle() {
-            Duration::from_millis(100)
-        } else {
-            match self.sched.poll_timeout() {
-                Some(t) => t
-                    .saturating_duration_since(now)
-                    .min(Duration::from_millis(100)),
-                None => Duration::ZERO,
-            }
-        };
+        let wait = self
+            .carousel
+            .poll_timeout()
+            .map_or(IDLE_WAIT, |t| t.saturating_duration_since(now))
+            .min(IDLE_WAIT);
         let first = match events.recv_timeout(wait) {
             Ok(e) => e,
             Err(RecvTimeoutError::Timeout) => return true,
             Err(RecvTimeoutError::Disconnected) => return false,
         };
-        self.apply(first);
+        let now = Instant::now();
+        self.carousel.handle_group_event(now, first);
         while let Ok(e) = events.try_recv() {
-            self.apply(e);
+            self.carousel.handle_group_event(now, e);
         }
         true
     }
 
-    fn apply(&mut self, event: GroupEvent) {
-        let now = Instant::now();
-        let (group, on) = match event {
-            GroupEvent::Active(g) => (g, true),
-            GroupEvent::Inactive(g) => (g, false),
-            GroupEvent::Leaving(g) => {
-                // The root record and the beacon are cheap: they go on until `Inactive`.
-                if let Some(hash) = self.current.hash_of(&g) {
-                    self.sched.handle_leaving(now, &hash);
-                }
-                return;
-            }
-        };
-        if on {
-            self.active.insert(group);
-        } else {
-            self.active.remove(&group);
-        }
-        self.route(now, group, on);
-    }
-
-    fn route(&mut self, now: Instant, group: Ipv6Addr, on: bool) {
-        if group == self.current.root.group {
-            tracing::debug!(on, "root group");
-            self.sched.handle_root(now, on);
-        } else if group == self.current.air.group {
-            tracing::debug!(on, "beacon group");
-            self.sched.handle_air(now, on);
-        } else if let Some(hash) = self.current.hash_of(&group) {
-            tracing::trace!(%hash, on, "object group");
-            if on {
-                self.sched
-                    .handle_active(hash, self.source_symbols(&hash), self.urgent(&hash));
-            } else {
-                self.sched.handle_inactive(now, &hash);
-            }
-        }
-    }
-
-    /// Metadata (kept in memory: directories, file indexes) is urgent: receivers walk it
-    /// before they can ask for blocks.
-    fn urgent(&self, hash: &Hash) -> bool {
-        matches!(
-            self.current.object(hash).map(|o| &o.source),
-            Some(super::index::Source::Memory(_))
-        )
-    }
-
-    /// K of an object, from its length and the symbol size it will be sent with.
-    fn source_symbols(&self, hash: &Hash) -> u32 {
-        let len = self.current.object(hash).map_or(1, |o| o.len as u64);
-        let link = packet::symbol_size_for(
-            self.config.max_payload,
-            self.current.channel.seal().is_some(),
-        );
-        len.div_ceil(symbol_size_for_object(len, link) as u64) as u32
-    }
-
-    /// Picks up a new generation's table and re-routes the groups that have listeners.
-    fn refresh_table(&mut self) {
-        let latest = self.table.read().expect("table lock").clone();
-        if Arc::ptr_eq(&latest, &self.current) {
-            return;
-        }
-        // Groups are derived from object hashes, so a group active in both tables names the
-        // same object and its round goes on untouched: only groups whose object left or came
-        // are routed again (the root and beacon groups stay; the new record goes out on the
-        // root's next repeat).
-        let now = Instant::now();
-        let moved: Vec<Ipv6Addr> = self
-            .active
-            .iter()
-            .copied()
-            .filter(|g| self.current.hash_of(g) != latest.hash_of(g))
-            .collect();
-        for &g in &moved {
-            self.route(now, g, false);
-        }
-        self.current = latest;
-        for g in moved {
-            self.route(now, g, true);
-        }
-    }
-
-    fn wire(&self, payload: usize) -> usize {
-        payload + WIRE_OVERHEAD
-    }
-
+    /// Sends one batch, if anything is due.
     fn send_some(&mut self) -> std::io::Result<()> {
-        if self.sched.is_idle() {
+        let used = self.fill(Instant::now());
+        if used == 0 {
             return Ok(());
         }
-        let now = Instant::now();
-        let full = self.wire(self.config.max_payload);
-        let room = self.pacer.available(now) / full;
-        if room == 0 {
-            let at = self
-                .pacer
-                .poll_timeout(now, full * self.config.batch.min(8));
-            std::thread::sleep(at.saturating_duration_since(now));
-            return Ok(());
-        }
-        self.fill(now, room.min(self.config.batch));
-        if self.packets.is_empty() {
-            return Ok(());
-        }
-        let sent = send_batch(&self.socket, &self.dests, &self.packets)?;
+        let result = send_batch(&self.socket, &self.dests, &self.packets[..used]);
+        let sent = *result.as_ref().unwrap_or(&0);
         let bytes: usize = self.packets[..sent]
             .iter()
-            .map(|p| self.wire(p.len()))
+            .map(|p| p.len() + WIRE_OVERHEAD)
             .sum();
-        self.pacer.handle_sent(Instant::now(), bytes);
+        self.carousel.handle_sent(Instant::now(), bytes);
         self.stats.packets.fetch_add(sent as u64, Ordering::Relaxed);
         self.stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        Ok(())
+        result.map(|_| ())
     }
 
-    /// Fills the batch with up to `n` packets.
-    fn fill(&mut self, now: Instant, n: usize) {
-        self.packets.resize_with(n, Vec::new);
+    /// Encodes up to a batch of packets into `packets`, returning how many.
+    fn fill(&mut self, now: Instant) -> usize {
         self.dests.clear();
         let mut used = 0;
-        while used < n {
-            let Some(t) = self.sched.poll_transmit(now) else {
+        while used < self.packets.len() {
+            let Some(t) = self.next_transmit(now) else {
                 break;
             };
-            let table = self.current.clone();
-            let mut out = std::mem::take(&mut self.packets[used]);
-            let dest = match t {
-                Transmit::Root => {
-                    packet::encode_root(
-                        &mut out,
-                        table.root.tag,
-                        &table.record(),
-                        table.channel.seal(),
-                    );
-                    self.stats.root_packets.fetch_add(1, Ordering::Relaxed);
-                    table.root.group
-                }
-                Transmit::Air => {
-                    let tags: Vec<_> = self
-                        .sched
-                        .on_air(packet::MAX_AIR_TAGS)
-                        .iter()
-                        .map(|h| table.channel.object_address(h).tag)
-                        .collect();
-                    packet::encode_air(&mut out, table.air.tag, &tags, table.channel.seal());
-                    table.air.group
-                }
-                Transmit::Symbol { hash, esi } => match self.encode(&table, &hash, esi, &mut out) {
-                    Some(group) => group,
-                    None => {
-                        self.packets[used] = out;
-                        continue;
-                    }
-                },
-            };
-            self.packets[used] = out;
+            let seal = self.carousel.table().channel.seal();
+            let out = &mut self.packets[used];
+            if matches!(t.payload, Payload::Root(_)) {
+                self.stats.root_packets.fetch_add(1, Ordering::Relaxed);
+            }
+            encode(&t, seal, &mut self.symbol, out);
             self.dests
-                .push(SocketAddrV6::new(dest, self.config.port, 0, 0));
+                .push(SocketAddrV6::new(t.to.group, self.port, 0, 0));
             used += 1;
         }
-        self.packets.truncate(used);
+        used
     }
 
-    /// Encodes one symbol of `hash` into `out`; None if the object cannot be sent.
-    fn encode(
-        &mut self,
-        table: &Table,
-        hash: &Hash,
-        esi: u32,
-        out: &mut Vec<u8>,
-    ) -> Option<Ipv6Addr> {
-        let enc = match self.encoders.get(hash) {
-            Some(e) => e,
-            None => self.build_encoder(table, hash)?,
+    /// The carousel's next packet, building the encoders it asks for on the way.
+    fn next_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        loop {
+            if let Some(t) = self.carousel.poll_transmit(now) {
+                return Some(t);
+            }
+            let load = self.carousel.poll_load()?;
+            self.load(now, load);
+        }
+    }
+
+    /// Reads and re-verifies an object, and builds its encoder (off the carousel).
+    fn load(&mut self, now: Instant, load: Load) {
+        let table = self.carousel.table().clone();
+        let bytes = match table.load(&load.hash) {
+            Ok(b) => b,
+            Err(e) => {
+                self.carousel.handle_unloadable(now, load.hash);
+                return self.report_unloadable(&table, &load.hash, &e);
+            }
         };
-        let addr = table.channel.object_address(hash);
-        enc.symbol(esi, &mut self.symbol);
-        packet::encode_symbol(out, addr.tag, esi, &self.symbol, table.channel.seal());
-        Some(addr.group)
+        match ObjectEncoder::new(&bytes, load.symbol_size) {
+            Ok(encoder) => {
+                self.stats.encoders_built.fetch_add(1, Ordering::Relaxed);
+                self.carousel.handle_encoder(now, load.hash, encoder);
+            }
+            Err(e) => {
+                tracing::warn!("cannot encode object {}: {e}", load.hash);
+                self.carousel.handle_unloadable(now, load.hash);
+            }
+        }
     }
 
     /// A block of the current generation that changed on disk means the tree changed: the
@@ -385,29 +250,26 @@ impl SenderLoop {
         }
     }
 
-    fn build_encoder(&mut self, table: &Table, hash: &Hash) -> Option<Arc<ObjectEncoder>> {
-        let bytes = match table.load(hash) {
-            Ok(b) => b,
-            Err(e) => {
-                self.sched.forget(hash);
-                self.report_unloadable(table, hash, &e);
-                return None;
-            }
-        };
-        let link = packet::symbol_size_for(self.config.max_payload, table.channel.seal().is_some());
-        let size = symbol_size_for_object(bytes.len() as u64, link);
-        match ObjectEncoder::new(&bytes, size) {
-            Ok(enc) => {
-                let enc = Arc::new(enc);
-                self.encoders.put(*hash, enc.clone());
-                self.stats.encoders_built.fetch_add(1, Ordering::Relaxed);
-                Some(enc)
-            }
-            Err(e) => {
-                tracing::warn!("cannot encode object {hash}: {e}");
-                self.sched.forget(hash);
-                None
-            }
+    fn log_stats(&self) {
+        let sched = self.carousel.scheduler();
+        let s = sched.stats();
+        tracing::debug!(
+            "scheduler: {} distinct objects; metadata {} activations, {} of {} source symbols sent, {} later rounds; blocks {} activations, {} of {} source symbols sent, {} later rounds; margin {:.3}; leaves after <10/20/40/80/160/more ms: {:?}; {} bulk rounds let ahead",
+            s.distinct, s.activations[0], s.sent[0], s.source_symbols[0], s.later_rounds[0],
+            s.activations[1], s.sent[1], s.source_symbols[1], s.later_rounds[1], sched.margin(), s.leave_delay,
+            s.bulk_turns
+        );
+    }
+}
+
+/// Writes the packet `t` describes into `out`.
+fn encode(t: &Transmit, seal: Option<&SealKeys>, symbol: &mut Vec<u8>, out: &mut Vec<u8>) {
+    match &t.payload {
+        Payload::Root(record) => packet::encode_root(out, t.to.tag, record, seal),
+        Payload::Air(tags) => packet::encode_air(out, t.to.tag, tags, seal),
+        Payload::Symbol { esi, encoder, .. } => {
+            encoder.symbol(*esi, symbol);
+            packet::encode_symbol(out, t.to.tag, *esi, symbol, seal);
         }
     }
 }
