@@ -19,3 +19,4 @@ pub mod packet;
 pub mod prefetch;
 pub mod progress;
 pub mod serve;
+pub mod sim;

@@ -1,0 +1,101 @@
+//! What one simulated run measured, and its one-paragraph printout.
+
+use std::fmt;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub name: String,
+    pub seed: u64,
+    pub receivers: usize,
+    /// Bytes of every object one receiver of the whole workload needs.
+    pub data_bytes: u64,
+    /// Wire bytes the server sent (payload and headers), every packet counted.
+    pub server_bytes: u64,
+    pub server_packets: u64,
+    /// What unicast would send: the bytes each receiver that finished verified, summed.
+    pub unicast_bytes: u64,
+    /// Per receiver that finished: from its start to its last object verified, sorted.
+    pub completion: Vec<Duration>,
+    /// The longest any receiver waited for one object, from its request to its completion.
+    pub max_wait: Duration,
+    /// Receivers that should have finished (not stopped, not crashed) and did not end with
+    /// every object verified.
+    pub unfinished: usize,
+    /// Fetches that failed (timed out), over all receivers.
+    pub failures: u64,
+    /// Objects that failed to decode or did not fit their reference.
+    pub invalid: usize,
+    /// Packets sent on a group no receiver had joined then (allowing for a leave or a
+    /// crash to reach the server and its last-listener check, or expiry, to run).
+    pub sent_unjoined: u64,
+    /// Packets sent on a group no receiver ever joined.
+    pub sent_never_joined: u64,
+    pub encoders_built: u64,
+    pub rejoins: u64,
+    /// Virtual time the run covered.
+    pub sim_time: Duration,
+    /// Real time it took.
+    pub wall_time: Duration,
+}
+
+impl Report {
+    /// Server bytes over the data one receiver needs.
+    pub fn over_data(&self) -> f64 {
+        self.server_bytes as f64 / self.data_bytes.max(1) as f64
+    }
+
+    /// Server bytes over what unicast would have sent.
+    pub fn over_unicast(&self) -> f64 {
+        self.server_bytes as f64 / self.unicast_bytes.max(1) as f64
+    }
+
+    /// The (min, median, max) completion time.
+    pub fn completion_summary(&self) -> (Duration, Duration, Duration) {
+        let c = &self.completion;
+        match (c.first(), c.get(c.len() / 2), c.last()) {
+            (Some(a), Some(b), Some(z)) => (*a, *b, *z),
+            _ => Default::default(),
+        }
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (lo, med, hi) = self.completion_summary();
+        writeln!(
+            f,
+            "sim {} (seed {}): {} receivers, data {} B, server {} B in {} packets = {:.3}x data, {:.4}x unicast",
+            self.name,
+            self.seed,
+            self.receivers,
+            self.data_bytes,
+            self.server_bytes,
+            self.server_packets,
+            self.over_data(),
+            self.over_unicast()
+        )?;
+        writeln!(
+            f,
+            "  completion min/median/max {:.2}/{:.2}/{:.2} s over {} receivers; longest wait for one object {:.2} s",
+            lo.as_secs_f64(),
+            med.as_secs_f64(),
+            hi.as_secs_f64(),
+            self.completion.len(),
+            self.max_wait.as_secs_f64()
+        )?;
+        write!(
+            f,
+            "  unfinished {}, failed fetches {}, invalid {}, sent on unjoined groups {} (never joined {}), encoders built {}, rejoins {}; {:.1} s simulated in {:.2} s",
+            self.unfinished,
+            self.failures,
+            self.invalid,
+            self.sent_unjoined,
+            self.sent_never_joined,
+            self.encoders_built,
+            self.rejoins,
+            self.sim_time.as_secs_f64(),
+            self.wall_time.as_secs_f64()
+        )
+    }
+}

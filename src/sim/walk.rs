@@ -1,0 +1,224 @@
+//! A receiver's workload, walked synchronously as `fetch::tree` walks it asynchronously:
+//! the root directory, then directories, file indexes (and their pages) and blocks, each
+//! decoded with the crate's own object decoders and checked against the reference that named
+//! it. A walk hands out requests ([`Walk::poll_request`]) and takes back verified objects.
+//!
+//! Invariants: an object is asked for only through a reference a verified object gave; a
+//! decoding error is recorded, never a panic; the walk is done when nothing is asked for or
+//! awaited (and, for random files, once the files are chosen).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use lcfs_cache::{Hash, Verified};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::channel::Tag;
+use crate::object::index::IndexShape;
+use crate::object::LEAVES_PER_PAGE;
+use crate::object::{BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef};
+
+/// What a receiver fetches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Every object of the tree (or of the one file), as `lcfs copy` of the whole channel.
+    Whole,
+    /// Every directory, then this many files chosen at random (seeded per receiver).
+    Files(usize),
+}
+
+/// What an awaited object is to the walk.
+#[derive(Clone, Copy, Debug)]
+pub enum Need {
+    Dir,
+    Index { size: u64 },
+    Page { size: u64, first: u64 },
+    Block,
+}
+
+pub struct Walk {
+    workload: Workload,
+    block_size: BlockSize,
+    rng: StdRng,
+    outbox: VecDeque<(ObjectRef, Need)>,
+    waiting: HashMap<Tag, Vec<Need>>,
+    /// Directories asked for and not yet decoded.
+    dirs_open: usize,
+    /// Files seen, for [`Workload::Files`], until they are chosen.
+    files: Vec<FileRef>,
+    chosen: bool,
+    /// Every object verified, and their bytes.
+    pub verified: HashSet<Hash>,
+    pub bytes: u64,
+    /// What failed to decode or did not fit its reference.
+    pub invalid: Vec<String>,
+}
+
+impl Walk {
+    /// A walk from the root directory `root`.
+    pub fn new(workload: Workload, block_size: BlockSize, root: ObjectRef, seed: u64) -> Walk {
+        let mut walk = Walk {
+            workload,
+            block_size,
+            rng: StdRng::seed_from_u64(seed),
+            outbox: VecDeque::new(),
+            waiting: HashMap::new(),
+            dirs_open: 0,
+            files: Vec::new(),
+            chosen: false,
+            verified: HashSet::new(),
+            bytes: 0,
+            invalid: Vec::new(),
+        };
+        walk.ask(root, Need::Dir);
+        walk
+    }
+
+    pub fn poll_request(&mut self) -> Option<(ObjectRef, Need)> {
+        self.outbox.pop_front()
+    }
+
+    /// `need` is awaited under `tag`.
+    pub fn handle_pending(&mut self, tag: Tag, need: Need) {
+        self.waiting.entry(tag).or_default().push(need);
+    }
+
+    /// The object of `tag` arrived verified.
+    pub fn handle_completed(&mut self, tag: Tag, object: &Verified) {
+        for need in self.waiting.remove(&tag).unwrap_or_default() {
+            self.handle_object(object, need);
+        }
+    }
+
+    /// The fetch of `tag` failed: what it was for is abandoned.
+    pub fn handle_failed(&mut self, tag: Tag) {
+        for need in self.waiting.remove(&tag).unwrap_or_default() {
+            self.invalid.push(format!("fetch of a {need:?} failed"));
+            if matches!(need, Need::Dir) {
+                self.close_dir();
+            }
+        }
+    }
+
+    /// Nothing is awaited or left to ask for.
+    pub fn is_done(&self) -> bool {
+        self.outbox.is_empty()
+            && self.waiting.is_empty()
+            && (self.workload == Workload::Whole || self.chosen)
+    }
+
+    /// Directly with a verified object (one that a request found completed a moment ago).
+    pub fn handle_object(&mut self, object: &Verified, need: Need) {
+        if self.verified.insert(*object.hash()) {
+            self.bytes += object.len() as u64;
+        }
+        let outcome = match need {
+            Need::Dir => self.directory(object),
+            Need::Index { size } => self.index(object, size),
+            Need::Page { size, first } => self.page(object, size, first),
+            Need::Block => Ok(()),
+        };
+        if let Err(e) = outcome {
+            self.invalid.push(e);
+        }
+    }
+
+    fn ask(&mut self, r: ObjectRef, need: Need) {
+        if matches!(need, Need::Dir) {
+            self.dirs_open += 1;
+        }
+        self.outbox.push_back((r, need));
+    }
+
+    fn directory(&mut self, object: &Verified) -> Result<(), String> {
+        let dir = Directory::decode(object);
+        let result = dir.map_err(|e| format!("directory: {e}")).map(|dir| {
+            for entry in dir.entries {
+                match entry.kind {
+                    EntryKind::Dir(r) => self.ask(r, Need::Dir),
+                    EntryKind::File(f) if self.workload == Workload::Whole => self.file(&f),
+                    EntryKind::File(f) => self.files.push(f),
+                    EntryKind::Symlink(_) => {}
+                }
+            }
+        });
+        self.close_dir();
+        result
+    }
+
+    /// One directory fewer to walk; with none left, random files are chosen.
+    fn close_dir(&mut self) {
+        self.dirs_open = self.dirs_open.saturating_sub(1);
+        let Workload::Files(n) = self.workload else {
+            return;
+        };
+        if self.dirs_open == 0 && !self.chosen {
+            self.chosen = true;
+            let mut files = std::mem::take(&mut self.files);
+            files.shuffle(&mut self.rng);
+            for f in files.iter().take(n) {
+                self.file(f);
+            }
+        }
+    }
+
+    fn file(&mut self, f: &FileRef) {
+        let bs = self.block_size;
+        match &f.content {
+            Content::Inline(_) => {}
+            Content::Block(h) => self.block(*h, f.size, 0),
+            Content::Index { index, .. } => {
+                let shape = IndexShape {
+                    blocks: bs.blocks_in(f.size),
+                };
+                if u64::from(index.len) == shape.top_len() {
+                    self.ask(*index, Need::Index { size: f.size });
+                } else {
+                    self.invalid.push("file index length does not fit".into());
+                }
+            }
+        }
+    }
+
+    fn block(&mut self, hash: Hash, size: u64, index: u64) {
+        let len = self.block_size.block_len(size, index);
+        self.ask(ObjectRef { hash, len }, Need::Block);
+    }
+
+    fn index(&mut self, object: &Verified, size: u64) -> Result<(), String> {
+        let shape = IndexShape {
+            blocks: self.block_size.blocks_in(size),
+        };
+        let index = FileIndex::decode(object).map_err(|e| format!("file index: {e}"))?;
+        shape
+            .check(&index)
+            .map_err(|e| format!("file index: {e}"))?;
+        match index {
+            FileIndex::Leaves(leaves) => self.leaves(&leaves, size, 0),
+            FileIndex::Pages(pages) => {
+                for (n, h) in pages.iter().enumerate() {
+                    let first = n as u64 * LEAVES_PER_PAGE;
+                    self.ask(shape.page_ref(n as u64, *h), Need::Page { size, first });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn page(&mut self, object: &Verified, size: u64, first: u64) -> Result<(), String> {
+        match FileIndex::decode(object) {
+            Ok(FileIndex::Leaves(leaves)) => {
+                self.leaves(&leaves, size, first);
+                Ok(())
+            }
+            _ => Err("index page: not a page of leaves".into()),
+        }
+    }
+
+    fn leaves(&mut self, leaves: &[Hash], size: u64, first: u64) {
+        for (i, h) in leaves.iter().enumerate() {
+            self.block(*h, size, first + i as u64);
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The simulated network's scenarios (issue 11): the real carousel, tracker, querier and
+//! fetch state, joined through seeded in-memory links on a virtual clock (`lcfs::sim`).
+//! Each scenario asserts and prints its report. Every scenario asserts that every receiver
+//! that was not stopped ends with every object verified, that no fetch failed, and that
+//! nothing was sent on a group nobody held.
+//!
+//! What holds today: server bytes flat in the receiver count for a file without loss and
+//! starts together. What does not is kept as `known_gap_*` tests that assert today's figure
+//! as an upper bound and print the ratio: loss at 100 receivers, starts spread over 10 s,
+//! and a tree of small files.
+
+use std::time::Duration;
+
+use lcfs::sim::{self, Departure, LinkConfig, Loss, Report, Scenario, Shape};
+
+const FILE: Shape = Shape::File(8 << 20);
+const TREE: Shape = Shape::Tree {
+    files: 1000,
+    dirs: 40,
+    min: 0,
+    max: 64 << 10,
+};
+
+fn run(s: &Scenario) -> Report {
+    let dir = tempfile::tempdir().expect("a temporary directory for the tree");
+    let r = sim::run(dir.path(), s).expect("the tree is built and published");
+    println!("{r}");
+    r
+}
+
+/// What every run must show, whatever the figures.
+fn assert_sound(r: &Report) {
+    assert_eq!(
+        r.unfinished, 0,
+        "{}: receivers without every object",
+        r.name
+    );
+    assert_eq!(r.failures, 0, "{}: fetches failed", r.name);
+    assert_eq!(r.invalid, 0, "{}: objects that did not decode", r.name);
+    assert_eq!(
+        r.sent_unjoined, 0,
+        "{}: sent on a group nobody held",
+        r.name
+    );
+    assert_eq!(
+        r.sent_never_joined, 0,
+        "{}: sent on a group never joined",
+        r.name
+    );
+}
+
+/// Runs `shape` at 1 and `n` receivers under `loss` and `spread`; returns both reports and
+/// the ratio of their server bytes.
+fn flatness(name: &str, shape: Shape, n: usize, loss: Loss, spread: u64) -> (Report, Report, f64) {
+    let scenario = |k: usize| {
+        let mut s = Scenario::new(&format!("{name}-{k}"), 11, shape, k, loss);
+        s.start_spread = Duration::from_secs(spread);
+        s
+    };
+    let one = run(&scenario(1));
+    let many = run(&scenario(n));
+    assert_sound(&one);
+    assert_sound(&many);
+    let ratio = many.server_bytes as f64 / one.server_bytes as f64;
+    println!("{name}: server bytes at {n} receivers / at 1 = {ratio:.3}");
+    (one, many, ratio)
+}
+
+#[test]
+fn a_file_costs_the_same_for_100_receivers_as_for_one_without_loss() {
+    for n in [10, 100] {
+        let (one, many, ratio) = flatness("file-flat", FILE, n, Loss::None, 0);
+        assert!(ratio <= 1.15, "{ratio:.3}");
+        assert!(one.over_data() < 1.15, "{:.3}", one.over_data());
+        assert!(many.over_unicast() < 1.2 / n as f64);
+    }
+}
+
+#[test]
+fn every_receiver_verifies_a_file_under_uniform_loss() {
+    for loss in [0.05, 0.2] {
+        let s = Scenario::new("file-loss", 12, FILE, 10, Loss::Uniform(loss));
+        let r = run(&s);
+        assert_sound(&r);
+        assert!(r.over_unicast() < 0.25, "{:.3}", r.over_unicast());
+    }
+}
+
+#[test]
+fn bursty_loss_duplication_and_reordering_still_verify() {
+    let mut s = Scenario::new("file-bursty", 13, FILE, 10, Loss::bursty(0.05, 8.0));
+    s.downlink = LinkConfig {
+        loss: Loss::bursty(0.05, 8.0),
+        delay: Duration::from_millis(2),
+        jitter: Duration::from_millis(5),
+        duplicate: 0.05,
+    };
+    s.uplink = Duration::from_millis(5);
+    s.start_spread = Duration::from_millis(500);
+    let r = run(&s);
+    assert_sound(&r);
+}
+
+#[test]
+fn receivers_that_stop_or_crash_leave_the_rest_whole() {
+    let mut s = Scenario::new("file-departures", 14, FILE, 10, Loss::Uniform(0.05));
+    s.start_spread = Duration::from_millis(200);
+    s.departures = (0..4)
+        .map(|i| Departure {
+            receiver: i,
+            after: Duration::from_millis(150 + 50 * i as u64),
+            crash: i % 2 == 1,
+        })
+        .collect();
+    let r = run(&s);
+    assert_sound(&r);
+    assert_eq!(r.completion.len(), 6, "the six that stayed finished");
+}
+
+#[test]
+fn a_tree_walked_by_ten_receivers_verifies_every_object() {
+    let s = Scenario::new("tree-10", 15, TREE, 10, Loss::Uniform(0.05));
+    let r = run(&s);
+    assert_sound(&r);
+}
+
+#[test]
+fn receivers_reading_random_files_verify_them() {
+    let mut s = Scenario::new("tree-random", 16, TREE, 20, Loss::Uniform(0.05));
+    s.workload = sim::Workload::Files(20);
+    s.start_spread = Duration::from_secs(2);
+    let r = run(&s);
+    assert_sound(&r);
+    assert_eq!(r.completion.len(), 20);
+}
+
+#[test]
+fn a_seed_gives_the_same_run() {
+    let s = Scenario::new("repro", 17, Shape::File(2 << 20), 5, Loss::Uniform(0.1));
+    let (a, b) = (run(&s), run(&s));
+    assert_eq!(
+        (a.server_bytes, a.completion.clone(), a.max_wait),
+        (b.server_bytes, b.completion, b.max_wait)
+    );
+}
+
+/// Independent loss at 100 receivers: the server sends until the unluckiest receiver of
+/// each block has enough symbols, and more rounds than that. Measured at seed 11: 5% loss
+/// 1.31 times the bytes of one receiver, 20% loss 1.43 times (not 1.15).
+#[test]
+fn known_gap_a_file_under_loss_costs_more_at_100_receivers() {
+    for (loss, bound) in [(0.05, 1.40), (0.2, 1.55)] {
+        let (_, _, ratio) = flatness("gap-file-loss", FILE, 100, Loss::Uniform(loss), 0);
+        println!("known gap: {loss} loss, 100 receivers: {ratio:.3} times one receiver");
+        assert!(ratio <= bound, "{ratio:.3} > {bound}");
+    }
+}
+
+/// Starts spread over 10 s for a file that takes under a second: the server sends a round
+/// for each late group of receivers, and their windows split its rate (thousands of
+/// stall rejoins). Measured at seed 11: about 15 times one receiver's bytes.
+#[test]
+fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
+    let (_, _, ratio) = flatness("gap-file-spread", FILE, 100, Loss::Uniform(0.05), 10);
+    println!("known gap: starts over 10 s, 100 receivers: {ratio:.3} times one receiver");
+    assert!(ratio <= 17.0, "{ratio:.3}");
+}
+
+/// A tree of small files at 100 receivers starting together under 5% loss (the issue's
+/// tree_10k finding): measured at seed 11 about 2.5 times one receiver's bytes.
+#[test]
+fn known_gap_a_tree_of_small_files_costs_more_at_100_receivers() {
+    let (_, _, ratio) = flatness("gap-tree", TREE, 100, Loss::Uniform(0.05), 0);
+    println!("known gap: 1000-file tree, 5% loss, 100 receivers: {ratio:.3} times one receiver");
+    assert!(ratio <= 2.8, "{ratio:.3}");
+}
