@@ -19,7 +19,7 @@
 //! - every fetch ends: completed, found in the cache, failed by its timers (`timeout`, or
 //!   `stale_after` when in doubt), or joined anyway after [`ELSEWHERE_PATIENCE`].
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv6Addr;
 use std::num::NonZeroUsize;
 use std::sync::atomic::Ordering;
@@ -130,11 +130,13 @@ pub struct FetchState {
     ifindex: u32,
     config: FetchConfig,
     stats: Arc<FetchStats>,
-    pending: HashMap<Tag, Pending>,
+    /// Ordered maps, not hash maps: timers and probes visit fetches in one order, so that a
+    /// simulated run repeats exactly across processes.
+    pending: BTreeMap<Tag, Pending>,
     /// Not yet in the window, in priority order: (priority, arrival) -> tag.
     queue: BTreeMap<(Priority, u64), Tag>,
     in_window: usize,
-    elsewhere: HashSet<Tag>,
+    elsewhere: BTreeSet<Tag>,
     seq: u64,
     watch: Option<RootWatch>,
     root_joined: bool,
@@ -172,10 +174,10 @@ impl FetchState {
             ifindex,
             config,
             stats,
-            pending: HashMap::new(),
+            pending: BTreeMap::new(),
             queue: BTreeMap::new(),
             in_window: 0,
-            elsewhere: HashSet::new(),
+            elsewhere: BTreeSet::new(),
             seq: 0,
             watch: None,
             root_joined: false,
@@ -486,7 +488,7 @@ impl FetchState {
         self.elsewhere.clear();
         self.in_window = 0;
         self.watch = None;
-        self.pending.drain().map(|(tag, _)| tag).collect()
+        std::mem::take(&mut self.pending).into_keys().collect()
     }
 
     /// Fetches pending (queued or in the window).
