@@ -180,7 +180,11 @@ fn host(i: usize) -> Ipv6Addr {
 
 fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Instant) -> Report {
     let stats = w.server.stats();
+    let sched = w.server.carousel().scheduler();
     let mut r = Report {
+        later_rounds: sched.stats().later_rounds[1],
+        margin: sched.margin(),
+        leave_delay: sched.stats().leave_delay,
         name: s.name.clone(),
         seed: s.seed,
         receivers: s.receivers,

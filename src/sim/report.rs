@@ -37,6 +37,13 @@ pub struct Report {
     pub sim_time: Duration,
     /// Real time it took.
     pub wall_time: Duration,
+    /// Block rounds after the first (stragglers, late joiners, leaves that came late).
+    pub later_rounds: u64,
+    /// The first round's loss margin the server ended with.
+    pub margin: f64,
+    /// Blocks whose listeners all left within 10, 20, 40, 80, 160 ms or later after the end
+    /// of their first round.
+    pub leave_delay: [u64; 6],
 }
 
 impl Report {
@@ -96,6 +103,11 @@ impl fmt::Display for Report {
             self.rejoins,
             self.sim_time.as_secs_f64(),
             self.wall_time.as_secs_f64()
+        )?;
+        write!(
+            f,
+            "\n  server: {} later block rounds, margin {:.3}, leaves after <10/20/40/80/160/more ms {:?}",
+            self.later_rounds, self.margin, self.leave_delay
         )
     }
 }
