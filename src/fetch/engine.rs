@@ -393,7 +393,7 @@ impl Inner {
     fn drive(&self, l: &mut Locked, now: Instant) {
         loop {
             let mut busy = false;
-            while let Some((tag, hash)) = l.state.poll_claim() {
+            while let Some((tag, hash)) = l.state.poll_claim(now) {
                 busy = true;
                 self.claim(l, now, tag, hash);
             }

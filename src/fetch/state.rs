@@ -43,6 +43,11 @@ pub const ROOT_WATCH_REJOIN: Duration = Duration::from_secs(1);
 /// How long a beacon's list is worth following.
 const AIR_FRESH: Duration = Duration::from_millis(200);
 
+/// How long a receiver that asks for more than its window holds waits for the server's
+/// beacon before filling the window in its own order (the server sends it every 50 ms while
+/// rounds are queued; an idle server sends none, and then this is the whole cost).
+const BEACON_WAIT: Duration = Duration::from_millis(60);
+
 /// How often fetches waiting for another process are looked up in the cache (a stat each).
 const ELSEWHERE_PROBE: Duration = Duration::from_millis(5);
 
@@ -146,11 +151,15 @@ pub struct FetchState {
     on_air: Vec<Tag>,
     on_air_at: Option<Instant>,
     air_joined: bool,
+    /// When the beacon group was joined, while it is.
+    air_since: Option<Instant>,
     /// Senders whose symbols completed verified objects, or whose root record was trusted:
     /// their decoders are never evicted for a newcomer's (see [`ObjectFetch`]).
     good_senders: lru::LruCache<Ipv6Addr, ()>,
     claims: VecDeque<(Tag, blake3::Hash)>,
     events: VecDeque<Event>,
+    /// Requests came since the window was last filled.
+    admit_due: bool,
     probed_elsewhere: Instant,
     probed_joined: Instant,
     last_tick: Instant,
@@ -186,9 +195,11 @@ impl FetchState {
             on_air: Vec::new(),
             on_air_at: None,
             air_joined: false,
+            air_since: None,
             good_senders: lru::LruCache::new(nonzero(8)),
             claims: VecDeque::new(),
             events: VecDeque::new(),
+            admit_due: false,
             probed_elsewhere: now,
             probed_joined: now,
             last_tick: now,
@@ -241,7 +252,10 @@ impl FetchState {
             self.pending.insert(addr.tag, pending);
             self.queue.insert((priority, self.seq), addr.tag);
         }
-        self.admit(now);
+        // Admitted at the next poll_claim, once every request of this turn is known: asked
+        // one at a time, the first would take the window before the beacon could say which
+        // of them are on air.
+        self.admit_due = true;
         Requested::Pending(addr.tag)
     }
 
@@ -454,7 +468,11 @@ impl FetchState {
     }
 
     /// The next claim to ask the cache's owner about; answer with [`FetchState::handle_claim`].
-    pub fn poll_claim(&mut self) -> Option<(Tag, blake3::Hash)> {
+    /// Requests made since the last call enter the window first.
+    pub fn poll_claim(&mut self, now: Instant) -> Option<(Tag, blake3::Hash)> {
+        if std::mem::take(&mut self.admit_due) {
+            self.admit(now);
+        }
         self.claims.pop_front()
     }
 
@@ -507,6 +525,21 @@ impl FetchState {
         let fresh = self
             .on_air_at
             .is_some_and(|t| now.duration_since(t) < AIR_FRESH);
+        let room = self.config.max_joined.saturating_sub(self.in_window);
+        if self.queue.len() > room {
+            self.listen_to_beacon(now, true);
+        }
+        // More is asked than the window holds and the server's beacon is not known: wait for
+        // it (it comes every 50 ms while the server has rounds queued), so that a receiver
+        // that starts while others are under way takes the rounds on air first instead of
+        // asking again for what they already got.
+        if !fresh
+            && self
+                .air_since
+                .is_some_and(|t| now.duration_since(t) < BEACON_WAIT)
+        {
+            return;
+        }
         let mut i = 0;
         while fresh && self.has_room() && i < self.on_air.len() {
             let tag = self.on_air[i];
@@ -525,9 +558,14 @@ impl FetchState {
             self.enter_window(now, tag);
         }
         let waiting = !self.queue.is_empty();
-        if waiting != self.air_joined {
-            self.air_joined = waiting;
-            self.members.push(now, self.air.group, waiting);
+        self.listen_to_beacon(now, waiting);
+    }
+
+    fn listen_to_beacon(&mut self, now: Instant, on: bool) {
+        if on != self.air_joined {
+            self.air_joined = on;
+            self.air_since = on.then_some(now);
+            self.members.push(now, self.air.group, on);
         }
     }
 

@@ -80,7 +80,7 @@ impl Rig {
     }
 
     fn claims(&mut self) -> Vec<(Tag, blake3::Hash)> {
-        std::iter::from_fn(|| self.st.poll_claim()).collect()
+        std::iter::from_fn(|| self.st.poll_claim(self.now)).collect()
     }
 
     fn grant_all(&mut self) {
@@ -186,12 +186,18 @@ fn the_window_admits_demand_at_once_and_the_rest_in_turn() {
     for v in &objs {
         r.request(v, Priority::Prefetch);
     }
-    assert_eq!(r.claims().len(), 2, "the window holds two");
+    assert!(
+        r.claims().is_empty(),
+        "more than the window: the beacon first"
+    );
     let air = r.channel.air_address().group;
     assert!(
         r.membership().contains(&(air, true)),
         "the beacon is heard while some wait"
     );
+    // An idle server sends no beacon: after a short wait the window fills in order.
+    r.advance(Duration::from_millis(70));
+    assert_eq!(r.claims().len(), 2, "the window holds two");
     let urgent = object(9, 2000);
     r.request(&urgent, Priority::Demand);
     assert_eq!(r.claims().len(), 1, "a demand read never waits for room");
@@ -205,6 +211,33 @@ fn the_window_admits_demand_at_once_and_the_rest_in_turn() {
     r.events();
     // One place is free again but the demand read still holds one: the window is full.
     assert!(r.claims().is_empty());
+}
+
+#[test]
+fn a_receiver_asking_more_than_its_window_takes_what_is_on_air_first() {
+    let mut r = rig(2);
+    let objs: Vec<Verified> = (0..6).map(|n| object(n, 2000)).collect();
+    for v in &objs {
+        r.request(v, Priority::Prefetch);
+    }
+    assert!(r.claims().is_empty());
+    // The server is sending objects 4 and 5 to others: its beacon says so.
+    let air = r.channel.air_address();
+    let on_air: Vec<Tag> = objs[4..]
+        .iter()
+        .map(|v| r.channel.object_address(v.hash()).tag)
+        .collect();
+    let mut pkt = Vec::new();
+    packet::encode_air(&mut pkt, air.tag, &on_air, None);
+    let env = Envelope {
+        from: SERVER,
+        to: Some(air.group),
+        ifindex: IFINDEX,
+    };
+    r.now += Duration::from_millis(20);
+    r.st.handle_datagram(r.now, env, &mut pkt);
+    let claimed: Vec<Tag> = r.claims().into_iter().map(|(t, _)| t).collect();
+    assert_eq!(claimed, on_air, "rides along with the rounds under way");
 }
 
 #[test]

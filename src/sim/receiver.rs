@@ -150,7 +150,7 @@ impl SimReceiver {
     /// One round of claims, events and requests; false when nothing happened.
     fn step(&mut self, now: Instant, state: &mut FetchState) -> bool {
         let mut busy = false;
-        while let Some((tag, _)) = state.poll_claim() {
+        while let Some((tag, _)) = state.poll_claim(now) {
             busy = true;
             state.handle_claim(now, tag, Claim::Granted);
         }
