@@ -389,3 +389,43 @@ proptest! {
         prop_assert_eq!(r.st.pending(), 1);
     }
 }
+
+#[test]
+fn forged_symbols_are_thrown_away_and_the_real_ones_still_decode() {
+    let mut r = rig(32);
+    let v = object(1, 6000);
+    r.request(&v, Priority::Demand);
+    r.grant_all();
+    let group = r.group(&v);
+    let tag = r.channel.object_address(v.hash()).tag;
+    // A forger on the link sends symbols with the object's real tag and group but bytes of
+    // its own: enough of them to decode, into something that does not verify.
+    let forger = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x666);
+    let enc = ObjectEncoder::new(&object(2, 6000), SYMBOL).unwrap();
+    let (mut sym, mut pkt) = (Vec::new(), Vec::new());
+    for esi in 0..enc.source_symbols() {
+        enc.symbol(esi, &mut sym);
+        packet::encode_symbol(&mut pkt, tag, esi, &sym, None);
+        let env = Envelope {
+            from: forger,
+            to: Some(group),
+            ifindex: IFINDEX,
+        };
+        r.st.handle_datagram(r.now, env, &mut pkt);
+    }
+    assert!(
+        completed(&r.events()).is_empty(),
+        "a forgery never completes a fetch"
+    );
+    let forged = r
+        .stats
+        .forged_decodes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(forged, 1, "the forged decode was made and thrown away");
+    r.deliver(&v);
+    assert_eq!(
+        completed(&r.events()),
+        [*v.hash()],
+        "the server's symbols still decode"
+    );
+}
