@@ -29,8 +29,8 @@ mod common;
 
 use common::lab::Lab;
 use common::lcfs::{assert_no_part_files, signal, spawn_copy_with, start_server, tmpdir};
-use common::lcfs::{number_before, CopyRun, Mount, Ready, Server};
-use common::tree::{assert_trees_equal, set_mtime};
+use common::lcfs::{number_before, published_line, tail, within, CopyRun, Mount, Ready, Server};
+use common::tree::{assert_trees_equal, b3, seeded, set_mtime};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{RngCore, SeedableRng};
@@ -58,35 +58,6 @@ const MIRROR_WITHIN: Duration = Duration::from_secs(15);
 /// What the server may send per change beyond 1.2 x the new objects: MLD queries, beacons,
 /// and root records beyond the idle rate that is subtracted.
 const SLACK: u64 = 16 << 10;
-
-fn seeded(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0; len];
-    StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    v
-}
-
-fn b3(bytes: &[u8]) -> [u8; 32] {
-    *blake3::hash(bytes).as_bytes()
-}
-
-/// Polls `cond` every 50 ms for up to `limit`; how long it took to hold, or `None`.
-fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return Some(start.elapsed());
-        }
-        if start.elapsed() >= limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 // ---------------------------------------------------------------- snapshots of a tree
 
@@ -663,21 +634,6 @@ struct Living {
     /// Bytes of every object of the first generation.
     first_objects: u64,
     lab: Lab,
-}
-
-/// The server's `published generation=N ...` line for `ready`.
-fn published_line(srv: &Server, ready: &Ready) -> String {
-    let key = format!("published generation={} ", ready.generation);
-    let mut line = None;
-    within(Duration::from_secs(5), || {
-        line = srv
-            .stderr()
-            .lines()
-            .find(|l| l.contains(&key))
-            .map(str::to_string);
-        line.is_some()
-    });
-    line.unwrap_or_else(|| panic!("no `{key}` line on stderr:\n{}", srv.stderr()))
 }
 
 /// Bytes of the new objects of `ready`'s generation, from its `published` line.

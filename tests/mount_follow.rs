@@ -20,11 +20,11 @@
 mod common;
 
 use common::lab::Lab;
-use common::lcfs::{s, start_server, start_server_at, tmpdir, within, Mount, Server};
-use common::tree::BLOCK;
+use common::lcfs::{s, start_server, start_server_at, tail, tmpdir, within, Mount, Server};
+use common::tree::{b3, seeded, BLOCK};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::{RngCore, SeedableRng};
+use rand::SeedableRng;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Read};
@@ -43,16 +43,6 @@ const VISIBLE_WITHIN: Duration = Duration::from_secs(5);
 const CHANGED_WAIT: Duration = Duration::from_millis(2500);
 
 // ---------------------------------------------------------------- helpers
-
-fn seeded(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0; len];
-    StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    v
-}
-
-fn b3(bytes: &[u8]) -> [u8; 32] {
-    *blake3::hash(bytes).as_bytes()
-}
 
 fn write(root: &Path, rel: &str, bytes: &[u8]) {
     let p = root.join(rel);
@@ -85,11 +75,6 @@ fn ino(p: &Path) -> u64 {
     fs::symlink_metadata(p)
         .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
         .ino()
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 // ---------------------------------------------------------------- the tree and its versions

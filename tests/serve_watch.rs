@@ -7,7 +7,7 @@
 mod common;
 
 use common::lab::Lab;
-use common::lcfs::{number_before, s, signal, spawn_copy, start_server, tmpdir, Ready, Server};
+use common::lcfs::{number_before, published_line, s, signal, spawn_copy, start_server, tmpdir};
 use common::tree::{assert_entries_equal, assert_trees_equal, set_mtime, write_random_file};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -106,23 +106,6 @@ fn changes() -> Vec<Change> {
             },
         },
     ]
-}
-
-/// The server's `published generation=N ...` line for `ready`.
-fn published_line(srv: &Server, ready: &Ready) -> String {
-    let key = format!("published generation={} ", ready.generation);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(l) = srv.stderr().lines().find(|l| l.contains(&key)) {
-            return l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no `{key}` line on stderr:\n{}",
-            srv.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Copies the channel into `dest` with `cache`; returns the server's egress meanwhile.

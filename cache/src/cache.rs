@@ -93,7 +93,8 @@ impl Cache {
         make_private(&config.dir)?;
         let addr = SockAddr::new(&config.dir)?;
         let role = acquire(&config, &addr)?;
-        let store = Store::open(&config.dir)?;
+        // The owner cleared tmp/ when it opened (this process, if it is the owner).
+        let store = Store::attach(&config.dir)?;
         let memory = MemLru::new(config.memory);
         Ok(Cache {
             inner: Arc::new(Shared {
@@ -123,22 +124,14 @@ impl Cache {
         if let Role::Owner(o) = &*self.inner.role.read() {
             return o.owned.get(hash);
         }
-        let hit = {
-            let mut hot = self.inner.hot.lock();
-            hot.memory.get(hash).map(|obj| (obj, hot.touch(hash)))
-        };
-        if let Some((obj, batch)) = hit {
-            self.send_touched(batch);
+        let hit = self.inner.hot.lock().memory.get(hash);
+        if let Some(obj) = hit {
+            self.remember(&obj);
             return Ok(Some(obj));
         }
         match self.inner.store.read(hash)? {
             Read::Good(obj) => {
-                let batch = {
-                    let mut hot = self.inner.hot.lock();
-                    hot.memory.put(&obj);
-                    hot.touch(hash)
-                };
-                self.send_touched(batch);
+                self.remember(&obj);
                 Ok(Some(obj))
             }
             Read::Missing => Ok(None),

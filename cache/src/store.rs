@@ -107,8 +107,17 @@ pub(crate) fn disk_size(meta: &fs::Metadata) -> u64 {
 }
 
 impl Store {
-    /// Opens (creating if needed) `DIR/objects` and `DIR/tmp`, and removes stale temp files.
+    /// Opens (creating if needed) `DIR/objects` and `DIR/tmp`, as the owner: removes the temp
+    /// files of processes that are gone.
     pub(crate) fn open(dir: &Path) -> Result<Store, CacheError> {
+        let store = Store::attach(dir)?;
+        store.clear_tmp()?;
+        Ok(store)
+    }
+
+    /// The object files of a directory another process (or another handle) owns: created if
+    /// missing, but `tmp/` is left to the owner, who clears it when it opens.
+    pub(crate) fn attach(dir: &Path) -> Result<Store, CacheError> {
         let store = Store {
             objects: dir.join("objects"),
             tmp: dir.join("tmp"),
@@ -116,7 +125,6 @@ impl Store {
         };
         create_private_dir(&store.objects)?;
         create_private_dir(&store.tmp)?;
-        store.clear_tmp()?;
         Ok(store)
     }
 

@@ -545,7 +545,7 @@ impl Inner {
         while !self.shutdown.load(Ordering::Relaxed) {
             let received = recv_batch(&self.socket, &mut batch);
             let now = Instant::now();
-            let completed = {
+            let (completed, probes) = {
                 let mut l = self.lock();
                 match received {
                     Ok(_) => {
@@ -560,23 +560,22 @@ impl Inner {
                     self.prune_watchers(&mut l, now);
                 }
                 self.drive(&mut l, now);
-                std::mem::take(&mut l.completed)
+                (std::mem::take(&mut l.completed), l.state.poll_probe(now))
             };
             for done in completed {
                 // Blocks only while the disk is this far behind: back pressure.
                 let _ = store.send(done);
             }
-            self.probe_cache(now);
+            self.probe_cache(now, probes);
             if received.is_err() {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
     }
 
-    /// Looks up in the cache the objects the state asks about (outside the lock), and ends
+    /// Looks up in the cache the objects the state asked about (outside the lock), and ends
     /// the fetches another process stored.
-    fn probe_cache(&self, now: Instant) {
-        let probes = self.lock().state.poll_probe(now);
+    fn probe_cache(&self, now: Instant, probes: Vec<(Tag, blake3::Hash)>) {
         for (tag, hash) in probes {
             if !self.cache.contains(&hash) {
                 continue;

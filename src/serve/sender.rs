@@ -31,12 +31,10 @@ use socket2::Socket;
 
 use super::table::{LoadError, Table};
 use super::watch::Notice;
-use crate::channel::SealKeys;
 use crate::fec::ObjectEncoder;
 use crate::mld::GroupEvent;
 use crate::net::{send_batch, WIRE_OVERHEAD};
-use crate::packet;
-use carousel::{Carousel, CarouselConfig, Load, Payload, Transmit};
+use carousel::{Carousel, CarouselConfig, Payload, Transmit};
 use lcfs_cache::Hash;
 
 /// The longest wait for events: how soon a shutdown or a new table is noticed when idle.
@@ -195,7 +193,7 @@ impl SenderLoop {
             if matches!(t.payload, Payload::Root(_)) {
                 self.stats.root_packets.fetch_add(1, Ordering::Relaxed);
             }
-            encode(&t, seal, &mut self.symbol, out);
+            t.encode(seal, &mut self.symbol, out);
             self.dests
                 .push(SocketAddrV6::new(t.to.group, self.port, 0, 0));
             used += 1;
@@ -205,49 +203,24 @@ impl SenderLoop {
 
     /// The carousel's next packet, building the encoders it asks for on the way.
     fn next_transmit(&mut self, now: Instant) -> Option<Transmit> {
-        loop {
-            if let Some(t) = self.carousel.poll_transmit(now) {
-                return Some(t);
+        let (stats, changed) = (&self.stats, &self.changed);
+        self.carousel.next_transmit(now, |table, load| {
+            // Read and re-verified, off the carousel.
+            let bytes = table
+                .load(&load.hash)
+                .map_err(|e| report_unloadable(changed, table, &load.hash, &e))
+                .ok()?;
+            match ObjectEncoder::new(&bytes, load.symbol_size) {
+                Ok(encoder) => {
+                    stats.encoders_built.fetch_add(1, Ordering::Relaxed);
+                    Some(encoder)
+                }
+                Err(e) => {
+                    tracing::warn!("cannot encode object {}: {e}", load.hash);
+                    None
+                }
             }
-            let load = self.carousel.poll_load()?;
-            self.load(now, load);
-        }
-    }
-
-    /// Reads and re-verifies an object, and builds its encoder (off the carousel).
-    fn load(&mut self, now: Instant, load: Load) {
-        let table = self.carousel.table().clone();
-        let bytes = match table.load(&load.hash) {
-            Ok(b) => b,
-            Err(e) => {
-                self.carousel.handle_unloadable(now, load.hash);
-                return self.report_unloadable(&table, &load.hash, &e);
-            }
-        };
-        match ObjectEncoder::new(&bytes, load.symbol_size) {
-            Ok(encoder) => {
-                self.stats.encoders_built.fetch_add(1, Ordering::Relaxed);
-                self.carousel.handle_encoder(now, load.hash, encoder);
-            }
-            Err(e) => {
-                tracing::warn!("cannot encode object {}: {e}", load.hash);
-                self.carousel.handle_unloadable(now, load.hash);
-            }
-        }
-    }
-
-    /// A block of the current generation that changed on disk means the tree changed: the
-    /// server is told, to reindex. One of an older generation is expected to change (its
-    /// generation was replaced because files changed) and is only dropped.
-    fn report_unloadable(&self, table: &Table, hash: &Hash, e: &LoadError) {
-        match e.changed_path() {
-            Some(path) if table.is_current(hash) => {
-                tracing::warn!("not sending object {hash}: {e}");
-                let _ = self.changed.send(Notice::BlockChanged(path));
-            }
-            Some(_) => tracing::debug!("not sending object {hash} of an older generation: {e}"),
-            None => tracing::warn!("not sending object {hash}: {e}"),
-        }
+        })
     }
 
     fn log_stats(&self) {
@@ -262,14 +235,16 @@ impl SenderLoop {
     }
 }
 
-/// Writes the packet `t` describes into `out`.
-fn encode(t: &Transmit, seal: Option<&SealKeys>, symbol: &mut Vec<u8>, out: &mut Vec<u8>) {
-    match &t.payload {
-        Payload::Root(record) => packet::encode_root(out, t.to.tag, record, seal),
-        Payload::Air(tags) => packet::encode_air(out, t.to.tag, tags, seal),
-        Payload::Symbol { esi, encoder, .. } => {
-            encoder.symbol(*esi, symbol);
-            packet::encode_symbol(out, t.to.tag, *esi, symbol, seal);
+/// A block of the current generation that changed on disk means the tree changed: the server
+/// is told, to reindex. One of an older generation is expected to change (its generation was
+/// replaced because files changed) and is only dropped.
+fn report_unloadable(changed: &Sender<Notice>, table: &Table, hash: &Hash, e: &LoadError) {
+    match e.changed_path() {
+        Some(path) if table.is_current(hash) => {
+            tracing::warn!("not sending object {hash}: {e}");
+            let _ = changed.send(Notice::BlockChanged(path));
         }
+        Some(_) => tracing::debug!("not sending object {hash} of an older generation: {e}"),
+        None => tracing::warn!("not sending object {hash}: {e}"),
     }
 }

@@ -13,13 +13,11 @@ use std::net::Ipv6Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::channel::SealKeys;
 use crate::fec::ObjectEncoder;
 use crate::mld::parse::{encode_query, parse, MldMessage, Query};
 use crate::mld::querier::{Querier, QuerierConfig};
 use crate::mld::{GroupEvent, ListenerTracker};
 use crate::net::WIRE_OVERHEAD;
-use crate::packet;
 use crate::serve::sender::carousel::{Carousel, CarouselConfig, Payload, Transmit};
 use crate::serve::table::Table;
 
@@ -164,7 +162,7 @@ impl SimServer {
             };
             let table = self.carousel.table().clone();
             let mut bytes = Vec::new();
-            encode(&t, table.channel.seal(), &mut self.symbol, &mut bytes);
+            t.encode(table.channel.seal(), &mut self.symbol, &mut bytes);
             let size = bytes.len() + WIRE_OVERHEAD;
             let at = self.wire_free;
             self.wire_free += Duration::from_nanos((size as f64 * self.ns_per_byte) as u64);
@@ -186,27 +184,18 @@ impl SimServer {
     }
 
     fn next_transmit(&mut self, now: Instant) -> Option<Transmit> {
-        loop {
-            if let Some(t) = self.carousel.poll_transmit(now) {
-                return Some(t);
-            }
-            let load = self.carousel.poll_load()?;
-            let table = self.carousel.table().clone();
+        let stats = &mut self.stats;
+        self.carousel.next_transmit(now, |table, load| {
             let built = table
                 .load(&load.hash)
                 .ok()
                 .and_then(|b| ObjectEncoder::new(&b, load.symbol_size).ok());
             match built {
-                Some(encoder) => {
-                    self.stats.encoders_built += 1;
-                    self.carousel.handle_encoder(now, load.hash, encoder);
-                }
-                None => {
-                    self.stats.unloadable += 1;
-                    self.carousel.handle_unloadable(now, load.hash);
-                }
+                Some(_) => stats.encoders_built += 1,
+                None => stats.unloadable += 1,
             }
-        }
+            built
+        })
     }
 
     /// When [`SimServer::poll`] has something to do next.
@@ -219,17 +208,5 @@ impl SimServer {
         .into_iter()
         .flatten()
         .min()
-    }
-}
-
-/// Writes the packet `t` describes into `out`, as the sender's shell does.
-fn encode(t: &Transmit, seal: Option<&SealKeys>, symbol: &mut Vec<u8>, out: &mut Vec<u8>) {
-    match &t.payload {
-        Payload::Root(record) => packet::encode_root(out, t.to.tag, record, seal),
-        Payload::Air(tags) => packet::encode_air(out, t.to.tag, tags, seal),
-        Payload::Symbol { esi, encoder, .. } => {
-            encoder.symbol(*esi, symbol);
-            packet::encode_symbol(out, t.to.tag, *esi, symbol, seal);
-        }
     }
 }

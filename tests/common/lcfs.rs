@@ -849,3 +849,24 @@ pub fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duratio
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The server's `published generation=N ...` line for `ready`, waiting up to 5 s for it.
+pub fn published_line(srv: &Server, ready: &Ready) -> String {
+    let key = format!("published generation={} ", ready.generation);
+    let mut line = None;
+    within(Duration::from_secs(5), || {
+        line = srv
+            .stderr()
+            .lines()
+            .find(|l| l.contains(&key))
+            .map(str::to_string);
+        line.is_some()
+    });
+    line.unwrap_or_else(|| panic!("no `{key}` line on stderr:\n{}", srv.stderr()))
+}
+
+/// The last `n` lines of `text`, for failure messages.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -529,3 +529,15 @@ pub fn assert_entries_equal(a: &Path, b: &Path) {
     compare_entry(a, b, &name, &mut diffs);
     report("entries", a, b, diffs);
 }
+
+/// `len` bytes from a generator seeded with `seed`.
+pub fn seeded(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0; len];
+    StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// The BLAKE3 of `bytes`, as an array.
+pub fn b3(bytes: &[u8]) -> [u8; 32] {
+    *blake3::hash(bytes).as_bytes()
+}

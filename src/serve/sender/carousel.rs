@@ -36,7 +36,7 @@ use std::time::Instant;
 use lcfs_cache::Hash;
 
 use super::encoders::Encoders;
-use crate::channel::{Address, Tag};
+use crate::channel::{Address, SealKeys, Tag};
 use crate::fec::{symbol_size_for_object, ObjectEncoder};
 use crate::mld::GroupEvent;
 use crate::net::WIRE_OVERHEAD;
@@ -119,6 +119,20 @@ pub enum Payload {
         esi: u32,
         encoder: Arc<ObjectEncoder>,
     },
+}
+
+impl Transmit {
+    /// Writes the packet into `out` (`symbol` is scratch for a symbol's bytes).
+    pub fn encode(&self, seal: Option<&SealKeys>, symbol: &mut Vec<u8>, out: &mut Vec<u8>) {
+        match &self.payload {
+            Payload::Root(record) => packet::encode_root(out, self.to.tag, record, seal),
+            Payload::Air(tags) => packet::encode_air(out, self.to.tag, tags, seal),
+            Payload::Symbol { esi, encoder, .. } => {
+                encoder.symbol(*esi, symbol);
+                packet::encode_symbol(out, self.to.tag, *esi, symbol, seal);
+            }
+        }
+    }
 }
 
 pub struct Carousel {
@@ -376,6 +390,26 @@ impl Carousel {
             hash,
             symbol_size: route.symbol_size,
         })
+    }
+
+    /// [`Carousel::poll_transmit`], building on the way the encoders it waits for with
+    /// `build` (the shell's disk read and encoding; `None`: the object cannot be loaded).
+    pub fn next_transmit(
+        &mut self,
+        now: Instant,
+        mut build: impl FnMut(&Arc<Table>, Load) -> Option<ObjectEncoder>,
+    ) -> Option<Transmit> {
+        loop {
+            if let Some(t) = self.poll_transmit(now) {
+                return Some(t);
+            }
+            let load = self.poll_load()?;
+            let table = self.table.clone();
+            match build(&table, load) {
+                Some(encoder) => self.handle_encoder(now, load.hash, encoder),
+                None => self.handle_unloadable(now, load.hash),
+            }
+        }
     }
 
     /// The next packet to send at `now`. None when nothing may go now: then an encoder is
