@@ -1,6 +1,6 @@
 //! The fetch engine: one per channel, shared by `copy`, `prefetch` and the mount.
 //!
-//! A fetch of an object joins its group, feeds arriving symbols to an [`ObjectFetch`], and on
+//! A fetch of an object joins its group, feeds arriving symbols to an [`ObjectFetch`](object::ObjectFetch), and on
 //! a verified decode stores the object in the cache, leaves the group and wakes every waiter.
 //! Concurrent requests for one object share one fetch. Demand reads join at once; other
 //! requests share a window of `max_joined` groups (the kernel's cost per received packet

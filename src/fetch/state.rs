@@ -5,7 +5,7 @@
 //! and says what to do through `poll_*`: membership changes to make and report, claims to
 //! ask the cache's owner about, cache lookups to make, and [`Event`]s (an object completed, a
 //! fetch failed, a root record heard). It owns no socket, thread, clock or cache, so tests
-//! and the network simulation drive it directly; [`super::engine`] is its I/O shell.
+//! and the network simulation drive it directly; `super::engine` is its I/O shell.
 //!
 //! A fetch goes `Queued` (waiting for room in the window) → `Claiming` (asking whether
 //! another process sharing the cache fetches it) → `Joined` (symbols decoded) or `Elsewhere`
@@ -13,7 +13,7 @@
 //! requests share a window of `max_joined` places, filled first with what the server's
 //! beacon lists as on air. Requests of one turn enter the window together, and a receiver
 //! that asks for more than the window holds without a fresh beacon waits up to
-//! [`BEACON_WAIT`] for one, so that receivers starting a few milliseconds apart share rounds
+//! `BEACON_WAIT` for one, so that receivers starting a few milliseconds apart share rounds
 //! (DESIGN.md had receivers admit in their own order at once; in the simulation that cost
 //! 1.30 times one receiver's bytes at 100 receivers and 5% loss, 1.12 with the wait).
 //! Invariants:
