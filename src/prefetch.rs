@@ -78,9 +78,12 @@ pub async fn prefetch(
         .map(|r| async {
             let v = tree.fetcher().fetch(*r, Priority::Prefetch).await?;
             if pin {
-                tree.fetcher()
-                    .cache()
+                let cache = tree.fetcher().cache();
+                // An object completed a moment ago (a bundle's member) may still be on its
+                // way to the cache: stored here, then pinned.
+                cache
                     .pin(v.hash())
+                    .or_else(|_| cache.insert(&v).and_then(|()| cache.pin(v.hash())))
                     .map_err(|e| FetchError::Cache(e.to_string()))?;
             }
             progress.inc(v.len() as u64);

@@ -147,8 +147,9 @@ struct Locked {
     state: FetchState,
     waiters: HashMap<Tag, Vec<Waiter>>,
     watchers: Vec<mpsc::Sender<HeardRoot>>,
-    /// Objects completed, with their waiters, for the store thread.
-    completed: Vec<(Verified, Vec<Waiter>)>,
+    /// Objects completed, with their waiters, and bundle claims to give back once their
+    /// members are stored: for the store thread, in order.
+    completed: Vec<Store>,
 }
 
 struct Inner {
@@ -163,7 +164,7 @@ struct Inner {
     stats: Arc<FetchStats>,
     shutdown: AtomicBool,
     /// Claims to ask the cache's owner about (see [`Inner::claim_loop`]).
-    claimer: OnceLock<Sender<(Tag, blake3::Hash)>>,
+    claimer: OnceLock<Sender<ClaimAsk>>,
 }
 
 /// A handle to the fetch engine of one channel; clone it freely.
@@ -367,6 +368,14 @@ impl Fetcher {
         Ok(hit)
     }
 
+    /// The bundles of a directory just read (see [`crate::object::bundle`]): its small files
+    /// are fetched through them from now on.
+    pub fn learn_bundles(&self, bundles: Vec<crate::object::bundle::Bundle>) {
+        if !bundles.is_empty() {
+            self.inner.lock().state.handle_bundles(bundles);
+        }
+    }
+
     /// Tells the engine that `sender` is a real server of the channel (its root record was
     /// trusted), so that its symbols keep their decoders under a flood.
     pub fn prefer_sender(&self, sender: Ipv6Addr) {
@@ -382,6 +391,18 @@ impl Fetcher {
     pub fn timeout_error(&self, what: &str) -> FetchError {
         self.inner.timeout_error(what)
     }
+}
+
+/// A claim for the claim thread to ask about: the fetch's tag, the hash claimed, and for a
+/// bundle the members asked for.
+type ClaimAsk = (Tag, blake3::Hash, Vec<blake3::Hash>);
+
+/// Work for the store thread, in the order it came.
+enum Store {
+    /// A fetched object, and who waits for it.
+    Object(Verified, Vec<Waiter>),
+    /// A bundle's claim, given back once its members (queued before) are stored.
+    Release(blake3::Hash),
 }
 
 impl Inner {
@@ -411,8 +432,9 @@ impl Inner {
     /// Answers a claim at once when this process owns the cache (a table in memory), else
     /// hands it to the claim thread; without one, the fetch goes on unclaimed.
     fn claim(&self, l: &mut Locked, now: Instant, tag: Tag, hash: blake3::Hash) {
+        let riders = l.state.riders(&tag);
         if self.cache.is_owner() {
-            let answer = self.ask_claim(&hash);
+            let answer = self.ask_claim(&hash, &riders);
             if l.state.handle_claim(now, tag, answer) {
                 self.cache.release_fetch(&hash);
             }
@@ -421,7 +443,7 @@ impl Inner {
         let sent = self
             .claimer
             .get()
-            .is_some_and(|tx| tx.send((tag, hash)).is_ok());
+            .is_some_and(|tx| tx.send((tag, hash, riders)).is_ok());
         if !sent {
             l.state.handle_claim(now, tag, Claim::Granted);
         }
@@ -429,11 +451,14 @@ impl Inner {
 
     /// Asks for the claim of `hash`; an object stored meanwhile (the claim of the process
     /// that stored it ended with the store) is not fetched again, and its claim is given back.
-    fn ask_claim(&self, hash: &blake3::Hash) -> Claim {
+    /// For a bundle, `riders` are the members asked for: when the cache has them all (another
+    /// process stored the bundle a moment ago), it is as good as cached.
+    fn ask_claim(&self, hash: &blake3::Hash, riders: &[blake3::Hash]) -> Claim {
         if !self.cache.claim_fetch(hash) {
             return Claim::Elsewhere;
         }
-        if self.cache.contains(hash) {
+        let riders_cached = !riders.is_empty() && riders.iter().all(|r| self.cache.contains(r));
+        if riders_cached || self.cache.contains(hash) {
             self.cache.release_fetch(hash);
             return Claim::Cached;
         }
@@ -444,7 +469,7 @@ impl Inner {
         match event {
             Event::Completed { tag, object } => {
                 let waiters = l.waiters.remove(&tag).unwrap_or_default();
-                l.completed.push((object, waiters));
+                l.completed.push(Store::Object(object, waiters));
             }
             Event::Failed { tag, want, stale } => {
                 self.cache.release_fetch(&want.hash);
@@ -461,6 +486,8 @@ impl Inner {
                     let _ = w.send(Err(err.clone()));
                 }
             }
+            // After the members, so that another process asking for the claim finds them.
+            Event::Release { hash } => l.completed.push(Store::Release(hash)),
             Event::Root(heard) => {
                 for tx in &l.watchers {
                     // Full: the watcher is behind; the server repeats its record anyway.
@@ -540,7 +567,7 @@ impl Inner {
         self.fail_all(FetchError::Closed);
     }
 
-    fn receive(&self, store: &SyncSender<(Verified, Vec<Waiter>)>) {
+    fn receive(&self, store: &SyncSender<Store>) {
         let mut batch = RecvBatch::new(64, 65536);
         while !self.shutdown.load(Ordering::Relaxed) {
             let received = recv_batch(&self.socket, &mut batch);
@@ -602,19 +629,21 @@ impl Inner {
 
     /// The claim thread: asks the cache's owner about claims, so that the receive thread
     /// never waits on another process.
-    fn claim_loop(&self, rx: &Receiver<(Tag, blake3::Hash)>) {
+    fn claim_loop(&self, rx: &Receiver<ClaimAsk>) {
         while !self.shutdown.load(Ordering::Relaxed) {
             let Ok(first) = rx.recv_timeout(Duration::from_millis(100)) else {
                 continue;
             };
-            let asked: Vec<(Tag, blake3::Hash)> =
-                std::iter::once(first).chain(rx.try_iter()).collect();
-            let answers: Vec<Claim> = asked.iter().map(|(_, h)| self.ask_claim(h)).collect();
+            let asked: Vec<ClaimAsk> = std::iter::once(first).chain(rx.try_iter()).collect();
+            let answers: Vec<Claim> = asked
+                .iter()
+                .map(|(_, h, riders)| self.ask_claim(h, riders))
+                .collect();
             let now = Instant::now();
             let mut unwanted = Vec::new();
             {
                 let mut l = self.lock();
-                for (&(tag, hash), answer) in asked.iter().zip(answers) {
+                for (&(tag, hash, _), answer) in asked.iter().zip(answers) {
                     // Ended meanwhile (found in the cache): the claim goes back.
                     if l.state.handle_claim(now, tag, answer) {
                         unwanted.push(hash);
@@ -627,7 +656,7 @@ impl Inner {
     }
 
     /// The store thread: stores what was fetched, in batches, then answers the waiters.
-    fn store_loop(&self, rx: &Receiver<(Verified, Vec<Waiter>)>) {
+    fn store_loop(&self, rx: &Receiver<Store>) {
         while let Ok(first) = rx.recv() {
             let more = rx.try_iter().take(STORE_QUEUE);
             self.complete(std::iter::once(first).chain(more).collect());
@@ -636,8 +665,14 @@ impl Inner {
 
     /// Stores fetched objects (in one request to the cache's owner when it is another
     /// process), then hands them to their waiters: a reader that gets an object can pin it.
-    fn complete(&self, done: Vec<(Verified, Vec<Waiter>)>) {
-        let objects: Vec<Verified> = done.iter().map(|(v, _)| v.clone()).collect();
+    fn complete(&self, done: Vec<Store>) {
+        let objects: Vec<Verified> = done
+            .iter()
+            .filter_map(|d| match d {
+                Store::Object(v, _) => Some(v.clone()),
+                Store::Release(_) => None,
+            })
+            .collect();
         for v in &objects {
             tracing::trace!(hash = %&v.hash().to_hex()[..12], len = v.len(), "fetched");
             self.stats.objects_fetched.fetch_add(1, Ordering::Relaxed);
@@ -648,9 +683,14 @@ impl Inner {
         if let Err(e) = self.cache.insert_all(&objects) {
             tracing::warn!("cannot store fetched objects in the cache: {e}");
         }
-        for (v, waiters) in done {
-            for w in waiters {
-                let _ = w.send(Ok(v.clone()));
+        for d in done {
+            match d {
+                Store::Object(v, waiters) => {
+                    for w in waiters {
+                        let _ = w.send(Ok(v.clone()));
+                    }
+                }
+                Store::Release(hash) => self.cache.release_fetch(&hash),
             }
         }
     }

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use lcfs_cache::Verified;
 
 use crate::fec::{Decoded, ObjectDecoder};
+use crate::object::bundle::Bundle;
 use crate::object::ObjectRef;
 
 const MAX_DECODERS: usize = 4;
@@ -81,6 +82,8 @@ struct Slot {
 
 pub struct ObjectFetch {
     want: ObjectRef,
+    /// The members, when `want` is a bundle's id: a decode is verified member by member.
+    bundle: Option<Bundle>,
     decoders: Vec<Slot>,
     started: Instant,
     last_progress: Instant,
@@ -94,6 +97,7 @@ impl ObjectFetch {
     pub fn new(now: Instant, want: ObjectRef) -> ObjectFetch {
         ObjectFetch {
             want,
+            bundle: None,
             decoders: Vec::new(),
             started: now,
             last_progress: now,
@@ -103,12 +107,25 @@ impl ObjectFetch {
         }
     }
 
+    /// The fetch of `bundle`, which completes with its members.
+    pub fn of_bundle(now: Instant, bundle: Bundle) -> ObjectFetch {
+        ObjectFetch {
+            bundle: Some(bundle.clone()),
+            ..ObjectFetch::new(now, bundle.id)
+        }
+    }
+
+    /// The bundle this fetch decodes, if it is one.
+    pub fn bundle(&self) -> Option<&Bundle> {
+        self.bundle.as_ref()
+    }
+
     pub fn want(&self) -> &ObjectRef {
         &self.want
     }
 
     /// Feeds one symbol from `sender`, `preferred` if the engine knows it as a real server.
-    /// Returns the verified object once it decodes.
+    /// Returns the verified object once it decodes (a bundle's members, in order).
     pub fn handle_symbol(
         &mut self,
         now: Instant,
@@ -116,7 +133,7 @@ impl ObjectFetch {
         preferred: bool,
         esi: u32,
         data: &[u8],
-    ) -> Option<Verified> {
+    ) -> Option<Vec<Verified>> {
         let key = Key {
             size: data.len(),
             sender: (self.stats.forged_decodes > 0).then_some(sender),
@@ -151,8 +168,20 @@ impl ObjectFetch {
         }
     }
 
-    fn verify(&mut self, i: usize, bytes: Vec<u8>) -> Option<Verified> {
-        match Verified::new(&self.want.hash, bytes) {
+    fn verify(&mut self, i: usize, bytes: Vec<u8>) -> Option<Vec<Verified>> {
+        let checked = match &self.bundle {
+            None => Verified::new(&self.want.hash, bytes)
+                .map(|v| vec![v])
+                .map_err(|e| e.to_string()),
+            Some(b) => b
+                .split(&bytes)
+                .map(|parts| {
+                    let verified = |(r, part): (ObjectRef, &[u8])| Verified::new(&r.hash, part);
+                    parts.into_iter().filter_map(|p| verified(p).ok()).collect()
+                })
+                .map_err(|e| e.to_string()),
+        };
+        match checked {
             Ok(v) => Some(v),
             Err(e) => {
                 tracing::debug!("discarding a decode that does not verify: {e}");
@@ -271,7 +300,7 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(&got.unwrap()[..], &data[..]);
+        assert_eq!(&got.unwrap()[0][..], &data[..]);
     }
 
     #[test]
@@ -290,7 +319,7 @@ mod tests {
             enc.symbol(esi, &mut buf);
             got = got.or(f.handle_symbol(now, SERVER, false, esi, &buf));
         }
-        assert_eq!(&got.unwrap()[..], &data[..]);
+        assert_eq!(&got.unwrap()[0][..], &data[..]);
     }
 
     #[test]
@@ -305,7 +334,7 @@ mod tests {
             enc.symbol(esi, &mut buf);
             got = got.or(f.handle_symbol(now, SERVER, false, esi, &buf));
         }
-        assert_eq!(&got.unwrap()[..], &data[..]);
+        assert_eq!(&got.unwrap()[0][..], &data[..]);
     }
 
     #[test]
@@ -325,7 +354,7 @@ mod tests {
             }
         }
         assert!(f.stats.forged_decodes >= 1);
-        assert_eq!(&got.unwrap()[..], &data[..]);
+        assert_eq!(&got.unwrap()[0][..], &data[..]);
     }
 
     #[test]
@@ -368,7 +397,10 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(&got.expect("the server's decoder survived")[..], &data[..]);
+        assert_eq!(
+            &got.expect("the server's decoder survived")[0][..],
+            &data[..]
+        );
     }
 
     #[test]

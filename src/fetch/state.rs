@@ -16,7 +16,14 @@
 //! `BEACON_WAIT` for one, so that receivers starting a few milliseconds apart share rounds
 //! (DESIGN.md had receivers admit in their own order at once; in the simulation that cost
 //! 1.30 times one receiver's bytes at 100 receivers and 5% loss, 1.12 with the wait).
+//! A request for a small file whose directory's bundles are known (`handle_bundles`, see
+//! [`crate::object::bundle`]) rides on its bundle's fetch: one place in the window, one
+//! group, one decode that completes every member, asked for or not (the cache keeps them:
+//! the reader of one small file is likely to read its neighbours). The bundle is claimed and
+//! probed like an object, but waiters wait on their member's tag, and a bundle fetch ends
+//! when it decodes, fails (failing each rider), or when every rider was found in the cache.
 //! Invariants:
+//! - `riding` maps exactly the riders of the pending bundle fetches to their bundle's tag;
 //! - `in_window` counts the fetches in `Claiming`, `Joined` and `Elsewhere`; `elsewhere`
 //!   holds exactly the tags in `Elsewhere`; a group is joined exactly while its fetch is
 //!   `Joined` (plus the root group while watched, the beacon group while requests wait);
@@ -38,6 +45,7 @@ use super::membership::Memberships;
 use super::object::{Action, ObjectFetch, Timers};
 use crate::channel::{Address, Channel, Tag};
 use crate::net::Envelope;
+use crate::object::bundle::Bundle;
 use crate::object::{ObjectRef, RootRecord};
 use crate::packet::{self, Body};
 
@@ -70,8 +78,12 @@ const CLAIM_RECHECK: Duration = Duration::from_millis(100);
 pub const ELSEWHERE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Objects just completed, kept until the cache surely has them, so that a request arriving
-/// between the end of a fetch and its store does not start it again.
-pub const RECENT: usize = 64;
+/// between the end of a fetch and its store does not start it again. A bundle completes up
+/// to 64 members at once, most of them not yet asked for: room for several bundles.
+pub const RECENT: usize = 512;
+
+/// How many small files' bundles are remembered.
+const BUNDLE_MEMBERS_KNOWN: usize = 1 << 17;
 
 /// Where a pending fetch stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +127,8 @@ pub enum Event {
     },
     /// A root record of the channel (not yet trusted), while roots are watched.
     Root(HeardRoot),
+    /// A bundle's fetch ended: give back its claim (a member's store gives back nothing).
+    Release { hash: blake3::Hash },
 }
 
 struct Pending {
@@ -123,6 +137,8 @@ struct Pending {
     phase: Phase,
     priority: Priority,
     seq: u64,
+    /// For a bundle: the members asked for, by tag, which complete or fail with it.
+    riders: BTreeMap<Tag, ObjectRef>,
 }
 
 /// When the watched root group was last heard and joined.
@@ -165,6 +181,11 @@ pub struct FetchState {
     events: VecDeque<Event>,
     /// Requests came since the window was last filled.
     admit_due: bool,
+    /// Which bundle each small file travels in, as learned from directories (bounded: a
+    /// member forgotten is fetched on its own group).
+    bundle_of: lru::LruCache<blake3::Hash, Bundle>,
+    /// Members asked for through their bundle: member tag -> the bundle's tag.
+    riding: BTreeMap<Tag, Tag>,
     probed_elsewhere: Instant,
     probed_joined: Instant,
     last_tick: Instant,
@@ -205,6 +226,8 @@ impl FetchState {
             claims: VecDeque::new(),
             events: VecDeque::new(),
             admit_due: false,
+            bundle_of: lru::LruCache::new(nonzero(BUNDLE_MEMBERS_KNOWN)),
+            riding: BTreeMap::new(),
             probed_elsewhere: now,
             probed_joined: now,
             last_tick: now,
@@ -232,36 +255,81 @@ impl FetchState {
         if let Some(v) = self.recent.get(&addr.tag).filter(|v| *v.hash() == r.hash) {
             return Requested::Recent(v.clone());
         }
-        if let Some(p) = self.pending.get_mut(&addr.tag) {
-            if freshness == Freshness::Current {
-                p.fetch.handle_vouched();
-            }
-            if priority < p.priority && p.phase == Phase::Queued {
-                self.queue.remove(&(p.priority, p.seq));
-                p.priority = priority;
-                self.queue.insert((priority, p.seq), addr.tag);
+        let riding = self.riding.get(&addr.tag).copied();
+        let bundle = match riding {
+            Some(_) => None,
+            None if self.pending.contains_key(&addr.tag) => None,
+            None => self.bundle_of.get(&r.hash).cloned(),
+        };
+        if let Some(b) = bundle {
+            // A small file travels in its directory's bundle: the bundle is fetched for it.
+            let at = self.channel.object_address(&b.id.hash);
+            self.want(now, at, priority, freshness, || {
+                ObjectFetch::of_bundle(now, b)
+            });
+            if let Some(p) = self.pending.get_mut(&at.tag) {
+                p.riders.insert(addr.tag, r);
+                self.riding.insert(addr.tag, at.tag);
             }
         } else {
-            self.seq += 1;
-            let mut fetch = ObjectFetch::new(now, r);
-            if freshness == Freshness::Superseded {
-                fetch.handle_doubt(now);
-            }
-            let pending = Pending {
-                fetch,
-                group: addr.group,
-                phase: Phase::Queued,
-                priority,
-                seq: self.seq,
-            };
-            self.pending.insert(addr.tag, pending);
-            self.queue.insert((priority, self.seq), addr.tag);
+            let tag = riding.unwrap_or(addr.tag);
+            let at = Address { tag, ..addr };
+            self.want(now, at, priority, freshness, || ObjectFetch::new(now, r));
         }
         // Admitted at the next poll_claim, once every request of this turn is known: asked
         // one at a time, the first would take the window before the beacon could say which
         // of them are on air.
         self.admit_due = true;
         Requested::Pending(addr.tag)
+    }
+
+    /// A fetch of the object at `at` from now on: the one pending, its priority raised, or a
+    /// new one of `fetch`.
+    fn want(
+        &mut self,
+        now: Instant,
+        at: Address,
+        priority: Priority,
+        freshness: Freshness,
+        fetch: impl FnOnce() -> ObjectFetch,
+    ) {
+        if let Some(p) = self.pending.get_mut(&at.tag) {
+            // A current reader vouches for its file, not for the bundle it travels in.
+            if freshness == Freshness::Current && p.fetch.bundle().is_none() {
+                p.fetch.handle_vouched();
+            }
+            if priority < p.priority && p.phase == Phase::Queued {
+                self.queue.remove(&(p.priority, p.seq));
+                p.priority = priority;
+                self.queue.insert((priority, p.seq), at.tag);
+            }
+            return;
+        }
+        self.seq += 1;
+        let mut fetch = fetch();
+        if freshness == Freshness::Superseded {
+            fetch.handle_doubt(now);
+        }
+        let pending = Pending {
+            fetch,
+            group: at.group,
+            phase: Phase::Queued,
+            priority,
+            seq: self.seq,
+            riders: BTreeMap::new(),
+        };
+        self.pending.insert(at.tag, pending);
+        self.queue.insert((priority, self.seq), at.tag);
+    }
+
+    /// The bundles of a directory just read: its small files are fetched through them from
+    /// now on.
+    pub fn handle_bundles(&mut self, bundles: Vec<Bundle>) {
+        for b in bundles {
+            for m in b.members.iter() {
+                self.bundle_of.put(m.hash, b.clone());
+            }
+        }
     }
 
     /// Handles one received datagram (decrypted in place on a sealed channel).
@@ -320,13 +388,25 @@ impl FetchState {
         if p.fetch.stats.forged_decodes > forged {
             self.stats.forged_decodes.fetch_add(1, Ordering::Relaxed);
         }
-        let Some(object) = done else {
+        let Some(objects) = done else {
             return;
         };
         self.good_senders.put(env.from, ());
-        self.recent.put(tag, object.clone());
-        self.end(now, tag);
-        self.events.push_back(Event::Completed { tag, object });
+        let bundle = self
+            .end(now, tag)
+            .and_then(|p| p.fetch.bundle().map(|b| b.id.hash));
+        for object in objects {
+            // A bundle completes all its members, asked for or not: the cache keeps them all.
+            let tag = match bundle {
+                Some(_) => self.channel.object_address(object.hash()).tag,
+                None => tag,
+            };
+            self.recent.put(tag, object.clone());
+            self.events.push_back(Event::Completed { tag, object });
+        }
+        if let Some(hash) = bundle {
+            self.events.push_back(Event::Release { hash });
+        }
         self.admit(now);
     }
 
@@ -368,11 +448,22 @@ impl FetchState {
     /// The object of `tag`, found in the cache (stored by another process). Returns whether
     /// the fetch was pending (then its waiters get `object`, and a claim it held goes back).
     pub fn handle_cached(&mut self, now: Instant, tag: Tag, object: &Verified) -> bool {
-        if !self.pending.contains_key(&tag) {
+        if let Some(bundle) = self.riding.remove(&tag) {
+            let Some(p) = self.pending.get_mut(&bundle) else {
+                return false;
+            };
+            p.riders.remove(&tag);
+            if p.riders.is_empty() {
+                let hash = p.fetch.want().hash;
+                self.end(now, bundle);
+                self.events.push_back(Event::Release { hash });
+            }
+        } else if self.pending.contains_key(&tag) {
+            self.end(now, tag);
+        } else {
             return false;
         }
         self.recent.put(tag, object.clone());
-        self.end(now, tag);
         self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
         (self.stats.bytes_cached).fetch_add(object.len() as u64, Ordering::Relaxed);
         self.admit(now);
@@ -491,8 +582,11 @@ impl FetchState {
         let mut out = Vec::new();
         if !self.elsewhere.is_empty() && now >= self.probed_elsewhere + ELSEWHERE_PROBE {
             self.probed_elsewhere = now;
-            let want = |t: &Tag| self.pending.get(t).map(|p| (*t, p.fetch.want().hash));
-            out.extend(self.elsewhere.iter().filter_map(want));
+            for tag in &self.elsewhere {
+                if let Some(p) = self.pending.get(tag) {
+                    probe(&mut out, *tag, p);
+                }
+            }
         }
         if now >= self.probed_joined + JOINED_PROBE {
             self.probed_joined = now;
@@ -500,7 +594,9 @@ impl FetchState {
                 .pending
                 .iter()
                 .filter(|(_, p)| p.phase == Phase::Joined);
-            out.extend(joined.map(|(t, p)| (*t, p.fetch.want().hash)));
+            for (tag, p) in joined {
+                probe(&mut out, *tag, p);
+            }
         }
         out
     }
@@ -511,7 +607,18 @@ impl FetchState {
         self.elsewhere.clear();
         self.in_window = 0;
         self.watch = None;
-        std::mem::take(&mut self.pending).into_keys().collect()
+        self.riding.clear();
+        let pending = std::mem::take(&mut self.pending);
+        let riders = pending.values().flat_map(|p| p.riders.keys().copied());
+        riders.chain(pending.keys().copied()).collect()
+    }
+
+    /// The members asked for through the bundle fetch of `tag` (none for an object).
+    pub fn riders(&self, tag: &Tag) -> Vec<blake3::Hash> {
+        self.pending
+            .get(tag)
+            .map(|p| p.riders.values().map(|r| r.hash).collect())
+            .unwrap_or_default()
     }
 
     /// Fetches pending (queued or in the window).
@@ -628,6 +735,9 @@ impl FetchState {
     fn end(&mut self, now: Instant, tag: Tag) -> Option<Pending> {
         let p = self.pending.remove(&tag)?;
         self.elsewhere.remove(&tag);
+        for rider in p.riders.keys() {
+            self.riding.remove(rider);
+        }
         match p.phase {
             Phase::Queued => {
                 self.queue.remove(&(p.priority, p.seq));
@@ -648,8 +758,27 @@ impl FetchState {
         if stale {
             self.stats.stale.fetch_add(1, Ordering::Relaxed);
         }
-        let want = *p.fetch.want();
-        self.events.push_back(Event::Failed { tag, want, stale });
+        if p.fetch.bundle().is_some() {
+            for (&tag, &want) in &p.riders {
+                if stale {
+                    // The server no longer has the bundle (its directory changed), but a
+                    // member may still be current: it is fetched on its own group.
+                    self.bundle_of.pop(&want.hash);
+                    let at = self.channel.object_address(&want.hash);
+                    self.want(now, at, p.priority, Freshness::Superseded, || {
+                        ObjectFetch::new(now, want)
+                    });
+                    self.admit_due = true;
+                } else {
+                    self.events.push_back(Event::Failed { tag, want, stale });
+                }
+            }
+            let hash = p.fetch.want().hash;
+            self.events.push_back(Event::Release { hash });
+        } else {
+            let want = *p.fetch.want();
+            self.events.push_back(Event::Failed { tag, want, stale });
+        }
     }
 
     /// The watched root group is rejoined while nothing is heard.
@@ -662,6 +791,16 @@ impl FetchState {
             self.members.push(now, self.root.group, false);
             self.members.push(now, self.root.group, true);
         }
+    }
+}
+
+/// What to look up in the cache for the fetch `p` of `tag`: its object, or the members
+/// asked for through a bundle.
+fn probe(out: &mut Vec<(Tag, blake3::Hash)>, tag: Tag, p: &Pending) {
+    if p.fetch.bundle().is_some() {
+        out.extend(p.riders.iter().map(|(t, r)| (*t, r.hash)));
+    } else {
+        out.push((tag, p.fetch.want().hash));
     }
 }
 

@@ -2,6 +2,7 @@
 //! membership changes, claims and events come out, on a simulated clock.
 
 use std::net::Ipv6Addr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use super::state::{Claim, Event, FetchState, Requested, ELSEWHERE_PATIENCE, ROOT
 use crate::channel::{Channel, Tag};
 use crate::fec::ObjectEncoder;
 use crate::net::Envelope;
+use crate::object::bundle::Bundle;
 use crate::object::ObjectRef;
 use crate::packet;
 
@@ -113,6 +115,22 @@ impl Rig {
                 from: SERVER,
                 to,
                 ifindex,
+            };
+            self.st.handle_datagram(self.now, env, &mut pkt);
+        }
+    }
+
+    /// Every source symbol of `bytes` under `tag`, multicast to `group` on our interface.
+    fn send_bytes(&mut self, tag: Tag, group: Ipv6Addr, bytes: &[u8]) {
+        let enc = ObjectEncoder::new(bytes, SYMBOL.min(bytes.len())).unwrap();
+        let (mut sym, mut pkt) = (Vec::new(), Vec::new());
+        for esi in 0..enc.source_symbols() {
+            enc.symbol(esi, &mut sym);
+            packet::encode_symbol(&mut pkt, tag, esi, &sym, None);
+            let env = Envelope {
+                from: SERVER,
+                to: Some(group),
+                ifindex: IFINDEX,
             };
             self.st.handle_datagram(self.now, env, &mut pkt);
         }
@@ -428,4 +446,148 @@ fn forged_symbols_are_thrown_away_and_the_real_ones_still_decode() {
         [*v.hash()],
         "the server's symbols still decode"
     );
+}
+
+fn bundle_of(files: &[Verified]) -> (Bundle, Vec<u8>) {
+    let bundle = Bundle::new(files.iter().map(want).collect());
+    let bytes = files
+        .iter()
+        .flat_map(|f| f.bytes().iter().copied())
+        .collect();
+    (bundle, bytes)
+}
+
+#[test]
+fn small_files_are_fetched_through_their_bundle() {
+    let mut r = rig(32);
+    let files: Vec<Verified> = (0..4).map(|n| object(n, 3000 + n as usize)).collect();
+    let (bundle, bytes) = bundle_of(&files);
+    r.st.handle_bundles(vec![bundle.clone()]);
+    let tags = [
+        r.request(&files[0], Priority::Readahead),
+        r.request(&files[2], Priority::Demand),
+    ];
+    assert_eq!(tags[0], r.channel.object_address(files[0].hash()).tag);
+    let claims = r.claims();
+    assert_eq!(claims.len(), 1, "one fetch, of the bundle: {claims:?}");
+    assert_eq!(claims[0].1, bundle.id.hash);
+    assert!(!r.st.handle_claim(r.now, claims[0].0, Claim::Granted));
+    let at = r.channel.object_address(&bundle.id.hash);
+    assert_eq!(
+        r.membership(),
+        [(at.group, true)],
+        "only the bundle's group"
+    );
+    // A hostile bundle: right length, one member's byte flipped. Nothing completes.
+    let mut forged = bytes.clone();
+    forged[7000] ^= 0x40;
+    r.send_bytes(at.tag, at.group, &forged);
+    assert!(completed(&r.events()).is_empty());
+    assert_eq!(r.stats.forged_decodes.load(Ordering::Relaxed), 1);
+    r.send_bytes(at.tag, at.group, &bytes);
+    let events = r.events();
+    let want_all: Vec<blake3::Hash> = files.iter().map(|f| *f.hash()).collect();
+    assert_eq!(
+        completed(&events),
+        want_all,
+        "every member, asked for or not"
+    );
+    let completed_tags: Vec<Tag> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Completed { tag, .. } => Some(*tag),
+            _ => None,
+        })
+        .collect();
+    assert!(tags.iter().all(|t| completed_tags.contains(t)));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Release { hash } if *hash == bundle.id.hash)));
+    assert_eq!(r.membership(), [(at.group, false)]);
+    assert_eq!(r.st.pending(), 0);
+    let later =
+        r.st.handle_request(r.now, want(&files[3]), Priority::Demand, Freshness::Current);
+    assert!(matches!(later, Requested::Recent(o) if o == files[3]));
+}
+
+#[test]
+fn a_bundle_fetched_elsewhere_ends_when_its_riders_are_cached() {
+    let mut r = rig(32);
+    let files: Vec<Verified> = (0..3).map(|n| object(n, 2000)).collect();
+    let (bundle, _) = bundle_of(&files);
+    r.st.handle_bundles(vec![bundle.clone()]);
+    let a = r.request(&files[0], Priority::Demand);
+    let b = r.request(&files[1], Priority::Demand);
+    let (tag, _) = r.claims()[0];
+    r.st.handle_claim(r.now, tag, Claim::Elsewhere);
+    r.advance(Duration::from_millis(10));
+    let mut probes = r.st.poll_probe(r.now);
+    probes.sort_by_key(|p| p.0);
+    let mut want_probes = vec![(a, *files[0].hash()), (b, *files[1].hash())];
+    want_probes.sort_by_key(|p| p.0);
+    assert_eq!(probes, want_probes, "the members asked for, not the bundle");
+    assert!(r.st.handle_cached(r.now, a, &files[0]));
+    assert_eq!(r.st.pending(), 1);
+    assert!(r.st.handle_cached(r.now, b, &files[1]));
+    assert_eq!(r.st.pending(), 0);
+    assert!(r
+        .events()
+        .iter()
+        .any(|e| matches!(e, Event::Release { hash } if *hash == bundle.id.hash)));
+}
+
+#[test]
+fn a_failed_bundle_fails_each_member_asked_for() {
+    let mut r = rig(32);
+    let files: Vec<Verified> = (0..3).map(|n| object(n, 2000)).collect();
+    let (bundle, _) = bundle_of(&files);
+    r.st.handle_bundles(vec![bundle]);
+    let a = r.request(&files[0], Priority::Demand);
+    let b = r.request(&files[2], Priority::Readahead);
+    r.grant_all();
+    let timeout = r.st.config().timeout;
+    for _ in 0..(timeout.as_millis() / 20 + 2) {
+        r.advance(FetchState::TICK);
+    }
+    let mut failed: Vec<Tag> = r
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Failed { tag, .. } => Some(*tag),
+            _ => None,
+        })
+        .collect();
+    failed.sort();
+    let mut want_failed = vec![a, b];
+    want_failed.sort();
+    assert_eq!(failed, want_failed);
+    assert_eq!(r.st.pending(), 0);
+}
+
+#[test]
+fn a_bundle_gone_stale_falls_back_to_its_members_own_groups() {
+    let mut r = rig(32);
+    let files: Vec<Verified> = (0..3).map(|n| object(n, 2000)).collect();
+    let (bundle, _) = bundle_of(&files);
+    r.st.handle_bundles(vec![bundle.clone()]);
+    let a = r.request(&files[1], Priority::Demand);
+    r.grant_all();
+    r.membership();
+    // A new generation: the bundle may be gone (its directory changed), and it is.
+    r.st.handle_new_generation(r.now);
+    let stale_after = r.st.config().stale_after;
+    let mut claims = Vec::new();
+    for _ in 0..(stale_after.as_millis() / 20 + 3) {
+        r.advance(FetchState::TICK);
+        claims.extend(r.claims());
+    }
+    let failed = r.events().iter().any(|e| matches!(e, Event::Failed { .. }));
+    assert!(!failed, "the member is still wanted");
+    assert_eq!(claims, [(a, *files[1].hash())], "fetched on its own now");
+    r.st.handle_claim(r.now, a, Claim::Granted);
+    let group = r.group(&files[1]);
+    assert!(r.membership().contains(&(group, true)));
+    r.deliver(&files[1]);
+    assert_eq!(completed(&r.events()), [*files[1].hash()]);
+    assert_eq!(r.st.pending(), 0);
 }

@@ -154,7 +154,11 @@ impl Tree {
 
     pub async fn directory(&self, r: ObjectRef, prio: Priority) -> Result<Directory, FetchError> {
         let v = self.fetcher.fetch(r, prio).await?;
-        Directory::decode(&v).map_err(|e| self.invalid(format!("directory {}", short(&r.hash)), e))
+        let dir = Directory::decode(&v)
+            .map_err(|e| self.invalid(format!("directory {}", short(&r.hash)), e))?;
+        // Its small files travel in bundles: reads of them fetch the bundle.
+        (self.fetcher).learn_bundles(crate::object::bundle::bundles(&dir, self.block_size()));
+        Ok(dir)
     }
 
     pub async fn root_dir(&self) -> Result<Directory, FetchError> {

@@ -10,6 +10,7 @@
 //! knows exactly how many bytes to decode before the first packet arrives, and packets need not
 //! carry any size.
 
+pub mod bundle;
 pub(crate) mod codec;
 pub mod dir;
 pub mod index;

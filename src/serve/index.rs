@@ -32,7 +32,9 @@
 //!
 //! Invariants of a [`Published`]: each object's hash is the BLAKE3 of the bytes its source gave
 //! at index time and its length is their length; every hash reachable from the root (except
-//! inline content) is in `objects`; identical blocks, pages or directories are one object.
+//! inline content) is in `objects`; identical blocks, pages or directories are one object. The
+//! exception: each directory's bundles ([`crate::object::bundle`]) are in `objects` too, keyed
+//! by their id, and their members, blocks of the same walk, are in `objects` themselves.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
@@ -48,6 +50,7 @@ use lcfs_cache::Hash;
 use rayon::prelude::*;
 
 use super::leafcache::{Body, FileHash, LeafCache};
+use crate::object::bundle::bundles;
 use crate::object::dir::valid_name;
 use crate::object::index::index_ref;
 use crate::object::{
@@ -108,6 +111,9 @@ pub enum Source {
         size: u64,
         mtime: Timestamp,
     },
+    /// A bundle (see [`crate::object::bundle`]): the bytes of its members, each an object of
+    /// this table, one after another. Keyed by the bundle's id, not by a hash of its bytes.
+    Bundle(Arc<[ObjectRef]>),
 }
 
 /// Everything one walk of PATH publishes.
@@ -214,6 +220,11 @@ pub fn index_tree(tree: &Arc<Tree>, config: &IndexConfig) -> Result<Published, I
 pub fn read_block(tree: &Tree, source: &Source, expected: &Hash) -> Result<Arc<[u8]>, IndexError> {
     let (rel, offset, len) = match source {
         Source::Memory(bytes) => return Ok(bytes.clone()),
+        // Read member by member by `Table::load`, which knows the members' sources.
+        Source::Bundle(_) => {
+            let path = PathBuf::from("(a bundle, read as its members)");
+            return Err(IndexError::NotServable { path });
+        }
         Source::File {
             path, offset, len, ..
         } => (path, *offset, *len as usize),
@@ -350,7 +361,22 @@ impl Walker {
             return Err(IndexError::DirectoryTooLarge { path, len, max });
         }
         self.dirs.fetch_add(1, Relaxed);
+        self.add_bundles(&dir);
         Ok(self.add_memory(encoding))
+    }
+
+    /// The bundles of `dir`'s small files, published beside their members.
+    fn add_bundles(&self, dir: &Directory) {
+        let bundles = bundles(dir, self.block_size);
+        if bundles.is_empty() {
+            return;
+        }
+        let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+        for b in bundles {
+            objects
+                .entry(b.id.hash)
+                .or_insert_with(|| (b.id.len, Source::Bundle(b.members)));
+        }
     }
 
     /// The entry for `name` in directory `dir` (at `parent` in the tree), or `None` if it is

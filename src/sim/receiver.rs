@@ -53,6 +53,9 @@ pub struct SimReceiver {
     seed: u64,
     walk: Option<Walk>,
     asked: HashMap<Tag, Instant>,
+    /// Bundle members that completed before the walk asked for them (the cache a real
+    /// receiver has): only those, so memory follows what came unasked.
+    kept: HashMap<lcfs_cache::Hash, lcfs_cache::Verified>,
     server: Ipv6Addr,
     buf: Vec<u8>,
 }
@@ -74,6 +77,7 @@ impl SimReceiver {
             seed,
             walk: None,
             asked: HashMap::new(),
+            kept: HashMap::new(),
             server: Ipv6Addr::UNSPECIFIED,
             buf: Vec::new(),
         }
@@ -158,8 +162,19 @@ impl SimReceiver {
             busy = true;
             self.handle_event(now, state, event);
         }
+        if let Some(bundles) = self.walk.as_mut().map(Walk::poll_bundles) {
+            if !bundles.is_empty() {
+                state.handle_bundles(bundles);
+            }
+        }
         while let Some((r, need)) = self.walk.as_mut().and_then(Walk::poll_request) {
             busy = true;
+            if let Some(v) = self.kept.remove(&r.hash) {
+                if let Some(walk) = self.walk.as_mut() {
+                    walk.handle_object(&v, need);
+                }
+                continue;
+            }
             let got = state.handle_request(now, r, Priority::Readahead, Freshness::Current);
             let Some(walk) = self.walk.as_mut() else {
                 break;
@@ -189,9 +204,13 @@ impl SimReceiver {
                 }
                 self.stats.objects_fetched.fetch_add(1, Ordering::Relaxed);
                 if let Some(walk) = self.walk.as_mut() {
-                    walk.handle_completed(tag, &object);
+                    if !walk.handle_completed(tag, &object) {
+                        // A bundle's member not asked for yet: what a cache would keep.
+                        self.kept.insert(*object.hash(), object);
+                    }
                 }
             }
+            Event::Release { .. } => {}
             Event::Failed { tag, .. } => {
                 self.failures += 1;
                 self.asked.remove(&tag);

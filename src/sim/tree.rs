@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::channel::Channel;
 use crate::object::RootRecord;
-use crate::serve::index::{index_path, IndexConfig, IndexError};
+use crate::serve::index::{index_path, IndexConfig, IndexError, Source};
 use crate::serve::table::Table;
 
 /// The shape of a synthetic tree.
@@ -62,6 +62,8 @@ pub fn publish(
     let objects = published
         .objects
         .iter()
+        // Bundles are how objects travel, not objects a receiver keeps.
+        .filter(|(_, (_, source))| !matches!(source, Source::Bundle(_)))
         .map(|(h, (len, _))| (*h, *len))
         .collect();
     let record = RootRecord {

@@ -15,6 +15,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::channel::Tag;
+use crate::object::bundle::{bundles, Bundle};
 use crate::object::index::IndexShape;
 use crate::object::LEAVES_PER_PAGE;
 use crate::object::{BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef};
@@ -53,6 +54,8 @@ pub struct Walk {
     pub bytes: u64,
     /// What failed to decode or did not fit its reference.
     pub invalid: Vec<String>,
+    /// Bundles of the directories decoded, not yet handed to the receiver's state.
+    bundles: Vec<Bundle>,
 }
 
 impl Walk {
@@ -70,9 +73,15 @@ impl Walk {
             verified: HashSet::new(),
             bytes: 0,
             invalid: Vec::new(),
+            bundles: Vec::new(),
         };
         walk.ask(root, Need::Dir);
         walk
+    }
+
+    /// The bundles of the directories decoded since the last call.
+    pub fn poll_bundles(&mut self) -> Vec<Bundle> {
+        std::mem::take(&mut self.bundles)
     }
 
     pub fn poll_request(&mut self) -> Option<(ObjectRef, Need)> {
@@ -85,10 +94,15 @@ impl Walk {
     }
 
     /// The object of `tag` arrived verified.
-    pub fn handle_completed(&mut self, tag: Tag, object: &Verified) {
-        for need in self.waiting.remove(&tag).unwrap_or_default() {
+    /// Returns false if nothing awaited `tag` (a bundle's member no one asked for yet).
+    pub fn handle_completed(&mut self, tag: Tag, object: &Verified) -> bool {
+        let Some(needs) = self.waiting.remove(&tag) else {
+            return false;
+        };
+        for need in needs {
             self.handle_object(object, need);
         }
+        true
     }
 
     /// The fetch of `tag` failed: what it was for is abandoned.
@@ -134,6 +148,7 @@ impl Walk {
     fn directory(&mut self, object: &Verified) -> Result<(), String> {
         let dir = Directory::decode(object);
         let result = dir.map_err(|e| format!("directory: {e}")).map(|dir| {
+            self.bundles.extend(bundles(&dir, self.block_size));
             for entry in dir.entries {
                 match entry.kind {
                     EntryKind::Dir(r) => self.ask(r, Need::Dir),

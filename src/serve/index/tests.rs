@@ -491,6 +491,12 @@ fn assert_nothing_from_outside(p: &Published, forbidden: &[Hash]) {
                 "block source {} leaves the tree",
                 path.display()
             ),
+            Source::Bundle(members) => {
+                for m in members.iter() {
+                    assert!(!forbidden.contains(&m.hash), "a secret is bundled");
+                    assert!(p.objects.contains_key(&m.hash), "a member is not published");
+                }
+            }
         }
     }
     for (path, _) in &p.skipped {
