@@ -103,37 +103,35 @@ impl Rig {
         self.channel.object_address(v.hash()).group
     }
 
-    /// Every source symbol of `v`, multicast to `to` on `ifindex`.
-    fn send(&mut self, v: &Verified, to: Option<Ipv6Addr>, ifindex: u32) {
-        let tag = self.channel.object_address(v.hash()).tag;
-        let enc = ObjectEncoder::new(v, SYMBOL.min(v.len())).unwrap();
-        let (mut sym, mut pkt) = (Vec::new(), Vec::new());
-        for esi in 0..enc.source_symbols() {
-            enc.symbol(esi, &mut sym);
-            packet::encode_symbol(&mut pkt, tag, esi, &sym, None);
-            let env = Envelope {
-                from: SERVER,
-                to,
-                ifindex,
-            };
-            self.st.handle_datagram(self.now, env, &mut pkt);
-        }
-    }
-
-    /// Every source symbol of `bytes` under `tag`, multicast to `group` on our interface.
-    fn send_bytes(&mut self, tag: Tag, group: Ipv6Addr, bytes: &[u8]) {
+    /// Every source symbol of `bytes` under `tag`, from `from` to `to` on `ifindex`.
+    fn send_symbols(
+        &mut self,
+        from: Ipv6Addr,
+        tag: Tag,
+        bytes: &[u8],
+        to: Option<Ipv6Addr>,
+        ifindex: u32,
+    ) {
         let enc = ObjectEncoder::new(bytes, SYMBOL.min(bytes.len())).unwrap();
         let (mut sym, mut pkt) = (Vec::new(), Vec::new());
         for esi in 0..enc.source_symbols() {
             enc.symbol(esi, &mut sym);
             packet::encode_symbol(&mut pkt, tag, esi, &sym, None);
-            let env = Envelope {
-                from: SERVER,
-                to: Some(group),
-                ifindex: IFINDEX,
-            };
+            let env = Envelope { from, to, ifindex };
             self.st.handle_datagram(self.now, env, &mut pkt);
         }
+    }
+
+    /// Every source symbol of `v` from the server, multicast to `to` on `ifindex`.
+    fn send(&mut self, v: &Verified, to: Option<Ipv6Addr>, ifindex: u32) {
+        let tag = self.channel.object_address(v.hash()).tag;
+        self.send_symbols(SERVER, tag, v, to, ifindex);
+    }
+
+    /// Every source symbol of `bytes` under `tag` from the server, to `group` on our
+    /// interface.
+    fn send_bytes(&mut self, tag: Tag, group: Ipv6Addr, bytes: &[u8]) {
+        self.send_symbols(SERVER, tag, bytes, Some(group), IFINDEX);
     }
 
     fn deliver(&mut self, v: &Verified) {
@@ -419,18 +417,7 @@ fn forged_symbols_are_thrown_away_and_the_real_ones_still_decode() {
     // A forger on the link sends symbols with the object's real tag and group but bytes of
     // its own: enough of them to decode, into something that does not verify.
     let forger = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x666);
-    let enc = ObjectEncoder::new(&object(2, 6000), SYMBOL).unwrap();
-    let (mut sym, mut pkt) = (Vec::new(), Vec::new());
-    for esi in 0..enc.source_symbols() {
-        enc.symbol(esi, &mut sym);
-        packet::encode_symbol(&mut pkt, tag, esi, &sym, None);
-        let env = Envelope {
-            from: forger,
-            to: Some(group),
-            ifindex: IFINDEX,
-        };
-        r.st.handle_datagram(r.now, env, &mut pkt);
-    }
+    r.send_symbols(forger, tag, &object(2, 6000), Some(group), IFINDEX);
     assert!(
         completed(&r.events()).is_empty(),
         "a forgery never completes a fetch"
