@@ -255,13 +255,18 @@ impl FetchState {
         if let Some(v) = self.recent.get(&addr.tag).filter(|v| *v.hash() == r.hash) {
             return Requested::Recent(v.clone());
         }
-        let riding = self.riding.get(&addr.tag).copied();
+        // Riding already: the bundle's fetch is the one to raise or vouch for.
+        let riding = (self.riding.get(&addr.tag))
+            .and_then(|t| self.pending.get(t))
+            .map(|p| self.channel.object_address(&p.fetch.want().hash));
         let bundle = match riding {
             Some(_) => None,
             None if self.pending.contains_key(&addr.tag) => None,
             None => self.bundle_of.get(&r.hash).cloned(),
         };
-        if let Some(b) = bundle {
+        if let Some(at) = riding {
+            self.want(now, at, priority, freshness, || ObjectFetch::new(now, r));
+        } else if let Some(b) = bundle {
             // A small file travels in its directory's bundle: the bundle is fetched for it.
             let at = self.channel.object_address(&b.id.hash);
             self.want(now, at, priority, freshness, || {
@@ -272,9 +277,7 @@ impl FetchState {
                 self.riding.insert(addr.tag, at.tag);
             }
         } else {
-            let tag = riding.unwrap_or(addr.tag);
-            let at = Address { tag, ..addr };
-            self.want(now, at, priority, freshness, || ObjectFetch::new(now, r));
+            self.want(now, addr, priority, freshness, || ObjectFetch::new(now, r));
         }
         // Admitted at the next poll_claim, once every request of this turn is known: asked
         // one at a time, the first would take the window before the beacon could say which
