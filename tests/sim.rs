@@ -92,6 +92,58 @@ fn a_tree_of_small_files_costs_the_same_for_100_receivers_as_for_one_without_los
     assert!(one.over_data() < 1.2, "{:.3}", one.over_data());
 }
 
+/// The scale: 1000 receivers of a 4 MiB file, starting together, no loss.
+#[test]
+fn a_file_costs_the_same_for_1000_receivers_as_for_one_without_loss() {
+    let file = Shape::File(4 << 20);
+    let (_, many, ratio) = flatness("file-1000", file, 1000, Loss::None, 0);
+    assert!(ratio <= 1.15, "{ratio:.3}");
+    assert_eq!(many.completion.len(), 1000);
+}
+
+/// The server restarts in the middle of a transfer: the new process knows no listener, and
+/// learns them from the answers to its first query (and from receivers' rejoins). Every
+/// receiver still ends with every object verified, and the restart costs at most a few
+/// rounds (compared with the same run without it).
+#[test]
+fn a_server_restart_midway_leaves_every_receiver_whole() {
+    let scenario = |restart: Option<Duration>| {
+        let mut s = Scenario::new("restart", 16, FILE, 20, Loss::Uniform(0.05));
+        s.server_restart = restart;
+        s
+    };
+    let steady = run(&scenario(None));
+    let restarted = run(&scenario(Some(Duration::from_millis(300))));
+    assert_sound(&steady);
+    assert_sound(&restarted);
+    assert_eq!(restarted.server_restarts, 1);
+    assert!(
+        restarted
+            .completion
+            .iter()
+            .all(|c| *c > Duration::from_millis(300)),
+        "the restart came while every receiver was still at work"
+    );
+    let ratio = restarted.server_bytes as f64 / steady.server_bytes as f64;
+    let slower = restarted
+        .completion
+        .last()
+        .copied()
+        .unwrap_or_default()
+        .as_secs_f64()
+        / steady
+            .completion
+            .last()
+            .copied()
+            .unwrap_or_default()
+            .as_secs_f64()
+            .max(1e-9);
+    println!(
+        "restart midway: server bytes {ratio:.3}x, last completion {slower:.2}x the steady run"
+    );
+    assert!(ratio <= 1.3, "{ratio:.3}");
+}
+
 #[test]
 fn every_receiver_verifies_a_file_under_uniform_loss() {
     for loss in [0.05, 0.2] {
@@ -172,13 +224,13 @@ fn a_file_under_5_percent_loss_costs_100_receivers_what_it_costs_one() {
 }
 
 /// 20% independent loss at 100 receivers: the server sends until the unluckiest receiver
-/// of each block has enough symbols, and more rounds than that: 1.49 to 1.55 times the
-/// bytes of one receiver at seed 11 (not 1.15).
+/// of each block has enough symbols, and more rounds than that: 1.455 times the bytes of one
+/// receiver at seed 11 (not 1.15; 1.55 before metadata's first rounds carried a margin).
 #[test]
 fn known_gap_a_file_under_heavy_loss_costs_more_at_100_receivers() {
     let (_, _, ratio) = flatness("gap-file-loss", FILE, 100, Loss::Uniform(0.2), 0);
     println!("known gap: 0.2 loss, 100 receivers: {ratio:.3} times one receiver");
-    assert!(ratio <= 1.6, "{ratio:.3}");
+    assert!(ratio <= 1.55, "{ratio:.3}");
 }
 
 /// Starts spread over 10 s for a file that takes under a second: the server sends a round
@@ -191,11 +243,13 @@ fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
     assert!(ratio <= 17.0, "{ratio:.3}");
 }
 
-/// A tree of small files at 100 receivers starting together under 5% loss (the issue's
-/// tree_10k finding): measured at seed 11 about 2.5 times one receiver's bytes.
+/// A tree of files up to 64 KiB at 100 receivers starting together under 5% loss: 1.250
+/// times one receiver's bytes at seed 11. It was 2.41: receivers that missed a directory's
+/// first round asked for its files a round later and needed first rounds of their own, in
+/// waves; metadata's first rounds now carry a margin (`serve::sched`).
 #[test]
 fn known_gap_a_tree_of_small_files_costs_more_at_100_receivers() {
     let (_, _, ratio) = flatness("gap-tree", TREE, 100, Loss::Uniform(0.05), 0);
     println!("known gap: 1000-file tree, 5% loss, 100 receivers: {ratio:.3} times one receiver");
-    assert!(ratio <= 2.8, "{ratio:.3}");
+    assert!(ratio <= 1.4, "{ratio:.3}");
 }

@@ -82,6 +82,8 @@ pub struct Scenario {
     /// The server's send rate (bits per second, headers counted).
     pub rate_bps: u64,
     pub departures: Vec<Departure>,
+    /// When the server restarts, after the run's start.
+    pub server_restart: Option<Duration>,
     /// Virtual time after which the run is cut short (and counted unfinished).
     pub limit: Duration,
 }
@@ -105,6 +107,7 @@ impl Scenario {
             uplink: Duration::from_millis(1),
             rate_bps: 100_000_000,
             departures: Vec::new(),
+            server_restart: None,
             limit: Duration::from_secs(600),
         }
     }
@@ -156,6 +159,9 @@ pub fn run(dir: &Path, scenario: &Scenario) -> Result<Report, SimError> {
         };
         world.schedule(at, ev);
     }
+    if let Some(after) = scenario.server_restart {
+        world.schedule(base + after, Ev::RestartServer);
+    }
     world.run(base + scenario.limit, settled);
     // Let the server finish what it still sends for groups that are left or expire.
     let tail = world.now + world.server.tracker().config().timing.listener_interval() * 2;
@@ -192,6 +198,7 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
         server_bytes: stats.wire_bytes,
         server_packets: stats.packets,
         encoders_built: stats.encoders_built,
+        server_restarts: stats.restarts,
         sent_unjoined: w.bridge.sent_unjoined,
         sent_never_joined: w.bridge.sent_never_joined,
         sim_time: w.now.duration_since(base),

@@ -32,6 +32,8 @@ pub struct Report {
     /// Packets sent on a group no receiver ever joined.
     pub sent_never_joined: u64,
     pub encoders_built: u64,
+    /// Times the server restarted during the run.
+    pub server_restarts: u64,
     pub rejoins: u64,
     /// Virtual time the run covered.
     pub sim_time: Duration,

@@ -48,10 +48,12 @@ pub struct ServerStats {
     pub general_queries: u64,
     pub specific_queries: u64,
     pub reports: u64,
+    pub restarts: u64,
 }
 
 pub struct SimServer {
     pub addr: Ipv6Addr,
+    config: CarouselConfig,
     carousel: Carousel,
     tracker: ListenerTracker,
     querier: Querier,
@@ -80,6 +82,7 @@ impl SimServer {
         );
         SimServer {
             addr,
+            config: config.clone(),
             ns_per_byte: 8e9 / config.rate_bps.max(1) as f64,
             carousel: Carousel::new(now, config, table),
             tracker,
@@ -88,6 +91,17 @@ impl SimServer {
             symbol: Vec::new(),
             stats: ServerStats::default(),
         }
+    }
+
+    /// The server process restarts at `now`: carousel, tracker and querier start afresh on
+    /// the same table (what `lcfs serve` does after a restart with its state dir), and
+    /// learn their listeners again from MLD. The counters go on, so a report covers both.
+    pub fn restart(&mut self, now: Instant) {
+        let stats = self.stats;
+        let table = self.carousel.table().clone();
+        *self = SimServer::new(now, self.addr, table, self.config.clone());
+        self.stats = stats;
+        self.stats.restarts += 1;
     }
 
     pub fn stats(&self) -> ServerStats {

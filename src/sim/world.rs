@@ -48,6 +48,8 @@ pub enum Ev {
     },
     RxTimer(usize),
     ServerWake,
+    /// The server process restarts (see [`SimServer::restart`]).
+    RestartServer,
 }
 
 struct Scheduled {
@@ -213,6 +215,11 @@ impl World {
             Ev::ServerWake if self.server_wake == Some(at) => {
                 self.server_wake = None;
                 self.service_server();
+            }
+            Ev::RestartServer => {
+                self.server.restart(now);
+                self.server_wake = None;
+                self.wake_server(now);
             }
             Ev::RxTimer(_) | Ev::ServerWake => {}
         }

@@ -1,0 +1,159 @@
+//! Runs one scenario of the simulated network (`lcfs::sim`) with any seed and receiver count,
+//! at one receiver and at N, and says whether it holds: every receiver verified, nothing sent
+//! on a group nobody joined, and server bytes at N within `--max-ratio` of those at one.
+//!
+//! ```text
+//! cargo run --release --example sim -- --receivers 1000 --seed 4242 --shape file:4M --loss 0.05
+//! cargo run --release --example sim -- --receivers 300 --shape tree:1000:20:100:16K --loss 0
+//! ```
+//!
+//! Exits 0 when it holds, 1 when it does not (the report says what failed), 2 on bad usage.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use lcfs::sim::{self, Loss, Report, Scenario, Shape, Workload};
+
+#[derive(Parser)]
+#[command(about = "Run the simulated network at 1 and N receivers and compare server bytes")]
+struct Args {
+    /// Receivers of the large run.
+    #[arg(long, default_value_t = 100)]
+    receivers: usize,
+    /// Seed of everything random: the data, the losses, the start times.
+    #[arg(long, default_value_t = 11)]
+    seed: u64,
+    /// `file:SIZE` or `tree:FILES:DIRS:MIN:MAX` (sizes take K and M suffixes).
+    #[arg(long, default_value = "file:4M")]
+    shape: String,
+    /// Uniform loss on every receiver's downlink (0 to 0.9).
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Bursty (Gilbert-Elliott) loss with this mean burst length, instead of uniform.
+    #[arg(long)]
+    burst: Option<f64>,
+    /// Receivers start at seeded times spread over this many seconds.
+    #[arg(long, default_value_t = 0.0)]
+    spread: f64,
+    /// Each receiver reads this many random files instead of the whole tree.
+    #[arg(long)]
+    random_files: Option<usize>,
+    /// The most server bytes at N receivers may be, over those at one.
+    #[arg(long, default_value_t = 1.15)]
+    max_ratio: f64,
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    let (n, mul) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    n.parse::<u64>()
+        .map(|n| n * mul)
+        .map_err(|e| format!("size {s:?}: {e}"))
+}
+
+fn shape(s: &str) -> Result<Shape, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    match parts.as_slice() {
+        ["file", n] => Ok(Shape::File(size(n)?)),
+        ["tree", files, dirs, min, max] => Ok(Shape::Tree {
+            files: files.parse().map_err(|e| format!("files: {e}"))?,
+            dirs: dirs.parse().map_err(|e| format!("dirs: {e}"))?,
+            min: size(min)?,
+            max: size(max)?,
+        }),
+        _ => Err(format!(
+            "shape {s:?}: expected file:SIZE or tree:FILES:DIRS:MIN:MAX"
+        )),
+    }
+}
+
+/// What every run must show; the failures, named.
+fn unsound(r: &Report) -> Vec<String> {
+    let checks = [
+        (r.unfinished as u64, "receivers without every object"),
+        (r.failures, "fetches failed"),
+        (r.invalid as u64, "objects that did not decode"),
+        (r.sent_unjoined, "packets sent on a group nobody held"),
+        (r.sent_never_joined, "packets sent on a group never joined"),
+    ];
+    checks
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{}: {n} {what}", r.name))
+        .collect()
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let shape = match shape(&args.shape) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sim: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !(0.0..=0.9).contains(&args.loss) || args.receivers == 0 {
+        eprintln!("sim: --loss must be within 0..=0.9 and --receivers at least 1");
+        return ExitCode::from(2);
+    }
+    let loss = match args.burst {
+        _ if args.loss == 0.0 => Loss::None,
+        Some(burst) => Loss::bursty(args.loss, burst),
+        None => Loss::Uniform(args.loss),
+    };
+    let scenario = |n: usize| {
+        let mut s = Scenario::new(&format!("sim-{n}"), args.seed, shape, n, loss);
+        s.start_spread = Duration::from_secs_f64(args.spread.max(0.0));
+        if let Some(k) = args.random_files {
+            s.workload = Workload::Files(k);
+        }
+        s
+    };
+    let mut problems = Vec::new();
+    let mut reports = Vec::new();
+    for n in [1, args.receivers] {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("sim: cannot make a temporary directory for the tree: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match sim::run(dir.path(), &scenario(n)) {
+            Ok(r) => {
+                println!("{r}");
+                problems.extend(unsound(&r));
+                reports.push(r);
+            }
+            Err(e) => {
+                eprintln!("sim: cannot publish the tree: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let ratio = reports[1].server_bytes as f64 / reports[0].server_bytes.max(1) as f64;
+    println!(
+        "server bytes at {} receivers / at 1: {ratio:.3} (at most {})",
+        args.receivers, args.max_ratio
+    );
+    if ratio > args.max_ratio {
+        problems.push(format!(
+            "server bytes ratio {ratio:.3} > {}",
+            args.max_ratio
+        ));
+    }
+    if problems.is_empty() {
+        println!("holds");
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            println!("FAILS: {p}");
+        }
+        ExitCode::from(1)
+    }
+}
