@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use lcfs::sim::{self, Loss, Report, Scenario, Shape, Workload};
+use lcfs::sim::{self, Loss, Scenario, Shape, Workload};
 
 #[derive(Parser)]
 #[command(about = "Run the simulated network at 1 and N receivers and compare server bytes")]
@@ -72,22 +72,6 @@ fn shape(s: &str) -> Result<Shape, String> {
     }
 }
 
-/// What every run must show; the failures, named.
-fn unsound(r: &Report) -> Vec<String> {
-    let checks = [
-        (r.unfinished as u64, "receivers without every object"),
-        (r.failures, "fetches failed"),
-        (r.invalid as u64, "objects that did not decode"),
-        (r.sent_unjoined, "packets sent on a group nobody held"),
-        (r.sent_never_joined, "packets sent on a group never joined"),
-    ];
-    checks
-        .iter()
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, what)| format!("{}: {n} {what}", r.name))
-        .collect()
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     let shape = match shape(&args.shape) {
@@ -127,7 +111,7 @@ fn main() -> ExitCode {
         match sim::run(dir.path(), &scenario(n)) {
             Ok(r) => {
                 println!("{r}");
-                problems.extend(unsound(&r));
+                problems.extend(r.problems());
                 reports.push(r);
             }
             Err(e) => {

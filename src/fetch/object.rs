@@ -173,13 +173,7 @@ impl ObjectFetch {
             None => Verified::new(&self.want.hash, bytes)
                 .map(|v| vec![v])
                 .map_err(|e| e.to_string()),
-            Some(b) => b
-                .split(&bytes)
-                .map(|parts| {
-                    let verified = |(r, part): (ObjectRef, &[u8])| Verified::new(&r.hash, part);
-                    parts.into_iter().filter_map(|p| verified(p).ok()).collect()
-                })
-                .map_err(|e| e.to_string()),
+            Some(b) => b.split(&bytes).map_err(|e| e.to_string()),
         };
         match checked {
             Ok(v) => Some(v),

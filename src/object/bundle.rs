@@ -23,7 +23,7 @@
 
 use std::sync::Arc;
 
-use lcfs_cache::Hash;
+use lcfs_cache::Verified;
 
 use super::{BlockSize, Content, Directory, EntryKind, ObjectRef};
 
@@ -66,9 +66,9 @@ impl Bundle {
         }
     }
 
-    /// The members of a decoded bundle, each verified against its hash: all of them, or an
-    /// error (forged or corrupt symbols), never some.
-    pub fn split<'a>(&self, bytes: &'a [u8]) -> Result<Vec<(ObjectRef, &'a [u8])>, BundleError> {
+    /// The members of a decoded bundle, each verified against its hash (hashed once, here):
+    /// all of them, or an error (forged or corrupt symbols), never some.
+    pub fn split(&self, bytes: &[u8]) -> Result<Vec<Verified>, BundleError> {
         if bytes.len() != self.id.len as usize {
             return Err(BundleError::Length {
                 got: bytes.len(),
@@ -79,17 +79,11 @@ impl Bundle {
         let mut out = Vec::with_capacity(self.members.len());
         for (index, m) in self.members.iter().enumerate() {
             let part = &bytes[at..at + m.len as usize];
-            if blake3::hash(part) != m.hash {
-                return Err(BundleError::Member { index });
-            }
-            out.push((*m, part));
+            let member = Verified::new(&m.hash, part).map_err(|_| BundleError::Member { index })?;
+            out.push(member);
             at += m.len as usize;
         }
         Ok(out)
-    }
-
-    pub fn contains(&self, hash: &Hash) -> bool {
-        self.members.iter().any(|m| m.hash == *hash)
     }
 }
 
@@ -135,6 +129,7 @@ fn close(out: &mut Vec<Bundle>, members: Vec<ObjectRef>) {
 mod tests {
     use super::*;
     use crate::object::{Entry, FileRef, Timestamp};
+    use lcfs_cache::Hash;
 
     fn file(name: &str, bytes: &[u8]) -> Entry {
         let content = if bytes.len() as u64 <= crate::object::INLINE_MAX {
@@ -201,7 +196,7 @@ mod tests {
         let bytes: Vec<u8> = parts.concat();
         let got = b.split(&bytes).unwrap();
         assert_eq!(got.len(), 4);
-        assert!(got.iter().zip(&parts).all(|((_, g), p)| g == p));
+        assert!(got.iter().zip(&parts).all(|(g, p)| g.bytes()[..] == p[..]));
         let mut flipped = bytes.clone();
         flipped[5000] ^= 1;
         assert_eq!(b.split(&flipped), Err(BundleError::Member { index: 2 }));

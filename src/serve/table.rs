@@ -214,15 +214,11 @@ impl Table {
         match self.objects.get(hash).map(|o| &o.source) {
             None => Err(LoadError::Unknown),
             Some(Source::Memory(bytes)) => Ok(bytes.clone()),
+            // Each member read and re-verified as any block is (members are never bundles).
             Some(Source::Bundle(members)) => {
                 let mut bytes = Vec::with_capacity(members.iter().map(|m| m.len as usize).sum());
                 for m in members.iter() {
-                    match self.objects.get(&m.hash).map(|o| &o.source) {
-                        Some(s @ Source::File { .. }) => {
-                            bytes.extend_from_slice(&read_block(&self.tree, s, &m.hash)?)
-                        }
-                        _ => return Err(LoadError::Unknown),
-                    }
+                    bytes.extend_from_slice(&self.load(&m.hash)?);
                 }
                 Ok(bytes.into())
             }

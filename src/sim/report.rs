@@ -49,6 +49,27 @@ pub struct Report {
 }
 
 impl Report {
+    /// What every run must show, whatever its figures: each failure, named. Empty when every
+    /// receiver that was not stopped verified every object, no fetch failed, and nothing was
+    /// sent on a group nobody held.
+    pub fn problems(&self) -> Vec<String> {
+        let checks = [
+            (self.unfinished as u64, "receivers without every object"),
+            (self.failures, "fetches failed"),
+            (self.invalid as u64, "objects that did not decode"),
+            (self.sent_unjoined, "packets sent on a group nobody held"),
+            (
+                self.sent_never_joined,
+                "packets sent on a group never joined",
+            ),
+        ];
+        checks
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| format!("{}: {n} {what}", self.name))
+            .collect()
+    }
+
     /// Server bytes over the data one receiver needs.
     pub fn over_data(&self) -> f64 {
         self.server_bytes as f64 / self.data_bytes.max(1) as f64
