@@ -209,13 +209,13 @@ fn a_file_under_5_percent_loss_costs_100_receivers_what_it_costs_one() {
 }
 
 /// 20% independent loss at 100 receivers: the server sends until the unluckiest receiver
-/// of each block has enough symbols, and more rounds than that: 1.455 times the bytes of one
-/// receiver at seed 11 (not 1.15; 1.55 before metadata's first rounds carried a margin).
+/// of each block has enough symbols, and more rounds than that: 1.49 to 1.55 times the
+/// bytes of one receiver at seed 11 (not 1.15).
 #[test]
 fn known_gap_a_file_under_heavy_loss_costs_more_at_100_receivers() {
     let (_, _, ratio) = flatness("gap-file-loss", FILE, 100, Loss::Uniform(0.2), 0);
     println!("known gap: 0.2 loss, 100 receivers: {ratio:.3} times one receiver");
-    assert!(ratio <= 1.55, "{ratio:.3}");
+    assert!(ratio <= 1.6, "{ratio:.3}");
 }
 
 /// Starts spread over 10 s for a file that takes under a second: the server sends a round
@@ -228,13 +228,13 @@ fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
     assert!(ratio <= 17.0, "{ratio:.3}");
 }
 
-/// A tree of files up to 64 KiB at 100 receivers starting together under 5% loss: 1.250
-/// times one receiver's bytes at seed 11. It was 2.41: receivers that missed a directory's
-/// first round asked for its files a round later and needed first rounds of their own, in
-/// waves; metadata's first rounds now carry a margin (`serve::sched`).
+/// A tree of files up to 64 KiB at 100 receivers starting together under 5% loss: 2.41
+/// times one receiver's bytes at seed 11. Receivers that miss a directory's only round ask
+/// for its files a round later and need first rounds of their own, in waves; a margin on
+/// metadata's first round fixed it here (1.25) but cost the lab (see `serve::sched`).
 #[test]
 fn known_gap_a_tree_of_small_files_costs_more_at_100_receivers() {
     let (_, _, ratio) = flatness("gap-tree", TREE, 100, Loss::Uniform(0.05), 0);
     println!("known gap: 1000-file tree, 5% loss, 100 receivers: {ratio:.3} times one receiver");
-    assert!(ratio <= 1.4, "{ratio:.3}");
+    assert!(ratio <= 2.8, "{ratio:.3}");
 }

@@ -17,10 +17,16 @@
 //!
 //! A first round is K symbols plus a margin that adapts to loss: when objects often still
 //! have listeners after their first round (receivers lost symbols), the margin grows; when
-//! they rarely do, it shrinks. The server learns this from MLD alone. Metadata's first round
-//! is K + max(4, K/4) whatever was learned: a receiver that misses a directory asks for its
-//! files late and needs first rounds of its own (see `urgent_first_round`). Later rounds
-//! are K/8, doubling each time (at most K), and K + 2 for urgent objects.
+//! they rarely do, it shrinks. The server learns this from MLD alone. Later rounds are K/8,
+//! doubling each time (at most K), and K + 2 for urgent objects.
+//!
+//! Not done, on purpose: a fixed margin on metadata's first round (K + max(4, K/4)). In the
+//! simulation it stopped the waves of receivers that miss a small directory's only round
+//! and then ask for its files late (1000 receivers, small files, 5% loss: 4.39 -> 1.29
+//! times one receiver), but in the lab, where receivers start tens of milliseconds apart,
+//! it made late starters fetch the 100 directories of tools/bench's tree_10k more slowly
+//! and fall out of step with the first: 3 receivers cost 2.02 times one receiver's bytes
+//! instead of 1.005.
 //!
 //! Each object keeps a cursor, the next ESI to send, which only ever grows (modulo 2^24), also
 //! across a leave and a rejoin: source symbols go first, then repair symbols never sent
@@ -153,16 +159,6 @@ impl Active {
     }
 }
 
-/// The first round of metadata (directories, file indexes): K and a quarter, and at least
-/// four symbols more. Metadata is small, but every receiver that misses a directory's round
-/// asks for the directory's files a round later than the others, so it needs first rounds
-/// of its own for all of them: at 1000 receivers and 5% loss, with the learned margin (then
-/// zero for a 3-symbol directory), the receivers fell into four or five such waves and a
-/// tree of small files cost 4.4 times one receiver's bytes.
-fn urgent_first_round(k: u32) -> u32 {
-    k + (k / 4).max(4)
-}
-
 /// The first round's margin, learned from how often objects need a second round.
 struct Margin {
     fraction: f64,
@@ -262,11 +258,7 @@ impl Scheduler {
             }
             return;
         }
-        let budget = if urgent {
-            urgent_first_round(k)
-        } else {
-            self.margin.first_round(k)
-        };
+        let budget = self.margin.first_round(k);
         self.active.insert(
             hash,
             Active {
@@ -842,14 +834,6 @@ mod tests {
             straggler < first_bulk,
             "the straggler's round jumps the bulk queue"
         );
-    }
-
-    #[test]
-    fn metadata_first_rounds_carry_a_margin_even_when_tiny() {
-        // A 3-symbol directory: all of 1000 receivers at 5% loss must get 3 of its 7.
-        assert_eq!(urgent_first_round(1), 5);
-        assert_eq!(urgent_first_round(3), 7);
-        assert_eq!(urgent_first_round(100), 125);
     }
 
     #[test]
