@@ -5,10 +5,10 @@
 //! nothing was sent on a group nobody held.
 //!
 //! What holds today: server bytes flat in the receiver count for a file without loss or
-//! with 5% loss, and for a tree of small files (they travel in bundles) without loss, starts
-//! together. What does not is kept as `known_gap_*` tests that assert today's figure as an
-//! upper bound and print the ratio: 20% loss at 100 receivers, starts spread over 10 s, and
-//! a tree of files up to 64 KiB under 5% loss.
+//! with 5% loss (at 100 and 1000 receivers), and for a tree of small files (they travel in
+//! bundles) without loss, starts together. What does not is kept as `known_gap_*` tests
+//! that assert today's figure as an upper bound and print the ratio: 20% loss at 100
+//! receivers, starts spread over 10 s, and a tree of files up to 64 KiB under 5% loss.
 
 use std::time::Duration;
 
@@ -82,6 +82,18 @@ fn a_tree_of_small_files_costs_the_same_for_100_receivers_as_for_one_without_los
 fn a_file_costs_the_same_for_1000_receivers_as_for_one_without_loss() {
     let file = Shape::File(4 << 20);
     let (_, many, ratio) = flatness("file-1000", file, 1000, Loss::None, 0);
+    assert!(ratio <= 1.15, "{ratio:.3}");
+    assert_eq!(many.completion.len(), 1000);
+}
+
+/// 1000 receivers of a 4 MiB file under 5% loss each. The server sends until the
+/// unluckiest of 1000 has enough, so a block needs more than for one receiver; it stays
+/// within 1.15 because the first round's margin starts at its most instead of being learned
+/// upwards while the early blocks each take later rounds (1.39 then, 1.12 since).
+#[test]
+fn a_file_under_5_percent_loss_costs_the_same_for_1000_receivers_as_for_one() {
+    let file = Shape::File(4 << 20);
+    let (_, many, ratio) = flatness("file-1000-loss", file, 1000, Loss::Uniform(0.05), 0);
     assert!(ratio <= 1.15, "{ratio:.3}");
     assert_eq!(many.completion.len(), 1000);
 }
@@ -209,13 +221,15 @@ fn a_file_under_5_percent_loss_costs_100_receivers_what_it_costs_one() {
 }
 
 /// 20% independent loss at 100 receivers: the server sends until the unluckiest receiver
-/// of each block has enough symbols, and more rounds than that: 1.49 to 1.55 times the
-/// bytes of one receiver at seed 11 (not 1.15).
+/// of each block has enough symbols, and more rounds than that: 1.75 times the bytes of
+/// one receiver at seed 11 (not 1.15; 1.55 while the margin was learned upwards from zero,
+/// which cost one receiver more). The margin's ceiling (15% of K) is below what 20% loss
+/// needs, so every block takes later rounds, and receivers fall out of step.
 #[test]
 fn known_gap_a_file_under_heavy_loss_costs_more_at_100_receivers() {
     let (_, _, ratio) = flatness("gap-file-loss", FILE, 100, Loss::Uniform(0.2), 0);
     println!("known gap: 0.2 loss, 100 receivers: {ratio:.3} times one receiver");
-    assert!(ratio <= 1.6, "{ratio:.3}");
+    assert!(ratio <= 1.8, "{ratio:.3}");
 }
 
 /// Starts spread over 10 s for a file that takes under a second: the server sends a round
@@ -228,13 +242,14 @@ fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
     assert!(ratio <= 17.0, "{ratio:.3}");
 }
 
-/// A tree of files up to 64 KiB at 100 receivers starting together under 5% loss: 2.41
-/// times one receiver's bytes at seed 11. Receivers that miss a directory's only round ask
-/// for its files a round later and need first rounds of their own, in waves; a margin on
-/// metadata's first round fixed it here (1.25) but cost the lab (see `serve::sched`).
+/// A tree of files up to 64 KiB at 100 receivers starting together under 5% loss: 1.25
+/// times one receiver's bytes at seed 11 (2.41 while the margin was learned upwards).
+/// Receivers that miss a directory's only round ask for its files a cooldown later and
+/// need rounds of their own; a margin on metadata's first round fixes that here but cost
+/// the lab (see `serve::sched`).
 #[test]
 fn known_gap_a_tree_of_small_files_costs_more_at_100_receivers() {
     let (_, _, ratio) = flatness("gap-tree", TREE, 100, Loss::Uniform(0.05), 0);
     println!("known gap: 1000-file tree, 5% loss, 100 receivers: {ratio:.3} times one receiver");
-    assert!(ratio <= 2.8, "{ratio:.3}");
+    assert!(ratio <= 1.35, "{ratio:.3}");
 }

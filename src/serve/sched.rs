@@ -15,18 +15,24 @@
 //!   tree join the same blocks in the same order, long before their turn comes, so one round
 //!   serves them all.
 //!
-//! A first round is K symbols plus a margin that adapts to loss: when objects often still
-//! have listeners after their first round (receivers lost symbols), the margin grows; when
-//! they rarely do, it shrinks. The server learns this from MLD alone. Later rounds are K/8,
+//! A first round is K symbols plus a margin that adapts to loss: it starts at its most
+//! (`max_margin`), and when objects often still have listeners after their first round
+//! (receivers lost symbols) it grows; when they rarely do, it shrinks. The server learns this from MLD alone. Later rounds are K/8,
 //! doubling each time (at most K), and K + 2 for urgent objects.
 //!
-//! Not done, on purpose: a fixed margin on metadata's first round (K + max(4, K/4)). In the
-//! simulation it stopped the waves of receivers that miss a small directory's only round
-//! and then ask for its files late (1000 receivers, small files, 5% loss: 4.39 -> 1.29
-//! times one receiver), but in the lab, where receivers start tens of milliseconds apart,
-//! it made late starters fetch the 100 directories of tools/bench's tree_10k more slowly
-//! and fall out of step with the first: 3 receivers cost 2.02 times one receiver's bytes
-//! instead of 1.005.
+//! Not done, on purpose: a margin of its own for metadata's first round. A binomial loss's
+//! spread grows as sqrt(K), so a fraction of K is no margin for a directory of a few
+//! symbols, and a receiver that misses a directory's only round asks for its files a
+//! cooldown after the others, and gets rounds of its own. In the simulation a margin of
+//! 2 sqrt(K) from the start (or K + max(4, K/4)) stops those waves (1000 receivers of small
+//! files under 5% loss: 1.3 rather than 2.3 times one receiver's bytes; 4.3 before the
+//! bulk margin started at its most). In the lab every such margin, even 1 sqrt(K), made
+//! three receivers of tools/bench's tree_10k fall out of step, each bundle sent twice: 1.96
+//! to 2.02 times one receiver's bytes instead of 1.00, measured three times. The simulation
+//! does not show it (3 receivers, the same tree, starts 20 to 400 ms apart: 1.01 either
+//! way), so the cause is in what it does not model: CPU contention between receivers and
+//! the server, or the kernel's MLD. A margin learned from stragglers only, starting at
+//! zero, comes too late to help the top of a tree and was dropped too.
 //!
 //! Each object keeps a cursor, the next ESI to send, which only ever grows (modulo 2^24), also
 //! across a leave and a rejoin: source symbols go first, then repair symbols never sent
@@ -144,9 +150,19 @@ struct Active {
     /// When its last listener said it left, while the tracker checks whether others listen:
     /// the object is in no queue and waits for a listener or the end.
     leaving: Option<Instant>,
+    /// The first round's size.
+    first: u32,
 }
 
 impl Active {
+    /// Everyone left after the first round's K source symbols went out and before a second
+    /// round: the first was enough. (Counting only leaves after its end, as before, missed
+    /// every object whose receivers decoded while its margin was still going out, which
+    /// on a fast uplink is all of them without loss: the margin never came down.)
+    fn first_round_sufficed(&self) -> bool {
+        self.rounds == 0 && !self.urgent && self.first - self.budget >= self.k
+    }
+
     fn later_round(&mut self) {
         self.rounds += 1;
         self.budget = if self.urgent {
@@ -160,16 +176,30 @@ impl Active {
 }
 
 /// The first round's margin, learned from how often objects need a second round.
+///
+/// It starts at its most and comes down while first rounds suffice. A server that has just
+/// started knows nothing of its link's loss, and learning upwards from nothing cost every
+/// early object a later round or more for each receiver that lost more than the margin: at
+/// 1000 receivers, nearly every early object. In the simulation (5% loss) that cost a 4 MiB
+/// file at 1000 receivers 1.23 and 1.39 times one receiver's bytes (seeds 21 and 11), and
+/// 100 receivers of a tree of files up to 64 KiB 2.41 times (seed 11); starting from the
+/// top, 1.12, 1.12 and 1.25. Without loss the margin is gone after about 40 objects. The
+/// steps are large for the same reason: 0.004 and 0.0005 took 300 objects to come down,
+/// a tenth of an 8 MiB file's bytes.
 struct Margin {
     fraction: f64,
     max: f64,
 }
 
 impl Margin {
+    fn new(max: f64) -> Margin {
+        Margin { fraction: max, max }
+    }
+
     /// Aim: about one object in nine needs a second round. Each one that does raises the
     /// margin by eight times what each one that does not lowers it.
     fn observe(&mut self, needed_more: bool) {
-        let step = if needed_more { 0.004 } else { -0.0005 };
+        let step = if needed_more { 0.032 } else { -0.004 };
         self.fraction = (self.fraction + step).clamp(0.0, self.max);
     }
 
@@ -228,10 +258,7 @@ impl Scheduler {
         Scheduler {
             stats: SchedStats::default(),
             seen: Default::default(),
-            margin: Margin {
-                fraction: 0.0,
-                max: config.max_margin,
-            },
+            margin: Margin::new(config.max_margin),
             config,
             urgent: VecDeque::new(),
             bulk: VecDeque::new(),
@@ -265,6 +292,7 @@ impl Scheduler {
                 k,
                 urgent,
                 budget,
+                first: budget,
                 rounds: 0,
                 first_done: None,
                 idle_since: self.idle_since.remove(&hash),
@@ -296,8 +324,7 @@ impl Scheduler {
         }
         a.leaving = Some(now);
         Self::note_leave(&mut self.stats, a, now);
-        if a.rounds == 0 && a.budget == 0 && !a.urgent {
-            // Everyone left during the cooldown after the first round: it was enough.
+        if a.first_round_sufficed() {
             self.margin.observe(false);
         }
         self.withdraw(hash);
@@ -344,8 +371,7 @@ impl Scheduler {
         };
         if a.leaving.is_none() {
             Self::note_leave(&mut self.stats, &a, now);
-            if a.rounds == 0 && a.budget == 0 && !a.urgent {
-                // Everyone left during the cooldown after the first round: it was enough.
+            if a.first_round_sufficed() {
                 self.margin.observe(false);
             }
             self.withdraw(hash);
@@ -578,6 +604,14 @@ mod tests {
         Instant::now()
     }
 
+    /// Rounds of exactly K symbols, for tests that count them.
+    fn no_margin() -> SchedConfig {
+        SchedConfig {
+            max_margin: 0.0,
+            ..SchedConfig::default()
+        }
+    }
+
     fn drain(s: &mut Scheduler, now: Instant) -> Vec<Transmit> {
         std::iter::from_fn(|| s.poll_transmit(now)).collect()
     }
@@ -585,7 +619,7 @@ mod tests {
     #[test]
     fn objects_take_turns_by_rounds_and_cursors_grow() {
         let now = Instant::now();
-        let mut s = Scheduler::new(SchedConfig::default());
+        let mut s = Scheduler::new(no_margin());
         s.handle_active(h(1), 100, false);
         s.handle_active(h(2), 100, false);
         s.handle_active(h(1), 100, false);
@@ -632,7 +666,7 @@ mod tests {
     #[test]
     fn long_idle_objects_start_again_with_source_symbols() {
         let t0 = Instant::now();
-        let mut s = Scheduler::new(SchedConfig::default());
+        let mut s = Scheduler::new(no_margin());
         s.handle_active(h(1), 4, false);
         drain(&mut s, t0);
         s.handle_inactive(t0, &h(1));
@@ -697,7 +731,7 @@ mod tests {
     fn a_leaving_object_pauses_and_resumes_where_it_stopped() {
         let t0 = Instant::now();
         let cooldown = SchedConfig::default().cooldown;
-        let mut s = Scheduler::new(SchedConfig::default());
+        let mut s = Scheduler::new(no_margin());
         s.handle_active(h(1), 32, false);
         let first = std::iter::from_fn(|| s.poll_transmit(t0)).take(20).count();
         assert_eq!(first, 20);
@@ -788,7 +822,7 @@ mod tests {
     #[test]
     fn rounds_pause_for_leaves_then_grow() {
         let t0 = Instant::now();
-        let mut s = Scheduler::new(SchedConfig::default());
+        let mut s = Scheduler::new(no_margin());
         s.handle_active(h(1), 32, false);
         assert_eq!(
             drain(&mut s, t0).len(),
@@ -810,7 +844,7 @@ mod tests {
     #[test]
     fn urgent_objects_and_later_rounds_go_before_bulk() {
         let t0 = Instant::now();
-        let mut s = Scheduler::new(SchedConfig::default());
+        let mut s = Scheduler::new(no_margin());
         s.handle_active(h(1), 10, false);
         assert_eq!(drain(&mut s, t0).len(), 10);
         for i in 2..6 {
@@ -840,6 +874,11 @@ mod tests {
     fn margin_adapts_to_loss() {
         let mut now = Instant::now();
         let mut s = Scheduler::new(SchedConfig::default());
+        assert_eq!(
+            s.margin(),
+            SchedConfig::default().max_margin,
+            "it starts at its most"
+        );
         for i in 0..200u32 {
             let hash = blake3::hash(&i.to_le_bytes());
             s.handle_active(hash, 40, false);
@@ -857,6 +896,29 @@ mod tests {
             s.handle_inactive(now_for_test(), &hash);
         }
         assert!(s.margin() < 0.01, "{}", s.margin());
+    }
+
+    #[test]
+    fn everyone_leaving_after_k_symbols_shows_the_margin_was_enough() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(SchedConfig::default());
+        let start = s.margin();
+        s.handle_active(h(1), 40, false);
+        for _ in 0..39 {
+            s.poll_transmit(now);
+        }
+        s.handle_leaving(now, &h(1));
+        assert_eq!(s.margin(), start, "gone before K symbols: nothing learned");
+        s.handle_inactive(now, &h(1));
+        s.handle_active(h(2), 40, false);
+        for _ in 0..40 {
+            s.poll_transmit(now);
+        }
+        s.handle_leaving(now, &h(2));
+        assert!(
+            s.margin() < start,
+            "gone while the margin was still going out: it was enough"
+        );
     }
 
     #[test]

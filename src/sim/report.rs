@@ -46,6 +46,11 @@ pub struct Report {
     /// Blocks whose listeners all left within 10, 20, 40, 80, 160 ms or later after the end
     /// of their first round.
     pub leave_delay: [u64; 6],
+    /// [metadata, blocks and bundles]: times an object became active, and distinct objects
+    /// among those (all classes), and symbols sent.
+    pub activations: [u64; 2],
+    pub distinct: u64,
+    pub symbols: [u64; 2],
 }
 
 impl Report {
@@ -131,6 +136,15 @@ impl fmt::Display for Report {
             f,
             "\n  server: {} later block rounds, margin {:.3}, leaves after <10/20/40/80/160/more ms {:?}",
             self.later_rounds, self.margin, self.leave_delay
+        )?;
+        write!(
+            f,
+            "\n  activations metadata/blocks {}/{} of {} distinct objects; symbols sent {}/{}",
+            self.activations[0],
+            self.activations[1],
+            self.distinct,
+            self.symbols[0],
+            self.symbols[1]
         )
     }
 }
