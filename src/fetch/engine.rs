@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender, SyncSender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -164,7 +164,8 @@ struct Inner {
     stats: Arc<FetchStats>,
     shutdown: AtomicBool,
     /// Claims to ask the cache's owner about (see [`Inner::claim_loop`]).
-    claimer: OnceLock<Sender<ClaimAsk>>,
+    /// `None` ends the claim thread (see [`Inner::run`]).
+    claimer: OnceLock<Sender<Option<ClaimAsk>>>,
 }
 
 /// A handle to the fetch engine of one channel; clone it freely.
@@ -443,7 +444,7 @@ impl Inner {
         let sent = self
             .claimer
             .get()
-            .is_some_and(|tx| tx.send((tag, hash, riders)).is_ok());
+            .is_some_and(|tx| tx.send(Some((tag, hash, riders))).is_ok());
         if !sent {
             l.state.handle_claim(now, tag, Claim::Granted);
         }
@@ -563,6 +564,11 @@ impl Inner {
             }
             this.receive(&store_tx);
             drop(store_tx);
+            // Ends the claim thread now rather than at its next wake-up: an engine's drop
+            // waits for it, and a `copy` waited up to 100 ms after its work was done.
+            if let Some(tx) = self.claimer.get() {
+                let _ = tx.send(None);
+            }
         });
         self.fail_all(FetchError::Closed);
     }
@@ -629,12 +635,26 @@ impl Inner {
 
     /// The claim thread: asks the cache's owner about claims, so that the receive thread
     /// never waits on another process.
-    fn claim_loop(&self, rx: &Receiver<ClaimAsk>) {
-        while !self.shutdown.load(Ordering::Relaxed) {
-            let Ok(first) = rx.recv_timeout(Duration::from_millis(100)) else {
-                continue;
+    /// It ends on `None`, sent when the receive loop ends, or (should that loop have
+    /// panicked) within a second of the engine's shutdown.
+    fn claim_loop(&self, rx: &Receiver<Option<ClaimAsk>>) {
+        let mut stop = false;
+        while !stop && !self.shutdown.load(Ordering::Relaxed) {
+            let first = match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(Some(ask)) => ask,
+                Ok(None) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => continue,
             };
-            let asked: Vec<ClaimAsk> = std::iter::once(first).chain(rx.try_iter()).collect();
+            let mut asked = vec![first];
+            for ask in rx.try_iter() {
+                match ask {
+                    Some(ask) => asked.push(ask),
+                    None => {
+                        stop = true;
+                        break;
+                    }
+                }
+            }
             let answers: Vec<Claim> = asked
                 .iter()
                 .map(|(_, h, riders)| self.ask_claim(h, riders))
