@@ -346,9 +346,14 @@ impl Sim {
             .collect()
     }
 
+    /// First rounds of exactly K symbols (no loss margin), so that tests can count them.
     fn config(rate_bps: u64) -> CarouselConfig {
         CarouselConfig {
             rate_bps,
+            sched: SchedConfig {
+                max_margin: 0.0,
+                ..SchedConfig::default()
+            },
             ..CarouselConfig::default()
         }
     }
