@@ -292,18 +292,7 @@ fn expired_signed_root_is_refused() {
     server.stop();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let group = Channel::new("fresh", None).root_address().group;
-    let st = stop.clone();
-    let replayer = in_netns(&lab, "c1", move || {
-        let sock = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None).unwrap();
-        sock.set_multicast_if_v6(ifindex(Lab::IFACE)).unwrap();
-        sock.set_multicast_loop_v6(true).unwrap();
-        let to = SocketAddrV6::new(group, PORT, 0, 0).into();
-        while !st.load(Ordering::Relaxed) {
-            let _ = sock.send_to(&first, &to);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    });
+    let replayer = replay(&lab, "c1", "fresh", first, stop.clone());
     let dest = tmp.path().join("dest-replay");
     let o = copy(
         &lab,
@@ -321,6 +310,88 @@ fn expired_signed_root_is_refused() {
         o.stderr.contains("expired"),
         "the refusal does not say the record expired:\n{}",
         o.stderr
+    );
+}
+
+/// Sends `record` (a captured root packet) from `node` to its channel's root group every
+/// millisecond until `stop`, as a host replaying it would.
+fn replay(
+    lab: &Lab,
+    node: &str,
+    channel: &str,
+    record: Vec<u8>,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    let group = Channel::new(channel, None).root_address().group;
+    in_netns(lab, node, move || {
+        let sock = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None).unwrap();
+        sock.set_multicast_if_v6(ifindex(Lab::IFACE)).unwrap();
+        sock.set_multicast_loop_v6(true).unwrap();
+        let to = SocketAddrV6::new(group, PORT, 0, 0).into();
+        while !stop.load(Ordering::Relaxed) {
+            let _ = sock.send_to(&record, &to);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    })
+}
+
+/// A host replays an older root record of the same publisher, validly signed, while the
+/// live server is on a newer generation: the replay is most likely the first record the copy
+/// hears. A copy starts on the first acceptable record, and moves to a newer one of the same
+/// publisher heard within the listening window, writing nothing under DEST before the window
+/// closes: it ends with the newer generation, whole, and nothing of the older.
+#[test]
+fn a_replayed_older_generation_loses_to_the_live_server() {
+    let lab = Lab::with_clients(1);
+    let tmp = tmpdir("trust");
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("only-in-v1.txt"), b"old\n").unwrap();
+    fs::write(src.join("sub/kept.txt"), b"version 1\n").unwrap();
+    let key = tmp.path().join("publisher.key");
+    let o = std::process::Command::new(common::lcfs::LCFS)
+        .args(["keygen", "--sign", "--out", s(&key)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "keygen: {o:?}");
+    let public = format!("{}.pub", s(&key));
+    let state = tmp.path().join("state");
+    let sign = ["--sign-key", s(&key)];
+    let v1 = start_server(&lab, &src, "replayed", &state, &sign);
+    let old = capture_root(&lab, "c1", "replayed");
+    let old_generation = decode_root(old.clone()).generation;
+    v1.stop();
+
+    fs::remove_file(src.join("only-in-v1.txt")).unwrap();
+    fs::write(src.join("sub/kept.txt"), b"version 2, longer\n").unwrap();
+    fs::write(src.join("only-in-v2.txt"), b"new\n").unwrap();
+    let v2 = start_server(&lab, &src, "replayed", &state, &sign);
+    let stop = Arc::new(AtomicBool::new(false));
+    let replayer = replay(&lab, "c1", "replayed", old, stop.clone());
+    let dest = tmp.path().join("dest");
+    let o = spawn_copy_with(
+        &lab,
+        "c1",
+        "replayed",
+        &dest,
+        &tmp.path().join("cache"),
+        Some(20),
+        &["--publisher", &public],
+        &[("RUST_LOG", "lcfs=info")],
+    )
+    .wait(Duration::from_secs(80));
+    stop.store(true, Ordering::Relaxed);
+    replayer.join().unwrap();
+    v2.stop();
+    o.assert_success();
+    assert_trees_equal(&src, &dest);
+    println!(
+        "replayed generation {old_generation}; the copy {} from it",
+        if o.stderr.contains("starting again on it") {
+            "moved"
+        } else {
+            "never started"
+        }
     );
 }
 

@@ -4,17 +4,23 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use super::args::{parse_channel_spec, CopyArgs, PrefetchArgs};
-use super::receive::open_tree;
+use super::receive::on_latest_tree;
 use crate::fetch::Tree;
 
 pub(crate) async fn copy(args: CopyArgs) -> anyhow::Result<()> {
     let spec = parse_channel_spec(&args.channel)?;
-    let rx = open_tree(&spec, &args.recv, false).await?;
     let opts = crate::copy::CopyOptions {
         keep_setuid: args.keep_setuid,
         delete: args.delete,
     };
-    let report = crate::copy::copy(&rx.tree, &spec.subpath, &args.dest, opts).await?;
+    let (rx, report) = on_latest_tree(&spec, &args.recv, |tree, settled| {
+        let (spec, args) = (&spec, &args);
+        async move {
+            let dest = &args.dest;
+            Ok(crate::copy::copy(&tree, &spec.subpath, dest, opts, settled.wait()).await?)
+        }
+    })
+    .await?;
     let mut counted = say_copied(&rx.tree, &report, &args.dest, (0, 0));
     if !args.watch {
         return Ok(());
@@ -43,7 +49,7 @@ pub(crate) async fn copy(args: CopyArgs) -> anyhow::Result<()> {
             next = newer;
         }
         let generation = next.root_record().generation;
-        match crate::copy::copy(&next, &spec.subpath, &args.dest, opts).await {
+        match crate::copy::copy(&next, &spec.subpath, &args.dest, opts, async {}).await {
             Ok(report) => {
                 eprintln!("generation {generation}:");
                 counted = say_copied(&next, &report, &args.dest, counted);
@@ -103,12 +109,16 @@ pub(crate) fn say_copied(
 
 pub(crate) async fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
     let spec = parse_channel_spec(&args.channel)?;
-    let rx = open_tree(&spec, &args.recv, false).await?;
     let mut subpaths = args.subpaths.clone();
     if !spec.subpath.is_empty() {
         subpaths.push(spec.subpath.clone());
     }
-    let report = crate::prefetch::prefetch(&rx.tree, &subpaths, args.pin).await?;
+    // Only the cache is written, which any generation's verified objects may fill.
+    let (rx, report) = on_latest_tree(&spec, &args.recv, |tree, _| {
+        let (subpaths, pin) = (&subpaths, args.pin);
+        async move { Ok(crate::prefetch::prefetch(&tree, subpaths, pin).await?) }
+    })
+    .await?;
     let fetched = rx
         .tree
         .fetcher()

@@ -119,6 +119,98 @@ pub(crate) async fn open_tree(
     args: &RecvArgs,
     offline_ok: bool,
 ) -> anyhow::Result<Receiver> {
+    let (fetcher, policy) = start(spec, args)?;
+    let tree = Tree::open(fetcher, &policy, offline_ok).await?;
+    Ok(Receiver { tree, policy })
+}
+
+/// Opened once the root record's listening window has closed on the generation `work` runs
+/// on (see [`on_latest_tree`]): work that cannot be undone (writing under DEST) waits for it.
+pub(crate) struct Settled(tokio::sync::watch::Receiver<bool>);
+
+impl Settled {
+    fn already() -> Settled {
+        Settled(tokio::sync::watch::channel(true).1)
+    }
+
+    pub(crate) async fn wait(mut self) {
+        // An error means the sender is gone: then this work is being dropped anyway.
+        let _ = self.0.wait_for(|settled| *settled).await;
+    }
+}
+
+/// Opens the channel's tree at the first acceptable root record (see [`Tree::open_early`])
+/// and runs `work` on it at once; if the listening window then hears a newer generation of
+/// the same publisher, `work` on the first is dropped (a replayed old record can come first,
+/// and its objects may no longer be served) and runs again on the newer one. `work` is given
+/// a [`Settled`] to wait on before it does anything that cannot be undone. Returns the
+/// receiver at the generation `work` finished on.
+pub(crate) async fn on_latest_tree<T, Fut>(
+    spec: &ChannelSpec,
+    args: &RecvArgs,
+    work: impl Fn(Tree, Settled) -> Fut,
+) -> anyhow::Result<(Receiver, T)>
+where
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let (fetcher, policy) = start(spec, args)?;
+    let (tree, listening) = Tree::open_early(fetcher, &policy).await?;
+    let newer = listening.newer();
+    tokio::pin!(newer);
+    let (settle, settled) = tokio::sync::watch::channel(false);
+    let mut first = Box::pin(work(tree.clone(), Settled(settled)));
+    enum First<T> {
+        Done(anyhow::Result<T>),
+        WindowClosed(Option<crate::object::RootRecord>),
+    }
+    let heard = tokio::select! {
+        r = &mut first => First::Done(r),
+        n = &mut newer => First::WindowClosed(n),
+    };
+    match heard {
+        // Finished within the window (it did not wait for it): it counts only if nothing
+        // newer comes.
+        First::Done(r) => match newer.await {
+            None => Ok((Receiver { tree, policy }, r?)),
+            Some(record) => again(tree, record, policy, &work).await,
+        },
+        First::WindowClosed(None) => {
+            let _ = settle.send(true);
+            let done = first.await?;
+            Ok((Receiver { tree, policy }, done))
+        }
+        First::WindowClosed(Some(record)) => {
+            // Its fetches end with it, rather than wait for objects no longer served.
+            drop(first);
+            again(tree, record, policy, &work).await
+        }
+    }
+}
+
+/// Runs `work` again on generation `record`, heard after the one `tree` is at.
+async fn again<T, Fut>(
+    tree: Tree,
+    record: crate::object::RootRecord,
+    policy: RootPolicy,
+    work: &impl Fn(Tree, Settled) -> Fut,
+) -> anyhow::Result<(Receiver, T)>
+where
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    tracing::info!(
+        "channel {:?}: generation {} was heard right after {}; starting again on it",
+        tree.fetcher().channel().name(),
+        record.generation,
+        tree.root_record().generation
+    );
+    tree.fetcher().handle_new_generation();
+    let tree = tree.moved_to(record);
+    let done = work(tree.clone(), Settled::already()).await?;
+    Ok((Receiver { tree, policy }, done))
+}
+
+/// Starts the fetch engine for the channel, and says what its root records must pass.
+fn start(spec: &ChannelSpec, args: &RecvArgs) -> anyhow::Result<(Fetcher, RootPolicy)> {
     let key = master_key(&args.key, &spec.name)?;
     let channel = Channel::new(&spec.name, key.as_ref());
     let iface = args.net.iface()?;
@@ -143,6 +235,5 @@ pub(crate) async fn open_tree(
         allow_new_publisher: args.allow_new_publisher,
         max_age: args.max_age,
     };
-    let tree = Tree::open(fetcher, &policy, offline_ok).await?;
-    Ok(Receiver { tree, policy })
+    Ok((fetcher, policy))
 }

@@ -114,15 +114,18 @@ struct Copier<'a> {
     opts: CopyOptions,
 }
 
-/// Copies `subpath` of the tree (the whole tree for "") to `dest`.
+/// Copies `subpath` of the tree (the whole tree for "") to `dest`. The directories are
+/// fetched first; nothing is written under `dest` before `settled` resolves (the caller's
+/// word that this generation is the one to copy).
 pub async fn copy(
     tree: &Tree,
     subpath: &str,
     dest: &Path,
     opts: CopyOptions,
+    settled: impl std::future::Future<Output = ()>,
 ) -> Result<CopyReport, CopyError> {
     let started = Instant::now();
-    let plan = plan(tree, subpath, dest).await?;
+    let plan = plan(tree, subpath, dest, settled).await?;
     let total = plan.items.iter().map(|(_, e)| file_size(e)).sum();
     let copier = Copier {
         tree,
@@ -160,10 +163,18 @@ struct Plan {
     tree: bool,
 }
 
-async fn plan(tree: &Tree, subpath: &str, dest: &Path) -> Result<Plan, CopyError> {
+/// What to copy where: the directories are walked first, and DEST is touched only once
+/// `settled` resolves.
+async fn plan(
+    tree: &Tree,
+    subpath: &str,
+    dest: &Path,
+    settled: impl std::future::Future<Output = ()>,
+) -> Result<Plan, CopyError> {
     let (dir, attrs) = match tree.resolve(subpath).await? {
         None if tree.root_record().single_file => {
             let root = tree.root_dir().await?;
+            settled.await;
             return single(dest, root.entries);
         }
         None => (tree.root_record().root, root_attrs(tree.root_record())),
@@ -173,9 +184,13 @@ async fn plan(tree: &Tree, subpath: &str, dest: &Path) -> Result<Plan, CopyError
             mtime,
             ..
         }) => (r, (mode, mtime)),
-        Some(e) => return single(dest, vec![e]),
+        Some(e) => {
+            settled.await;
+            return single(dest, vec![e]);
+        }
     };
     let found = tree.walk(dir, Priority::Readahead).await?;
+    settled.await;
     let dest = Dest::open_or_create(dest)?;
     Ok(Plan {
         root_attrs: dest.created().then_some(attrs),

@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures::future::try_join_all;
 use lcfs_cache::{Hash, Verified};
 
+use super::engine::RootWatcher;
 use super::follow::RootFollower;
 use super::trust::{self, Memory, Publisher, RootPolicy, LISTEN};
 use super::{FetchError, Fetcher, Freshness, HeardRoot, Priority};
@@ -101,6 +102,49 @@ impl Tree {
             root,
             origin,
         })
+    }
+
+    /// Like [`Tree::open`] without an offline fallback, but returns with the first root record
+    /// that passes `policy` instead of listening [`LISTEN`] longer for a higher generation
+    /// of its publisher; [`Listening::newer`] tells what that window heard. The caller can
+    /// start at once, and must move to the newer generation if one comes: a replayed old
+    /// record may be the first heard. (Waiting out the window cost every `lcfs copy` 120 ms
+    /// before its first request.)
+    pub async fn open_early(
+        fetcher: Fetcher,
+        policy: &RootPolicy,
+    ) -> Result<(Tree, Listening), FetchError> {
+        let memory = remembered(&fetcher)?;
+        let mut roots = fetcher.watch_roots();
+        let deadline = tokio::time::Instant::now() + fetcher.timeout();
+        let (heard, publisher) =
+            first_trusted(&fetcher, policy, &memory, &mut roots, deadline).await?;
+        fetcher.prefer_sender(heard.from);
+        let pinned = policy.pinned.is_some();
+        let remembered_as = (!pinned).then_some(publisher);
+        remember(&fetcher, &heard.record, remembered_as, &memory);
+        let tree = Tree {
+            fetcher: fetcher.clone(),
+            root: heard.record.clone(),
+            origin: Origin::Network,
+        };
+        let (policy, first_generation) = (policy.clone(), heard.record.generation);
+        let listening = tokio::spawn(async move {
+            if pinned {
+                return None;
+            }
+            let until = tokio::time::Instant::now() + LISTEN;
+            let (best, publisher) =
+                highest_until(&policy, &memory, &mut roots, (heard, publisher), until).await;
+            drop(roots);
+            if best.record.generation == first_generation {
+                return None;
+            }
+            fetcher.prefer_sender(best.from);
+            remember(&fetcher, &best.record, Some(publisher), &memory);
+            Some(best.record)
+        });
+        Ok((tree, Listening(listening)))
     }
 
     pub fn fetcher(&self) -> &Fetcher {
@@ -301,57 +345,89 @@ fn short(h: &Hash) -> String {
 }
 
 /// Listens for root records until one passes `policy`, then for [`LISTEN`] more, and takes
-/// the highest generation heard from that same publisher. Records that fail (forged, unsigned, stale, older, another
-/// publisher or snapshot) are skipped, so a flood of bad records cannot stop a receiver from
-/// finding the good one; when time runs out the last refusal is the error.
+/// the highest generation heard from that same publisher.
 async fn trusted_root(
     fetcher: &Fetcher,
     policy: &RootPolicy,
     memory: &Memory,
     wait: Duration,
 ) -> Result<(HeardRoot, Publisher), FetchError> {
-    let mut deadline = tokio::time::Instant::now() + wait;
-    let mut refused = None;
-    let mut best: Option<(HeardRoot, Publisher)> = None;
     // One join for the whole wait: the server repeats its record every 25 ms while the group
     // is joined, and a join and leave per record would make it answer each join at once.
     let mut roots = fetcher.watch_roots();
+    let deadline = tokio::time::Instant::now() + wait;
+    let first = first_trusted(fetcher, policy, memory, &mut roots, deadline).await?;
+    if policy.pinned.is_some() {
+        return Ok(first);
+    }
+    let until = deadline.min(tokio::time::Instant::now() + LISTEN);
+    Ok(highest_until(policy, memory, &mut roots, first, until).await)
+}
+
+/// The first root record heard that passes `policy`. Records that fail (forged, unsigned,
+/// stale, older, another publisher or snapshot) are skipped, so a flood of bad records
+/// cannot stop a receiver from finding the good one; when time runs out the last refusal
+/// is the error.
+async fn first_trusted(
+    fetcher: &Fetcher,
+    policy: &RootPolicy,
+    memory: &Memory,
+    roots: &mut RootWatcher,
+    deadline: tokio::time::Instant,
+) -> Result<(HeardRoot, Publisher), FetchError> {
+    let mut refused = None;
     loop {
         let heard = match tokio::time::timeout_at(deadline, roots.next()).await {
             Ok(Some(h)) => h,
             Ok(None) => return Err(FetchError::Closed),
             Err(_) => {
-                return match best {
-                    Some(b) => Ok(b),
-                    None => {
-                        Err(refused.unwrap_or_else(|| fetcher.timeout_error("the root record")))
-                    }
-                }
+                return Err(refused.unwrap_or_else(|| fetcher.timeout_error("the root record")))
             }
         };
         match trust::check(policy, &heard, memory, unix_now_ns()) {
-            Ok(publisher) => {
-                if best.is_none() {
-                    if policy.pinned.is_some() {
-                        return Ok((heard, publisher));
-                    }
-                    deadline = deadline.min(tokio::time::Instant::now() + LISTEN);
-                }
-                // Only the first publisher's later records count: otherwise anyone on the
-                // link could win the window with a higher number (a replay defence must not
-                // become a way in).
-                let better = best.as_ref().is_none_or(|(b, p)| {
-                    *p == publisher && heard.record.generation > b.record.generation
-                });
-                if better {
-                    best = Some((heard, publisher));
-                }
-            }
+            Ok(publisher) => return Ok((heard, publisher)),
             Err(e) => {
                 tracing::debug!("skipping a root record from {}: {e}", heard.from);
                 refused = Some(untrusted(fetcher, e));
             }
         }
+    }
+}
+
+/// The highest generation heard until `until` from the publisher of `first`, `first`
+/// included. Only that publisher's later records count: otherwise anyone on the link could
+/// win the window with a higher number (a replay defence must not become a way in).
+async fn highest_until(
+    policy: &RootPolicy,
+    memory: &Memory,
+    roots: &mut RootWatcher,
+    first: (HeardRoot, Publisher),
+    until: tokio::time::Instant,
+) -> (HeardRoot, Publisher) {
+    let mut best = first;
+    while let Ok(Some(heard)) = tokio::time::timeout_at(until, roots.next()).await {
+        match trust::check(policy, &heard, memory, unix_now_ns()) {
+            Ok(publisher)
+                if publisher == best.1 && heard.record.generation > best.0.record.generation =>
+            {
+                best = (heard, publisher);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("skipping a root record from {}: {e}", heard.from),
+        }
+    }
+    best
+}
+
+/// The rest of the listening window after [`Tree::open_early`] returned with the first
+/// acceptable root record.
+pub struct Listening(tokio::task::JoinHandle<Option<RootRecord>>);
+
+impl Listening {
+    /// A higher generation of the same publisher heard within [`LISTEN`] of the first
+    /// record, remembered as the channel's latest; `None` when the first was the latest.
+    pub async fn newer(self) -> Option<RootRecord> {
+        self.0.await.ok().flatten()
     }
 }
 

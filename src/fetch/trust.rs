@@ -19,6 +19,9 @@
 //! the publisher of the first acceptable record ([`LISTEN`]), so that a replayed old record
 //! does not pin a new receiver to the past while the real server is on the link. Records of
 //! other publishers in that window do not count: a forger's higher number must not win.
+//! A mount waits out the window before it starts; `copy` and `prefetch` start on the first
+//! record and move if the window hears a newer one, and `copy` writes nothing under DEST
+//! before the window has closed (`fetch::Tree::open_early`, `cli::receive::on_latest_tree`).
 
 use std::fmt;
 use std::net::Ipv6Addr;
