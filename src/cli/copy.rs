@@ -113,10 +113,16 @@ pub(crate) async fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
     if !spec.subpath.is_empty() {
         subpaths.push(spec.subpath.clone());
     }
-    // Only the cache is written, which any generation's verified objects may fill.
-    let (rx, report) = on_latest_tree(&spec, &args.recv, |tree, _| {
+    // Only the cache is written, which any generation's verified objects may fill; but pins
+    // last, so a pinning prefetch waits until the generation is settled.
+    let (rx, report) = on_latest_tree(&spec, &args.recv, |tree, settled| {
         let (subpaths, pin) = (&subpaths, args.pin);
-        async move { Ok(crate::prefetch::prefetch(&tree, subpaths, pin).await?) }
+        async move {
+            if pin {
+                settled.wait().await;
+            }
+            Ok(crate::prefetch::prefetch(&tree, subpaths, pin).await?)
+        }
     })
     .await?;
     let fetched = rx
