@@ -258,13 +258,7 @@ fn expired_signed_root_is_refused() {
     let src = tmp.path().join("src");
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("signed.txt"), b"signed\n").unwrap();
-    let key = tmp.path().join("publisher.key");
-    let o = std::process::Command::new(common::lcfs::LCFS)
-        .args(["keygen", "--sign", "--out", s(&key)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "keygen: {o:?}");
-    let public = format!("{}.pub", s(&key));
+    let (key, public) = signing_key(tmp.path());
     let server = start_server(
         &lab,
         &src,
@@ -313,6 +307,18 @@ fn expired_signed_root_is_refused() {
     );
 }
 
+/// A new publisher signing key in `dir`: its path, and the path of its public half.
+fn signing_key(dir: &Path) -> (std::path::PathBuf, String) {
+    let key = dir.join("publisher.key");
+    let o = std::process::Command::new(common::lcfs::LCFS)
+        .args(["keygen", "--sign", "--out", s(&key)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "keygen: {o:?}");
+    let public = format!("{}.pub", s(&key));
+    (key, public)
+}
+
 /// Sends `record` (a captured root packet) from `node` to its channel's root group every
 /// millisecond until `stop`, as a host replaying it would.
 fn replay(
@@ -348,13 +354,7 @@ fn a_replayed_older_generation_loses_to_the_live_server() {
     fs::create_dir_all(src.join("sub")).unwrap();
     fs::write(src.join("only-in-v1.txt"), b"old\n").unwrap();
     fs::write(src.join("sub/kept.txt"), b"version 1\n").unwrap();
-    let key = tmp.path().join("publisher.key");
-    let o = std::process::Command::new(common::lcfs::LCFS)
-        .args(["keygen", "--sign", "--out", s(&key)])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "keygen: {o:?}");
-    let public = format!("{}.pub", s(&key));
+    let (key, public) = signing_key(tmp.path());
     let state = tmp.path().join("state");
     let sign = ["--sign-key", s(&key)];
     let v1 = start_server(&lab, &src, "replayed", &state, &sign);
