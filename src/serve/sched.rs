@@ -152,15 +152,23 @@ struct Active {
     leaving: Option<Instant>,
     /// The first round's size.
     first: u32,
+    /// Whether the first round was judged enough already.
+    judged: bool,
 }
 
 impl Active {
     /// Everyone left after the first round's K source symbols went out and before a second
     /// round: the first was enough. (Counting only leaves after its end, as before, missed
     /// every object whose receivers decoded while its margin was still going out, which
-    /// on a fast uplink is all of them without loss: the margin never came down.)
-    fn first_round_sufficed(&self) -> bool {
-        self.rounds == 0 && !self.urgent && self.first - self.budget >= self.k
+    /// on a fast uplink is all of them without loss: the margin never came down.) True
+    /// once per activation: a leave that a listener's answer undoes, or a forged one, must
+    /// not count again and again. Asked at the leave rather than at the end of the
+    /// last-listener query that follows, which came too late to bring the margin down
+    /// during a short transfer.
+    fn first_round_sufficed(&mut self) -> bool {
+        let sufficed = self.rounds == 0 && !self.urgent && self.first - self.budget >= self.k;
+        let first_time = !std::mem::replace(&mut self.judged, true);
+        sufficed && first_time
     }
 
     fn later_round(&mut self) {
@@ -293,6 +301,7 @@ impl Scheduler {
                 urgent,
                 budget,
                 first: budget,
+                judged: false,
                 rounds: 0,
                 first_done: None,
                 idle_since: self.idle_since.remove(&hash),
@@ -336,6 +345,10 @@ impl Scheduler {
             return;
         };
         if a.budget == 0 {
+            if a.rounds == 0 && !a.urgent {
+                // Someone still listens after the whole first round: it was not enough.
+                self.margin.observe(true);
+            }
             a.later_round();
             self.stats.later_rounds[usize::from(!a.urgent)] += 1;
         }
@@ -366,14 +379,19 @@ impl Scheduler {
     }
 
     pub fn handle_inactive(&mut self, now: Instant, hash: &Hash) {
-        let Some(a) = self.active.remove(hash) else {
+        self.end(now, hash, true);
+    }
+
+    /// An object stops; `learn` when its first round's outcome says something of the loss.
+    fn end(&mut self, now: Instant, hash: &Hash, learn: bool) {
+        let Some(mut a) = self.active.remove(hash) else {
             return;
         };
+        if learn && a.first_round_sufficed() {
+            self.margin.observe(false);
+        }
         if a.leaving.is_none() {
             Self::note_leave(&mut self.stats, &a, now);
-            if a.first_round_sufficed() {
-                self.margin.observe(false);
-            }
             self.withdraw(hash);
         }
         self.idle_since.insert(*hash, a.leaving.unwrap_or(now));
@@ -401,7 +419,7 @@ impl Scheduler {
 
     /// Restarts an object's symbols at zero (after its bytes were found to have changed).
     pub fn forget(&mut self, now: Instant, hash: &Hash) {
-        self.handle_inactive(now, hash);
+        self.end(now, hash, false);
         self.cursors.remove(hash);
     }
 
@@ -908,17 +926,26 @@ mod tests {
             s.poll_transmit(now);
         }
         s.handle_leaving(now, &h(1));
-        assert_eq!(s.margin(), start, "gone before K symbols: nothing learned");
         s.handle_inactive(now, &h(1));
+        assert_eq!(s.margin(), start, "gone before K symbols: nothing learned");
         s.handle_active(h(2), 40, false);
         for _ in 0..40 {
             s.poll_transmit(now);
         }
         s.handle_leaving(now, &h(2));
+        let once = s.margin();
         assert!(
-            s.margin() < start,
+            once < start,
             "gone while the margin was still going out: it was enough"
         );
+        // A leave that a listener's answer undoes (or a forged one), however often, counts
+        // once.
+        for _ in 0..5 {
+            s.handle_active(h(2), 40, false);
+            s.handle_leaving(now, &h(2));
+        }
+        s.handle_inactive(now, &h(2));
+        assert_eq!(s.margin(), once, "once per activation");
     }
 
     #[test]
