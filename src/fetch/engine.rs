@@ -168,17 +168,6 @@ struct Inner {
     claimer: OnceLock<Sender<Option<ClaimAsk>>>,
 }
 
-/// Tells the claim thread to stop when dropped.
-struct StopClaims<'a>(&'a Inner);
-
-impl Drop for StopClaims<'_> {
-    fn drop(&mut self) {
-        if let Some(tx) = self.0.claimer.get() {
-            let _ = tx.send(None);
-        }
-    }
-}
-
 /// A handle to the fetch engine of one channel; clone it freely.
 #[derive(Clone)]
 pub struct Fetcher {
@@ -573,12 +562,13 @@ impl Inner {
                 tracing::error!("cannot start the thread that stores fetched objects: {e}");
                 return;
             }
-            // Ends the claim thread when the receive loop ends, also by a panic, rather than
-            // at its next wake-up: an engine's drop waits for it, and a `copy` waited up to
-            // 100 ms after its work was done.
-            let _stop_claims = StopClaims(this);
             this.receive(&store_tx);
             drop(store_tx);
+            // Ends the claim thread now rather than at its next wake-up: an engine's drop
+            // waits for it, and a `copy` waited up to 100 ms after its work was done.
+            if let Some(tx) = self.claimer.get() {
+                let _ = tx.send(None);
+            }
         });
         self.fail_all(FetchError::Closed);
     }
@@ -645,8 +635,8 @@ impl Inner {
 
     /// The claim thread: asks the cache's owner about claims, so that the receive thread
     /// never waits on another process.
-    /// It ends on `None`, sent when the receive loop ends (also by a panic), or within a
-    /// second of the engine's shutdown should that message not come.
+    /// It ends on `None`, sent when the receive loop ends, or (should that loop have
+    /// panicked) within a second of the engine's shutdown.
     fn claim_loop(&self, rx: &Receiver<Option<ClaimAsk>>) {
         let mut stop = false;
         while !stop && !self.shutdown.load(Ordering::Relaxed) {
