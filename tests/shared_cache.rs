@@ -44,8 +44,11 @@ const TIMEOUT: u32 = 20;
 /// Longest wait for any one command, or for a walk of a mount.
 const LIMIT: Duration = Duration::from_secs(90);
 /// Bytes a server may send, over its tree's file bytes, for every process of the receiving
-/// machine together: FEC margins and headers (about 1.07 for one receiver) plus root records.
-const MAX_SEND_RATIO: f64 = 1.15;
+/// machine together: FEC margins and headers (about 1.07 for one receiver) plus root records,
+/// and a fresh server's first-round margin, which starts at its ceiling and comes down over
+/// the first few dozen objects (`serve::sched`): 1.151 was seen on a 5 MB tree.
+/// Fetching anything twice would cost twice, far above this.
+const MAX_SEND_RATIO: f64 = 1.25;
 
 /// The tests that count server bytes run one at a time: another lab's transfers on the same two
 /// cores slow receivers down, and a receiver that falls behind costs repair rounds.
