@@ -86,9 +86,7 @@ impl Tree {
         let offline = memory.root.clone().filter(|_| offline_wait.is_some());
         let (root, origin) = match (trusted_root(&fetcher, policy, &memory, wait).await, offline) {
             (Ok((heard, publisher)), _) => {
-                fetcher.prefer_sender(heard.from);
-                let publisher = policy.pinned.is_none().then_some(publisher);
-                remember(&fetcher, &heard.record, publisher, &memory);
+                accept(&fetcher, policy, &heard, publisher, &memory);
                 (heard.record, Origin::Network)
             }
             (Err(FetchError::Timeout { .. }), Some(r)) => {
@@ -119,10 +117,8 @@ impl Tree {
         let deadline = tokio::time::Instant::now() + fetcher.timeout();
         let (heard, publisher) =
             first_trusted(&fetcher, policy, &memory, &mut roots, deadline).await?;
-        fetcher.prefer_sender(heard.from);
+        accept(&fetcher, policy, &heard, publisher, &memory);
         let pinned = policy.pinned.is_some();
-        let remembered_as = (!pinned).then_some(publisher);
-        remember(&fetcher, &heard.record, remembered_as, &memory);
         let tree = Tree {
             fetcher: fetcher.clone(),
             root: heard.record.clone(),
@@ -140,8 +136,7 @@ impl Tree {
             if best.record.generation == first_generation {
                 return None;
             }
-            fetcher.prefer_sender(best.from);
-            remember(&fetcher, &best.record, Some(publisher), &memory);
+            accept(&fetcher, &policy, &best, publisher, &memory);
             Some(best.record)
         });
         Ok((tree, Listening(listening)))
@@ -461,6 +456,20 @@ fn remembered(fetcher: &Fetcher) -> Result<Memory, FetchError> {
 /// Remembers an accepted root record unless it is older than the one remembered, and its
 /// publisher on first use (or when a new one was allowed). A pinned snapshot says nothing of
 /// who publishes the channel, so it comes with no publisher.
+/// A trusted record heard from the network: its sender's symbols are preferred under a
+/// flood, and the cache remembers it (and its publisher, unless a pin was the trust).
+fn accept(
+    fetcher: &Fetcher,
+    policy: &RootPolicy,
+    heard: &HeardRoot,
+    publisher: Publisher,
+    memory: &Memory,
+) {
+    fetcher.prefer_sender(heard.from);
+    let publisher = policy.pinned.is_none().then_some(publisher);
+    remember(fetcher, &heard.record, publisher, memory);
+}
+
 pub(super) fn remember(
     fetcher: &Fetcher,
     root: &RootRecord,
