@@ -69,7 +69,7 @@ const ENTRY_VERSION: u8 = 1;
 const ENTRY_LEN: usize = 18;
 
 impl Entry {
-    fn encode(&self) -> [u8; ENTRY_LEN] {
+    pub(crate) fn encode(&self) -> [u8; ENTRY_LEN] {
         let mut out = [0u8; ENTRY_LEN];
         out[0] = ENTRY_VERSION;
         out[1..9].copy_from_slice(&self.disk_size.to_be_bytes());

@@ -51,6 +51,42 @@ mod tests;
 
 use std::path::PathBuf;
 
+/// The decoders of what the cache reads from disk (index records) and from other processes
+/// (the sharing protocol), for the fuzz targets in `fuzz/`. Each takes hostile bytes and
+/// checks that a decode that succeeds encodes back to the same bytes.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub fn index_entry(raw: &[u8]) {
+        if let Some(e) = crate::index::Entry::decode(raw) {
+            assert_eq!(
+                e.encode().as_slice(),
+                raw,
+                "an index entry re-encodes as read"
+            );
+        }
+        let _ = crate::index::parse_lru_key(raw);
+        let _ = crate::index::parse_hash(raw);
+    }
+
+    pub fn shared_request(body: &[u8]) {
+        if let Ok(r) = crate::shared::wire::Request::decode(body) {
+            let again = r.encode();
+            assert_eq!(crate::shared::wire::Request::decode(&again[4..]), Ok(r));
+        }
+    }
+
+    pub fn shared_reply(body: &[u8]) {
+        if let Ok(r) = crate::shared::wire::Reply::decode(body) {
+            let again = r.encode();
+            assert_eq!(crate::shared::wire::Reply::decode(&again[4..]), Ok(r));
+        }
+        if let Ok(header) = body.try_into() {
+            let _ = crate::shared::wire::frame_len(header);
+        }
+    }
+}
+
 pub use blake3::Hash;
 pub use cache::Cache;
 pub use error::CacheError;
