@@ -145,6 +145,14 @@ impl Settled {
 /// and its objects may no longer be served) and runs again on the newer one. `work` is given
 /// a [`Settled`] to wait on before it does anything that cannot be undone. Returns the
 /// receiver at the generation `work` finished on.
+///
+/// A newer generation heard later, while `work` runs, puts its fetches in doubt
+/// ([`crate::fetch::Fetcher::handle_new_generation`]): a server that follows its tree keeps
+/// sending the previous generation, and `work` finishes on it; a server restarted over a
+/// changed tree does not, those fetches fail as stale within `stale_after`, and `work` runs
+/// again on the newer generation. So a copy ends as one generation, old or new, and does not
+/// wait out `--timeout` for objects nobody sends (issue 12's fault matrix; before, it failed
+/// after 30 s saying the server might not be running).
 pub(crate) async fn on_latest_tree<T, Fut>(
     spec: &ChannelSpec,
     args: &RecvArgs,
@@ -154,59 +162,70 @@ where
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     let (fetcher, policy) = start(spec, args)?;
-    let (tree, listening) = Tree::open_early(fetcher, &policy).await?;
-    let newer = listening.newer();
-    tokio::pin!(newer);
+    let (mut tree, mut listening) = Tree::open_early(fetcher, &policy).await?;
     let (settle, settled) = tokio::sync::watch::channel(false);
-    let mut first = Box::pin(work(tree.clone(), Settled(settled)));
-    enum First<T> {
-        Done(anyhow::Result<T>),
-        WindowClosed(Option<crate::object::RootRecord>),
-    }
+    let mut run = Box::pin(work(tree.clone(), Settled(settled)));
     let heard = tokio::select! {
-        r = &mut first => First::Done(r),
-        n = &mut newer => First::WindowClosed(n),
+        r = &mut run => Err(r),
+        n = listening.newer() => Ok(n),
     };
-    match heard {
+    let mut newer = match heard {
         // Finished within the window (it did not wait for it): it counts only if nothing
         // newer comes.
-        First::Done(r) => match newer.await {
-            None => Ok((Receiver { tree, policy }, r?)),
-            Some(record) => again(tree, record, policy, &work).await,
+        Err(r) => match listening.newer().await {
+            None => return Ok((Receiver { tree, policy }, r?)),
+            Some(record) => Some(record),
         },
-        First::WindowClosed(None) => {
+        Ok(None) => {
             let _ = settle.send(true);
-            let done = first.await?;
-            Ok((Receiver { tree, policy }, done))
+            None
         }
-        First::WindowClosed(Some(record)) => {
+        Ok(Some(record)) => Some(record),
+    };
+    loop {
+        if let Some(record) = newer.take() {
             // Its fetches end with it, rather than wait for objects no longer served.
-            drop(first);
-            again(tree, record, policy, &work).await
+            drop(run);
+            tracing::info!(
+                "channel {:?}: generation {} was heard after {}; starting again on it",
+                tree.fetcher().channel().name(),
+                record.generation,
+                tree.root_record().generation
+            );
+            tree.fetcher().handle_new_generation();
+            tree = tree.moved_to(record);
+            run = Box::pin(work(tree.clone(), Settled::already()));
+        }
+        let mut moved = None;
+        let done = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                record = listening.later() => {
+                    tree.fetcher().handle_new_generation();
+                    moved = Some(record);
+                }
+            }
+        };
+        match (done, moved) {
+            (Ok(done), _) => return Ok((Receiver { tree, policy }, done)),
+            (Err(e), Some(record)) if is_stale(&e) => newer = Some(record),
+            (Err(e), _) => return Err(e),
         }
     }
 }
 
-/// Runs `work` again on generation `record`, heard after the one `tree` is at.
-async fn again<T, Fut>(
-    tree: Tree,
-    record: crate::object::RootRecord,
-    policy: RootPolicy,
-    work: &impl Fn(Tree, Settled) -> Fut,
-) -> anyhow::Result<(Receiver, T)>
-where
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
-{
-    tracing::info!(
-        "channel {:?}: generation {} was heard right after {}; starting again on it",
-        tree.fetcher().channel().name(),
-        record.generation,
-        tree.root_record().generation
-    );
-    tree.fetcher().handle_new_generation();
-    let tree = tree.moved_to(record);
-    let done = work(tree.clone(), Settled::already()).await?;
-    Ok((Receiver { tree, policy }, done))
+/// Whether `e` is a fetch of an object the server no longer sends since it moved on.
+fn is_stale(e: &anyhow::Error) -> bool {
+    use crate::fetch::FetchError;
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<FetchError>(),
+            Some(FetchError::Stale { .. })
+        ) || matches!(
+            c.downcast_ref::<crate::copy::CopyError>(),
+            Some(crate::copy::CopyError::Fetch(FetchError::Stale { .. }))
+        )
+    })
 }
 
 /// Starts the fetch engine for the channel, and says what its root records must pass.

@@ -125,21 +125,45 @@ impl Tree {
             origin: Origin::Network,
         };
         let (policy, first_generation) = (policy.clone(), heard.record.generation);
-        let listening = tokio::spawn(async move {
+        let (window_tx, window) = tokio::sync::oneshot::channel();
+        let (later_tx, later) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(async move {
             if pinned {
-                return None;
+                let _ = window_tx.send(None);
+                return;
             }
             let until = tokio::time::Instant::now() + LISTEN;
-            let (best, publisher) =
+            let (mut best, publisher) =
                 highest_until(&policy, &memory, &mut roots, (heard, publisher), until).await;
-            drop(roots);
-            if best.record.generation == first_generation {
-                return None;
+            let moved = best.record.generation != first_generation;
+            if moved {
+                accept(&fetcher, &policy, &best, publisher, &memory);
             }
-            accept(&fetcher, &policy, &best, publisher, &memory);
-            Some(best.record)
+            let _ = window_tx.send(moved.then(|| best.record.clone()));
+            // Then every higher generation of the same publisher, for work that outlasts
+            // the window (see [`Listening::later`]).
+            while let Some(heard) = roots.next().await {
+                match trust::check(&policy, &heard, &memory, unix_now_ns()) {
+                    Ok(p) if p == publisher && heard.record.generation > best.record.generation => {
+                        accept(&fetcher, &policy, &heard, p, &memory);
+                        best = heard;
+                        if later_tx.send(best.record.clone()).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!("skipping a root record from {}: {e}", heard.from),
+                }
+            }
         });
-        Ok((tree, Listening(listening)))
+        Ok((
+            tree,
+            Listening {
+                window: Some(window),
+                later,
+                task,
+            },
+        ))
     }
 
     pub fn fetcher(&self) -> &Fetcher {
@@ -415,14 +439,43 @@ async fn highest_until(
 }
 
 /// The rest of the listening window after [`Tree::open_early`] returned with the first
-/// acceptable root record.
-pub struct Listening(tokio::task::JoinHandle<Option<RootRecord>>);
+/// acceptable root record, and the generations heard after it. The root group stays joined
+/// (the server repeats its record every 25 ms to a joined group: about 8 KB/s) until this is
+/// dropped.
+pub struct Listening {
+    window: Option<tokio::sync::oneshot::Receiver<Option<RootRecord>>>,
+    later: tokio::sync::mpsc::Receiver<RootRecord>,
+    task: tokio::task::JoinHandle<()>,
+}
 
 impl Listening {
     /// A higher generation of the same publisher heard within [`LISTEN`] of the first
     /// record, remembered as the channel's latest; `None` when the first was the latest.
-    pub async fn newer(self) -> Option<RootRecord> {
-        self.0.await.ok().flatten()
+    /// Resolves once, when the window closes; `None` ever after.
+    pub async fn newer(&mut self) -> Option<RootRecord> {
+        match self.window.as_mut() {
+            Some(w) => {
+                let r = w.await.ok().flatten();
+                self.window = None;
+                r
+            }
+            None => None,
+        }
+    }
+
+    /// The next higher generation of the same publisher heard after the window, trusted and
+    /// remembered as the channel's latest. Pending forever when none comes.
+    pub async fn later(&mut self) -> RootRecord {
+        match self.later.recv().await {
+            Some(r) => r,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
