@@ -11,7 +11,8 @@
 //!   stopped mount is ended by killing the mount, and `lcfs umount` clears the mountpoint;
 //! - receivers whose kernel speaks only MLDv1, and a second querier on the link with a lower
 //!   address than the server's, still get served;
-//! - 64 concurrent readers of different files all read correctly.
+//! - 64 concurrent readers of different files, and one reader of 10,000 small files beside
+//!   them, all read correctly, none waiting beyond the fetch timeout.
 //!
 //! "Verified" is measured as the bytes of object files in the receiver's cache when it was
 //! killed: the cache stores an object only after its BLAKE3 hash matched.
@@ -483,6 +484,16 @@ fn sixty_four_concurrent_readers_of_different_files_all_read_correctly() {
         let size = rng.random_range(1..=24) * BLOCK / 2 + rng.random_range(0..999);
         write_random_file(&src.join(format!("f/{i:02}.bin")), &mut rng, size);
     }
+    // And 10,000 small files, read one after another by one more reader meanwhile.
+    const SMALL: usize = 10_000;
+    for i in 0..SMALL {
+        let size = rng.random_range(100..2000);
+        write_random_file(
+            &src.join(format!("s/{:02}/{i:05}", i % 100)),
+            &mut rng,
+            size,
+        );
+    }
     let _srv = start_server(&lab, &src, "readers", &tmp.path().join("state"), &[]);
     let mnt = tmp.path().join("mnt");
     const TIMEOUT: u64 = 20;
@@ -513,6 +524,18 @@ fn sixty_four_concurrent_readers_of_different_files_all_read_correctly() {
             })
         })
         .collect();
+    let (small_mnt, small_src) = (mnt.join("s"), src.join("s"));
+    let walker = std::thread::spawn(move || {
+        let t = Instant::now();
+        for i in 0..SMALL {
+            let rel = format!("{:02}/{i:05}", i % 100);
+            let got = fs::read(small_mnt.join(&rel)).map_err(|e| format!("s/{rel}: {e}"))?;
+            if got != fs::read(small_src.join(&rel)).unwrap() {
+                return Err(format!("s/{rel} differs from its source"));
+            }
+        }
+        Ok(t.elapsed())
+    });
     let mut times = Vec::new();
     for r in readers {
         let r = bounded(
@@ -535,6 +558,18 @@ fn sixty_four_concurrent_readers_of_different_files_all_read_correctly() {
         times[READERS - 1] < Duration::from_secs(TIMEOUT),
         "a reader waited {:?}, beyond the fetch timeout",
         times[READERS - 1]
+    );
+    let walked = bounded(
+        "the reader of 10,000 small files",
+        Duration::from_secs(300),
+        move || walker.join(),
+    )
+    .expect("the walker thread")
+    .unwrap_or_else(|e| panic!("{e}\n{}", m.log_text()));
+    eprintln!(
+        "one reader of {SMALL} small files, beside the others: {:.2} s ({:.0} files/s)",
+        walked.as_secs_f64(),
+        SMALL as f64 / walked.as_secs_f64()
     );
     m.unmount();
 }
