@@ -720,3 +720,146 @@ fn a_server_restarted_over_a_changed_tree_mid_copy_gives_one_generation() {
         "the copy is neither the old tree nor the new one: a mix of generations"
     );
 }
+
+/// libfaketime (Debian's package `faketime`): the wall clock of a process is offset by what
+/// a file says, read at every call, so a test steps it while the process runs. The monotonic
+/// clock, which every lcfs timer uses, is left alone, as a real clock step leaves it.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// A wall clock for processes of the test: an offset in a file.
+struct Clock(PathBuf);
+
+impl Clock {
+    fn new(path: PathBuf) -> Clock {
+        assert!(
+            Path::new(LIBFAKETIME).exists(),
+            "{LIBFAKETIME} is missing: install Debian's faketime (tools/setup does)"
+        );
+        let c = Clock(path);
+        c.step("+0");
+        c
+    }
+
+    /// Sets the offset from the real time, e.g. "-1h" or "+1h".
+    fn step(&self, offset: &str) {
+        fs::write(&self.0, format!("{offset}\n")).unwrap();
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("LD_PRELOAD", LIBFAKETIME.to_string()),
+            ("FAKETIME_TIMESTAMP_FILE", s(&self.0).to_string()),
+            ("FAKETIME_NO_CACHE", "1".to_string()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+        ]
+    }
+}
+
+fn envs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+fn mount_generation(mnt: &Path) -> u64 {
+    let out = Command::new("getfattr")
+        .args(["--only-values", "-n", "user.lcfs.generation", s(mnt)])
+        .output()
+        .expect("getfattr (package attr)");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// The server's and a receiver's wall clocks are stepped by an hour, back and forward,
+/// while a signed channel is mounted and copied: no refusal, no spurious timeout. The root
+/// record's rules allow it (signatures valid 7 days, at most 3 days old, generations at
+/// most a week ahead), and a server whose clock went back still numbers its next generation
+/// above the last, so the mount follows it rather than refusing a rollback.
+#[test]
+fn clocks_stepped_by_an_hour_cause_no_refusal_and_no_timeout() {
+    let lab = Lab::with_clients(2);
+    let tmp = tmpdir("faults-clock");
+    let src = tmp.path().join("src");
+    make_tree(&src, 9, 2);
+    let key = tmp.path().join("publisher.key");
+    let out = Command::new(LCFS)
+        .args(["keygen", "--sign", "--out", s(&key)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "keygen: {}", describe(&out));
+    let public = format!("{}.pub", s(&key));
+    let (srv_clock, rx_clock) = (
+        Clock::new(tmp.path().join("srv-clock")),
+        Clock::new(tmp.path().join("rx-clock")),
+    );
+    let (srv_env, rx_env) = (srv_clock.env(), rx_clock.env());
+    let _srv = common::lcfs::start_server_env(
+        &lab,
+        &src,
+        "clock",
+        &tmp.path().join("state"),
+        &["--sign-key", s(&key)],
+        &envs(&srv_env),
+    );
+    let mnt = tmp.path().join("mnt");
+    let m = Mount::new_env(
+        &lab,
+        "c1",
+        "clock",
+        &mnt,
+        &tmp.path().join("cache"),
+        10,
+        &["--publisher", &public],
+        &envs(&rx_env),
+    );
+    let first = mount_generation(&mnt);
+    assert!(fs::read(mnt.join("big/00.bin")).unwrap() == fs::read(src.join("big/00.bin")).unwrap());
+
+    let mut rng = StdRng::seed_from_u64(90);
+    let mut last = first;
+    for (srv, rx) in [("-1h", "+1h"), ("+1h", "-1h")] {
+        srv_clock.step(srv);
+        rx_clock.step(rx);
+        // A new generation, published by the stepped server and followed by the mount.
+        write_random_file(&src.join("small/d0/000.dat"), &mut rng, 7777);
+        let want = fs::read(src.join("small/d0/000.dat")).unwrap();
+        let followed = within(Duration::from_secs(30), || {
+            mount_generation(&mnt) > last
+                && fs::read(mnt.join("small/d0/000.dat")).ok().as_ref() == Some(&want)
+        });
+        assert!(
+            followed.is_some(),
+            "server clock {srv}, receiver clock {rx}: the mount did not follow the new generation (still {}); log:\n{}",
+            mount_generation(&mnt),
+            m.log_text()
+        );
+        let now = mount_generation(&mnt);
+        eprintln!(
+            "server clock {srv}, receiver clock {rx}: followed generation {last} -> {now} in {:.2} s",
+            followed.unwrap().as_secs_f64()
+        );
+        last = now;
+        // A copy under the receiver's stepped clock, of the signed channel.
+        let dest = tmp.path().join(format!("dest{rx}"));
+        let copy = common::lcfs::spawn_copy_with(
+            &lab,
+            "c2",
+            "clock",
+            &dest,
+            &tmp.path().join(format!("cache{rx}")),
+            Some(10),
+            &["--publisher", &public],
+            &envs(&rx_env),
+        )
+        .wait(Duration::from_secs(60));
+        copy.assert_success();
+        assert_trees_equal(&src, &dest);
+    }
+    let log = m.log_text();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("refus") || l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(refusals.is_empty(), "the mount logged: {refusals:#?}");
+    m.unmount();
+}
