@@ -117,7 +117,7 @@ fn multicast_capable(name: &str) -> bool {
     f & libc::IFF_MULTICAST as u32 != 0 && f & libc::IFF_LOOPBACK as u32 == 0
 }
 
-fn is_up(name: &str) -> bool {
+pub(crate) fn is_up(name: &str) -> bool {
     flags(name) & libc::IFF_UP as u32 != 0
 }
 

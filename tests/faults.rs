@@ -592,6 +592,7 @@ impl Drop for LinkDown<'_> {
 
 /// The receiving interface goes down for 4 s mid-copy: the copy resumes once it is back.
 /// Down for longer than `--timeout`: the copy fails, within the timeout and a few seconds.
+/// The host's link-local address changes mid-copy: the copy goes on.
 #[test]
 fn a_copy_survives_its_link_going_down_and_fails_cleanly_past_its_timeout() {
     let lab = Lab::with_clients(2);
@@ -636,9 +637,55 @@ fn a_copy_survives_its_link_going_down_and_fails_cleanly_past_its_timeout() {
         "the copy took {failed_after:?} to fail with --timeout {TIMEOUT}"
     );
     assert!(
-        out.stderr.contains("linkdown"),
-        "the error names the channel: {}",
+        out.stderr.contains("linkdown") && out.stderr.contains("lc0 is down"),
+        "the error names the channel and says the interface is down: {}",
         out.stderr
+    );
+
+    // The receiving host's link-local address changes mid-copy: its reports now come from
+    // another address, and the copy goes on.
+    let (cache, dest) = (tmp.path().join("cache3"), tmp.path().join("dest3"));
+    let copy = spawn_copy(&lab, "c1", "linkdown", &dest, &cache, 20);
+    wait_cached(&cache, total / 3, "the third copy");
+    let shown = lab.run(
+        "c1",
+        &[
+            "ip",
+            "-6",
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            Lab::IFACE,
+            "scope",
+            "link",
+        ],
+    );
+    let old = String::from_utf8_lossy(&shown.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with("fe80:"))
+        .expect("c1 has a link-local address")
+        .to_string();
+    lab.run(
+        "c1",
+        &[
+            "ip",
+            "addr",
+            "add",
+            "fe80::c1:beef/64",
+            "dev",
+            Lab::IFACE,
+            "nodad",
+        ],
+    );
+    lab.run("c1", &["ip", "addr", "del", &old, "dev", Lab::IFACE]);
+    let changed = Instant::now();
+    let out = copy.wait(Duration::from_secs(120));
+    out.assert_success();
+    assert_trees_equal(&src, &dest);
+    eprintln!(
+        "link-local address {old} -> fe80::c1:beef mid-copy: finished {:.2} s later",
+        changed.elapsed().as_secs_f64()
     );
 }
 

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::membership::default_gap;
 use super::state::{Claim, Event, FetchState, Requested, RECENT};
-use super::{FetchError, KEY_HINT};
+use super::{FetchError, KEY_HINT, SERVER_HINT};
 use crate::channel::{Channel, Tag};
 use crate::mld::Reporter;
 use crate::net::{recv_batch, set_membership, Iface, RecvBatch};
@@ -721,10 +721,16 @@ impl Inner {
             what: what.to_owned(),
             secs: self.config.timeout.as_secs(),
             iface: self.iface.name.clone(),
-            hint: if self.channel.seal().is_some() {
-                KEY_HINT
+            hint: if !crate::net::is_up(&self.iface.name) {
+                // The likelier cause, and one the user can see at once.
+                format!(
+                    " Interface {} is down now: bring it up (ip link set {} up).",
+                    self.iface.name, self.iface.name
+                )
+            } else if self.channel.seal().is_some() {
+                format!("{SERVER_HINT}{KEY_HINT}")
             } else {
-                ""
+                SERVER_HINT.to_owned()
             },
         }
     }

@@ -37,13 +37,17 @@ use crate::packet::PacketError;
 
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum FetchError {
-    #[error("channel {channel:?}: nothing received for {what} in {secs} s on interface {iface}. Is `lcfs serve` running for this channel on this link?{hint}")]
+    /// `hint` says what to check: the interface when it is down, else the server (and, on
+    /// an encrypted channel, the key).
+    #[error(
+        "channel {channel:?}: nothing received for {what} in {secs} s on interface {iface}.{hint}"
+    )]
     Timeout {
         channel: String,
         what: String,
         secs: u64,
         iface: String,
-        hint: &'static str,
+        hint: String,
     },
     #[error("channel {channel:?}: {what} belongs to a generation the server has moved past; it no longer sends it")]
     Stale { channel: String, what: String },
@@ -76,3 +80,6 @@ impl From<PacketError> for FetchError {
 /// The advice appended to timeouts on an encrypted channel.
 pub(crate) const KEY_HINT: &str =
     " This channel is encrypted: if a server is running, the key or password may be wrong.";
+
+/// The advice appended to every timeout while the interface is up.
+pub(crate) const SERVER_HINT: &str = " Is `lcfs serve` running for this channel on this link?";
