@@ -6,8 +6,8 @@
 //!   are its clients, see [`crate::shared`]).
 //! - The index is disposable. If sled cannot open or read it (error or panic), it is deleted
 //!   and rebuilt by scanning `objects/`, hashing every file and deleting mismatches; root
-//!   records and pins are lost, and a warning says so. A lock conflict is never treated as
-//!   damage.
+//!   records and pins are lost, and a warning says so. A lock conflict or a full disk is
+//!   never treated as damage: the open fails instead, and the index stays.
 //! - An orderly close writes `DIR/clean` with the totals of the index, after flushing sled;
 //!   open removes it. If it is missing or disagrees with the entries (a crash, or sled
 //!   recovering only a prefix of its log), the index is reconciled with the files: the `lru`
@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::error::{CacheError, IoContext};
+use crate::error::{disk_full, CacheError, IoContext};
 use crate::index::{parse_hash, Entry, Index, Lookup, Totals};
 use crate::store::{disk_size, Read, Store};
 
@@ -78,7 +78,8 @@ enum Failure {
     Locked,
     /// Anything else sled complained (or panicked) about.
     Broken(String),
-    /// The object files could not be read: rebuilding the index would not help.
+    /// The object files could not be read, or the disk is full: rebuilding the index would
+    /// not help.
     Fatal(CacheError),
 }
 
@@ -153,6 +154,11 @@ fn attempt(path: &Path, store: &Store, mark: Option<Totals>) -> Result<Recovered
     match result {
         Ok(Ok(recovered)) => Ok(recovered),
         Ok(Err(CacheError::Index(e))) if is_lock_error(&e) => Err(Failure::Locked),
+        // Not damage: deleting the index would throw its root records and pins away for a
+        // disk that is merely full.
+        Ok(Err(CacheError::Index(sled::Error::Io(e)))) if disk_full(&e) => {
+            Err(Failure::Fatal(CacheError::io(path, e)))
+        }
         Ok(Err(CacheError::Index(e))) => Err(Failure::Broken(e.to_string())),
         Ok(Err(e)) => Err(Failure::Fatal(e)),
         Err(panic) => Err(Failure::Broken(panic_message(&panic))),
