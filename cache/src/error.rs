@@ -93,6 +93,16 @@ impl CacheError {
             source,
         }
     }
+
+    /// Whether the file system (or the user's disk quota) is full.
+    pub(crate) fn is_disk_full(&self) -> bool {
+        matches!(self, CacheError::Io { source, .. } if disk_full(source))
+    }
+}
+
+/// Whether an I/O error says the file system (or the user's disk quota) is full.
+pub(crate) fn disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 impl From<sled::Error> for CacheError {

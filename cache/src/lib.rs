@@ -22,7 +22,9 @@
 //!   read of an object file re-hashes it. A file that does not match its name (short, bit
 //!   flipped, replaced) is deleted and reported as a miss, never as an error or wrong bytes.
 //! - Disk use of object files stays within the quota except for pinned objects: after an
-//!   insert or unpin, the least recently used unpinned objects are evicted until it fits.
+//!   insert or unpin, the least recently used unpinned objects are evicted until it fits. An
+//!   insert that finds the file system full evicts them too (an eighth of the cache at least)
+//!   and tries once more: a full disk costs the oldest objects, not every new one.
 //! - The index is disposable: if sled cannot open it, it is rebuilt from the object files.
 //! - Bad disk state (garbage names, garbage index values, damaged sled files) never panics.
 //!

@@ -6,7 +6,8 @@
 //!   are its clients, see [`crate::shared`]).
 //! - The index is disposable. If sled cannot open or read it (error or panic), it is deleted
 //!   and rebuilt by scanning `objects/`, hashing every file and deleting mismatches; root
-//!   records are lost. A lock conflict is never treated as damage.
+//!   records and pins are lost, and a warning says so. A lock conflict or a full disk is
+//!   never treated as damage: the open fails instead, and the index stays.
 //! - An orderly close writes `DIR/clean` with the totals of the index, after flushing sled;
 //!   open removes it. If it is missing or disagrees with the entries (a crash, or sled
 //!   recovering only a prefix of its log), the index is reconciled with the files: the `lru`
@@ -24,7 +25,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::error::{CacheError, IoContext};
+use crate::error::{disk_full, CacheError, IoContext};
 use crate::index::{parse_hash, Entry, Index, Lookup, Totals};
 use crate::store::{disk_size, Read, Store};
 
@@ -77,7 +78,8 @@ enum Failure {
     Locked,
     /// Anything else sled complained (or panicked) about.
     Broken(String),
-    /// The object files could not be read: rebuilding the index would not help.
+    /// The object files could not be read, or the disk is full: rebuilding the index would
+    /// not help.
     Fatal(CacheError),
 }
 
@@ -86,17 +88,35 @@ pub(crate) fn open_index(dir: &Path, store: &Store) -> Result<Recovered, CacheEr
     let path = dir.join("index");
     let mark = take_clean_mark(dir)?;
     let why = match attempt(&path, store, mark) {
-        Ok(recovered) => return Ok(recovered),
+        Ok(recovered) => {
+            warn_lost_pins(mark, &recovered.totals);
+            return Ok(recovered);
+        }
         Err(Failure::Broken(why)) => why,
         Err(failure) => return Err(fatal(dir, &path, failure)),
     };
     warn!(
         path = %path.display(),
         error = %why,
-        "cache index is damaged; rebuilding it from the object files (root records are lost)"
+        "cache index is damaged; rebuilding it from the object files (root records and pins \
+         are lost: objects pinned by `lcfs prefetch --pin` can be evicted until pinned again)"
     );
     remove_index(&path)?;
     attempt(&path, store, None).map_err(|failure| fatal(dir, &path, failure))
+}
+
+/// Pins live only in the index, and objects adopted from their files come back unpinned: when
+/// the last orderly close counted more pinned bytes than the index now holds (it was deleted,
+/// or lost its last writes), the user who pinned them is told, since they can now be evicted.
+fn warn_lost_pins(mark: Option<Totals>, now: &Totals) {
+    let Some(mark) = mark.filter(|m| m.pinned_bytes > now.pinned_bytes) else {
+        return;
+    };
+    warn!(
+        lost_bytes = mark.pinned_bytes - now.pinned_bytes,
+        "the cache index lost pins (it was deleted or damaged since the last close): objects \
+         pinned by `lcfs prefetch --pin` can be evicted until pinned again"
+    );
 }
 
 fn fatal(dir: &Path, path: &Path, failure: Failure) -> CacheError {
@@ -134,6 +154,11 @@ fn attempt(path: &Path, store: &Store, mark: Option<Totals>) -> Result<Recovered
     match result {
         Ok(Ok(recovered)) => Ok(recovered),
         Ok(Err(CacheError::Index(e))) if is_lock_error(&e) => Err(Failure::Locked),
+        // Not damage: deleting the index would throw its root records and pins away for a
+        // disk that is merely full.
+        Ok(Err(CacheError::Index(sled::Error::Io(e)))) if disk_full(&e) => {
+            Err(Failure::Fatal(CacheError::io(path, e)))
+        }
         Ok(Err(CacheError::Index(e))) => Err(Failure::Broken(e.to_string())),
         Ok(Err(e)) => Err(Failure::Fatal(e)),
         Err(panic) => Err(Failure::Broken(panic_message(&panic))),

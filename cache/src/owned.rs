@@ -159,7 +159,15 @@ impl Owned {
             self.persist_if(batch_full);
             return Ok(());
         }
-        let temp = self.store.write_temp(obj)?;
+        let temp = match self.store.write_temp(obj) {
+            // The file system is full (no quota, or other files filled it): evicting makes
+            // room, and the object is kept after all.
+            Err(e) if e.is_disk_full() => {
+                self.make_room(obj.len() as u64)?;
+                self.store.write_temp(obj)?
+            }
+            written => written?,
+        };
         // Kept in memory before the eviction that may take its file (a huge object over the
         // quota): then eviction forgets it from memory too.
         self.hot.lock().memory.put(obj);
@@ -381,24 +389,43 @@ impl Owned {
 
     /// Evicts least recently used unpinned objects until disk use is within the quota.
     fn evict_over_quota(&self, totals: &mut Totals) -> Result<(), CacheError> {
-        let Some(quota) = self.quota else {
-            return Ok(());
-        };
-        if totals.disk_bytes <= quota {
+        match self.quota {
+            Some(quota) => self.evict_down_to(quota, totals),
+            None => Ok(()),
+        }
+    }
+
+    /// After the file system said it is full: evicts least recently used unpinned objects
+    /// for `needed` bytes, and at least an eighth of what the cache holds, so that the next
+    /// inserts do not each meet a full disk again.
+    pub(crate) fn make_room(&self, needed: u64) -> Result<(), CacheError> {
+        let mut totals = self.write.lock();
+        let room = needed.max(totals.disk_bytes / 8);
+        let limit = totals.disk_bytes.saturating_sub(room);
+        debug!(
+            used = totals.disk_bytes,
+            limit, "the cache's file system is full: evicting to make room"
+        );
+        self.evict_down_to(limit, &mut totals)
+    }
+
+    /// Evicts least recently used unpinned objects until disk use is at most `limit`.
+    fn evict_down_to(&self, limit: u64, totals: &mut Totals) -> Result<(), CacheError> {
+        if totals.disk_bytes <= limit {
             return Ok(());
         }
         self.persist_recency(totals)?;
         for key in self.index.lru_keys() {
-            if totals.disk_bytes <= quota {
+            if totals.disk_bytes <= limit {
                 return Ok(());
             }
             self.evict_key(&key?, totals)?;
         }
-        if totals.disk_bytes > quota {
+        if totals.disk_bytes > limit {
             debug!(
-                quota,
+                limit,
                 used = totals.disk_bytes,
-                "cache over quota: the rest is pinned"
+                "cache over its limit: the rest is pinned"
             );
         }
         Ok(())

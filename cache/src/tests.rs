@@ -166,6 +166,28 @@ fn quota_never_evicts_pinned() {
     assert_eq!(cache.usage().pinned_bytes, unit);
 }
 
+/// What an insert does when the file system says it is full: the least recently used
+/// unpinned objects go, an eighth of the cache at least, and never a pinned one.
+#[test]
+fn making_room_evicts_the_oldest_unpinned_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), None, 0);
+    for n in 0..16 {
+        cache.insert(&obj(n)).unwrap();
+    }
+    cache.pin(obj(0).hash()).unwrap();
+    let before = cache.usage().disk_bytes;
+    cache.owned().make_room(1).unwrap();
+    let after = cache.usage().disk_bytes;
+    assert!(before - after >= before / 8, "{before} -> {after}");
+    assert!(present(&cache, &obj(0)), "the pinned object stays");
+    assert!(
+        !cache.contains(obj(1).hash()),
+        "the oldest unpinned object goes"
+    );
+    assert!(present(&cache, &obj(15)), "the newest stays");
+}
+
 #[test]
 fn pin_unpin() {
     let dir = tempfile::tempdir().unwrap();
