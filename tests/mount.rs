@@ -436,8 +436,30 @@ fn full_walk_equals_source() {
         );
     }
 
+    // A clean run leaves clean logs: no warning from a clean unmount, and no colour codes
+    // in logs that go to a file or a pipe.
+    let (log_path, daemon) = (m.log.clone(), m.daemon_pid);
     m.unmount();
-    srv.stop();
+    if let Some(pid) = daemon {
+        let gone = common::lcfs::within(Duration::from_secs(10), || {
+            !Path::new(&format!("/proc/{pid}")).exists()
+        });
+        assert!(
+            gone.is_some(),
+            "the mount daemon {pid} outlived lcfs umount by 10 s"
+        );
+    }
+    let log = fs::read_to_string(&log_path).unwrap_or_default();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+    assert!(
+        warnings.is_empty(),
+        "a clean mount logged warnings: {warnings:#?}"
+    );
+    let serve_log = srv.stop();
+    assert!(
+        !serve_log.contains('\x1b') && !log.contains('\x1b'),
+        "logs written to a pipe or a file carry ANSI escape codes"
+    );
 }
 
 /// Every write operation on the mount fails with EROFS ("Read-only file system").

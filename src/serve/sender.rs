@@ -241,7 +241,8 @@ impl SenderLoop {
 fn report_unloadable(changed: &Sender<Notice>, table: &Table, hash: &Hash, e: &LoadError) {
     match e.changed_path() {
         Some(path) if table.is_current(hash) => {
-            tracing::warn!("not sending object {hash}: {e}");
+            // Ordinary for a tree being written to: the reindex's `published` line says so.
+            tracing::debug!("not sending object {hash}: {e}");
             let _ = changed.send(Notice::BlockChanged(path));
         }
         Some(_) => tracing::debug!("not sending object {hash} of an older generation: {e}"),

@@ -241,7 +241,7 @@ impl Publisher<'_> {
             Notice::Changed(rel) => Change::Path(rel),
             Notice::Overflow => Change::Overflow,
             Notice::BlockChanged(path) => {
-                tracing::warn!("{} changed while being served: reindexing", path.display());
+                tracing::debug!("{} changed while being served: reindexing", path.display());
                 Change::BlockChanged
             }
         };
