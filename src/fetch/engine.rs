@@ -369,11 +369,11 @@ impl Fetcher {
         Ok(hit)
     }
 
-    /// The bundles of a directory just read (see [`crate::object::bundle`]): its small files
-    /// are fetched through them from now on.
-    pub fn learn_bundles(&self, bundles: Vec<crate::object::bundle::Bundle>) {
-        if !bundles.is_empty() {
-            self.inner.lock().state.handle_bundles(bundles);
+    /// The bundling of a directory just read (see [`crate::object::bundle`]): its small
+    /// files are fetched through their bundles from now on, those in none on their own.
+    pub fn learn_bundles(&self, bundling: crate::object::bundle::Bundling) {
+        if !bundling.bundles.is_empty() || !bundling.alone.is_empty() {
+            self.inner.lock().state.handle_bundles(bundling);
         }
     }
 

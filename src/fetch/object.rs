@@ -56,7 +56,20 @@ pub struct Timers {
     pub stall: Duration,
     pub timeout: Duration,
     pub stale_after: Duration,
+    /// A bundle of which not one symbol came this long after its fetch started is given up
+    /// as stale, and its riders are fetched on their own groups (see [`BUNDLE_PATIENCE`]).
+    pub bundle_patience: Duration,
 }
+
+/// How long a bundle's fetch waits for its first symbol. A bundle is derived from a
+/// directory, and nobody vouches for it: the mapping from a small file to its bundle may come
+/// from a listing of another generation than the server's (tools/soak found a read that
+/// rode such a bundle wait out its 30 s timeout and fail with EIO, though its file was
+/// current and the server had it). A server that publishes the bundle answers a join with its
+/// first round within a round of its bulk queue (a bulk round goes at least every 2048
+/// urgent symbols, a quarter of a second at 100 Mbit/s), so three seconds of silence means it
+/// does not.
+pub const BUNDLE_PATIENCE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SymbolStats {
@@ -247,7 +260,10 @@ impl ObjectFetch {
         } else if self.doubted.is_some_and(|d| {
             // Progress counts only when it is news: `last_progress` starts at the join.
             since(d.max(self.last_progress).max(self.started)) >= t.stale_after
-        }) {
+        }) || (self.bundle.is_some()
+            && self.stats.accepted == 0
+            && since(self.started) >= t.bundle_patience)
+        {
             Action::Stale
         } else if quiet >= t.stall && since(self.last_join) >= t.stall {
             Action::Rejoin
@@ -271,6 +287,7 @@ mod tests {
             stall,
             timeout,
             stale_after: Duration::from_millis(750),
+            bundle_patience: BUNDLE_PATIENCE,
         }
     }
 

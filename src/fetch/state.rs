@@ -45,7 +45,7 @@ use super::membership::Memberships;
 use super::object::{Action, ObjectFetch, Timers};
 use crate::channel::{Address, Channel, Tag};
 use crate::net::Envelope;
-use crate::object::bundle::Bundle;
+use crate::object::bundle::{Bundle, Bundling};
 use crate::object::{ObjectRef, RootRecord};
 use crate::packet::{self, Body};
 
@@ -269,6 +269,7 @@ impl FetchState {
         } else if let Some(b) = bundle {
             // A small file travels in its directory's bundle: the bundle is fetched for it.
             let at = self.channel.object_address(&b.id.hash);
+            tracing::debug!(object = %r.hash, bundle = %b.id.hash, "request rides a bundle");
             self.want(now, at, priority, freshness, || {
                 ObjectFetch::of_bundle(now, b)
             });
@@ -325,10 +326,13 @@ impl FetchState {
         self.queue.insert((priority, self.seq), at.tag);
     }
 
-    /// The bundles of a directory just read: its small files are fetched through them from
-    /// now on.
-    pub fn handle_bundles(&mut self, bundles: Vec<Bundle>) {
-        for b in bundles {
+    /// The bundling of a directory just read: its small files are fetched through their
+    /// bundles from now on, and those in none on their own groups.
+    pub fn handle_bundles(&mut self, bundling: Bundling) {
+        for h in &bundling.alone {
+            self.bundle_of.pop(h);
+        }
+        for b in bundling.bundles {
             for m in b.members.iter() {
                 self.bundle_of.put(m.hash, b.clone());
             }
@@ -524,6 +528,7 @@ impl FetchState {
             stall: self.config.stall,
             timeout: self.config.timeout,
             stale_after: self.config.stale_after,
+            bundle_patience: super::object::BUNDLE_PATIENCE,
         };
         let mut failed = Vec::new();
         for (tag, p) in self
@@ -762,13 +767,19 @@ impl FetchState {
             self.stats.stale.fetch_add(1, Ordering::Relaxed);
         }
         if p.fetch.bundle().is_some() {
+            // In doubt, the server moved on and a member may be gone too; silent from the
+            // start (see `object::BUNDLE_PATIENCE`), the bundle is what the server lacks.
+            let freshness = match p.fetch.is_doubted() {
+                true => Freshness::Superseded,
+                false => Freshness::Current,
+            };
             for (&tag, &want) in &p.riders {
                 if stale {
                     // The server no longer has the bundle (its directory changed), but a
                     // member may still be current: it is fetched on its own group.
                     self.bundle_of.pop(&want.hash);
                     let at = self.channel.object_address(&want.hash);
-                    self.want(now, at, p.priority, Freshness::Superseded, || {
+                    self.want(now, at, p.priority, freshness, || {
                         ObjectFetch::new(now, want)
                     });
                     self.admit_due = true;

@@ -14,7 +14,7 @@ use super::state::{Claim, Event, FetchState, Requested, ELSEWHERE_PATIENCE, ROOT
 use crate::channel::{Channel, Tag};
 use crate::fec::ObjectEncoder;
 use crate::net::Envelope;
-use crate::object::bundle::Bundle;
+use crate::object::bundle::{Bundle, Bundling};
 use crate::object::ObjectRef;
 use crate::packet;
 
@@ -132,6 +132,22 @@ impl Rig {
     /// interface.
     fn send_bytes(&mut self, tag: Tag, group: Ipv6Addr, bytes: &[u8]) {
         self.send_symbols(SERVER, tag, bytes, Some(group), IFINDEX);
+    }
+
+    /// The first `n` source symbols of `bytes` under `tag`, to `group`.
+    fn send_bytes_symbols(&mut self, tag: Tag, group: Ipv6Addr, bytes: &[u8], n: u32) {
+        let enc = ObjectEncoder::new(bytes, SYMBOL.min(bytes.len())).unwrap();
+        let (mut sym, mut pkt) = (Vec::new(), Vec::new());
+        for esi in 0..n.min(enc.source_symbols()) {
+            enc.symbol(esi, &mut sym);
+            packet::encode_symbol(&mut pkt, tag, esi, &sym, None);
+            let env = Envelope {
+                from: SERVER,
+                to: Some(group),
+                ifindex: IFINDEX,
+            };
+            self.st.handle_datagram(self.now, env, &mut pkt);
+        }
     }
 
     fn deliver(&mut self, v: &Verified) {
@@ -449,7 +465,10 @@ fn small_files_are_fetched_through_their_bundle() {
     let mut r = rig(32);
     let files: Vec<Verified> = (0..4).map(|n| object(n, 3000 + n as usize)).collect();
     let (bundle, bytes) = bundle_of(&files);
-    r.st.handle_bundles(vec![bundle.clone()]);
+    r.st.handle_bundles(Bundling {
+        bundles: vec![bundle.clone()],
+        alone: Vec::new(),
+    });
     let tags = [
         r.request(&files[0], Priority::Readahead),
         r.request(&files[2], Priority::Demand),
@@ -502,7 +521,10 @@ fn a_bundle_fetched_elsewhere_ends_when_its_riders_are_cached() {
     let mut r = rig(32);
     let files: Vec<Verified> = (0..3).map(|n| object(n, 2000)).collect();
     let (bundle, _) = bundle_of(&files);
-    r.st.handle_bundles(vec![bundle.clone()]);
+    r.st.handle_bundles(Bundling {
+        bundles: vec![bundle.clone()],
+        alone: Vec::new(),
+    });
     let a = r.request(&files[0], Priority::Demand);
     let b = r.request(&files[1], Priority::Demand);
     let (tag, _) = r.claims()[0];
@@ -527,11 +549,17 @@ fn a_bundle_fetched_elsewhere_ends_when_its_riders_are_cached() {
 fn a_failed_bundle_fails_each_member_asked_for() {
     let mut r = rig(32);
     let files: Vec<Verified> = (0..3).map(|n| object(n, 2000)).collect();
-    let (bundle, _) = bundle_of(&files);
-    r.st.handle_bundles(vec![bundle]);
+    let (bundle, bytes) = bundle_of(&files);
+    r.st.handle_bundles(Bundling {
+        bundles: vec![bundle.clone()],
+        alone: Vec::new(),
+    });
     let a = r.request(&files[0], Priority::Demand);
     let b = r.request(&files[2], Priority::Readahead);
     r.grant_all();
+    // One symbol: the server has the bundle, and then goes silent.
+    let at = r.channel.object_address(&bundle.id.hash);
+    r.send_bytes_symbols(at.tag, at.group, &bytes, 1);
     let timeout = r.st.config().timeout;
     for _ in 0..(timeout.as_millis() / 20 + 2) {
         r.advance(FetchState::TICK);
@@ -556,7 +584,10 @@ fn a_bundle_gone_stale_falls_back_to_its_members_own_groups() {
     let mut r = rig(32);
     let files: Vec<Verified> = (0..3).map(|n| object(n, 2000)).collect();
     let (bundle, _) = bundle_of(&files);
-    r.st.handle_bundles(vec![bundle.clone()]);
+    r.st.handle_bundles(Bundling {
+        bundles: vec![bundle.clone()],
+        alone: Vec::new(),
+    });
     let a = r.request(&files[1], Priority::Demand);
     r.grant_all();
     r.membership();
@@ -577,4 +608,72 @@ fn a_bundle_gone_stale_falls_back_to_its_members_own_groups() {
     r.deliver(&files[1]);
     assert_eq!(completed(&r.events()), [*files[1].hash()]);
     assert_eq!(r.st.pending(), 0);
+}
+
+/// regression (tools/soak): a read rode a bundle the server did not publish (the mapping
+/// came from another generation's listing) and waited out the whole timeout, then failed,
+/// though its file was current. A bundle silent from the start is given up after
+/// `BUNDLE_PATIENCE`, and its riders are fetched on their own groups, as current objects.
+#[test]
+fn regression_a_bundle_never_sent_falls_back_to_its_members_own_groups() {
+    let mut r = rig(32);
+    let files: Vec<Verified> = (0..3).map(|n| object(n, 2000)).collect();
+    let (bundle, _) = bundle_of(&files);
+    r.st.handle_bundles(Bundling {
+        bundles: vec![bundle.clone()],
+        alone: Vec::new(),
+    });
+    let a = r.request(&files[1], Priority::Demand);
+    r.grant_all();
+    let at = r.channel.object_address(&bundle.id.hash);
+    assert_eq!(r.membership(), [(at.group, true)]);
+    let patience = crate::fetch::object::BUNDLE_PATIENCE;
+    let mut claims = Vec::new();
+    let started = r.now;
+    while claims.is_empty() {
+        r.advance(FetchState::TICK);
+        claims.extend(r.claims());
+        assert!(
+            r.now.duration_since(started) < patience + Duration::from_secs(1),
+            "the rider was not fetched on its own within the bundle's patience"
+        );
+    }
+    assert!(r.now.duration_since(started) >= patience);
+    assert_eq!(claims, [(a, *files[1].hash())], "fetched on its own now");
+    assert!(!r.events().iter().any(|e| matches!(e, Event::Failed { .. })));
+    r.st.handle_claim(r.now, a, Claim::Granted);
+    let group = r.group(&files[1]);
+    assert!(r.membership().contains(&(group, true)));
+    // Current: not failed as stale while the server takes its time.
+    for _ in 0..100 {
+        r.advance(FetchState::TICK);
+    }
+    assert!(!r.events().iter().any(|e| matches!(e, Event::Failed { .. })));
+    r.deliver(&files[1]);
+    assert_eq!(completed(&r.events()), [*files[1].hash()]);
+    assert_eq!(r.st.pending(), 0);
+}
+
+/// regression (tools/soak): a small file left out of its directory's bundles by a new
+/// listing (a sibling grew, and the packing changed) must not keep riding the bundle an
+/// older listing put it in, which the server no longer publishes.
+#[test]
+fn regression_a_file_a_new_listing_leaves_unbundled_is_fetched_on_its_own() {
+    let mut r = rig(32);
+    let files: Vec<Verified> = (0..3).map(|n| object(n, 2000)).collect();
+    let (bundle, _) = bundle_of(&files);
+    r.st.handle_bundles(Bundling {
+        bundles: vec![bundle],
+        alone: Vec::new(),
+    });
+    r.st.handle_bundles(Bundling {
+        bundles: Vec::new(),
+        alone: vec![*files[1].hash()],
+    });
+    let a = r.request(&files[1], Priority::Demand);
+    assert_eq!(
+        r.claims(),
+        [(a, *files[1].hash())],
+        "its own object, no bundle"
+    );
 }

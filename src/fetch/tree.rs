@@ -220,7 +220,7 @@ impl Tree {
         let dir = Directory::decode(&v)
             .map_err(|e| self.invalid(format!("directory {}", short(&r.hash)), e))?;
         // Its small files travel in bundles: reads of them fetch the bundle.
-        (self.fetcher).learn_bundles(crate::object::bundle::bundles(&dir, self.block_size()));
+        (self.fetcher).learn_bundles(crate::object::bundle::bundling(&dir, self.block_size()));
         Ok(dir)
     }
 

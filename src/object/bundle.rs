@@ -119,6 +119,39 @@ pub fn bundles(dir: &Directory, block_size: BlockSize) -> Vec<Bundle> {
     out
 }
 
+/// How a receiver fetches the small files of one directory listing: through `bundles`, and
+/// the single-block files in `alone` on their own groups.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bundling {
+    pub bundles: Vec<Bundle>,
+    /// Single-block files of the directory in no bundle (too big, or left alone by the
+    /// packing). A receiver must forget any bundle it knew them by: another listing of the
+    /// directory may have bundled them (tools/soak found a read that rode such a bundle, gone
+    /// from the server since a sibling grew, and waited out its timeout).
+    pub alone: Vec<blake3::Hash>,
+}
+
+/// The [`Bundling`] of `dir` at `block_size`.
+pub fn bundling(dir: &Directory, block_size: BlockSize) -> Bundling {
+    let bundles = bundles(dir, block_size);
+    let members: std::collections::HashSet<blake3::Hash> = bundles
+        .iter()
+        .flat_map(|b| b.members.iter().map(|m| m.hash))
+        .collect();
+    let alone = dir
+        .entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EntryKind::File(f) => match f.content {
+                Content::Block(hash) if !members.contains(&hash) => Some(hash),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    Bundling { bundles, alone }
+}
+
 fn close(out: &mut Vec<Bundle>, members: Vec<ObjectRef>) {
     if members.len() > 1 {
         out.push(Bundle::new(members));
@@ -128,6 +161,36 @@ fn close(out: &mut Vec<Bundle>, members: Vec<ObjectRef>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bundling_names_the_single_block_files_left_out() {
+        let bs = BlockSize::from_bytes(64 << 10).unwrap();
+        let file = |name: &str, size: u64| Entry {
+            name: name.as_bytes().to_vec(),
+            mode: 0o644,
+            mtime: Default::default(),
+            kind: EntryKind::File(crate::object::FileRef {
+                size,
+                b3: blake3::hash(name.as_bytes()),
+                content: Content::Block(blake3::hash(name.as_bytes())),
+            }),
+        };
+        // a and b share a bundle; c (over half a block) and d (no room left: alone) do not.
+        let dir = Directory::new(vec![
+            file("a", 30_000),
+            file("b", 30_000),
+            file("c", 40_000),
+            file("d", 30_000),
+        ]);
+        let got = bundling(&dir, bs);
+        assert_eq!(got.bundles.len(), 1);
+        assert_eq!(got.bundles[0].members.len(), 2);
+        let mut alone = got.alone.clone();
+        alone.sort_by_key(|h| *h.as_bytes());
+        let mut want = vec![blake3::hash(b"c"), blake3::hash(b"d")];
+        want.sort_by_key(|h| *h.as_bytes());
+        assert_eq!(alone, want);
+    }
     use crate::object::{Entry, FileRef, Timestamp};
     use lcfs_cache::Hash;
 

@@ -162,10 +162,13 @@ impl SimReceiver {
             busy = true;
             self.handle_event(now, state, event);
         }
-        if let Some(bundles) = self.walk.as_mut().map(Walk::poll_bundles) {
-            if !bundles.is_empty() {
-                state.handle_bundles(bundles);
-            }
+        for b in self
+            .walk
+            .as_mut()
+            .map(Walk::poll_bundles)
+            .unwrap_or_default()
+        {
+            state.handle_bundles(b);
         }
         while let Some((r, need)) = self.walk.as_mut().and_then(Walk::poll_request) {
             busy = true;

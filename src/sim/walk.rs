@@ -15,7 +15,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::channel::Tag;
-use crate::object::bundle::{bundles, Bundle};
+use crate::object::bundle::{bundling, Bundling};
 use crate::object::index::IndexShape;
 use crate::object::LEAVES_PER_PAGE;
 use crate::object::{BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef};
@@ -55,7 +55,7 @@ pub struct Walk {
     /// What failed to decode or did not fit its reference.
     pub invalid: Vec<String>,
     /// Bundles of the directories decoded, not yet handed to the receiver's state.
-    bundles: Vec<Bundle>,
+    bundles: Vec<Bundling>,
 }
 
 impl Walk {
@@ -79,8 +79,8 @@ impl Walk {
         walk
     }
 
-    /// The bundles of the directories decoded since the last call.
-    pub fn poll_bundles(&mut self) -> Vec<Bundle> {
+    /// The bundlings of the directories decoded since the last call.
+    pub fn poll_bundles(&mut self) -> Vec<Bundling> {
         std::mem::take(&mut self.bundles)
     }
 
@@ -148,7 +148,7 @@ impl Walk {
     fn directory(&mut self, object: &Verified) -> Result<(), String> {
         let dir = Directory::decode(object);
         let result = dir.map_err(|e| format!("directory: {e}")).map(|dir| {
-            self.bundles.extend(bundles(&dir, self.block_size));
+            self.bundles.push(bundling(&dir, self.block_size));
             for entry in dir.entries {
                 match entry.kind {
                     EntryKind::Dir(r) => self.ask(r, Need::Dir),
