@@ -736,13 +736,18 @@ fe80 04 40 20 80 short";
         assert!(matches!(r, Err(MldError::NoInterface(0))));
     }
 
-    /// Real-socket smoke test. Needs root; creates its own veth pair `lcm0`/`lcm1` (the peer in
-    /// network namespace `lcm-mld`) and deletes them afterwards; sends only on `lcm0`. Run by
-    /// hand: `cargo test --lib mld::socket -- --ignored --nocapture`; watch with
-    /// `tcpdump -ni lcm0 icmp6`.
+    /// Real-socket smoke test: the listener's whole lifecycle against the kernel's own MLD,
+    /// local and remote. Needs root (as CI has: `tools/test` runs as root), creates its own veth
+    /// pair `lcm0`/`lcm1` (the peer in network namespace `lcm-mld`) and deletes them
+    /// afterwards; sends only on `lcm0`. Watch with `tcpdump -ni lcm0 icmp6`.
     #[test]
-    #[ignore = "needs root; creates veth lcm0/lcm1 and netns lcm-mld"]
     fn smoke_veth() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test creates a veth pair and a network namespace: run the tests as root (tools/test)"
+        );
         let _lab = Lab::create();
         let ifindex = Lab::ifindex("lcm0");
         let group: Ipv6Addr = "ff1e::1234".parse().unwrap();
