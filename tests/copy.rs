@@ -541,6 +541,71 @@ fn no_server_times_out() {
     assert_nothing_written(&dest, "copy of a channel nobody serves");
 }
 
+/// A mistyped channel fails within the root record's short wait (5 s), whatever
+/// `--timeout`, naming the channel and the interface and saying that nothing arrived; with
+/// `--wait` a copy started before its server (boot ordering) waits and then copies.
+#[test]
+fn a_mistyped_channel_fails_fast_and_wait_waits_for_the_server() {
+    let _serial = serial();
+    let lab = Lab::with_clients(1);
+    let tmp = tmpdir("copy");
+    let src = tmp.path().join("src");
+    write_random_file(&src.join("a.bin"), &mut StdRng::seed_from_u64(5), 300_000);
+    let srv = start_server(&lab, &src, "images", &tmp.path().join("state"), &[]);
+    let o = spawn_copy(
+        &lab,
+        "c1",
+        "imagse",
+        &tmp.path().join("d1"),
+        &tmp.path().join("c1"),
+        30,
+    )
+    .wait(Duration::from_secs(60));
+    eprintln!(
+        "mistyped: {:.1} s: {}",
+        o.elapsed.as_secs_f64(),
+        o.stderr.trim()
+    );
+    o.assert_failure("copy of a mistyped channel");
+    assert!(
+        o.elapsed < Duration::from_secs(10),
+        "a mistyped channel took {:.1} s to fail (--timeout 30)",
+        o.elapsed.as_secs_f64()
+    );
+    for needle in [
+        "\"imagse\"",
+        "lc0",
+        "no root record",
+        "no lcfs packet arrived",
+        "--wait",
+    ] {
+        assert!(
+            o.stderr.contains(needle),
+            "the error lacks {needle}:\n{}",
+            o.stderr
+        );
+    }
+    drop(srv);
+
+    // Boot ordering: the receiver first, the server 8 s later.
+    let dest = tmp.path().join("d2");
+    let copy = common::lcfs::spawn_copy_with(
+        &lab,
+        "c1",
+        "late",
+        &dest,
+        &tmp.path().join("c2"),
+        Some(30),
+        &["--wait"],
+        &[],
+    );
+    std::thread::sleep(Duration::from_secs(8)); // the boot delay being tested
+    let _late = start_server(&lab, &src, "late", &tmp.path().join("state2"), &[]);
+    let out = copy.wait(Duration::from_secs(60));
+    out.assert_success();
+    assert_trees_equal(&src, &dest);
+}
+
 /// `CHANNEL:SUBPATH` copies a subtree, or one file, and nothing else.
 #[test]
 fn subpath_copy() {

@@ -164,6 +164,11 @@ pub(crate) struct RecvArgs {
     /// Seconds without data after which a fetch fails.
     #[arg(long, default_value_t = 30)]
     pub(crate) timeout: u64,
+    /// Wait for the channel's root record as long as it takes (at boot, before the server is
+    /// up). Without it, a receiver that hears none within 5 s (or --timeout, if shorter) fails
+    /// and says why; a mount with a cached root record starts offline after 3 s instead.
+    #[arg(long)]
+    pub(crate) wait: bool,
     #[command(flatten)]
     pub(crate) key: KeyArgs,
     /// Accept a root record with a lower generation than one already seen.

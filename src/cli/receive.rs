@@ -237,8 +237,10 @@ fn start(spec: &ChannelSpec, args: &RecvArgs) -> anyhow::Result<(Fetcher, RootPo
     let mut cache_config = lcfs_cache::CacheConfig::new(dir);
     cache_config.quota = args.cache_size;
     let cache = lcfs_cache::Cache::open(cache_config)?;
+    let timeout = Duration::from_secs(args.timeout.max(1));
     let config = FetchConfig {
-        timeout: Duration::from_secs(args.timeout.max(1)),
+        timeout,
+        root_wait: (!args.wait).then_some(crate::fetch::ROOT_WAIT.min(timeout)),
         port: args.net.port,
         ..FetchConfig::default()
     };

@@ -85,6 +85,11 @@ pub struct FetchConfig {
     /// server answers a join within a round trip and sends its first round of an object
     /// within a few hundred milliseconds when it has it.
     pub stale_after: Duration,
+    /// How long a receiver waits for the channel's first root record before it gives up
+    /// (`None`: for ever, `--wait`). Short by default: a mistyped channel name, a wrong
+    /// interface or a server that is not running are known within seconds, and waiting out
+    /// `timeout` (30 s) before saying so only delayed the error (issue 13).
+    pub root_wait: Option<Duration>,
     pub port: u16,
 }
 
@@ -95,10 +100,16 @@ impl Default for FetchConfig {
             stall: Duration::from_millis(400),
             max_joined: 32,
             stale_after: Duration::from_millis(750),
+            root_wait: Some(ROOT_WAIT),
             port: crate::channel::DEFAULT_PORT,
         }
     }
 }
+
+/// The default of [`FetchConfig::root_wait`]. The server repeats its root record every 25 ms
+/// to a joined group and answers a join at once, so five seconds leave room for a lossy
+/// link and a busy server, and for the receiver's own MLD report to get through.
+pub const ROOT_WAIT: Duration = Duration::from_secs(5);
 
 /// Counters of a running engine.
 #[derive(Default, Debug)]
@@ -391,6 +402,42 @@ impl Fetcher {
     /// The error a fetch of `what` that timed out gives.
     pub fn timeout_error(&self, what: &str) -> FetchError {
         self.inner.timeout_error(what)
+    }
+
+    /// How long to wait for the channel's first root record (`None`: for ever).
+    pub fn root_wait(&self) -> Option<Duration> {
+        self.inner.config.root_wait
+    }
+
+    /// The error when no acceptable root record came within [`Fetcher::root_wait`]: names
+    /// the channel and the interface, and says whether anything arrived at all.
+    pub fn no_root_error(&self) -> FetchError {
+        let inner = &self.inner;
+        let packets = inner.stats.packets.load(Ordering::Relaxed);
+        let seen = match packets {
+            0 => "no lcfs packet arrived".to_owned(),
+            n => format!("{n} packets arrived on the port, none a root record of this channel"),
+        };
+        let secs = inner.config.root_wait.unwrap_or_default().as_secs_f64();
+        let mut advice = String::new();
+        if !crate::net::is_up(&inner.iface.name) {
+            advice = format!(" Interface {} is down: bring it up.", inner.iface.name);
+        } else {
+            advice.push_str(
+                " Check the channel's name and --iface, and that `lcfs serve` runs on this link",
+            );
+            if inner.channel.seal().is_some() {
+                advice.push_str(" with this key");
+            }
+            advice.push_str("; --wait keeps waiting (at boot, before the server is up).");
+        }
+        FetchError::NoRoot {
+            channel: inner.channel.name().to_owned(),
+            iface: inner.iface.name.clone(),
+            secs,
+            seen,
+            advice,
+        }
     }
 }
 

@@ -29,7 +29,9 @@ mod state_tests;
 pub mod tree;
 pub mod trust;
 
-pub use engine::{FetchConfig, FetchStats, Fetcher, Freshness, HeardRoot, Priority, RootWatcher};
+pub use engine::{
+    FetchConfig, FetchStats, Fetcher, Freshness, HeardRoot, Priority, RootWatcher, ROOT_WAIT,
+};
 pub use tree::Tree;
 pub use trust::RootPolicy;
 
@@ -48,6 +50,14 @@ pub enum FetchError {
         secs: u64,
         iface: String,
         hint: String,
+    },
+    #[error("channel {channel:?}: no root record heard in {secs:.0} s on interface {iface} ({seen}).{advice}")]
+    NoRoot {
+        channel: String,
+        iface: String,
+        secs: f64,
+        seen: String,
+        advice: String,
     },
     #[error("channel {channel:?}: {what} belongs to a generation the server has moved past; it no longer sends it")]
     Stale { channel: String, what: String },

@@ -80,8 +80,8 @@ impl Tree {
     ) -> Result<Tree, FetchError> {
         let memory = remembered(&fetcher)?;
         let wait = match (offline_wait, &memory.root) {
-            (Some(wait), Some(_)) => wait,
-            _ => fetcher.timeout(),
+            (Some(wait), Some(_)) => Some(wait),
+            _ => fetcher.root_wait(),
         };
         let offline = memory.root.clone().filter(|_| offline_wait.is_some());
         let (root, origin) = match (trusted_root(&fetcher, policy, &memory, wait).await, offline) {
@@ -89,7 +89,7 @@ impl Tree {
                 accept(&fetcher, policy, &heard, publisher, &memory);
                 (heard.record, Origin::Network)
             }
-            (Err(FetchError::Timeout { .. }), Some(r)) => {
+            (Err(FetchError::NoRoot { .. }), Some(r)) => {
                 trust::check_remembered(policy, &r).map_err(|e| untrusted(&fetcher, e))?;
                 (r, Origin::Offline)
             }
@@ -114,7 +114,7 @@ impl Tree {
     ) -> Result<(Tree, Listening), FetchError> {
         let memory = remembered(&fetcher)?;
         let mut roots = fetcher.watch_roots();
-        let deadline = tokio::time::Instant::now() + fetcher.timeout();
+        let deadline = fetcher.root_wait().map(|w| tokio::time::Instant::now() + w);
         let (heard, publisher) =
             first_trusted(&fetcher, policy, &memory, &mut roots, deadline).await?;
         accept(&fetcher, policy, &heard, publisher, &memory);
@@ -369,17 +369,18 @@ async fn trusted_root(
     fetcher: &Fetcher,
     policy: &RootPolicy,
     memory: &Memory,
-    wait: Duration,
+    wait: Option<Duration>,
 ) -> Result<(HeardRoot, Publisher), FetchError> {
     // One join for the whole wait: the server repeats its record every 25 ms while the group
     // is joined, and a join and leave per record would make it answer each join at once.
     let mut roots = fetcher.watch_roots();
-    let deadline = tokio::time::Instant::now() + wait;
+    let deadline = wait.map(|w| tokio::time::Instant::now() + w);
     let first = first_trusted(fetcher, policy, memory, &mut roots, deadline).await?;
     if policy.pinned.is_some() {
         return Ok(first);
     }
-    let until = deadline.min(tokio::time::Instant::now() + LISTEN);
+    let listen = tokio::time::Instant::now() + LISTEN;
+    let until = deadline.map_or(listen, |d| d.min(listen));
     Ok(highest_until(policy, memory, &mut roots, first, until).await)
 }
 
@@ -392,16 +393,18 @@ async fn first_trusted(
     policy: &RootPolicy,
     memory: &Memory,
     roots: &mut RootWatcher,
-    deadline: tokio::time::Instant,
+    deadline: Option<tokio::time::Instant>,
 ) -> Result<(HeardRoot, Publisher), FetchError> {
     let mut refused = None;
     loop {
-        let heard = match tokio::time::timeout_at(deadline, roots.next()).await {
+        let next = match deadline {
+            Some(d) => tokio::time::timeout_at(d, roots.next()).await,
+            None => Ok(roots.next().await),
+        };
+        let heard = match next {
             Ok(Some(h)) => h,
             Ok(None) => return Err(FetchError::Closed),
-            Err(_) => {
-                return Err(refused.unwrap_or_else(|| fetcher.timeout_error("the root record")))
-            }
+            Err(_) => return Err(refused.unwrap_or_else(|| fetcher.no_root_error())),
         };
         match trust::check(policy, &heard, memory, unix_now_ns()) {
             Ok(publisher) => return Ok((heard, publisher)),
