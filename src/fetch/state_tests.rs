@@ -150,6 +150,24 @@ impl Rig {
         }
     }
 
+    /// The fetch `tag` of `v` on its own group: granted, joined, still pending after
+    /// `ticks` quiet ticks, then completed by the server's symbols.
+    fn own_fetch_completes(&mut self, tag: Tag, v: &Verified, ticks: usize) {
+        self.st.handle_claim(self.now, tag, Claim::Granted);
+        let group = self.group(v);
+        assert!(self.membership().contains(&(group, true)));
+        for _ in 0..ticks {
+            self.advance(FetchState::TICK);
+        }
+        assert!(!self
+            .events()
+            .iter()
+            .any(|e| matches!(e, Event::Failed { .. })));
+        self.deliver(v);
+        assert_eq!(completed(&self.events()), [*v.hash()]);
+        assert_eq!(self.st.pending(), 0);
+    }
+
     fn deliver(&mut self, v: &Verified) {
         let group = self.group(v);
         self.send(v, Some(group), IFINDEX);
@@ -602,12 +620,7 @@ fn a_bundle_gone_stale_falls_back_to_its_members_own_groups() {
     let failed = r.events().iter().any(|e| matches!(e, Event::Failed { .. }));
     assert!(!failed, "the member is still wanted");
     assert_eq!(claims, [(a, *files[1].hash())], "fetched on its own now");
-    r.st.handle_claim(r.now, a, Claim::Granted);
-    let group = r.group(&files[1]);
-    assert!(r.membership().contains(&(group, true)));
-    r.deliver(&files[1]);
-    assert_eq!(completed(&r.events()), [*files[1].hash()]);
-    assert_eq!(r.st.pending(), 0);
+    r.own_fetch_completes(a, &files[1], 0);
 }
 
 /// regression (tools/soak): a read rode a bundle the server did not publish (the mapping
@@ -641,17 +654,8 @@ fn regression_a_bundle_never_sent_falls_back_to_its_members_own_groups() {
     assert!(r.now.duration_since(started) >= patience);
     assert_eq!(claims, [(a, *files[1].hash())], "fetched on its own now");
     assert!(!r.events().iter().any(|e| matches!(e, Event::Failed { .. })));
-    r.st.handle_claim(r.now, a, Claim::Granted);
-    let group = r.group(&files[1]);
-    assert!(r.membership().contains(&(group, true)));
     // Current: not failed as stale while the server takes its time.
-    for _ in 0..100 {
-        r.advance(FetchState::TICK);
-    }
-    assert!(!r.events().iter().any(|e| matches!(e, Event::Failed { .. })));
-    r.deliver(&files[1]);
-    assert_eq!(completed(&r.events()), [*files[1].hash()]);
-    assert_eq!(r.st.pending(), 0);
+    r.own_fetch_completes(a, &files[1], 100);
 }
 
 /// regression (tools/soak): a small file left out of its directory's bundles by a new
