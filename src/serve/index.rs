@@ -11,12 +11,13 @@
 //! - The walk goes by descriptor, one name at a time, and never leaves the tree: no symlink is
 //!   followed below PATH, and what is published is what was opened (see `beneath.rs`, which
 //!   holds every file system call the server makes on the tree). Symlinks are recorded with
-//!   their raw target bytes; sockets, fifos and devices are left out with a debug log, and are
-//!   never read, also when one is swapped in for a file. An entry that cannot be read
-//!   (permission denied, vanished, swapped for a symlink, name or target lcfs cannot encode,
-//!   deeper than [`MAX_DEPTH`], a file that keeps changing while read) is skipped with a
-//!   warning and listed in [`Published::skipped`]; the rest is served. Only PATH itself
-//!   failing, or a directory whose encoding passes [`DIRECTORY_MAX`], stops indexing.
+//!   their raw target bytes; sockets, fifos and devices are left out with a warning naming them
+//!   (and listed in [`Published::skipped`]), and are never read, also when one is swapped in
+//!   for a file. An entry that cannot be read (permission denied, vanished, swapped for a
+//!   symlink, name or target lcfs cannot encode, deeper than [`MAX_DEPTH`], a file that keeps
+//!   changing while read) is skipped with a warning and listed in [`Published::skipped`]; the
+//!   rest is served. Only PATH itself failing, or a directory whose encoding passes
+//!   [`DIRECTORY_MAX`], stops indexing.
 //! - Directory objects are built bottom-up, siblings in parallel (rayon, on a pool of our own
 //!   with large stacks, since the recursion follows the tree's depth).
 //! - A file is read once, in block-sized `pread`s; each read gives both the block's leaf and its
@@ -427,9 +428,11 @@ impl Walker {
         let name_bytes = name.to_bytes().to_vec();
         let (attrs, kind) = match attrs.kind {
             Kind::Other => {
-                tracing::debug!(
-                    "leaving out {}: not a file, directory or symlink",
-                    path().display()
+                // Said once per publication, and listed: a user who put a fifo or a socket in
+                // the tree learns that receivers will not see it (issue 13).
+                self.skip(
+                    &path(),
+                    &"a fifo, socket or device: lcfs publishes files, directories and symlinks",
                 );
                 return Ok(None);
             }

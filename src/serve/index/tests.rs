@@ -358,7 +358,16 @@ fn special_files_are_left_out() {
     // SAFETY: fifo is a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
     let p = index_path(dir.path(), &config(None)).unwrap();
-    assert!(p.skipped.is_empty());
+    let skipped: Vec<String> = p
+        .skipped
+        .iter()
+        .map(|(path, why)| format!("{} {why}", path.display()))
+        .collect();
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert!(
+        p.skipped[0].0.ends_with("fifo") && p.skipped[1].0.ends_with("socket"),
+        "each is named: {skipped:?}"
+    );
     let root = Directory::decode(&load(&p, &p.root.hash)).unwrap();
     assert_eq!(root.entries.len(), 1);
 }
