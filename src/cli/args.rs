@@ -44,6 +44,28 @@ pub(crate) enum Command {
     Umount(UmountArgs),
     /// Write a new random keyfile for an encrypted channel.
     Keygen(KeygenArgs),
+    /// Write a man page for lcfs and for each of its commands into DIR.
+    ///
+    /// Install them with: lcfs man /usr/local/share/man/man1 && mandb -q
+    Man(ManArgs),
+    /// Print a shell completion script for lcfs.
+    ///
+    /// bash: lcfs completions bash > /etc/bash_completion.d/lcfs
+    /// zsh: lcfs completions zsh > "${fpath[1]}/_lcfs"
+    /// fish: lcfs completions fish > ~/.config/fish/completions/lcfs.fish
+    Completions(CompletionsArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct ManArgs {
+    /// Directory to write lcfs.1, lcfs-serve.1, ... into (created if missing).
+    pub(crate) dir: PathBuf,
+}
+
+#[derive(Args)]
+pub(crate) struct CompletionsArgs {
+    /// The shell.
+    pub(crate) shell: clap_complete::Shell,
 }
 
 pub(crate) const SERVE_ABOUT: &str = "Publish a directory (or one file) on a channel, and follow its changes.

@@ -5,6 +5,7 @@
 
 mod args;
 mod copy;
+mod docs;
 mod keygen;
 mod logging;
 mod mount;
@@ -52,6 +53,11 @@ pub fn main() -> std::process::ExitCode {
         Command::Umount(a) => lcfs_mount::unmount(&a.mountpoint)
             .with_context(|| format!("cannot unmount {}", a.mountpoint.display())),
         Command::Keygen(a) => keygen::keygen(a),
+        Command::Man(a) => docs::man_pages(&a.dir),
+        Command::Completions(a) => {
+            docs::completions(a.shell, &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
