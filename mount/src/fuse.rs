@@ -119,7 +119,11 @@ impl<S: Source> Filesystem for FuseFs<S> {
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_PARALLEL_DIROPS;
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            // ACLs through the kernel's own cache: it asks for system.posix_acl_* once per
+            // inode and remembers that there is none, where `ls -l` otherwise sent two
+            // getxattr requests per file shown, each time (issue 13).
+            | InitFlags::FUSE_POSIX_ACL;
         let _ = config.add_capabilities(wanted & config.capabilities());
         // The kernel offers its bdi readahead as the most it takes; ask for up to that.
         if let Err(nearest) = config.set_max_readahead(self.max_readahead) {
