@@ -424,12 +424,12 @@ impl Fetcher {
             advice = format!(" Interface {} is down: bring it up.", inner.iface.name);
         } else {
             advice.push_str(
-                " Check the channel's name and --iface, and that `lcfs serve` runs on this link",
+                " Check the channel's name and --iface, and that `lcfs serve` runs on this link; \
+                 --wait keeps waiting (at boot, before the server is up).",
             );
             if inner.channel.seal().is_some() {
-                advice.push_str(" with this key");
+                advice.push_str(KEY_HINT);
             }
-            advice.push_str("; --wait keeps waiting (at boot, before the server is up).");
         }
         FetchError::NoRoot {
             channel: inner.channel.name().to_owned(),
