@@ -9,8 +9,8 @@
 //!   the read go on and finish, and what was verified is not fetched again;
 //! - a mount stopped (SIGSTOP) for a minute recovers when continued; a reader stuck on a
 //!   stopped mount is ended by killing the mount, and `lcfs umount` clears the mountpoint;
-//! - receivers whose kernel speaks only MLDv1, and a second querier on the link with a lower
-//!   address than the server's, still get served;
+//! - receivers whose kernel speaks only MLDv1, and a second, MLDv1-only querier on the link
+//!   with a lower address than the server's, still get served;
 //! - 64 concurrent readers of different files, and one reader of 10,000 small files beside
 //!   them, all read correctly, none waiting beyond the fetch timeout.
 //!
@@ -376,8 +376,9 @@ fn a_mount_stopped_for_a_minute_recovers_and_a_stuck_reader_can_be_ended() {
     m.unmount(); // `lcfs umount` must clear the dead mountpoint
 }
 
-/// Sends MLDv2 general queries from `fe80::1` (lower than any address the lab gives) on
-/// `c2`'s link every second for `seconds`: another querier, which wins the election.
+/// Sends MLDv1 general queries from `fe80::1` (lower than any address the lab gives) on
+/// `c2`'s link every second for `seconds`: another querier, which wins the election, and an
+/// MLDv1-only one, which puts every host on the link in MLDv1 compatibility mode.
 fn foreign_querier(lab: &Lab, seconds: u32) -> std::process::Child {
     let script = r#"
 import socket, struct, sys, time
@@ -387,9 +388,10 @@ s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
 s.setsockopt(socket.IPPROTO_IPV6, 54, bytes([0, 0, 5, 2, 0, 0, 1, 0]))
 s.bind(("fe80::1", 0, 0, socket.if_nametoindex("lc0")))
 ifindex = socket.if_nametoindex("lc0")
-# type 130, code 0, checksum (kernel), max response 1000 ms, reserved, group ::,
-# S=0 QRV=2, QQIC=10 s, no sources
-q = struct.pack("!BBHHH16sBBH", 130, 0, 0, 1000, 0, bytes(16), 2, 10, 0)
+# An MLDv1 general query (RFC 2710): type 130, code 0, checksum (kernel), max response
+# 1000 ms, reserved, group ::, and nothing after, so every host on the link falls back to
+# MLDv1 (RFC 3810 section 8.2.1) and reports in MLDv1 too.
+q = struct.pack("!BBHHH16s", 130, 0, 0, 1000, 0, bytes(16))
 end = time.time() + float(sys.argv[1])
 while time.time() < end:
     s.sendto(q, ("ff02::1", 0, 0, ifindex))
