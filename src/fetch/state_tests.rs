@@ -168,6 +168,17 @@ impl Rig {
         assert_eq!(self.st.pending(), 0);
     }
 
+    /// `n` small files of 2000 bytes and their bundle, which the state now knows.
+    fn learn_bundle(&mut self, n: u32) -> (Vec<Verified>, Bundle) {
+        let files: Vec<Verified> = (0..n).map(|i| object(i, 2000)).collect();
+        let (bundle, _) = bundle_of(&files);
+        self.st.handle_bundles(Bundling {
+            bundles: vec![bundle.clone()],
+            alone: Vec::new(),
+        });
+        (files, bundle)
+    }
+
     fn deliver(&mut self, v: &Verified) {
         let group = self.group(v);
         self.send(v, Some(group), IFINDEX);
@@ -537,12 +548,7 @@ fn small_files_are_fetched_through_their_bundle() {
 #[test]
 fn a_bundle_fetched_elsewhere_ends_when_its_riders_are_cached() {
     let mut r = rig(32);
-    let files: Vec<Verified> = (0..3).map(|n| object(n, 2000)).collect();
-    let (bundle, _) = bundle_of(&files);
-    r.st.handle_bundles(Bundling {
-        bundles: vec![bundle.clone()],
-        alone: Vec::new(),
-    });
+    let (files, bundle) = r.learn_bundle(3);
     let a = r.request(&files[0], Priority::Demand);
     let b = r.request(&files[1], Priority::Demand);
     let (tag, _) = r.claims()[0];
@@ -600,12 +606,7 @@ fn a_failed_bundle_fails_each_member_asked_for() {
 #[test]
 fn a_bundle_gone_stale_falls_back_to_its_members_own_groups() {
     let mut r = rig(32);
-    let files: Vec<Verified> = (0..3).map(|n| object(n, 2000)).collect();
-    let (bundle, _) = bundle_of(&files);
-    r.st.handle_bundles(Bundling {
-        bundles: vec![bundle.clone()],
-        alone: Vec::new(),
-    });
+    let (files, _) = r.learn_bundle(3);
     let a = r.request(&files[1], Priority::Demand);
     r.grant_all();
     r.membership();
@@ -630,12 +631,7 @@ fn a_bundle_gone_stale_falls_back_to_its_members_own_groups() {
 #[test]
 fn regression_a_bundle_never_sent_falls_back_to_its_members_own_groups() {
     let mut r = rig(32);
-    let files: Vec<Verified> = (0..3).map(|n| object(n, 2000)).collect();
-    let (bundle, _) = bundle_of(&files);
-    r.st.handle_bundles(Bundling {
-        bundles: vec![bundle.clone()],
-        alone: Vec::new(),
-    });
+    let (files, bundle) = r.learn_bundle(3);
     let a = r.request(&files[1], Priority::Demand);
     r.grant_all();
     let at = r.channel.object_address(&bundle.id.hash);
@@ -664,12 +660,7 @@ fn regression_a_bundle_never_sent_falls_back_to_its_members_own_groups() {
 #[test]
 fn regression_a_file_a_new_listing_leaves_unbundled_is_fetched_on_its_own() {
     let mut r = rig(32);
-    let files: Vec<Verified> = (0..3).map(|n| object(n, 2000)).collect();
-    let (bundle, _) = bundle_of(&files);
-    r.st.handle_bundles(Bundling {
-        bundles: vec![bundle],
-        alone: Vec::new(),
-    });
+    let (files, _) = r.learn_bundle(3);
     r.st.handle_bundles(Bundling {
         bundles: Vec::new(),
         alone: vec![*files[1].hash()],
