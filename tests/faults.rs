@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use common::lab::{Lab, LabOptions};
 use common::lcfs::{
-    bounded, describe, non_dirs, number_before, s, signal, spawn_copy, start_server, tmpdir,
+    describe, join_within, non_dirs, number_before, s, signal, spawn_copy, start_server, tmpdir,
     within, Mount, LCFS,
 };
 use common::tree::{assert_trees_equal, write_random_file, BLOCK};
@@ -268,12 +268,11 @@ fn a_server_restarted_mid_copy_and_mid_read_lets_both_finish() {
         "the copy fetched {} bytes for a tree of {total}: verified objects were fetched again",
         sum.network
     );
-    let got = bounded(
+    let got = join_within(
         "the read across the restart",
         Duration::from_secs(60),
-        move || reader.join(),
+        reader,
     )
-    .expect("the reader thread")
     .unwrap_or_else(|e| {
         panic!(
             "reading big/05.bin across the restart failed: {e}\n{}",
@@ -338,13 +337,8 @@ fn a_mount_stopped_for_a_minute_recovers_and_a_stuck_reader_can_be_ended() {
     );
     let continued = Instant::now();
     drop(stop);
-    let got = bounded(
-        "the read after SIGCONT",
-        Duration::from_secs(60),
-        move || reader.join(),
-    )
-    .expect("the reader thread")
-    .unwrap_or_else(|e| panic!("the read after SIGCONT failed: {e}\n{}", m.log_text()));
+    let got = join_within("the read after SIGCONT", Duration::from_secs(60), reader)
+        .unwrap_or_else(|e| panic!("the read after SIGCONT failed: {e}\n{}", m.log_text()));
     eprintln!(
         "after {STOPPED_FOR:?} stopped, the waiting read finished {:.2} s after SIGCONT",
         continued.elapsed().as_secs_f64()
@@ -361,12 +355,11 @@ fn a_mount_stopped_for_a_minute_recovers_and_a_stuck_reader_can_be_ended() {
     // SAFETY: as above; SIGKILL ends a stopped process too.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
     drop(stop);
-    let r = bounded(
+    let r = join_within(
         "the stuck read after the mount was killed",
         Duration::from_secs(20),
-        move || reader.join(),
-    )
-    .expect("the reader thread");
+        reader,
+    );
     eprintln!(
         "stuck read ended {:.2} s after SIGKILL: {:?}",
         killed.elapsed().as_secs_f64(),
@@ -540,12 +533,7 @@ fn sixty_four_concurrent_readers_of_different_files_all_read_correctly() {
     });
     let mut times = Vec::new();
     for r in readers {
-        let r = bounded(
-            "a reader",
-            Duration::from_secs(2 * TIMEOUT + 30),
-            move || r.join(),
-        )
-        .expect("the reader thread");
+        let r = join_within("a reader", Duration::from_secs(2 * TIMEOUT + 30), r);
         times.push(r.unwrap_or_else(|e| panic!("{e}\n{}", m.log_text())));
     }
     times.sort();
@@ -561,12 +549,11 @@ fn sixty_four_concurrent_readers_of_different_files_all_read_correctly() {
         "a reader waited {:?}, beyond the fetch timeout",
         times[READERS - 1]
     );
-    let walked = bounded(
+    let walked = join_within(
         "the reader of 10,000 small files",
         Duration::from_secs(300),
-        move || walker.join(),
+        walker,
     )
-    .expect("the walker thread")
     .unwrap_or_else(|e| panic!("{e}\n{}", m.log_text()));
     eprintln!(
         "one reader of {SMALL} small files, beside the others: {:.2} s ({:.0} files/s)",
@@ -649,25 +636,7 @@ fn a_copy_survives_its_link_going_down_and_fails_cleanly_past_its_timeout() {
     let (cache, dest) = (tmp.path().join("cache3"), tmp.path().join("dest3"));
     let copy = spawn_copy(&lab, "c1", "linkdown", &dest, &cache, 20);
     wait_cached(&cache, total / 3, "the third copy");
-    let shown = lab.run(
-        "c1",
-        &[
-            "ip",
-            "-6",
-            "-o",
-            "addr",
-            "show",
-            "dev",
-            Lab::IFACE,
-            "scope",
-            "link",
-        ],
-    );
-    let old = String::from_utf8_lossy(&shown.stdout)
-        .split_whitespace()
-        .find(|w| w.starts_with("fe80:"))
-        .expect("c1 has a link-local address")
-        .to_string();
+    let old = format!("{}/64", lab.link_local("c1"));
     lab.run(
         "c1",
         &[

@@ -78,23 +78,6 @@ fn make_tree(root: &Path) {
     }
 }
 
-/// The link-local address of `node`'s lc0.
-fn link_local(lab: &Lab, node: &str) -> Ipv6Addr {
-    let out = lab.run(
-        node,
-        &[
-            "ip", "-6", "-o", "addr", "show", "dev", IFACE, "scope", "link",
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .skip_while(|w| *w != "inet6")
-        .nth(1)
-        .and_then(|a| a.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no link-local address on {node}'s {IFACE}: {text}"))
-}
-
 /// `tools/flood --mld` running in a lab host.
 struct MldFlood {
     child: Child,
@@ -279,7 +262,7 @@ fn copy_finishes_beside_an_mld_flood() {
     let pid = server_pid(&server);
     let channel = lcfs::channel::Channel::new("mldflood", None);
     let groups = [channel.root_address().group, channel.air_address().group];
-    let victim = link_local(&lab, "c1");
+    let victim = lab.link_local("c1");
 
     let mut flood = MldFlood::start(&lab, "c2", &groups, victim);
     let (cpu0, t0) = (mld_thread_cpu(pid), Instant::now());

@@ -419,18 +419,17 @@ impl Fetcher {
             n => format!("{n} packets arrived on the port, none a root record of this channel"),
         };
         let secs = inner.config.root_wait.unwrap_or_default().as_secs_f64();
-        let mut advice = String::new();
-        if !crate::net::is_up(&inner.iface.name) {
-            advice = format!(" Interface {} is down: bring it up.", inner.iface.name);
-        } else {
-            advice.push_str(
+        let advice = inner.iface_down_hint().unwrap_or_else(|| {
+            let key = if inner.channel.seal().is_some() {
+                KEY_HINT
+            } else {
+                ""
+            };
+            format!(
                 " Check the channel's name and --iface, and that `lcfs serve` runs on this link; \
-                 --wait keeps waiting (at boot, before the server is up).",
-            );
-            if inner.channel.seal().is_some() {
-                advice.push_str(KEY_HINT);
-            }
-        }
+                 --wait keeps waiting (at boot, before the server is up).{key}"
+            )
+        });
         FetchError::NoRoot {
             channel: inner.channel.name().to_owned(),
             iface: inner.iface.name.clone(),
@@ -768,18 +767,23 @@ impl Inner {
             what: what.to_owned(),
             secs: self.config.timeout.as_secs(),
             iface: self.iface.name.clone(),
-            hint: if !crate::net::is_up(&self.iface.name) {
-                // The likelier cause, and one the user can see at once.
-                format!(
-                    " Interface {} is down now: bring it up (ip link set {} up).",
-                    self.iface.name, self.iface.name
-                )
-            } else if self.channel.seal().is_some() {
-                format!("{SERVER_HINT}{KEY_HINT}")
-            } else {
-                SERVER_HINT.to_owned()
-            },
+            hint: self.iface_down_hint().unwrap_or_else(|| {
+                let key = if self.channel.seal().is_some() {
+                    KEY_HINT
+                } else {
+                    ""
+                };
+                format!("{SERVER_HINT}{key}")
+            }),
         }
+    }
+
+    /// Advice for an error while the interface is down: the likelier cause of silence, and
+    /// one the user can see at once.
+    fn iface_down_hint(&self) -> Option<String> {
+        let name = &self.iface.name;
+        (!crate::net::is_up(name))
+            .then(|| format!(" Interface {name} is down now: bring it up (ip link set {name} up)."))
     }
 
     fn fail_all(&self, err: FetchError) {

@@ -143,16 +143,12 @@ impl Tree {
             // Then every higher generation of the same publisher, for work that outlasts
             // the window (see [`Listening::later`]).
             while let Some(heard) = roots.next().await {
-                match trust::check(&policy, &heard, &memory, unix_now_ns()) {
-                    Ok(p) if p == publisher && heard.record.generation > best.record.generation => {
-                        accept(&fetcher, &policy, &heard, p, &memory);
-                        best = heard;
-                        if later_tx.send(best.record.clone()).await.is_err() {
-                            return;
-                        }
+                if is_later(&policy, &memory, &heard, (&best, publisher)) {
+                    accept(&fetcher, &policy, &heard, publisher, &memory);
+                    best = heard;
+                    if later_tx.send(best.record.clone()).await.is_err() {
+                        return;
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!("skipping a root record from {}: {e}", heard.from),
                 }
             }
         });
@@ -417,8 +413,7 @@ async fn first_trusted(
 }
 
 /// The highest generation heard until `until` from the publisher of `first`, `first`
-/// included. Only that publisher's later records count: otherwise anyone on the link could
-/// win the window with a higher number (a replay defence must not become a way in).
+/// included (see [`is_later`]).
 async fn highest_until(
     policy: &RootPolicy,
     memory: &Memory,
@@ -428,17 +423,29 @@ async fn highest_until(
 ) -> (HeardRoot, Publisher) {
     let mut best = first;
     while let Ok(Some(heard)) = tokio::time::timeout_at(until, roots.next()).await {
-        match trust::check(policy, &heard, memory, unix_now_ns()) {
-            Ok(publisher)
-                if publisher == best.1 && heard.record.generation > best.0.record.generation =>
-            {
-                best = (heard, publisher);
-            }
-            Ok(_) => {}
-            Err(e) => tracing::debug!("skipping a root record from {}: {e}", heard.from),
+        if is_later(policy, memory, &heard, (&best.0, best.1)) {
+            best.0 = heard;
         }
     }
     best
+}
+
+/// Whether `heard` passes `policy` and is a higher generation of the publisher of `best`.
+/// Only that publisher's later records count: otherwise anyone on the link could win with a
+/// higher number (a replay defence must not become a way in).
+fn is_later(
+    policy: &RootPolicy,
+    memory: &Memory,
+    heard: &HeardRoot,
+    (best, publisher): (&HeardRoot, Publisher),
+) -> bool {
+    match trust::check(policy, heard, memory, unix_now_ns()) {
+        Ok(p) => p == publisher && heard.record.generation > best.record.generation,
+        Err(e) => {
+            tracing::debug!("skipping a root record from {}: {e}", heard.from);
+            false
+        }
+    }
 }
 
 /// The rest of the listening window after [`Tree::open_early`] returned with the first

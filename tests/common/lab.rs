@@ -291,6 +291,31 @@ impl Lab {
         Ipv6Addr::new(0xfd6c, 0x6366, 0x7300, 0, 0, 0, 0, last)
     }
 
+    /// The link-local address of `node` on `lc0` (the kernel's, derived from its MAC).
+    pub fn link_local(&self, node: &str) -> Ipv6Addr {
+        let out = self.run(
+            node,
+            &[
+                "ip",
+                "-6",
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                Self::IFACE,
+                "scope",
+                "link",
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .skip_while(|w| *w != "inet6")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no link-local address on {node}'s lc0: {text}"))
+    }
+
     /// `nsenter --net=/run/netns/<netns> -- program`; add args and run it.
     pub fn command(&self, node: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("nsenter");

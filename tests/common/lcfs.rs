@@ -836,6 +836,12 @@ pub fn bounded<T: Send + 'static>(
     }
 }
 
+/// The result of `thread`, waited for up to `limit` (see [`bounded`]); panics with `what` if
+/// it does not end or panicked.
+pub fn join_within<T: Send + 'static>(what: &str, limit: Duration, thread: JoinHandle<T>) -> T {
+    bounded(what, limit, move || thread.join()).unwrap_or_else(|_| panic!("{what} panicked"))
+}
+
 /// Polls `cond` every 20 ms until it holds (returns how long that took) or `limit` passes.
 pub fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
