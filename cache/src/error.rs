@@ -29,6 +29,14 @@ pub enum CacheError {
          delete that directory to have it rebuilt from the object files"
     )]
     Index(#[source] sled::Error),
+    /// The sled index met a full file system while writing its log. sled then refuses
+    /// every later write until the index is reopened; the index itself is sound.
+    #[error(
+        "cache index (the index/ directory inside the cache directory) could not write its \
+         log: the file system is full ({0}); new objects are not kept until space is freed \
+         there and lcfs is restarted (nothing needs deleting)"
+    )]
+    IndexFull(#[source] sled::Error),
     /// The process that owns the cache directory neither answers nor lets go of it.
     #[error(
         "cache {dir} is locked by lcfs process {pid}, which does not answer on {dir}/cache.sock \
@@ -75,6 +83,22 @@ pub enum CacheError {
         /// Who we are.
         euid: u32,
     },
+    /// The cache's file system has too little room left, and what the cache holds there is
+    /// pinned (or the space is taken by other files).
+    #[error(
+        "cache {dir}: its file system has {free} bytes free, less than the {want} needed to \
+         store an object and keep the index writable, and the rest is pinned (lcfs prefetch \
+         --pin) or not the cache's; free space there, or pass --cache with a directory on a \
+         larger file system"
+    )]
+    NoRoom {
+        /// The cache directory.
+        dir: PathBuf,
+        /// Bytes free.
+        free: u64,
+        /// Bytes needed.
+        want: u64,
+    },
     /// `pin` was asked for an object that is not in the cache.
     #[error("object {hash} is not in cache {dir}; fetch it before pinning it")]
     NotCached {
@@ -107,7 +131,10 @@ pub(crate) fn disk_full(e: &io::Error) -> bool {
 
 impl From<sled::Error> for CacheError {
     fn from(e: sled::Error) -> CacheError {
-        CacheError::Index(e)
+        match &e {
+            sled::Error::Io(io) if disk_full(io) => CacheError::IndexFull(e),
+            _ => CacheError::Index(e),
+        }
     }
 }
 

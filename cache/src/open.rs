@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::error::{disk_full, CacheError, IoContext};
+use crate::error::{CacheError, IoContext};
 use crate::index::{parse_hash, Entry, Index, Lookup, Totals};
 use crate::store::{disk_size, Read, Store};
 
@@ -156,7 +156,7 @@ fn attempt(path: &Path, store: &Store, mark: Option<Totals>) -> Result<Recovered
         Ok(Err(CacheError::Index(e))) if is_lock_error(&e) => Err(Failure::Locked),
         // Not damage: deleting the index would throw its root records and pins away for a
         // disk that is merely full.
-        Ok(Err(CacheError::Index(sled::Error::Io(e)))) if disk_full(&e) => {
+        Ok(Err(CacheError::IndexFull(sled::Error::Io(e)))) => {
             Err(Failure::Fatal(CacheError::io(path, e)))
         }
         Ok(Err(CacheError::Index(e))) => Err(Failure::Broken(e.to_string())),

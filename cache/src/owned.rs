@@ -31,6 +31,11 @@ use crate::{CacheConfig, CacheError, Usage, Verified};
 /// Uses remembered in memory before they are written to the index.
 pub(crate) const RECENCY_BATCH: usize = 4096;
 
+/// Room kept free on the cache's file system for the index's log. sled gives up for good
+/// after one failed write (every later write fails until the index is reopened), so object
+/// files must never take the last bytes: four of its 512 KiB log segments stay free.
+pub(crate) const INDEX_HEADROOM: u64 = 2 << 20;
+
 /// The cache of the process that owns the directory: it alone writes the index.
 pub(crate) struct Owned {
     dir: PathBuf,
@@ -159,6 +164,7 @@ impl Owned {
             self.persist_if(batch_full);
             return Ok(());
         }
+        self.keep_headroom(obj.len() as u64, &mut self.write.lock())?;
         let temp = match self.store.write_temp(obj) {
             // The file system is full (no quota, or other files filled it): evicting makes
             // room, and the object is kept after all.
@@ -198,7 +204,9 @@ impl Owned {
         self.store.commit(temp, hash)?;
         self.claims.stored(hash);
         self.index_new(hash, disk_size, &mut totals)?;
-        self.evict_over_quota(&mut totals)
+        self.evict_over_quota(&mut totals)?;
+        // A client wrote the file without asking: give the index its room back.
+        self.keep_headroom(0, &mut totals)
     }
 
     /// Indexes an object file already in place, if the index lacks it.
@@ -400,13 +408,33 @@ impl Owned {
     /// inserts do not each meet a full disk again.
     pub(crate) fn make_room(&self, needed: u64) -> Result<(), CacheError> {
         let mut totals = self.write.lock();
-        let room = needed.max(totals.disk_bytes / 8);
-        let limit = totals.disk_bytes.saturating_sub(room);
         debug!(
             used = totals.disk_bytes,
-            limit, "the cache's file system is full: evicting to make room"
+            needed, "the cache's file system is full: evicting to make room"
         );
-        self.evict_down_to(limit, &mut totals)
+        self.evict_down_to(room_limit(&totals, needed), &mut totals)
+    }
+
+    /// Evicts until the file system has room for `bytes` more and [`INDEX_HEADROOM`] besides.
+    /// Fails, storing nothing, when what is left is pinned or not the cache's.
+    fn keep_headroom(&self, bytes: u64, totals: &mut Totals) -> Result<(), CacheError> {
+        let want = bytes.saturating_add(INDEX_HEADROOM);
+        let Some(free) = self.store.free_bytes().filter(|&f| f < want) else {
+            return Ok(());
+        };
+        debug!(
+            used = totals.disk_bytes,
+            free, "the cache's file system is nearly full: evicting to keep room for the index"
+        );
+        self.evict_down_to(room_limit(totals, want - free), totals)?;
+        match self.store.free_bytes() {
+            Some(free) if free < want => Err(CacheError::NoRoom {
+                dir: self.dir.clone(),
+                free,
+                want,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Evicts least recently used unpinned objects until disk use is at most `limit`.
@@ -414,7 +442,11 @@ impl Owned {
         if totals.disk_bytes <= limit {
             return Ok(());
         }
-        self.persist_recency(totals)?;
+        // Recency only orders the candidates; it must not stop an eviction that makes the
+        // room the index needs to write it.
+        if let Err(e) = self.persist_recency(totals) {
+            debug!(error = %e, "evicting without the latest object uses");
+        }
         for key in self.index.lru_keys() {
             if totals.disk_bytes <= limit {
                 return Ok(());
@@ -489,6 +521,13 @@ impl Owned {
         self.remove_object(hash, entry, &mut totals)?;
         Ok(None)
     }
+}
+
+/// The disk use to evict down to for `needed` bytes of room: at least an eighth of the
+/// cache goes, so that the next inserts do not each find the disk full again.
+fn room_limit(totals: &Totals, needed: u64) -> u64 {
+    let room = needed.max(totals.disk_bytes / 8);
+    totals.disk_bytes.saturating_sub(room)
 }
 
 impl Drop for Owned {

@@ -128,6 +128,20 @@ impl Store {
         Ok(store)
     }
 
+    /// Bytes an unprivileged writer may still use on the file system of the object files;
+    /// `None` when it cannot be asked (then no headroom is kept).
+    pub(crate) fn free_bytes(&self) -> Option<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.objects.as_os_str().as_bytes()).ok()?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is NUL-terminated and `st` is a valid out-pointer.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        #[allow(clippy::useless_conversion)] // the field types differ between libc targets
+        Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+    }
+
     /// True when no object file has ever been written here.
     pub(crate) fn is_empty(&self) -> bool {
         fs::read_dir(&self.objects).map_or(true, |mut d| d.next().is_none())

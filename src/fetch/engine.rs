@@ -174,6 +174,10 @@ struct Inner {
     locked: Mutex<Locked>,
     stats: Arc<FetchStats>,
     shutdown: AtomicBool,
+    /// Whether reads from, and stores to, the cache are failing: failures are logged when
+    /// they start and end, not on every object.
+    cache_reads_failing: AtomicBool,
+    cache_stores_failing: AtomicBool,
     /// Claims to ask the cache's owner about (see [`Inner::claim_loop`]).
     /// `None` ends the claim thread (see [`Inner::run`]).
     claimer: OnceLock<Sender<Option<ClaimAsk>>>,
@@ -251,6 +255,8 @@ impl Fetcher {
             }),
             stats,
             shutdown: AtomicBool::new(false),
+            cache_reads_failing: AtomicBool::new(false),
+            cache_stores_failing: AtomicBool::new(false),
             claimer: OnceLock::new(),
         });
         let worker = inner.clone();
@@ -363,13 +369,15 @@ impl Fetcher {
         }
     }
 
-    /// The object from the cache alone.
+    /// The object from the cache alone. A cache that cannot be read is a miss: the object
+    /// is fetched instead, and the failure logged once.
     pub fn cached(&self, r: &ObjectRef) -> Result<Option<Verified>, FetchError> {
-        let hit = self
-            .inner
-            .cache
-            .get(&r.hash)
-            .map_err(|e| FetchError::Cache(e.to_string()))?;
+        let hit = self.inner.cache_outcome(
+            &self.inner.cache_reads_failing,
+            "read objects from",
+            self.inner.cache.get(&r.hash),
+        );
+        let hit = hit.flatten();
         if let Some(v) = &hit {
             self.inner.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             self.inner
@@ -746,8 +754,12 @@ impl Inner {
                 .bytes_fetched
                 .fetch_add(v.len() as u64, Ordering::Relaxed);
         }
-        if let Err(e) = self.cache.insert_all(&objects) {
-            tracing::warn!("cannot store fetched objects in the cache: {e}");
+        if !objects.is_empty() {
+            self.cache_outcome(
+                &self.cache_stores_failing,
+                "store fetched objects in",
+                self.cache.insert_all(&objects),
+            );
         }
         for d in done {
             match d {
@@ -757,6 +769,32 @@ impl Inner {
                     }
                 }
                 Store::Release(hash) => self.cache.release_fetch(&hash),
+            }
+        }
+    }
+
+    /// Logs a cache failure when the cache starts failing and when it works again; readers
+    /// go on without it meanwhile (objects come from the network and stay in memory).
+    fn cache_outcome<T>(
+        &self,
+        failing: &AtomicBool,
+        what: &str,
+        r: Result<T, lcfs_cache::CacheError>,
+    ) -> Option<T> {
+        match r {
+            Ok(v) => {
+                if failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("can {what} the cache again");
+                }
+                Some(v)
+            }
+            Err(e) => {
+                if !failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("cannot {what} the cache, going on without it: {e}");
+                } else {
+                    tracing::debug!("cannot {what} the cache: {e}");
+                }
+                None
             }
         }
     }
