@@ -332,17 +332,6 @@ impl<S: Source> Fs<S> {
         lock(&self.files).remove(&fh);
     }
 
-    /// Checks that `ino` is a directory that may be opened.
-    pub fn opendir(&self, ino: u64, flags: i32) -> Result<(), FsError> {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY {
-            return Err(FsError::ReadOnly);
-        }
-        match lock(&self.table).get(ino)?.attr.kind {
-            Kind::Dir => Ok(()),
-            _ => Err(FsError::NotDir),
-        }
-    }
-
     /// Directory `ino` for readdir.
     pub async fn dir(&self, ino: u64) -> Result<DirView<S::Node>, FsError> {
         let listing = self.listing(ino).await?;

@@ -48,6 +48,8 @@ pub(crate) struct FuseFs<S: Source> {
     runtime: Handle,
     style: AttrStyle,
     max_readahead: u32,
+    /// See [`MountConfig::xattrs`].
+    xattrs: bool,
     ended: Arc<Ended>,
 }
 
@@ -75,6 +77,7 @@ impl<S: Source> FuseFs<S> {
             max_readahead: u32::try_from(config.max_readahead)
                 .unwrap_or(u32::MAX)
                 .max(1),
+            xattrs: config.xattrs,
             ended,
         }
     }
@@ -230,14 +233,13 @@ impl<S: Source> Filesystem for FuseFs<S> {
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.opendir(ino.0, flags.0) {
-            Ok(()) => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Err(e) => reply.error(errno("opendir", &e)),
-        }
+    /// Directory handles carry nothing here, and the VFS itself refuses to open a file as a
+    /// directory or a directory for writing. After ENOSYS the kernel opens directories
+    /// without asking, keeps their listings cached (`FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR`,
+    /// its default then) and sends no releasedir: a walk of a warm tree sends no request at
+    /// all, where it sent an opendir and a releasedir per directory (issue 13).
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
@@ -332,6 +334,9 @@ impl<S: Source> Filesystem for FuseFs<S> {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.fs.getxattr(ino.0, name, size) {
             Ok(Xattr::Size(n)) => reply.size(n),
             Ok(Xattr::Data(value)) => reply.data(&value),
@@ -340,6 +345,9 @@ impl<S: Source> Filesystem for FuseFs<S> {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.fs.listxattr(ino.0, size) {
             Ok(Xattr::Size(n)) => reply.size(n),
             Ok(Xattr::Data(names)) => reply.data(&names),

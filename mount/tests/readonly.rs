@@ -190,6 +190,32 @@ fn xattrs_come_from_the_source() {
     assert!(dump.contains("user.lcfs.size=\"12\""), "{dump}");
 }
 
+/// Without `xattrs` both calls answer ENOSYS, which the kernel turns into EOPNOTSUPP and
+/// remembers: `ls -l` then no longer asks the mount about every file it shows.
+#[test]
+fn xattrs_are_off_by_default() {
+    let m = Mounted::with_config(sample(), lcfs_mount::MountConfig::default());
+    let hello = m.path("hello.txt");
+    for name in ["security.selinux", "user.lcfs.kind"] {
+        assert_eq!(getxattr(&hello, name, 100), Err(libc::EOPNOTSUPP), "{name}");
+    }
+    // ACLs go through the kernel's own handler: there are none
+    assert_eq!(
+        getxattr(&hello, "system.posix_acl_access", 100),
+        Err(libc::ENODATA)
+    );
+    let path = CString::new(hello.as_os_str().as_bytes()).unwrap();
+    // SAFETY: path is NUL-terminated; a null buffer of size 0 asks for the size only.
+    let n = unsafe { libc::listxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+    assert_eq!(n, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
+    let listing = sh_ok(&m.mnt, "ls -l hello.txt");
+    assert!(listing.starts_with("-r"), "{listing}");
+}
+
 #[test]
 fn statfs_reports_totals_and_read_only() {
     let source = sample();

@@ -68,6 +68,7 @@ fn run(args: &MountArgs, ready: Option<&OwnedFd>) -> anyhow::Result<()> {
         let config = lcfs_mount::MountConfig {
             keep_ownership: args.keep_ownership,
             allow_other: args.allow_other,
+            xattrs: args.xattrs,
             fs_name: format!("lcfs:{}", spec.name),
             // Cache hits are answered on the session threads (hashing every block read from
             // disk): one per core keeps warm reads from being bound to one core.

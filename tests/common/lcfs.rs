@@ -410,6 +410,8 @@ impl Mount {
             "--daemon",
             "--log",
             s(&log),
+            // the tests read the user.lcfs.* attributes
+            "--xattrs",
         ])
         .args(extra)
         .envs(envs.iter().copied())

@@ -61,7 +61,14 @@ pub struct Mounted {
 
 impl Mounted {
     pub fn new(source: MemSource) -> Mounted {
-        Mounted::with_config(source, MountConfig::default())
+        Mounted::with_config(
+            source,
+            MountConfig {
+                // the tests read the user.lcfs.* attributes
+                xattrs: true,
+                ..MountConfig::default()
+            },
+        )
     }
 
     pub fn with_config(source: MemSource, config: MountConfig) -> Mounted {
