@@ -55,6 +55,10 @@ pub enum Node {
 /// How long a demand fetch that timed out or went stale answers with the same error at once.
 const RECENT_FAILURE: Duration = Duration::from_secs(2);
 
+/// The largest subdirectory listing fetched ahead of a reader (see `list_dir`): 64 KiB
+/// holds some 1,000 entries and crosses a 100 Mbit/s link in 5 ms.
+const DIR_READAHEAD_MAX: u32 = 64 * 1024;
+
 /// The channel's tree as a mount source; clone it freely.
 #[derive(Clone)]
 pub struct TreeSource(Arc<Inner>);
@@ -182,6 +186,21 @@ impl Inner {
             .await
             .map_err(|e| self.demand_failed(r.hash, e))?;
         let children = Arc::new(children(dir, &tree));
+        // Whoever lists a directory mostly goes on into its subdirectories (find, ls -R, tar,
+        // a compiler's include search): start the small ones at readahead priority, so that
+        // a walk waits on about one round trip per level rather than one per directory. A
+        // big one could hold back the very listing a reader waits for: the server cannot
+        // tell readahead from demand, and shares its rate between them.
+        let subdirs: Vec<ObjectRef> = children
+            .iter()
+            .filter_map(|c| match &c.node {
+                Node::Dir(r, _) if r.len <= DIR_READAHEAD_MAX => Some(*r),
+                _ => None,
+            })
+            .collect();
+        if !subdirs.is_empty() {
+            self.fetcher.start_fetches(&subdirs, Priority::Readahead);
+        }
         self.dirs
             .lock()
             .expect("dirs lock")
