@@ -461,9 +461,18 @@ impl Inner {
         let r = tree.root_record();
         let stats = self.fetcher.stats();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        let state = match self.online.load(Ordering::Relaxed) {
-            true => "online",
-            false => "offline (from the cached root record)",
+        let heard = stats.last_heard.ms();
+        let now = crate::status::unix_ms_now();
+        let state = match (crate::status::online(heard, now), heard) {
+            (true, _) => "online".to_owned(),
+            (false, 0) if !self.online.load(Ordering::Relaxed) => {
+                "offline (from the cached root record)".to_owned()
+            }
+            (false, 0) => "offline (not heard since the mount started)".to_owned(),
+            (false, at) => format!(
+                "offline (not heard for {} s)",
+                now.saturating_sub(at) / 1000
+            ),
         };
         vec![
             (

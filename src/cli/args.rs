@@ -42,6 +42,12 @@ pub(crate) enum Command {
     Mount(MountArgs),
     /// Unmount an lcfs mount.
     Umount(UmountArgs),
+    /// Show every lcfs process on this machine: serves, mounts, copies and prefetches, with
+    /// their channel, generation, server state, traffic and cache.
+    ///
+    /// Each process rewrites its status every second under /run/lcfs (root) or
+    /// $XDG_RUNTIME_DIR/lcfs; root sees every user's.
+    Status(StatusArgs),
     /// Write a new random keyfile for an encrypted channel.
     Keygen(KeygenArgs),
     /// Write a man page for lcfs and for each of its commands into DIR.
@@ -108,6 +114,13 @@ pub(crate) struct MountArgs {
 }
 
 #[derive(Args)]
+pub(crate) struct StatusArgs {
+    /// Print the statuses as JSON (an array of objects; see `crate::status::ProcessStatus`).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args)]
 pub(crate) struct UmountArgs {
     /// The mountpoint.
     pub(crate) mountpoint: PathBuf,
@@ -159,6 +172,9 @@ pub(crate) struct ServeArgs {
     /// Seconds between MLD general queries while this server is the link's querier.
     #[arg(long, default_value_t = 5)]
     pub(crate) query_interval: u64,
+    /// Serve Prometheus metrics on PORT (loopback) or ADDR:PORT, at /metrics.
+    #[arg(long, value_name = "ADDR", value_parser = crate::status::metrics::parse_addr)]
+    pub(crate) metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub(crate) key: KeyArgs,
     /// Sign root records with the publisher key in FILE (see `lcfs keygen --sign`).
@@ -213,6 +229,9 @@ pub(crate) struct RecvArgs {
     /// record cannot hold a receiver on an old generation.
     #[arg(long, value_name = "DURATION", default_value = "3d", value_parser = parse_duration)]
     pub(crate) max_age: Duration,
+    /// Serve Prometheus metrics on PORT (loopback) or ADDR:PORT, at /metrics.
+    #[arg(long, value_name = "ADDR", value_parser = crate::status::metrics::parse_addr)]
+    pub(crate) metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use super::args::{parse_channel_spec, CopyArgs, PrefetchArgs};
-use super::receive::on_latest_tree;
+use super::receive::{on_latest_tree, report_status};
 use crate::fetch::Tree;
 
 pub(crate) async fn copy(args: CopyArgs) -> anyhow::Result<()> {
@@ -13,9 +13,14 @@ pub(crate) async fn copy(args: CopyArgs) -> anyhow::Result<()> {
         keep_setuid: args.keep_setuid,
         delete: args.delete,
     };
+    let status = std::sync::OnceLock::new();
     let (rx, report) = on_latest_tree(&spec, &args.recv, |tree, settled| {
-        let (spec, args) = (&spec, &args);
+        let (spec, args, status) = (&spec, &args, &status);
         async move {
+            if status.get().is_none() {
+                let r = report_status("copy", spec, &args.recv, &args.dest, tree.fetcher())?;
+                let _ = status.set(r);
+            }
             let dest = &args.dest;
             Ok(crate::copy::copy(&tree, &spec.subpath, dest, opts, settled.wait()).await?)
         }
@@ -115,9 +120,15 @@ pub(crate) async fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
     }
     // Only the cache is written, which any generation's verified objects may fill; but pins
     // last, so a pinning prefetch waits until the generation is settled.
+    let status = std::sync::OnceLock::new();
     let (rx, report) = on_latest_tree(&spec, &args.recv, |tree, settled| {
-        let (subpaths, pin) = (&subpaths, args.pin);
+        let (subpaths, pin, spec, status) = (&subpaths, args.pin, &spec, &status);
+        let recv = &args.recv;
         async move {
+            if status.get().is_none() {
+                let r = report_status("prefetch", spec, recv, Path::new(""), tree.fetcher())?;
+                let _ = status.set(r);
+            }
             if pin {
                 settled.wait().await;
             }

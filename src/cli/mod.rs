@@ -11,6 +11,7 @@ mod logging;
 mod mount;
 mod receive;
 mod serve;
+mod status;
 
 use anyhow::Context;
 use clap::Parser;
@@ -52,6 +53,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Mount(a) => mount::mount(a),
         Command::Umount(a) => lcfs_mount::unmount(&a.mountpoint)
             .with_context(|| format!("cannot unmount {}", a.mountpoint.display())),
+        Command::Status(a) => status::status(a),
         Command::Keygen(a) => keygen::keygen(a),
         Command::Man(a) => docs::man_pages(&a.dir),
         Command::Completions(a) => {

@@ -20,7 +20,7 @@ use anyhow::{bail, Context};
 
 use super::args::{parse_channel_spec, MountArgs};
 use super::logging::init_logging_to;
-use super::receive::{open_tree, KEY_FD};
+use super::receive::{open_tree, report_status, KEY_FD};
 use crate::fetch::tree::Origin;
 use crate::mountfs::TreeSource;
 
@@ -82,6 +82,7 @@ fn run(args: &MountArgs, ready: Option<&OwnedFd>) -> anyhow::Result<()> {
                 tracing::warn!("the root directory is not available yet: {e}");
             }
         }
+        let _status = report_status("mount", &spec, &args.recv, &args.mountpoint, tree.fetcher())?;
         let source = Arc::new(TreeSource::new(tree));
         source.follow(&policy)?;
         let handle = lcfs_mount::mount(source, &args.mountpoint, config, tokio::runtime::Handle::current())?;

@@ -1,6 +1,7 @@
 //! What every receiving command does first: the channel's key, and opening its tree.
 
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -257,4 +258,45 @@ fn start(spec: &ChannelSpec, args: &RecvArgs) -> anyhow::Result<(Fetcher, RootPo
         max_age: args.max_age,
     };
     Ok((fetcher, policy))
+}
+
+/// Publishes the status of a receiving command (see [`crate::status`]) while the returned
+/// reporter lives, and serves its metrics if `--metrics` asks.
+pub(crate) fn report_status(
+    command: &str,
+    spec: &ChannelSpec,
+    args: &RecvArgs,
+    target: &std::path::Path,
+    fetcher: &Fetcher,
+) -> anyhow::Result<crate::status::Reporter> {
+    let (fetcher, quota) = (fetcher.clone(), args.cache_size);
+    let started = crate::status::unix_now();
+    let base = crate::status::ProcessStatus {
+        pid: std::process::id(),
+        command: command.to_owned(),
+        channel: spec.name.clone(),
+        iface: fetcher.iface().name.clone(),
+        target: target.display().to_string(),
+        started,
+        ..Default::default()
+    };
+    let status: crate::status::StatusFn = Arc::new(move || {
+        let mut receiver = fetcher.status();
+        receiver.cache.quota = quota;
+        crate::status::ProcessStatus {
+            pid: std::process::id(),
+            updated: crate::status::unix_now(),
+            receiver: Some(receiver),
+            ..base.clone()
+        }
+    });
+    let metrics = match args.metrics {
+        Some(addr) => Some(crate::status::metrics::serve(addr, status.clone())?.to_string()),
+        None => None,
+    };
+    Ok(crate::status::Reporter::start(Arc::new(move || {
+        let mut s = status();
+        s.metrics = metrics.clone();
+        s
+    })))
 }

@@ -38,6 +38,7 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
         channel,
         watch: (!args.no_watch).then(|| watch_config(args.debounce, args.rescan)),
         rescan_now: Arc::new(AtomicBool::new(false)),
+        metrics: args.metrics,
     };
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -128,6 +128,12 @@ pub struct FetchStats {
     pub rejoins: AtomicU64,
     /// Fetches failed as stale: in doubt after a new generation, and nothing came.
     pub stale: AtomicU64,
+    /// When the server was last heard: a root record, or an object completed.
+    pub last_heard: crate::status::LastHeard,
+    /// Network fetches by [`Fetcher::fetch`], by how long they took.
+    pub latency: crate::status::Histogram,
+    /// The generation of the newest tree opened on this engine.
+    pub generation: AtomicU64,
 }
 
 type Waiter = oneshot::Sender<Result<Verified, FetchError>>;
@@ -286,6 +292,41 @@ impl Fetcher {
         &self.inner.stats
     }
 
+    /// Records the generation of the tree now in use, for [`Fetcher::status`].
+    pub fn note_generation(&self, generation: u64) {
+        self.inner
+            .stats
+            .generation
+            .store(generation, Ordering::Relaxed);
+    }
+
+    /// What `lcfs status` and the metrics show of this engine and its cache.
+    pub fn status(&self) -> crate::status::ReceiverStatus {
+        let s = &self.inner.stats;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let usage = self.inner.cache.usage();
+        crate::status::ReceiverStatus {
+            generation: n(&s.generation),
+            server_online: crate::status::online(s.last_heard.ms(), crate::status::unix_ms_now()),
+            bytes_fetched: n(&s.bytes_fetched),
+            objects_fetched: n(&s.objects_fetched),
+            bytes_from_cache: n(&s.bytes_cached),
+            cache_hits: n(&s.cache_hits),
+            packets: n(&s.packets),
+            dropped_packets: n(&s.malformed) + n(&s.misaddressed) + n(&s.forged_decodes),
+            in_flight: self.inner.lock().state.pending() as u64,
+            cache: crate::status::CacheStatus {
+                dir: self.inner.cache.dir().display().to_string(),
+                objects: usage.objects,
+                bytes: usage.disk_bytes,
+                pinned_bytes: usage.pinned_bytes,
+                quota: None,
+            },
+            latency: s.latency.snapshot(),
+            ..Default::default()
+        }
+    }
+
     pub fn iface(&self) -> &Iface {
         &self.inner.iface
     }
@@ -306,6 +347,7 @@ impl Fetcher {
             return Ok(v);
         }
         tracing::trace!(hash = %&r.hash.to_hex()[..12], ?priority, ?freshness, "fetch");
+        let started = Instant::now();
         let rx = {
             let now = Instant::now();
             let mut l = self.inner.lock();
@@ -318,7 +360,11 @@ impl Fetcher {
             self.inner.drive(&mut l, now);
             rx
         };
-        rx.await.map_err(|_| FetchError::Closed)?
+        let fetched = rx.await.map_err(|_| FetchError::Closed)?;
+        if fetched.is_ok() {
+            self.inner.stats.latency.record(started.elapsed());
+        }
+        fetched
     }
 
     /// The channel moved to a new generation: every pending fetch is in doubt from now on
@@ -544,6 +590,7 @@ impl Inner {
             // After the members, so that another process asking for the claim finds them.
             Event::Release { hash } => l.completed.push(Store::Release(hash)),
             Event::Root(heard) => {
+                self.stats.last_heard.now();
                 for tx in &l.watchers {
                     // Full: the watcher is behind; the server repeats its record anyway.
                     let _ = tx.try_send(heard.clone());
@@ -755,6 +802,7 @@ impl Inner {
                 .fetch_add(v.len() as u64, Ordering::Relaxed);
         }
         if !objects.is_empty() {
+            self.stats.last_heard.now();
             self.cache_outcome(
                 &self.cache_stores_failing,
                 "store fetched objects in",

@@ -95,6 +95,7 @@ impl Tree {
             }
             (Err(e), _) => return Err(e),
         };
+        fetcher.note_generation(root.generation);
         Ok(Tree {
             fetcher,
             root,
@@ -119,6 +120,7 @@ impl Tree {
             first_trusted(&fetcher, policy, &memory, &mut roots, deadline).await?;
         accept(&fetcher, policy, &heard, publisher, &memory);
         let pinned = policy.pinned.is_some();
+        fetcher.note_generation(heard.record.generation);
         let tree = Tree {
             fetcher: fetcher.clone(),
             root: heard.record.clone(),
@@ -180,6 +182,7 @@ impl Tree {
 
     /// The same channel at generation `root` (heard from the server, and trusted).
     pub fn moved_to(&self, root: RootRecord) -> Tree {
+        self.fetcher.note_generation(root.generation);
         Tree {
             fetcher: self.fetcher.clone(),
             root,

@@ -119,6 +119,10 @@ pub struct MldStats {
     pub refused_listeners: AtomicU64,
     /// New groups refused because the tracker tracked as many as it may.
     pub refused_groups: AtomicU64,
+    /// Groups some listener wants, as of the last census (about once a second).
+    pub wanted_groups: AtomicU64,
+    /// Distinct hosts listening to any group, as of the last census.
+    pub listeners: AtomicU64,
 }
 
 impl MldStats {
@@ -178,6 +182,7 @@ pub fn spawn_listener(
         shutdown,
         next_address_refresh: now,
         limits_reported: false,
+        next_census: Instant::now(),
     };
     std::thread::Builder::new()
         .name(format!("lcfs-mld-{name}"))
@@ -442,6 +447,8 @@ struct Shell {
     next_address_refresh: Instant,
     /// The tracker's limits were reached and that was logged (once per run).
     limits_reported: bool,
+    /// When to count groups and listeners again for [`MldStats`].
+    next_census: Instant,
 }
 
 impl Shell {
@@ -509,6 +516,13 @@ impl Shell {
         s.refused_groups.store(t.refused_groups, Ordering::Relaxed);
         s.specific_queries_limited
             .store(t.specific_queries_limited, Ordering::Relaxed);
+        let now = Instant::now();
+        if now >= self.next_census {
+            self.next_census = now + Duration::from_secs(1);
+            let (wanted, listeners) = self.tracker.census();
+            s.wanted_groups.store(wanted as u64, Ordering::Relaxed);
+            s.listeners.store(listeners as u64, Ordering::Relaxed);
+        }
         if !self.limits_reported && t.refused_listeners + t.refused_groups > 0 {
             self.limits_reported = true;
             let c = self.tracker.config();

@@ -424,6 +424,18 @@ impl ListenerTracker {
         self.stats
     }
 
+    /// Groups that some listener wants now, and the distinct hosts listening to any group:
+    /// how many receivers this server serves. O(listeners); call it seldom.
+    pub fn census(&self) -> (usize, usize) {
+        let wanted = self.groups.values().filter(|g| g.wanting > 0).count();
+        let hosts: std::collections::HashSet<&Ipv6Addr> = self
+            .groups
+            .values()
+            .flat_map(|g| g.listeners.keys())
+            .collect();
+        (wanted, hosts.len())
+    }
+
     /// True while at least one listener wants `group`, or a check runs for it.
     pub fn is_active(&self, group: &Ipv6Addr) -> bool {
         self.status(group) != Status::Idle

@@ -85,6 +85,8 @@ pub struct SendStats {
     pub bytes: AtomicU64,
     pub root_packets: AtomicU64,
     pub encoders_built: AtomicU64,
+    /// Groups with listeners that the carousel serves now.
+    pub active_groups: AtomicU64,
 }
 
 /// The shared, swappable table of what is published now.
@@ -133,6 +135,8 @@ impl SenderLoop {
             }
             let latest = self.table.read().unwrap_or_else(|p| p.into_inner()).clone();
             self.carousel.handle_table(Instant::now(), latest);
+            (self.stats.active_groups)
+                .store(self.carousel.listened_groups() as u64, Ordering::Relaxed);
             if let Err(e) = self.send_some() {
                 tracing::warn!("sending on the multicast socket failed: {e}");
                 std::thread::sleep(Duration::from_millis(50));

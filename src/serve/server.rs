@@ -19,9 +19,9 @@
 //! served until SIGHUP asks for a rescan.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -57,6 +57,8 @@ pub struct ServeOptions {
     pub watch: Option<WatchConfig>,
     /// Set (by SIGHUP) to rescan the tree now; the server clears it.
     pub rescan_now: Arc<AtomicBool>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 struct Publisher<'a> {
@@ -69,6 +71,8 @@ struct Publisher<'a> {
     /// Whether the tree's deletion or move was reported already.
     said_deleted: bool,
     said_moved: bool,
+    /// Files and bytes of the generation published last, for the status report.
+    shown: Arc<Mutex<(u64, u64)>>,
 }
 
 /// What one index gave, and how long it took.
@@ -206,6 +210,7 @@ impl Publisher<'_> {
     /// The log lines of a published generation: `indexed` and `published` on stderr, and
     /// `ready` on stdout.
     fn report(&self, t: &Table, f: &Figures, previous: Option<&Table>, reason: &Reason) {
+        *self.shown.lock().unwrap_or_else(|p| p.into_inner()) = (f.files, f.bytes);
         let took = f.took.as_secs_f64();
         let path = self.opts.path.display();
         tracing::info!(
@@ -403,9 +408,20 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
         ignore: Arc::new(IgnoreRules::none()),
         said_deleted: false,
         said_moved: false,
+        shown: Arc::default(),
     };
     let table: SharedTable = Arc::new(RwLock::new(Arc::new(publisher.first()?)));
     let (sender, mld, stats, mld_stats) = start_sending(&opts, &table, notice_tx, &shutdown)?;
+    let status = server_status(&opts, &table, &stats, &mld_stats, &publisher.shown);
+    let metrics = match opts.metrics {
+        Some(addr) => Some(crate::status::metrics::serve(addr, status.clone())?.to_string()),
+        None => None,
+    };
+    let _reporter = crate::status::Reporter::start(Arc::new(move || {
+        let mut s = status();
+        s.metrics = metrics.clone();
+        s
+    }));
     follow(&mut publisher, &table, &notices, &shutdown);
     shutdown.store(true, Ordering::Relaxed);
     let _ = sender.join();
@@ -418,6 +434,55 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
         stats.root_packets.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// What `lcfs status` and the metrics show of this server.
+fn server_status(
+    opts: &ServeOptions,
+    table: &SharedTable,
+    stats: &Arc<SendStats>,
+    mld: &Arc<MldStats>,
+    shown: &Arc<Mutex<(u64, u64)>>,
+) -> crate::status::StatusFn {
+    let started = crate::status::unix_now();
+    let (table, stats, mld, shown) = (table.clone(), stats.clone(), mld.clone(), shown.clone());
+    let (channel, iface, path) = (
+        opts.channel.clone(),
+        opts.iface.name.clone(),
+        opts.path.display().to_string(),
+    );
+    let rate_limit = opts.rate_bps;
+    Arc::new(move || {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let t = table.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let (files, bytes) = *shown.lock().unwrap_or_else(|p| p.into_inner());
+        crate::status::ProcessStatus {
+            pid: std::process::id(),
+            command: "serve".into(),
+            channel: channel.clone(),
+            iface: iface.clone(),
+            target: path.clone(),
+            started,
+            updated: crate::status::unix_now(),
+            metrics: None,
+            receiver: None,
+            server: Some(crate::status::ServerStatus {
+                generation: t.generation,
+                root: t.root_object().hash.to_hex().to_string(),
+                files,
+                bytes,
+                listeners: n(&mld.listeners),
+                wanted_groups: n(&mld.wanted_groups),
+                active_groups: n(&stats.active_groups),
+                packets_sent: n(&stats.packets),
+                bytes_sent: n(&stats.bytes),
+                send_rate: 0.0,
+                rate_limit,
+                mld_reports: n(&mld.reports),
+                mld_dropped: n(&mld.malformed) + n(&mld.ignored) + n(&mld.untrusted),
+            }),
+        }
+    })
 }
 
 type Threads = (
