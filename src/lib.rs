@@ -17,6 +17,7 @@ pub mod net;
 pub mod object;
 pub mod packet;
 pub mod prefetch;
+pub mod prefetch_set;
 pub mod progress;
 pub mod serve;
 pub mod sim;

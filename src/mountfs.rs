@@ -76,6 +76,24 @@ pub struct Inner {
     failures: Mutex<LruCache<Hash, (Instant, SourceError)>>,
     /// Per file (by index hash): the blocks `lo..hi` for which readahead has been started.
     ahead: Mutex<LruCache<Hash, (u64, u64)>>,
+    /// Prefetch sets found so far (see [`crate::prefetch_set`]).
+    sets: Mutex<Sets>,
+}
+
+/// The prefetch sets a mount knows: which directories were looked at, and each member's
+/// set by the member's whole-file hash.
+struct Sets {
+    looked_at: LruCache<Hash, ()>,
+    by_member: std::collections::HashMap<Hash, Arc<PrefetchSet>>,
+}
+
+/// Members with more sets than this are not remembered (each costs a map entry).
+const MAX_SET_MEMBERS: usize = 1 << 18;
+
+struct PrefetchSet {
+    files: Vec<FileRef>,
+    tree: Arc<Tree>,
+    started: AtomicBool,
 }
 
 fn unavailable(e: FetchError) -> SourceError {
@@ -107,6 +125,10 @@ impl TreeSource {
             dirs: Mutex::new(LruCache::new(n(4096))),
             failures: Mutex::new(LruCache::new(n(256))),
             ahead: Mutex::new(LruCache::new(n(1024))),
+            sets: Mutex::new(Sets {
+                looked_at: LruCache::new(n(4096)),
+                by_member: std::collections::HashMap::new(),
+            }),
         }))
     }
 
@@ -201,11 +223,109 @@ impl Inner {
         if !subdirs.is_empty() {
             self.fetcher.start_fetches(&subdirs, Priority::Readahead);
         }
+        self.look_for_set(r, &children, &tree);
         self.dirs
             .lock()
             .expect("dirs lock")
             .put(r.hash, children.clone());
         Ok(children)
+    }
+
+    /// Learns the prefetch set of directory `r` in the background, if it has one.
+    fn look_for_set(self: &Arc<Self>, r: ObjectRef, children: &[Child<Node>], tree: &Arc<Tree>) {
+        let Some(Node::File(f, _)) = children
+            .iter()
+            .find(|c| c.name.as_bytes() == crate::prefetch_set::SET_FILE)
+            .map(|c| &c.node)
+        else {
+            return;
+        };
+        if self
+            .sets
+            .lock()
+            .expect("sets lock")
+            .looked_at
+            .put(r.hash, ())
+            .is_some()
+        {
+            return;
+        }
+        let (me, f, tree) = (self.clone(), f.clone(), tree.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match me.learn_set(r, &f, &tree).await {
+                Ok(n) => tracing::debug!(
+                    dir = %&r.hash.to_hex()[..12],
+                    members = n,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "prefetch set learned"
+                ),
+                Err(e) => tracing::warn!(
+                    "ignoring the prefetch set (.lcfs-prefetch) of directory {}: {e}",
+                    &r.hash.to_hex()[..12]
+                ),
+            }
+        });
+    }
+
+    async fn learn_set(
+        &self,
+        r: ObjectRef,
+        f: &FileRef,
+        tree: &Arc<Tree>,
+    ) -> Result<usize, String> {
+        use crate::prefetch_set::{members, read_set_file, SetSpec, MAX_SET_FILE};
+        let text = read_set_file(tree, f)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("it is larger than {MAX_SET_FILE} bytes"))?;
+        let spec = SetSpec::parse(&text)?;
+        let files = members(tree, r, &spec).await.map_err(|e| e.to_string())?;
+        let n = files.len();
+        let set = Arc::new(PrefetchSet {
+            files,
+            tree: tree.clone(),
+            started: AtomicBool::new(false),
+        });
+        let mut sets = self.sets.lock().expect("sets lock");
+        for m in &set.files {
+            if sets.by_member.len() >= MAX_SET_MEMBERS {
+                break;
+            }
+            sets.by_member.entry(m.b3).or_insert_with(|| set.clone());
+        }
+        Ok(n)
+    }
+
+    /// Starts the whole set of `f` at readahead priority, the first time one of its members
+    /// is read.
+    fn start_set_of(&self, f: &FileRef) {
+        let set = {
+            let sets = self.sets.lock().expect("sets lock");
+            if sets.by_member.is_empty() {
+                return;
+            }
+            match sets.by_member.get(&f.b3) {
+                Some(s) if !s.started.swap(true, Ordering::Relaxed) => s.clone(),
+                _ => return,
+            }
+        };
+        let fetcher = self.fetcher.clone();
+        tokio::spawn(async move {
+            let objects =
+                crate::prefetch::objects_of(&set.tree, &set.files, Priority::Readahead).await;
+            match objects {
+                Ok(objects) => {
+                    tracing::debug!(
+                        files = set.files.len(),
+                        objects = objects.len(),
+                        "prefetch set started"
+                    );
+                    fetcher.start_fetches(&objects, Priority::Readahead);
+                }
+                Err(e) => tracing::debug!("prefetch set not started: {e}"),
+            }
+        });
     }
 
     async fn file_leaves(
@@ -243,6 +363,9 @@ impl Inner {
         hint: ReadHint,
     ) -> Result<Vec<u8>, SourceError> {
         let f = &file.f;
+        if file.freshness == Freshness::Current {
+            self.start_set_of(f);
+        }
         let end = offset.saturating_add(len as u64).min(f.size);
         if offset >= end {
             return Ok(Vec::new());

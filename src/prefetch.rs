@@ -61,17 +61,7 @@ pub async fn prefetch(
         files: files.len() as u64,
         ..Default::default()
     };
-    for f in &files {
-        // Leaves first: they check what the entry claims before its index is fetched.
-        let leaves = tree.leaves(f, Priority::Prefetch).await?;
-        objects.extend(index_objects(tree, f).await?);
-        let bs = tree.block_size();
-        let blocks = leaves.iter().enumerate().map(|(i, h)| ObjectRef {
-            hash: *h,
-            len: bs.block_len(f.size, i as u64),
-        });
-        objects.extend(blocks);
-    }
+    objects.extend(objects_of(tree, &files, Priority::Prefetch).await?);
     objects.sort_by_key(|r| *r.hash.as_bytes());
     objects.dedup();
     let fetched: Vec<u64> = stream::iter(&objects)
@@ -99,13 +89,39 @@ pub async fn prefetch(
     Ok(report)
 }
 
+/// Every object of `files`: their index objects and blocks. The indexes are fetched (at
+/// `prio`) to learn the blocks.
+pub async fn objects_of(
+    tree: &Tree,
+    files: &[FileRef],
+    prio: Priority,
+) -> Result<Vec<ObjectRef>, FetchError> {
+    let mut objects = Vec::new();
+    for f in files {
+        // Leaves first: they check what the entry claims before its index is fetched.
+        let leaves = tree.leaves(f, prio).await?;
+        objects.extend(index_objects(tree, f, prio).await?);
+        let bs = tree.block_size();
+        let blocks = leaves.iter().enumerate().map(|(i, h)| ObjectRef {
+            hash: *h,
+            len: bs.block_len(f.size, i as u64),
+        });
+        objects.extend(blocks);
+    }
+    Ok(objects)
+}
+
 /// The file-index objects of a file (top level and pages).
-async fn index_objects(tree: &Tree, f: &FileRef) -> Result<Vec<ObjectRef>, FetchError> {
+async fn index_objects(
+    tree: &Tree,
+    f: &FileRef,
+    prio: Priority,
+) -> Result<Vec<ObjectRef>, FetchError> {
     let Content::Index { index: top, .. } = f.content else {
         return Ok(Vec::new());
     };
     let mut out = vec![top];
-    let v = tree.fetcher().fetch(top, Priority::Prefetch).await?;
+    let v = tree.fetcher().fetch(top, prio).await?;
     if let Ok(FileIndex::Pages(pages)) = FileIndex::decode(&v) {
         let shape = crate::object::index::IndexShape {
             blocks: tree.block_size().blocks_in(f.size),
