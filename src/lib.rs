@@ -20,3 +20,4 @@ pub mod prefetch;
 pub mod progress;
 pub mod serve;
 pub mod sim;
+pub mod unpin;
