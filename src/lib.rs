@@ -22,3 +22,4 @@ pub mod progress;
 pub mod serve;
 pub mod sim;
 pub mod status;
+pub mod unpin;

@@ -239,7 +239,8 @@ mod tests {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    b"*?[]{}/\\\n.a!"[(x % 13) as usize]
+                    let alphabet = b"*?[]{}/\\\n.a!";
+                    alphabet[(x % alphabet.len() as u64) as usize]
                 })
                 .collect();
             if let Ok(s) = SetSpec::parse(&bytes) {

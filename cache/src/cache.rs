@@ -26,7 +26,7 @@ use crate::shared::server::Service;
 use crate::shared::wire::{Reply, Request, MAX_COMMIT, MAX_TOUCHED};
 use crate::shared::{owner_pid, SockAddr};
 use crate::store::{create_private_dir, discard, make_private, Read, Store, TempObject};
-use crate::{CacheConfig, CacheError, Usage, Verified};
+use crate::{CacheConfig, CacheError, Status, Usage, Verified, VerifyReport};
 
 /// How long an open waits for an owner that holds the lock but does not answer yet (it may be
 /// checking its index after a crash).
@@ -343,6 +343,72 @@ impl Cache {
                 debug!("cache usage unknown: {e}");
                 Usage::default()
             })
+    }
+
+    /// Usage, the owner's quota and the remembered root records, from whichever process owns
+    /// the cache.
+    pub fn status(&self) -> Result<Status, CacheError> {
+        let expect_status = |reply| match reply {
+            Reply::Status(s) => Ok(s),
+            other => Err(other),
+        };
+        self.call(&Request::Status, expect_status, Owned::status)
+    }
+
+    /// Bytes an unprivileged writer may still use on the cache's file system, if it says.
+    pub fn free_bytes(&self) -> Option<u64> {
+        self.inner.store.free_bytes()
+    }
+
+    /// The pid of the process that owns the cache, or `None` if this one does.
+    pub fn owner_pid(&self) -> Option<i32> {
+        match &*self.inner.role.read() {
+            Role::Owner(_) => None,
+            Role::Client(_) => owner_pid(self.dir()),
+        }
+    }
+
+    /// Evicts least recently used unpinned objects until the cache's disk use is at most
+    /// `limit` bytes (whichever process owns it does it), and removes the temp files of
+    /// processes that are gone. Returns what is left.
+    pub fn gc(&self, limit: u64) -> Result<Usage, CacheError> {
+        let expect_usage = |reply| match reply {
+            Reply::Usage(u) => Ok(u),
+            other => Err(other),
+        };
+        self.call(&Request::Evict(limit), expect_usage, |o| o.evict_to(limit))
+    }
+
+    /// Re-hashes every object file against its name: deletes (file and index entry) those
+    /// that fail, indexes good files the index lacks, drops entries without a file.
+    /// `progress` is told the length of each file read. Only the owner can: in a process
+    /// that is a client, it fails with [`CacheError::InUse`] naming the owner.
+    pub fn verify(&self, progress: &mut dyn FnMut(u64)) -> Result<VerifyReport, CacheError> {
+        self.owned_only("`lcfs cache verify`", |o| o.verify(progress))
+    }
+
+    /// Deletes every object, or with `keep_pinned` every unpinned one (pins go with their
+    /// objects). Root records and trusted publishers stay: they guard against rollback and
+    /// impostors, and hold no content. Only the owner can: in a client process, it fails
+    /// with [`CacheError::InUse`] naming the owner. Returns what is left.
+    pub fn clear(&self, keep_pinned: bool) -> Result<Usage, CacheError> {
+        self.owned_only("`lcfs cache clear`", |o| o.clear(keep_pinned))
+    }
+
+    /// Runs `f` on the owned cache, or refuses when another process owns it.
+    fn owned_only<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Owned) -> Result<T, CacheError>,
+    ) -> Result<T, CacheError> {
+        match &*self.inner.role.read() {
+            Role::Owner(o) => f(&o.owned),
+            Role::Client(_) => Err(CacheError::InUse {
+                dir: self.dir().to_owned(),
+                pid: pid_text(self.dir()),
+                what: what.to_owned(),
+            }),
+        }
     }
 
     /// Bytes of objects held in this process's memory LRU.

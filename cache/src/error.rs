@@ -87,9 +87,9 @@ pub enum CacheError {
     /// pinned (or the space is taken by other files).
     #[error(
         "cache {dir}: its file system has {free} bytes free, less than the {want} needed to \
-         store an object and keep the index writable, and the rest is pinned (lcfs prefetch \
-         --pin) or not the cache's; free space there, or pass --cache with a directory on a \
-         larger file system"
+         store an object and keep the index writable, and the rest is pinned or not the \
+         cache's; free space there, unpin objects (lcfs cache unpin), or pass --cache with a \
+         directory on a larger file system"
     )]
     NoRoom {
         /// The cache directory.
@@ -98,6 +98,21 @@ pub enum CacheError {
         free: u64,
         /// Bytes needed.
         want: u64,
+    },
+    /// An operation that needs the cache to itself (verify, clear) found another process
+    /// owning it.
+    #[error(
+        "cache {dir} is in use by lcfs process {pid}, and {what} needs it to itself: stop \
+         that process (`lcfs umount MOUNTPOINT` for a mount, Ctrl-C for a copy or prefetch) \
+         and run it again"
+    )]
+    InUse {
+        /// The cache directory.
+        dir: PathBuf,
+        /// The owner's pid, as written in `DIR/lock` (or "?" if unknown).
+        pid: String,
+        /// What was asked, e.g. "`lcfs cache verify`".
+        what: String,
     },
     /// `pin` was asked for an object that is not in the cache.
     #[error("object {hash} is not in cache {dir}; fetch it before pinning it")]
@@ -174,6 +189,20 @@ mod tests {
         let msg = foreign.to_string();
         assert!(
             msg.contains("/x/cache/cache.sock") && msg.contains("uid 1000"),
+            "{msg}"
+        );
+        let busy = CacheError::InUse {
+            dir: PathBuf::from("/x/cache"),
+            pid: "42".into(),
+            what: "`lcfs cache clear`".into(),
+        };
+        let msg = busy.to_string();
+        assert!(
+            msg.contains("/x/cache") && msg.contains("process 42"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("lcfs umount") && msg.contains("run it again"),
             "{msg}"
         );
         let io = CacheError::io(Path::new("/x/cache/objects"), io::Error::other("boom"));

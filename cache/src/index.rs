@@ -258,6 +258,19 @@ impl Index {
         Ok(self.roots.get(channel)?.map(|v| v.to_vec()))
     }
 
+    /// Every remembered root record, by channel id; keys that are not channel ids are
+    /// skipped.
+    pub(crate) fn roots(&self) -> Result<Vec<([u8; 32], Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self.roots.iter() {
+            let (key, value) = item?;
+            if let Ok(id) = <[u8; 32]>::try_from(&key[..]) {
+                out.push((id, value.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) fn set_publisher(&self, channel: &[u8; 32], identity: &[u8]) -> Result<()> {
         self.publishers.insert(channel, identity).map(drop)
     }

@@ -28,6 +28,11 @@
 //! - The index is disposable: if sled cannot open it, it is rebuilt from the object files.
 //! - Bad disk state (garbage names, garbage index values, damaged sled files) never panics.
 //!
+//! Operators manage a cache with [`Cache::status`] and [`Cache::gc`], which work from any
+//! process sharing it, and [`Cache::verify`] and [`Cache::clear`], which need the cache to
+//! themselves and refuse, naming the owner's pid, while another process owns it (`lcfs
+//! cache`).
+//!
 //! Recency is kept in memory and written to the index in batches (and before evicting, on
 //! [`Cache::flush`] and on close), so reads do not write sled; after a crash the LRU order is
 //! approximate.
@@ -42,6 +47,8 @@ mod shared;
 mod store;
 mod verified;
 
+#[cfg(test)]
+mod admin_tests;
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]
@@ -158,4 +165,33 @@ pub struct Usage {
     pub disk_bytes: u64,
     /// The part of `disk_bytes` that is pinned.
     pub pinned_bytes: u64,
+}
+
+/// What the cache holds and remembers, as [`Cache::status`] reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Objects and their disk use.
+    pub usage: Usage,
+    /// The quota of the process that owns the cache (its `--cache-size`), if it has one.
+    pub quota: Option<u64>,
+    /// Channel id and the last root record remembered for it (opaque bytes), by channel id.
+    pub roots: Vec<([u8; 32], Vec<u8>)>,
+}
+
+/// What [`Cache::verify`] found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Object files read and re-hashed.
+    pub checked: u64,
+    /// Their length in bytes.
+    pub checked_bytes: u64,
+    /// Object files that did not hash to their name (short, bit flipped, replaced), deleted
+    /// with their index entries.
+    pub dropped: u64,
+    /// Their real disk use.
+    pub dropped_bytes: u64,
+    /// Index entries without a file, or undecodable, dropped.
+    pub forgotten: u64,
+    /// Good object files the index did not list, indexed.
+    pub adopted: u64,
 }

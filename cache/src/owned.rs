@@ -25,8 +25,8 @@ use crate::index::{parse_lru_key, Entry, Index, Lookup, Totals};
 use crate::memory::MemLru;
 use crate::open::{open_index, write_clean_mark, Recovered};
 use crate::shared::claims::Claims;
-use crate::store::{discard, make_private, Read, Store, TempObject};
-use crate::{CacheConfig, CacheError, Usage, Verified};
+use crate::store::{discard, disk_size, make_private, Read, Store, TempObject};
+use crate::{CacheConfig, CacheError, Status, Usage, Verified, VerifyReport};
 
 /// Uses remembered in memory before they are written to the index.
 pub(crate) const RECENCY_BATCH: usize = 4096;
@@ -328,6 +328,154 @@ impl Owned {
             disk_bytes: totals.disk_bytes,
             pinned_bytes: totals.pinned_bytes,
         }
+    }
+
+    /// Usage, quota and remembered root records.
+    pub(crate) fn status(&self) -> Result<Status, CacheError> {
+        Ok(Status {
+            usage: self.usage(),
+            quota: self.quota,
+            roots: self.index.roots()?,
+        })
+    }
+
+    /// Evicts least recently used unpinned objects until disk use is at most `limit`, and
+    /// removes the temp files of processes that are gone. Returns what is left.
+    pub(crate) fn evict_to(&self, limit: u64) -> Result<Usage, CacheError> {
+        {
+            let mut totals = self.write.lock();
+            self.evict_down_to(limit, &mut totals)?;
+            self.index.flush()?;
+        }
+        self.store.clear_tmp()?;
+        Ok(self.usage())
+    }
+
+    /// Deletes every object (with `keep_pinned`, every unpinned one), and object files the
+    /// index does not list. Root records and trusted publishers stay: they are trust state
+    /// (rollback and first-use checks), not content. Returns what is left.
+    pub(crate) fn clear(&self, keep_pinned: bool) -> Result<Usage, CacheError> {
+        let mut totals = self.write.lock();
+        let mut doomed = Vec::new();
+        for item in self.index.entries() {
+            let (key, value) = item?;
+            match (crate::index::parse_hash(&key), Entry::decode(&value)) {
+                (Some(hash), Some(entry)) if !(keep_pinned && entry.pinned) => {
+                    doomed.push((hash, entry))
+                }
+                (Some(_), Some(_)) => {}
+                (hash, _) => {
+                    if let Some(hash) = hash {
+                        self.store.remove(&hash)?;
+                    }
+                    self.index.remove_raw_entry(&key)?;
+                }
+            }
+        }
+        for (hash, entry) in doomed {
+            self.remove_object(&hash, entry, &mut totals)?;
+        }
+        // Files no entry names (an insert that failed halfway) are nobody's.
+        self.store.scan(|hash, _| match self.index.lookup(&hash)? {
+            Lookup::Absent => self.store.remove(&hash),
+            _ => Ok(()),
+        })?;
+        if !keep_pinned {
+            // Only stale keys can be left: every entry is gone.
+            self.index.clear_lru()?;
+        }
+        self.index.flush()?;
+        drop(totals);
+        self.store.clear_tmp()?;
+        Ok(self.usage())
+    }
+
+    /// Re-hashes every object file against its name: deletes those that fail (file, then
+    /// entry), indexes good files the index lacks, and drops entries without a file.
+    /// `progress` is called with the length of each file read. The files are read without
+    /// the `write` lock; each repair takes it and looks again.
+    pub(crate) fn verify(&self, progress: &mut dyn FnMut(u64)) -> Result<VerifyReport, CacheError> {
+        let mut report = VerifyReport::default();
+        self.store.scan(|hash, meta| {
+            report.checked += 1;
+            report.checked_bytes += meta.len();
+            progress(meta.len());
+            match self.store.read(&hash)? {
+                Read::Good(_) => report.adopted += u64::from(self.adopt_checked(&hash, meta)?),
+                Read::Bad => {
+                    if self.drop_damaged(&hash)? {
+                        report.dropped += 1;
+                        report.dropped_bytes += disk_size(meta);
+                    }
+                }
+                Read::Missing => {}
+            }
+            Ok(())
+        })?;
+        report.forgotten = self.forget_fileless()?;
+        self.index.flush()?;
+        Ok(report)
+    }
+
+    /// Indexes a verified file the index lacks; true if it did.
+    fn adopt_checked(&self, hash: &Hash, meta: &std::fs::Metadata) -> Result<bool, CacheError> {
+        let mut totals = self.write.lock();
+        // An undecodable entry is replaced: the file it names is good.
+        if let Lookup::Found(_) = self.index.lookup(hash)? {
+            return Ok(false);
+        }
+        self.index_new(hash, disk_size(meta), &mut totals)?;
+        Ok(true)
+    }
+
+    /// Deletes an object file found damaged, and its entry, if it still is damaged under
+    /// `write` (another process may have replaced it meanwhile); true if it was.
+    fn drop_damaged(&self, hash: &Hash) -> Result<bool, CacheError> {
+        let mut totals = self.write.lock();
+        if !matches!(self.store.read(hash)?, Read::Bad) {
+            return Ok(false);
+        }
+        warn!(
+            path = %self.store.path(hash).display(),
+            "object file does not match its hash; deleted it, it will be fetched again"
+        );
+        match self.index.lookup(hash)? {
+            Lookup::Found(entry) => self.remove_object(hash, entry, &mut totals)?,
+            Lookup::Garbage(raw) => {
+                self.store.remove(hash)?;
+                self.index.remove_garbage(hash, raw)?;
+            }
+            Lookup::Absent => self.store.remove(hash)?,
+        }
+        Ok(true)
+    }
+
+    /// Drops index entries whose file is gone, and undecodable ones; returns how many.
+    fn forget_fileless(&self) -> Result<u64, CacheError> {
+        let mut totals = self.write.lock();
+        let mut stale = Vec::new();
+        for item in self.index.entries() {
+            let (key, value) = item?;
+            match (crate::index::parse_hash(&key), Entry::decode(&value)) {
+                (Some(hash), Some(entry)) if !self.store.exists(&hash) => {
+                    stale.push((key, Some((hash, entry))))
+                }
+                (Some(_), Some(_)) => {}
+                _ => stale.push((key, None)),
+            }
+        }
+        for (key, found) in &stale {
+            match found {
+                Some((hash, entry)) => self.remove_object(hash, *entry, &mut totals)?,
+                None => {
+                    if let Some(hash) = crate::index::parse_hash(key) {
+                        self.store.remove(&hash)?;
+                    }
+                    self.index.remove_raw_entry(key)?;
+                }
+            }
+        }
+        Ok(stale.len() as u64)
     }
 
     /// Bytes of objects held in the memory LRU.

@@ -149,7 +149,7 @@ impl Store {
 
     /// Removes the temp files of processes that are gone (and anything not named like a
     /// temp file); those of live processes are theirs to commit.
-    fn clear_tmp(&self) -> Result<(), CacheError> {
+    pub(crate) fn clear_tmp(&self) -> Result<(), CacheError> {
         for entry in fs::read_dir(&self.tmp).at(&self.tmp)? {
             let entry = entry.at(&self.tmp)?;
             let writer = entry.file_name().to_str().and_then(temp_writer);

@@ -38,6 +38,9 @@ pub(crate) enum Command {
     Copy(CopyArgs),
     /// Fill the cache with a channel's tree for offline use.
     Prefetch(PrefetchArgs),
+    /// Inspect and manage the receiver cache: status, pin, unpin, verify, gc, clear.
+    #[command(subcommand, long_about = CACHE_ABOUT)]
+    Cache(CacheCommand),
     /// Mount a channel as a read-only filesystem.
     Mount(MountArgs),
     /// Unmount an lcfs mount.
@@ -269,6 +272,105 @@ pub(crate) struct PrefetchArgs {
     pub(crate) recv: RecvArgs,
 }
 
+pub(crate) const CACHE_ABOUT: &str =
+    "Inspect and manage the receiver cache: status, pin, unpin, verify, gc, clear.
+
+The cache (--cache DIR) holds verified objects of every channel received on this machine, \
+keyed by hash, and the last root record of each channel. status, pin, unpin and gc work while \
+mounts and copies use the cache; verify and clear need it to themselves and name the lcfs \
+process to stop first.";
+
+#[derive(Subcommand)]
+pub(crate) enum CacheCommand {
+    /// Show the cache's objects, disk use, pinned bytes, quota, free space and the channels
+    /// it remembers a root record for (by channel id: names are not stored).
+    Status(CacheStatusArgs),
+    /// Fetch and pin a channel's tree, or paths in it, so eviction never removes them
+    /// (the same as `lcfs prefetch --pin`; needs the server).
+    Pin(PrefetchPinArgs),
+    /// Make a channel's tree, or paths in it, evictable again. Works offline: the tree is
+    /// walked from the cache, down from the channel's remembered root record.
+    ///
+    /// Pins are not counted: a block shared with another pinned path or channel is
+    /// unpinned too; pin that path again to keep it.
+    Unpin(CacheUnpinArgs),
+    /// Re-hash every object file against its name; delete those that fail and report.
+    ///
+    /// Damaged objects are dropped (file and index entry) and fetched again when next read,
+    /// so the exit status is 0 when the check ran, whatever it dropped; the last line says
+    /// what was dropped. Needs the cache to itself.
+    Verify(CacheDirArgs),
+    /// Evict least recently used unpinned objects down to a size, and remove temp files
+    /// left by lcfs processes that died.
+    Gc(CacheGcArgs),
+    /// Delete every cached object (with --keep-pinned, every unpinned one). The root
+    /// records and trusted publishers stay: they hold no content and guard against rollback.
+    /// Needs the cache to itself.
+    Clear(CacheClearArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct CacheDirArgs {
+    /// Cache directory [default: /var/cache/lcfs for root, else $XDG_CACHE_HOME/lcfs].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) cache: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub(crate) struct CacheStatusArgs {
+    #[command(flatten)]
+    pub(crate) dir: CacheDirArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct PrefetchPinArgs {
+    /// NAME[@ROOTHASH]: the channel.
+    pub(crate) channel: String,
+    /// Paths inside the channel to pin [default: everything].
+    pub(crate) subpaths: Vec<String>,
+    #[command(flatten)]
+    pub(crate) recv: RecvArgs,
+}
+
+#[derive(Args)]
+pub(crate) struct CacheUnpinArgs {
+    /// NAME[@ROOTHASH]: the channel (its remembered root record, or that snapshot).
+    #[arg(required_unless_present = "all")]
+    pub(crate) channel: Option<String>,
+    /// Paths inside the channel to unpin [default: everything].
+    pub(crate) subpaths: Vec<String>,
+    /// Unpin every object of every channel.
+    #[arg(long, conflicts_with_all = ["channel", "subpaths"])]
+    pub(crate) all: bool,
+    #[command(flatten)]
+    pub(crate) dir: CacheDirArgs,
+    #[command(flatten)]
+    pub(crate) key: KeyArgs,
+}
+
+#[derive(Args)]
+pub(crate) struct CacheGcArgs {
+    #[command(flatten)]
+    pub(crate) dir: CacheDirArgs,
+    /// Evict down to SIZE of disk use (suffixes K, M, G, T; 0 evicts every unpinned
+    /// object) [default: the --cache-size of the lcfs process using the cache; without
+    /// one, gc asks for --max-size].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_or_zero)]
+    pub(crate) max_size: Option<u64>,
+}
+
+#[derive(Args)]
+pub(crate) struct CacheClearArgs {
+    #[command(flatten)]
+    pub(crate) dir: CacheDirArgs,
+    /// Keep pinned objects (and their pins).
+    #[arg(long)]
+    pub(crate) keep_pinned: bool,
+}
+
 #[derive(Args)]
 pub(crate) struct KeygenArgs {
     /// Write the key to FILE (mode 0600) instead of standard output.
@@ -340,6 +442,14 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     parse_scaled(s, 1024)
 }
 
+/// A size as [`parse_size`] reads it, or 0.
+pub(crate) fn parse_size_or_zero(s: &str) -> Result<u64, String> {
+    match s.trim() {
+        "0" => Ok(0),
+        _ => parse_size(s),
+    }
+}
+
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration such as 90s, 6h or 3d: {e}"))
@@ -405,6 +515,9 @@ mod tests {
         assert_eq!(parse_rate("1.5G"), Ok(1_500_000_000));
         assert_eq!(parse_rate("200mbit"), Ok(200_000_000));
         assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size_or_zero("0"), Ok(0));
+        assert_eq!(parse_size_or_zero("1G"), Ok(1 << 30));
+        assert!(parse_size("0").is_err());
         assert!(parse_rate("fast").is_err());
         assert!(parse_block_size("48K").is_err());
         assert_eq!(parse_block_size("1M").unwrap().bytes(), 1 << 20);

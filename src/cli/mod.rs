@@ -4,6 +4,7 @@
 //! below imports this file.
 
 mod args;
+mod cache;
 mod copy;
 mod docs;
 mod keygen;
@@ -50,6 +51,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Serve(a) => serve::serve(a),
         Command::Copy(a) => run_async(copy::copy(a)),
         Command::Prefetch(a) => run_async(copy::prefetch(a)),
+        Command::Cache(c) => cache::cache(c),
         Command::Mount(a) => mount::mount(a),
         Command::Umount(a) => lcfs_mount::unmount(&a.mountpoint)
             .with_context(|| format!("cannot unmount {}", a.mountpoint.display())),

@@ -236,5 +236,13 @@ fn answer(owned: &Owned, holder: Holder, request: Request) -> Reply {
             owned.claims.release(&hash, holder);
             Reply::Done
         }
+        Request::Status => match owned.status() {
+            Ok(status) => Reply::Status(status),
+            Err(e) => Reply::Failed(e.to_string()),
+        },
+        Request::Evict(limit) => match owned.evict_to(limit) {
+            Ok(usage) => Reply::Usage(usage),
+            Err(e) => Reply::Failed(e.to_string()),
+        },
     }
 }

@@ -11,7 +11,7 @@
 
 use blake3::Hash;
 
-use crate::Usage;
+use crate::{Status, Usage};
 
 /// The largest frame either side sends or accepts. Batches of touches and commits are the
 /// largest requests (a commit takes about 60 bytes an object); root records are a few
@@ -53,6 +53,10 @@ pub(crate) enum Request {
     Claim(Hash),
     /// The client no longer fetches this object (it failed, or it stored it as present).
     Release(Hash),
+    /// Usage, quota and remembered root records (`lcfs cache status`).
+    Status,
+    /// Evict unpinned objects down to this many bytes of disk use (`lcfs cache gc`).
+    Evict(u64),
 }
 
 /// The owner's answer to one request.
@@ -67,6 +71,8 @@ pub(crate) enum Reply {
     NotCached(Hash),
     /// The owner's error, as text (it names the path and the remedy).
     Failed(String),
+    /// The answer to `Status`.
+    Status(Status),
 }
 
 /// Why a frame could not be decoded.
@@ -133,6 +139,11 @@ impl Request {
             Request::Flush => b.push(12),
             Request::Claim(h) => put_hash(&mut b, 13, h),
             Request::Release(h) => put_hash(&mut b, 14, h),
+            Request::Status => b.push(15),
+            Request::Evict(limit) => {
+                b.push(16);
+                b.extend_from_slice(&limit.to_be_bytes());
+            }
         }
         frame(b)
     }
@@ -181,6 +192,8 @@ impl Request {
             12 => Request::Flush,
             13 => Request::Claim(r.hash()?),
             14 => Request::Release(r.hash()?),
+            15 => Request::Status,
+            16 => Request::Evict(r.u64()?),
             op => return Err(WireError::Unknown(op)),
         };
         r.end()?;
@@ -211,6 +224,7 @@ impl Reply {
             }
             Reply::NotCached(h) => put_hash(&mut b, 4, h),
             Reply::Claimed(granted) => b.extend_from_slice(&[6, u8::from(*granted)]),
+            Reply::Status(status) => put_status(&mut b, status),
             Reply::Failed(msg) => {
                 b.push(5);
                 let cut = msg.len().min(MAX_FRAME / 2);
@@ -243,11 +257,68 @@ impl Reply {
                 1 => Reply::Claimed(true),
                 other => return Err(WireError::Unknown(other)),
             },
+            7 => Reply::Status(read_status(&mut r)?),
             status => return Err(WireError::Unknown(status)),
         };
         r.end()?;
         Ok(reply)
     }
+}
+
+/// A `Status` reply: usage, an optional quota, then as many root records as fit a frame
+/// (root records are a few hundred bytes: thousands of channels fit).
+fn put_status(b: &mut Vec<u8>, status: &Status) {
+    b.push(7);
+    let u = &status.usage;
+    for n in [u.objects, u.disk_bytes, u.pinned_bytes] {
+        b.extend_from_slice(&n.to_be_bytes());
+    }
+    match status.quota {
+        None => b.push(0),
+        Some(q) => {
+            b.push(1);
+            b.extend_from_slice(&q.to_be_bytes());
+        }
+    }
+    let count_at = b.len();
+    b.extend_from_slice(&[0; 4]);
+    let mut count = 0u32;
+    for (id, record) in &status.roots {
+        if b.len() + 36 + record.len() > MAX_FRAME {
+            break;
+        }
+        b.extend_from_slice(id);
+        put_bytes(b, record);
+        count += 1;
+    }
+    b[count_at..count_at + 4].copy_from_slice(&count.to_be_bytes());
+}
+
+fn read_status(r: &mut Reader<'_>) -> Result<Status, WireError> {
+    let usage = Usage {
+        objects: r.u64()?,
+        disk_bytes: r.u64()?,
+        pinned_bytes: r.u64()?,
+    };
+    let quota = match r.u8()? {
+        0 => None,
+        1 => Some(r.u64()?),
+        other => return Err(WireError::Unknown(other)),
+    };
+    let n = r.u32()? as usize;
+    // Each takes at least 36 bytes: checked before allocating.
+    if n > r.0.len() / 36 {
+        return Err(WireError::Truncated);
+    }
+    let mut roots = Vec::with_capacity(n);
+    for _ in 0..n {
+        roots.push((r.id()?, r.bytes()?.to_vec()));
+    }
+    Ok(Status {
+        usage,
+        quota,
+        roots,
+    })
 }
 
 fn put_bytes(b: &mut Vec<u8>, bytes: &[u8]) {
@@ -355,6 +426,9 @@ mod tests {
             Request::Flush,
             Request::Claim(h(11)),
             Request::Release(h(12)),
+            Request::Status,
+            Request::Evict(0),
+            Request::Evict(u64::MAX),
         ]
     }
 
@@ -372,6 +446,16 @@ mod tests {
             Reply::Claimed(true),
             Reply::Claimed(false),
             Reply::Failed("cache file /x: disk full".into()),
+            Reply::Status(Status::default()),
+            Reply::Status(Status {
+                usage: Usage {
+                    objects: 4,
+                    disk_bytes: 5,
+                    pinned_bytes: 6,
+                },
+                quota: Some(7),
+                roots: vec![([1; 32], vec![1, 2, 3]), ([2; 32], vec![])],
+            }),
         ]
     }
 
@@ -422,6 +506,27 @@ mod tests {
         assert_eq!(Request::decode(&b), Err(WireError::Truncated));
         assert_eq!(Request::decode(&[99]), Err(WireError::Unknown(99)));
         assert_eq!(Reply::decode(&[99]), Err(WireError::Unknown(99)));
+    }
+
+    #[test]
+    fn a_status_with_too_many_roots_keeps_what_fits_a_frame() {
+        let status = Status {
+            roots: (0..20_000u32)
+                .map(|n| ([n as u8; 32], vec![0; 100]))
+                .collect(),
+            ..Status::default()
+        };
+        let frame = Reply::Status(status).encode();
+        assert!(frame.len() <= MAX_FRAME + 4);
+        let Ok(Reply::Status(back)) = Reply::decode(body(&frame)) else {
+            panic!("a cut status does not decode");
+        };
+        assert!(back.roots.len() > 1000 && back.roots.len() < 20_000);
+        // A count beyond the bytes that follow is refused before allocating.
+        let mut b = vec![7];
+        b.extend_from_slice(&[0; 25]);
+        b.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(Reply::decode(&b), Err(WireError::Truncated));
     }
 
     #[test]
