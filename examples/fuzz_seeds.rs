@@ -93,6 +93,8 @@ fn main() {
             secs: 1_700_000_000,
             nanos: 5,
         },
+        nlink: lcfs::object::Entry::plain_nlink(&kind),
+        link: 0,
         kind,
     };
     let dir_obj = Directory::new(vec![

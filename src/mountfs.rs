@@ -643,6 +643,8 @@ fn attr(e: &Entry) -> Attr {
         mode: e.mode,
         mtime_secs: e.mtime.secs,
         mtime_nanos: e.mtime.nanos,
+        nlink: e.nlink,
+        link: e.link,
     }
 }
 
@@ -667,19 +669,32 @@ fn children(dir: Directory, tree: &Arc<Tree>) -> Vec<Child<Node>> {
         .collect()
 }
 
-/// The version `tree` shows.
+/// The version `tree` shows. The root's mode, mtime and link count are its directory
+/// object's (read before a version is shown: at mount, and by the follower before a move);
+/// a version 1 object has none, and then the root shows 0755 and the publish time.
 fn version(tree: &Arc<Tree>) -> Version<Node> {
     let r = tree.root_record();
-    let t = Timestamp {
-        secs: (r.publish_time_ns / 1_000_000_000) as i64,
-        nanos: (r.publish_time_ns % 1_000_000_000) as u32,
+    let (meta, nlink) = match tree.root_meta() {
+        Some(m) => (m.meta, m.nlink),
+        None => (
+            crate::object::dir::DirMeta {
+                mode: 0o755,
+                mtime: Timestamp {
+                    secs: (r.publish_time_ns / 1_000_000_000) as i64,
+                    nanos: (r.publish_time_ns % 1_000_000_000) as u32,
+                },
+            },
+            2,
+        ),
     };
     let attr = Attr {
         kind: Kind::Dir,
         size: r.root.len as u64,
-        mode: 0o755,
-        mtime_secs: t.secs,
-        mtime_nanos: t.nanos,
+        mode: meta.mode,
+        mtime_secs: meta.mtime.secs,
+        mtime_nanos: meta.mtime.nanos,
+        nlink,
+        link: 0,
     };
     Version {
         number: r.generation,

@@ -233,6 +233,8 @@ mod tests {
             name: name.as_bytes().to_vec(),
             mode: 0o644,
             mtime: Timestamp { secs: 0, nanos: 0 },
+            nlink: Entry::plain_nlink(&kind),
+            link: 0,
             kind,
         }
     }

@@ -40,6 +40,8 @@ fn file(name: &str, block: &[u8]) -> Entry {
         name: name.as_bytes().to_vec(),
         mode: 0o644,
         mtime: Timestamp { secs: 0, nanos: 0 },
+        nlink: 1,
+        link: 0,
         kind: EntryKind::File(FileRef {
             size: block.len() as u64,
             b3: blake3::hash(block),

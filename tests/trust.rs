@@ -71,6 +71,8 @@ fn forged_tree_packets(channel_name: &str) -> Vec<Vec<u8>> {
         name: b"pwned".to_vec(),
         mode: 0o4755,
         mtime: Timestamp { secs: 0, nanos: 0 },
+        nlink: 1,
+        link: 0,
         kind: EntryKind::File(FileRef {
             size: body.len() as u64,
             b3: blake3::hash(&body),
@@ -478,6 +480,8 @@ fn subdir(name: &str, below: &[u8]) -> Entry {
         name: name.as_bytes().to_vec(),
         mode: 0o755,
         mtime: Timestamp { secs: 0, nanos: 0 },
+        nlink: 2,
+        link: 0,
         kind: EntryKind::Dir(object_ref(below)),
     }
 }
@@ -527,6 +531,8 @@ fn a_hostile_tree_fails_cleanly_in_bounded_memory() {
         name: b"huge".to_vec(),
         mode: 0o644,
         mtime: Timestamp { secs: 0, nanos: 0 },
+        nlink: 1,
+        link: 0,
         kind: EntryKind::File(FileRef {
             size: 1 << 50,
             b3: blake3::hash(b""),

@@ -38,7 +38,7 @@ impl AttrStyle {
             crtime: mtime,
             kind: file_type(a.kind),
             perm: (a.mode & 0o7777) as u16,
-            nlink: if a.kind == Kind::Dir { 2 } else { 1 },
+            nlink: a.nlink.max(1),
             uid: self.uid,
             gid: self.gid,
             rdev: 0,
@@ -85,6 +85,8 @@ mod tests {
             mode: 0o100755,
             mtime_secs: 1_700_000_000,
             mtime_nanos: 5,
+            nlink: 1,
+            link: 0,
         };
         let f = style.file_attr(9, &a);
         assert_eq!(
@@ -101,6 +103,7 @@ mod tests {
             1,
             &Attr {
                 kind: Kind::Dir,
+                nlink: 2,
                 ..a
             },
         );

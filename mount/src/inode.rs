@@ -21,7 +21,11 @@
 //! - A stored listing changes only when the table moves to a new version, which bumps the
 //!   epoch; a listing read from the source under an older epoch is not stored. Listings are
 //!   sorted by name bytes.
-//! - Inode numbers come from one counter and are never reused, across versions too.
+//! - Inode numbers come from one counter and are never reused, across versions too, except
+//!   that the names of one hard-link group ([`Attr::link`]) listed under the same epoch get
+//!   one number: a hard link is one inode, as on the publisher. (Across a move to a new
+//!   version a kept name keeps its number and a newly listed one may get another: the group
+//!   is one inode again once its directories are listed afresh.)
 //! - An inode is superseded once its entry was replaced or removed by a later version (or it
 //!   was found below such an entry); it keeps reading the version it stood for.
 
@@ -98,6 +102,8 @@ pub struct InodeTable<N> {
     next: u64,
     /// Bumped by every move to a new version.
     epoch: u64,
+    /// The number given to each hard-link group listed under the current epoch.
+    links: HashMap<u64, u64>,
 }
 
 impl<N: Clone> InodeTable<N> {
@@ -116,6 +122,7 @@ impl<N: Clone> InodeTable<N> {
             inodes: HashMap::from([(ROOT, inode)]),
             next: ROOT + 1,
             epoch: 0,
+            links: HashMap::new(),
         }
     }
 
@@ -161,7 +168,11 @@ impl<N: Clone> InodeTable<N> {
             return Ok(None);
         }
         let children = sorted(children);
-        let inos = fresh(next, children.len());
+        let links = &mut self.links;
+        let inos = children
+            .iter()
+            .map(|c| new_ino(next, links, &c.attr))
+            .collect();
         let listing = Listing { children, inos };
         inode.listing = Some(listing.clone());
         Ok(Some(listing))
@@ -219,11 +230,18 @@ impl<N: Clone> InodeTable<N> {
     }
 }
 
-/// `n` new inode numbers from the counter `next`.
-fn fresh(next: &mut u64, n: usize) -> Arc<[u64]> {
-    let first = *next;
-    *next += n as u64;
-    (first..*next).collect()
+/// The inode number of a newly listed child: its hard-link group's if another name of the
+/// group was listed in this epoch, else the next from the counter.
+fn new_ino(next: &mut u64, links: &mut HashMap<u64, u64>, attr: &Attr) -> u64 {
+    let mut fresh = || {
+        let n = *next;
+        *next += 1;
+        n
+    };
+    match attr.link {
+        0 => fresh(),
+        link => *links.entry(link).or_insert_with(fresh),
+    }
 }
 
 /// The listing in name order (sources promise it; this keeps lookup right if one does not).
@@ -251,6 +269,8 @@ mod tests {
             mode: 0o755,
             mtime_secs: 0,
             mtime_nanos: 0,
+            nlink: 1,
+            link: 0,
         }
     }
 

@@ -36,6 +36,11 @@ pub struct Attr {
     pub mode: u32,
     pub mtime_secs: i64,
     pub mtime_nanos: u32,
+    /// The link count `stat` shows (at least 1).
+    pub nlink: u32,
+    /// A hard-link group: children of any directories with the same non-zero `link` in one
+    /// version are one file, and get one inode number.
+    pub link: u64,
 }
 
 /// One entry of a directory, in the source's terms.

@@ -92,6 +92,8 @@ fn entry(kind: Kind, size: u64, mode: u32) -> MemEntry {
         mode,
         mtime_secs: DEFAULT_MTIME,
         mtime_nanos: 0,
+        nlink: if kind == Kind::Dir { 2 } else { 1 },
+        link: 0,
     };
     MemEntry {
         attr,

@@ -376,6 +376,29 @@ pub fn symlink_part(dir: &OwnedFd, target: &[u8]) -> io::Result<OsString> {
     Err(Errno::EXIST.into())
 }
 
+/// Makes a hard link to `name` in `src` under a fresh part name in `dir`; `name` is not
+/// followed if it is a symlink.
+pub fn link_part(src: &OwnedFd, name: &OsStr, dir: &OwnedFd) -> io::Result<OsString> {
+    for _ in 0..ATTEMPTS {
+        let part = part_name();
+        match rfs::linkat(src, name, dir, &part, AtFlags::empty()) {
+            Ok(()) => return Ok(part),
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Errno::EXIST.into())
+}
+
+/// Whether `a` in `da` and `b` in `db` are the same file (not following symlinks).
+pub fn same_file(da: &OwnedFd, a: &OsStr, db: &OwnedFd, b: &OsStr) -> bool {
+    let st = |d: &OwnedFd, n: &OsStr| rfs::statat(d, n, AtFlags::SYMLINK_NOFOLLOW).ok();
+    match (st(da, a), st(db, b)) {
+        (Some(x), Some(y)) => identity(&x) == identity(&y),
+        _ => false,
+    }
+}
+
 /// Opens the part file `part` for reading, if it is still the regular file with inode `ino`.
 pub fn open_part(dir: &OwnedFd, part: &OsStr, expected: u64) -> io::Result<File> {
     let replaced = || io::Error::other("its staged file was replaced by someone else");

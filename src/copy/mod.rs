@@ -22,6 +22,9 @@
 //!   would otherwise run as root. A directory's sticky bit stays, since it only restricts who
 //!   may delete in it. Files get their modes after their rename, directories theirs at the
 //!   end, deepest first; DEST gets the published root's only when the copy created it.
+//! - Names of one hard-link group on the publisher ([`Entry::link`]) are hard links in DEST:
+//!   the first is staged like any file, the others are linked to it once it is in place
+//!   (a link under a part name, then a rename, so each name changes atomically).
 
 mod dest;
 mod existing;
@@ -137,9 +140,10 @@ pub async fn copy(
         opts,
     };
     copier.make_dirs(&plan.items)?;
-    let mut report = copier.stage_all(&plan.items).await?;
+    let (mut report, links) = copier.stage_all(&plan.items).await?;
     copier.staging.sync();
     copier.staging.commit()?;
+    copier.link_all(&links)?;
     if opts.delete && plan.tree {
         report.trashed = trash::sweep(&plan.dest, &plan.items)?;
     }
@@ -177,7 +181,11 @@ async fn plan(
             settled.await;
             return single(dest, root.entries);
         }
-        None => (tree.root_record().root, root_attrs(tree.root_record())),
+        None => {
+            let own = tree.root_dir().await?.meta;
+            let attrs = own.map_or_else(|| root_attrs(tree.root_record()), |m| (m.mode, m.mtime));
+            (tree.root_record().root, attrs)
+        }
         Some(Entry {
             kind: EntryKind::Dir(r),
             mode,
@@ -200,8 +208,8 @@ async fn plan(
     })
 }
 
-/// A whole tree's root has no entry: it gets what `lcfs mount` shows, 0755 and the
-/// publication time.
+/// A whole tree's root published by an older server (a version 1 directory object, without
+/// its own attributes) gets what `lcfs mount` shows then: 0755 and the publication time.
 fn root_attrs(r: &RootRecord) -> (u32, Timestamp) {
     const NS: u64 = 1_000_000_000;
     let mtime = Timestamp {
@@ -266,21 +274,55 @@ impl Copier<'_> {
         Ok(())
     }
 
-    async fn stage_all(&self, items: &[(PathBuf, Entry)]) -> Result<CopyReport, CopyError> {
+    /// Stages every file and symlink, but only the first name of each hard-link group;
+    /// returns the other names, each with the first, for [`Copier::link_all`].
+    async fn stage_all(
+        &self,
+        items: &[(PathBuf, Entry)],
+    ) -> Result<(CopyReport, Vec<(PathBuf, PathBuf)>), CopyError> {
         let mut report = CopyReport::default();
-        for (_, e) in items {
+        let mut firsts: std::collections::HashMap<u64, &Path> = Default::default();
+        let mut links = Vec::new();
+        let mut staged = Vec::new();
+        for (rel, e) in items {
             match e.kind {
                 EntryKind::File(_) => report.files += 1,
                 EntryKind::Dir(_) => report.dirs += 1,
                 EntryKind::Symlink(_) => report.symlinks += 1,
             }
+            if e.link != 0 && matches!(e.kind, EntryKind::File(_)) {
+                if let Some(first) = firsts.get(&e.link) {
+                    links.push((rel.clone(), first.to_path_buf()));
+                    continue;
+                }
+                firsts.insert(e.link, rel);
+            }
+            staged.push((rel, e));
         }
-        stream::iter(items)
+        stream::iter(staged)
             .map(|(rel, e)| self.stage(rel, e))
             .buffer_unordered(FILES_IN_FLIGHT)
             .try_collect::<()>()
             .await?;
-        Ok(report)
+        Ok((report, links))
+    }
+
+    /// Makes each `(name, first)` a hard link to `first`, in place by now, replacing what
+    /// DEST held at `name` atomically (a link under a part name, then a rename).
+    fn link_all(&self, links: &[(PathBuf, PathBuf)]) -> Result<(), CopyError> {
+        for (rel, first) in links {
+            let (src, src_name) = self.dest.parent_of(first)?;
+            let (dir, name) = self.dest.parent_of(rel)?;
+            if dest::same_file(&src, src_name, &dir, name) {
+                continue;
+            }
+            let part = dest::link_part(&src, src_name, &dir).map_err(self.io_err(rel))?;
+            if let Err(e) = dest::replace(&dir, &part, name) {
+                dest::remove_part(&dir, &part);
+                return Err(self.io_err(rel)(e));
+            }
+        }
+        Ok(())
     }
 
     async fn stage(&self, rel: &Path, e: &Entry) -> Result<(), CopyError> {

@@ -169,6 +169,8 @@ mod tests {
             name: name.as_bytes().to_vec(),
             mode: 0o755,
             mtime: Timestamp { secs: 0, nanos: 0 },
+            nlink: if dir { 2 } else { 1 },
+            link: 0,
             kind: if dir {
                 EntryKind::Dir(ObjectRef {
                     hash: blake3::hash(b""),

@@ -41,6 +41,15 @@ pub struct Tree {
     fetcher: Fetcher,
     root: RootRecord,
     origin: Origin,
+    /// The root directory's own attributes, once it was read (see [`Tree::root_meta`]).
+    root_meta: std::sync::Arc<std::sync::OnceLock<RootMeta>>,
+}
+
+/// The root directory's own attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RootMeta {
+    pub meta: crate::object::dir::DirMeta,
+    pub nlink: u32,
 }
 
 impl std::fmt::Debug for Tree {
@@ -100,6 +109,7 @@ impl Tree {
             fetcher,
             root,
             origin,
+            root_meta: Default::default(),
         })
     }
 
@@ -125,6 +135,7 @@ impl Tree {
             fetcher: fetcher.clone(),
             root: heard.record.clone(),
             origin: Origin::Network,
+            root_meta: Default::default(),
         };
         let (policy, first_generation) = (policy.clone(), heard.record.generation);
         let (window_tx, window) = tokio::sync::oneshot::channel();
@@ -187,6 +198,7 @@ impl Tree {
             fetcher: self.fetcher.clone(),
             root,
             origin: Origin::Network,
+            root_meta: Default::default(),
         }
     }
 
@@ -224,7 +236,25 @@ impl Tree {
     }
 
     pub async fn root_dir(&self) -> Result<Directory, FetchError> {
-        self.directory(self.root.root, Priority::Demand).await
+        let dir = self.directory(self.root.root, Priority::Demand).await?;
+        if let Some(meta) = dir.meta {
+            let subdirs = dir
+                .entries
+                .iter()
+                .filter(|e| matches!(e.kind, EntryKind::Dir(_)))
+                .count() as u32;
+            let _ = self.root_meta.set(RootMeta {
+                meta,
+                nlink: 2 + subdirs,
+            });
+        }
+        Ok(dir)
+    }
+
+    /// The root directory's own mode and mtime, and its link count, once [`Tree::root_dir`]
+    /// read a directory object that has them.
+    pub fn root_meta(&self) -> Option<RootMeta> {
+        self.root_meta.get().copied()
     }
 
     /// The leaf hashes of a file with block content (empty for inline files). A file may
@@ -787,6 +817,7 @@ impl Tree {
             fetcher,
             root,
             origin: Origin::Offline,
+            root_meta: Default::default(),
         }
     }
 }
@@ -834,6 +865,8 @@ mod tests {
             name: name.as_bytes().to_vec(),
             mode: 0o755,
             mtime: Timestamp { secs: 0, nanos: 0 },
+            nlink: 2,
+            link: 0,
             kind: EntryKind::Dir(r),
         }
     }
@@ -873,6 +906,8 @@ mod tests {
                 name: format!("f{i}").into_bytes(),
                 mode: 0o644,
                 mtime: Timestamp { secs: 0, nanos: 0 },
+                nlink: 1,
+                link: 0,
                 kind: EntryKind::Symlink(b"x".to_vec()),
             })
             .collect();

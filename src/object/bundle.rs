@@ -169,6 +169,8 @@ mod tests {
             name: name.as_bytes().to_vec(),
             mode: 0o644,
             mtime: Default::default(),
+            nlink: 1,
+            link: 0,
             kind: EntryKind::File(crate::object::FileRef {
                 size,
                 b3: blake3::hash(name.as_bytes()),
@@ -204,6 +206,8 @@ mod tests {
             name: name.as_bytes().to_vec(),
             mode: 0o644,
             mtime: Timestamp::default(),
+            nlink: 1,
+            link: 0,
             kind: EntryKind::File(FileRef {
                 size: bytes.len() as u64,
                 b3: blake3::hash(bytes),

@@ -75,6 +75,22 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Checks the magic, and that the version is one of `versions`; returns it.
+    pub fn header_of(
+        &mut self,
+        magic: &[u8; 4],
+        what: &'static str,
+        versions: std::ops::RangeInclusive<u8>,
+    ) -> Result<u8, ObjectError> {
+        if self.array::<4>()? != *magic {
+            return Err(ObjectError::Magic(what));
+        }
+        match self.u8()? {
+            v if versions.contains(&v) => Ok(v),
+            v => Err(ObjectError::Version { what, version: v }),
+        }
+    }
+
     /// A count of items of `item_size` bytes each, refused if the rest cannot hold them.
     pub fn count(&mut self, item_size: usize, max: usize) -> Result<usize, ObjectError> {
         let n = self.u32()? as usize;

@@ -1,9 +1,16 @@
-//! Directory objects: the sorted entries of one directory.
+//! Directory objects: the sorted entries of one directory, and the directory's own mode and
+//! mtime.
 //!
-//! Encoding (version 1, little-endian):
-//! `"LCFD" 1 | count u32 | entry*`, each entry
-//! `name_len u8 | name | kind u8 | mode u32 | mtime_secs i64 | mtime_nanos u32 | body`, where the
-//! body is, for a file (kind 0) `size u64 | blake3 [32] | content`, for a directory (1)
+//! Encoding (version 2, little-endian):
+//! `"LCFD" 2 | mode u32 | mtime_secs i64 | mtime_nanos u32 | count u32 | entry*`, each entry
+//! `name_len u8 | name | kind u8 | mode u32 | mtime_secs i64 | mtime_nanos u32 | nlink u32 |
+//! link u64 (files with nlink > 1 only) | body`. `nlink` is what `stat` shows: for a
+//! directory 2 + its subdirectories, for a file its link count on the publisher's file system
+//! (names outside the tree count, as they do on a bind mount of a subdirectory), and `link`
+//! names its hard-link group: entries with the same `link` are one file, which a mount shows
+//! as one inode and `copy` writes as hard links. (Version 1, still decoded, had neither the
+//! header fields nor `nlink`/`link`: the root then shows mode 0755 and the publish time, and
+//! links counts are 1 and 2.) The body is, for a file (kind 0) `size u64 | blake3 [32] | content`, for a directory (1)
 //! `hash [32] | len u32`, for a symlink (2) `target_len u16 | target`. File content is
 //! `0 | bytes[size]` (inline, size <= [`INLINE_MAX`]), `1 | hash [32]` (one block) or
 //! `2 | hash [32] | len u32 | first_leaf [32]` (a file index, and the hash of the file's first
@@ -18,8 +25,18 @@ use super::{ObjectError, ObjectRef, DIRECTORY_MAX, INLINE_MAX};
 use lcfs_cache::Hash;
 
 const MAGIC: &[u8; 4] = b"LCFD";
-const VERSION: u8 = 1;
-const MIN_ENTRY: usize = 21;
+const VERSION: u8 = 2;
+const MIN_ENTRY_V1: usize = 21;
+const MIN_ENTRY: usize = 25;
+/// The most links a file may claim (Linux allows 65,000 on ext4; more is not believed).
+pub const MAX_NLINK: u32 = 1 << 24;
+
+/// A directory's own attributes (the root has no entry to carry them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DirMeta {
+    pub mode: u32,
+    pub mtime: Timestamp,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Timestamp {
@@ -58,19 +75,47 @@ pub struct Entry {
     /// Permission bits only (`0o7777`).
     pub mode: u32,
     pub mtime: Timestamp,
+    /// Link count, as `stat` shows it (see the module doc).
+    pub nlink: u32,
+    /// Hard-link group of a file whose `nlink` > 1, else 0.
+    pub link: u64,
     pub kind: EntryKind,
+}
+
+impl Entry {
+    /// The conventional link count of an entry that is not a hard link: 1, or 2 for a
+    /// directory (whose subdirectories the caller adds).
+    pub fn plain_nlink(kind: &EntryKind) -> u32 {
+        match kind {
+            EntryKind::Dir(_) => 2,
+            _ => 1,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Directory {
     pub entries: Vec<Entry>,
+    /// Its own mode and mtime (`None` from a version 1 object).
+    pub meta: Option<DirMeta>,
 }
 
 impl Directory {
     /// Builds a directory, sorting its entries by name.
     pub fn new(mut entries: Vec<Entry>) -> Directory {
         entries.sort_by(|a, b| a.name.cmp(&b.name));
-        Directory { entries }
+        Directory {
+            entries,
+            meta: None,
+        }
+    }
+
+    /// [`Directory::new`] with the directory's own attributes.
+    pub fn with_meta(entries: Vec<Entry>, meta: DirMeta) -> Directory {
+        Directory {
+            meta: Some(meta),
+            ..Directory::new(entries)
+        }
     }
 
     pub fn get(&self, name: &[u8]) -> Option<&Entry> {
@@ -82,6 +127,13 @@ impl Directory {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::header(MAGIC, VERSION);
+        let meta = self.meta.unwrap_or(DirMeta {
+            mode: 0o755,
+            mtime: Timestamp::default(),
+        });
+        w.u32(meta.mode);
+        w.i64(meta.mtime.secs);
+        w.u32(meta.mtime.nanos);
         w.u32(self.entries.len() as u32);
         for e in &self.entries {
             encode_entry(&mut w, e);
@@ -94,18 +146,30 @@ impl Directory {
             return Err(ObjectError::Invalid("directory larger than the limit"));
         }
         let mut r = Reader::new(buf);
-        r.header(MAGIC, "directory", VERSION)?;
-        let n = r.count(MIN_ENTRY, usize::MAX)?;
+        let version = r.header_of(MAGIC, "directory", 1..=VERSION)?;
+        let meta = match version {
+            1 => None,
+            _ => Some(DirMeta {
+                mode: decode_mode(&mut r)?,
+                mtime: decode_time(&mut r)?,
+            }),
+        };
+        let min_entry = if version == 1 {
+            MIN_ENTRY_V1
+        } else {
+            MIN_ENTRY
+        };
+        let n = r.count(min_entry, usize::MAX)?;
         let mut entries: Vec<Entry> = Vec::with_capacity(n);
         for _ in 0..n {
-            let e = decode_entry(&mut r)?;
+            let e = decode_entry(&mut r, version)?;
             if entries.last().is_some_and(|p| p.name >= e.name) {
                 return Err(ObjectError::Invalid("entries not strictly sorted"));
             }
             entries.push(e);
         }
         r.finish()?;
-        Ok(Directory { entries })
+        Ok(Directory { entries, meta })
     }
 }
 
@@ -121,6 +185,10 @@ fn encode_entry(w: &mut Writer, e: &Entry) {
     w.u32(e.mode);
     w.i64(e.mtime.secs);
     w.u32(e.mtime.nanos);
+    w.u32(e.nlink);
+    if kind == 0 && e.nlink > 1 {
+        w.u64(e.link);
+    }
     match &e.kind {
         EntryKind::File(f) => {
             w.u64(f.size);
@@ -162,22 +230,47 @@ pub fn valid_name(name: &[u8]) -> bool {
         && !name.iter().any(|&b| b == b'/' || b == 0)
 }
 
-fn decode_entry(r: &mut Reader) -> Result<Entry, ObjectError> {
+fn decode_mode(r: &mut Reader) -> Result<u32, ObjectError> {
+    let mode = r.u32()?;
+    if mode & !0o7777 != 0 {
+        return Err(ObjectError::Invalid("mode has bits beyond the permissions"));
+    }
+    Ok(mode)
+}
+
+fn decode_time(r: &mut Reader) -> Result<Timestamp, ObjectError> {
+    let secs = r.i64()?;
+    let nanos = r.u32()?;
+    if nanos >= 1_000_000_000 {
+        return Err(ObjectError::Invalid("nanoseconds out of range"));
+    }
+    Ok(Timestamp { secs, nanos })
+}
+
+fn decode_entry(r: &mut Reader, version: u8) -> Result<Entry, ObjectError> {
     let len = r.u8()? as usize;
     let name = r.bytes(len)?.to_vec();
     if !valid_name(&name) {
         return Err(ObjectError::Invalid("bad entry name"));
     }
     let kind = r.u8()?;
-    let mode = r.u32()?;
-    if mode & !0o7777 != 0 {
-        return Err(ObjectError::Invalid("mode has bits beyond the permissions"));
-    }
-    let secs = r.i64()?;
-    let nanos = r.u32()?;
-    if nanos >= 1_000_000_000 {
-        return Err(ObjectError::Invalid("nanoseconds out of range"));
-    }
+    let mode = decode_mode(r)?;
+    let mtime = decode_time(r)?;
+    let (nlink, link) = match version {
+        1 => (if kind == 1 { 2 } else { 1 }, 0),
+        _ => {
+            let nlink = r.u32()?;
+            let link = if kind == 0 && nlink > 1 { r.u64()? } else { 0 };
+            match (kind, nlink, link) {
+                (_, 0, _) | (_, MAX_NLINK.., _) => {
+                    return Err(ObjectError::Invalid("link count out of range"))
+                }
+                (1, 1, _) => return Err(ObjectError::Invalid("directory with one link")),
+                (0, 2.., 0) => return Err(ObjectError::Invalid("hard link without a group")),
+                _ => (nlink, link),
+            }
+        }
+    };
     let kind = match kind {
         0 => EntryKind::File(decode_file(r)?),
         1 => EntryKind::Dir(ObjectRef {
@@ -190,7 +283,9 @@ fn decode_entry(r: &mut Reader) -> Result<Entry, ObjectError> {
     Ok(Entry {
         name,
         mode,
-        mtime: Timestamp { secs, nanos },
+        mtime,
+        nlink,
+        link,
         kind,
     })
 }
@@ -239,6 +334,8 @@ pub(crate) mod tests {
             name: name.into(),
             mode: 0o644,
             mtime: ts,
+            nlink: Entry::plain_nlink(&kind),
+            link: 0,
             kind,
         };
         Directory::new(vec![
@@ -274,9 +371,88 @@ pub(crate) mod tests {
         ])
     }
 
+    /// [`sample`] with its own attributes, and two names of one hard-linked file.
+    pub fn sample_v2() -> Directory {
+        let mut d = sample();
+        let i = d.entries.iter().position(|e| e.name == b"one").unwrap();
+        let mut linked = d.entries[i].clone();
+        linked.name = b"one again".to_vec();
+        for e in [&mut d.entries[i], &mut linked] {
+            e.nlink = 2;
+            e.link = 0x1234_5678_9abc;
+        }
+        d.entries.push(linked);
+        Directory::with_meta(
+            d.entries,
+            DirMeta {
+                mode: 0o750,
+                mtime: Timestamp {
+                    secs: 1_600_000_000,
+                    nanos: 7,
+                },
+            },
+        )
+    }
+
+    /// The version 1 encoding of `d` (no own attributes, no link fields).
+    fn encode_v1(d: &Directory) -> Vec<u8> {
+        let mut w = Writer::header(MAGIC, 1);
+        w.u32(d.entries.len() as u32);
+        for e in &d.entries {
+            let mut one = Writer { buf: Vec::new() };
+            encode_entry(&mut one, e);
+            let fixed = 1 + e.name.len() + 1 + 4 + 8 + 4;
+            let link_len = if e.link != 0 { 8 } else { 0 };
+            w.buf.extend_from_slice(&one.buf[..fixed]);
+            w.buf.extend_from_slice(&one.buf[fixed + 4 + link_len..]);
+        }
+        w.buf
+    }
+
+    #[test]
+    fn version_2_carries_own_attributes_and_links() {
+        let d = sample_v2();
+        let back = Directory::decode(&d.encode()).unwrap();
+        assert_eq!(back, d);
+        assert_eq!(back.meta.unwrap().mode, 0o750);
+        let dir = back.get(b"sub dir").unwrap();
+        assert_eq!((dir.nlink, dir.link), (2, 0));
+        let (a, b) = (back.get(b"one").unwrap(), back.get(b"one again").unwrap());
+        assert_eq!((a.nlink, a.link), (2, b.link));
+    }
+
+    #[test]
+    fn version_1_still_decodes() {
+        let d = sample();
+        let v1 = encode_v1(&d);
+        let back = Directory::decode(&v1).unwrap();
+        assert_eq!(back.meta, None);
+        assert_eq!(back.entries, d.entries);
+    }
+
+    #[test]
+    fn hostile_link_counts_are_refused() {
+        let cases: [(&[u8], u32, u64); 4] = [
+            (b"one", 0, 0),         // a file with no link
+            (b"one", 2, 0),         // linked, but no group
+            (b"sub dir", 1, 0),     // a directory with one link
+            (b"one", MAX_NLINK, 7), // beyond belief
+        ];
+        for (name, nlink, link) in cases {
+            let mut d = sample();
+            let i = d.entries.iter().position(|e| e.name == name).unwrap();
+            d.entries[i].nlink = nlink;
+            d.entries[i].link = link;
+            assert!(
+                Directory::decode(&d.encode()).is_err(),
+                "{i} {nlink} {link}"
+            );
+        }
+    }
+
     #[test]
     fn round_trip_and_lookup() {
-        let d = sample();
+        let d = sample_v2();
         let enc = d.encode();
         assert_eq!(Directory::decode(&enc).unwrap(), d);
         assert!(d.get(b"one").is_some() && d.get(b"nope").is_none());
@@ -309,7 +485,7 @@ pub(crate) mod tests {
     #[test]
     fn huge_count_does_not_allocate() {
         let mut enc = Directory::default().encode();
-        enc[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
+        enc[21..25].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             Directory::decode(&enc),
             Err(ObjectError::Truncated { .. })

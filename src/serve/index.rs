@@ -52,7 +52,7 @@ use rayon::prelude::*;
 
 use super::leafcache::{Body, FileHash, LeafCache};
 use crate::object::bundle::bundles;
-use crate::object::dir::valid_name;
+use crate::object::dir::{valid_name, DirMeta, MAX_NLINK};
 use crate::object::index::index_ref;
 use crate::object::{
     object_ref, BlockSize, Content, Directory, Entry, EntryKind, FileIndex, FileRef, ObjectRef,
@@ -320,15 +320,18 @@ impl Walker {
     fn root(&self) -> Result<ObjectRef, IndexError> {
         let tree = self.tree.clone();
         match tree.single_file() {
-            None => self.dir(tree.dir(), Path::new(""), 0),
+            None => self.dir(tree.dir(), Path::new(""), 0).map(|(r, _)| r),
             Some((name, published)) => self.single_file(name, published),
         }
     }
 
     /// Builds the object of directory `fd` (at `rel` in the tree, `depth` levels down) and of
     /// everything below it.
-    fn dir(&self, fd: &OwnedFd, rel: &Path, depth: usize) -> Result<ObjectRef, IndexError> {
-        let names = beneath::list(fd).map_err(IndexError::io(&self.tree.display(rel)))?;
+    /// Returns its object and how many subdirectories it has.
+    fn dir(&self, fd: &OwnedFd, rel: &Path, depth: usize) -> Result<(ObjectRef, u32), IndexError> {
+        let path = self.tree.display(rel);
+        let own = beneath::stat_fd(fd).map_err(IndexError::io(&path))?;
+        let names = beneath::list(fd).map_err(IndexError::io(&path))?;
         let entries: Vec<Entry> = names
             .into_par_iter()
             .map(|name| self.child(fd, rel, name, depth))
@@ -336,7 +339,16 @@ impl Walker {
             .into_iter()
             .flatten()
             .collect();
-        self.add_directory(&self.tree.display(rel), Directory::new(entries))
+        let subdirs = entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Dir(_)))
+            .count() as u32;
+        let meta = DirMeta {
+            mode: own.mode,
+            mtime: own.mtime,
+        };
+        let r = self.add_directory(&path, Directory::with_meta(entries, meta))?;
+        Ok((r, subdirs))
     }
 
     fn single_file(&self, name: &CStr, published: &[u8]) -> Result<ObjectRef, IndexError> {
@@ -447,7 +459,10 @@ impl Walker {
             Kind::Dir => {
                 let fd = beneath::open_dir_at(dir, name).map_err(|e| IndexError::io(&path())(e))?;
                 let opened = beneath::stat_fd(&fd).map_err(|e| IndexError::io(&path())(e))?;
-                (opened, EntryKind::Dir(self.dir(&fd, rel, depth + 1)?))
+                let (r, subdirs) = self.dir(&fd, rel, depth + 1)?;
+                let mut e = entry_of(name_bytes, &opened, EntryKind::Dir(r));
+                e.nlink = 2 + subdirs;
+                return Ok(Some(e));
             }
         };
         Ok(Some(entry_of(name_bytes, &attrs, kind)))
@@ -618,11 +633,27 @@ impl Walker {
     }
 }
 
+/// The entry of a file or symlink (a directory's link count is its caller's to set). A file
+/// with several links names its group by a hash of its device and inode: the same in every
+/// generation, and the same for every name of it in the tree.
 fn entry_of(name: Vec<u8>, attrs: &Attrs, kind: EntryKind) -> Entry {
+    let (nlink, link) = match kind {
+        EntryKind::File(_) if attrs.nlink > 1 => {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&attrs.dev.to_le_bytes());
+            id[8..].copy_from_slice(&attrs.ino.to_le_bytes());
+            let h = blake3::hash(&id);
+            let link = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
+            (attrs.nlink.min(MAX_NLINK - 1), link.max(1))
+        }
+        _ => (Entry::plain_nlink(&kind), 0),
+    };
     Entry {
         name,
         mode: attrs.mode,
         mtime: attrs.mtime,
+        nlink,
+        link,
         kind,
     }
 }

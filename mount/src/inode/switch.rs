@@ -26,7 +26,7 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
-use super::{sorted, InodeTable, Listing, ROOT};
+use super::{new_ino, sorted, InodeTable, Listing, ROOT};
 use crate::source::{Attr, Child, Kind};
 
 /// Whether two nodes (of one kind) hold the same content.
@@ -145,6 +145,7 @@ impl<N: Clone> InodeTable<N> {
         same: Same<'_, N>,
     ) -> Applied {
         self.epoch += 1;
+        self.links.clear();
         let mut out = Applied::default();
         // Depth first, without recursion: trees may be thousands of levels deep.
         let mut todo = vec![(ROOT, root, attr)];
@@ -214,8 +215,7 @@ impl<N: Clone> InodeTable<N> {
         let mut inos = Vec::with_capacity(new.len());
         for (k, child) in p.kept.iter().zip(new.iter()) {
             let Some(k) = k else {
-                inos.push(self.next);
-                self.next += 1;
+                inos.push(new_ino(&mut self.next, &mut self.links, &child.attr));
                 continue;
             };
             let child_ino = old.ino(*k);
@@ -275,6 +275,8 @@ mod tests {
             mode,
             mtime_secs: 0,
             mtime_nanos: 0,
+            nlink: 1,
+            link: 0,
         }
     }
 

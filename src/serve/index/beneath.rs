@@ -65,6 +65,7 @@ pub(crate) struct Attrs {
     pub ino: u64,
     /// Encoded as `st_dev` is, so that leaf cache entries from `stat` still match.
     pub dev: u64,
+    pub nlink: u32,
 }
 
 impl Attrs {
@@ -87,6 +88,7 @@ impl Attrs {
             ctime: time(st.stx_ctime),
             ino: st.stx_ino,
             dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+            nlink: st.stx_nlink,
         }
     }
 
@@ -108,7 +110,8 @@ const STATX_MASK: StatxFlags = StatxFlags::TYPE
     .union(StatxFlags::SIZE)
     .union(StatxFlags::MTIME)
     .union(StatxFlags::CTIME)
-    .union(StatxFlags::INO);
+    .union(StatxFlags::INO)
+    .union(StatxFlags::NLINK);
 
 /// `lstat` of `name` in `dir`: a symlink is reported as one, never followed.
 pub(crate) fn stat_at(dir: BorrowedFd, name: &CStr) -> io::Result<Attrs> {

@@ -422,6 +422,8 @@ fn oversized_directory_is_an_error() {
             name: format!("{i:0>250}").into_bytes(),
             mode: 0o644,
             mtime: Timestamp::default(),
+            nlink: 1,
+            link: 0,
             kind: EntryKind::File(file.clone()),
         })
         .collect();
