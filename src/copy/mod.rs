@@ -23,9 +23,9 @@
 //!   may delete in it. Files get their modes after their rename, directories theirs at the
 //!   end, deepest first; DEST gets the published root's only when the copy created it.
 
-mod dest;
+pub(crate) mod dest;
 mod existing;
-mod staging;
+pub(crate) mod staging;
 pub mod trash;
 
 use std::ffi::OsStr;
@@ -141,7 +141,8 @@ pub async fn copy(
     copier.staging.sync();
     copier.staging.commit()?;
     if opts.delete && plan.tree {
-        report.trashed = trash::sweep(&plan.dest, &plan.items)?;
+        let items = plan.items.iter().map(|(rel, e)| (rel.as_path(), is_dir(e)));
+        report.trashed = trash::sweep(&plan.dest, items)?;
     }
     copier.set_dir_attrs(&plan.items, plan.root_attrs)?;
     copier.progress.finish();
@@ -237,6 +238,10 @@ fn single(dest: &Path, entries: Vec<Entry>) -> Result<Plan, CopyError> {
         root_attrs: None,
         tree: false,
     })
+}
+
+fn is_dir(e: &Entry) -> bool {
+    matches!(e.kind, EntryKind::Dir(_))
 }
 
 fn file_size(e: &Entry) -> u64 {
