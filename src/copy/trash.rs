@@ -198,7 +198,7 @@ mod tests {
         let outside = tmp.path().join("outside");
         std::fs::create_dir(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("sub/link")).unwrap();
-        let items = vec![
+        let items = [
             (PathBuf::from("keep"), entry("keep", false)),
             (PathBuf::from("sub"), entry("sub", true)),
             (PathBuf::from("sub/keep2"), entry("keep2", false)),

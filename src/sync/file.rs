@@ -165,7 +165,7 @@ fn write_runs<S: Source, D: Source + AsFd>(
     dest: Option<&D>,
     part: &File,
     plan: &BlockPlan,
-    buf: &mut Vec<u8>,
+    buf: &mut [u8],
 ) -> io::Result<()> {
     for r in &plan.runs {
         match (r.from, dest) {
@@ -182,7 +182,7 @@ fn copy_range(
     to: &File,
     mut off: u64,
     len: u64,
-    buf: &mut Vec<u8>,
+    buf: &mut [u8],
 ) -> io::Result<()> {
     let end = off + len;
     while off < end {
@@ -201,7 +201,7 @@ fn clone_range<D: Source + AsFd>(
     to: &File,
     off: u64,
     len: u64,
-    buf: &mut Vec<u8>,
+    buf: &mut [u8],
 ) -> io::Result<()> {
     let (mut at_in, mut at_out, end) = (off, off, off + len);
     while at_in < end {
