@@ -22,4 +22,5 @@ pub mod progress;
 pub mod serve;
 pub mod sim;
 pub mod status;
+pub mod sync;
 pub mod unpin;

@@ -38,6 +38,14 @@ pub(crate) enum Command {
     Copy(CopyArgs),
     /// Fill the cache with a channel's tree for offline use.
     Prefetch(PrefetchArgs),
+    /// Sync a local directory (or file) into DEST, writing only the blocks that differ.
+    ///
+    /// Each file is compared with DEST's file of the same name block by block; a changed
+    /// file is rebuilt under a hidden .lcfs-part-* name from DEST's equal blocks and SRC's
+    /// differing ones, made durable, then renamed into place. DEST is handled as lcfs copy
+    /// handles it: no symlink below it is followed, a directory another user owns is
+    /// refused, setuid and setgid are dropped unless --keep-setuid.
+    Sync(SyncArgs),
     /// Inspect and manage the receiver cache: status, pin, unpin, verify, gc, clear.
     #[command(subcommand, long_about = CACHE_ABOUT)]
     Cache(CacheCommand),
@@ -257,6 +265,25 @@ pub(crate) struct CopyArgs {
     pub(crate) watch: bool,
     #[command(flatten)]
     pub(crate) recv: RecvArgs,
+}
+
+#[derive(Args)]
+pub(crate) struct SyncArgs {
+    /// The directory (or file) to sync from. Symlinks below it are copied as symlinks.
+    pub(crate) src: PathBuf,
+    /// Where to: a directory for a directory; a file path or a directory for one file.
+    pub(crate) dest: PathBuf,
+    /// Keep setuid and setgid bits. Without it they are dropped, since the synced files
+    /// belong to whoever runs the sync.
+    #[arg(long)]
+    pub(crate) keep_setuid: bool,
+    /// Move what DEST holds and SRC does not into DEST/.lcfs-trash/<UTC time>/
+    /// (nothing is deleted outright).
+    #[arg(long)]
+    pub(crate) delete: bool,
+    /// Files are compared in blocks of this size (a power of two, 16K to 4M).
+    #[arg(long, default_value = "64K", value_parser = parse_block_size)]
+    pub(crate) block_size: BlockSize,
 }
 
 #[derive(Args)]

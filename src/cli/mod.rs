@@ -13,6 +13,7 @@ mod mount;
 mod receive;
 mod serve;
 mod status;
+mod sync;
 
 use anyhow::Context;
 use clap::Parser;
@@ -51,6 +52,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Serve(a) => serve::serve(a),
         Command::Copy(a) => run_async(copy::copy(a)),
         Command::Prefetch(a) => run_async(copy::prefetch(a)),
+        Command::Sync(a) => sync::sync(a),
         Command::Cache(c) => cache::cache(c),
         Command::Mount(a) => mount::mount(a),
         Command::Umount(a) => lcfs_mount::unmount(&a.mountpoint)

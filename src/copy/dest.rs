@@ -422,6 +422,25 @@ pub fn open_regular(dir: &OwnedFd, name: &OsStr) -> Option<(File, Stat)> {
     (FileType::from_raw_mode(st.st_mode) == FileType::RegularFile).then(|| (File::from(fd), st))
 }
 
+/// The target of the symlink `name` in `dir`, with its status; `None` for anything else.
+pub fn symlink_at(dir: &OwnedFd, name: &OsStr) -> Option<(Vec<u8>, Stat)> {
+    let st = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
+        return None;
+    }
+    let target = rfs::readlinkat(dir, name, Vec::new()).ok()?;
+    Some((target.into_bytes(), st))
+}
+
+/// The modification time in `st`.
+#[allow(clippy::useless_conversion)]
+pub fn mtime_of(st: &Stat) -> Timestamp {
+    Timestamp {
+        secs: i64::from(st.st_mtime),
+        nanos: u32::try_from(st.st_mtime_nsec).unwrap_or(0),
+    }
+}
+
 /// True if `st` is a file only the copying user can have planted or changed: its own, and
 /// with no other name (a hard link) that a mode change would reach.
 pub fn solely_ours(st: &Stat, euid: u32) -> bool {

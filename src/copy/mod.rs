@@ -26,9 +26,9 @@
 //!   the first is staged like any file, the others are linked to it once it is in place
 //!   (a link under a part name, then a rename, so each name changes atomically).
 
-mod dest;
+pub(crate) mod dest;
 mod existing;
-mod staging;
+pub(crate) mod staging;
 pub mod trash;
 
 use std::ffi::OsStr;
@@ -145,7 +145,8 @@ pub async fn copy(
     copier.staging.commit()?;
     copier.link_all(&links)?;
     if opts.delete && plan.tree {
-        report.trashed = trash::sweep(&plan.dest, &plan.items)?;
+        let items = plan.items.iter().map(|(rel, e)| (rel.as_path(), is_dir(e)));
+        report.trashed = trash::sweep(&plan.dest, items)?;
     }
     copier.set_dir_attrs(&plan.items, plan.root_attrs)?;
     copier.progress.finish();
@@ -245,6 +246,10 @@ fn single(dest: &Path, entries: Vec<Entry>) -> Result<Plan, CopyError> {
         root_attrs: None,
         tree: false,
     })
+}
+
+fn is_dir(e: &Entry) -> bool {
+    matches!(e.kind, EntryKind::Dir(_))
 }
 
 fn file_size(e: &Entry) -> u64 {

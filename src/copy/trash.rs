@@ -16,15 +16,18 @@ use rustix::fs::{self as rfs, Mode, OFlags};
 
 use super::dest::Dest;
 use super::CopyError;
-use crate::object::{Entry, EntryKind};
 
 /// The trash directory's name at DEST's root.
 pub const TRASH: &str = ".lcfs-trash";
 const PART_PREFIX: &[u8] = b".lcfs-part-";
 
 /// Moves every entry of the directories in `items` (and DEST itself) that `items` does not
-/// name into the trash. Returns how many entries were moved.
-pub fn sweep(dest: &Dest, items: &[(PathBuf, Entry)]) -> Result<u64, CopyError> {
+/// name into the trash. `items` are paths relative to DEST, each with whether it is a
+/// directory. Returns how many entries were moved.
+pub fn sweep<'a>(
+    dest: &Dest,
+    items: impl IntoIterator<Item = (&'a Path, bool)>,
+) -> Result<u64, CopyError> {
     let wanted = wanted_names(items);
     // Nanoseconds: two sweeps in one second get trash directories of their own.
     let stamp = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
@@ -47,16 +50,18 @@ pub fn sweep(dest: &Dest, items: &[(PathBuf, Entry)]) -> Result<u64, CopyError> 
 }
 
 /// For DEST ("") and every directory of the tree, the names it should hold.
-fn wanted_names(items: &[(PathBuf, Entry)]) -> HashMap<PathBuf, HashSet<OsString>> {
+fn wanted_names<'a>(
+    items: impl IntoIterator<Item = (&'a Path, bool)>,
+) -> HashMap<PathBuf, HashSet<OsString>> {
     let mut wanted: HashMap<PathBuf, HashSet<OsString>> = HashMap::new();
     wanted.entry(PathBuf::new()).or_default();
-    for (rel, entry) in items {
+    for (rel, is_dir) in items {
         let parent = rel.parent().unwrap_or(Path::new("")).to_owned();
         if let Some(name) = rel.file_name() {
             wanted.entry(parent).or_default().insert(name.to_owned());
         }
-        if matches!(entry.kind, EntryKind::Dir(_)) {
-            wanted.entry(rel.clone()).or_default();
+        if is_dir {
+            wanted.entry(rel.to_owned()).or_default();
         }
     }
     wanted
@@ -162,7 +167,7 @@ impl Trash<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::{ObjectRef, Timestamp};
+    use crate::object::{Entry, EntryKind, ObjectRef, Timestamp};
 
     fn entry(name: &str, dir: bool) -> Entry {
         Entry {
@@ -195,14 +200,19 @@ mod tests {
         let outside = tmp.path().join("outside");
         std::fs::create_dir(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("sub/link")).unwrap();
-        let items = vec![
+        let items = [
             (PathBuf::from("keep"), entry("keep", false)),
             (PathBuf::from("sub"), entry("sub", true)),
             (PathBuf::from("sub/keep2"), entry("keep2", false)),
         ];
         let dest = Dest::open_or_create(&root).unwrap();
         dest.prepare_dir(Path::new("sub")).unwrap();
-        assert_eq!(sweep(&dest, &items).unwrap(), 3);
+        let paths = || {
+            items
+                .iter()
+                .map(|(p, e)| (p.as_path(), matches!(e.kind, EntryKind::Dir(_))))
+        };
+        assert_eq!(sweep(&dest, paths()).unwrap(), 3);
         let trash: Vec<_> = std::fs::read_dir(root.join(TRASH)).unwrap().collect();
         assert_eq!(trash.len(), 1);
         let stamp = trash[0].as_ref().unwrap().path();
@@ -214,6 +224,6 @@ mod tests {
         assert!(root.join("keep").exists() && root.join("sub/keep2").exists());
         assert!(outside.exists(), "the symlink was moved, not followed");
         // A second sweep with nothing extra moves nothing, and never the trash itself.
-        assert_eq!(sweep(&dest, &items).unwrap(), 0);
+        assert_eq!(sweep(&dest, paths()).unwrap(), 0);
     }
 }

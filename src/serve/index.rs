@@ -63,7 +63,7 @@ use beneath::{Attrs, Kind};
 use hash::hash_contents;
 pub use ignore::{IgnoreRules, IGNORE_FILE};
 
-mod beneath;
+pub(crate) mod beneath;
 mod hash;
 mod ignore;
 
