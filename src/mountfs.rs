@@ -85,6 +85,9 @@ pub struct Inner {
 struct Sets {
     looked_at: LruCache<Hash, ()>,
     by_member: std::collections::HashMap<Hash, Arc<PrefetchSet>>,
+    /// Files read lately, by whole-file hash: a set learned just after its first member was
+    /// read (the walk that learns it races the reader) starts at once.
+    read: LruCache<Hash, ()>,
 }
 
 /// Members with more sets than this are not remembered (each costs a map entry).
@@ -128,6 +131,7 @@ impl TreeSource {
             sets: Mutex::new(Sets {
                 looked_at: LruCache::new(n(4096)),
                 by_member: std::collections::HashMap::new(),
+                read: LruCache::new(n(4096)),
             }),
         }))
     }
@@ -287,12 +291,21 @@ impl Inner {
             tree: tree.clone(),
             started: AtomicBool::new(false),
         });
-        let mut sets = self.sets.lock().expect("sets lock");
-        for m in &set.files {
-            if sets.by_member.len() >= MAX_SET_MEMBERS {
-                break;
+        let read_already = {
+            let mut sets = self.sets.lock().expect("sets lock");
+            for m in &set.files {
+                if sets.by_member.len() >= MAX_SET_MEMBERS {
+                    break;
+                }
+                sets.by_member.entry(m.b3).or_insert_with(|| set.clone());
             }
-            sets.by_member.entry(m.b3).or_insert_with(|| set.clone());
+            set.files
+                .iter()
+                .find(|m| sets.read.contains(&m.b3))
+                .cloned()
+        };
+        if let Some(member) = read_already {
+            self.start_set_of(&member);
         }
         Ok(n)
     }
@@ -301,7 +314,8 @@ impl Inner {
     /// is read.
     fn start_set_of(&self, f: &FileRef) {
         let set = {
-            let sets = self.sets.lock().expect("sets lock");
+            let mut sets = self.sets.lock().expect("sets lock");
+            sets.read.put(f.b3, ());
             if sets.by_member.is_empty() {
                 return;
             }
