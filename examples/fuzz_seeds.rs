@@ -125,6 +125,28 @@ fn main() {
         "directory",
         &with_kind(0, &dir_obj.encode()),
     );
+    // version 2: the directory's own attributes, and two names of one hard-linked file
+    let mut entries = dir_obj.entries.clone();
+    let mut again = entries[1].clone();
+    again.name = b"block again".to_vec();
+    for e in [&mut entries[1], &mut again] {
+        e.nlink = 2;
+        e.link = 42;
+    }
+    entries.push(again);
+    let meta = lcfs::object::dir::DirMeta {
+        mode: 0o750,
+        mtime: Timestamp {
+            secs: 1_600_000_000,
+            nanos: 7,
+        },
+    };
+    write(
+        dir,
+        "objects",
+        "directory-v2",
+        &with_kind(0, &Directory::with_meta(entries, meta).encode()),
+    );
     let leaves = FileIndex::Leaves(vec![h("a"), h("b")]);
     write(
         dir,

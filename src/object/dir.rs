@@ -10,7 +10,8 @@
 //! names its hard-link group: entries with the same `link` are one file, which a mount shows
 //! as one inode and `copy` writes as hard links. (Version 1, still decoded, had neither the
 //! header fields nor `nlink`/`link`: the root then shows mode 0755 and the publish time, and
-//! links counts are 1 and 2.) The body is, for a file (kind 0) `size u64 | blake3 [32] | content`, for a directory (1)
+//! links counts are 1 and 2. [`Directory::encode`] still writes it when nothing needs
+//! version 2, so that every decoded object encodes back to the same bytes.) The body is, for a file (kind 0) `size u64 | blake3 [32] | content`, for a directory (1)
 //! `hash [32] | len u32`, for a symlink (2) `target_len u16 | target`. File content is
 //! `0 | bytes[size]` (inline, size <= [`INLINE_MAX`]), `1 | hash [32]` (one block) or
 //! `2 | hash [32] | len u32 | first_leaf [32]` (a file index, and the hash of the file's first
@@ -125,18 +126,27 @@ impl Directory {
             .map(|i| &self.entries[i])
     }
 
+    /// Version 2, or version 1 when there is nothing that needs 2 (no own attributes, no
+    /// link beyond the conventional counts): what decodes re-encodes to the same bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::header(MAGIC, VERSION);
-        let meta = self.meta.unwrap_or(DirMeta {
-            mode: 0o755,
-            mtime: Timestamp::default(),
-        });
-        w.u32(meta.mode);
-        w.i64(meta.mtime.secs);
-        w.u32(meta.mtime.nanos);
+        let plain = |e: &Entry| e.link == 0 && e.nlink == Entry::plain_nlink(&e.kind);
+        let version = match self.meta {
+            None if self.entries.iter().all(plain) => 1,
+            _ => VERSION,
+        };
+        let mut w = Writer::header(MAGIC, version);
+        if version > 1 {
+            let meta = self.meta.unwrap_or(DirMeta {
+                mode: 0o755,
+                mtime: Timestamp::default(),
+            });
+            w.u32(meta.mode);
+            w.i64(meta.mtime.secs);
+            w.u32(meta.mtime.nanos);
+        }
         w.u32(self.entries.len() as u32);
         for e in &self.entries {
-            encode_entry(&mut w, e);
+            encode_entry(&mut w, e, version);
         }
         w.buf
     }
@@ -173,7 +183,7 @@ impl Directory {
     }
 }
 
-fn encode_entry(w: &mut Writer, e: &Entry) {
+fn encode_entry(w: &mut Writer, e: &Entry, version: u8) {
     w.u8(e.name.len() as u8);
     w.bytes(&e.name);
     let kind = match e.kind {
@@ -185,9 +195,11 @@ fn encode_entry(w: &mut Writer, e: &Entry) {
     w.u32(e.mode);
     w.i64(e.mtime.secs);
     w.u32(e.mtime.nanos);
-    w.u32(e.nlink);
-    if kind == 0 && e.nlink > 1 {
-        w.u64(e.link);
+    if version > 1 {
+        w.u32(e.nlink);
+        if kind == 0 && e.nlink > 1 {
+            w.u64(e.link);
+        }
     }
     match &e.kind {
         EntryKind::File(f) => {
@@ -394,21 +406,6 @@ pub(crate) mod tests {
         )
     }
 
-    /// The version 1 encoding of `d` (no own attributes, no link fields).
-    fn encode_v1(d: &Directory) -> Vec<u8> {
-        let mut w = Writer::header(MAGIC, 1);
-        w.u32(d.entries.len() as u32);
-        for e in &d.entries {
-            let mut one = Writer { buf: Vec::new() };
-            encode_entry(&mut one, e);
-            let fixed = 1 + e.name.len() + 1 + 4 + 8 + 4;
-            let link_len = if e.link != 0 { 8 } else { 0 };
-            w.buf.extend_from_slice(&one.buf[..fixed]);
-            w.buf.extend_from_slice(&one.buf[fixed + 4 + link_len..]);
-        }
-        w.buf
-    }
-
     #[test]
     fn version_2_carries_own_attributes_and_links() {
         let d = sample_v2();
@@ -422,12 +419,24 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn version_1_still_decodes() {
+    fn version_1_still_decodes_and_round_trips() {
         let d = sample();
-        let v1 = encode_v1(&d);
+        let v1 = d.encode();
+        assert_eq!(v1[4], 1, "nothing here needs version 2");
         let back = Directory::decode(&v1).unwrap();
-        assert_eq!(back.meta, None);
-        assert_eq!(back.entries, d.entries);
+        assert_eq!(back, d);
+        assert_eq!(back.encode(), v1);
+        assert_eq!(sample_v2().encode()[4], 2);
+    }
+
+    /// Found by `tools/fuzz objects`: an empty version 1 directory re-encoded as version 2
+    /// with made-up attributes, so it no longer decoded the same.
+    #[test]
+    fn regression_v1_directory_reencodes_as_v1() {
+        let v1 = b"LCFD\x01\0\0\0\0";
+        let d = Directory::decode(v1).unwrap();
+        assert_eq!(d.encode(), v1);
+        assert_eq!(Directory::decode(&d.encode()).unwrap(), d);
     }
 
     #[test]
@@ -484,12 +493,14 @@ pub(crate) mod tests {
 
     #[test]
     fn huge_count_does_not_allocate() {
-        let mut enc = Directory::default().encode();
-        enc[21..25].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            Directory::decode(&enc),
-            Err(ObjectError::Truncated { .. })
-        ));
+        let v2 = Directory::with_meta(vec![], DirMeta::default());
+        for (mut enc, at) in [(Directory::default().encode(), 5), (v2.encode(), 21)] {
+            enc[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+            assert!(matches!(
+                Directory::decode(&enc),
+                Err(ObjectError::Truncated { .. })
+            ));
+        }
     }
 
     proptest! {
