@@ -226,7 +226,12 @@ fn metrics_endpoint_refuses_other_paths() {
              for req in [b'GET /secret HTTP/1.0\\r\\n\\r\\n', b'\\x00' * 3000, b'GET /metrics HTTP/1.0\\r\\n\\r\\n']:\n\
              \x20   s = socket.create_connection(('127.0.0.1', 9470), timeout=5)\n\
              \x20   s.sendall(req)\n\
-             \x20   print(s.recv(100).split(b'\\r\\n')[0].decode(errors='replace'))\n\
+             \x20   got = b''\n\
+             \x20   while True:\n\
+             \x20       part = s.recv(4096)\n\
+             \x20       if not part: break\n\
+             \x20       got += part\n\
+             \x20   print(got.split(b'\\r\\n')[0].decode(errors='replace'))\n\
              \x20   s.close()\n",
         ])
         .output()

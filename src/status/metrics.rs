@@ -133,12 +133,24 @@ fn answer(mut conn: TcpStream, status: &StatusFn) -> std::io::Result<()> {
     } else {
         ("404 Not Found", "try GET /metrics\n".to_owned())
     };
-    write!(
-        conn,
+    // One write: a scraper that reads the status line from the first segment gets it whole.
+    let response = format!(
         "HTTP/1.0 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{body}",
         body.len()
-    )
+    );
+    conn.write_all(response.as_bytes())?;
+    // Closing with unread bytes would reset the connection before the client read the
+    // answer: say we are done, then drop what is left of its request (a little, for a while).
+    conn.shutdown(std::net::Shutdown::Write)?;
+    let mut left: usize = 64 * 1024;
+    while left > 0 {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+    Ok(())
 }
 
 /// The metrics of one process in the text exposition format.

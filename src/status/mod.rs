@@ -288,6 +288,10 @@ pub fn read_all(dirs: &[PathBuf]) -> Vec<ProcessStatus> {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
+            // A file left by a killed lcfs whose pid now belongs to another program.
+            if !is_lcfs(pid) {
+                continue;
+            }
             let parsed = std::fs::read(&path)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<ProcessStatus>(&b).ok());
@@ -305,6 +309,12 @@ fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists and may be signalled.
     let r = unsafe { libc::kill(pid, 0) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Whether process `pid` runs lcfs (its command name, as the kernel keeps it, starts so);
+/// true when that cannot be read.
+fn is_lcfs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).map_or(true, |c| c.starts_with("lcfs"))
 }
 
 /// The directories `lcfs status` reads: this user's, and for root also every user's.
