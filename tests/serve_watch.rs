@@ -374,3 +374,36 @@ fn a_copy_rides_through_new_generations() {
     assert!(ratio < 1.15, "the server sent {ratio:.3} x the file");
     srv.stop();
 }
+
+/// A fifo in the tree is left out, and the server says so once, not at every reindex: two
+/// changes published after it, and still one line naming it.
+#[test]
+fn a_fifo_is_reported_once_across_generations() {
+    let lab = Lab::with_clients(1);
+    let tmp = tmpdir("watch-fifo");
+    let tree = tmp.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("a"), b"a").unwrap();
+    let fifo = tree.join("pipe");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+    let mut srv = start_server(&lab, &tree, "watchfifo", &tmp.path().join("state"), &[]);
+    for (i, name) in ["b", "c"].iter().enumerate() {
+        fs::write(tree.join(name), b"more").unwrap();
+        srv.try_wait_ready(MAX_DELAY)
+            .unwrap_or_else(|| panic!("change {i} was not published"));
+    }
+    let said = srv
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("skipped") && l.contains(s(&fifo)))
+        .count();
+    assert_eq!(
+        said,
+        1,
+        "the fifo was reported {said} times:\n{}",
+        srv.stderr()
+    );
+    srv.stop();
+}

@@ -623,8 +623,9 @@ impl Walker {
         r
     }
 
+    /// Records what is left out; the server says it once (see `Published::skipped`).
     fn skip(&self, path: &Path, why: &dyn std::fmt::Display) {
-        tracing::warn!("skipping {}: {why}", path.display());
+        tracing::debug!("skipping {}: {why}", path.display());
         let entry = (path.to_path_buf(), why.to_string());
         self.skipped
             .lock()

@@ -73,6 +73,8 @@ struct Publisher<'a> {
     said_moved: bool,
     /// Files and bytes of the generation published last, for the status report.
     shown: Arc<Mutex<(u64, u64)>>,
+    /// What the last index left out, and why: said already.
+    said_skipped: std::collections::HashSet<(PathBuf, String)>,
 }
 
 /// What one index gave, and how long it took.
@@ -111,9 +113,15 @@ impl Publisher<'_> {
         };
         let published = index_tree(&self.tree, &config)
             .with_context(|| format!("cannot index {}", self.opts.path.display()))?;
+        // Once per path and reason: every rescan finds the same fifo again.
+        let skipped: std::collections::HashSet<(PathBuf, String)> =
+            published.skipped.iter().cloned().collect();
         for (path, why) in &published.skipped {
-            tracing::warn!("skipped {}: {why}", path.display());
+            if !self.said_skipped.contains(&(path.clone(), why.clone())) {
+                tracing::warn!("skipped {}: {why}", path.display());
+            }
         }
+        self.said_skipped = skipped;
         self.ignore = published.ignore.clone();
         let took = started.elapsed();
         Ok(Indexed { published, took })
@@ -409,6 +417,7 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
         said_deleted: false,
         said_moved: false,
         shown: Arc::default(),
+        said_skipped: Default::default(),
     };
     let table: SharedTable = Arc::new(RwLock::new(Arc::new(publisher.first()?)));
     let (sender, mld, stats, mld_stats) = start_sending(&opts, &table, notice_tx, &shutdown)?;
