@@ -78,6 +78,9 @@ pub struct Inner {
     ahead: Mutex<LruCache<Hash, (u64, u64)>>,
     /// Prefetch sets found so far (see [`crate::prefetch_set`]).
     sets: Mutex<Sets>,
+    /// Whether any set file was seen: until then reads skip the `sets` lock. A member is
+    /// always read after its set's directory was listed, so none is missed.
+    sets_seen: AtomicBool,
 }
 
 /// The prefetch sets a mount knows: which directories were looked at, and each member's
@@ -133,6 +136,7 @@ impl TreeSource {
                 by_member: std::collections::HashMap::new(),
                 read: LruCache::new(n(4096)),
             }),
+            sets_seen: AtomicBool::new(false),
         }))
     }
 
@@ -244,6 +248,7 @@ impl Inner {
         else {
             return;
         };
+        self.sets_seen.store(true, Ordering::Relaxed);
         if self
             .sets
             .lock()
@@ -313,6 +318,9 @@ impl Inner {
     /// Starts the whole set of `f` at readahead priority, the first time one of its members
     /// is read.
     fn start_set_of(&self, f: &FileRef) {
+        if !self.sets_seen.load(Ordering::Relaxed) {
+            return;
+        }
         let set = {
             let mut sets = self.sets.lock().expect("sets lock");
             sets.read.put(f.b3, ());

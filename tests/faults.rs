@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use common::lab::{Lab, LabOptions};
 use common::lcfs::{
-    describe, join_within, non_dirs, number_before, s, signal, spawn_copy, start_server, tmpdir,
-    within, Mount, LCFS,
+    describe, getfattr, join_within, non_dirs, number_before, s, signal, spawn_copy, start_server,
+    tmpdir, within, Mount, LCFS,
 };
 use common::tree::{assert_trees_equal, write_random_file, BLOCK};
 use rand::rngs::StdRng;
@@ -778,14 +778,7 @@ fn envs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
 }
 
 fn mount_generation(mnt: &Path) -> u64 {
-    let out = Command::new("getfattr")
-        .args(["--only-values", "-n", "user.lcfs.generation", s(mnt)])
-        .output()
-        .expect("getfattr (package attr)");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
+    getfattr(mnt, "user.lcfs.generation").map_or(0, |g| g.parse().unwrap_or(0))
 }
 
 /// The server's and a receiver's wall clocks are stepped by an hour, back and forward,

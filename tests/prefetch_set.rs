@@ -4,25 +4,19 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::lab::Lab;
-use common::lcfs::{s, start_server, tmpdir, within, Mount};
+use common::lcfs::{getfattr, start_server, tmpdir, within, Mount};
 use common::tree::write_random_file;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 /// `user.lcfs.cached` of a file on the mount: the fraction of its blocks in the cache.
 fn cached(path: &std::path::Path) -> f64 {
-    let out = Command::new("getfattr")
-        .args(["--only-values", "-n", "user.lcfs.cached", s(path)])
-        .output()
-        .expect("getfattr");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("user.lcfs.cached of {}: {out:?}", path.display()))
+    getfattr(path, "user.lcfs.cached")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no user.lcfs.cached on {}", path.display()))
 }
 
 #[test]

@@ -20,7 +20,7 @@ mod common;
 
 use common::lab::Lab;
 use common::lcfs::{
-    bounded, collect_lines, describe, is_mountpoint, number_before, parse_sent, s, spawn_copy,
+    bounded, collect_lines, getfattr, is_mountpoint, number_before, parse_sent, s, spawn_copy,
     start_server, start_server_at, tmpdir, wait_limit, within, Mount, Server, IFACE, LCFS,
 };
 use common::tree::{assert_trees_equal, list_tree, tree_file_bytes, write_random_file, BLOCK};
@@ -326,17 +326,8 @@ fn dead_temp_files(cache: &Path) -> Vec<String> {
 
 /// `getfattr -n user.lcfs.cached`: the fraction of the file's blocks in the cache.
 fn cached_fraction(path: &Path) -> String {
-    let out = Command::new("getfattr")
-        .args(["--only-values", "-n", "user.lcfs.cached", s(path)])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run getfattr (package attr): {e}"));
-    assert!(
-        out.status.success(),
-        "getfattr {}: {}",
-        path.display(),
-        describe(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    getfattr(path, "user.lcfs.cached")
+        .unwrap_or_else(|| panic!("getfattr -n user.lcfs.cached {} failed", path.display()))
 }
 
 /// Bytes a server reported sending on its stop, over the file bytes of its tree; printed.

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::lab::Lab;
-use common::lcfs::{s, start_server, tmpdir, within, Mount, LCFS};
+use common::lcfs::{getfattr, s, start_server, tmpdir, within, Mount, LCFS};
 use common::tree::write_random_file;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -196,11 +196,7 @@ fn status_and_metrics_beside_a_serve_and_two_mounts() {
 }
 
 fn xattr_offline(mnt: &Path) -> bool {
-    let out = Command::new("getfattr")
-        .args(["--only-values", "-n", "user.lcfs.server", s(mnt)])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).starts_with("offline")
+    getfattr(mnt, "user.lcfs.server").is_some_and(|v| v.starts_with("offline"))
 }
 
 /// A raw request that is not GET /metrics gets a 404, and the endpoint survives it.

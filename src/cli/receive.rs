@@ -290,13 +290,5 @@ pub(crate) fn report_status(
             ..base.clone()
         }
     });
-    let metrics = match args.metrics {
-        Some(addr) => Some(crate::status::metrics::serve(addr, status.clone())?.to_string()),
-        None => None,
-    };
-    Ok(crate::status::Reporter::start(Arc::new(move || {
-        let mut s = status();
-        s.metrics = metrics.clone();
-        s
-    })))
+    crate::status::publish(status, args.metrics)
 }

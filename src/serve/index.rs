@@ -320,17 +320,26 @@ impl Walker {
     fn root(&self) -> Result<ObjectRef, IndexError> {
         let tree = self.tree.clone();
         match tree.single_file() {
-            None => self.dir(tree.dir(), Path::new(""), 0).map(|(r, _)| r),
+            None => {
+                let path = self.tree.display(Path::new(""));
+                let own = beneath::stat_fd(tree.dir()).map_err(IndexError::io(&path))?;
+                self.dir(tree.dir(), &own, Path::new(""), 0).map(|(r, _)| r)
+            }
             Some((name, published)) => self.single_file(name, published),
         }
     }
 
     /// Builds the object of directory `fd` (at `rel` in the tree, `depth` levels down) and of
     /// everything below it.
-    /// Returns its object and how many subdirectories it has.
-    fn dir(&self, fd: &OwnedFd, rel: &Path, depth: usize) -> Result<(ObjectRef, u32), IndexError> {
+    /// `own` is its `fstat`. Returns its object and how many subdirectories it has.
+    fn dir(
+        &self,
+        fd: &OwnedFd,
+        own: &Attrs,
+        rel: &Path,
+        depth: usize,
+    ) -> Result<(ObjectRef, u32), IndexError> {
         let path = self.tree.display(rel);
-        let own = beneath::stat_fd(fd).map_err(IndexError::io(&path))?;
         let names = beneath::list(fd).map_err(IndexError::io(&path))?;
         let entries: Vec<Entry> = names
             .into_par_iter()
@@ -459,7 +468,7 @@ impl Walker {
             Kind::Dir => {
                 let fd = beneath::open_dir_at(dir, name).map_err(|e| IndexError::io(&path())(e))?;
                 let opened = beneath::stat_fd(&fd).map_err(|e| IndexError::io(&path())(e))?;
-                let (r, subdirs) = self.dir(&fd, rel, depth + 1)?;
+                let (r, subdirs) = self.dir(&fd, &opened, rel, depth + 1)?;
                 let mut e = entry_of(name_bytes, &opened, EntryKind::Dir(r));
                 e.nlink = 2 + subdirs;
                 return Ok(Some(e));

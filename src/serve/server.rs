@@ -422,15 +422,7 @@ pub fn run(opts: ServeOptions, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> 
     let table: SharedTable = Arc::new(RwLock::new(Arc::new(publisher.first()?)));
     let (sender, mld, stats, mld_stats) = start_sending(&opts, &table, notice_tx, &shutdown)?;
     let status = server_status(&opts, &table, &stats, &mld_stats, &publisher.shown);
-    let metrics = match opts.metrics {
-        Some(addr) => Some(crate::status::metrics::serve(addr, status.clone())?.to_string()),
-        None => None,
-    };
-    let _reporter = crate::status::Reporter::start(Arc::new(move || {
-        let mut s = status();
-        s.metrics = metrics.clone();
-        s
-    }));
+    let _reporter = crate::status::publish(status, opts.metrics)?;
     follow(&mut publisher, &table, &notices, &shutdown);
     shutdown.store(true, Ordering::Relaxed);
     let _ = sender.join();

@@ -145,6 +145,22 @@ pub fn online(last_heard_ms: u64, now_ms: u64) -> bool {
     last_heard_ms != 0 && now_ms.saturating_sub(last_heard_ms) < OFFLINE_AFTER.as_millis() as u64
 }
 
+/// Serves `status` as metrics on `metrics` if given, and publishes it (naming that
+/// address) in the status directory while the returned reporter lives.
+pub fn publish(
+    status: StatusFn,
+    metrics: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Reporter> {
+    let bound = match metrics {
+        Some(addr) => Some(metrics::serve(addr, status.clone())?.to_string()),
+        None => None,
+    };
+    Ok(Reporter::start(Arc::new(move || ProcessStatus {
+        metrics: bound.clone(),
+        ..status()
+    })))
+}
+
 /// Publishes a process's status while it lives; dropping it removes the file.
 pub struct Reporter {
     stop: Arc<AtomicBool>,

@@ -878,3 +878,15 @@ pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// `getfattr --only-values -n NAME PATH`, trimmed; `None` if getfattr fails (no such
+/// attribute, a mount without `--xattrs`, the mount gone).
+pub fn getfattr(path: &Path, name: &str) -> Option<String> {
+    let out = Command::new("getfattr")
+        .args(["--only-values", "-n", name, s(path)])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run getfattr (package attr): {e}"));
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
