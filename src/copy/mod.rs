@@ -53,9 +53,15 @@ use staging::{Part, Staging};
 
 /// Files staged concurrently, and blocks asked for per file. The fetch engine joins a window
 /// of them at a time; the rest wait in its queue, where the server's beacon can pick the ones
-/// on air (see `fetch::engine`), so this is well beyond the window.
-const FILES_IN_FLIGHT: usize = 128;
+/// on air (see `fetch::state`), so this is well beyond the window: a receiver that fell
+/// behind others can join their rounds only if it has asked for what they fetch now. With
+/// 128 files, a copy among three on tools/bench's tree_10k that started 25 ms after the
+/// others never caught up (2.0 times one receiver's bytes); with 4096, 1.06.
+const FILES_IN_FLIGHT: usize = 4096;
 const BLOCKS_IN_FLIGHT: usize = 4096;
+/// Part files open at once (files of more than one block; one-block files are fetched
+/// before their part file is made), so that a copy stays within a default descriptor limit.
+const OPEN_PARTS: usize = 128;
 /// What `lcfs mount` shows for a whole tree's root, which has no entry of its own.
 const ROOT_DIR_MODE: u32 = 0o755;
 
@@ -115,6 +121,7 @@ struct Copier<'a> {
     reused: AtomicU64,
     unchanged: AtomicU64,
     opts: CopyOptions,
+    open_parts: tokio::sync::Semaphore,
 }
 
 /// Copies `subpath` of the tree (the whole tree for "") to `dest`. The directories are
@@ -138,6 +145,7 @@ pub async fn copy(
         reused: AtomicU64::new(0),
         unchanged: AtomicU64::new(0),
         opts,
+        open_parts: tokio::sync::Semaphore::new(OPEN_PARTS),
     };
     copier.make_dirs(&plan.items)?;
     let (mut report, links) = copier.stage_all(&plan.items).await?;
@@ -368,16 +376,30 @@ impl Copier<'_> {
             self.progress.inc(f.size);
             return existing.finish(mode, mtime).map_err(self.io_err(rel));
         }
+        // A one-block file is fetched before its part file is made, so that the many small
+        // files in flight hold no descriptor while they wait; bigger ones take a place.
+        let first = match leaves.as_slice() {
+            [leaf] => Some(self.block_bytes(&existing, f.size, 0, *leaf).await?),
+            _ => None,
+        };
+        let _place = match first {
+            Some(_) => None,
+            None => Some(self.open_parts.acquire().await.expect("never closed")),
+        };
         let part = dest::create_part(&dir).map_err(self.io_err(rel))?;
         self.staging
             .add(Part::new(rel, part.name, Some((part.ino, mode))));
         let file = part.file;
         file.set_len(f.size).map_err(self.io_err(rel))?;
-        stream::iter(leaves.iter().enumerate())
-            .map(|(i, leaf)| self.place_block(&file, &existing, rel, f.size, i as u64, *leaf))
-            .buffer_unordered(BLOCKS_IN_FLIGHT)
-            .try_collect::<()>()
-            .await?;
+        if let Some(bytes) = first {
+            self.write_block(&file, rel, 0, &bytes)?;
+        } else {
+            stream::iter(leaves.iter().enumerate())
+                .map(|(i, leaf)| self.place_block(&file, &existing, rel, f.size, i as u64, *leaf))
+                .buffer_unordered(BLOCKS_IN_FLIGHT)
+                .try_collect::<()>()
+                .await?;
+        }
         dest::set_times(&file, mtime).map_err(self.io_err(rel))
     }
 
@@ -390,24 +412,36 @@ impl Copier<'_> {
         i: u64,
         leaf: Hash,
     ) -> Result<(), CopyError> {
-        let bs = self.tree.block_size();
-        let len = bs.block_len(size, i) as u64;
-        let bytes = match existing.read(&leaf, len) {
-            Some(b) => {
-                self.reused.fetch_add(len, Ordering::Relaxed);
-                b
-            }
-            None => self
-                .tree
-                .block(leaf, size, i, Priority::Readahead)
-                .await?
-                .bytes()
-                .to_vec(),
-        };
-        file.write_all_at(&bytes, i * bs.bytes())
-            .map_err(self.io_err(rel))?;
-        start_writeback(file, i * bs.bytes(), len);
-        self.progress.inc(len);
+        let bytes = self.block_bytes(existing, size, i, leaf).await?;
+        self.write_block(file, rel, i, &bytes)
+    }
+
+    /// Block `i` of a file: from the file DEST already holds, or fetched.
+    async fn block_bytes(
+        &self,
+        existing: &Existing,
+        size: u64,
+        i: u64,
+        leaf: Hash,
+    ) -> Result<Vec<u8>, CopyError> {
+        let len = self.tree.block_size().block_len(size, i) as u64;
+        if let Some(b) = existing.read(&leaf, len) {
+            self.reused.fetch_add(len, Ordering::Relaxed);
+            return Ok(b);
+        }
+        Ok(self
+            .tree
+            .block(leaf, size, i, Priority::Readahead)
+            .await?
+            .bytes()
+            .to_vec())
+    }
+
+    fn write_block(&self, file: &File, rel: &Path, i: u64, bytes: &[u8]) -> Result<(), CopyError> {
+        let at = i * self.tree.block_size().bytes();
+        file.write_all_at(bytes, at).map_err(self.io_err(rel))?;
+        start_writeback(file, at, bytes.len() as u64);
+        self.progress.inc(bytes.len() as u64);
         Ok(())
     }
 

@@ -56,6 +56,12 @@ pub const ROOT_WATCH_REJOIN: Duration = Duration::from_secs(1);
 /// How long a beacon's list is worth following.
 const AIR_FRESH: Duration = Duration::from_millis(200);
 
+/// The beacon's soonest rounds a receiver joins beyond its window, when it has asked for
+/// them: they go out within a beacon interval, and a receiver that joins one after it
+/// started needs a round of its own later. In the simulation (1,000-file tree, 100
+/// receivers, 5% loss, seed 11) 1.43 rather than 1.50 times one receiver's bytes.
+const AIR_AHEAD: usize = 8;
+
 /// How long a receiver that asks for more than its window holds waits for the server's
 /// beacon before filling the window in its own order (the server sends it every 50 ms while
 /// rounds are queued; an idle server sends none, and then this is the whole cost).
@@ -676,6 +682,18 @@ impl FetchState {
                 break;
             };
             self.enter_window(now, tag);
+        }
+        // The beacon's next few rounds are joined even when the window is full (AIR_AHEAD).
+        if fresh {
+            let soon: Vec<Tag> = self.on_air.iter().take(AIR_AHEAD).copied().collect();
+            for tag in soon {
+                let key = match self.pending.get(&tag) {
+                    Some(p) if p.phase == Phase::Queued => (p.priority, p.seq),
+                    _ => continue,
+                };
+                self.queue.remove(&key);
+                self.enter_window(now, tag);
+            }
         }
         let waiting = !self.queue.is_empty();
         self.listen_to_beacon(now, waiting);

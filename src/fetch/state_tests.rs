@@ -302,6 +302,41 @@ fn a_receiver_asking_more_than_its_window_takes_what_is_on_air_first() {
 }
 
 #[test]
+fn a_full_window_still_joins_the_rounds_about_to_go_out() {
+    let mut r = rig(2);
+    let objs: Vec<Verified> = (0..6).map(|n| object(n, 2000)).collect();
+    for v in &objs {
+        r.request(v, Priority::Prefetch);
+    }
+    assert!(r.claims().is_empty(), "waits for the beacon");
+    r.advance(Duration::from_millis(70));
+    assert_eq!(
+        r.claims().len(),
+        2,
+        "no beacon came: the window fills in order"
+    );
+    // The server's next rounds are objects 4 and 5, for another receiver.
+    let air = r.channel.air_address();
+    let on_air: Vec<Tag> = objs[4..]
+        .iter()
+        .map(|v| r.channel.object_address(v.hash()).tag)
+        .collect();
+    let mut pkt = Vec::new();
+    packet::encode_air(&mut pkt, air.tag, &on_air, None);
+    let env = Envelope {
+        from: SERVER,
+        to: Some(air.group),
+        ifindex: IFINDEX,
+    };
+    r.st.handle_datagram(r.now, env, &mut pkt);
+    let claimed: Vec<Tag> = r.claims().into_iter().map(|(t, _)| t).collect();
+    assert_eq!(
+        claimed, on_air,
+        "joined beyond the window, to share those rounds"
+    );
+}
+
+#[test]
 fn a_fetch_claimed_elsewhere_waits_for_the_cache_then_joins_after_patience() {
     let mut r = rig(32);
     let (v, w) = (object(1, 4000), object(2, 4000));
