@@ -15,8 +15,8 @@ use lcfs::channel::{Channel, MasterKey, Tag};
 use lcfs::fetch::trust::Publisher;
 use lcfs::mld::parse::{encode_query, encode_report, GroupRecord, Query, RecordType};
 use lcfs::object::{
-    BlockSize, Content, Directory, Entry, EntryKind, FileIndex, FileRef, ObjectRef, RootRecord,
-    Timestamp,
+    BlockSize, Content, Directory, Entry, EntryKind, FileHash, FileIndex, FileRef, ObjectHash,
+    ObjectRef, RootRecord, Timestamp,
 };
 use lcfs::packet;
 
@@ -35,7 +35,7 @@ fn main() {
         .nth(1)
         .unwrap_or_else(|| "fuzz/corpus".into());
     let dir = Path::new(&dir);
-    let h = |s: &str| blake3::hash(s.as_bytes());
+    let h = |s: &str| ObjectHash::of(s.as_bytes());
     let tag = Tag([9; 16]);
 
     // Packets, clear and sealed.
@@ -82,7 +82,7 @@ fn main() {
     let file = |content| {
         EntryKind::File(FileRef {
             size: 3,
-            b3: h("abc"),
+            b3: FileHash::of(b"abc"),
             content,
         })
     };

@@ -31,7 +31,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
-use lcfs_cache::Hash;
 use lcfs_mount::{Attr, BoxFuture, Child, Kind, ReadHint, Source, SourceError, Totals, Version};
 use lru::LruCache;
 use tokio::sync::watch;
@@ -41,7 +40,8 @@ use crate::fetch::tree::Origin;
 use crate::fetch::{FetchError, Fetcher, Freshness, Priority, RootPolicy, Tree};
 use crate::object::index::IndexShape;
 use crate::object::{
-    Content, Directory, Entry, EntryKind, FileIndex, FileRef, ObjectRef, Timestamp,
+    Content, Directory, Entry, EntryKind, FileHash, FileIndex, FileRef, ObjectHash, ObjectRef,
+    Timestamp,
 };
 
 /// A node of the published tree, with the tree of the generation it was listed from.
@@ -69,13 +69,13 @@ pub struct Inner {
     current: watch::Sender<Arc<Tree>>,
     /// Whether the server has answered (false for a mount started from the cached root).
     online: AtomicBool,
-    leaves: Mutex<LruCache<Hash, Arc<Vec<Hash>>>>,
+    leaves: Mutex<LruCache<ObjectHash, Arc<Vec<ObjectHash>>>>,
     /// Listings by directory hash; the nodes in them carry the tree they were listed from.
-    dirs: Mutex<LruCache<Hash, Arc<Vec<Child<Node>>>>>,
+    dirs: Mutex<LruCache<ObjectHash, Arc<Vec<Child<Node>>>>>,
     /// Objects whose demand fetch timed out or went stale: when, and the error.
-    failures: Mutex<LruCache<Hash, (Instant, SourceError)>>,
+    failures: Mutex<LruCache<ObjectHash, (Instant, SourceError)>>,
     /// Per file (by index hash): the blocks `lo..hi` for which readahead has been started.
-    ahead: Mutex<LruCache<Hash, (u64, u64)>>,
+    ahead: Mutex<LruCache<ObjectHash, (u64, u64)>>,
     /// Prefetch sets found so far (see [`crate::prefetch_set`]).
     sets: Mutex<Sets>,
     /// Whether any set file was seen: until then reads skip the `sets` lock. A member is
@@ -86,11 +86,11 @@ pub struct Inner {
 /// The prefetch sets a mount knows: which directories were looked at, and each member's
 /// set by the member's whole-file hash.
 struct Sets {
-    looked_at: LruCache<Hash, ()>,
-    by_member: std::collections::HashMap<Hash, Arc<PrefetchSet>>,
+    looked_at: LruCache<ObjectHash, ()>,
+    by_member: std::collections::HashMap<FileHash, Arc<PrefetchSet>>,
     /// Files read lately, by whole-file hash: a set learned just after its first member was
     /// read (the walk that learns it races the reader) starts at once.
-    read: LruCache<Hash, ()>,
+    read: LruCache<FileHash, ()>,
 }
 
 /// Members with more sets than this are not remembered (each costs a map entry).
@@ -178,7 +178,7 @@ impl Inner {
     /// stale failure answers superseded readers only: a current reader's object is in the
     /// current tree, so it asks again (the kernel retries a failed page read once, and that
     /// retry then waits as long as it needs, however busy the server was at the move).
-    fn recent_failure(&self, h: &Hash, freshness: Freshness) -> Result<(), SourceError> {
+    fn recent_failure(&self, h: &ObjectHash, freshness: Freshness) -> Result<(), SourceError> {
         let mut t = self.failures.lock().expect("failures lock");
         match t.get(h) {
             Some((_, SourceError::Stale(_))) if freshness == Freshness::Current => Ok(()),
@@ -188,7 +188,7 @@ impl Inner {
     }
 
     /// Maps a failed demand fetch of `h`, remembering it when it timed out or went stale.
-    fn demand_failed(&self, h: Hash, e: FetchError) -> SourceError {
+    fn demand_failed(&self, h: ObjectHash, e: FetchError) -> SourceError {
         let remember = matches!(e, FetchError::Timeout { .. } | FetchError::Stale { .. });
         let e = unavailable(e);
         if remember {
@@ -355,7 +355,7 @@ impl Inner {
         tree: &Tree,
         f: &FileRef,
         freshness: Freshness,
-    ) -> Result<Arc<Vec<Hash>>, SourceError> {
+    ) -> Result<Arc<Vec<ObjectHash>>, SourceError> {
         let key = match &f.content {
             Content::Index { index, .. } => index.hash,
             Content::Block(h) => return Ok(Arc::new(vec![*h])),
@@ -469,7 +469,7 @@ impl Inner {
     async fn block(
         &self,
         file: &Reading,
-        leaf: Hash,
+        leaf: ObjectHash,
         i: u64,
         prio: Priority,
     ) -> Result<lcfs_cache::Verified, SourceError> {
@@ -510,7 +510,7 @@ impl Inner {
     fn spawn_readahead(
         self: &Arc<Self>,
         file: &Reading,
-        leaves: &Arc<Vec<Hash>>,
+        leaves: &Arc<Vec<ObjectHash>>,
         from: u64,
         until: u64,
     ) {
@@ -555,13 +555,13 @@ impl Inner {
         };
         let total = tree.block_size().blocks_in(f.size).max(1);
         let cache = self.fetcher.cache();
-        let have = leaves.iter().filter(|h| cache.contains(h)).count() as u64;
+        let have = leaves.iter().filter(|h| cache.contains(h.raw())).count() as u64;
         (have as f64 / total as f64).min(1.0)
     }
 
     /// The leaf hashes of `f` that the cache knows: all of them when its whole index is
     /// cached, those of the cached pages otherwise, none without the top of the index.
-    fn cached_leaves(&self, tree: &Tree, f: &FileRef, r: ObjectRef) -> Vec<Hash> {
+    fn cached_leaves(&self, tree: &Tree, f: &FileRef, r: ObjectRef) -> Vec<ObjectHash> {
         if let Some(hit) = self
             .leaves
             .lock()
@@ -847,7 +847,7 @@ mod tests {
     #[test]
     fn a_stale_failure_is_repeated_to_superseded_readers_only() {
         let (s, _dir) = source();
-        let h = blake3::hash(b"block");
+        let h = ObjectHash::of(b"block");
         let stale = FetchError::Stale {
             channel: "t".into(),
             what: "block".into(),
@@ -870,12 +870,12 @@ mod tests {
         let file = |content: Content| {
             let f = FileRef {
                 size: 5,
-                b3: blake3::hash(b"hello"),
+                b3: FileHash::of(b"hello"),
                 content,
             };
             Node::File(Arc::new(f), tree.clone())
         };
-        let a = file(Content::Block(blake3::hash(b"hello")));
+        let a = file(Content::Block(ObjectHash::of(b"hello")));
         assert!(s.same_content(&a, &a.clone()));
         assert!(!s.same_content(&a, &file(Content::Inline(b"hello".to_vec()))));
         let mut other = tree.root_record().clone();
@@ -884,8 +884,8 @@ mod tests {
         let b = Node::File(
             Arc::new(FileRef {
                 size: 5,
-                b3: blake3::hash(b"hello"),
-                content: Content::Block(blake3::hash(b"hello")),
+                b3: FileHash::of(b"hello"),
+                content: Content::Block(ObjectHash::of(b"hello")),
             }),
             moved,
         );

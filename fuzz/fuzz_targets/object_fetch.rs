@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use lcfs::fec::ObjectEncoder;
 use lcfs::fetch::object::ObjectFetch;
-use lcfs::object::ObjectRef;
+use lcfs::object::{ObjectHash, ObjectRef};
 use libfuzzer_sys::fuzz_target;
 
 const SYMBOL: usize = 64;
@@ -16,7 +16,7 @@ const SYMBOL: usize = 64;
 fuzz_target!(|data: &[u8]| {
     let object: Vec<u8> = (0..700u32).map(|i| (i * 31 % 251) as u8).collect();
     let want = ObjectRef {
-        hash: blake3::hash(&object),
+        hash: ObjectHash::of(&object),
         len: object.len() as u32,
     };
     let encoder = ObjectEncoder::new(&object, SYMBOL).expect("an encoder for the object");

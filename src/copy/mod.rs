@@ -40,8 +40,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::object::ObjectHash;
 use futures::{stream, StreamExt, TryStreamExt};
-use lcfs_cache::Hash;
 
 use crate::fetch::{FetchError, Priority, Tree};
 use crate::object::{Content, Entry, EntryKind, FileRef, RootRecord, Timestamp};
@@ -388,7 +388,7 @@ impl Copier<'_> {
         rel: &Path,
         size: u64,
         i: u64,
-        leaf: Hash,
+        leaf: ObjectHash,
     ) -> Result<(), CopyError> {
         let bs = self.tree.block_size();
         let len = bs.block_len(size, i) as u64;

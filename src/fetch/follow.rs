@@ -219,6 +219,7 @@ async fn move_to(
 mod tests {
     use super::*;
     use crate::fetch::trust::fixtures::{record, FORGER, NOW, SERVER};
+    use crate::object::ObjectHash;
     use ed25519_dalek::SigningKey;
 
     const SEC: u64 = 1_000_000_000;
@@ -299,7 +300,7 @@ mod tests {
     #[test]
     fn a_pinned_follower_never_moves() {
         let policy = RootPolicy {
-            pinned: Some(blake3::hash(b"one")),
+            pinned: Some(ObjectHash::of(b"one")),
             ..RootPolicy::default()
         };
         let mut f = follower(policy, true);

@@ -183,7 +183,7 @@ impl ObjectFetch {
 
     fn verify(&mut self, i: usize, bytes: Vec<u8>) -> Option<Vec<Verified>> {
         let checked = match &self.bundle {
-            None => Verified::new(&self.want.hash, bytes)
+            None => Verified::new(self.want.hash.raw(), bytes)
                 .map(|v| vec![v])
                 .map_err(|e| e.to_string()),
             Some(b) => b.split(&bytes).map_err(|e| e.to_string()),

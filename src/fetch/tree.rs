@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use futures::future::try_join_all;
-use lcfs_cache::{Hash, Verified};
+use lcfs_cache::Verified;
 
 use super::engine::RootWatcher;
 use super::follow::RootFollower;
@@ -17,7 +17,7 @@ use super::trust::{self, Memory, Publisher, RootPolicy, LISTEN};
 use super::{FetchError, Fetcher, Freshness, HeardRoot, Priority};
 use crate::object::index::IndexShape;
 use crate::object::{
-    BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef, RootRecord,
+    BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectHash, ObjectRef, RootRecord,
 };
 
 /// The most blocks a file may have for a receiver to index it: 2^21 leaves are 64 MiB of
@@ -58,7 +58,7 @@ impl std::fmt::Debug for Tree {
             f,
             "Tree(generation {}, root {})",
             self.root.generation,
-            short(&self.root.root.hash)
+            self.root.root.hash.short()
         )
     }
 }
@@ -229,7 +229,7 @@ impl Tree {
     pub async fn directory(&self, r: ObjectRef, prio: Priority) -> Result<Directory, FetchError> {
         let v = self.fetcher.fetch(r, prio).await?;
         let dir = Directory::decode(&v)
-            .map_err(|e| self.invalid(format!("directory {}", short(&r.hash)), e))?;
+            .map_err(|e| self.invalid(format!("directory {}", r.hash.short()), e))?;
         // Its small files travel in bundles: reads of them fetch the bundle.
         (self.fetcher).learn_bundles(crate::object::bundle::bundling(&dir, self.block_size()));
         Ok(dir)
@@ -260,7 +260,7 @@ impl Tree {
     /// The leaf hashes of a file with block content (empty for inline files). A file may
     /// claim at most [`MAX_FILE_BLOCKS`] blocks; index pages are fetched a few at a time and
     /// nothing is sized by what the entry claims before the pages are verified.
-    pub async fn leaves(&self, f: &FileRef, prio: Priority) -> Result<Vec<Hash>, FetchError> {
+    pub async fn leaves(&self, f: &FileRef, prio: Priority) -> Result<Vec<ObjectHash>, FetchError> {
         self.leaves_as(f, prio, Freshness::Current).await
     }
 
@@ -270,7 +270,7 @@ impl Tree {
         f: &FileRef,
         prio: Priority,
         freshness: Freshness,
-    ) -> Result<Vec<Hash>, FetchError> {
+    ) -> Result<Vec<ObjectHash>, FetchError> {
         let blocks = self.block_size().blocks_in(f.size);
         if blocks > MAX_FILE_BLOCKS && !matches!(f.content, Content::Inline(_)) {
             return Err(self.invalid(
@@ -301,8 +301,8 @@ impl Tree {
         shape: IndexShape,
         prio: Priority,
         freshness: Freshness,
-    ) -> Result<Vec<Hash>, FetchError> {
-        let what = || format!("file index {}", short(&r.hash));
+    ) -> Result<Vec<ObjectHash>, FetchError> {
+        let what = || format!("file index {}", r.hash.short());
         if r.len as u64 != shape.top_len() {
             return Err(self.invalid(what(), "length does not fit the file size"));
         }
@@ -320,7 +320,7 @@ impl Tree {
                         match FileIndex::decode(&v) {
                             Ok(FileIndex::Leaves(l)) => Ok(l),
                             _ => Err(self.invalid(
-                                format!("index page {}", short(h)),
+                                format!("index page {}", h.short()),
                                 "not a page of leaves",
                             )),
                         }
@@ -335,7 +335,7 @@ impl Tree {
     /// Block `index` of a file of `size` bytes whose leaf is `leaf`.
     pub async fn block(
         &self,
-        leaf: Hash,
+        leaf: ObjectHash,
         size: u64,
         index: u64,
         prio: Priority,
@@ -347,7 +347,7 @@ impl Tree {
     /// [`Tree::block`] for a reader of the given freshness.
     pub async fn block_as(
         &self,
-        leaf: Hash,
+        leaf: ObjectHash,
         size: u64,
         index: u64,
         prio: Priority,
@@ -386,10 +386,6 @@ impl Tree {
         }
         Ok(None)
     }
-}
-
-fn short(h: &Hash) -> String {
-    h.to_hex()[..16].to_owned()
 }
 
 /// Listens for root records until one passes `policy`, then for [`LISTEN`] more, and takes
@@ -637,12 +633,12 @@ impl Default for WalkLimits {
 /// The chain of directory objects from a walk's start to one directory: a directory object
 /// that is its own ancestor is a cycle (impossible with honest hashes, so hostile).
 struct Lineage {
-    hash: Hash,
+    hash: ObjectHash,
     parent: Option<std::sync::Arc<Lineage>>,
 }
 
 impl Lineage {
-    fn contains(&self, h: &Hash) -> bool {
+    fn contains(&self, h: &ObjectHash) -> bool {
         let mut at = Some(self);
         while let Some(l) = at {
             if l.hash == *h {
@@ -657,14 +653,14 @@ impl Lineage {
 /// Counts of a walk under way, checked against [`WalkLimits`].
 #[derive(Default)]
 struct WalkCount {
-    seen: std::collections::HashSet<Hash>,
+    seen: std::collections::HashSet<ObjectHash>,
     distinct: u64,
     shared: u64,
 }
 
 impl WalkCount {
     /// Counts the `n` entries of directory `h`; an error names the limit passed.
-    fn add(&mut self, h: Hash, n: u64, limits: &WalkLimits) -> Result<(), String> {
+    fn add(&mut self, h: ObjectHash, n: u64, limits: &WalkLimits) -> Result<(), String> {
         if self.seen.insert(h) {
             self.distinct += n;
         } else {
@@ -791,7 +787,7 @@ impl Tree {
         &self,
         refs: impl Iterator<Item = ObjectRef>,
         prio: Priority,
-    ) -> Result<std::collections::HashMap<Hash, Directory>, FetchError> {
+    ) -> Result<std::collections::HashMap<ObjectHash, Directory>, FetchError> {
         let mut unique: Vec<ObjectRef> = refs.collect();
         unique.sort_by_key(|r| *r.hash.as_bytes());
         unique.dedup_by_key(|r| r.hash);
@@ -826,16 +822,14 @@ impl Tree {
 mod tests {
     use super::*;
     use crate::channel::Channel;
-    use crate::object::{object_ref, Entry, Timestamp};
+    use crate::object::{object_ref, Entry, FileHash, Timestamp};
 
     /// A tree whose objects all sit in a fresh cache; nothing is ever sent.
     fn cached_tree(objects: &[Vec<u8>], root: ObjectRef) -> (Tree, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let cache = lcfs_cache::Cache::open(lcfs_cache::CacheConfig::new(dir.path())).unwrap();
         for o in objects {
-            cache
-                .insert(&Verified::new(&blake3::hash(o), o.clone()).unwrap())
-                .unwrap();
+            cache.insert(&Verified::hash_of(o.clone())).unwrap();
         }
         let lo = crate::net::Iface {
             name: "lo".into(),
@@ -946,7 +940,7 @@ mod tests {
 
     #[test]
     fn a_directory_that_is_its_own_ancestor_is_seen() {
-        let (a, b) = (blake3::hash(b"a"), blake3::hash(b"b"));
+        let (a, b) = (ObjectHash::of(b"a"), ObjectHash::of(b"b"));
         let root = std::sync::Arc::new(Lineage {
             hash: a,
             parent: None,
@@ -956,7 +950,7 @@ mod tests {
             parent: Some(root),
         };
         assert!(child.contains(&a) && child.contains(&b));
-        assert!(!child.contains(&blake3::hash(b"c")));
+        assert!(!child.contains(&ObjectHash::of(b"c")));
     }
 
     #[tokio::test]
@@ -964,10 +958,10 @@ mod tests {
         let (tree, _dir) = cached_tree(&[], object_ref(b"none"));
         let f = FileRef {
             size: 1 << 50,
-            b3: blake3::hash(b""),
+            b3: FileHash::of(b""),
             content: Content::Index {
                 index: object_ref(b"never fetched"),
-                first_leaf: blake3::hash(b""),
+                first_leaf: ObjectHash::of(b""),
             },
         };
         let e = tree.leaves(&f, Priority::Demand).await.unwrap_err();

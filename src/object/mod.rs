@@ -13,14 +13,16 @@
 pub mod bundle;
 pub(crate) mod codec;
 pub mod dir;
+pub mod ids;
 pub mod index;
 pub mod root;
 
 pub use dir::{Content, Directory, Entry, EntryKind, FileRef, Timestamp};
+pub use ids::{BlockIndex, FileHash, ObjectHash};
 pub use index::{FileIndex, LEAVES_PER_PAGE};
 pub use root::{RootRecord, Signature};
 
-use lcfs_cache::Hash;
+use std::fmt;
 
 /// Files at most this long travel inside their directory entry.
 pub const INLINE_MAX: u64 = 1024;
@@ -30,8 +32,15 @@ pub const DIRECTORY_MAX: usize = 32 << 20;
 /// A reference to a content-addressed object: its hash and its exact encoded length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ObjectRef {
-    pub hash: Hash,
+    pub hash: ObjectHash,
     pub len: u32,
+}
+
+/// How logs and errors name an object: `0123456789abcdef (65536 bytes)`.
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({} bytes)", self.hash.short(), self.len)
+    }
 }
 
 /// Block size of a channel: a power of two from 16 KiB to 4 MiB.
@@ -91,13 +100,13 @@ pub enum ObjectError {
     #[error("{0} trailing bytes after the encoding")]
     Trailing(usize),
     #[error("object {0} does not match its reference")]
-    Mismatch(Hash),
+    Mismatch(ObjectHash),
 }
 
 /// Hash of an encoding, the name of a directory or file-index object.
 pub fn object_ref(encoding: &[u8]) -> ObjectRef {
     ObjectRef {
-        hash: blake3::hash(encoding),
+        hash: ObjectHash::of(encoding),
         len: encoding.len() as u32,
     }
 }

@@ -82,7 +82,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use lcfs_cache::Hash;
+use crate::object::ObjectHash;
 
 /// What to send next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,7 +91,7 @@ pub enum Transmit {
     /// A beacon of the bulk queue's head ([`Scheduler::on_air`]).
     Air,
     Symbol {
-        hash: Hash,
+        hash: ObjectHash,
         esi: u32,
     },
 }
@@ -240,20 +240,20 @@ pub struct SchedStats {
 pub struct Scheduler {
     config: SchedConfig,
     stats: SchedStats,
-    seen: std::collections::HashSet<Hash>,
-    urgent: VecDeque<Hash>,
-    bulk: VecDeque<Hash>,
-    active: HashMap<Hash, Active>,
+    seen: std::collections::HashSet<ObjectHash>,
+    urgent: VecDeque<ObjectHash>,
+    bulk: VecDeque<ObjectHash>,
+    active: HashMap<ObjectHash, Active>,
     /// Objects between rounds, by when they resume (and a sequence number, for order).
-    cooling: BTreeMap<(Instant, u64), Hash>,
+    cooling: BTreeMap<(Instant, u64), ObjectHash>,
     cooling_seq: u64,
     /// Urgent symbols sent while a bulk round waited.
     bulk_waited: u32,
     /// A bulk round goes first until it ends: the bulk queue waited `bulk_patience`.
     bulk_turn: bool,
-    cursors: HashMap<Hash, u32>,
+    cursors: HashMap<ObjectHash, u32>,
     /// When objects that have a cursor last lost their listeners.
-    idle_since: HashMap<Hash, Instant>,
+    idle_since: HashMap<ObjectHash, Instant>,
     margin: Margin,
     root_active: bool,
     next_root: Option<Instant>,
@@ -286,7 +286,7 @@ impl Scheduler {
 
     /// An object's group gained its first listener; `k` is its number of source symbols and
     /// `urgent` marks metadata.
-    pub fn handle_active(&mut self, hash: Hash, k: u32, urgent: bool) {
+    pub fn handle_active(&mut self, hash: ObjectHash, k: u32, urgent: bool) {
         if let Some(a) = self.active.get_mut(&hash) {
             if a.leaving.take().is_some() {
                 self.resume(hash);
@@ -323,7 +323,7 @@ impl Scheduler {
 
     /// The last listener of an object said it left; the tracker checks whether others still
     /// listen. The object pauses where it is.
-    pub fn handle_leaving(&mut self, now: Instant, hash: &Hash) {
+    pub fn handle_leaving(&mut self, now: Instant, hash: &ObjectHash) {
         let Some(a) = self.active.get_mut(hash) else {
             return;
         };
@@ -339,7 +339,7 @@ impl Scheduler {
     }
 
     /// A paused object whose listener answered: the rest of its round, or its next round.
-    fn resume(&mut self, hash: Hash) {
+    fn resume(&mut self, hash: ObjectHash) {
         let Some(a) = self.active.get_mut(&hash) else {
             return;
         };
@@ -355,7 +355,7 @@ impl Scheduler {
     }
 
     /// Takes `hash` out of every queue.
-    fn withdraw(&mut self, hash: &Hash) {
+    fn withdraw(&mut self, hash: &ObjectHash) {
         self.urgent.retain(|h| h != hash);
         self.bulk.retain(|h| h != hash);
         self.cooling.retain(|_, h| h != hash);
@@ -373,7 +373,7 @@ impl Scheduler {
         }
     }
 
-    pub fn handle_inactive(&mut self, now: Instant, hash: &Hash) {
+    pub fn handle_inactive(&mut self, now: Instant, hash: &ObjectHash) {
         let Some(a) = self.active.remove(hash) else {
             return;
         };
@@ -403,12 +403,12 @@ impl Scheduler {
     }
 
     /// The first `n` objects of the bulk queue: what goes out next, soonest first.
-    pub fn on_air(&self, n: usize) -> Vec<Hash> {
+    pub fn on_air(&self, n: usize) -> Vec<ObjectHash> {
         self.bulk.iter().take(n).copied().collect()
     }
 
     /// Restarts an object's symbols at zero (after its bytes were found to have changed).
-    pub fn forget(&mut self, now: Instant, hash: &Hash) {
+    pub fn forget(&mut self, now: Instant, hash: &ObjectHash) {
         self.handle_inactive(now, hash);
         self.cursors.remove(hash);
     }
@@ -604,8 +604,8 @@ impl Pacer {
 mod tests {
     use super::*;
 
-    fn h(i: u8) -> Hash {
-        blake3::hash(&[i])
+    fn h(i: u8) -> ObjectHash {
+        ObjectHash::of(&[i])
     }
 
     fn now_for_test() -> Instant {
@@ -768,7 +768,7 @@ mod tests {
     }
 
     /// Symbols sent for `hash` in `sent`.
-    fn count(sent: &[Transmit], hash: Hash) -> usize {
+    fn count(sent: &[Transmit], hash: ObjectHash) -> usize {
         sent.iter()
             .filter(|t| matches!(t, Transmit::Symbol { hash: h, .. } if *h == hash))
             .count()
@@ -888,7 +888,7 @@ mod tests {
             "it starts at its most"
         );
         for i in 0..200u32 {
-            let hash = blake3::hash(&i.to_le_bytes());
+            let hash = ObjectHash::of(&i.to_le_bytes());
             s.handle_active(hash, 40, false);
             drain(&mut s, now);
             now += SchedConfig::default().cooldown;
@@ -898,7 +898,7 @@ mod tests {
         let lossy = s.margin();
         assert!(lossy > 0.12, "{lossy}");
         for i in 0..2000u32 {
-            let hash = blake3::hash(&(i + 1000).to_le_bytes());
+            let hash = ObjectHash::of(&(i + 1000).to_le_bytes());
             s.handle_active(hash, 40, false);
             drain(&mut s, now);
             s.handle_inactive(now_for_test(), &hash);

@@ -9,7 +9,8 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use lcfs_cache::{Hash, Verified};
+use crate::object::ObjectHash;
+use lcfs_cache::Verified;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -50,7 +51,7 @@ pub struct Walk {
     files: Vec<FileRef>,
     chosen: bool,
     /// Every object verified, and their bytes.
-    pub verified: HashSet<Hash>,
+    pub verified: HashSet<ObjectHash>,
     pub bytes: u64,
     /// What failed to decode or did not fit its reference.
     pub invalid: Vec<String>,
@@ -124,7 +125,7 @@ impl Walk {
 
     /// Directly with a verified object (one that a request found completed a moment ago).
     pub fn handle_object(&mut self, object: &Verified, need: Need) {
-        if self.verified.insert(*object.hash()) {
+        if self.verified.insert(ObjectHash::of_verified(object)) {
             self.bytes += object.len() as u64;
         }
         let outcome = match need {
@@ -196,7 +197,7 @@ impl Walk {
         }
     }
 
-    fn block(&mut self, hash: Hash, size: u64, index: u64) {
+    fn block(&mut self, hash: ObjectHash, size: u64, index: u64) {
         let len = self.block_size.block_len(size, index);
         self.ask(ObjectRef { hash, len }, Need::Block);
     }
@@ -231,7 +232,7 @@ impl Walk {
         }
     }
 
-    fn leaves(&mut self, leaves: &[Hash], size: u64, first: u64) {
+    fn leaves(&mut self, leaves: &[ObjectHash], size: u64, first: u64) {
         for (i, h) in leaves.iter().enumerate() {
             self.block(*h, size, first + i as u64);
         }
