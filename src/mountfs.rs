@@ -40,8 +40,8 @@ use crate::fetch::tree::Origin;
 use crate::fetch::{FetchError, Fetcher, Freshness, Priority, RootPolicy, Tree};
 use crate::object::index::IndexShape;
 use crate::object::{
-    Content, Directory, Entry, EntryKind, FileHash, FileIndex, FileRef, ObjectHash, ObjectRef,
-    Timestamp,
+    BlockIndex, Content, Directory, Entry, EntryKind, FileHash, FileIndex, FileRef, ObjectHash,
+    ObjectRef, Timestamp,
 };
 
 /// A node of the published tree, with the tree of the generation it was listed from.
@@ -395,25 +395,25 @@ impl Inner {
         if let Content::Inline(bytes) = &f.content {
             return Ok(bytes[offset as usize..end as usize].to_vec());
         }
-        let bs = file.tree.block_size().bytes();
+        let bs = file.tree.block_size();
         // A superseded file's objects are most likely gone: fetch only what is read.
         let ahead = file.freshness == Freshness::Current;
-        if offset < bs && ahead {
+        if offset < bs.bytes() && ahead {
             self.start_first_block(&file);
-            if end <= bs {
+            if end <= bs.bytes() {
                 if let Some(first) = self.first_block_alone(&file, end + hint.readahead).await? {
                     return Ok(first[offset as usize..end as usize].to_vec());
                 }
             }
         }
         let leaves = self.file_leaves(&file.tree, f, file.freshness).await?;
-        let (first, last) = (offset / bs, (end - 1) / bs);
+        let (first, last) = (bs.block_at(offset).0, bs.block_at(end - 1).0);
         if ahead {
             self.spawn_readahead(&file, &leaves, last + 1, end.saturating_add(hint.readahead));
         }
         let (this, file) = (&self, &file);
-        let blocks = (first..=last).map(|i| {
-            let leaf = leaves.get(i as usize).copied();
+        let blocks = (first..=last).map(BlockIndex).map(|i| {
+            let leaf = leaves.get(i.as_usize()).copied();
             async move {
                 let leaf = leaf.ok_or_else(|| {
                     SourceError::Invalid(format!("block {i} beyond the file's index"))
@@ -423,8 +423,8 @@ impl Inner {
         });
         let blocks = try_join_all(blocks).await?;
         let mut out = Vec::with_capacity((end - offset) as usize);
-        for (i, b) in (first..=last).zip(&blocks) {
-            let start = i * bs;
+        for (i, b) in (first..=last).map(BlockIndex).zip(&blocks) {
+            let start = bs.offset_of(i);
             let lo = offset.max(start) - start;
             let hi = end.min(start + b.len() as u64) - start;
             out.extend_from_slice(&b[lo as usize..hi as usize]);
@@ -446,7 +446,10 @@ impl Inner {
         };
         // Both were asked of the same server: if one just failed, so does the other.
         self.recent_failure(&index.hash, file.freshness)?;
-        let first = match self.block(file, *first_leaf, 0, Priority::Demand).await {
+        let first = match self
+            .block(file, *first_leaf, BlockIndex(0), Priority::Demand)
+            .await
+        {
             Ok(b) => b,
             Err(e) => {
                 let mut failures = self.failures.lock().expect("failures lock");
@@ -470,7 +473,7 @@ impl Inner {
         &self,
         file: &Reading,
         leaf: ObjectHash,
-        i: u64,
+        i: BlockIndex,
         prio: Priority,
     ) -> Result<lcfs_cache::Verified, SourceError> {
         let fetch = file
@@ -499,7 +502,7 @@ impl Inner {
         }
         let block = ObjectRef {
             hash: first_leaf,
-            len: file.tree.block_size().block_len(file.f.size, 0),
+            len: file.tree.block_size().block_len(file.f.size, BlockIndex(0)),
         };
         self.fetcher
             .start_fetches(&[index, block], Priority::Demand);
@@ -538,7 +541,7 @@ impl Inner {
         let refs: Vec<ObjectRef> = (from..=last)
             .map(|i| ObjectRef {
                 hash: leaves[i as usize],
-                len: bs.block_len(f.size, i),
+                len: bs.block_len(f.size, BlockIndex(i)),
             })
             .collect();
         self.fetcher.start_fetches(&refs, Priority::Readahead);

@@ -102,10 +102,13 @@ pub async fn objects_of(
         let leaves = tree.leaves(f, prio).await?;
         objects.extend(index_objects(tree, f, prio).await?);
         let bs = tree.block_size();
-        let blocks = leaves.iter().enumerate().map(|(i, h)| ObjectRef {
-            hash: *h,
-            len: bs.block_len(f.size, i as u64),
-        });
+        let blocks = bs
+            .blocks_of(f.size)
+            .zip(leaves.iter())
+            .map(|(i, h)| ObjectRef {
+                hash: *h,
+                len: bs.block_len(f.size, i),
+            });
         objects.extend(blocks);
     }
     Ok(objects)

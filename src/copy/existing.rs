@@ -84,11 +84,11 @@ fn hash_existing(dir: &OwnedFd, name: &OsString, bs: BlockSize, euid: u32) -> io
         ..Existing::default()
     };
     let mut buf = vec![0; bs.bytes() as usize];
-    for i in 0..bs.blocks_in(size) {
-        let len = bs.block_len(size, i) as usize;
-        file.read_exact_at(&mut buf[..len], i * bs.bytes())?;
+    for i in bs.blocks_of(size) {
+        let (offset, len) = (bs.offset_of(i), bs.block_len(size, i) as usize);
+        file.read_exact_at(&mut buf[..len], offset)?;
         let leaf = ObjectHash::of(&buf[..len]);
-        ex.blocks.entry(leaf).or_insert(i * bs.bytes());
+        ex.blocks.entry(leaf).or_insert(offset);
         ex.order.push(leaf);
     }
     ex.file = Some(file);

@@ -40,11 +40,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::object::ObjectHash;
 use futures::{stream, StreamExt, TryStreamExt};
 
 use crate::fetch::{FetchError, Priority, Tree};
-use crate::object::{Content, Entry, EntryKind, FileRef, RootRecord, Timestamp};
+use crate::object::{
+    BlockIndex, Content, Entry, EntryKind, FileRef, ObjectHash, RootRecord, Timestamp,
+};
 use crate::progress::Progress;
 use dest::Dest;
 pub use dest::DestError;
@@ -373,8 +374,8 @@ impl Copier<'_> {
             .add(Part::new(rel, part.name, Some((part.ino, mode))));
         let file = part.file;
         file.set_len(f.size).map_err(self.io_err(rel))?;
-        stream::iter(leaves.iter().enumerate())
-            .map(|(i, leaf)| self.place_block(&file, &existing, rel, f.size, i as u64, *leaf))
+        stream::iter(bs.blocks_of(f.size).zip(leaves.iter()))
+            .map(|(i, leaf)| self.place_block(&file, &existing, rel, f.size, i, *leaf))
             .buffer_unordered(BLOCKS_IN_FLIGHT)
             .try_collect::<()>()
             .await?;
@@ -387,7 +388,7 @@ impl Copier<'_> {
         existing: &Existing,
         rel: &Path,
         size: u64,
-        i: u64,
+        i: BlockIndex,
         leaf: ObjectHash,
     ) -> Result<(), CopyError> {
         let bs = self.tree.block_size();
@@ -404,9 +405,9 @@ impl Copier<'_> {
                 .bytes()
                 .to_vec(),
         };
-        file.write_all_at(&bytes, i * bs.bytes())
+        file.write_all_at(&bytes, bs.offset_of(i))
             .map_err(self.io_err(rel))?;
-        start_writeback(file, i * bs.bytes(), len);
+        start_writeback(file, bs.offset_of(i), len);
         self.progress.inc(len);
         Ok(())
     }

@@ -17,7 +17,8 @@ use super::trust::{self, Memory, Publisher, RootPolicy, LISTEN};
 use super::{FetchError, Fetcher, Freshness, HeardRoot, Priority};
 use crate::object::index::IndexShape;
 use crate::object::{
-    BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectHash, ObjectRef, RootRecord,
+    BlockIndex, BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectHash,
+    ObjectRef, RootRecord,
 };
 
 /// The most blocks a file may have for a receiver to index it: 2^21 leaves are 64 MiB of
@@ -337,7 +338,7 @@ impl Tree {
         &self,
         leaf: ObjectHash,
         size: u64,
-        index: u64,
+        index: BlockIndex,
         prio: Priority,
     ) -> Result<Verified, FetchError> {
         self.block_as(leaf, size, index, prio, Freshness::Current)
@@ -349,7 +350,7 @@ impl Tree {
         &self,
         leaf: ObjectHash,
         size: u64,
-        index: u64,
+        index: BlockIndex,
         prio: Priority,
         freshness: Freshness,
     ) -> Result<Verified, FetchError> {

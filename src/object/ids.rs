@@ -172,6 +172,20 @@ mod tests {
     }
 
     #[test]
+    fn block_indexes_and_byte_offsets() {
+        let bs = crate::object::BlockSize::DEFAULT; // 64 KiB
+        assert_eq!(bs.block_at(0), BlockIndex(0));
+        assert_eq!(bs.block_at(65_535), BlockIndex(0));
+        assert_eq!(bs.block_at(65_536), BlockIndex(1));
+        assert_eq!(bs.offset_of(BlockIndex(3)), 3 << 16);
+        assert_eq!(bs.offset_of(BlockIndex(u64::MAX)), u64::MAX);
+        assert_eq!(bs.block_len(100_000, BlockIndex(1)), 100_000 - 65_536);
+        assert_eq!(bs.block_len(100_000, BlockIndex(2)), 0);
+        let all: Vec<BlockIndex> = bs.blocks_of(100_000).collect();
+        assert_eq!(all, [BlockIndex(0), BlockIndex(1)]);
+    }
+
+    #[test]
     fn ordered_by_bytes() {
         let (a, b) = (
             ObjectHash::from_bytes([1; 32]),

@@ -81,9 +81,24 @@ impl BlockSize {
     }
 
     /// Length of block `index` of a file of `size` bytes.
-    pub fn block_len(self, size: u64, index: u64) -> u32 {
-        let start = index.saturating_mul(self.bytes());
+    pub fn block_len(self, size: u64, index: BlockIndex) -> u32 {
+        let start = self.offset_of(index);
         size.saturating_sub(start).min(self.bytes()) as u32
+    }
+
+    /// The byte offset at which block `index` starts.
+    pub fn offset_of(self, index: BlockIndex) -> u64 {
+        index.0.saturating_mul(self.bytes())
+    }
+
+    /// The block that holds byte `offset`.
+    pub fn block_at(self, offset: u64) -> BlockIndex {
+        BlockIndex(offset >> self.0)
+    }
+
+    /// The blocks of a file of `size` bytes, in order.
+    pub fn blocks_of(self, size: u64) -> impl Iterator<Item = BlockIndex> {
+        (0..self.blocks_in(size)).map(BlockIndex)
     }
 }
 

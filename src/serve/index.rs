@@ -608,9 +608,9 @@ impl Walker {
         let (bs, size, mtime) = (self.block_size, attrs.size, attrs.mtime);
         let shared: Arc<Path> = Arc::from(rel);
         let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, leaf) in (0u64..).zip(leaves) {
+        for (i, leaf) in bs.blocks_of(size).zip(leaves) {
             objects.entry(*leaf).or_insert_with(|| {
-                let (offset, len) = (i * bs.bytes(), bs.block_len(size, i));
+                let (offset, len) = (bs.offset_of(i), bs.block_len(size, i));
                 let path = shared.clone();
                 (
                     len,

@@ -9,7 +9,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::object::ObjectHash;
 use lcfs_cache::Verified;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -19,7 +18,9 @@ use crate::channel::Tag;
 use crate::object::bundle::{bundling, Bundling};
 use crate::object::index::IndexShape;
 use crate::object::LEAVES_PER_PAGE;
-use crate::object::{BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef};
+use crate::object::{
+    BlockIndex, BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectHash, ObjectRef,
+};
 
 /// What a receiver fetches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,7 +184,7 @@ impl Walk {
         let bs = self.block_size;
         match &f.content {
             Content::Inline(_) => {}
-            Content::Block(h) => self.block(*h, f.size, 0),
+            Content::Block(h) => self.block(*h, f.size, BlockIndex(0)),
             Content::Index { index, .. } => {
                 let shape = IndexShape {
                     blocks: bs.blocks_in(f.size),
@@ -197,7 +198,7 @@ impl Walk {
         }
     }
 
-    fn block(&mut self, hash: ObjectHash, size: u64, index: u64) {
+    fn block(&mut self, hash: ObjectHash, size: u64, index: BlockIndex) {
         let len = self.block_size.block_len(size, index);
         self.ask(ObjectRef { hash, len }, Need::Block);
     }
@@ -234,7 +235,7 @@ impl Walk {
 
     fn leaves(&mut self, leaves: &[ObjectHash], size: u64, first: u64) {
         for (i, h) in leaves.iter().enumerate() {
-            self.block(*h, size, first + i as u64);
+            self.block(*h, size, BlockIndex(first + i as u64));
         }
     }
 }

@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
 use rayon::prelude::*;
 
-use crate::object::{BlockSize, FileHash, ObjectHash, INLINE_MAX};
+use crate::object::{BlockIndex, BlockSize, FileHash, ObjectHash, INLINE_MAX};
 use crate::serve::leafcache::{Body, HashedFile};
 
 /// Bytes of one big file hashed by one task; the segments of a file are hashed in parallel.
@@ -92,7 +92,8 @@ fn hash_segment(
 ) -> io::Result<Vec<(ObjectHash, ChainingValue)>> {
     blocks
         .map(|i| {
-            let offset = i * bs.bytes();
+            let i = BlockIndex(i);
+            let offset = bs.offset_of(i);
             with_block(file, offset, bs.block_len(size, i) as usize, |block| {
                 let mut subtree = blake3::Hasher::new();
                 subtree.set_input_offset(offset).update(block);
