@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use lcfs::channel::{Channel, MasterKey, Tag};
+use lcfs::fec::Esi;
 use lcfs::fetch::trust::Publisher;
 use lcfs::mld::parse::{encode_query, encode_report, GroupRecord, Query, RecordType};
 use lcfs::object::{
@@ -40,7 +41,7 @@ fn main() {
 
     // Packets, clear and sealed.
     let mut b = Vec::new();
-    packet::encode_symbol(&mut b, tag, 5, b"symbol bytes", None);
+    packet::encode_symbol(&mut b, tag, Esi(5), b"symbol bytes", None);
     write(dir, "packet", "symbol", &b);
     b.clear();
     packet::encode_root(&mut b, tag, b"root record", None);
@@ -50,7 +51,7 @@ fn main() {
     write(dir, "packet", "air", &b);
     let channel = Channel::new("fuzz", Some(&MasterKey::from_bytes([7; 32])));
     b.clear();
-    packet::encode_symbol(&mut b, tag, 5, b"symbol bytes", channel.seal());
+    packet::encode_symbol(&mut b, tag, Esi(5), b"symbol bytes", channel.seal());
     write(dir, "packet_sealed", "whole", &with_kind(0, &b));
     write(
         dir,

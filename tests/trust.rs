@@ -16,7 +16,7 @@ use common::lcfs::{
 };
 use common::tree::assert_trees_equal;
 use lcfs::channel::Channel;
-use lcfs::fec::{symbol_size_for_object, ObjectEncoder};
+use lcfs::fec::{symbol_size_for_object, Esi, ObjectEncoder};
 use lcfs::object::{
     object_ref, BlockSize, Content, Directory, Entry, EntryKind, FileHash, FileRef, ObjectHash,
     RootRecord, Timestamp,
@@ -98,8 +98,8 @@ fn forged_tree_packets(channel_name: &str) -> Vec<Vec<u8>> {
     let tag = channel.object_address(&root.root.hash).tag;
     let mut sym = Vec::new();
     for esi in 0..enc.source_symbols() + 4 {
-        enc.symbol(esi, &mut sym);
-        packet::encode_symbol(&mut out, tag, esi, &sym, None);
+        enc.symbol(Esi(esi), &mut sym);
+        packet::encode_symbol(&mut out, tag, Esi(esi), &sym, None);
         packets.push(out.clone());
     }
     packets
@@ -452,8 +452,8 @@ fn hostile_channel_packets(channel_name: &str, dirs: &[Vec<u8>]) -> Vec<(Ipv6Add
         let addr = channel.object_address(&ObjectHash::of(d));
         let mut sym = Vec::new();
         for esi in 0..enc.source_symbols() + 2 {
-            enc.symbol(esi, &mut sym);
-            packet::encode_symbol(&mut out, addr.tag, esi, &sym, None);
+            enc.symbol(Esi(esi), &mut sym);
+            packet::encode_symbol(&mut out, addr.tag, Esi(esi), &sym, None);
             packets.push((addr.group, out.clone()));
         }
     }

@@ -6,7 +6,7 @@
 use std::net::Ipv6Addr;
 use std::time::Instant;
 
-use lcfs::fec::ObjectEncoder;
+use lcfs::fec::{Esi, ObjectEncoder};
 use lcfs::fetch::object::ObjectFetch;
 use lcfs::object::{ObjectHash, ObjectRef};
 use libfuzzer_sys::fuzz_target;
@@ -25,11 +25,11 @@ fuzz_target!(|data: &[u8]| {
     let mut rest = data;
     let mut real = Vec::new();
     while let [flags, a, b, c, len, tail @ ..] = rest {
-        let esi = u32::from(*a) << 16 | u32::from(*b) << 8 | u32::from(*c);
+        let esi = Esi(u32::from(*a) << 16 | u32::from(*b) << 8 | u32::from(*c));
         let sender = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, u16::from(flags >> 4));
         let symbol: &[u8] = if flags & 1 == 1 {
             real.clear();
-            encoder.symbol(esi % 64, &mut real);
+            encoder.symbol(Esi(esi.0 % 64), &mut real);
             rest = tail;
             &real
         } else {

@@ -44,6 +44,7 @@ use super::engine::{FetchConfig, FetchStats, Freshness, HeardRoot, Priority};
 use super::membership::Memberships;
 use super::object::{Action, ObjectFetch, Timers};
 use crate::channel::{Address, Channel, Tag};
+use crate::fec::Esi;
 use crate::net::Envelope;
 use crate::object::bundle::{Bundle, Bundling};
 use crate::object::{ObjectHash, ObjectRef, RootRecord};
@@ -378,7 +379,7 @@ impl FetchState {
         }
     }
 
-    fn handle_symbol(&mut self, now: Instant, env: Envelope, tag: Tag, esi: u32, data: &[u8]) {
+    fn handle_symbol(&mut self, now: Instant, env: Envelope, tag: Tag, esi: Esi, data: &[u8]) {
         let Some(p) = self
             .pending
             .get_mut(&tag)

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use super::engine::{FetchConfig, FetchStats, Freshness, Priority};
 use super::state::{Claim, Event, FetchState, Requested, ELSEWHERE_PATIENCE, ROOT_WATCH_REJOIN};
 use crate::channel::{Channel, Tag};
-use crate::fec::ObjectEncoder;
+use crate::fec::{Esi, ObjectEncoder};
 use crate::net::Envelope;
 use crate::object::bundle::{Bundle, Bundling};
 use crate::object::{ObjectHash, ObjectRef};
@@ -117,8 +117,8 @@ impl Rig {
         let enc = ObjectEncoder::new(bytes, SYMBOL.min(bytes.len())).unwrap();
         let (mut sym, mut pkt) = (Vec::new(), Vec::new());
         for esi in 0..enc.source_symbols() {
-            enc.symbol(esi, &mut sym);
-            packet::encode_symbol(&mut pkt, tag, esi, &sym, None);
+            enc.symbol(Esi(esi), &mut sym);
+            packet::encode_symbol(&mut pkt, tag, Esi(esi), &sym, None);
             let env = Envelope { from, to, ifindex };
             self.st.handle_datagram(self.now, env, &mut pkt);
         }
@@ -141,8 +141,8 @@ impl Rig {
         let enc = ObjectEncoder::new(bytes, SYMBOL.min(bytes.len())).unwrap();
         let (mut sym, mut pkt) = (Vec::new(), Vec::new());
         for esi in 0..n.min(enc.source_symbols()) {
-            enc.symbol(esi, &mut sym);
-            packet::encode_symbol(&mut pkt, tag, esi, &sym, None);
+            enc.symbol(Esi(esi), &mut sym);
+            packet::encode_symbol(&mut pkt, tag, Esi(esi), &sym, None);
             let env = Envelope {
                 from: SERVER,
                 to: Some(group),

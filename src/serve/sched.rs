@@ -82,6 +82,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use crate::fec::Esi;
 use crate::object::ObjectHash;
 
 /// What to send next.
@@ -92,7 +93,7 @@ pub enum Transmit {
     Air,
     Symbol {
         hash: ObjectHash,
-        esi: u32,
+        esi: Esi,
     },
 }
 
@@ -251,7 +252,7 @@ pub struct Scheduler {
     bulk_waited: u32,
     /// A bulk round goes first until it ends: the bulk queue waited `bulk_patience`.
     bulk_turn: bool,
-    cursors: HashMap<ObjectHash, u32>,
+    cursors: HashMap<ObjectHash, Esi>,
     /// When objects that have a cursor last lost their listeners.
     idle_since: HashMap<ObjectHash, Instant>,
     margin: Margin,
@@ -318,7 +319,7 @@ impl Scheduler {
         } else {
             self.bulk.push_back(hash);
         }
-        self.cursors.entry(hash).or_insert(0);
+        self.cursors.entry(hash).or_default();
     }
 
     /// The last listener of an object said it left; the tracker checks whether others still
@@ -470,14 +471,14 @@ impl Scheduler {
             self.cooling.insert((now + pause, self.cooling_seq), hash);
             self.cooling_seq += 1;
         }
-        let cursor = self.cursors.entry(hash).or_insert(0);
+        let cursor = self.cursors.entry(hash).or_default();
         if let Some(t) = a.idle_since.take() {
             if now.saturating_duration_since(t) >= self.config.cursor_reset {
-                *cursor = 0;
+                *cursor = Esi(0);
             }
         }
         let esi = *cursor;
-        *cursor = (*cursor + 1) % crate::fec::ESI_LIMIT;
+        *cursor = cursor.next();
         Some(Transmit::Symbol { hash, esi })
     }
 
@@ -633,10 +634,19 @@ mod tests {
         s.handle_active(h(1), 100, false);
         let sent = drain(&mut s, now);
         assert_eq!(sent.len(), 200);
-        assert_eq!(sent[2], Transmit::Symbol { hash: h(1), esi: 2 });
+        assert_eq!(
+            sent[2],
+            Transmit::Symbol {
+                hash: h(1),
+                esi: Esi(2)
+            }
+        );
         assert_eq!(
             sent[100],
-            Transmit::Symbol { hash: h(2), esi: 0 },
+            Transmit::Symbol {
+                hash: h(2),
+                esi: Esi(0)
+            },
             "whole rounds, in turn"
         );
     }
@@ -661,13 +671,19 @@ mod tests {
         s.handle_active(h(1), 100, false);
         assert_eq!(
             s.poll_transmit(now),
-            Some(Transmit::Symbol { hash: h(1), esi: 1 })
+            Some(Transmit::Symbol {
+                hash: h(1),
+                esi: Esi(1)
+            })
         );
         s.forget(now, &h(1));
         s.handle_active(h(1), 100, false);
         assert_eq!(
             s.poll_transmit(now),
-            Some(Transmit::Symbol { hash: h(1), esi: 0 })
+            Some(Transmit::Symbol {
+                hash: h(1),
+                esi: Esi(0)
+            })
         );
     }
 
@@ -682,14 +698,20 @@ mod tests {
         let soon = t0 + Duration::from_millis(500);
         assert_eq!(
             s.poll_transmit(soon),
-            Some(Transmit::Symbol { hash: h(1), esi: 4 }),
+            Some(Transmit::Symbol {
+                hash: h(1),
+                esi: Esi(4)
+            }),
             "a quick rejoin gets new symbols"
         );
         s.handle_inactive(soon, &h(1));
         s.handle_active(h(1), 4, false);
         assert_eq!(
             s.poll_transmit(soon + Duration::from_secs(3)),
-            Some(Transmit::Symbol { hash: h(1), esi: 0 }),
+            Some(Transmit::Symbol {
+                hash: h(1),
+                esi: Esi(0)
+            }),
             "after a long idle spell, source symbols again"
         );
     }
@@ -755,7 +777,7 @@ mod tests {
             rest[0],
             Transmit::Symbol {
                 hash: h(1),
-                esi: 20
+                esi: Esi(20)
             }
         );
         // Paused between rounds, it resumes with a later round.
@@ -861,7 +883,10 @@ mod tests {
         s.handle_active(h(9), 3, true);
         assert_eq!(
             s.poll_transmit(t0),
-            Some(Transmit::Symbol { hash: h(9), esi: 0 }),
+            Some(Transmit::Symbol {
+                hash: h(9),
+                esi: Esi(0)
+            }),
             "urgent first"
         );
         let t1 = t0 + SchedConfig::default().cooldown;

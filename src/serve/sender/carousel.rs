@@ -37,7 +37,7 @@ use crate::object::ObjectHash;
 
 use super::encoders::Encoders;
 use crate::channel::{Address, SealKeys, Tag};
-use crate::fec::{symbol_size_for_object, ObjectEncoder};
+use crate::fec::{symbol_size_for_object, Esi, ObjectEncoder};
 use crate::mld::GroupEvent;
 use crate::net::WIRE_OVERHEAD;
 use crate::packet;
@@ -116,7 +116,7 @@ pub enum Payload {
     Air(Vec<Tag>),
     Symbol {
         hash: ObjectHash,
-        esi: u32,
+        esi: Esi,
         encoder: Arc<ObjectEncoder>,
     },
 }
@@ -149,7 +149,7 @@ pub struct Carousel {
     reserved: usize,
     encoders: Encoders,
     /// A symbol the scheduler chose whose encoder is not at hand.
-    waiting: Option<(ObjectHash, u32)>,
+    waiting: Option<(ObjectHash, Esi)>,
     /// Objects of this table that could not be loaded: never routed on again while it lasts.
     unloadable: HashSet<ObjectHash>,
     /// The latest time the state was given.
@@ -444,7 +444,7 @@ impl Carousel {
     }
 
     /// The waiting symbol, if its encoder is at hand.
-    fn symbol(&mut self, hash: ObjectHash, esi: u32) -> Option<Transmit> {
+    fn symbol(&mut self, hash: ObjectHash, esi: Esi) -> Option<Transmit> {
         let Some(route) = self.routes.get(&hash).copied() else {
             // Scheduled but not routed: cannot happen, and must not send (or loop) if it did.
             self.waiting = None;

@@ -259,7 +259,7 @@ impl Sim {
                 let mut symbol = Vec::new();
                 encoder.symbol(*esi, &mut symbol);
                 packet::encode_symbol(&mut out, t.to.tag, *esi, &symbol, seal);
-                What::Symbol(*hash, *esi)
+                What::Symbol(*hash, esi.0)
             }
         };
         let sent = Sent {
