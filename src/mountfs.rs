@@ -102,14 +102,19 @@ struct PrefetchSet {
     started: AtomicBool,
 }
 
+/// The one mapping of fetch errors to what the mount passes on (and so to an errno:
+/// `lcfs_mount`'s `FsError::errno`), with the whole message, sources included. Exhaustive, so
+/// that a new kind of failure is given its errno here.
 fn unavailable(e: FetchError) -> SourceError {
+    let text = e.report();
     match e {
-        FetchError::Invalid { .. } | FetchError::Untrusted { .. } => {
-            SourceError::Invalid(e.to_string())
-        }
-        FetchError::Stale { .. } => SourceError::Stale(e.to_string()),
+        FetchError::Invalid { .. } | FetchError::Untrusted { .. } => SourceError::Invalid(text),
+        FetchError::Stale { .. } => SourceError::Stale(text),
         FetchError::Closed => SourceError::Closed,
-        e => SourceError::Unavailable(e.to_string()),
+        FetchError::Timeout { .. }
+        | FetchError::NoRoot { .. }
+        | FetchError::Cache { .. }
+        | FetchError::NotFound(_) => SourceError::Unavailable(text),
     }
 }
 
@@ -286,10 +291,10 @@ impl Inner {
         use crate::prefetch_set::{members, read_set_file, SetSpec, MAX_SET_FILE};
         let text = read_set_file(tree, f)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| e.report())?
             .ok_or_else(|| format!("it is larger than {MAX_SET_FILE} bytes"))?;
         let spec = SetSpec::parse(&text)?;
-        let files = members(tree, r, &spec).await.map_err(|e| e.to_string())?;
+        let files = members(tree, r, &spec).await.map_err(|e| e.report())?;
         let n = files.len();
         let set = Arc::new(PrefetchSet {
             files,
@@ -818,7 +823,7 @@ impl Source for TreeSource {
 mod tests {
     use super::*;
     use crate::channel::Channel;
-    use crate::fetch::FetchConfig;
+    use crate::fetch::{FetchConfig, Part, Subject};
     use crate::object::{object_ref, BlockSize, RootRecord};
 
     fn source() -> (TreeSource, tempfile::TempDir) {
@@ -851,9 +856,10 @@ mod tests {
     fn a_stale_failure_is_repeated_to_superseded_readers_only() {
         let (s, _dir) = source();
         let h = ObjectHash::of(b"block");
+        let what = Subject::part(Part::Block(BlockIndex(0)), ObjectRef { hash: h, len: 5 });
         let stale = FetchError::Stale {
             channel: "t".into(),
-            what: "block".into(),
+            what: Box::new(what.clone()),
         };
         assert!(matches!(s.0.demand_failed(h, stale), SourceError::Stale(_)));
         assert!(matches!(
@@ -861,7 +867,7 @@ mod tests {
             Err(SourceError::Stale(_))
         ));
         assert_eq!(s.0.recent_failure(&h, Freshness::Current), Ok(()));
-        let timeout = s.0.fetcher.timeout_error("block");
+        let timeout = s.0.fetcher.timeout_error(what);
         s.0.demand_failed(h, timeout);
         assert!(s.0.recent_failure(&h, Freshness::Current).is_err());
     }

@@ -74,7 +74,7 @@ pub async fn prefetch(
                 cache
                     .pin(v.hash())
                     .or_else(|_| cache.insert(&v).and_then(|()| cache.pin(v.hash())))
-                    .map_err(|e| FetchError::Cache(e.to_string()))?;
+                    .map_err(|e| FetchError::cache(format!("pin object {}", *r), e))?;
             }
             progress.inc(v.len() as u64);
             Ok::<_, FetchError>(v.len() as u64)

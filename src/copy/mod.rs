@@ -359,7 +359,8 @@ impl Copier<'_> {
         if let Content::Inline(bytes) = &f.content {
             return self.write_whole(rel, bytes, mode, mtime);
         }
-        let leaves = self.tree.leaves(f, Priority::Readahead).await?;
+        let in_file = |e: FetchError| e.in_file(rel.display());
+        let leaves = (self.tree.leaves(f, Priority::Readahead).await).map_err(in_file)?;
         let (dir, name) = self.dest.parent_of(rel)?;
         let bs = self.tree.block_size();
         let existing = existing_blocks(dir.clone(), name.to_owned(), bs, self.dest.euid()).await;
@@ -401,7 +402,8 @@ impl Copier<'_> {
             None => self
                 .tree
                 .block(leaf, size, i, Priority::Readahead)
-                .await?
+                .await
+                .map_err(|e| e.in_file(rel.display()))?
                 .bytes()
                 .to_vec(),
         };

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::membership::default_gap;
 use super::state::{Claim, Event, FetchState, Requested, RECENT};
-use super::{FetchError, KEY_HINT, SERVER_HINT};
+use super::{FetchError, Subject, KEY_HINT, SERVER_HINT};
 use crate::channel::{Channel, Tag};
 use crate::mld::Reporter;
 use crate::net::{recv_batch, set_membership, Iface, RecvBatch};
@@ -454,8 +454,8 @@ impl Fetcher {
     }
 
     /// The error a fetch of `what` that timed out gives.
-    pub fn timeout_error(&self, what: &str) -> FetchError {
-        self.inner.timeout_error(what)
+    pub fn timeout_error(&self, what: Subject) -> FetchError {
+        self.inner.timeout_error(Box::new(what))
     }
 
     /// How long to wait for the channel's first root record (`None`: for ever).
@@ -575,14 +575,14 @@ impl Inner {
             }
             Event::Failed { tag, want, stale } => {
                 self.cache.release_fetch(want.hash.raw());
-                let what = format!("object {}", &want.hash.to_hex()[..16]);
+                let what = Box::new(Subject::object(want));
                 let err = if stale {
                     FetchError::Stale {
                         channel: self.channel.name().to_owned(),
                         what,
                     }
                 } else {
-                    self.timeout_error(&what)
+                    self.timeout_error(what)
                 };
                 for w in l.waiters.remove(&tag).unwrap_or_default() {
                     let _ = w.send(Err(err.clone()));
@@ -850,10 +850,10 @@ impl Inner {
         }
     }
 
-    fn timeout_error(&self, what: &str) -> FetchError {
+    fn timeout_error(&self, what: Box<Subject>) -> FetchError {
         FetchError::Timeout {
             channel: self.channel.name().to_owned(),
-            what: what.to_owned(),
+            what,
             secs: self.config.timeout.as_secs(),
             iface: self.iface.name.clone(),
             hint: self.iface_down_hint().unwrap_or_else(|| {

@@ -196,10 +196,11 @@ async fn move_to(
     let next = tree.moved_to(record.clone());
     if let Err(e) = next.root_dir().await {
         tracing::warn!(
-            "channel {:?}: staying on generation {}: the root directory of generation {} is not available: {e}",
+            "channel {:?}: staying on generation {}: the root directory of generation {} is not available: {}",
             fetcher.channel().name(),
             follower.current().generation,
-            record.generation
+            record.generation,
+            e.report()
         );
         return None;
     }

@@ -14,7 +14,7 @@ use lcfs_cache::Verified;
 use super::engine::RootWatcher;
 use super::follow::RootFollower;
 use super::trust::{self, Memory, Publisher, RootPolicy, LISTEN};
-use super::{FetchError, Fetcher, Freshness, HeardRoot, Priority};
+use super::{FetchError, Fetcher, Freshness, HeardRoot, InvalidReason, Part, Priority, Subject};
 use crate::object::index::IndexShape;
 use crate::object::{
     BlockIndex, BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectHash,
@@ -219,18 +219,18 @@ impl Tree {
         )))
     }
 
-    fn invalid(&self, what: String, reason: impl ToString) -> FetchError {
+    fn invalid(&self, what: Subject, reason: impl Into<InvalidReason>) -> FetchError {
         FetchError::Invalid {
             channel: self.fetcher.channel().name().to_owned(),
-            what,
-            reason: reason.to_string(),
+            what: Box::new(what),
+            reason: reason.into(),
         }
     }
 
     pub async fn directory(&self, r: ObjectRef, prio: Priority) -> Result<Directory, FetchError> {
-        let v = self.fetcher.fetch(r, prio).await?;
-        let dir = Directory::decode(&v)
-            .map_err(|e| self.invalid(format!("directory {}", r.hash.short()), e))?;
+        let what = || Subject::part(Part::Directory, r);
+        let v = (self.fetcher.fetch(r, prio).await).map_err(|e| e.as_part(Part::Directory))?;
+        let dir = Directory::decode(&v).map_err(|e| self.invalid(what(), e))?;
         // Its small files travel in bundles: reads of them fetch the bundle.
         (self.fetcher).learn_bundles(crate::object::bundle::bundling(&dir, self.block_size()));
         Ok(dir)
@@ -274,21 +274,16 @@ impl Tree {
     ) -> Result<Vec<ObjectHash>, FetchError> {
         let blocks = self.block_size().blocks_in(f.size);
         if blocks > MAX_FILE_BLOCKS && !matches!(f.content, Content::Inline(_)) {
-            return Err(self.invalid(
-                "file".into(),
-                format!(
-                    "it claims {blocks} blocks of {} bytes, more than the {MAX_FILE_BLOCKS} a receiver indexes (serve such files with a larger --block-size)",
-                    self.block_size().bytes()
-                ),
-            ));
+            let block_size = self.block_size().bytes();
+            let reason = InvalidReason::TooManyBlocks { blocks, block_size };
+            return Err(self.invalid(Subject::file(), reason));
         }
         match &f.content {
             Content::Inline(_) => Ok(Vec::new()),
             Content::Block(h) if blocks == 1 => Ok(vec![*h]),
-            Content::Block(_) => Err(self.invalid(
-                "file".into(),
-                "one block reference for a file of several blocks",
-            )),
+            Content::Block(_) => {
+                Err(self.invalid(Subject::file(), InvalidReason::OneBlockForSeveral))
+            }
             Content::Index { index, .. } => {
                 let shape = IndexShape { blocks };
                 self.index_leaves(*index, shape, prio, freshness).await
@@ -303,11 +298,12 @@ impl Tree {
         prio: Priority,
         freshness: Freshness,
     ) -> Result<Vec<ObjectHash>, FetchError> {
-        let what = || format!("file index {}", r.hash.short());
+        let what = || Subject::part(Part::FileIndex, r);
         if r.len as u64 != shape.top_len() {
-            return Err(self.invalid(what(), "length does not fit the file size"));
+            return Err(self.invalid(what(), InvalidReason::IndexLength));
         }
-        let v = self.fetcher.fetch_as(r, prio, freshness).await?;
+        let v = (self.fetcher.fetch_as(r, prio, freshness).await)
+            .map_err(|e| e.as_part(Part::FileIndex))?;
         let index = FileIndex::decode(&v).map_err(|e| self.invalid(what(), e))?;
         shape.check(&index).map_err(|e| self.invalid(what(), e))?;
         match index {
@@ -317,13 +313,15 @@ impl Tree {
                 for (n, chunk) in pages.chunks(PAGES_IN_FLIGHT).enumerate() {
                     let fetches = chunk.iter().enumerate().map(|(i, h)| async move {
                         let pr = shape.page_ref((n * PAGES_IN_FLIGHT + i) as u64, *h);
-                        let v = self.fetcher.fetch_as(pr, prio, freshness).await?;
+                        let v = (self.fetcher.fetch_as(pr, prio, freshness).await)
+                            .map_err(|e| e.as_part(Part::IndexPage))?;
+                        let what = Subject::part(Part::IndexPage, pr);
                         match FileIndex::decode(&v) {
                             Ok(FileIndex::Leaves(l)) => Ok(l),
-                            _ => Err(self.invalid(
-                                format!("index page {}", h.short()),
-                                "not a page of leaves",
-                            )),
+                            Ok(FileIndex::Pages(_)) => {
+                                Err(self.invalid(what, InvalidReason::NotAPage))
+                            }
+                            Err(e) => Err(self.invalid(what, e)),
                         }
                     });
                     leaves.extend(try_join_all(fetches).await?.concat());
@@ -356,7 +354,7 @@ impl Tree {
     ) -> Result<Verified, FetchError> {
         let len = self.block_size().block_len(size, index);
         let r = ObjectRef { hash: leaf, len };
-        self.fetcher.fetch_as(r, prio, freshness).await
+        (self.fetcher.fetch_as(r, prio, freshness).await).map_err(|e| e.as_part(Part::Block(index)))
     }
 
     /// The entry at `path` (components separated by `/`), or the root directory for "".
@@ -366,7 +364,13 @@ impl Tree {
             .split('/')
             .filter(|p| !p.is_empty() && *p != ".")
             .peekable();
+        let mut at = String::new();
         while let Some(name) = parts.next() {
+            at = if at.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{at}/{name}")
+            };
             let entry = dir.get(name.as_bytes()).cloned().ok_or_else(|| {
                 FetchError::NotFound(format!(
                     "{path:?} is not in channel {:?}",
@@ -377,7 +381,10 @@ impl Tree {
                 return Ok(Some(entry));
             }
             match entry.kind {
-                EntryKind::Dir(r) => dir = self.directory(r, Priority::Demand).await?,
+                EntryKind::Dir(r) => {
+                    let in_dir = |e: FetchError| e.in_file(&at);
+                    dir = self.directory(r, Priority::Demand).await.map_err(in_dir)?
+                }
                 _ => {
                     return Err(FetchError::NotFound(format!(
                         "{name:?} in {path:?} is not a directory"
@@ -529,7 +536,7 @@ pub(super) fn unix_now_ns() -> u64 {
 fn untrusted(fetcher: &Fetcher, e: trust::Refusal) -> FetchError {
     FetchError::Untrusted {
         channel: fetcher.channel().name().to_owned(),
-        reason: e.to_string(),
+        reason: e,
     }
 }
 
@@ -537,9 +544,15 @@ fn untrusted(fetcher: &Fetcher, e: trust::Refusal) -> FetchError {
 fn remembered(fetcher: &Fetcher) -> Result<Memory, FetchError> {
     let cache = fetcher.cache();
     let id = fetcher.channel().id();
-    let cache_err = |e: lcfs_cache::CacheError| FetchError::Cache(e.to_string());
-    let root = cache.get_root(id).map_err(cache_err)?;
-    let publisher = cache.get_publisher(id).map_err(cache_err)?;
+    let cache_err = |what: &str| {
+        let doing = format!(
+            "read the {what} it remembers of channel {:?}",
+            fetcher.channel().name()
+        );
+        move |e| FetchError::cache(doing, e)
+    };
+    let root = cache.get_root(id).map_err(cache_err("root record"))?;
+    let publisher = cache.get_publisher(id).map_err(cache_err("publisher"))?;
     Ok(Memory {
         root: root.and_then(|b| RootRecord::decode(&b).ok()),
         publisher: publisher.and_then(|b| Publisher::decode(&b)),
@@ -797,11 +810,11 @@ impl Tree {
     }
 
     fn too_big(&self, at: &std::path::Path, reason: String) -> FetchError {
-        let at = match at.as_os_str().is_empty() {
-            true => "the tree".to_owned(),
-            false => format!("the tree at {:?}", at),
-        };
-        self.invalid(at, format!("refused to walk it: {reason}"))
+        let mut what = Subject::tree();
+        if !at.as_os_str().is_empty() {
+            what.path = Some(at.display().to_string());
+        }
+        self.invalid(what, InvalidReason::TooBig(reason))
     }
 }
 
@@ -884,7 +897,7 @@ mod tests {
         let (objects, top) = doubling_tree(40);
         let (tree, _dir) = cached_tree(&objects, top);
         let e = tree.walk(top, Priority::Demand).await.unwrap_err();
-        assert!(e.to_string().contains("already listed"), "{e}");
+        assert!(e.report().contains("already listed"), "{}", e.report());
         // Each directory object is listed once when only objects are wanted.
         let (dirs, files) = tree
             .distinct_below(top, Priority::Demand, &WalkLimits::default())
@@ -935,7 +948,7 @@ mod tests {
             .walk_within(top, Priority::Demand, &limits)
             .await
             .unwrap_err();
-        assert!(e.to_string().contains("16 directories deep"), "{e}");
+        assert!(e.report().contains("16 directories deep"), "{}", e.report());
         assert_eq!(tree.walk(top, Priority::Demand).await.unwrap().len(), 40);
     }
 
@@ -966,6 +979,6 @@ mod tests {
             },
         };
         let e = tree.leaves(&f, Priority::Demand).await.unwrap_err();
-        assert!(e.to_string().contains("--block-size"), "{e}");
+        assert!(e.report().contains("--block-size"), "{}", e.report());
     }
 }

@@ -102,7 +102,7 @@ impl BlockSize {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ObjectError {
     #[error("encoding truncated: needed {needed} more bytes at offset {offset}")]
     Truncated { offset: usize, needed: usize },
