@@ -5,6 +5,9 @@
 //! from K up are repair symbols. A receiver needs any K (rarely K+1 or K+2) distinct symbols of
 //! one symbol size, whatever their order or origin.
 //!
+//! An ESI is an [`Esi`], not a bare `u32`, so that a block index, a symbol count or a byte
+//! offset cannot be sent as one.
+//!
 //! The decoder never trusts the wire: the object length comes from a verified reference,
 //! symbols of another size or an ESI beyond 24 bits are ignored, and the number of symbols it
 //! keeps is bounded so that a flood of forged symbols costs memory proportional to the object.

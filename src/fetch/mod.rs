@@ -18,6 +18,11 @@
 //! and fail as stale within `stale_after` when the server no longer sends them.
 //!
 //! One receive thread owns the socket's receive side and all timers; callers are async.
+//!
+//! Failures are [`FetchError`]s: each keeps its cause as its source, and names what failed
+//! with a [`Subject`] (the object, and where the caller knew them the [`Part`] of the tree
+//! it is, such as block N, and the file's path), its own type so that every caller adds
+//! what it knows in the same words. [`InvalidReason`] says why an object was refused.
 
 mod engine;
 pub mod follow;

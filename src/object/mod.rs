@@ -9,6 +9,10 @@
 //! Every reference to an object carries the object's length as well as its hash, so a receiver
 //! knows exactly how many bytes to decode before the first packet arrives, and packets need not
 //! carry any size.
+//!
+//! Hashes of different meaning and block indexes have types of their own ([`ids`]): an
+//! [`ObjectHash`] names what is fetched and cached, a [`FileHash`] is a whole file's `b3sum`,
+//! a [`BlockIndex`] is a block's place in its file.
 
 pub mod bundle;
 pub(crate) mod codec;
