@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use lcfs::channel::{Channel, MasterKey, Tag};
+use lcfs::fec::Esi;
 use lcfs::fetch::trust::Publisher;
 use lcfs::mld::parse::{encode_query, encode_report, GroupRecord, Query, RecordType};
 use lcfs::object::{
-    BlockSize, Content, Directory, Entry, EntryKind, FileIndex, FileRef, ObjectRef, RootRecord,
-    Timestamp,
+    BlockSize, Content, Directory, Entry, EntryKind, FileHash, FileIndex, FileRef, ObjectHash,
+    ObjectRef, RootRecord, Timestamp,
 };
 use lcfs::packet;
 
@@ -35,12 +36,12 @@ fn main() {
         .nth(1)
         .unwrap_or_else(|| "fuzz/corpus".into());
     let dir = Path::new(&dir);
-    let h = |s: &str| blake3::hash(s.as_bytes());
+    let h = |s: &str| ObjectHash::of(s.as_bytes());
     let tag = Tag([9; 16]);
 
     // Packets, clear and sealed.
     let mut b = Vec::new();
-    packet::encode_symbol(&mut b, tag, 5, b"symbol bytes", None);
+    packet::encode_symbol(&mut b, tag, Esi(5), b"symbol bytes", None);
     write(dir, "packet", "symbol", &b);
     b.clear();
     packet::encode_root(&mut b, tag, b"root record", None);
@@ -50,7 +51,7 @@ fn main() {
     write(dir, "packet", "air", &b);
     let channel = Channel::new("fuzz", Some(&MasterKey::from_bytes([7; 32])));
     b.clear();
-    packet::encode_symbol(&mut b, tag, 5, b"symbol bytes", channel.seal());
+    packet::encode_symbol(&mut b, tag, Esi(5), b"symbol bytes", channel.seal());
     write(dir, "packet_sealed", "whole", &with_kind(0, &b));
     write(
         dir,
@@ -82,7 +83,7 @@ fn main() {
     let file = |content| {
         EntryKind::File(FileRef {
             size: 3,
-            b3: h("abc"),
+            b3: FileHash::of(b"abc"),
             content,
         })
     };

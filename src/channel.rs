@@ -12,7 +12,7 @@
 use std::fmt;
 use std::net::Ipv6Addr;
 
-use lcfs_cache::Hash;
+use crate::object::ObjectHash;
 
 /// The UDP port lcfs uses unless told otherwise.
 pub const DEFAULT_PORT: u16 = 4242;
@@ -134,7 +134,7 @@ impl Channel {
     }
 
     /// The group and tag of the object named `hash`.
-    pub fn object_address(&self, hash: &Hash) -> Address {
+    pub fn object_address(&self, hash: &ObjectHash) -> Address {
         self.address(b"obj!", hash.as_bytes())
     }
 
@@ -164,8 +164,8 @@ mod tests {
     #[test]
     fn addresses_are_transient_global_scope_and_distinct() {
         let ch = Channel::new("photos", None);
-        let a = ch.object_address(&blake3::hash(b"a"));
-        let b = ch.object_address(&blake3::hash(b"b"));
+        let a = ch.object_address(&ObjectHash::of(b"a"));
+        let b = ch.object_address(&ObjectHash::of(b"b"));
         assert_eq!(a.group.segments()[0], 0xff1e);
         assert_ne!(a.group, b.group);
         assert_ne!(a.tag, b.tag);
@@ -177,7 +177,7 @@ mod tests {
         let plain = Channel::new("photos", None);
         let k1 = Channel::new("photos", Some(&MasterKey([1; 32])));
         let k2 = Channel::new("photos", Some(&MasterKey([2; 32])));
-        let h = blake3::hash(b"x");
+        let h = ObjectHash::of(b"x");
         assert_ne!(plain.id(), k1.id());
         assert_ne!(k1.object_address(&h), k2.object_address(&h));
         assert_ne!(k1.root_address(), k2.root_address());
@@ -186,7 +186,7 @@ mod tests {
 
     #[test]
     fn same_name_same_addresses() {
-        let h = blake3::hash(b"x");
+        let h = ObjectHash::of(b"x");
         assert_eq!(
             Channel::new("a", None).object_address(&h),
             Channel::new("a", None).object_address(&h)

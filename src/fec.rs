@@ -5,6 +5,9 @@
 //! from K up are repair symbols. A receiver needs any K (rarely K+1 or K+2) distinct symbols of
 //! one symbol size, whatever their order or origin.
 //!
+//! An ESI is an [`Esi`], not a bare `u32`, so that a block index, a symbol count or a byte
+//! offset cannot be sent as one.
+//!
 //! The decoder never trusts the wire: the object length comes from a verified reference,
 //! symbols of another size or an ESI beyond 24 bits are ignored, and the number of symbols it
 //! keeps is bounded so that a flood of forged symbols costs memory proportional to the object.
@@ -16,6 +19,27 @@ use raptorq::{SourceBlockDecoder, SourceBlockEncoder};
 pub const MAX_SOURCE_SYMBOLS: u64 = 56_403;
 /// ESIs are 24-bit numbers.
 pub const ESI_LIMIT: u32 = 1 << 24;
+
+/// An encoding symbol id: which symbol of an object a packet carries (RFC 6330 section 3.2).
+/// Below K it names a source symbol, the object's bytes from `esi * symbol size`; from K up a
+/// repair symbol. A type of its own, so that a block index or a byte offset cannot be sent
+/// as one. On the wire it is a little-endian `u32` ([`crate::packet`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct Esi(pub u32);
+
+impl Esi {
+    /// The ESI a sender sends after this one: ESIs wrap at 24 bits.
+    pub fn next(self) -> Esi {
+        Esi((self.0 + 1) % ESI_LIMIT)
+    }
+}
+
+impl std::fmt::Display for Esi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FecError {
@@ -83,8 +107,8 @@ impl ObjectEncoder {
     }
 
     /// Writes symbol `esi` (taken modulo 2^24) into `out`.
-    pub fn symbol(&self, esi: u32, out: &mut Vec<u8>) {
-        let esi = esi % ESI_LIMIT;
+    pub fn symbol(&self, esi: Esi, out: &mut Vec<u8>) {
+        let esi = esi.0 % ESI_LIMIT;
         out.clear();
         if esi < self.k {
             let at = esi as usize * self.symbol_size;
@@ -125,7 +149,7 @@ pub struct ObjectDecoder {
     kept: u32,
     /// ESIs taken so far: at most [`ObjectDecoder::saturated`]'s bound, then the caller
     /// starts afresh.
-    seen: std::collections::HashSet<u32>,
+    seen: std::collections::HashSet<Esi>,
     decoder: SourceBlockDecoder,
 }
 
@@ -162,8 +186,8 @@ impl ObjectDecoder {
         self.kept > self.k.saturating_mul(2) + 64
     }
 
-    pub fn push(&mut self, esi: u32, data: &[u8]) -> Decoded {
-        if data.len() != self.symbol_size || esi >= ESI_LIMIT {
+    pub fn push(&mut self, esi: Esi, data: &[u8]) -> Decoded {
+        if data.len() != self.symbol_size || esi.0 >= ESI_LIMIT {
             return Decoded::Ignored;
         }
         // Repeats prove nothing: a trickle of copies must not keep a dead fetch alive.
@@ -171,7 +195,7 @@ impl ObjectDecoder {
             return Decoded::Duplicate;
         }
         self.kept += 1;
-        let packet = EncodingPacket::new(PayloadId::new(0, esi), data.to_vec());
+        let packet = EncodingPacket::new(PayloadId::new(0, esi.0), data.to_vec());
         match self.decoder.decode(std::iter::once(packet)) {
             Some(mut bytes) => {
                 bytes.truncate(self.len as usize);
@@ -200,7 +224,7 @@ mod tests {
     ) -> Option<Vec<u8>> {
         let mut dec = ObjectDecoder::new(len as u64, enc.symbol_size()).unwrap();
         let mut buf = Vec::new();
-        for esi in esis {
+        for esi in esis.map(Esi) {
             enc.symbol(esi, &mut buf);
             if let Decoded::Done(b) = dec.push(esi, &buf) {
                 return Some(b);
@@ -227,9 +251,11 @@ mod tests {
     #[test]
     fn wrong_size_and_big_esi_are_ignored() {
         let mut dec = ObjectDecoder::new(5000, 1000).unwrap();
-        assert_eq!(dec.push(0, &[0; 999]), Decoded::Ignored);
-        assert_eq!(dec.push(ESI_LIMIT, &[0; 1000]), Decoded::Ignored);
-        assert_eq!(dec.push(0, &[0; 1000]), Decoded::Pending);
+        assert_eq!(dec.push(Esi(0), &[0; 999]), Decoded::Ignored);
+        assert_eq!(dec.push(Esi(ESI_LIMIT), &[0; 1000]), Decoded::Ignored);
+        assert_eq!(dec.push(Esi(0), &[0; 1000]), Decoded::Pending);
+        assert_eq!(dec.push(Esi(0), &[1; 1000]), Decoded::Duplicate);
+        assert_eq!(Esi(ESI_LIMIT - 1).next(), Esi(0));
     }
 
     #[test]

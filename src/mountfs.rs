@@ -31,7 +31,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
-use lcfs_cache::Hash;
 use lcfs_mount::{Attr, BoxFuture, Child, Kind, ReadHint, Source, SourceError, Totals, Version};
 use lru::LruCache;
 use tokio::sync::watch;
@@ -41,7 +40,8 @@ use crate::fetch::tree::Origin;
 use crate::fetch::{FetchError, Fetcher, Freshness, Priority, RootPolicy, Tree};
 use crate::object::index::IndexShape;
 use crate::object::{
-    Content, Directory, Entry, EntryKind, FileIndex, FileRef, ObjectRef, Timestamp,
+    BlockIndex, Content, Directory, Entry, EntryKind, FileHash, FileIndex, FileRef, ObjectHash,
+    ObjectRef, Timestamp,
 };
 
 /// A node of the published tree, with the tree of the generation it was listed from.
@@ -69,13 +69,13 @@ pub struct Inner {
     current: watch::Sender<Arc<Tree>>,
     /// Whether the server has answered (false for a mount started from the cached root).
     online: AtomicBool,
-    leaves: Mutex<LruCache<Hash, Arc<Vec<Hash>>>>,
+    leaves: Mutex<LruCache<ObjectHash, Arc<Vec<ObjectHash>>>>,
     /// Listings by directory hash; the nodes in them carry the tree they were listed from.
-    dirs: Mutex<LruCache<Hash, Arc<Vec<Child<Node>>>>>,
+    dirs: Mutex<LruCache<ObjectHash, Arc<Vec<Child<Node>>>>>,
     /// Objects whose demand fetch timed out or went stale: when, and the error.
-    failures: Mutex<LruCache<Hash, (Instant, SourceError)>>,
+    failures: Mutex<LruCache<ObjectHash, (Instant, SourceError)>>,
     /// Per file (by index hash): the blocks `lo..hi` for which readahead has been started.
-    ahead: Mutex<LruCache<Hash, (u64, u64)>>,
+    ahead: Mutex<LruCache<ObjectHash, (u64, u64)>>,
     /// Prefetch sets found so far (see [`crate::prefetch_set`]).
     sets: Mutex<Sets>,
     /// Whether any set file was seen: until then reads skip the `sets` lock. A member is
@@ -86,11 +86,11 @@ pub struct Inner {
 /// The prefetch sets a mount knows: which directories were looked at, and each member's
 /// set by the member's whole-file hash.
 struct Sets {
-    looked_at: LruCache<Hash, ()>,
-    by_member: std::collections::HashMap<Hash, Arc<PrefetchSet>>,
+    looked_at: LruCache<ObjectHash, ()>,
+    by_member: std::collections::HashMap<FileHash, Arc<PrefetchSet>>,
     /// Files read lately, by whole-file hash: a set learned just after its first member was
     /// read (the walk that learns it races the reader) starts at once.
-    read: LruCache<Hash, ()>,
+    read: LruCache<FileHash, ()>,
 }
 
 /// Members with more sets than this are not remembered (each costs a map entry).
@@ -102,14 +102,19 @@ struct PrefetchSet {
     started: AtomicBool,
 }
 
+/// The one mapping of fetch errors to what the mount passes on (and so to an errno:
+/// `lcfs_mount`'s `FsError::errno`), with the whole message, sources included. Exhaustive, so
+/// that a new kind of failure is given its errno here.
 fn unavailable(e: FetchError) -> SourceError {
+    let text = e.report();
     match e {
-        FetchError::Invalid { .. } | FetchError::Untrusted { .. } => {
-            SourceError::Invalid(e.to_string())
-        }
-        FetchError::Stale { .. } => SourceError::Stale(e.to_string()),
+        FetchError::Invalid { .. } | FetchError::Untrusted { .. } => SourceError::Invalid(text),
+        FetchError::Stale { .. } => SourceError::Stale(text),
         FetchError::Closed => SourceError::Closed,
-        e => SourceError::Unavailable(e.to_string()),
+        FetchError::Timeout { .. }
+        | FetchError::NoRoot { .. }
+        | FetchError::Cache { .. }
+        | FetchError::NotFound(_) => SourceError::Unavailable(text),
     }
 }
 
@@ -178,7 +183,7 @@ impl Inner {
     /// stale failure answers superseded readers only: a current reader's object is in the
     /// current tree, so it asks again (the kernel retries a failed page read once, and that
     /// retry then waits as long as it needs, however busy the server was at the move).
-    fn recent_failure(&self, h: &Hash, freshness: Freshness) -> Result<(), SourceError> {
+    fn recent_failure(&self, h: &ObjectHash, freshness: Freshness) -> Result<(), SourceError> {
         let mut t = self.failures.lock().expect("failures lock");
         match t.get(h) {
             Some((_, SourceError::Stale(_))) if freshness == Freshness::Current => Ok(()),
@@ -188,7 +193,7 @@ impl Inner {
     }
 
     /// Maps a failed demand fetch of `h`, remembering it when it timed out or went stale.
-    fn demand_failed(&self, h: Hash, e: FetchError) -> SourceError {
+    fn demand_failed(&self, h: ObjectHash, e: FetchError) -> SourceError {
         let remember = matches!(e, FetchError::Timeout { .. } | FetchError::Stale { .. });
         let e = unavailable(e);
         if remember {
@@ -286,10 +291,10 @@ impl Inner {
         use crate::prefetch_set::{members, read_set_file, SetSpec, MAX_SET_FILE};
         let text = read_set_file(tree, f)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| e.report())?
             .ok_or_else(|| format!("it is larger than {MAX_SET_FILE} bytes"))?;
         let spec = SetSpec::parse(&text)?;
-        let files = members(tree, r, &spec).await.map_err(|e| e.to_string())?;
+        let files = members(tree, r, &spec).await.map_err(|e| e.report())?;
         let n = files.len();
         let set = Arc::new(PrefetchSet {
             files,
@@ -355,7 +360,7 @@ impl Inner {
         tree: &Tree,
         f: &FileRef,
         freshness: Freshness,
-    ) -> Result<Arc<Vec<Hash>>, SourceError> {
+    ) -> Result<Arc<Vec<ObjectHash>>, SourceError> {
         let key = match &f.content {
             Content::Index { index, .. } => index.hash,
             Content::Block(h) => return Ok(Arc::new(vec![*h])),
@@ -395,25 +400,25 @@ impl Inner {
         if let Content::Inline(bytes) = &f.content {
             return Ok(bytes[offset as usize..end as usize].to_vec());
         }
-        let bs = file.tree.block_size().bytes();
+        let bs = file.tree.block_size();
         // A superseded file's objects are most likely gone: fetch only what is read.
         let ahead = file.freshness == Freshness::Current;
-        if offset < bs && ahead {
+        if offset < bs.bytes() && ahead {
             self.start_first_block(&file);
-            if end <= bs {
+            if end <= bs.bytes() {
                 if let Some(first) = self.first_block_alone(&file, end + hint.readahead).await? {
                     return Ok(first[offset as usize..end as usize].to_vec());
                 }
             }
         }
         let leaves = self.file_leaves(&file.tree, f, file.freshness).await?;
-        let (first, last) = (offset / bs, (end - 1) / bs);
+        let (first, last) = (bs.block_at(offset).0, bs.block_at(end - 1).0);
         if ahead {
             self.spawn_readahead(&file, &leaves, last + 1, end.saturating_add(hint.readahead));
         }
         let (this, file) = (&self, &file);
-        let blocks = (first..=last).map(|i| {
-            let leaf = leaves.get(i as usize).copied();
+        let blocks = (first..=last).map(BlockIndex).map(|i| {
+            let leaf = leaves.get(i.as_usize()).copied();
             async move {
                 let leaf = leaf.ok_or_else(|| {
                     SourceError::Invalid(format!("block {i} beyond the file's index"))
@@ -423,8 +428,8 @@ impl Inner {
         });
         let blocks = try_join_all(blocks).await?;
         let mut out = Vec::with_capacity((end - offset) as usize);
-        for (i, b) in (first..=last).zip(&blocks) {
-            let start = i * bs;
+        for (i, b) in (first..=last).map(BlockIndex).zip(&blocks) {
+            let start = bs.offset_of(i);
             let lo = offset.max(start) - start;
             let hi = end.min(start + b.len() as u64) - start;
             out.extend_from_slice(&b[lo as usize..hi as usize]);
@@ -446,7 +451,10 @@ impl Inner {
         };
         // Both were asked of the same server: if one just failed, so does the other.
         self.recent_failure(&index.hash, file.freshness)?;
-        let first = match self.block(file, *first_leaf, 0, Priority::Demand).await {
+        let first = match self
+            .block(file, *first_leaf, BlockIndex(0), Priority::Demand)
+            .await
+        {
             Ok(b) => b,
             Err(e) => {
                 let mut failures = self.failures.lock().expect("failures lock");
@@ -469,8 +477,8 @@ impl Inner {
     async fn block(
         &self,
         file: &Reading,
-        leaf: Hash,
-        i: u64,
+        leaf: ObjectHash,
+        i: BlockIndex,
         prio: Priority,
     ) -> Result<lcfs_cache::Verified, SourceError> {
         let fetch = file
@@ -499,7 +507,7 @@ impl Inner {
         }
         let block = ObjectRef {
             hash: first_leaf,
-            len: file.tree.block_size().block_len(file.f.size, 0),
+            len: file.tree.block_size().block_len(file.f.size, BlockIndex(0)),
         };
         self.fetcher
             .start_fetches(&[index, block], Priority::Demand);
@@ -510,7 +518,7 @@ impl Inner {
     fn spawn_readahead(
         self: &Arc<Self>,
         file: &Reading,
-        leaves: &Arc<Vec<Hash>>,
+        leaves: &Arc<Vec<ObjectHash>>,
         from: u64,
         until: u64,
     ) {
@@ -538,7 +546,7 @@ impl Inner {
         let refs: Vec<ObjectRef> = (from..=last)
             .map(|i| ObjectRef {
                 hash: leaves[i as usize],
-                len: bs.block_len(f.size, i),
+                len: bs.block_len(f.size, BlockIndex(i)),
             })
             .collect();
         self.fetcher.start_fetches(&refs, Priority::Readahead);
@@ -555,13 +563,13 @@ impl Inner {
         };
         let total = tree.block_size().blocks_in(f.size).max(1);
         let cache = self.fetcher.cache();
-        let have = leaves.iter().filter(|h| cache.contains(h)).count() as u64;
+        let have = leaves.iter().filter(|h| cache.contains(h.raw())).count() as u64;
         (have as f64 / total as f64).min(1.0)
     }
 
     /// The leaf hashes of `f` that the cache knows: all of them when its whole index is
     /// cached, those of the cached pages otherwise, none without the top of the index.
-    fn cached_leaves(&self, tree: &Tree, f: &FileRef, r: ObjectRef) -> Vec<Hash> {
+    fn cached_leaves(&self, tree: &Tree, f: &FileRef, r: ObjectRef) -> Vec<ObjectHash> {
         if let Some(hit) = self
             .leaves
             .lock()
@@ -815,7 +823,7 @@ impl Source for TreeSource {
 mod tests {
     use super::*;
     use crate::channel::Channel;
-    use crate::fetch::FetchConfig;
+    use crate::fetch::{FetchConfig, Part, Subject};
     use crate::object::{object_ref, BlockSize, RootRecord};
 
     fn source() -> (TreeSource, tempfile::TempDir) {
@@ -847,10 +855,11 @@ mod tests {
     #[test]
     fn a_stale_failure_is_repeated_to_superseded_readers_only() {
         let (s, _dir) = source();
-        let h = blake3::hash(b"block");
+        let h = ObjectHash::of(b"block");
+        let what = Subject::part(Part::Block(BlockIndex(0)), ObjectRef { hash: h, len: 5 });
         let stale = FetchError::Stale {
             channel: "t".into(),
-            what: "block".into(),
+            what: Box::new(what.clone()),
         };
         assert!(matches!(s.0.demand_failed(h, stale), SourceError::Stale(_)));
         assert!(matches!(
@@ -858,7 +867,7 @@ mod tests {
             Err(SourceError::Stale(_))
         ));
         assert_eq!(s.0.recent_failure(&h, Freshness::Current), Ok(()));
-        let timeout = s.0.fetcher.timeout_error("block");
+        let timeout = s.0.fetcher.timeout_error(what);
         s.0.demand_failed(h, timeout);
         assert!(s.0.recent_failure(&h, Freshness::Current).is_err());
     }
@@ -870,12 +879,12 @@ mod tests {
         let file = |content: Content| {
             let f = FileRef {
                 size: 5,
-                b3: blake3::hash(b"hello"),
+                b3: FileHash::of(b"hello"),
                 content,
             };
             Node::File(Arc::new(f), tree.clone())
         };
-        let a = file(Content::Block(blake3::hash(b"hello")));
+        let a = file(Content::Block(ObjectHash::of(b"hello")));
         assert!(s.same_content(&a, &a.clone()));
         assert!(!s.same_content(&a, &file(Content::Inline(b"hello".to_vec()))));
         let mut other = tree.root_record().clone();
@@ -884,8 +893,8 @@ mod tests {
         let b = Node::File(
             Arc::new(FileRef {
                 size: 5,
-                b3: blake3::hash(b"hello"),
-                content: Content::Block(blake3::hash(b"hello")),
+                b3: FileHash::of(b"hello"),
+                content: Content::Block(ObjectHash::of(b"hello")),
             }),
             moved,
         );

@@ -16,6 +16,7 @@
 //! Root-record and beacon nonces are random (neither is ever split into symbols).
 
 use crate::channel::{SealKeys, Tag};
+use crate::fec::Esi;
 use crypto_secretbox::aead::{AeadInPlace, KeyInit};
 use crypto_secretbox::XSalsa20Poly1305;
 
@@ -37,7 +38,7 @@ pub const SEAL_OVERHEAD: usize = NONCE_LEN + MAC_LEN + 17;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Body<'a> {
     Symbol {
-        esi: u32,
+        esi: Esi,
         data: &'a [u8],
     },
     Root(&'a [u8]),
@@ -78,9 +79,9 @@ pub fn symbol_size_for(payload: usize, sealed: bool) -> usize {
 }
 
 /// Appends one symbol packet to `out` (which is cleared first).
-pub fn encode_symbol(out: &mut Vec<u8>, tag: Tag, esi: u32, data: &[u8], seal: Option<&SealKeys>) {
+pub fn encode_symbol(out: &mut Vec<u8>, tag: Tag, esi: Esi, data: &[u8], seal: Option<&SealKeys>) {
     let mut body = Vec::with_capacity(4 + data.len());
-    body.extend_from_slice(&esi.to_le_bytes());
+    body.extend_from_slice(&esi.0.to_le_bytes());
     body.extend_from_slice(data);
     let nonce = seal.map(|s| symbol_nonce(s, tag, esi, data.len()));
     encode(out, KIND_SYMBOL, tag, &body, seal.zip(nonce));
@@ -109,10 +110,10 @@ pub fn air_tags(body: &[u8]) -> impl Iterator<Item = Tag> + '_ {
     })
 }
 
-fn symbol_nonce(seal: &SealKeys, tag: Tag, esi: u32, len: usize) -> [u8; NONCE_LEN] {
+fn symbol_nonce(seal: &SealKeys, tag: Tag, esi: Esi, len: usize) -> [u8; NONCE_LEN] {
     let mut h = blake3::Hasher::new_keyed(&seal.nonce);
     h.update(&tag.0);
-    h.update(&esi.to_le_bytes());
+    h.update(&esi.0.to_le_bytes());
     h.update(&(len as u32).to_le_bytes());
     let mut nonce = [0u8; NONCE_LEN];
     nonce.copy_from_slice(&h.finalize().as_bytes()[..NONCE_LEN]);
@@ -196,7 +197,7 @@ fn parse_body(kind: u8, tag: Tag, body: &[u8]) -> Result<Packet<'_>, PacketError
                 return Err(PacketError::EmptySymbol);
             }
             Body::Symbol {
-                esi: u32::from_le_bytes(*esi),
+                esi: Esi(u32::from_le_bytes(*esi)),
                 data,
             }
         }
@@ -228,14 +229,14 @@ mod tests {
     #[test]
     fn clear_round_trip() {
         let mut out = Vec::new();
-        encode_symbol(&mut out, TAG, 7, b"hello", None);
+        encode_symbol(&mut out, TAG, Esi(7), b"hello", None);
         let p = decode(&mut out, None).unwrap();
         assert_eq!(
             p,
             Packet {
                 tag: TAG,
                 body: Body::Symbol {
-                    esi: 7,
+                    esi: Esi(7),
                     data: b"hello"
                 }
             }
@@ -269,19 +270,19 @@ mod tests {
         let k = keys();
         let mut a = Vec::new();
         let mut b = Vec::new();
-        encode_symbol(&mut a, TAG, 9, b"secret data", Some(&k));
-        encode_symbol(&mut b, TAG, 9, b"secret data", Some(&k));
+        encode_symbol(&mut a, TAG, Esi(9), b"secret data", Some(&k));
+        encode_symbol(&mut b, TAG, Esi(9), b"secret data", Some(&k));
         assert_eq!(a, b, "same symbol, same packet: servers and bursts combine");
         assert!(!a.windows(6).any(|w| w == b"secret"));
         let p = decode(&mut a, Some(&k)).unwrap();
         assert_eq!(
             p.body,
             Body::Symbol {
-                esi: 9,
+                esi: Esi(9),
                 data: b"secret data"
             }
         );
-        encode_symbol(&mut b, TAG, 10, b"secret data", Some(&k));
+        encode_symbol(&mut b, TAG, Esi(10), b"secret data", Some(&k));
         assert_ne!(
             b[HEADER_LEN..HEADER_LEN + 24],
             a[HEADER_LEN..HEADER_LEN + 24]
@@ -296,14 +297,14 @@ mod tests {
             .unwrap()
             .clone();
         let mut p = Vec::new();
-        encode_symbol(&mut p, TAG, 1, b"x", Some(&k));
+        encode_symbol(&mut p, TAG, Esi(1), b"x", Some(&k));
         assert_eq!(decode(&mut p.clone(), Some(&other)), Err(PacketError::Auth));
         let mut t = p.clone();
         t[4] ^= 1;
         assert_eq!(decode(&mut t, Some(&k)), Err(PacketError::Auth));
         assert_eq!(decode(&mut p.clone(), None), Err(PacketError::SealMismatch));
         let mut clear = Vec::new();
-        encode_symbol(&mut clear, TAG, 1, b"x", None);
+        encode_symbol(&mut clear, TAG, Esi(1), b"x", None);
         assert_eq!(decode(&mut clear, Some(&k)), Err(PacketError::SealMismatch));
     }
 
@@ -311,11 +312,11 @@ mod tests {
     fn truncations_fail_cleanly() {
         let k = keys();
         let mut p = Vec::new();
-        encode_symbol(&mut p, TAG, 1, b"abcdef", Some(&k));
+        encode_symbol(&mut p, TAG, Esi(1), b"abcdef", Some(&k));
         for n in 0..p.len() {
             assert!(decode(&mut p[..n].to_vec(), Some(&k)).is_err());
         }
-        encode_symbol(&mut p, TAG, 1, b"a", None);
+        encode_symbol(&mut p, TAG, Esi(1), b"a", None);
         for n in 0..p.len() {
             assert!(decode(&mut p[..n].to_vec(), None).is_err());
         }
@@ -338,7 +339,7 @@ mod tests {
         fn sealed_bit_flips_never_authenticate(pos in 0usize..80, bit in 0u8..8) {
             let k = keys();
             let mut p = Vec::new();
-            encode_symbol(&mut p, TAG, 3, &[1u8; 40], Some(&k));
+            encode_symbol(&mut p, TAG, Esi(3), &[1u8; 40], Some(&k));
             let i = pos % p.len();
             p[i] ^= 1 << bit;
             prop_assert!(decode(&mut p, Some(&k)).is_err());

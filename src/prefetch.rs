@@ -74,7 +74,7 @@ pub async fn prefetch(
                 cache
                     .pin(v.hash())
                     .or_else(|_| cache.insert(&v).and_then(|()| cache.pin(v.hash())))
-                    .map_err(|e| FetchError::Cache(e.to_string()))?;
+                    .map_err(|e| FetchError::cache(format!("pin object {}", *r), e))?;
             }
             progress.inc(v.len() as u64);
             Ok::<_, FetchError>(v.len() as u64)
@@ -102,10 +102,13 @@ pub async fn objects_of(
         let leaves = tree.leaves(f, prio).await?;
         objects.extend(index_objects(tree, f, prio).await?);
         let bs = tree.block_size();
-        let blocks = leaves.iter().enumerate().map(|(i, h)| ObjectRef {
-            hash: *h,
-            len: bs.block_len(f.size, i as u64),
-        });
+        let blocks = bs
+            .blocks_of(f.size)
+            .zip(leaves.iter())
+            .map(|(i, h)| ObjectRef {
+                hash: *h,
+                len: bs.block_len(f.size, i),
+            });
         objects.extend(blocks);
     }
     Ok(objects)

@@ -16,7 +16,8 @@
 
 use std::collections::HashSet;
 
-use lcfs_cache::{Cache, CacheError, Hash};
+use crate::object::ObjectHash;
+use lcfs_cache::{Cache, CacheError};
 
 use crate::fetch::tree::{WalkLimits, MAX_FILE_BLOCKS};
 use crate::object::{Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef};
@@ -45,7 +46,7 @@ pub fn cached_objects(
     cache: &Cache,
     root: ObjectRef,
     subpaths: &[String],
-) -> Result<Vec<Hash>, CachedWalkError> {
+) -> Result<Vec<ObjectHash>, CachedWalkError> {
     let mut walk = Walk {
         cache,
         limits: WalkLimits::default(),
@@ -92,7 +93,7 @@ fn resolve(cache: &Cache, root: ObjectRef, path: &str) -> Result<EntryKind, Cach
 
 /// A cached directory, decoded; `None` if it is not cached.
 fn directory(cache: &Cache, r: ObjectRef) -> Result<Option<Directory>, CachedWalkError> {
-    let Some(v) = cache.get(&r.hash)? else {
+    let Some(v) = cache.get(r.hash.raw())? else {
         return Ok(None);
     };
     Directory::decode(&v)
@@ -106,13 +107,13 @@ fn directory(cache: &Cache, r: ObjectRef) -> Result<Option<Directory>, CachedWal
 struct Walk<'a> {
     cache: &'a Cache,
     limits: WalkLimits,
-    seen: HashSet<Hash>,
-    objects: Vec<Hash>,
+    seen: HashSet<ObjectHash>,
+    objects: Vec<ObjectHash>,
     entries: u64,
 }
 
 impl Walk<'_> {
-    fn add(&mut self, h: Hash) -> bool {
+    fn add(&mut self, h: ObjectHash) -> bool {
         let new = self.seen.insert(h);
         if new {
             self.objects.push(h);
@@ -190,7 +191,7 @@ impl Walk<'_> {
         Ok(())
     }
 
-    fn leaves(&mut self, l: &[Hash], count: &mut u64) -> Result<(), CachedWalkError> {
+    fn leaves(&mut self, l: &[ObjectHash], count: &mut u64) -> Result<(), CachedWalkError> {
         *count += l.len() as u64;
         if *count > MAX_FILE_BLOCKS {
             let why = format!("a file with more than {MAX_FILE_BLOCKS} blocks");
@@ -202,8 +203,8 @@ impl Walk<'_> {
         Ok(())
     }
 
-    fn index(&self, h: &Hash) -> Result<Option<FileIndex>, CachedWalkError> {
-        let Some(v) = self.cache.get(h)? else {
+    fn index(&self, h: &ObjectHash) -> Result<Option<FileIndex>, CachedWalkError> {
+        let Some(v) = self.cache.get(h.raw())? else {
             return Ok(None);
         };
         FileIndex::decode(&v)
@@ -218,7 +219,7 @@ impl Walk<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::{object_ref, Entry, Timestamp};
+    use crate::object::{object_ref, Entry, FileHash, Timestamp};
     use lcfs_cache::{CacheConfig, Verified};
 
     /// A cache without a memory LRU, so that removing files is seen at once.
@@ -242,7 +243,7 @@ mod tests {
     /// A file of `n` blocks of `fill`, as objects; its entry kind.
     fn file(n: u8, fill: u8, objects: &mut Vec<Vec<u8>>) -> EntryKind {
         let blocks: Vec<Vec<u8>> = (0..n).map(|i| vec![fill ^ i; 100]).collect();
-        let leaves: Vec<Hash> = blocks.iter().map(|b| blake3::hash(b)).collect();
+        let leaves: Vec<ObjectHash> = blocks.iter().map(|b| ObjectHash::of(b)).collect();
         objects.extend(blocks);
         let content = if n == 1 {
             Content::Block(leaves[0])
@@ -257,7 +258,7 @@ mod tests {
         };
         EntryKind::File(FileRef {
             size: 100 * u64::from(n),
-            b3: blake3::hash(&[fill]),
+            b3: FileHash::of(&[fill]),
             content,
         })
     }
@@ -272,7 +273,7 @@ mod tests {
         objects.push(a);
         let inline = EntryKind::File(FileRef {
             size: 2,
-            b3: blake3::hash(b"hi"),
+            b3: FileHash::of(b"hi"),
             content: Content::Inline(b"hi".to_vec()),
         });
         let top = Directory::new(vec![entry("a", EntryKind::Dir(a_ref)), entry("h", inline)]);
@@ -287,8 +288,8 @@ mod tests {
         (root, objects)
     }
 
-    fn hashes(objects: &[Vec<u8>]) -> HashSet<Hash> {
-        objects.iter().map(|o| blake3::hash(o)).collect()
+    fn hashes(objects: &[Vec<u8>]) -> HashSet<ObjectHash> {
+        objects.iter().map(|o| ObjectHash::of(o)).collect()
     }
 
     #[test]
@@ -336,7 +337,7 @@ mod tests {
         let junk = Verified::hash_of(&b"not a directory"[..]);
         cache.insert(&junk).unwrap();
         let record = ObjectRef {
-            hash: *junk.hash(),
+            hash: ObjectHash::of_verified(&junk),
             len: junk.len() as u32,
         };
         let e = cached_objects(&cache, record, &[]).unwrap_err();

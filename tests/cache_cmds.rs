@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use lcfs::channel::Channel;
 use lcfs::object::{object_ref, BlockSize, Directory, Entry, EntryKind, FileRef, RootRecord};
-use lcfs::object::{Content, Timestamp};
+use lcfs::object::{Content, FileHash, ObjectHash, Timestamp};
 use lcfs_cache::{Cache, CacheConfig, Verified};
 
 const LCFS: &str = env!("CARGO_BIN_EXE_lcfs");
@@ -44,8 +44,8 @@ fn file(name: &str, block: &[u8]) -> Entry {
         link: 0,
         kind: EntryKind::File(FileRef {
             size: block.len() as u64,
-            b3: blake3::hash(block),
-            content: Content::Block(blake3::hash(block)),
+            b3: FileHash::of(block),
+            content: Content::Block(ObjectHash::of(block)),
         }),
     }
 }

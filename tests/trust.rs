@@ -16,9 +16,10 @@ use common::lcfs::{
 };
 use common::tree::assert_trees_equal;
 use lcfs::channel::Channel;
-use lcfs::fec::{symbol_size_for_object, ObjectEncoder};
+use lcfs::fec::{symbol_size_for_object, Esi, ObjectEncoder};
 use lcfs::object::{
-    object_ref, BlockSize, Content, Directory, Entry, EntryKind, FileRef, RootRecord, Timestamp,
+    object_ref, BlockSize, Content, Directory, Entry, EntryKind, FileHash, FileRef, ObjectHash,
+    RootRecord, Timestamp,
 };
 use lcfs::packet;
 use std::fs;
@@ -75,7 +76,7 @@ fn forged_tree_packets(channel_name: &str) -> Vec<Vec<u8>> {
         link: 0,
         kind: EntryKind::File(FileRef {
             size: body.len() as u64,
-            b3: blake3::hash(&body),
+            b3: FileHash::of(&body),
             content: Content::Inline(body),
         }),
     };
@@ -97,8 +98,8 @@ fn forged_tree_packets(channel_name: &str) -> Vec<Vec<u8>> {
     let tag = channel.object_address(&root.root.hash).tag;
     let mut sym = Vec::new();
     for esi in 0..enc.source_symbols() + 4 {
-        enc.symbol(esi, &mut sym);
-        packet::encode_symbol(&mut out, tag, esi, &sym, None);
+        enc.symbol(Esi(esi), &mut sym);
+        packet::encode_symbol(&mut out, tag, Esi(esi), &sym, None);
         packets.push(out.clone());
     }
     packets
@@ -448,11 +449,11 @@ fn hostile_channel_packets(channel_name: &str, dirs: &[Vec<u8>]) -> Vec<(Ipv6Add
     let mut packets = vec![(channel.root_address().group, out.clone())];
     for d in dirs {
         let enc = ObjectEncoder::new(d, symbol_size_for_object(d.len() as u64, 1400)).unwrap();
-        let addr = channel.object_address(&blake3::hash(d));
+        let addr = channel.object_address(&ObjectHash::of(d));
         let mut sym = Vec::new();
         for esi in 0..enc.source_symbols() + 2 {
-            enc.symbol(esi, &mut sym);
-            packet::encode_symbol(&mut out, addr.tag, esi, &sym, None);
+            enc.symbol(Esi(esi), &mut sym);
+            packet::encode_symbol(&mut out, addr.tag, Esi(esi), &sym, None);
             packets.push((addr.group, out.clone()));
         }
     }
@@ -535,10 +536,10 @@ fn a_hostile_tree_fails_cleanly_in_bounded_memory() {
         link: 0,
         kind: EntryKind::File(FileRef {
             size: 1 << 50,
-            b3: blake3::hash(b""),
+            b3: FileHash::of(b""),
             content: Content::Index {
                 index: object_ref(b"never sent"),
-                first_leaf: blake3::hash(b""),
+                first_leaf: ObjectHash::of(b""),
             },
         }),
     };

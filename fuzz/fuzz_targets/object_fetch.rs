@@ -6,9 +6,9 @@
 use std::net::Ipv6Addr;
 use std::time::Instant;
 
-use lcfs::fec::ObjectEncoder;
+use lcfs::fec::{Esi, ObjectEncoder};
 use lcfs::fetch::object::ObjectFetch;
-use lcfs::object::ObjectRef;
+use lcfs::object::{ObjectHash, ObjectRef};
 use libfuzzer_sys::fuzz_target;
 
 const SYMBOL: usize = 64;
@@ -16,7 +16,7 @@ const SYMBOL: usize = 64;
 fuzz_target!(|data: &[u8]| {
     let object: Vec<u8> = (0..700u32).map(|i| (i * 31 % 251) as u8).collect();
     let want = ObjectRef {
-        hash: blake3::hash(&object),
+        hash: ObjectHash::of(&object),
         len: object.len() as u32,
     };
     let encoder = ObjectEncoder::new(&object, SYMBOL).expect("an encoder for the object");
@@ -25,11 +25,11 @@ fuzz_target!(|data: &[u8]| {
     let mut rest = data;
     let mut real = Vec::new();
     while let [flags, a, b, c, len, tail @ ..] = rest {
-        let esi = u32::from(*a) << 16 | u32::from(*b) << 8 | u32::from(*c);
+        let esi = Esi(u32::from(*a) << 16 | u32::from(*b) << 8 | u32::from(*c));
         let sender = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, u16::from(flags >> 4));
         let symbol: &[u8] = if flags & 1 == 1 {
             real.clear();
-            encoder.symbol(esi % 64, &mut real);
+            encoder.symbol(Esi(esi.0 % 64), &mut real);
             rest = tail;
             &real
         } else {

@@ -4,7 +4,7 @@
 #![no_main]
 use lcfs::fetch::trust::Publisher;
 use lcfs::object::bundle::Bundle;
-use lcfs::object::{Directory, FileIndex, ObjectRef, RootRecord};
+use lcfs::object::{Directory, FileIndex, ObjectHash, ObjectRef, RootRecord};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
                 members
                     .iter()
                     .map(|m| ObjectRef {
-                        hash: blake3::hash(m),
+                        hash: ObjectHash::of(m),
                         len: m.len() as u32,
                     })
                     .collect(),

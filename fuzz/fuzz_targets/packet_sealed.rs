@@ -3,6 +3,7 @@
 //! flipped, cut or appended, the packet is refused or decodes to exactly what was sealed.
 #![no_main]
 use lcfs::channel::{Channel, MasterKey, Tag};
+use lcfs::fec::Esi;
 use lcfs::packet::{self, Body};
 use libfuzzer_sys::fuzz_target;
 
@@ -19,10 +20,10 @@ fuzz_target!(|data: &[u8]| {
     }
     // A real packet: a symbol whose ESI and bytes come from the input's first 16 bytes.
     let (head, edits) = rest.split_at(rest.len().min(16));
-    let esi = head
+    let esi = Esi(head
         .iter()
         .take(3)
-        .fold(0u32, |a, b| a << 8 | u32::from(*b));
+        .fold(0u32, |a, b| a << 8 | u32::from(*b)));
     let payload: Vec<u8> = head.iter().chain(b"lcfs".iter()).copied().collect();
     let tag = Tag([mode; 16]);
     let mut buf = Vec::new();

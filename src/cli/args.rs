@@ -413,7 +413,7 @@ pub(crate) struct KeygenArgs {
 #[derive(Debug, PartialEq, Eq)]
 pub struct ChannelSpec {
     pub name: String,
-    pub pinned: Option<blake3::Hash>,
+    pub pinned: Option<crate::object::ObjectHash>,
     pub subpath: String,
 }
 
@@ -421,8 +421,8 @@ pub fn parse_channel_spec(s: &str) -> anyhow::Result<ChannelSpec> {
     let (head, subpath) = s.split_once(':').unwrap_or((s, ""));
     let (name, pinned) = match head.split_once('@') {
         Some((n, h)) => {
-            let hash = blake3::Hash::from_hex(h)
-                .map_err(|_| anyhow!("{h:?} is not a 64-digit root hash"))?;
+            let hash = crate::object::ObjectHash::from_hex(h)
+                .ok_or_else(|| anyhow!("{h:?} is not a 64-digit root hash"))?;
             (n, Some(hash))
         }
         None => (head, None),
@@ -518,10 +518,11 @@ impl NetArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::object::ObjectHash;
 
     #[test]
     fn channel_specs() {
-        let h = blake3::hash(b"r");
+        let h = ObjectHash::of(b"r");
         assert_eq!(
             parse_channel_spec("a").unwrap(),
             ChannelSpec {

@@ -277,7 +277,7 @@ fn unpin(args: &CacheUnpinArgs) -> anyhow::Result<()> {
     let objects = crate::unpin::cached_objects(&cache, root, &subpaths)
         .with_context(|| format!("channel {:?} in cache {}", spec.name, cache.dir().display()))?;
     for h in &objects {
-        cache.unpin(h)?;
+        cache.unpin(h.raw())?;
     }
     let what = match subpaths.is_empty() {
         true => format!(
@@ -299,7 +299,7 @@ fn unpin(args: &CacheUnpinArgs) -> anyhow::Result<()> {
 fn cached_root(
     cache: &Cache,
     name: &str,
-    snapshot: Option<blake3::Hash>,
+    snapshot: Option<crate::object::ObjectHash>,
     args: &CacheUnpinArgs,
 ) -> anyhow::Result<ObjectRef> {
     if let Some(hash) = snapshot {

@@ -79,7 +79,7 @@ fn run(args: &MountArgs, ready: Option<&OwnedFd>) -> anyhow::Result<()> {
         // (offline, a missing one would only hold the mount back for the timeout).
         if tree.origin() == Origin::Network {
             if let Err(e) = tree.root_dir().await {
-                tracing::warn!("the root directory is not available yet: {e}");
+                tracing::warn!("the root directory is not available yet: {}", e.report());
             }
         }
         let _status = report_status("mount", &spec, &args.recv, &args.mountpoint, tree.fetcher())?;

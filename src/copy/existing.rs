@@ -14,7 +14,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use lcfs_cache::Hash;
+use crate::object::ObjectHash;
 
 use super::dest;
 use crate::object::{BlockSize, Timestamp};
@@ -24,9 +24,9 @@ use crate::object::{BlockSize, Timestamp};
 pub struct Existing {
     file: Option<File>,
     /// leaf -> offset of a block with that hash.
-    blocks: HashMap<Hash, u64>,
+    blocks: HashMap<ObjectHash, u64>,
     /// The leaves in file order, and the file's size.
-    order: Vec<Hash>,
+    order: Vec<ObjectHash>,
     size: u64,
     /// The file belongs to the copying user alone, so it may stay in place.
     ours: bool,
@@ -34,7 +34,7 @@ pub struct Existing {
 
 impl Existing {
     /// True if the file already holds exactly these leaves and may stay where it is.
-    pub fn in_place(&self, leaves: &[Hash], size: u64) -> bool {
+    pub fn in_place(&self, leaves: &[ObjectHash], size: u64) -> bool {
         self.ours
             && self.file.is_some()
             && self.size == size
@@ -43,11 +43,11 @@ impl Existing {
     }
 
     /// A block of the existing file with hash `leaf`, re-verified as it is read.
-    pub fn read(&self, leaf: &Hash, len: u64) -> Option<Vec<u8>> {
+    pub fn read(&self, leaf: &ObjectHash, len: u64) -> Option<Vec<u8>> {
         let off = *self.blocks.get(leaf)?;
         let mut buf = vec![0; len as usize];
         self.file.as_ref()?.read_exact_at(&mut buf, off).ok()?;
-        (blake3::hash(&buf) == *leaf).then_some(buf)
+        (ObjectHash::of(&buf) == *leaf).then_some(buf)
     }
 
     /// Gives a file left in place its published mode and mtime, through its descriptor.
@@ -84,11 +84,11 @@ fn hash_existing(dir: &OwnedFd, name: &OsString, bs: BlockSize, euid: u32) -> io
         ..Existing::default()
     };
     let mut buf = vec![0; bs.bytes() as usize];
-    for i in 0..bs.blocks_in(size) {
-        let len = bs.block_len(size, i) as usize;
-        file.read_exact_at(&mut buf[..len], i * bs.bytes())?;
-        let leaf = blake3::hash(&buf[..len]);
-        ex.blocks.entry(leaf).or_insert(i * bs.bytes());
+    for i in bs.blocks_of(size) {
+        let (offset, len) = (bs.offset_of(i), bs.block_len(size, i) as usize);
+        file.read_exact_at(&mut buf[..len], offset)?;
+        let leaf = ObjectHash::of(&buf[..len]);
+        ex.blocks.entry(leaf).or_insert(offset);
         ex.order.push(leaf);
     }
     ex.file = Some(file);

@@ -41,10 +41,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{stream, StreamExt, TryStreamExt};
-use lcfs_cache::Hash;
 
 use crate::fetch::{FetchError, Priority, Tree};
-use crate::object::{Content, Entry, EntryKind, FileRef, RootRecord, Timestamp};
+use crate::object::{
+    BlockIndex, Content, Entry, EntryKind, FileRef, ObjectHash, RootRecord, Timestamp,
+};
 use crate::progress::Progress;
 use dest::Dest;
 pub use dest::DestError;
@@ -366,7 +367,8 @@ impl Copier<'_> {
         if let Content::Inline(bytes) = &f.content {
             return self.write_whole(rel, bytes, mode, mtime);
         }
-        let leaves = self.tree.leaves(f, Priority::Readahead).await?;
+        let in_file = |e: FetchError| e.in_file(rel.display());
+        let leaves = (self.tree.leaves(f, Priority::Readahead).await).map_err(in_file)?;
         let (dir, name) = self.dest.parent_of(rel)?;
         let bs = self.tree.block_size();
         let existing = existing_blocks(dir.clone(), name.to_owned(), bs, self.dest.euid()).await;
@@ -379,7 +381,10 @@ impl Copier<'_> {
         // A one-block file is fetched before its part file is made, so that the many small
         // files in flight hold no descriptor while they wait; bigger ones take a place.
         let first = match leaves.as_slice() {
-            [leaf] => Some(self.block_bytes(&existing, f.size, 0, *leaf).await?),
+            [leaf] => Some(
+                self.block_bytes(&existing, rel, f.size, BlockIndex(0), *leaf)
+                    .await?,
+            ),
             _ => None,
         };
         let _place = match first {
@@ -392,10 +397,10 @@ impl Copier<'_> {
         let file = part.file;
         file.set_len(f.size).map_err(self.io_err(rel))?;
         if let Some(bytes) = first {
-            self.write_block(&file, rel, 0, &bytes)?;
+            self.write_block(&file, rel, BlockIndex(0), &bytes)?;
         } else {
-            stream::iter(leaves.iter().enumerate())
-                .map(|(i, leaf)| self.place_block(&file, &existing, rel, f.size, i as u64, *leaf))
+            stream::iter(bs.blocks_of(f.size).zip(leaves.iter()))
+                .map(|(i, leaf)| self.place_block(&file, &existing, rel, f.size, i, *leaf))
                 .buffer_unordered(BLOCKS_IN_FLIGHT)
                 .try_collect::<()>()
                 .await?;
@@ -409,10 +414,10 @@ impl Copier<'_> {
         existing: &Existing,
         rel: &Path,
         size: u64,
-        i: u64,
-        leaf: Hash,
+        i: BlockIndex,
+        leaf: ObjectHash,
     ) -> Result<(), CopyError> {
-        let bytes = self.block_bytes(existing, size, i, leaf).await?;
+        let bytes = self.block_bytes(existing, rel, size, i, leaf).await?;
         self.write_block(file, rel, i, &bytes)
     }
 
@@ -420,9 +425,10 @@ impl Copier<'_> {
     async fn block_bytes(
         &self,
         existing: &Existing,
+        rel: &Path,
         size: u64,
-        i: u64,
-        leaf: Hash,
+        i: BlockIndex,
+        leaf: ObjectHash,
     ) -> Result<Vec<u8>, CopyError> {
         let len = self.tree.block_size().block_len(size, i) as u64;
         if let Some(b) = existing.read(&leaf, len) {
@@ -432,13 +438,20 @@ impl Copier<'_> {
         Ok(self
             .tree
             .block(leaf, size, i, Priority::Readahead)
-            .await?
+            .await
+            .map_err(|e| e.in_file(rel.display()))?
             .bytes()
             .to_vec())
     }
 
-    fn write_block(&self, file: &File, rel: &Path, i: u64, bytes: &[u8]) -> Result<(), CopyError> {
-        let at = i * self.tree.block_size().bytes();
+    fn write_block(
+        &self,
+        file: &File,
+        rel: &Path,
+        i: BlockIndex,
+        bytes: &[u8],
+    ) -> Result<(), CopyError> {
+        let at = self.tree.block_size().offset_of(i);
         file.write_all_at(bytes, at).map_err(self.io_err(rel))?;
         start_writeback(file, at, bytes.len() as u64);
         self.progress.inc(bytes.len() as u64);

@@ -167,7 +167,7 @@ impl Trash<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::{Entry, EntryKind, ObjectRef, Timestamp};
+    use crate::object::{Entry, EntryKind, ObjectHash, ObjectRef, Timestamp};
 
     fn entry(name: &str, dir: bool) -> Entry {
         Entry {
@@ -178,7 +178,7 @@ mod tests {
             link: 0,
             kind: if dir {
                 EntryKind::Dir(ObjectRef {
-                    hash: blake3::hash(b""),
+                    hash: ObjectHash::of(b""),
                     len: 0,
                 })
             } else {

@@ -36,11 +36,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::membership::default_gap;
 use super::state::{Claim, Event, FetchState, Requested, RECENT};
-use super::{FetchError, KEY_HINT, SERVER_HINT};
+use super::{FetchError, Subject, KEY_HINT, SERVER_HINT};
 use crate::channel::{Channel, Tag};
 use crate::mld::Reporter;
 use crate::net::{recv_batch, set_membership, Iface, RecvBatch};
-use crate::object::{ObjectRef, RootRecord};
+use crate::object::{ObjectHash, ObjectRef, RootRecord};
 
 /// Which requests go first when more objects are wanted than groups may be joined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -396,7 +396,7 @@ impl Fetcher {
     pub fn start_fetches(&self, refs: &[ObjectRef], priority: Priority) {
         let cache = &self.inner.cache;
         let (cached, missing): (Vec<ObjectRef>, Vec<ObjectRef>) =
-            refs.iter().partition(|r| cache.contains(&r.hash));
+            refs.iter().partition(|r| cache.contains(r.hash.raw()));
         if !missing.is_empty() {
             let now = Instant::now();
             let mut l = self.inner.lock();
@@ -406,7 +406,7 @@ impl Fetcher {
             self.inner.drive(&mut l, now);
         }
         if !cached.is_empty() {
-            let hashes: Vec<blake3::Hash> = cached.iter().map(|r| r.hash).collect();
+            let hashes: Vec<lcfs_cache::Hash> = cached.iter().map(|r| *r.hash.raw()).collect();
             let cache = cache.clone();
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => drop(rt.spawn_blocking(move || cache.will_need(&hashes))),
@@ -421,7 +421,7 @@ impl Fetcher {
         let hit = self.inner.cache_outcome(
             &self.inner.cache_reads_failing,
             "read objects from",
-            self.inner.cache.get(&r.hash),
+            self.inner.cache.get(r.hash.raw()),
         );
         let hit = hit.flatten();
         if let Some(v) = &hit {
@@ -454,8 +454,8 @@ impl Fetcher {
     }
 
     /// The error a fetch of `what` that timed out gives.
-    pub fn timeout_error(&self, what: &str) -> FetchError {
-        self.inner.timeout_error(what)
+    pub fn timeout_error(&self, what: Subject) -> FetchError {
+        self.inner.timeout_error(Box::new(what))
     }
 
     /// How long to wait for the channel's first root record (`None`: for ever).
@@ -496,14 +496,14 @@ impl Fetcher {
 
 /// A claim for the claim thread to ask about: the fetch's tag, the hash claimed, and for a
 /// bundle the members asked for.
-type ClaimAsk = (Tag, blake3::Hash, Vec<blake3::Hash>);
+type ClaimAsk = (Tag, ObjectHash, Vec<ObjectHash>);
 
 /// Work for the store thread, in the order it came.
 enum Store {
     /// A fetched object, and who waits for it.
     Object(Verified, Vec<Waiter>),
     /// A bundle's claim, given back once its members (queued before) are stored.
-    Release(blake3::Hash),
+    Release(ObjectHash),
 }
 
 impl Inner {
@@ -532,12 +532,12 @@ impl Inner {
 
     /// Answers a claim at once when this process owns the cache (a table in memory), else
     /// hands it to the claim thread; without one, the fetch goes on unclaimed.
-    fn claim(&self, l: &mut Locked, now: Instant, tag: Tag, hash: blake3::Hash) {
+    fn claim(&self, l: &mut Locked, now: Instant, tag: Tag, hash: ObjectHash) {
         let riders = l.state.riders(&tag);
         if self.cache.is_owner() {
             let answer = self.ask_claim(&hash, &riders);
             if l.state.handle_claim(now, tag, answer) {
-                self.cache.release_fetch(&hash);
+                self.cache.release_fetch(hash.raw());
             }
             return;
         }
@@ -554,13 +554,14 @@ impl Inner {
     /// that stored it ended with the store) is not fetched again, and its claim is given back.
     /// For a bundle, `riders` are the members asked for: when the cache has them all (another
     /// process stored the bundle a moment ago), it is as good as cached.
-    fn ask_claim(&self, hash: &blake3::Hash, riders: &[blake3::Hash]) -> Claim {
-        if !self.cache.claim_fetch(hash) {
+    fn ask_claim(&self, hash: &ObjectHash, riders: &[ObjectHash]) -> Claim {
+        if !self.cache.claim_fetch(hash.raw()) {
             return Claim::Elsewhere;
         }
-        let riders_cached = !riders.is_empty() && riders.iter().all(|r| self.cache.contains(r));
-        if riders_cached || self.cache.contains(hash) {
-            self.cache.release_fetch(hash);
+        let riders_cached =
+            !riders.is_empty() && riders.iter().all(|r| self.cache.contains(r.raw()));
+        if riders_cached || self.cache.contains(hash.raw()) {
+            self.cache.release_fetch(hash.raw());
             return Claim::Cached;
         }
         Claim::Granted
@@ -573,15 +574,15 @@ impl Inner {
                 l.completed.push(Store::Object(object, waiters));
             }
             Event::Failed { tag, want, stale } => {
-                self.cache.release_fetch(&want.hash);
-                let what = format!("object {}", &want.hash.to_hex()[..16]);
+                self.cache.release_fetch(want.hash.raw());
+                let what = Box::new(Subject::object(want));
                 let err = if stale {
                     FetchError::Stale {
                         channel: self.channel.name().to_owned(),
                         what,
                     }
                 } else {
-                    self.timeout_error(&what)
+                    self.timeout_error(what)
                 };
                 for w in l.waiters.remove(&tag).unwrap_or_default() {
                     let _ = w.send(Err(err.clone()));
@@ -709,13 +710,13 @@ impl Inner {
 
     /// Looks up in the cache the objects the state asked about (outside the lock), and ends
     /// the fetches another process stored.
-    fn probe_cache(&self, now: Instant, probes: Vec<(Tag, blake3::Hash)>) {
+    fn probe_cache(&self, now: Instant, probes: Vec<(Tag, ObjectHash)>) {
         for (tag, hash) in probes {
-            if !self.cache.contains(&hash) {
+            if !self.cache.contains(hash.raw()) {
                 continue;
             }
             // Read (and re-hashed) outside the lock; a file evicted meanwhile is fetched on.
-            let Ok(Some(v)) = self.cache.get(&hash) else {
+            let Ok(Some(v)) = self.cache.get(hash.raw()) else {
                 continue;
             };
             let waiters = {
@@ -727,7 +728,7 @@ impl Inner {
                 self.drive(&mut l, now);
                 waiters
             };
-            self.cache.release_fetch(&hash);
+            self.cache.release_fetch(hash.raw());
             for w in waiters {
                 let _ = w.send(Ok(v.clone()));
             }
@@ -772,7 +773,9 @@ impl Inner {
                 }
                 self.drive(&mut l, now);
             }
-            unwanted.iter().for_each(|h| self.cache.release_fetch(h));
+            unwanted
+                .iter()
+                .for_each(|h| self.cache.release_fetch(h.raw()));
         }
     }
 
@@ -816,7 +819,7 @@ impl Inner {
                         let _ = w.send(Ok(v.clone()));
                     }
                 }
-                Store::Release(hash) => self.cache.release_fetch(&hash),
+                Store::Release(hash) => self.cache.release_fetch(hash.raw()),
             }
         }
     }
@@ -847,10 +850,10 @@ impl Inner {
         }
     }
 
-    fn timeout_error(&self, what: &str) -> FetchError {
+    fn timeout_error(&self, what: Box<Subject>) -> FetchError {
         FetchError::Timeout {
             channel: self.channel.name().to_owned(),
-            what: what.to_owned(),
+            what,
             secs: self.config.timeout.as_secs(),
             iface: self.iface.name.clone(),
             hint: self.iface_down_hint().unwrap_or_else(|| {

@@ -196,10 +196,11 @@ async fn move_to(
     let next = tree.moved_to(record.clone());
     if let Err(e) = next.root_dir().await {
         tracing::warn!(
-            "channel {:?}: staying on generation {}: the root directory of generation {} is not available: {e}",
+            "channel {:?}: staying on generation {}: the root directory of generation {} is not available: {}",
             fetcher.channel().name(),
             follower.current().generation,
-            record.generation
+            record.generation,
+            e.report()
         );
         return None;
     }
@@ -219,6 +220,7 @@ async fn move_to(
 mod tests {
     use super::*;
     use crate::fetch::trust::fixtures::{record, FORGER, NOW, SERVER};
+    use crate::object::ObjectHash;
     use ed25519_dalek::SigningKey;
 
     const SEC: u64 = 1_000_000_000;
@@ -299,7 +301,7 @@ mod tests {
     #[test]
     fn a_pinned_follower_never_moves() {
         let policy = RootPolicy {
-            pinned: Some(blake3::hash(b"one")),
+            pinned: Some(ObjectHash::of(b"one")),
             ..RootPolicy::default()
         };
         let mut f = follower(policy, true);

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use lcfs_cache::Verified;
 
-use crate::fec::{Decoded, ObjectDecoder};
+use crate::fec::{Decoded, Esi, ObjectDecoder};
 use crate::object::bundle::Bundle;
 use crate::object::ObjectRef;
 
@@ -144,7 +144,7 @@ impl ObjectFetch {
         now: Instant,
         sender: Ipv6Addr,
         preferred: bool,
-        esi: u32,
+        esi: Esi,
         data: &[u8],
     ) -> Option<Vec<Verified>> {
         let key = Key {
@@ -183,7 +183,7 @@ impl ObjectFetch {
 
     fn verify(&mut self, i: usize, bytes: Vec<u8>) -> Option<Vec<Verified>> {
         let checked = match &self.bundle {
-            None => Verified::new(&self.want.hash, bytes)
+            None => Verified::new(self.want.hash.raw(), bytes)
                 .map(|v| vec![v])
                 .map_err(|e| e.to_string()),
             Some(b) => b.split(&bytes).map_err(|e| e.to_string()),
@@ -305,8 +305,8 @@ mod tests {
         let mut buf = Vec::new();
         let mut got = None;
         for esi in 3..40 {
-            enc.symbol(esi, &mut buf);
-            if let Some(v) = f.handle_symbol(now, SERVER, false, esi, &buf) {
+            enc.symbol(Esi(esi), &mut buf);
+            if let Some(v) = f.handle_symbol(now, SERVER, false, Esi(esi), &buf) {
                 got = Some(v);
                 break;
             }
@@ -320,15 +320,15 @@ mod tests {
         // Forged source symbols with the right size decode to something that fails the hash.
         for esi in 0..6 {
             assert!(f
-                .handle_symbol(now, FORGER, false, esi, &[0xAA; 500])
+                .handle_symbol(now, FORGER, false, Esi(esi), &[0xAA; 500])
                 .is_none());
         }
         assert_eq!(f.stats.forged_decodes, 1);
         let mut buf = Vec::new();
         let mut got = None;
         for esi in 10..40 {
-            enc.symbol(esi, &mut buf);
-            got = got.or(f.handle_symbol(now, SERVER, false, esi, &buf));
+            enc.symbol(Esi(esi), &mut buf);
+            got = got.or(f.handle_symbol(now, SERVER, false, Esi(esi), &buf));
         }
         assert_eq!(&got.unwrap()[0][..], &data[..]);
     }
@@ -337,13 +337,13 @@ mod tests {
     fn wrong_sized_flood_does_not_lock_out() {
         let (data, enc, mut f, now) = setup(3000);
         for size in [1usize, 7, 99, 1400] {
-            f.handle_symbol(now, FORGER, false, 0, &vec![1; size]);
+            f.handle_symbol(now, FORGER, false, Esi(0), &vec![1; size]);
         }
         let mut buf = Vec::new();
         let mut got = None;
         for esi in 0..20 {
-            enc.symbol(esi, &mut buf);
-            got = got.or(f.handle_symbol(now, SERVER, false, esi, &buf));
+            enc.symbol(Esi(esi), &mut buf);
+            got = got.or(f.handle_symbol(now, SERVER, false, Esi(esi), &buf));
         }
         assert_eq!(&got.unwrap()[0][..], &data[..]);
     }
@@ -354,12 +354,12 @@ mod tests {
         let mut buf = Vec::new();
         // The first decode mixes a forged symbol in and fails; after that the forger's
         // symbols, interleaved with the server's, go to a decoder of their own.
-        f.handle_symbol(now, FORGER, false, 0, &[0x55; 500]);
+        f.handle_symbol(now, FORGER, false, Esi(0), &[0x55; 500]);
         let mut got = None;
         for esi in 1..200 {
-            enc.symbol(esi, &mut buf);
-            got = got.or(f.handle_symbol(now, SERVER, false, esi, &buf));
-            got = got.or(f.handle_symbol(now, FORGER, false, esi + 1000, &[esi as u8; 500]));
+            enc.symbol(Esi(esi), &mut buf);
+            got = got.or(f.handle_symbol(now, SERVER, false, Esi(esi), &buf));
+            got = got.or(f.handle_symbol(now, FORGER, false, Esi(esi + 1000), &[esi as u8; 500]));
             if got.is_some() {
                 break;
             }
@@ -376,7 +376,13 @@ mod tests {
         for round in 0..40u32 {
             now += Duration::from_millis(100);
             for esi in 0..6 {
-                f.handle_symbol(now, FORGER, false, round * 10 + esi, &[round as u8; 500]);
+                f.handle_symbol(
+                    now,
+                    FORGER,
+                    false,
+                    Esi(round * 10 + esi),
+                    &[round as u8; 500],
+                );
             }
         }
         assert!(f.stats.forged_decodes > 0);
@@ -388,20 +394,20 @@ mod tests {
         let (data, enc, mut f, now) = setup(20_000);
         // A forgery first, so that symbols are kept apart by sender.
         for esi in 0..50 {
-            f.handle_symbol(now, FORGER, false, esi, &[0x55; 500]);
+            f.handle_symbol(now, FORGER, false, Esi(esi), &[0x55; 500]);
         }
         assert!(f.stats.forged_decodes > 0);
         let mut buf = Vec::new();
         let mut got = None;
         for esi in 0..200u32 {
-            enc.symbol(esi, &mut buf);
-            got = got.or(f.handle_symbol(now, SERVER, true, esi, &buf));
+            enc.symbol(Esi(esi), &mut buf);
+            got = got.or(f.handle_symbol(now, SERVER, true, Esi(esi), &buf));
             // Each server symbol is followed by three from never-seen addresses, each with
             // more symbols than the server has sent so far.
             for n in 0..3u32 {
                 let spoofed = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, esi as u16, n as u16 + 7);
                 for e in 0..=esi + 1 {
-                    f.handle_symbol(now, spoofed, false, 10_000 + e, &[n as u8; 500]);
+                    f.handle_symbol(now, spoofed, false, Esi(10_000 + e), &[n as u8; 500]);
                 }
             }
             if got.is_some() {
@@ -419,11 +425,11 @@ mod tests {
         let (_, enc, mut f, t0) = setup(20_000);
         let t = timers(Duration::from_millis(300), Duration::from_secs(2));
         let mut buf = Vec::new();
-        enc.symbol(0, &mut buf);
+        enc.symbol(Esi(0), &mut buf);
         let mut now = t0;
         for _ in 0..40 {
             now += Duration::from_millis(100);
-            f.handle_symbol(now, SERVER, true, 0, &buf);
+            f.handle_symbol(now, SERVER, true, Esi(0), &buf);
         }
         assert!(f.stats.duplicates >= 39);
         assert_eq!(f.poll_action(now, &t), Action::Fail);
@@ -451,8 +457,8 @@ mod tests {
         assert_eq!(f.poll_action(doubt + t.stale_after, &t), Action::Stale);
         // A symbol after the doubt shows the server has the object: it restarts the clock.
         let mut buf = Vec::new();
-        enc.symbol(0, &mut buf);
-        f.handle_symbol(doubt + ms(500), SERVER, true, 0, &buf);
+        enc.symbol(Esi(0), &mut buf);
+        f.handle_symbol(doubt + ms(500), SERVER, true, Esi(0), &buf);
         assert_ne!(f.poll_action(doubt + ms(1000), &t), Action::Stale);
         assert_eq!(f.poll_action(doubt + ms(1250), &t), Action::Stale);
         // A current reader vouches for it: back to the ordinary timeout.

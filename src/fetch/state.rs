@@ -44,9 +44,10 @@ use super::engine::{FetchConfig, FetchStats, Freshness, HeardRoot, Priority};
 use super::membership::Memberships;
 use super::object::{Action, ObjectFetch, Timers};
 use crate::channel::{Address, Channel, Tag};
+use crate::fec::Esi;
 use crate::net::Envelope;
 use crate::object::bundle::{Bundle, Bundling};
-use crate::object::{ObjectRef, RootRecord};
+use crate::object::{ObjectHash, ObjectRef, RootRecord};
 use crate::packet::{self, Body};
 
 /// While the root group is watched and nothing is heard, it is rejoined this often (a fresh
@@ -134,7 +135,7 @@ pub enum Event {
     /// A root record of the channel (not yet trusted), while roots are watched.
     Root(HeardRoot),
     /// A bundle's fetch ended: give back its claim (a member's store gives back nothing).
-    Release { hash: blake3::Hash },
+    Release { hash: ObjectHash },
 }
 
 struct Pending {
@@ -183,13 +184,13 @@ pub struct FetchState {
     /// Senders whose symbols completed verified objects, or whose root record was trusted:
     /// their decoders are never evicted for a newcomer's (see [`ObjectFetch`]).
     good_senders: lru::LruCache<Ipv6Addr, ()>,
-    claims: VecDeque<(Tag, blake3::Hash)>,
+    claims: VecDeque<(Tag, ObjectHash)>,
     events: VecDeque<Event>,
     /// Requests came since the window was last filled.
     admit_due: bool,
     /// Which bundle each small file travels in, as learned from directories (bounded: a
     /// member forgotten is fetched on its own group).
-    bundle_of: lru::LruCache<blake3::Hash, Bundle>,
+    bundle_of: lru::LruCache<ObjectHash, Bundle>,
     /// Members asked for through their bundle: member tag -> the bundle's tag.
     riding: BTreeMap<Tag, Tag>,
     probed_elsewhere: Instant,
@@ -258,7 +259,11 @@ impl FetchState {
         freshness: Freshness,
     ) -> Requested {
         let addr = self.channel.object_address(&r.hash);
-        if let Some(v) = self.recent.get(&addr.tag).filter(|v| *v.hash() == r.hash) {
+        if let Some(v) = self
+            .recent
+            .get(&addr.tag)
+            .filter(|v| ObjectHash::of_verified(v) == r.hash)
+        {
             return Requested::Recent(v.clone());
         }
         // Riding already: the bundle's fetch is the one to raise or vouch for.
@@ -380,7 +385,7 @@ impl FetchState {
         }
     }
 
-    fn handle_symbol(&mut self, now: Instant, env: Envelope, tag: Tag, esi: u32, data: &[u8]) {
+    fn handle_symbol(&mut self, now: Instant, env: Envelope, tag: Tag, esi: Esi, data: &[u8]) {
         let Some(p) = self
             .pending
             .get_mut(&tag)
@@ -411,7 +416,11 @@ impl FetchState {
         for object in objects {
             // A bundle completes all its members, asked for or not: the cache keeps them all.
             let tag = match bundle {
-                Some(_) => self.channel.object_address(object.hash()).tag,
+                Some(_) => {
+                    self.channel
+                        .object_address(&ObjectHash::of_verified(&object))
+                        .tag
+                }
                 None => tag,
             };
             self.recent.put(tag, object.clone());
@@ -579,7 +588,7 @@ impl FetchState {
 
     /// The next claim to ask the cache's owner about; answer with [`FetchState::handle_claim`].
     /// Requests made since the last call enter the window first.
-    pub fn poll_claim(&mut self, now: Instant) -> Option<(Tag, blake3::Hash)> {
+    pub fn poll_claim(&mut self, now: Instant) -> Option<(Tag, ObjectHash)> {
         if std::mem::take(&mut self.admit_due) {
             self.admit(now);
         }
@@ -592,7 +601,7 @@ impl FetchState {
 
     /// Objects to look up in the cache now: those waiting for another process, and now and
     /// then those joined. Answer hits with [`FetchState::handle_cached`].
-    pub fn poll_probe(&mut self, now: Instant) -> Vec<(Tag, blake3::Hash)> {
+    pub fn poll_probe(&mut self, now: Instant) -> Vec<(Tag, ObjectHash)> {
         let mut out = Vec::new();
         if !self.elsewhere.is_empty() && now >= self.probed_elsewhere + ELSEWHERE_PROBE {
             self.probed_elsewhere = now;
@@ -628,7 +637,7 @@ impl FetchState {
     }
 
     /// The members asked for through the bundle fetch of `tag` (none for an object).
-    pub fn riders(&self, tag: &Tag) -> Vec<blake3::Hash> {
+    pub fn riders(&self, tag: &Tag) -> Vec<ObjectHash> {
         self.pending
             .get(tag)
             .map(|p| p.riders.values().map(|r| r.hash).collect())
@@ -828,7 +837,7 @@ impl FetchState {
 
 /// What to look up in the cache for the fetch `p` of `tag`: its object, or the members
 /// asked for through a bundle.
-fn probe(out: &mut Vec<(Tag, blake3::Hash)>, tag: Tag, p: &Pending) {
+fn probe(out: &mut Vec<(Tag, ObjectHash)>, tag: Tag, p: &Pending) {
     if p.fetch.bundle().is_some() {
         out.extend(p.riders.iter().map(|(t, r)| (*t, r.hash)));
     } else {

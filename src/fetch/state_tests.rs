@@ -12,10 +12,10 @@ use proptest::prelude::*;
 use super::engine::{FetchConfig, FetchStats, Freshness, Priority};
 use super::state::{Claim, Event, FetchState, Requested, ELSEWHERE_PATIENCE, ROOT_WATCH_REJOIN};
 use crate::channel::{Channel, Tag};
-use crate::fec::ObjectEncoder;
+use crate::fec::{Esi, ObjectEncoder};
 use crate::net::Envelope;
 use crate::object::bundle::{Bundle, Bundling};
-use crate::object::ObjectRef;
+use crate::object::{ObjectHash, ObjectRef};
 use crate::packet;
 
 const IFINDEX: u32 = 7;
@@ -60,7 +60,7 @@ fn object(n: u32, len: usize) -> Verified {
 
 fn want(v: &Verified) -> ObjectRef {
     ObjectRef {
-        hash: *v.hash(),
+        hash: ObjectHash::of_verified(v),
         len: v.len() as u32,
     }
 }
@@ -81,7 +81,7 @@ impl Rig {
         }
     }
 
-    fn claims(&mut self) -> Vec<(Tag, blake3::Hash)> {
+    fn claims(&mut self) -> Vec<(Tag, ObjectHash)> {
         std::iter::from_fn(|| self.st.poll_claim(self.now)).collect()
     }
 
@@ -100,7 +100,9 @@ impl Rig {
     }
 
     fn group(&self, v: &Verified) -> Ipv6Addr {
-        self.channel.object_address(v.hash()).group
+        self.channel
+            .object_address(&ObjectHash::of_verified(v))
+            .group
     }
 
     /// Every source symbol of `bytes` under `tag`, from `from` to `to` on `ifindex`.
@@ -115,8 +117,8 @@ impl Rig {
         let enc = ObjectEncoder::new(bytes, SYMBOL.min(bytes.len())).unwrap();
         let (mut sym, mut pkt) = (Vec::new(), Vec::new());
         for esi in 0..enc.source_symbols() {
-            enc.symbol(esi, &mut sym);
-            packet::encode_symbol(&mut pkt, tag, esi, &sym, None);
+            enc.symbol(Esi(esi), &mut sym);
+            packet::encode_symbol(&mut pkt, tag, Esi(esi), &sym, None);
             let env = Envelope { from, to, ifindex };
             self.st.handle_datagram(self.now, env, &mut pkt);
         }
@@ -124,7 +126,7 @@ impl Rig {
 
     /// Every source symbol of `v` from the server, multicast to `to` on `ifindex`.
     fn send(&mut self, v: &Verified, to: Option<Ipv6Addr>, ifindex: u32) {
-        let tag = self.channel.object_address(v.hash()).tag;
+        let tag = self.channel.object_address(&ObjectHash::of_verified(v)).tag;
         self.send_symbols(SERVER, tag, v, to, ifindex);
     }
 
@@ -139,8 +141,8 @@ impl Rig {
         let enc = ObjectEncoder::new(bytes, SYMBOL.min(bytes.len())).unwrap();
         let (mut sym, mut pkt) = (Vec::new(), Vec::new());
         for esi in 0..n.min(enc.source_symbols()) {
-            enc.symbol(esi, &mut sym);
-            packet::encode_symbol(&mut pkt, tag, esi, &sym, None);
+            enc.symbol(Esi(esi), &mut sym);
+            packet::encode_symbol(&mut pkt, tag, Esi(esi), &sym, None);
             let env = Envelope {
                 from: SERVER,
                 to: Some(group),
@@ -164,7 +166,7 @@ impl Rig {
             .iter()
             .any(|e| matches!(e, Event::Failed { .. })));
         self.deliver(v);
-        assert_eq!(completed(&self.events()), [*v.hash()]);
+        assert_eq!(completed(&self.events()), [ObjectHash::of_verified(v)]);
         assert_eq!(self.st.pending(), 0);
     }
 
@@ -185,9 +187,9 @@ impl Rig {
     }
 }
 
-fn completed(events: &[Event]) -> Vec<blake3::Hash> {
+fn completed(events: &[Event]) -> Vec<ObjectHash> {
     let done = |e: &Event| match e {
-        Event::Completed { object, .. } => Some(*object.hash()),
+        Event::Completed { object, .. } => Some(ObjectHash::of_verified(object)),
         _ => None,
     };
     events.iter().filter_map(done).collect()
@@ -206,7 +208,7 @@ fn a_request_is_claimed_joined_decoded_and_left() {
     let group = r.group(&v);
     assert_eq!(r.membership(), [(group, true)]);
     r.deliver(&v);
-    assert_eq!(completed(&r.events()), [*v.hash()]);
+    assert_eq!(completed(&r.events()), [ObjectHash::of_verified(&v)]);
     assert_eq!(r.membership(), [(group, false)]);
     assert_eq!(r.st.pending(), 0);
     let again =
@@ -237,7 +239,7 @@ fn symbols_count_only_on_their_own_group_and_interface() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(misaddressed, 4 * 3, "every datagram of the four wrong ways");
     r.deliver(&v);
-    assert_eq!(completed(&r.events()), [*v.hash()]);
+    assert_eq!(completed(&r.events()), [ObjectHash::of_verified(&v)]);
 }
 
 #[test]
@@ -264,7 +266,9 @@ fn the_window_admits_demand_at_once_and_the_rest_in_turn() {
     assert_eq!(r.claims().len(), 1, "a demand read never waits for room");
     r.st.handle_claim(
         r.now,
-        r.channel.object_address(objs[0].hash()).tag,
+        r.channel
+            .object_address(&ObjectHash::of_verified(&objs[0]))
+            .tag,
         Claim::Granted,
     );
     r.membership();
@@ -286,7 +290,7 @@ fn a_receiver_asking_more_than_its_window_takes_what_is_on_air_first() {
     let air = r.channel.air_address();
     let on_air: Vec<Tag> = objs[4..]
         .iter()
-        .map(|v| r.channel.object_address(v.hash()).tag)
+        .map(|v| r.channel.object_address(&ObjectHash::of_verified(v)).tag)
         .collect();
     let mut pkt = Vec::new();
     packet::encode_air(&mut pkt, air.tag, &on_air, None);
@@ -319,7 +323,7 @@ fn a_full_window_still_joins_the_rounds_about_to_go_out() {
     let air = r.channel.air_address();
     let on_air: Vec<Tag> = objs[4..]
         .iter()
-        .map(|v| r.channel.object_address(v.hash()).tag)
+        .map(|v| r.channel.object_address(&ObjectHash::of_verified(v)).tag)
         .collect();
     let mut pkt = Vec::new();
     packet::encode_air(&mut pkt, air.tag, &on_air, None);
@@ -376,7 +380,7 @@ fn a_fetch_claimed_elsewhere_waits_for_the_cache_then_joins_after_patience() {
         "joined anyway after {waited:?}"
     );
     r.deliver(&w);
-    assert_eq!(completed(&r.events()), [*w.hash()]);
+    assert_eq!(completed(&r.events()), [ObjectHash::of_verified(&w)]);
 }
 
 #[test]
@@ -493,7 +497,7 @@ fn forged_symbols_are_thrown_away_and_the_real_ones_still_decode() {
     r.request(&v, Priority::Demand);
     r.grant_all();
     let group = r.group(&v);
-    let tag = r.channel.object_address(v.hash()).tag;
+    let tag = r.channel.object_address(&ObjectHash::of_verified(&v)).tag;
     // A forger on the link sends symbols with the object's real tag and group but bytes of
     // its own: enough of them to decode, into something that does not verify.
     let forger = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x666);
@@ -510,7 +514,7 @@ fn forged_symbols_are_thrown_away_and_the_real_ones_still_decode() {
     r.deliver(&v);
     assert_eq!(
         completed(&r.events()),
-        [*v.hash()],
+        [ObjectHash::of_verified(&v)],
         "the server's symbols still decode"
     );
 }
@@ -537,7 +541,12 @@ fn small_files_are_fetched_through_their_bundle() {
         r.request(&files[0], Priority::Readahead),
         r.request(&files[2], Priority::Demand),
     ];
-    assert_eq!(tags[0], r.channel.object_address(files[0].hash()).tag);
+    assert_eq!(
+        tags[0],
+        r.channel
+            .object_address(&ObjectHash::of_verified(&files[0]))
+            .tag
+    );
     let claims = r.claims();
     assert_eq!(claims.len(), 1, "one fetch, of the bundle: {claims:?}");
     assert_eq!(claims[0].1, bundle.id.hash);
@@ -556,7 +565,7 @@ fn small_files_are_fetched_through_their_bundle() {
     assert_eq!(r.stats.forged_decodes.load(Ordering::Relaxed), 1);
     r.send_bytes(at.tag, at.group, &bytes);
     let events = r.events();
-    let want_all: Vec<blake3::Hash> = files.iter().map(|f| *f.hash()).collect();
+    let want_all: Vec<ObjectHash> = files.iter().map(ObjectHash::of_verified).collect();
     assert_eq!(
         completed(&events),
         want_all,
@@ -591,7 +600,10 @@ fn a_bundle_fetched_elsewhere_ends_when_its_riders_are_cached() {
     r.advance(Duration::from_millis(10));
     let mut probes = r.st.poll_probe(r.now);
     probes.sort_by_key(|p| p.0);
-    let mut want_probes = vec![(a, *files[0].hash()), (b, *files[1].hash())];
+    let mut want_probes = vec![
+        (a, ObjectHash::of_verified(&files[0])),
+        (b, ObjectHash::of_verified(&files[1])),
+    ];
     want_probes.sort_by_key(|p| p.0);
     assert_eq!(probes, want_probes, "the members asked for, not the bundle");
     assert!(r.st.handle_cached(r.now, a, &files[0]));
@@ -655,7 +667,11 @@ fn a_bundle_gone_stale_falls_back_to_its_members_own_groups() {
     }
     let failed = r.events().iter().any(|e| matches!(e, Event::Failed { .. }));
     assert!(!failed, "the member is still wanted");
-    assert_eq!(claims, [(a, *files[1].hash())], "fetched on its own now");
+    assert_eq!(
+        claims,
+        [(a, ObjectHash::of_verified(&files[1]))],
+        "fetched on its own now"
+    );
     r.own_fetch_completes(a, &files[1], 0);
 }
 
@@ -683,7 +699,11 @@ fn regression_a_bundle_never_sent_falls_back_to_its_members_own_groups() {
         );
     }
     assert!(r.now.duration_since(started) >= patience);
-    assert_eq!(claims, [(a, *files[1].hash())], "fetched on its own now");
+    assert_eq!(
+        claims,
+        [(a, ObjectHash::of_verified(&files[1]))],
+        "fetched on its own now"
+    );
     assert!(!r.events().iter().any(|e| matches!(e, Event::Failed { .. })));
     // Current: not failed as stale while the server takes its time.
     r.own_fetch_completes(a, &files[1], 100);
@@ -698,12 +718,12 @@ fn regression_a_file_a_new_listing_leaves_unbundled_is_fetched_on_its_own() {
     let (files, _) = r.learn_bundle(3);
     r.st.handle_bundles(Bundling {
         bundles: Vec::new(),
-        alone: vec![*files[1].hash()],
+        alone: vec![ObjectHash::of_verified(&files[1])],
     });
     let a = r.request(&files[1], Priority::Demand);
     assert_eq!(
         r.claims(),
-        [(a, *files[1].hash())],
+        [(a, ObjectHash::of_verified(&files[1]))],
         "its own object, no bundle"
     );
 }

@@ -9,15 +9,16 @@
 use std::time::Duration;
 
 use futures::future::try_join_all;
-use lcfs_cache::{Hash, Verified};
+use lcfs_cache::Verified;
 
 use super::engine::RootWatcher;
 use super::follow::RootFollower;
 use super::trust::{self, Memory, Publisher, RootPolicy, LISTEN};
-use super::{FetchError, Fetcher, Freshness, HeardRoot, Priority};
+use super::{FetchError, Fetcher, Freshness, HeardRoot, InvalidReason, Part, Priority, Subject};
 use crate::object::index::IndexShape;
 use crate::object::{
-    BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef, RootRecord,
+    BlockIndex, BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectHash,
+    ObjectRef, RootRecord,
 };
 
 /// The most blocks a file may have for a receiver to index it: 2^21 leaves are 64 MiB of
@@ -58,7 +59,7 @@ impl std::fmt::Debug for Tree {
             f,
             "Tree(generation {}, root {})",
             self.root.generation,
-            short(&self.root.root.hash)
+            self.root.root.hash.short()
         )
     }
 }
@@ -218,18 +219,18 @@ impl Tree {
         )))
     }
 
-    fn invalid(&self, what: String, reason: impl ToString) -> FetchError {
+    fn invalid(&self, what: Subject, reason: impl Into<InvalidReason>) -> FetchError {
         FetchError::Invalid {
             channel: self.fetcher.channel().name().to_owned(),
-            what,
-            reason: reason.to_string(),
+            what: Box::new(what),
+            reason: reason.into(),
         }
     }
 
     pub async fn directory(&self, r: ObjectRef, prio: Priority) -> Result<Directory, FetchError> {
-        let v = self.fetcher.fetch(r, prio).await?;
-        let dir = Directory::decode(&v)
-            .map_err(|e| self.invalid(format!("directory {}", short(&r.hash)), e))?;
+        let what = || Subject::part(Part::Directory, r);
+        let v = (self.fetcher.fetch(r, prio).await).map_err(|e| e.as_part(Part::Directory))?;
+        let dir = Directory::decode(&v).map_err(|e| self.invalid(what(), e))?;
         // Its small files travel in bundles: reads of them fetch the bundle.
         (self.fetcher).learn_bundles(crate::object::bundle::bundling(&dir, self.block_size()));
         Ok(dir)
@@ -260,7 +261,7 @@ impl Tree {
     /// The leaf hashes of a file with block content (empty for inline files). A file may
     /// claim at most [`MAX_FILE_BLOCKS`] blocks; index pages are fetched a few at a time and
     /// nothing is sized by what the entry claims before the pages are verified.
-    pub async fn leaves(&self, f: &FileRef, prio: Priority) -> Result<Vec<Hash>, FetchError> {
+    pub async fn leaves(&self, f: &FileRef, prio: Priority) -> Result<Vec<ObjectHash>, FetchError> {
         self.leaves_as(f, prio, Freshness::Current).await
     }
 
@@ -270,24 +271,19 @@ impl Tree {
         f: &FileRef,
         prio: Priority,
         freshness: Freshness,
-    ) -> Result<Vec<Hash>, FetchError> {
+    ) -> Result<Vec<ObjectHash>, FetchError> {
         let blocks = self.block_size().blocks_in(f.size);
         if blocks > MAX_FILE_BLOCKS && !matches!(f.content, Content::Inline(_)) {
-            return Err(self.invalid(
-                "file".into(),
-                format!(
-                    "it claims {blocks} blocks of {} bytes, more than the {MAX_FILE_BLOCKS} a receiver indexes (serve such files with a larger --block-size)",
-                    self.block_size().bytes()
-                ),
-            ));
+            let block_size = self.block_size().bytes();
+            let reason = InvalidReason::TooManyBlocks { blocks, block_size };
+            return Err(self.invalid(Subject::file(), reason));
         }
         match &f.content {
             Content::Inline(_) => Ok(Vec::new()),
             Content::Block(h) if blocks == 1 => Ok(vec![*h]),
-            Content::Block(_) => Err(self.invalid(
-                "file".into(),
-                "one block reference for a file of several blocks",
-            )),
+            Content::Block(_) => {
+                Err(self.invalid(Subject::file(), InvalidReason::OneBlockForSeveral))
+            }
             Content::Index { index, .. } => {
                 let shape = IndexShape { blocks };
                 self.index_leaves(*index, shape, prio, freshness).await
@@ -301,12 +297,13 @@ impl Tree {
         shape: IndexShape,
         prio: Priority,
         freshness: Freshness,
-    ) -> Result<Vec<Hash>, FetchError> {
-        let what = || format!("file index {}", short(&r.hash));
+    ) -> Result<Vec<ObjectHash>, FetchError> {
+        let what = || Subject::part(Part::FileIndex, r);
         if r.len as u64 != shape.top_len() {
-            return Err(self.invalid(what(), "length does not fit the file size"));
+            return Err(self.invalid(what(), InvalidReason::IndexLength));
         }
-        let v = self.fetcher.fetch_as(r, prio, freshness).await?;
+        let v = (self.fetcher.fetch_as(r, prio, freshness).await)
+            .map_err(|e| e.as_part(Part::FileIndex))?;
         let index = FileIndex::decode(&v).map_err(|e| self.invalid(what(), e))?;
         shape.check(&index).map_err(|e| self.invalid(what(), e))?;
         match index {
@@ -316,13 +313,15 @@ impl Tree {
                 for (n, chunk) in pages.chunks(PAGES_IN_FLIGHT).enumerate() {
                     let fetches = chunk.iter().enumerate().map(|(i, h)| async move {
                         let pr = shape.page_ref((n * PAGES_IN_FLIGHT + i) as u64, *h);
-                        let v = self.fetcher.fetch_as(pr, prio, freshness).await?;
+                        let v = (self.fetcher.fetch_as(pr, prio, freshness).await)
+                            .map_err(|e| e.as_part(Part::IndexPage))?;
+                        let what = Subject::part(Part::IndexPage, pr);
                         match FileIndex::decode(&v) {
                             Ok(FileIndex::Leaves(l)) => Ok(l),
-                            _ => Err(self.invalid(
-                                format!("index page {}", short(h)),
-                                "not a page of leaves",
-                            )),
+                            Ok(FileIndex::Pages(_)) => {
+                                Err(self.invalid(what, InvalidReason::NotAPage))
+                            }
+                            Err(e) => Err(self.invalid(what, e)),
                         }
                     });
                     leaves.extend(try_join_all(fetches).await?.concat());
@@ -335,9 +334,9 @@ impl Tree {
     /// Block `index` of a file of `size` bytes whose leaf is `leaf`.
     pub async fn block(
         &self,
-        leaf: Hash,
+        leaf: ObjectHash,
         size: u64,
-        index: u64,
+        index: BlockIndex,
         prio: Priority,
     ) -> Result<Verified, FetchError> {
         self.block_as(leaf, size, index, prio, Freshness::Current)
@@ -347,15 +346,15 @@ impl Tree {
     /// [`Tree::block`] for a reader of the given freshness.
     pub async fn block_as(
         &self,
-        leaf: Hash,
+        leaf: ObjectHash,
         size: u64,
-        index: u64,
+        index: BlockIndex,
         prio: Priority,
         freshness: Freshness,
     ) -> Result<Verified, FetchError> {
         let len = self.block_size().block_len(size, index);
         let r = ObjectRef { hash: leaf, len };
-        self.fetcher.fetch_as(r, prio, freshness).await
+        (self.fetcher.fetch_as(r, prio, freshness).await).map_err(|e| e.as_part(Part::Block(index)))
     }
 
     /// The entry at `path` (components separated by `/`), or the root directory for "".
@@ -365,7 +364,13 @@ impl Tree {
             .split('/')
             .filter(|p| !p.is_empty() && *p != ".")
             .peekable();
+        let mut at = String::new();
         while let Some(name) = parts.next() {
+            at = if at.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{at}/{name}")
+            };
             let entry = dir.get(name.as_bytes()).cloned().ok_or_else(|| {
                 FetchError::NotFound(format!(
                     "{path:?} is not in channel {:?}",
@@ -376,7 +381,10 @@ impl Tree {
                 return Ok(Some(entry));
             }
             match entry.kind {
-                EntryKind::Dir(r) => dir = self.directory(r, Priority::Demand).await?,
+                EntryKind::Dir(r) => {
+                    let in_dir = |e: FetchError| e.in_file(&at);
+                    dir = self.directory(r, Priority::Demand).await.map_err(in_dir)?
+                }
                 _ => {
                     return Err(FetchError::NotFound(format!(
                         "{name:?} in {path:?} is not a directory"
@@ -386,10 +394,6 @@ impl Tree {
         }
         Ok(None)
     }
-}
-
-fn short(h: &Hash) -> String {
-    h.to_hex()[..16].to_owned()
 }
 
 /// Listens for root records until one passes `policy`, then for [`LISTEN`] more, and takes
@@ -532,7 +536,7 @@ pub(super) fn unix_now_ns() -> u64 {
 fn untrusted(fetcher: &Fetcher, e: trust::Refusal) -> FetchError {
     FetchError::Untrusted {
         channel: fetcher.channel().name().to_owned(),
-        reason: e.to_string(),
+        reason: e,
     }
 }
 
@@ -540,9 +544,15 @@ fn untrusted(fetcher: &Fetcher, e: trust::Refusal) -> FetchError {
 fn remembered(fetcher: &Fetcher) -> Result<Memory, FetchError> {
     let cache = fetcher.cache();
     let id = fetcher.channel().id();
-    let cache_err = |e: lcfs_cache::CacheError| FetchError::Cache(e.to_string());
-    let root = cache.get_root(id).map_err(cache_err)?;
-    let publisher = cache.get_publisher(id).map_err(cache_err)?;
+    let cache_err = |what: &str| {
+        let doing = format!(
+            "read the {what} it remembers of channel {:?}",
+            fetcher.channel().name()
+        );
+        move |e| FetchError::cache(doing, e)
+    };
+    let root = cache.get_root(id).map_err(cache_err("root record"))?;
+    let publisher = cache.get_publisher(id).map_err(cache_err("publisher"))?;
     Ok(Memory {
         root: root.and_then(|b| RootRecord::decode(&b).ok()),
         publisher: publisher.and_then(|b| Publisher::decode(&b)),
@@ -637,12 +647,12 @@ impl Default for WalkLimits {
 /// The chain of directory objects from a walk's start to one directory: a directory object
 /// that is its own ancestor is a cycle (impossible with honest hashes, so hostile).
 struct Lineage {
-    hash: Hash,
+    hash: ObjectHash,
     parent: Option<std::sync::Arc<Lineage>>,
 }
 
 impl Lineage {
-    fn contains(&self, h: &Hash) -> bool {
+    fn contains(&self, h: &ObjectHash) -> bool {
         let mut at = Some(self);
         while let Some(l) = at {
             if l.hash == *h {
@@ -657,14 +667,14 @@ impl Lineage {
 /// Counts of a walk under way, checked against [`WalkLimits`].
 #[derive(Default)]
 struct WalkCount {
-    seen: std::collections::HashSet<Hash>,
+    seen: std::collections::HashSet<ObjectHash>,
     distinct: u64,
     shared: u64,
 }
 
 impl WalkCount {
     /// Counts the `n` entries of directory `h`; an error names the limit passed.
-    fn add(&mut self, h: Hash, n: u64, limits: &WalkLimits) -> Result<(), String> {
+    fn add(&mut self, h: ObjectHash, n: u64, limits: &WalkLimits) -> Result<(), String> {
         if self.seen.insert(h) {
             self.distinct += n;
         } else {
@@ -791,7 +801,7 @@ impl Tree {
         &self,
         refs: impl Iterator<Item = ObjectRef>,
         prio: Priority,
-    ) -> Result<std::collections::HashMap<Hash, Directory>, FetchError> {
+    ) -> Result<std::collections::HashMap<ObjectHash, Directory>, FetchError> {
         let mut unique: Vec<ObjectRef> = refs.collect();
         unique.sort_by_key(|r| *r.hash.as_bytes());
         unique.dedup_by_key(|r| r.hash);
@@ -800,11 +810,11 @@ impl Tree {
     }
 
     fn too_big(&self, at: &std::path::Path, reason: String) -> FetchError {
-        let at = match at.as_os_str().is_empty() {
-            true => "the tree".to_owned(),
-            false => format!("the tree at {:?}", at),
-        };
-        self.invalid(at, format!("refused to walk it: {reason}"))
+        let mut what = Subject::tree();
+        if !at.as_os_str().is_empty() {
+            what.path = Some(at.display().to_string());
+        }
+        self.invalid(what, InvalidReason::TooBig(reason))
     }
 }
 
@@ -826,16 +836,14 @@ impl Tree {
 mod tests {
     use super::*;
     use crate::channel::Channel;
-    use crate::object::{object_ref, Entry, Timestamp};
+    use crate::object::{object_ref, Entry, FileHash, Timestamp};
 
     /// A tree whose objects all sit in a fresh cache; nothing is ever sent.
     fn cached_tree(objects: &[Vec<u8>], root: ObjectRef) -> (Tree, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let cache = lcfs_cache::Cache::open(lcfs_cache::CacheConfig::new(dir.path())).unwrap();
         for o in objects {
-            cache
-                .insert(&Verified::new(&blake3::hash(o), o.clone()).unwrap())
-                .unwrap();
+            cache.insert(&Verified::hash_of(o.clone())).unwrap();
         }
         let lo = crate::net::Iface {
             name: "lo".into(),
@@ -889,7 +897,7 @@ mod tests {
         let (objects, top) = doubling_tree(40);
         let (tree, _dir) = cached_tree(&objects, top);
         let e = tree.walk(top, Priority::Demand).await.unwrap_err();
-        assert!(e.to_string().contains("already listed"), "{e}");
+        assert!(e.report().contains("already listed"), "{}", e.report());
         // Each directory object is listed once when only objects are wanted.
         let (dirs, files) = tree
             .distinct_below(top, Priority::Demand, &WalkLimits::default())
@@ -940,13 +948,13 @@ mod tests {
             .walk_within(top, Priority::Demand, &limits)
             .await
             .unwrap_err();
-        assert!(e.to_string().contains("16 directories deep"), "{e}");
+        assert!(e.report().contains("16 directories deep"), "{}", e.report());
         assert_eq!(tree.walk(top, Priority::Demand).await.unwrap().len(), 40);
     }
 
     #[test]
     fn a_directory_that_is_its_own_ancestor_is_seen() {
-        let (a, b) = (blake3::hash(b"a"), blake3::hash(b"b"));
+        let (a, b) = (ObjectHash::of(b"a"), ObjectHash::of(b"b"));
         let root = std::sync::Arc::new(Lineage {
             hash: a,
             parent: None,
@@ -956,7 +964,7 @@ mod tests {
             parent: Some(root),
         };
         assert!(child.contains(&a) && child.contains(&b));
-        assert!(!child.contains(&blake3::hash(b"c")));
+        assert!(!child.contains(&ObjectHash::of(b"c")));
     }
 
     #[tokio::test]
@@ -964,13 +972,13 @@ mod tests {
         let (tree, _dir) = cached_tree(&[], object_ref(b"none"));
         let f = FileRef {
             size: 1 << 50,
-            b3: blake3::hash(b""),
+            b3: FileHash::of(b""),
             content: Content::Index {
                 index: object_ref(b"never fetched"),
-                first_leaf: blake3::hash(b""),
+                first_leaf: ObjectHash::of(b""),
             },
         };
         let e = tree.leaves(&f, Priority::Demand).await.unwrap_err();
-        assert!(e.to_string().contains("--block-size"), "{e}");
+        assert!(e.report().contains("--block-size"), "{}", e.report());
     }
 }

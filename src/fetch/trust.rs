@@ -28,10 +28,9 @@ use std::net::Ipv6Addr;
 use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
-use lcfs_cache::Hash;
 
 use super::engine::HeardRoot;
-use crate::object::RootRecord;
+use crate::object::{ObjectHash, RootRecord};
 
 /// After the first acceptable root record, how long to keep listening for a higher
 /// generation. The server repeats its record every 25 ms while anyone listens
@@ -46,7 +45,7 @@ pub const MAX_GENERATION_AHEAD: Duration = Duration::from_secs(7 * 24 * 3600);
 #[derive(Clone, Debug)]
 pub struct RootPolicy {
     /// Accept only the snapshot whose root directory has this hash (`CHANNEL@ROOTHASH`).
-    pub pinned: Option<Hash>,
+    pub pinned: Option<ObjectHash>,
     /// Accept only records signed by this publisher key.
     pub publisher: Option<VerifyingKey>,
     /// Accept a generation lower than one already seen.
@@ -175,8 +174,8 @@ pub fn check(
         return match record.root.hash == pin {
             true => Ok(Publisher::of(heard)),
             false => Err(Refusal::NotPinned {
-                offered: record.root.hash.to_hex().to_string(),
-                pinned: pin.to_hex().to_string(),
+                offered: record.root.hash.to_hex(),
+                pinned: pin.to_hex(),
             }),
         };
     }
@@ -209,8 +208,8 @@ pub fn check_remembered(policy: &RootPolicy, record: &RootRecord) -> Result<(), 
     if let Some(pin) = policy.pinned {
         if record.root.hash != pin {
             return Err(Refusal::NotPinned {
-                offered: record.root.hash.to_hex().to_string(),
-                pinned: pin.to_hex().to_string(),
+                offered: record.root.hash.to_hex(),
+                pinned: pin.to_hex(),
             });
         }
     } else if let Some(key) = &policy.publisher {
@@ -275,8 +274,8 @@ fn check_generation(
     if same_publisher && record.generation == seen.generation && record.root != seen.root {
         return Err(Refusal::Fork {
             generation: record.generation,
-            seen: seen.root.hash.to_hex().to_string(),
-            offered: record.root.hash.to_hex().to_string(),
+            seen: seen.root.hash.to_hex(),
+            offered: record.root.hash.to_hex(),
         });
     }
     Ok(())
@@ -299,7 +298,7 @@ pub(crate) mod fixtures {
             generation,
             publish_time_ns: NOW,
             root: ObjectRef {
-                hash: blake3::hash(root),
+                hash: ObjectHash::of(root),
                 len: 10,
             },
             block_size: BlockSize::DEFAULT,

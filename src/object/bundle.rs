@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use lcfs_cache::Verified;
 
-use super::{BlockSize, Content, Directory, EntryKind, ObjectRef};
+use super::{BlockSize, Content, Directory, EntryKind, ObjectHash, ObjectRef};
 
 /// The most files in one bundle: bounds the work of verifying one decode.
 pub const MAX_MEMBERS: usize = 64;
@@ -59,7 +59,7 @@ impl Bundle {
         let len = members.iter().map(|m| m.len).sum();
         Bundle {
             id: ObjectRef {
-                hash: h.finalize(),
+                hash: h.finalize().into(),
                 len,
             },
             members: members.into(),
@@ -79,7 +79,8 @@ impl Bundle {
         let mut out = Vec::with_capacity(self.members.len());
         for (index, m) in self.members.iter().enumerate() {
             let part = &bytes[at..at + m.len as usize];
-            let member = Verified::new(&m.hash, part).map_err(|_| BundleError::Member { index })?;
+            let member =
+                Verified::new(m.hash.raw(), part).map_err(|_| BundleError::Member { index })?;
             out.push(member);
             at += m.len as usize;
         }
@@ -128,13 +129,13 @@ pub struct Bundling {
     /// packing). A receiver must forget any bundle it knew them by: another listing of the
     /// directory may have bundled them (tools/soak found a read that rode such a bundle, gone
     /// from the server since a sibling grew, and waited out its timeout).
-    pub alone: Vec<blake3::Hash>,
+    pub alone: Vec<ObjectHash>,
 }
 
 /// The [`Bundling`] of `dir` at `block_size`.
 pub fn bundling(dir: &Directory, block_size: BlockSize) -> Bundling {
     let bundles = bundles(dir, block_size);
-    let members: std::collections::HashSet<blake3::Hash> = bundles
+    let members: std::collections::HashSet<ObjectHash> = bundles
         .iter()
         .flat_map(|b| b.members.iter().map(|m| m.hash))
         .collect();
@@ -173,8 +174,8 @@ mod tests {
             link: 0,
             kind: EntryKind::File(crate::object::FileRef {
                 size,
-                b3: blake3::hash(name.as_bytes()),
-                content: Content::Block(blake3::hash(name.as_bytes())),
+                b3: FileHash::of(name.as_bytes()),
+                content: Content::Block(ObjectHash::of(name.as_bytes())),
             }),
         };
         // a and b share a bundle; c (over half a block) and d (no room left: alone) do not.
@@ -189,18 +190,17 @@ mod tests {
         assert_eq!(got.bundles[0].members.len(), 2);
         let mut alone = got.alone.clone();
         alone.sort_by_key(|h| *h.as_bytes());
-        let mut want = vec![blake3::hash(b"c"), blake3::hash(b"d")];
+        let mut want = vec![ObjectHash::of(b"c"), ObjectHash::of(b"d")];
         want.sort_by_key(|h| *h.as_bytes());
         assert_eq!(alone, want);
     }
-    use crate::object::{Entry, FileRef, Timestamp};
-    use lcfs_cache::Hash;
+    use crate::object::{Entry, FileHash, FileRef, Timestamp};
 
     fn file(name: &str, bytes: &[u8]) -> Entry {
         let content = if bytes.len() as u64 <= crate::object::INLINE_MAX {
             Content::Inline(bytes.to_vec())
         } else {
-            Content::Block(blake3::hash(bytes))
+            Content::Block(ObjectHash::of(bytes))
         };
         Entry {
             name: name.as_bytes().to_vec(),
@@ -210,7 +210,7 @@ mod tests {
             link: 0,
             kind: EntryKind::File(FileRef {
                 size: bytes.len() as u64,
-                b3: blake3::hash(bytes),
+                b3: FileHash::of(bytes),
                 content,
             }),
         }
@@ -230,11 +230,13 @@ mod tests {
         let b = bundles(&dir, bs);
         assert_eq!(b.len(), 4, "6 + 6 + 6 + 2 members of 10,000 bytes");
         assert!(b.iter().all(|b| b.id.len as u64 <= bs.bytes()));
-        let all: Vec<Hash> = b
+        let all: Vec<ObjectHash> = b
             .iter()
             .flat_map(|b| b.members.iter().map(|m| m.hash))
             .collect();
-        let want: Vec<Hash> = (0..20u8).map(|i| blake3::hash(&vec![i; 10_000])).collect();
+        let want: Vec<ObjectHash> = (0..20u8)
+            .map(|i| ObjectHash::of(&vec![i; 10_000]))
+            .collect();
         assert_eq!(all, want);
         assert_eq!(
             bundles(&dir, bs),
@@ -255,7 +257,7 @@ mod tests {
         let refs = parts
             .iter()
             .map(|p| ObjectRef {
-                hash: blake3::hash(p),
+                hash: ObjectHash::of(p),
                 len: p.len() as u32,
             })
             .collect();
@@ -281,11 +283,11 @@ mod tests {
     #[test]
     fn ids_name_the_members_and_their_order() {
         let a = ObjectRef {
-            hash: blake3::hash(b"a"),
+            hash: ObjectHash::of(b"a"),
             len: 1,
         };
         let b = ObjectRef {
-            hash: blake3::hash(b"b"),
+            hash: ObjectHash::of(b"b"),
             len: 1,
         };
         assert_ne!(Bundle::new(vec![a, b]).id, Bundle::new(vec![b, a]).id);

@@ -1,7 +1,7 @@
 //! Checked little-endian reader and writer shared by the object encodings.
 
 use super::ObjectError;
-use lcfs_cache::Hash;
+use super::{FileHash, ObjectHash};
 
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
@@ -55,8 +55,12 @@ impl<'a> Reader<'a> {
         Ok(i64::from_le_bytes(self.array()?))
     }
 
-    pub fn hash(&mut self) -> Result<Hash, ObjectError> {
-        Ok(Hash::from_bytes(self.array()?))
+    pub fn object_hash(&mut self) -> Result<ObjectHash, ObjectError> {
+        Ok(ObjectHash::from_bytes(self.array()?))
+    }
+
+    pub fn file_hash(&mut self) -> Result<FileHash, ObjectError> {
+        Ok(FileHash::from_bytes(self.array()?))
     }
 
     /// Checks the magic and version that begin every encoding.
@@ -144,7 +148,7 @@ impl Writer {
     pub fn i64(&mut self, v: i64) {
         self.bytes(&v.to_le_bytes());
     }
-    pub fn hash(&mut self, h: &Hash) {
-        self.bytes(h.as_bytes());
+    pub fn hash(&mut self, h: &[u8; 32]) {
+        self.bytes(h);
     }
 }

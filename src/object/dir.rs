@@ -22,8 +22,7 @@
 //! permission bits; nanoseconds are below 10^9; symlink targets are 1..=4095 bytes without NUL.
 
 use super::codec::{Reader, Writer};
-use super::{ObjectError, ObjectRef, DIRECTORY_MAX, INLINE_MAX};
-use lcfs_cache::Hash;
+use super::{FileHash, ObjectError, ObjectHash, ObjectRef, DIRECTORY_MAX, INLINE_MAX};
 
 const MAGIC: &[u8; 4] = b"LCFD";
 const VERSION: u8 = 2;
@@ -50,16 +49,19 @@ pub enum Content {
     /// The whole file, for files of at most [`INLINE_MAX`] bytes (and empty files).
     Inline(Vec<u8>),
     /// A file of exactly one block: the block's hash.
-    Block(Hash),
+    Block(ObjectHash),
     /// A file of several blocks: its file index, and its first block's hash.
-    Index { index: ObjectRef, first_leaf: Hash },
+    Index {
+        index: ObjectRef,
+        first_leaf: ObjectHash,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileRef {
     pub size: u64,
     /// BLAKE3 of the whole file, what `b3sum` prints.
-    pub b3: Hash,
+    pub b3: FileHash,
     pub content: Content,
 }
 
@@ -204,7 +206,7 @@ fn encode_entry(w: &mut Writer, e: &Entry, version: u8) {
     match &e.kind {
         EntryKind::File(f) => {
             w.u64(f.size);
-            w.hash(&f.b3);
+            w.hash(f.b3.as_bytes());
             match &f.content {
                 Content::Inline(b) => {
                     w.u8(0);
@@ -212,18 +214,18 @@ fn encode_entry(w: &mut Writer, e: &Entry, version: u8) {
                 }
                 Content::Block(h) => {
                     w.u8(1);
-                    w.hash(h);
+                    w.hash(h.as_bytes());
                 }
                 Content::Index { index, first_leaf } => {
                     w.u8(2);
-                    w.hash(&index.hash);
+                    w.hash(index.hash.as_bytes());
                     w.u32(index.len);
-                    w.hash(first_leaf);
+                    w.hash(first_leaf.as_bytes());
                 }
             }
         }
         EntryKind::Dir(r) => {
-            w.hash(&r.hash);
+            w.hash(r.hash.as_bytes());
             w.u32(r.len);
         }
         EntryKind::Symlink(t) => {
@@ -286,7 +288,7 @@ fn decode_entry(r: &mut Reader, version: u8) -> Result<Entry, ObjectError> {
     let kind = match kind {
         0 => EntryKind::File(decode_file(r)?),
         1 => EntryKind::Dir(ObjectRef {
-            hash: r.hash()?,
+            hash: r.object_hash()?,
             len: r.u32()?,
         }),
         2 => EntryKind::Symlink(decode_target(r)?),
@@ -304,17 +306,17 @@ fn decode_entry(r: &mut Reader, version: u8) -> Result<Entry, ObjectError> {
 
 fn decode_file(r: &mut Reader) -> Result<FileRef, ObjectError> {
     let size = r.u64()?;
-    let b3 = r.hash()?;
+    let b3 = r.file_hash()?;
     let content = match r.u8()? {
         0 if size <= INLINE_MAX => Content::Inline(r.bytes(size as usize)?.to_vec()),
         0 => return Err(ObjectError::Invalid("inline file above the inline limit")),
-        1 if size > 0 => Content::Block(r.hash()?),
+        1 if size > 0 => Content::Block(r.object_hash()?),
         2 if size > 0 => Content::Index {
             index: ObjectRef {
-                hash: r.hash()?,
+                hash: r.object_hash()?,
                 len: r.u32()?,
             },
-            first_leaf: r.hash()?,
+            first_leaf: r.object_hash()?,
         },
         1 | 2 => return Err(ObjectError::Invalid("empty file with a block reference")),
         _ => return Err(ObjectError::Invalid("unknown content kind")),
@@ -337,7 +339,7 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     pub fn sample() -> Directory {
-        let h = blake3::hash(b"x");
+        let h = ObjectHash::of(b"x");
         let ts = Timestamp {
             secs: 1_700_000_000,
             nanos: 5,
@@ -355,7 +357,7 @@ pub(crate) mod tests {
                 "empty",
                 EntryKind::File(FileRef {
                     size: 0,
-                    b3: blake3::hash(b""),
+                    b3: FileHash::of(b""),
                     content: Content::Inline(vec![]),
                 }),
             ),
@@ -363,7 +365,7 @@ pub(crate) mod tests {
                 "one",
                 EntryKind::File(FileRef {
                     size: 70000,
-                    b3: h,
+                    b3: FileHash::from_bytes(*h.as_bytes()),
                     content: Content::Block(h),
                 }),
             ),
@@ -371,7 +373,7 @@ pub(crate) mod tests {
                 "big",
                 EntryKind::File(FileRef {
                     size: 1 << 20,
-                    b3: h,
+                    b3: FileHash::from_bytes(*h.as_bytes()),
                     content: Content::Index {
                         index: ObjectRef { hash: h, len: 522 },
                         first_leaf: h,

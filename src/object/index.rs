@@ -1,4 +1,4 @@
-//! File-index objects: the leaf (block) hashes of one file.
+//! File-index objects: the leaf hashes of one file, the [`ObjectHash`] of each of its blocks.
 //!
 //! Encoding (version 1): `"LCFI" 1 | kind u8 | count u32 | hash[32] * count`. Kind 0 lists leaf
 //! hashes, at most [`LEAVES_PER_PAGE`] of them. A file with more blocks than one page holds has a
@@ -7,8 +7,7 @@
 //! size, so every page's length is known before it is fetched.
 
 use super::codec::{Reader, Writer};
-use super::{object_ref, ObjectError, ObjectRef};
-use lcfs_cache::Hash;
+use super::{object_ref, ObjectError, ObjectHash, ObjectRef};
 
 const MAGIC: &[u8; 4] = b"LCFI";
 const VERSION: u8 = 1;
@@ -19,8 +18,8 @@ const MAX_PAGES: usize = 1 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FileIndex {
-    Leaves(Vec<Hash>),
-    Pages(Vec<Hash>),
+    Leaves(Vec<ObjectHash>),
+    Pages(Vec<ObjectHash>),
 }
 
 impl FileIndex {
@@ -33,7 +32,7 @@ impl FileIndex {
         w.u8(kind);
         w.u32(hashes.len() as u32);
         for h in hashes {
-            w.hash(h);
+            w.hash(h.as_bytes());
         }
         w.buf
     }
@@ -48,7 +47,9 @@ impl FileIndex {
             _ => return Err(ObjectError::Invalid("unknown file index kind")),
         };
         let n = r.count(32, max)?;
-        let hashes = (0..n).map(|_| r.hash()).collect::<Result<Vec<_>, _>>()?;
+        let hashes = (0..n)
+            .map(|_| r.object_hash())
+            .collect::<Result<Vec<_>, _>>()?;
         r.finish()?;
         Ok(match kind {
             0 => FileIndex::Leaves(hashes),
@@ -58,7 +59,7 @@ impl FileIndex {
 
     /// Builds the index objects of a file from its leaves: the top object and, for files of
     /// more than one page, the page encodings it lists.
-    pub fn build(leaves: &[Hash]) -> (Vec<u8>, Vec<Vec<u8>>) {
+    pub fn build(leaves: &[ObjectHash]) -> (Vec<u8>, Vec<Vec<u8>>) {
         if leaves.len() as u64 <= LEAVES_PER_PAGE {
             return (FileIndex::Leaves(leaves.to_vec()).encode(), Vec::new());
         }
@@ -66,7 +67,7 @@ impl FileIndex {
             .chunks(LEAVES_PER_PAGE as usize)
             .map(|c| FileIndex::Leaves(c.to_vec()).encode())
             .collect();
-        let top = FileIndex::Pages(pages.iter().map(|p| blake3::hash(p)).collect());
+        let top = FileIndex::Pages(pages.iter().map(|p| ObjectHash::of(p)).collect());
         (top.encode(), pages)
     }
 }
@@ -103,7 +104,7 @@ impl IndexShape {
             .min(LEAVES_PER_PAGE)
     }
 
-    pub fn page_ref(self, page: u64, hash: Hash) -> ObjectRef {
+    pub fn page_ref(self, page: u64, hash: ObjectHash) -> ObjectRef {
         ObjectRef {
             hash,
             len: (HEADER as u64 + 32 * self.page_leaves(page)) as u32,
@@ -136,8 +137,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn leaves(n: usize) -> Vec<Hash> {
-        (0..n).map(|i| blake3::hash(&i.to_le_bytes())).collect()
+    fn leaves(n: usize) -> Vec<ObjectHash> {
+        (0..n).map(|i| ObjectHash::of(&i.to_le_bytes())).collect()
     }
 
     #[test]

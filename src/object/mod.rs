@@ -9,18 +9,24 @@
 //! Every reference to an object carries the object's length as well as its hash, so a receiver
 //! knows exactly how many bytes to decode before the first packet arrives, and packets need not
 //! carry any size.
+//!
+//! Hashes of different meaning and block indexes have types of their own ([`ids`]): an
+//! [`ObjectHash`] names what is fetched and cached, a [`FileHash`] is a whole file's `b3sum`,
+//! a [`BlockIndex`] is a block's place in its file.
 
 pub mod bundle;
 pub(crate) mod codec;
 pub mod dir;
+pub mod ids;
 pub mod index;
 pub mod root;
 
 pub use dir::{Content, Directory, Entry, EntryKind, FileRef, Timestamp};
+pub use ids::{BlockIndex, FileHash, ObjectHash};
 pub use index::{FileIndex, LEAVES_PER_PAGE};
 pub use root::{RootRecord, Signature};
 
-use lcfs_cache::Hash;
+use std::fmt;
 
 /// Files at most this long travel inside their directory entry.
 pub const INLINE_MAX: u64 = 1024;
@@ -30,8 +36,15 @@ pub const DIRECTORY_MAX: usize = 32 << 20;
 /// A reference to a content-addressed object: its hash and its exact encoded length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ObjectRef {
-    pub hash: Hash,
+    pub hash: ObjectHash,
     pub len: u32,
+}
+
+/// How logs and errors name an object: `0123456789abcdef (65536 bytes)`.
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({} bytes)", self.hash.short(), self.len)
+    }
 }
 
 /// Block size of a channel: a power of two from 16 KiB to 4 MiB.
@@ -72,13 +85,28 @@ impl BlockSize {
     }
 
     /// Length of block `index` of a file of `size` bytes.
-    pub fn block_len(self, size: u64, index: u64) -> u32 {
-        let start = index.saturating_mul(self.bytes());
+    pub fn block_len(self, size: u64, index: BlockIndex) -> u32 {
+        let start = self.offset_of(index);
         size.saturating_sub(start).min(self.bytes()) as u32
+    }
+
+    /// The byte offset at which block `index` starts.
+    pub fn offset_of(self, index: BlockIndex) -> u64 {
+        index.0.saturating_mul(self.bytes())
+    }
+
+    /// The block that holds byte `offset`.
+    pub fn block_at(self, offset: u64) -> BlockIndex {
+        BlockIndex(offset >> self.0)
+    }
+
+    /// The blocks of a file of `size` bytes, in order.
+    pub fn blocks_of(self, size: u64) -> impl Iterator<Item = BlockIndex> {
+        (0..self.blocks_in(size)).map(BlockIndex)
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ObjectError {
     #[error("encoding truncated: needed {needed} more bytes at offset {offset}")]
     Truncated { offset: usize, needed: usize },
@@ -91,13 +119,13 @@ pub enum ObjectError {
     #[error("{0} trailing bytes after the encoding")]
     Trailing(usize),
     #[error("object {0} does not match its reference")]
-    Mismatch(Hash),
+    Mismatch(ObjectHash),
 }
 
 /// Hash of an encoding, the name of a directory or file-index object.
 pub fn object_ref(encoding: &[u8]) -> ObjectRef {
     ObjectRef {
-        hash: blake3::hash(encoding),
+        hash: ObjectHash::of(encoding),
         len: encoding.len() as u32,
     }
 }

@@ -61,7 +61,7 @@ impl RootRecord {
         w.bytes(&self.channel_id);
         w.u64(self.generation);
         w.u64(self.publish_time_ns);
-        w.hash(&self.root.hash);
+        w.hash(self.root.hash.as_bytes());
         w.u32(self.root.len);
         if let Some((signed_at, expires, key)) = signed {
             w.u64(signed_at);
@@ -136,7 +136,7 @@ impl RootRecord {
         let generation = r.u64()?;
         let publish_time_ns = r.u64()?;
         let root = ObjectRef {
-            hash: r.hash()?,
+            hash: r.object_hash()?,
             len: r.u32()?,
         };
         let signature = if flags & FLAG_SIGNED != 0 {
@@ -165,6 +165,7 @@ impl RootRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::object::ObjectHash;
     use proptest::prelude::*;
 
     fn sample() -> RootRecord {
@@ -173,7 +174,7 @@ mod tests {
             generation: 3,
             publish_time_ns: 1_700_000_000_000_000_000,
             root: ObjectRef {
-                hash: blake3::hash(b"r"),
+                hash: ObjectHash::of(b"r"),
                 len: 99,
             },
             block_size: BlockSize::DEFAULT,

@@ -47,16 +47,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-use lcfs_cache::Hash;
 use rayon::prelude::*;
 
-use super::leafcache::{Body, FileHash, LeafCache};
+use super::leafcache::{Body, HashedFile, LeafCache};
 use crate::object::bundle::bundles;
 use crate::object::dir::{valid_name, DirMeta, MAX_NLINK};
 use crate::object::index::index_ref;
 use crate::object::{
-    object_ref, BlockSize, Content, Directory, Entry, EntryKind, FileIndex, FileRef, ObjectRef,
-    Timestamp, DIRECTORY_MAX, LEAVES_PER_PAGE,
+    object_ref, BlockSize, Content, Directory, Entry, EntryKind, FileIndex, FileRef, ObjectHash,
+    ObjectRef, Timestamp, DIRECTORY_MAX, LEAVES_PER_PAGE,
 };
 pub use beneath::Tree;
 use beneath::{Attrs, Kind};
@@ -128,7 +127,7 @@ pub struct Published {
     /// The tree walked: file sources are relative to it, and are read again through it.
     pub tree: Arc<Tree>,
     /// Every object by hash, with its length and where its bytes are.
-    pub objects: HashMap<Hash, (u32, Source)>,
+    pub objects: HashMap<ObjectHash, (u32, Source)>,
     /// Regular files published.
     pub files: u64,
     /// Directory objects built, the root included.
@@ -218,7 +217,11 @@ pub fn index_tree(tree: &Arc<Tree>, config: &IndexConfig) -> Result<Published, I
 /// Memory sources were encoded by the indexer and are returned as they are; a file that is
 /// gone, shorter, different, no longer a regular file, or reachable only through a symlink
 /// gives [`IndexError::Changed`]. Nothing outside `tree` is opened (see [`Tree::open_file`]).
-pub fn read_block(tree: &Tree, source: &Source, expected: &Hash) -> Result<Arc<[u8]>, IndexError> {
+pub fn read_block(
+    tree: &Tree,
+    source: &Source,
+    expected: &ObjectHash,
+) -> Result<Arc<[u8]>, IndexError> {
     let (rel, offset, len) = match source {
         Source::Memory(bytes) => return Ok(bytes.clone()),
         // Read member by member by `Table::load`, which knows the members' sources.
@@ -243,7 +246,7 @@ pub fn read_block(tree: &Tree, source: &Source, expected: &Hash) -> Result<Arc<[
     match read {
         Err(e) if replaced(&e) => Err(changed()),
         Err(e) => Err(IndexError::io(&tree.display(rel))(e)),
-        Ok(()) if blake3::hash(&buf) != *expected => Err(changed()),
+        Ok(()) if ObjectHash::of(&buf) != *expected => Err(changed()),
         Ok(()) => Ok(buf.into()),
     }
 }
@@ -263,7 +266,7 @@ struct Walker {
     block_size: BlockSize,
     cache: Option<LeafCache>,
     ignore: Arc<IgnoreRules>,
-    objects: Mutex<HashMap<Hash, (u32, Source)>>,
+    objects: Mutex<HashMap<ObjectHash, (u32, Source)>>,
     skipped: Mutex<Vec<(PathBuf, String)>>,
     /// Files whose results are in the leaf cache now.
     seen: Mutex<HashSet<PathBuf>>,
@@ -521,7 +524,7 @@ impl Walker {
         dir: BorrowedFd,
         path: &Path,
         name: &CStr,
-    ) -> Result<(Attrs, FileHash), IndexError> {
+    ) -> Result<(Attrs, HashedFile), IndexError> {
         let file = beneath::open_file_at(dir, name).map_err(IndexError::io(path))?;
         for _ in 0..READ_ATTEMPTS {
             let before = beneath::stat_fd(&file).map_err(IndexError::io(path))?;
@@ -572,7 +575,7 @@ impl Walker {
     }
 
     /// Adds the block and index objects of a file and returns what its entry holds.
-    fn add_file(&self, rel: &Path, attrs: &Attrs, hash: FileHash) -> FileRef {
+    fn add_file(&self, rel: &Path, attrs: &Attrs, hash: HashedFile) -> FileRef {
         let size = attrs.size;
         let content = match hash.body {
             Body::Inline(bytes) => Content::Inline(bytes),
@@ -601,13 +604,13 @@ impl Walker {
         }
     }
 
-    fn add_blocks(&self, rel: &Path, attrs: &Attrs, leaves: &[Hash]) {
+    fn add_blocks(&self, rel: &Path, attrs: &Attrs, leaves: &[ObjectHash]) {
         let (bs, size, mtime) = (self.block_size, attrs.size, attrs.mtime);
         let shared: Arc<Path> = Arc::from(rel);
         let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
-        for (i, leaf) in (0u64..).zip(leaves) {
+        for (i, leaf) in bs.blocks_of(size).zip(leaves) {
             objects.entry(*leaf).or_insert_with(|| {
-                let (offset, len) = (i * bs.bytes(), bs.block_len(size, i));
+                let (offset, len) = (bs.offset_of(i), bs.block_len(size, i));
                 let path = shared.clone();
                 (
                     len,

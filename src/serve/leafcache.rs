@@ -26,10 +26,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use lcfs_cache::Hash;
-
 use crate::object::codec::{Reader, Writer};
-use crate::object::{BlockSize, ObjectError, Timestamp, INLINE_MAX};
+use crate::object::{BlockSize, FileHash, ObjectError, ObjectHash, Timestamp, INLINE_MAX};
 
 const MAGIC: &[u8; 4] = b"LCLC";
 const VERSION: u8 = 1;
@@ -52,8 +50,8 @@ pub(crate) struct FileStamp {
 
 /// The result of reading a file: its whole-file BLAKE3 and its leaves or inline bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct FileHash {
-    pub b3: Hash,
+pub(crate) struct HashedFile {
+    pub b3: FileHash,
     pub body: Body,
 }
 
@@ -62,7 +60,7 @@ pub(crate) enum Body {
     /// The whole file, for files of at most [`INLINE_MAX`] bytes.
     Inline(Vec<u8>),
     /// One leaf per block, for larger files.
-    Leaves(Vec<Hash>),
+    Leaves(Vec<ObjectHash>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +141,7 @@ impl LeafCache {
     }
 
     /// The stored result for `path`, if it was stored for this very file version and block size.
-    pub fn get(&self, path: &Path, stamp: &FileStamp, block_size: BlockSize) -> Option<FileHash> {
+    pub fn get(&self, path: &Path, stamp: &FileStamp, block_size: BlockSize) -> Option<HashedFile> {
         let value = match self.db.get(path.as_os_str().as_bytes()) {
             Ok(v) => v?,
             Err(e) => {
@@ -165,7 +163,7 @@ impl LeafCache {
     }
 
     /// Stores the result of reading `path`, replacing whatever was stored for it.
-    pub fn put(&self, path: &Path, stamp: &FileStamp, block_size: BlockSize, hash: &FileHash) {
+    pub fn put(&self, path: &Path, stamp: &FileStamp, block_size: BlockSize, hash: &HashedFile) {
         let value = encode(stamp, block_size, hash);
         if let Err(e) = self.db.insert(path.as_os_str().as_bytes(), value) {
             tracing::warn!(
@@ -201,7 +199,7 @@ impl LeafCache {
     }
 }
 
-fn encode(stamp: &FileStamp, block_size: BlockSize, hash: &FileHash) -> Vec<u8> {
+fn encode(stamp: &FileStamp, block_size: BlockSize, hash: &HashedFile) -> Vec<u8> {
     let mut w = Writer::header(MAGIC, VERSION);
     w.u64(stamp.size);
     for t in [stamp.mtime, stamp.ctime] {
@@ -211,7 +209,7 @@ fn encode(stamp: &FileStamp, block_size: BlockSize, hash: &FileHash) -> Vec<u8> 
     w.u64(stamp.ino);
     w.u64(stamp.dev);
     w.u8(block_size.log2());
-    w.hash(&hash.b3);
+    w.hash(hash.b3.as_bytes());
     match &hash.body {
         Body::Inline(bytes) => {
             w.u8(0);
@@ -220,13 +218,13 @@ fn encode(stamp: &FileStamp, block_size: BlockSize, hash: &FileHash) -> Vec<u8> 
         Body::Leaves(leaves) => {
             w.u8(1);
             w.u32(leaves.len() as u32);
-            leaves.iter().for_each(|h| w.hash(h));
+            leaves.iter().for_each(|h| w.hash(h.as_bytes()));
         }
     }
     w.buf
 }
 
-fn decode(buf: &[u8]) -> Result<(FileStamp, BlockSize, FileHash), ObjectError> {
+fn decode(buf: &[u8]) -> Result<(FileStamp, BlockSize, HashedFile), ObjectError> {
     let mut r = Reader::new(buf);
     r.header(MAGIC, "leaf cache entry", VERSION)?;
     let size = r.u64()?;
@@ -240,7 +238,7 @@ fn decode(buf: &[u8]) -> Result<(FileStamp, BlockSize, FileHash), ObjectError> {
     };
     let (ino, dev) = (r.u64()?, r.u64()?);
     let block_size = BlockSize::from_log2(r.u8()?)?;
-    let b3 = r.hash()?;
+    let b3 = r.file_hash()?;
     let body = decode_body(&mut r, size, block_size)?;
     r.finish()?;
     let stamp = FileStamp {
@@ -250,7 +248,7 @@ fn decode(buf: &[u8]) -> Result<(FileStamp, BlockSize, FileHash), ObjectError> {
         ino,
         dev,
     };
-    Ok((stamp, block_size, FileHash { b3, body }))
+    Ok((stamp, block_size, HashedFile { b3, body }))
 }
 
 /// The body of an entry for a file of `size` bytes: inline bytes or exactly its leaves.
@@ -263,7 +261,7 @@ fn decode_body(r: &mut Reader, size: u64, block_size: BlockSize) -> Result<Body,
             if n as u64 != blocks {
                 return Err(ObjectError::Invalid("leaf count does not fit the size"));
             }
-            Body::Leaves((0..n).map(|_| r.hash()).collect::<Result<_, _>>()?)
+            Body::Leaves((0..n).map(|_| r.object_hash()).collect::<Result<_, _>>()?)
         }
         _ => return Err(ObjectError::Invalid("body does not fit the size")),
     })
@@ -287,11 +285,11 @@ mod tests {
         }
     }
 
-    fn leaves(size: u64) -> FileHash {
+    fn leaves(size: u64) -> HashedFile {
         let n = BlockSize::DEFAULT.blocks_in(size);
-        let leaves = (0..n).map(|i| blake3::hash(&i.to_le_bytes())).collect();
-        FileHash {
-            b3: blake3::hash(b"b3"),
+        let leaves = (0..n).map(|i| ObjectHash::of(&i.to_le_bytes())).collect();
+        HashedFile {
+            b3: FileHash::of(b"b3"),
             body: Body::Leaves(leaves),
         }
     }
@@ -311,8 +309,8 @@ mod tests {
             cache.get(path, &stamp(200_000), BlockSize::from_log2(14).unwrap()),
             None
         );
-        let small = FileHash {
-            b3: blake3::hash(b"hi"),
+        let small = HashedFile {
+            b3: FileHash::of(b"hi"),
             body: Body::Inline(b"hi".to_vec()),
         };
         cache.put(path, &stamp(2), bs, &small);

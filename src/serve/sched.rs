@@ -81,7 +81,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use lcfs_cache::Hash;
+use crate::fec::Esi;
+use crate::object::ObjectHash;
 
 /// What to send next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,8 +91,8 @@ pub enum Transmit {
     /// A beacon of the bulk queue's head ([`Scheduler::on_air`]).
     Air,
     Symbol {
-        hash: Hash,
-        esi: u32,
+        hash: ObjectHash,
+        esi: Esi,
     },
 }
 
@@ -246,20 +247,20 @@ pub struct SchedStats {
 pub struct Scheduler {
     config: SchedConfig,
     stats: SchedStats,
-    seen: std::collections::HashSet<Hash>,
-    urgent: VecDeque<Hash>,
-    bulk: VecDeque<Hash>,
-    active: HashMap<Hash, Active>,
+    seen: std::collections::HashSet<ObjectHash>,
+    urgent: VecDeque<ObjectHash>,
+    bulk: VecDeque<ObjectHash>,
+    active: HashMap<ObjectHash, Active>,
     /// Objects between rounds, by when they resume (and a sequence number, for order).
-    cooling: BTreeMap<(Instant, u64), Hash>,
+    cooling: BTreeMap<(Instant, u64), ObjectHash>,
     cooling_seq: u64,
     /// Urgent symbols sent while a bulk round waited.
     bulk_waited: u32,
     /// A bulk round goes first until it ends: the bulk queue waited `bulk_patience`.
     bulk_turn: bool,
-    cursors: HashMap<Hash, u32>,
+    cursors: HashMap<ObjectHash, Esi>,
     /// When objects that have a cursor last lost their listeners.
-    idle_since: HashMap<Hash, Instant>,
+    idle_since: HashMap<ObjectHash, Instant>,
     margin: Margin,
     root_active: bool,
     next_root: Option<Instant>,
@@ -292,7 +293,7 @@ impl Scheduler {
 
     /// An object's group gained its first listener; `k` is its number of source symbols and
     /// `urgent` marks metadata.
-    pub fn handle_active(&mut self, hash: Hash, k: u32, urgent: bool) {
+    pub fn handle_active(&mut self, hash: ObjectHash, k: u32, urgent: bool) {
         if let Some(a) = self.active.get_mut(&hash) {
             if a.leaving.take().is_some() {
                 self.resume(hash);
@@ -328,12 +329,12 @@ impl Scheduler {
         } else {
             self.bulk.push_back(hash);
         }
-        self.cursors.entry(hash).or_insert(0);
+        self.cursors.entry(hash).or_default();
     }
 
     /// The last listener of an object said it left; the tracker checks whether others still
     /// listen. The object pauses where it is.
-    pub fn handle_leaving(&mut self, now: Instant, hash: &Hash) {
+    pub fn handle_leaving(&mut self, now: Instant, hash: &ObjectHash) {
         let Some(a) = self.active.get_mut(hash) else {
             return;
         };
@@ -349,7 +350,7 @@ impl Scheduler {
     }
 
     /// A paused object whose listener answered: the rest of its round, or its next round.
-    fn resume(&mut self, hash: Hash) {
+    fn resume(&mut self, hash: ObjectHash) {
         let Some(a) = self.active.get_mut(&hash) else {
             return;
         };
@@ -365,7 +366,7 @@ impl Scheduler {
     }
 
     /// Takes `hash` out of every queue.
-    fn withdraw(&mut self, hash: &Hash) {
+    fn withdraw(&mut self, hash: &ObjectHash) {
         self.urgent.retain(|h| h != hash);
         self.bulk.retain(|h| h != hash);
         self.cooling.retain(|_, h| h != hash);
@@ -383,7 +384,7 @@ impl Scheduler {
         }
     }
 
-    pub fn handle_inactive(&mut self, now: Instant, hash: &Hash) {
+    pub fn handle_inactive(&mut self, now: Instant, hash: &ObjectHash) {
         let Some(a) = self.active.remove(hash) else {
             return;
         };
@@ -413,12 +414,12 @@ impl Scheduler {
     }
 
     /// The first `n` objects of the bulk queue: what goes out next, soonest first.
-    pub fn on_air(&self, n: usize) -> Vec<Hash> {
+    pub fn on_air(&self, n: usize) -> Vec<ObjectHash> {
         self.bulk.iter().take(n).copied().collect()
     }
 
     /// Restarts an object's symbols at zero (after its bytes were found to have changed).
-    pub fn forget(&mut self, now: Instant, hash: &Hash) {
+    pub fn forget(&mut self, now: Instant, hash: &ObjectHash) {
         self.handle_inactive(now, hash);
         self.cursors.remove(hash);
     }
@@ -480,14 +481,14 @@ impl Scheduler {
             self.cooling.insert((now + pause, self.cooling_seq), hash);
             self.cooling_seq += 1;
         }
-        let cursor = self.cursors.entry(hash).or_insert(0);
+        let cursor = self.cursors.entry(hash).or_default();
         if let Some(t) = a.idle_since.take() {
             if now.saturating_duration_since(t) >= self.config.cursor_reset {
-                *cursor = 0;
+                *cursor = Esi(0);
             }
         }
         let esi = *cursor;
-        *cursor = (*cursor + 1) % crate::fec::ESI_LIMIT;
+        *cursor = cursor.next();
         Some(Transmit::Symbol { hash, esi })
     }
 
@@ -614,8 +615,8 @@ impl Pacer {
 mod tests {
     use super::*;
 
-    fn h(i: u8) -> Hash {
-        blake3::hash(&[i])
+    fn h(i: u8) -> ObjectHash {
+        ObjectHash::of(&[i])
     }
 
     fn now_for_test() -> Instant {
@@ -643,10 +644,19 @@ mod tests {
         s.handle_active(h(1), 100, false);
         let sent = drain(&mut s, now);
         assert_eq!(sent.len(), 200);
-        assert_eq!(sent[2], Transmit::Symbol { hash: h(1), esi: 2 });
+        assert_eq!(
+            sent[2],
+            Transmit::Symbol {
+                hash: h(1),
+                esi: Esi(2)
+            }
+        );
         assert_eq!(
             sent[100],
-            Transmit::Symbol { hash: h(2), esi: 0 },
+            Transmit::Symbol {
+                hash: h(2),
+                esi: Esi(0)
+            },
             "whole rounds, in turn"
         );
     }
@@ -671,13 +681,19 @@ mod tests {
         s.handle_active(h(1), 100, false);
         assert_eq!(
             s.poll_transmit(now),
-            Some(Transmit::Symbol { hash: h(1), esi: 1 })
+            Some(Transmit::Symbol {
+                hash: h(1),
+                esi: Esi(1)
+            })
         );
         s.forget(now, &h(1));
         s.handle_active(h(1), 100, false);
         assert_eq!(
             s.poll_transmit(now),
-            Some(Transmit::Symbol { hash: h(1), esi: 0 })
+            Some(Transmit::Symbol {
+                hash: h(1),
+                esi: Esi(0)
+            })
         );
     }
 
@@ -692,14 +708,20 @@ mod tests {
         let soon = t0 + Duration::from_millis(500);
         assert_eq!(
             s.poll_transmit(soon),
-            Some(Transmit::Symbol { hash: h(1), esi: 4 }),
+            Some(Transmit::Symbol {
+                hash: h(1),
+                esi: Esi(4)
+            }),
             "a quick rejoin gets new symbols"
         );
         s.handle_inactive(soon, &h(1));
         s.handle_active(h(1), 4, false);
         assert_eq!(
             s.poll_transmit(soon + Duration::from_secs(3)),
-            Some(Transmit::Symbol { hash: h(1), esi: 0 }),
+            Some(Transmit::Symbol {
+                hash: h(1),
+                esi: Esi(0)
+            }),
             "after a long idle spell, source symbols again"
         );
     }
@@ -765,7 +787,7 @@ mod tests {
             rest[0],
             Transmit::Symbol {
                 hash: h(1),
-                esi: 20
+                esi: Esi(20)
             }
         );
         // Paused between rounds, it resumes with a later round.
@@ -778,7 +800,7 @@ mod tests {
     }
 
     /// Symbols sent for `hash` in `sent`.
-    fn count(sent: &[Transmit], hash: Hash) -> usize {
+    fn count(sent: &[Transmit], hash: ObjectHash) -> usize {
         sent.iter()
             .filter(|t| matches!(t, Transmit::Symbol { hash: h, .. } if *h == hash))
             .count()
@@ -871,7 +893,10 @@ mod tests {
         s.handle_active(h(9), 3, true);
         assert_eq!(
             s.poll_transmit(t0),
-            Some(Transmit::Symbol { hash: h(9), esi: 0 }),
+            Some(Transmit::Symbol {
+                hash: h(9),
+                esi: Esi(0)
+            }),
             "urgent first"
         );
         let t1 = t0 + SchedConfig::default().cooldown;
@@ -918,7 +943,7 @@ mod tests {
             "it starts at its most"
         );
         for i in 0..200u32 {
-            let hash = blake3::hash(&i.to_le_bytes());
+            let hash = ObjectHash::of(&i.to_le_bytes());
             s.handle_active(hash, 40, false);
             drain(&mut s, now);
             now += SchedConfig::default().cooldown;
@@ -928,7 +953,7 @@ mod tests {
         let lossy = s.margin();
         assert!(lossy > 0.12, "{lossy}");
         for i in 0..2000u32 {
-            let hash = blake3::hash(&(i + 1000).to_le_bytes());
+            let hash = ObjectHash::of(&(i + 1000).to_le_bytes());
             s.handle_active(hash, 40, false);
             drain(&mut s, now);
             s.handle_inactive(now_for_test(), &hash);

@@ -34,8 +34,8 @@ use super::watch::Notice;
 use crate::fec::ObjectEncoder;
 use crate::mld::GroupEvent;
 use crate::net::{send_batch, WIRE_OVERHEAD};
+use crate::object::ObjectHash;
 use carousel::{Carousel, CarouselConfig, Payload, Transmit};
-use lcfs_cache::Hash;
 
 /// The longest wait for events: how soon a shutdown or a new table is noticed when idle.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
@@ -242,7 +242,7 @@ impl SenderLoop {
 /// A block of the current generation that changed on disk means the tree changed: the server
 /// is told, to reindex. One of an older generation is expected to change (its generation was
 /// replaced because files changed) and is only dropped.
-fn report_unloadable(changed: &Sender<Notice>, table: &Table, hash: &Hash, e: &LoadError) {
+fn report_unloadable(changed: &Sender<Notice>, table: &Table, hash: &ObjectHash, e: &LoadError) {
     match e.changed_path() {
         Some(path) if table.is_current(hash) => {
             // Ordinary for a tree being written to: the reindex's `published` line says so.

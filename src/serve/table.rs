@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 
-use lcfs_cache::Hash;
+use crate::object::ObjectHash;
 
 use super::index::{read_block, IndexError, Published, Source, Tree};
 use crate::channel::{Address, Channel};
@@ -57,10 +57,10 @@ pub struct Table {
     pub air: Address,
     /// The generation this table publishes (the root record's).
     pub generation: u64,
-    objects: HashMap<Hash, Object>,
+    objects: HashMap<ObjectHash, Object>,
     /// The tree that file sources are read from again, by descriptor.
     pub tree: Arc<Tree>,
-    by_group: HashMap<Ipv6Addr, Hash>,
+    by_group: HashMap<Ipv6Addr, ObjectHash>,
     /// The replaced generations whose objects are kept, with when each was replaced.
     older: Vec<(u64, Instant)>,
 }
@@ -87,7 +87,7 @@ impl Table {
     /// The table of a first generation.
     pub fn new(channel: Channel, published: Published, record: RootRecord) -> Table {
         let generation = record.generation;
-        let objects: HashMap<Hash, Object> = published
+        let objects: HashMap<ObjectHash, Object> = published
             .objects
             .into_iter()
             .map(|(hash, (len, source))| {
@@ -183,17 +183,17 @@ impl Table {
     }
 
     /// The object whose group is `group`, of this generation or a kept older one.
-    pub fn hash_of(&self, group: &Ipv6Addr) -> Option<Hash> {
+    pub fn hash_of(&self, group: &Ipv6Addr) -> Option<ObjectHash> {
         self.by_group.get(group).copied()
     }
 
     /// Object `hash`, of this generation or a kept older one.
-    pub fn object(&self, hash: &Hash) -> Option<&Object> {
+    pub fn object(&self, hash: &ObjectHash) -> Option<&Object> {
         self.objects.get(hash)
     }
 
     /// Whether the current generation publishes `hash`.
-    pub fn is_current(&self, hash: &Hash) -> bool {
+    pub fn is_current(&self, hash: &ObjectHash) -> bool {
         self.objects
             .get(hash)
             .is_some_and(|o| o.generation == self.generation)
@@ -210,7 +210,7 @@ impl Table {
     }
 
     /// The bytes of object `hash`, re-read and re-verified when they live in a file.
-    pub fn load(&self, hash: &Hash) -> Result<Arc<[u8]>, LoadError> {
+    pub fn load(&self, hash: &ObjectHash) -> Result<Arc<[u8]>, LoadError> {
         match self.objects.get(hash).map(|o| &o.source) {
             None => Err(LoadError::Unknown),
             Some(Source::Memory(bytes)) => Ok(bytes.clone()),
@@ -227,7 +227,10 @@ impl Table {
     }
 }
 
-fn groups(channel: &Channel, objects: &HashMap<Hash, Object>) -> HashMap<Ipv6Addr, Hash> {
+fn groups(
+    channel: &Channel,
+    objects: &HashMap<ObjectHash, Object>,
+) -> HashMap<Ipv6Addr, ObjectHash> {
     objects
         .keys()
         .map(|h| (channel.object_address(h).group, *h))
@@ -265,8 +268,8 @@ mod tests {
     use super::test_record as record;
 
     /// The hash of the only block of a file of `len` bytes of `byte`.
-    fn block(byte: u8, len: usize) -> Hash {
-        blake3::hash(&vec![byte; len])
+    fn block(byte: u8, len: usize) -> ObjectHash {
+        ObjectHash::of(&vec![byte; len])
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::channel::{Channel, Tag};
 use crate::fetch::state::{Claim, Event, FetchState, Requested};
 use crate::fetch::{FetchConfig, FetchStats, Freshness, Priority};
 use crate::net::Envelope;
+use crate::object::ObjectHash;
 
 /// The interface index every simulated host receives on.
 pub const IFINDEX: u32 = 2;
@@ -55,7 +56,7 @@ pub struct SimReceiver {
     asked: HashMap<Tag, Instant>,
     /// Bundle members that completed before the walk asked for them (the cache a real
     /// receiver has): only those, so memory follows what came unasked.
-    kept: HashMap<lcfs_cache::Hash, lcfs_cache::Verified>,
+    kept: HashMap<ObjectHash, lcfs_cache::Verified>,
     server: Ipv6Addr,
     buf: Vec<u8>,
 }
@@ -209,7 +210,7 @@ impl SimReceiver {
                 if let Some(walk) = self.walk.as_mut() {
                     if !walk.handle_completed(tag, &object) {
                         // A bundle's member not asked for yet: what a cache would keep.
-                        self.kept.insert(*object.hash(), object);
+                        self.kept.insert(ObjectHash::of_verified(&object), object);
                     }
                 }
             }

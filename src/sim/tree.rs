@@ -10,12 +10,11 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use lcfs_cache::Hash;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::channel::Channel;
-use crate::object::RootRecord;
+use crate::object::{ObjectHash, RootRecord};
 use crate::serve::index::{index_path, IndexConfig, IndexError, Source};
 use crate::serve::table::Table;
 
@@ -39,7 +38,7 @@ pub struct Published {
     pub table: Arc<Table>,
     /// Every object of the generation, with its length: the data a receiver of the whole
     /// tree verifies.
-    pub objects: HashMap<Hash, u32>,
+    pub objects: HashMap<ObjectHash, u32>,
 }
 
 impl Published {

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use lcfs_cache::{Hash, Verified};
+use lcfs_cache::Verified;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -18,7 +18,9 @@ use crate::channel::Tag;
 use crate::object::bundle::{bundling, Bundling};
 use crate::object::index::IndexShape;
 use crate::object::LEAVES_PER_PAGE;
-use crate::object::{BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef};
+use crate::object::{
+    BlockIndex, BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectHash, ObjectRef,
+};
 
 /// What a receiver fetches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +52,7 @@ pub struct Walk {
     files: Vec<FileRef>,
     chosen: bool,
     /// Every object verified, and their bytes.
-    pub verified: HashSet<Hash>,
+    pub verified: HashSet<ObjectHash>,
     pub bytes: u64,
     /// What failed to decode or did not fit its reference.
     pub invalid: Vec<String>,
@@ -124,7 +126,7 @@ impl Walk {
 
     /// Directly with a verified object (one that a request found completed a moment ago).
     pub fn handle_object(&mut self, object: &Verified, need: Need) {
-        if self.verified.insert(*object.hash()) {
+        if self.verified.insert(ObjectHash::of_verified(object)) {
             self.bytes += object.len() as u64;
         }
         let outcome = match need {
@@ -182,7 +184,7 @@ impl Walk {
         let bs = self.block_size;
         match &f.content {
             Content::Inline(_) => {}
-            Content::Block(h) => self.block(*h, f.size, 0),
+            Content::Block(h) => self.block(*h, f.size, BlockIndex(0)),
             Content::Index { index, .. } => {
                 let shape = IndexShape {
                     blocks: bs.blocks_in(f.size),
@@ -196,7 +198,7 @@ impl Walk {
         }
     }
 
-    fn block(&mut self, hash: Hash, size: u64, index: u64) {
+    fn block(&mut self, hash: ObjectHash, size: u64, index: BlockIndex) {
         let len = self.block_size.block_len(size, index);
         self.ask(ObjectRef { hash, len }, Need::Block);
     }
@@ -231,9 +233,9 @@ impl Walk {
         }
     }
 
-    fn leaves(&mut self, leaves: &[Hash], size: u64, first: u64) {
+    fn leaves(&mut self, leaves: &[ObjectHash], size: u64, first: u64) {
         for (i, h) in leaves.iter().enumerate() {
-            self.block(*h, size, first + i as u64);
+            self.block(*h, size, BlockIndex(first + i as u64));
         }
     }
 }

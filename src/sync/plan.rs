@@ -83,8 +83,8 @@ pub fn plan(
         runs: Vec::new(),
         same_size: dest_size == Some(src_size),
     };
-    for i in 0..bs.blocks_in(src_size) {
-        let offset = i * bs.bytes();
+    for i in bs.blocks_of(src_size) {
+        let offset = bs.offset_of(i);
         let len = u64::from(bs.block_len(src_size, i));
         let held = dest_size.is_some_and(|d| d >= offset + len);
         let from = if held && same(offset, len)? {

@@ -12,11 +12,10 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
 use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
-use lcfs_cache::Hash;
 use rayon::prelude::*;
 
-use crate::object::{BlockSize, INLINE_MAX};
-use crate::serve::leafcache::{Body, FileHash};
+use crate::object::{BlockIndex, BlockSize, FileHash, ObjectHash, INLINE_MAX};
+use crate::serve::leafcache::{Body, HashedFile};
 
 /// Bytes of one big file hashed by one task; the segments of a file are hashed in parallel.
 const SEGMENT_BYTES: u64 = 4 << 20;
@@ -45,25 +44,26 @@ fn with_block<T>(
 
 /// Hashes the first `size` bytes of `file`: inline bytes for small files, else leaves, and
 /// the whole-file BLAKE3. A file shorter than `size` gives `UnexpectedEof`.
-pub(super) fn hash_contents(file: &File, size: u64, bs: BlockSize) -> io::Result<FileHash> {
+pub(super) fn hash_contents(file: &File, size: u64, bs: BlockSize) -> io::Result<HashedFile> {
     if size <= INLINE_MAX {
         let mut bytes = vec![0u8; size as usize];
         file.read_exact_at(&mut bytes, 0)?;
-        return Ok(FileHash {
-            b3: blake3::hash(&bytes),
+        return Ok(HashedFile {
+            b3: FileHash::of(&bytes),
             body: Body::Inline(bytes),
         });
     }
     if size <= bs.bytes() {
-        let leaf = with_block(file, 0, size as usize, blake3::hash)?;
-        return Ok(FileHash {
-            b3: leaf,
+        let leaf = with_block(file, 0, size as usize, ObjectHash::of)?;
+        // The file is its one block: the same bytes, the same hash.
+        return Ok(HashedFile {
+            b3: FileHash::from_bytes(*leaf.as_bytes()),
             body: Body::Leaves(vec![leaf]),
         });
     }
     let blocks = bs.blocks_in(size);
     let per_segment = (SEGMENT_BYTES / bs.bytes()).max(1);
-    let segments: Vec<Vec<(Hash, ChainingValue)>> = (0..blocks.div_ceil(per_segment))
+    let segments: Vec<Vec<(ObjectHash, ChainingValue)>> = (0..blocks.div_ceil(per_segment))
         .into_par_iter()
         .map(|s| {
             hash_segment(
@@ -74,9 +74,10 @@ pub(super) fn hash_contents(file: &File, size: u64, bs: BlockSize) -> io::Result
             )
         })
         .collect::<io::Result<_>>()?;
-    let (leaves, cvs): (Vec<Hash>, Vec<ChainingValue>) = segments.into_iter().flatten().unzip();
+    let (leaves, cvs): (Vec<ObjectHash>, Vec<ChainingValue>) =
+        segments.into_iter().flatten().unzip();
     let b3 = whole_file_hash(&cvs, size, bs.bytes());
-    Ok(FileHash {
+    Ok(HashedFile {
         b3,
         body: Body::Leaves(leaves),
     })
@@ -88,14 +89,15 @@ fn hash_segment(
     size: u64,
     bs: BlockSize,
     blocks: Range<u64>,
-) -> io::Result<Vec<(Hash, ChainingValue)>> {
+) -> io::Result<Vec<(ObjectHash, ChainingValue)>> {
     blocks
         .map(|i| {
-            let offset = i * bs.bytes();
+            let i = BlockIndex(i);
+            let offset = bs.offset_of(i);
             with_block(file, offset, bs.block_len(size, i) as usize, |block| {
                 let mut subtree = blake3::Hasher::new();
                 subtree.set_input_offset(offset).update(block);
-                (blake3::hash(block), subtree.finalize_non_root())
+                (ObjectHash::of(block), subtree.finalize_non_root())
             })
         })
         .collect()
@@ -105,14 +107,14 @@ fn hash_segment(
 /// of its blocks, merged in BLAKE3's tree shape: a node of `len` bytes has a left subtree of
 /// `left_subtree_len(len)` bytes, which for `len` above one block is a power-of-two multiple of
 /// the block size, so every split falls between blocks.
-fn whole_file_hash(cvs: &[ChainingValue], size: u64, block: u64) -> Hash {
+fn whole_file_hash(cvs: &[ChainingValue], size: u64, block: u64) -> FileHash {
     let left = hazmat::left_subtree_len(size);
     let n = (left / block) as usize;
     let (l, r) = (
         subtree(&cvs[..n], left, block),
         subtree(&cvs[n..], size - left, block),
     );
-    hazmat::merge_subtrees_root(&l, &r, Mode::Hash)
+    hazmat::merge_subtrees_root(&l, &r, Mode::Hash).into()
 }
 
 fn subtree(cvs: &[ChainingValue], len: u64, block: u64) -> ChainingValue {
@@ -156,8 +158,8 @@ mod tests {
                 BlockSize::from_bytes(BS).unwrap(),
             )
             .unwrap();
-            assert_eq!(hash.b3, blake3::hash(&bytes), "size {size}");
-            let leaves: Vec<Hash> = bytes.chunks(BS as usize).map(blake3::hash).collect();
+            assert_eq!(hash.b3, FileHash::of(&bytes), "size {size}");
+            let leaves: Vec<ObjectHash> = bytes.chunks(BS as usize).map(ObjectHash::of).collect();
             assert_eq!(hash.body, Body::Leaves(leaves));
         }
         let short = hash_contents(

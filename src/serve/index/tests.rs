@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::object::index::IndexShape;
-use crate::object::INLINE_MAX;
+use crate::object::{FileHash, INLINE_MAX};
 use std::fs::{self, File, Metadata};
 use std::io::Write;
 use std::os::unix::ffi::OsStringExt;
@@ -75,10 +75,10 @@ fn build_tree(root: &Path) {
 }
 
 /// The bytes of object `hash`, checked against its hash and recorded length.
-fn load(p: &Published, hash: &Hash) -> Vec<u8> {
+fn load(p: &Published, hash: &ObjectHash) -> Vec<u8> {
     let (len, source) = &p.objects[hash];
     let bytes = read_block(&p.tree, source, hash).unwrap();
-    assert_eq!(blake3::hash(&bytes), *hash);
+    assert_eq!(ObjectHash::of(&bytes), *hash);
     assert_eq!(bytes.len(), *len as usize);
     bytes.to_vec()
 }
@@ -115,7 +115,7 @@ fn file_bytes(p: &Published, f: &FileRef) -> Vec<u8> {
     leaves.iter().flat_map(|h| load(p, h)).collect()
 }
 
-fn page(p: &Published, hash: &Hash) -> Vec<Hash> {
+fn page(p: &Published, hash: &ObjectHash) -> Vec<ObjectHash> {
     match FileIndex::decode(&load(p, hash)).unwrap() {
         FileIndex::Leaves(leaves) => leaves,
         FileIndex::Pages(_) => panic!("page of pages"),
@@ -149,7 +149,7 @@ fn check_entry(p: &Published, entry: &Entry, path: &Path) {
         EntryKind::File(f) => {
             let bytes = fs::read(path).unwrap();
             assert_eq!(f.size, bytes.len() as u64);
-            assert_eq!(f.b3, blake3::hash(&bytes), "{}", path.display());
+            assert_eq!(f.b3, FileHash::of(&bytes), "{}", path.display());
             assert_eq!(file_bytes(p, f), bytes, "{}", path.display());
         }
     }
@@ -332,7 +332,7 @@ fn vanished_and_unreadable_entries_are_skipped() {
     assert!(gone.is_none());
     let p = walker.finish(
         ObjectRef {
-            hash: blake3::hash(b""),
+            hash: ObjectHash::of(b""),
             len: 0,
         },
         false,
@@ -414,7 +414,7 @@ fn oversized_directory_is_an_error() {
     );
     let file = FileRef {
         size: 0,
-        b3: blake3::hash(b""),
+        b3: FileHash::of(b""),
         content: Content::Inline(vec![]),
     };
     let entries = (0..DIRECTORY_MAX / 250)
@@ -475,18 +475,18 @@ const SECRET: &[u8] = b"TOP-SECRET outside the tree";
 
 /// Writes the secrets into `outside`: one inlined, one of a block, one a level deeper.
 /// Returns every hash that reading any of them would publish (leaves and whole-file BLAKE3).
-fn write_secrets(outside: &Path) -> Vec<Hash> {
+fn write_secrets(outside: &Path) -> Vec<ObjectHash> {
     let block: Vec<u8> = SECRET.iter().copied().cycle().take(BS as usize).collect();
     fs::create_dir_all(outside.join("deeper")).unwrap();
     write(&outside.join("small"), SECRET, 0o600);
     write(&outside.join("block"), &block, 0o600);
     write(&outside.join("deeper/small"), SECRET, 0o600);
-    vec![blake3::hash(SECRET), blake3::hash(&block)]
+    vec![ObjectHash::of(SECRET), ObjectHash::of(&block)]
 }
 
 /// Panics if any object of `p` holds a secret's bytes or hashes, or a block source names a
 /// path that is not plain names below the tree.
-fn assert_nothing_from_outside(p: &Published, forbidden: &[Hash]) {
+fn assert_nothing_from_outside(p: &Published, forbidden: &[ObjectHash]) {
     let holds = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
     for (hash, (_, source)) in &p.objects {
         assert!(!forbidden.contains(hash), "a secret's block is published");
@@ -668,7 +668,7 @@ fn fifos_sockets_and_devices_are_never_read() {
 // ------------------------------------------------------------ .lcfsignore (issue 10)
 
 /// The names in directory object `dir`.
-fn names(p: &Published, dir: &Hash) -> Vec<String> {
+fn names(p: &Published, dir: &ObjectHash) -> Vec<String> {
     let decoded = Directory::decode(&load(p, dir)).unwrap();
     decoded
         .entries
@@ -678,7 +678,7 @@ fn names(p: &Published, dir: &Hash) -> Vec<String> {
 }
 
 /// The object of subdirectory `name` of directory object `dir`.
-fn subdir(p: &Published, dir: &Hash, name: &str) -> Hash {
+fn subdir(p: &Published, dir: &ObjectHash, name: &str) -> ObjectHash {
     let decoded = Directory::decode(&load(p, dir)).unwrap();
     let entry = decoded.entries.iter().find(|e| e.name == name.as_bytes());
     match entry.map(|e| &e.kind) {
@@ -761,7 +761,7 @@ fn an_unusable_ignore_file_stops_the_index() {
 }
 
 /// Every object a published directory names, recursively, is in `p.objects`.
-fn assert_complete(p: &Published, dir: &Hash) {
+fn assert_complete(p: &Published, dir: &ObjectHash) {
     assert!(p.objects.contains_key(dir), "directory object missing");
     let decoded = Directory::decode(&load(p, dir)).unwrap();
     for entry in &decoded.entries {

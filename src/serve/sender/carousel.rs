@@ -33,11 +33,11 @@ use std::net::Ipv6Addr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use lcfs_cache::Hash;
+use crate::object::ObjectHash;
 
 use super::encoders::Encoders;
 use crate::channel::{Address, SealKeys, Tag};
-use crate::fec::{symbol_size_for_object, ObjectEncoder};
+use crate::fec::{symbol_size_for_object, Esi, ObjectEncoder};
 use crate::mld::GroupEvent;
 use crate::net::WIRE_OVERHEAD;
 use crate::packet;
@@ -81,7 +81,7 @@ impl Default for CarouselConfig {
 /// whether its last listener said it left (then nothing starts on it until one answers).
 #[derive(Clone, Copy, Debug)]
 struct Listened {
-    hash: Option<Hash>,
+    hash: Option<ObjectHash>,
     leaving: bool,
 }
 
@@ -97,7 +97,7 @@ struct Route {
 /// symbols of `symbol_size` bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Load {
-    pub hash: Hash,
+    pub hash: ObjectHash,
     pub symbol_size: usize,
 }
 
@@ -115,8 +115,8 @@ pub enum Payload {
     /// A beacon: the tags of the objects about to be sent, soonest first.
     Air(Vec<Tag>),
     Symbol {
-        hash: Hash,
-        esi: u32,
+        hash: ObjectHash,
+        esi: Esi,
         encoder: Arc<ObjectEncoder>,
     },
 }
@@ -142,16 +142,16 @@ pub struct Carousel {
     listened: HashMap<Ipv6Addr, Listened>,
     unrouted: usize,
     /// Objects routed on: exactly those the scheduler may send.
-    routes: HashMap<Hash, Route>,
+    routes: HashMap<ObjectHash, Route>,
     sched: Scheduler,
     pacer: Pacer,
     /// Wire bytes handed out and not yet reported sent.
     reserved: usize,
     encoders: Encoders,
     /// A symbol the scheduler chose whose encoder is not at hand.
-    waiting: Option<(Hash, u32)>,
+    waiting: Option<(ObjectHash, Esi)>,
     /// Objects of this table that could not be loaded: never routed on again while it lasts.
-    unloadable: HashSet<Hash>,
+    unloadable: HashSet<ObjectHash>,
     /// The latest time the state was given.
     clock: Instant,
 }
@@ -237,7 +237,7 @@ impl Carousel {
 
     /// Notes `group` as listened (and no longer leaving unless `leaving`), naming `hash`;
     /// false when it cannot be, as too many unrouted groups are remembered already.
-    fn remember(&mut self, group: Ipv6Addr, hash: Option<Hash>, leaving: bool) -> bool {
+    fn remember(&mut self, group: Ipv6Addr, hash: Option<ObjectHash>, leaving: bool) -> bool {
         if let Some(listened) = self.listened.get_mut(&group) {
             listened.leaving = leaving;
             return true;
@@ -265,7 +265,7 @@ impl Carousel {
     }
 
     /// Starts (or resumes) sending `hash`, unless it cannot be sent.
-    fn route_on(&mut self, hash: Hash) {
+    fn route_on(&mut self, hash: ObjectHash) {
         if self.unloadable.contains(&hash) {
             return;
         }
@@ -279,7 +279,7 @@ impl Carousel {
         self.sched.handle_active(hash, route.k, self.urgent(&hash));
     }
 
-    fn route_off(&mut self, now: Instant, hash: &Hash) {
+    fn route_off(&mut self, now: Instant, hash: &ObjectHash) {
         self.sched.handle_inactive(now, hash);
         self.routes.remove(hash);
         self.unwait(hash);
@@ -287,7 +287,7 @@ impl Carousel {
 
     /// Where `hash` goes and its K, from its length and the symbol size it is sent with;
     /// None for an object that cannot be coded (empty, or a link too small for a symbol).
-    fn route_of(&self, hash: &Hash) -> Option<Route> {
+    fn route_of(&self, hash: &ObjectHash) -> Option<Route> {
         let len = u64::from(self.table.object(hash)?.len);
         let sealed = self.table.channel.seal().is_some();
         let link = packet::symbol_size_for(self.config.max_payload, sealed);
@@ -304,14 +304,14 @@ impl Carousel {
 
     /// Metadata (kept in memory: directories, file indexes) is urgent: receivers walk it
     /// before they can ask for blocks.
-    fn urgent(&self, hash: &Hash) -> bool {
+    fn urgent(&self, hash: &ObjectHash) -> bool {
         matches!(
             self.table.object(hash).map(|o| &o.source),
             Some(Source::Memory(_))
         )
     }
 
-    fn unwait(&mut self, hash: &Hash) {
+    fn unwait(&mut self, hash: &ObjectHash) {
         if self.waiting.is_some_and(|(h, _)| h == *hash) {
             self.waiting = None;
         }
@@ -347,7 +347,7 @@ impl Carousel {
     }
 
     /// `encoder` of `hash`, built by the shell after [`Carousel::poll_load`].
-    pub fn handle_encoder(&mut self, now: Instant, hash: Hash, encoder: ObjectEncoder) {
+    pub fn handle_encoder(&mut self, now: Instant, hash: ObjectHash, encoder: ObjectEncoder) {
         self.tick(now);
         let Some(route) = self.routes.get(&hash) else {
             return; // no longer sent: nothing to keep it for
@@ -361,13 +361,13 @@ impl Carousel {
 
     /// `hash` could not be loaded (its file changed or is gone): it is not sent again while
     /// this table lasts. The shell reports it; it is never asked for it again.
-    pub fn handle_unloadable(&mut self, now: Instant, hash: Hash) {
+    pub fn handle_unloadable(&mut self, now: Instant, hash: ObjectHash) {
         self.tick(now);
         self.drop_object(now, &hash);
         self.unloadable.insert(hash);
     }
 
-    fn drop_object(&mut self, now: Instant, hash: &Hash) {
+    fn drop_object(&mut self, now: Instant, hash: &ObjectHash) {
         self.sched.forget(now, hash);
         self.routes.remove(hash);
         self.encoders.remove(hash);
@@ -444,7 +444,7 @@ impl Carousel {
     }
 
     /// The waiting symbol, if its encoder is at hand.
-    fn symbol(&mut self, hash: Hash, esi: u32) -> Option<Transmit> {
+    fn symbol(&mut self, hash: ObjectHash, esi: Esi) -> Option<Transmit> {
         let Some(route) = self.routes.get(&hash).copied() else {
             // Scheduled but not routed: cannot happen, and must not send (or loop) if it did.
             self.waiting = None;

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use lcfs_cache::Hash;
+use crate::object::ObjectHash;
 use lru::LruCache;
 
 use crate::fec::ObjectEncoder;
@@ -25,7 +25,7 @@ pub fn footprint(e: &ObjectEncoder) -> usize {
 }
 
 pub struct Encoders {
-    lru: LruCache<Hash, Arc<ObjectEncoder>>,
+    lru: LruCache<ObjectHash, Arc<ObjectEncoder>>,
     bytes: usize,
     max: usize,
 }
@@ -41,17 +41,17 @@ impl Encoders {
     }
 
     /// The encoder of `hash`, now the most recently used.
-    pub fn get(&mut self, hash: &Hash) -> Option<Arc<ObjectEncoder>> {
+    pub fn get(&mut self, hash: &ObjectHash) -> Option<Arc<ObjectEncoder>> {
         self.lru.get(hash).cloned()
     }
 
-    pub fn contains(&self, hash: &Hash) -> bool {
+    pub fn contains(&self, hash: &ObjectHash) -> bool {
         self.lru.contains(hash)
     }
 
     /// Keeps `encoder` as the most recently used, dropping the least recently used others
     /// until the bound holds again.
-    pub fn put(&mut self, hash: Hash, encoder: Arc<ObjectEncoder>) {
+    pub fn put(&mut self, hash: ObjectHash, encoder: Arc<ObjectEncoder>) {
         self.bytes += footprint(&encoder);
         if let Some(old) = self.lru.put(hash, encoder) {
             self.bytes -= footprint(&old);
@@ -63,7 +63,7 @@ impl Encoders {
         }
     }
 
-    pub fn remove(&mut self, hash: &Hash) {
+    pub fn remove(&mut self, hash: &ObjectHash) {
         if let Some(old) = self.lru.pop(hash) {
             self.bytes -= footprint(&old);
         }
@@ -91,8 +91,8 @@ mod tests {
         Arc::new(ObjectEncoder::new(&vec![7u8; len], 1000).unwrap())
     }
 
-    fn h(i: u32) -> Hash {
-        blake3::hash(&i.to_le_bytes())
+    fn h(i: u32) -> ObjectHash {
+        ObjectHash::of(&i.to_le_bytes())
     }
 
     #[test]

@@ -31,13 +31,13 @@ enum Kind {
 }
 
 /// An object of `len` bytes that no other seed gives.
-fn object(seed: u32, len: usize) -> (Hash, Vec<u8>) {
+fn object(seed: u32, len: usize) -> (ObjectHash, Vec<u8>) {
     let mut bytes = vec![0; len];
     blake3::Hasher::new()
         .update(&seed.to_le_bytes())
         .finalize_xof()
         .fill(&mut bytes);
-    (blake3::hash(&bytes), bytes)
+    (ObjectHash::of(&bytes), bytes)
 }
 
 /// Objects and the tables that publish them; the tree is a real (empty) directory, never
@@ -46,8 +46,8 @@ struct World {
     _dir: tempfile::TempDir,
     tree: Arc<Tree>,
     channel: Channel,
-    bytes: HashMap<Hash, Vec<u8>>,
-    kinds: HashMap<Hash, Kind>,
+    bytes: HashMap<ObjectHash, Vec<u8>>,
+    kinds: HashMap<ObjectHash, Kind>,
 }
 
 impl World {
@@ -63,14 +63,14 @@ impl World {
         }
     }
 
-    fn add(&mut self, seed: u32, len: usize, kind: Kind) -> Hash {
+    fn add(&mut self, seed: u32, len: usize, kind: Kind) -> ObjectHash {
         let (hash, bytes) = object(seed, len);
         self.bytes.insert(hash, bytes);
         self.kinds.insert(hash, kind);
         hash
     }
 
-    fn published(&self, hashes: &[Hash]) -> Published {
+    fn published(&self, hashes: &[ObjectHash]) -> Published {
         let objects = hashes.iter().map(|h| (*h, self.source(h))).collect();
         Published {
             root: ObjectRef {
@@ -91,7 +91,7 @@ impl World {
         }
     }
 
-    fn source(&self, hash: &Hash) -> (u32, Source) {
+    fn source(&self, hash: &ObjectHash) -> (u32, Source) {
         let bytes = &self.bytes[hash];
         let len = bytes.len() as u32;
         let source = match self.kinds[hash] {
@@ -107,20 +107,20 @@ impl World {
         (len, source)
     }
 
-    fn table(&self, hashes: &[Hash], generation: u64) -> Arc<Table> {
+    fn table(&self, hashes: &[ObjectHash], generation: u64) -> Arc<Table> {
         let p = self.published(hashes);
         let record = test_record(&p, generation);
         Arc::new(Table::new(self.channel.clone(), p, record))
     }
 
     /// The table that replaces `previous` at `at`.
-    fn next(&self, previous: &Table, hashes: &[Hash], at: Instant) -> Arc<Table> {
+    fn next(&self, previous: &Table, hashes: &[ObjectHash], at: Instant) -> Arc<Table> {
         let p = self.published(hashes);
         let record = test_record(&p, previous.generation + 1);
         Arc::new(previous.next(p, record, at))
     }
 
-    fn group(&self, hash: &Hash) -> Ipv6Addr {
+    fn group(&self, hash: &ObjectHash) -> Ipv6Addr {
         self.channel.object_address(hash).group
     }
 }
@@ -129,7 +129,7 @@ impl World {
 enum What {
     Root,
     Air(Vec<Tag>),
-    Symbol(Hash, u32),
+    Symbol(ObjectHash, u32),
 }
 
 #[derive(Clone, Debug)]
@@ -153,13 +153,13 @@ struct Sim {
     t0: Instant,
     now: Instant,
     /// The disk: what loads find. A hash missing here cannot be loaded.
-    disk: HashMap<Hash, Vec<u8>>,
+    disk: HashMap<ObjectHash, Vec<u8>>,
     batch: usize,
     heard: HashMap<Ipv6Addr, Heard>,
     sent: Vec<Sent>,
-    loads: Vec<Hash>,
+    loads: Vec<ObjectHash>,
     /// Unloadable reports, with the generation of the table they were made under.
-    reports: Vec<(u64, Hash)>,
+    reports: Vec<(u64, ObjectHash)>,
     burst: usize,
     rate: f64,
     encoder_memory: usize,
@@ -259,7 +259,7 @@ impl Sim {
                 let mut symbol = Vec::new();
                 encoder.symbol(*esi, &mut symbol);
                 packet::encode_symbol(&mut out, t.to.tag, *esi, &symbol, seal);
-                What::Symbol(*hash, *esi)
+                What::Symbol(*hash, esi.0)
             }
         };
         let sent = Sent {
@@ -336,7 +336,7 @@ impl Sim {
         self.run_until(self.now + d);
     }
 
-    fn symbols_of(&self, hash: Hash) -> Vec<u32> {
+    fn symbols_of(&self, hash: ObjectHash) -> Vec<u32> {
         self.sent
             .iter()
             .filter_map(|s| match s.what {
@@ -547,7 +547,7 @@ fn an_object_that_cannot_be_loaded_is_dropped_and_reported_once() {
 #[test]
 fn the_encoder_memory_bound_holds() {
     let mut w = World::new();
-    let hashes: Vec<Hash> = (0..10).map(|i| w.add(i, 64 << 10, Kind::Block)).collect();
+    let hashes: Vec<ObjectHash> = (0..10).map(|i| w.add(i, 64 << 10, Kind::Block)).collect();
     let one = 3 * (64usize << 10).div_ceil(1428) * 1428;
     let config = CarouselConfig {
         encoder_memory: 3 * one,
@@ -575,7 +575,7 @@ fn the_encoder_memory_bound_holds() {
 #[test]
 fn the_pacer_holds_the_rate() {
     let mut w = World::new();
-    let hashes: Vec<Hash> = (0..40).map(|i| w.add(i, 64 << 10, Kind::Block)).collect();
+    let hashes: Vec<ObjectHash> = (0..40).map(|i| w.add(i, 64 << 10, Kind::Block)).collect();
     let mut sim = Sim::new(&w, Sim::config(RATE), w.table(&hashes, 1));
     for h in &hashes {
         sim.join(w.group(h)); // 40 rounds of 46 packets: about 2.7 s of sending
@@ -658,9 +658,9 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// Ten objects, three generations (the third past the grace period), and the groups an
 /// event may name: every object's, root, beacon and four that no table names.
-fn random_world() -> (World, Vec<Arc<Table>>, Vec<Ipv6Addr>, Vec<Hash>) {
+fn random_world() -> (World, Vec<Arc<Table>>, Vec<Ipv6Addr>, Vec<ObjectHash>) {
     let mut w = World::new();
-    let hashes: Vec<Hash> = (0..10u32)
+    let hashes: Vec<ObjectHash> = (0..10u32)
         .map(|i| {
             let kind = if i % 3 == 0 { Kind::Meta } else { Kind::Block };
             w.add(i, 1000 + 4000 * i as usize, kind)
