@@ -39,6 +39,9 @@ struct Args {
     /// Each receiver reads this many random files instead of the whole tree.
     #[arg(long)]
     random_files: Option<usize>,
+    /// Servers of the channel, in both runs (the same tree, each from its own address).
+    #[arg(long, default_value_t = 1)]
+    servers: usize,
     /// The most server bytes at N receivers may be, over those at one.
     #[arg(long, default_value_t = 1.15)]
     max_ratio: f64,
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
     let scenario = |n: usize| {
         let mut s = Scenario::new(&format!("sim-{n}"), args.seed, shape, n, loss);
         s.start_spread = Duration::from_secs_f64(args.spread.max(0.0));
+        s.servers = args.servers.max(1);
         if let Some(k) = args.random_files {
             s.workload = Workload::Files(k);
         }

@@ -1,4 +1,5 @@
-//! The simulated network (issue 11): one server and N receivers joined through in-memory
+//! The simulated network (issue 11): one server (or several of one channel, each hearing
+//! the others' MLD queries) and N receivers joined through in-memory
 //! links on a virtual clock, running the real state machines: the sender's [`Carousel`],
 //! the MLD [`ListenerTracker`] and [`Querier`], and each receiver's [`FetchState`], with the
 //! object decoders of [`crate::object`]. Nothing here copies their logic; this module only
@@ -53,7 +54,7 @@ use receiver::SimReceiver;
 use server::SimServer;
 use world::{Ev, World};
 
-/// The server's link-local address.
+/// The first server's link-local address (the others follow it).
 pub const SERVER: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// A receiver that leaves before its workload is done.
@@ -82,8 +83,11 @@ pub struct Scenario {
     /// The server's send rate (bits per second, headers counted).
     pub rate_bps: u64,
     pub departures: Vec<Departure>,
-    /// When the server restarts, after the run's start.
+    /// When the (first) server restarts, after the run's start.
     pub server_restart: Option<Duration>,
+    /// Servers of the one channel, each publishing the same tree from its own address with
+    /// its own uplink (as two `lcfs serve` of one tree and key would).
+    pub servers: usize,
     /// Virtual time after which the run is cut short (and counted unfinished).
     pub limit: Duration,
 }
@@ -108,6 +112,7 @@ impl Scenario {
             rate_bps: 100_000_000,
             departures: Vec::new(),
             server_restart: None,
+            servers: 1,
             limit: Duration::from_secs(600),
         }
     }
@@ -129,7 +134,14 @@ pub fn run(dir: &Path, scenario: &Scenario) -> Result<Report, SimError> {
         rate_bps: scenario.rate_bps,
         ..CarouselConfig::default()
     };
-    let server = SimServer::new(base, SERVER, published.table.clone(), config);
+    let servers = (0..scenario.servers.max(1))
+        .map(|i| {
+            let mut addr = SERVER.segments();
+            addr[7] += i as u16;
+            let table = published.table.clone();
+            SimServer::new(base, addr.into(), table, config.clone())
+        })
+        .collect();
     let mut rng = StdRng::seed_from_u64(scenario.seed);
     let receivers = (0..scenario.receivers)
         .map(|i| {
@@ -137,7 +149,7 @@ pub fn run(dir: &Path, scenario: &Scenario) -> Result<Report, SimError> {
             SimReceiver::new(host(i), link, scenario.workload, rng.random())
         })
         .collect();
-    let mut world = World::new(base, server, receivers, scenario.uplink);
+    let mut world = World::new(base, servers, receivers, scenario.uplink);
     let spread = scenario.start_spread.as_nanos() as u64;
     let mut starts = Vec::new();
     for i in 0..scenario.receivers {
@@ -164,9 +176,15 @@ pub fn run(dir: &Path, scenario: &Scenario) -> Result<Report, SimError> {
     }
     world.run(base + scenario.limit, settled);
     // Let the server finish what it still sends for groups that are left or expire.
-    let tail = world.now + world.server.tracker().config().timing.listener_interval() * 2;
+    let tail = world.now
+        + world.servers[0]
+            .tracker()
+            .config()
+            .timing
+            .listener_interval()
+            * 2;
     world.run(tail.min(base + scenario.limit), |w| {
-        w.server.carousel().scheduler().is_idle()
+        w.servers.iter().all(|s| s.carousel().scheduler().is_idle())
     });
     Ok(report(scenario, &published, &world, base, wall))
 }
@@ -185,8 +203,9 @@ fn host(i: usize) -> Ipv6Addr {
 }
 
 fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Instant) -> Report {
-    let stats = w.server.stats();
-    let sched = w.server.carousel().scheduler();
+    let stats: Vec<_> = w.servers.iter().map(SimServer::stats).collect();
+    let sum = |f: fn(&server::ServerStats) -> u64| stats.iter().map(f).sum::<u64>();
+    let sched = w.servers[0].carousel().scheduler();
     let mut r = Report {
         later_rounds: sched.stats().later_rounds[1],
         margin: sched.margin(),
@@ -198,10 +217,11 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
         seed: s.seed,
         receivers: s.receivers,
         data_bytes: p.data_bytes(),
-        server_bytes: stats.wire_bytes,
-        server_packets: stats.packets,
-        encoders_built: stats.encoders_built,
-        server_restarts: stats.restarts,
+        server_bytes: sum(|s| s.wire_bytes),
+        per_server_bytes: stats.iter().map(|s| s.wire_bytes).collect(),
+        server_packets: sum(|s| s.packets),
+        encoders_built: sum(|s| s.encoders_built),
+        server_restarts: sum(|s| s.restarts),
         sent_unjoined: w.bridge.sent_unjoined,
         sent_never_joined: w.bridge.sent_never_joined,
         sim_time: w.now.duration_since(base),

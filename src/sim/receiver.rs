@@ -57,7 +57,7 @@ pub struct SimReceiver {
     /// Bundle members that completed before the walk asked for them (the cache a real
     /// receiver has): only those, so memory follows what came unasked.
     kept: HashMap<ObjectHash, lcfs_cache::Verified>,
-    server: Ipv6Addr,
+
     buf: Vec<u8>,
 }
 
@@ -79,7 +79,6 @@ impl SimReceiver {
             walk: None,
             asked: HashMap::new(),
             kept: HashMap::new(),
-            server: Ipv6Addr::UNSPECIFIED,
             buf: Vec::new(),
         }
     }
@@ -89,19 +88,18 @@ impl SimReceiver {
     }
 
     /// Starts the workload: the root group is watched first.
-    pub fn start(&mut self, now: Instant, channel: Channel, server: Ipv6Addr) {
+    pub fn start(&mut self, now: Instant, channel: Channel) {
         let stats = self.stats.clone();
         let config = FetchConfig::default();
         let mut state = FetchState::new(now, channel, IFINDEX, config, stats, Duration::ZERO);
         state.set_watching(now, true);
         self.state = Some(state);
-        self.server = server;
         self.started = Some(now);
         self.life = Life::Running;
     }
 
-    /// A datagram sent to `group` arrives.
-    pub fn handle_datagram(&mut self, now: Instant, group: Ipv6Addr, bytes: &[u8]) {
+    /// A datagram that `from` sent to `group` arrives.
+    pub fn handle_datagram(&mut self, now: Instant, from: Ipv6Addr, group: Ipv6Addr, bytes: &[u8]) {
         if !self.joined.contains(&group) {
             return; // the kernel drops what no socket of the host joined
         }
@@ -111,7 +109,7 @@ impl SimReceiver {
         self.buf.clear();
         self.buf.extend_from_slice(bytes);
         let env = Envelope {
-            from: self.server,
+            from,
             to: Some(group),
             ifindex: IFINDEX,
         };

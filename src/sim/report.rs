@@ -10,8 +10,10 @@ pub struct Report {
     pub receivers: usize,
     /// Bytes of every object one receiver of the whole workload needs.
     pub data_bytes: u64,
-    /// Wire bytes the server sent (payload and headers), every packet counted.
+    /// Wire bytes the servers sent (payload and headers), every packet counted.
     pub server_bytes: u64,
+    /// The same, per server.
+    pub per_server_bytes: Vec<u64>,
     pub server_packets: u64,
     /// What unicast would send: the bytes each receiver that finished verified, summed.
     pub unicast_bytes: u64,
@@ -39,7 +41,8 @@ pub struct Report {
     pub sim_time: Duration,
     /// Real time it took.
     pub wall_time: Duration,
-    /// Block rounds after the first (stragglers, late joiners, leaves that came late).
+    /// The first server's: block rounds after the first (stragglers, late joiners, leaves
+    /// that came late).
     pub later_rounds: u64,
     /// The first round's loss margin the server ended with.
     pub margin: f64,
@@ -110,6 +113,9 @@ impl fmt::Display for Report {
             self.over_data(),
             self.over_unicast()
         )?;
+        if self.per_server_bytes.len() > 1 {
+            writeln!(f, "  bytes per server {:?}", self.per_server_bytes)?;
+        }
         writeln!(
             f,
             "  completion min/median/max {:.2}/{:.2}/{:.2} s over {} receivers; longest wait for one object {:.2} s",

@@ -1,5 +1,5 @@
-//! The event loop: a virtual clock, one queue of timed events, the server, the receivers and
-//! the snooping bridge between them.
+//! The event loop: a virtual clock, one queue of timed events, the servers (one, or several
+//! of one channel), the receivers and the snooping bridge between them.
 //!
 //! Time is a base `Instant` plus offsets; nothing sleeps. Each event runs at its time, in
 //! the order it was queued among equals, and whatever it changes is followed at once by the
@@ -33,13 +33,14 @@ pub enum Ev {
     Crash(usize),
     Datagram {
         rx: usize,
+        from: Ipv6Addr,
         group: Ipv6Addr,
         bytes: Arc<[u8]>,
     },
-    /// An MLD message reaches the server.
+    /// An MLD message reaches the servers (all but its sender).
     Mld {
         from: Ipv6Addr,
-        bytes: Vec<u8>,
+        bytes: Arc<[u8]>,
     },
     /// A host answers a query: every group it holds (general) or `group`.
     Answer {
@@ -47,8 +48,8 @@ pub enum Ev {
         group: Option<Ipv6Addr>,
     },
     RxTimer(usize),
-    ServerWake,
-    /// The server process restarts (see [`SimServer::restart`]).
+    ServerWake(usize),
+    /// The first server's process restarts (see [`SimServer::restart`]).
     RestartServer,
 }
 
@@ -124,11 +125,11 @@ pub struct World {
     pub now: Instant,
     queue: BinaryHeap<Reverse<Scheduled>>,
     seq: u64,
-    pub server: SimServer,
+    pub servers: Vec<SimServer>,
     pub receivers: Vec<SimReceiver>,
     pub bridge: Bridge,
     uplink: Duration,
-    server_wake: Option<Instant>,
+    server_wake: Vec<Option<Instant>>,
     rx_wake: Vec<Option<Instant>>,
     out: Vec<Output>,
     leave_grace: Duration,
@@ -138,11 +139,11 @@ pub struct World {
 impl World {
     pub fn new(
         now: Instant,
-        server: SimServer,
+        servers: Vec<SimServer>,
         receivers: Vec<SimReceiver>,
         uplink: Duration,
     ) -> World {
-        let tracker = server.tracker().config();
+        let tracker = servers[0].tracker().config();
         let llqt = tracker.last_listener_interval * u32::from(tracker.timing.robustness.max(1));
         let jitter = receivers
             .iter()
@@ -156,11 +157,11 @@ impl World {
             rx_wake: vec![None; receivers.len()],
             leave_grace: uplink + llqt + jitter + SLACK,
             crash_grace: uplink + tracker.timing.listener_interval() + jitter + SLACK,
-            server,
+            server_wake: vec![None; servers.len()],
+            servers,
             receivers,
             bridge: Bridge::default(),
             uplink,
-            server_wake: None,
             out: Vec::new(),
         }
     }
@@ -173,7 +174,9 @@ impl World {
 
     /// Runs events until `until`, or until `stop` says so (checked after each event).
     pub fn run(&mut self, until: Instant, mut stop: impl FnMut(&World) -> bool) {
-        self.wake_server(self.now);
+        for i in 0..self.servers.len() {
+            self.wake_server(i, self.now);
+        }
         while let Some(Reverse(s)) = self.queue.pop() {
             if s.at > until {
                 self.queue.push(Reverse(s));
@@ -192,68 +195,91 @@ impl World {
         let now = self.now;
         match ev {
             Ev::Start(rx) => {
-                let channel = self.server.carousel().table().channel.clone();
-                let addr = self.server.addr;
-                self.receivers[rx].start(now, channel, addr);
+                let channel = self.servers[0].carousel().table().channel.clone();
+                self.receivers[rx].start(now, channel);
                 self.service_rx(rx);
             }
             Ev::Stop(rx) => self.stop(rx),
             Ev::Crash(rx) => self.crash(rx),
-            Ev::Datagram { rx, group, bytes } => {
-                self.receivers[rx].handle_datagram(now, group, &bytes);
+            Ev::Datagram {
+                rx,
+                from,
+                group,
+                bytes,
+            } => {
+                self.receivers[rx].handle_datagram(now, from, group, &bytes);
                 self.service_rx(rx);
             }
             Ev::Mld { from, bytes } => {
-                self.server.handle_mld(now, from, &bytes);
-                self.wake_server(now);
+                for i in 0..self.servers.len() {
+                    if self.servers[i].addr != from {
+                        self.servers[i].handle_mld(now, from, &bytes);
+                        self.wake_server(i, now);
+                    }
+                }
             }
             Ev::Answer { rx, group } => self.answer(rx, group),
             Ev::RxTimer(rx) if self.rx_wake[rx] == Some(at) => {
                 self.rx_wake[rx] = None;
                 self.service_rx(rx);
             }
-            Ev::ServerWake if self.server_wake == Some(at) => {
-                self.server_wake = None;
-                self.service_server();
+            Ev::ServerWake(i) if self.server_wake[i] == Some(at) => {
+                self.server_wake[i] = None;
+                self.service_server(i);
             }
             Ev::RestartServer => {
-                self.server.restart(now);
-                self.server_wake = None;
-                self.wake_server(now);
+                self.servers[0].restart(now);
+                self.server_wake[0] = None;
+                self.wake_server(0, now);
             }
-            Ev::RxTimer(_) | Ev::ServerWake => {}
+            Ev::RxTimer(_) | Ev::ServerWake(_) => {}
         }
     }
 
-    fn wake_server(&mut self, at: Instant) {
-        if self.server_wake.is_none_or(|w| at < w) {
-            self.server_wake = Some(at);
-            self.schedule(at, Ev::ServerWake);
+    fn wake_server(&mut self, i: usize, at: Instant) {
+        if self.server_wake[i].is_none_or(|w| at < w) {
+            self.server_wake[i] = Some(at);
+            self.schedule(at, Ev::ServerWake(i));
         }
     }
 
-    fn service_server(&mut self) {
+    fn service_server(&mut self, i: usize) {
         let now = self.now;
+        let from = self.servers[i].addr;
         let mut out = std::mem::take(&mut self.out);
-        self.server.poll(now, &mut out);
+        self.servers[i].poll(now, &mut out);
         for o in out.drain(..) {
             match o {
-                Output::Packet { at, group, bytes } => self.deliver(at, group, bytes),
-                Output::Query { to, bytes: _ } => self.query(to),
+                Output::Packet { at, group, bytes } => self.deliver(at, from, group, bytes),
+                Output::Query { to, bytes } => {
+                    self.query(to);
+                    // The other servers' queriers hear it, and the lowest address wins.
+                    if self.servers.len() > 1 {
+                        self.schedule(now + self.uplink, Ev::Mld { from, bytes });
+                    }
+                }
             }
         }
         self.out = out;
-        if let Some(t) = self.server.poll_timeout() {
+        if let Some(t) = self.servers[i].poll_timeout() {
             // The carousel may ask for "now" while its pacer is short of one packet.
-            self.wake_server(t.max(now + Duration::from_micros(10)));
+            self.wake_server(i, t.max(now + Duration::from_micros(10)));
         }
     }
 
-    fn deliver(&mut self, at: Instant, group: Ipv6Addr, bytes: Arc<[u8]>) {
+    fn deliver(&mut self, at: Instant, from: Ipv6Addr, group: Ipv6Addr, bytes: Arc<[u8]>) {
         for rx in self.bridge.forward(&group, self.now) {
             for d in self.receivers[rx].downlink.carry() {
                 let bytes = bytes.clone();
-                self.schedule(at + d, Ev::Datagram { rx, group, bytes });
+                self.schedule(
+                    at + d,
+                    Ev::Datagram {
+                        rx,
+                        from,
+                        group,
+                        bytes,
+                    },
+                );
             }
         }
     }
@@ -261,7 +287,7 @@ impl World {
     /// A query reaches the hosts it is for; each answers after a random delay.
     fn query(&mut self, to: Ipv6Addr) {
         let general = to.segments()[0] == 0xff02;
-        let tracker = self.server.tracker().config();
+        let tracker = self.servers[0].tracker().config();
         let window = if general {
             tracker.timing.max_response_delay
         } else {
@@ -313,7 +339,7 @@ impl World {
             })
             .collect();
         let from = self.receivers[rx].addr;
-        let bytes = encode_report(&records);
+        let bytes = encode_report(&records).into();
         self.schedule(self.now + self.uplink, Ev::Mld { from, bytes });
     }
 
