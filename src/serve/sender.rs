@@ -33,7 +33,7 @@ use super::table::{LoadError, Table};
 use super::watch::Notice;
 use crate::fec::ObjectEncoder;
 use crate::mld::GroupEvent;
-use crate::net::{send_batch, WIRE_OVERHEAD};
+use crate::net::{send_batch, send_batch_gso, WIRE_OVERHEAD};
 use crate::object::ObjectHash;
 use carousel::{Carousel, CarouselConfig, Payload, Transmit};
 
@@ -103,6 +103,8 @@ pub struct SenderLoop {
     packets: Vec<Vec<u8>>,
     dests: Vec<SocketAddrV6>,
     symbol: Vec<u8>,
+    /// Whether the kernel takes UDP GSO sends; cleared at the first refusal.
+    gso: bool,
 }
 
 impl SenderLoop {
@@ -124,6 +126,7 @@ impl SenderLoop {
             packets: vec![Vec::new(); config.batch.max(1)],
             dests: Vec::new(),
             symbol: Vec::new(),
+            gso: true,
         }
     }
 
@@ -172,7 +175,18 @@ impl SenderLoop {
         if used == 0 {
             return Ok(());
         }
-        let result = send_batch(&self.socket, &self.dests, &self.packets[..used]);
+        let packets = &self.packets[..used];
+        let mut result = Err(std::io::ErrorKind::Unsupported.into());
+        if self.gso {
+            result = send_batch_gso(&self.socket, &self.dests, packets);
+            if let Err(e) = &result {
+                tracing::debug!("UDP segmentation offload refused ({e}); sending packet by packet");
+                self.gso = false;
+            }
+        }
+        if !self.gso {
+            result = send_batch(&self.socket, &self.dests, packets);
+        }
         let sent = *result.as_ref().unwrap_or(&0);
         let bytes: usize = self.packets[..sent]
             .iter()
