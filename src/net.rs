@@ -268,9 +268,18 @@ pub fn send_batch(s: &Socket, dests: &[SocketAddrV6], packets: &[Vec<u8>]) -> io
             m
         })
         .collect();
+    sendmmsg_all(s, &mut msgs)
+}
+
+/// Hands `msgs` to the kernel with as few sendmmsg calls as it takes; returns how many
+/// messages went. A full socket buffer ends early; an error is returned only when nothing
+/// went.
+///
+/// Every header must point at iovecs, an address and control data that outlive the call.
+fn sendmmsg_all(s: &Socket, msgs: &mut [libc::mmsghdr]) -> io::Result<usize> {
     let mut sent = 0;
     while sent < msgs.len() {
-        // SAFETY: every header points at an iovec and address that live until we return.
+        // SAFETY: the caller's headers point at memory that lives until it returns.
         let rc = unsafe {
             libc::sendmmsg(
                 s.as_raw_fd(),
@@ -364,29 +373,7 @@ pub fn send_batch_gso(
         }
         msgs.push(m);
     }
-    let mut sent_msgs = 0;
-    while sent_msgs < msgs.len() {
-        // SAFETY: every header points at iovecs, an address and a control buffer that live
-        // until we return.
-        let rc = unsafe {
-            libc::sendmmsg(
-                s.as_raw_fd(),
-                msgs[sent_msgs..].as_mut_ptr(),
-                (msgs.len() - sent_msgs) as u32,
-                0,
-            )
-        };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) | Some(libc::ENOBUFS) => break,
-                _ if sent_msgs > 0 => break,
-                _ => return Err(e),
-            }
-        }
-        sent_msgs += rc as usize;
-    }
+    let sent_msgs = sendmmsg_all(s, &mut msgs)?;
     Ok(runs[..sent_msgs].iter().map(|&(_, n)| n).sum())
 }
 

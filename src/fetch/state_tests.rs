@@ -181,6 +181,24 @@ impl Rig {
         (files, bundle)
     }
 
+    fn tags(&self, objs: &[Verified]) -> Vec<Tag> {
+        let tag = |v| self.channel.object_address(&ObjectHash::of_verified(v)).tag;
+        objs.iter().map(tag).collect()
+    }
+
+    /// The server's beacon, listing `on_air` as its next rounds.
+    fn beacon(&mut self, on_air: &[Tag]) {
+        let air = self.channel.air_address();
+        let mut pkt = Vec::new();
+        packet::encode_air(&mut pkt, air.tag, on_air, None);
+        let env = Envelope {
+            from: SERVER,
+            to: Some(air.group),
+            ifindex: IFINDEX,
+        };
+        self.st.handle_datagram(self.now, env, &mut pkt);
+    }
+
     fn deliver(&mut self, v: &Verified) {
         let group = self.group(v);
         self.send(v, Some(group), IFINDEX);
@@ -287,20 +305,9 @@ fn a_receiver_asking_more_than_its_window_takes_what_is_on_air_first() {
     }
     assert!(r.claims().is_empty());
     // The server is sending objects 4 and 5 to others: its beacon says so.
-    let air = r.channel.air_address();
-    let on_air: Vec<Tag> = objs[4..]
-        .iter()
-        .map(|v| r.channel.object_address(&ObjectHash::of_verified(v)).tag)
-        .collect();
-    let mut pkt = Vec::new();
-    packet::encode_air(&mut pkt, air.tag, &on_air, None);
-    let env = Envelope {
-        from: SERVER,
-        to: Some(air.group),
-        ifindex: IFINDEX,
-    };
+    let on_air = r.tags(&objs[4..]);
     r.now += Duration::from_millis(20);
-    r.st.handle_datagram(r.now, env, &mut pkt);
+    r.beacon(&on_air);
     let claimed: Vec<Tag> = r.claims().into_iter().map(|(t, _)| t).collect();
     assert_eq!(claimed, on_air, "rides along with the rounds under way");
 }
@@ -320,19 +327,8 @@ fn a_full_window_still_joins_the_rounds_about_to_go_out() {
         "no beacon came: the window fills in order"
     );
     // The server's next rounds are objects 4 and 5, for another receiver.
-    let air = r.channel.air_address();
-    let on_air: Vec<Tag> = objs[4..]
-        .iter()
-        .map(|v| r.channel.object_address(&ObjectHash::of_verified(v)).tag)
-        .collect();
-    let mut pkt = Vec::new();
-    packet::encode_air(&mut pkt, air.tag, &on_air, None);
-    let env = Envelope {
-        from: SERVER,
-        to: Some(air.group),
-        ifindex: IFINDEX,
-    };
-    r.st.handle_datagram(r.now, env, &mut pkt);
+    let on_air = r.tags(&objs[4..]);
+    r.beacon(&on_air);
     let claimed: Vec<Tag> = r.claims().into_iter().map(|(t, _)| t).collect();
     assert_eq!(
         claimed, on_air,
