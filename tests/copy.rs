@@ -11,7 +11,7 @@ mod common;
 use common::lab::{Lab, LabOptions};
 use common::lcfs::{
     assert_no_part_files, assert_nothing_written, parse_hashed, parse_sent, spawn_copy,
-    start_server, tmpdir, CopyOutcome, CopyRun,
+    spawn_copy_wrapped, start_server, tmpdir, CopyOutcome, CopyRun,
 };
 use common::tree::{
     assert_entries_equal, assert_trees_equal, list_tree, make_edge_tree, set_mtime,
@@ -682,5 +682,49 @@ fn copy_with_snooping_off() {
         idle <= MAX_IDLE_PACKETS,
         "idle server sent {idle} packets in {IDLE_WINDOW:?} with snooping off"
     );
+    srv.stop();
+}
+
+/// A copy asks for 4096 files ahead (so that a receiver that fell behind can join the rounds
+/// others are on), yet stays within a small descriptor limit: one-block files are fetched
+/// before their part file is made, and at most 128 part files are open. 1,000 one-block
+/// files and 300 two-block files, under `prlimit --nofile=200`.
+#[test]
+fn a_copy_of_many_files_stays_within_a_small_descriptor_limit() {
+    let _serial = serial();
+    let lab = Lab::with_clients(1);
+    let tmp = tmpdir("copy");
+    let src = tmp.path().join("many");
+    for d in 0..10 {
+        fs::create_dir_all(src.join(format!("d{d}"))).unwrap();
+    }
+    for i in 0..1000u32 {
+        let body: Vec<u8> = (0..1000u32)
+            .map(|j| (i.wrapping_mul(31) ^ j) as u8)
+            .collect();
+        fs::write(src.join(format!("d{}/small{i}", i % 10)), body).unwrap();
+    }
+    for i in 0..300u32 {
+        let body: Vec<u8> = (0..70_000u32)
+            .map(|j| (i.wrapping_mul(7) ^ j) as u8)
+            .collect();
+        fs::write(src.join(format!("d{}/two{i}", i % 10)), body).unwrap();
+    }
+    let srv = start_server(&lab, &src, "many", &tmp.path().join("state"), &[]);
+    let dest = tmp.path().join("dest");
+    let o = spawn_copy_wrapped(
+        &lab,
+        "c1",
+        &["prlimit", "--nofile=200:200"],
+        "many",
+        &dest,
+        &tmp.path().join("cache"),
+        Some(30),
+        &[],
+        &[],
+    )
+    .wait(Duration::from_secs(90));
+    o.assert_success();
+    assert_trees_equal(&src, &dest);
     srv.stop();
 }

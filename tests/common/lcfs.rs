@@ -642,7 +642,31 @@ pub fn spawn_copy_with(
     extra: &[&str],
     envs: &[(&str, &str)],
 ) -> CopyRun {
-    let mut cmd = lab.command(node, LCFS);
+    spawn_copy_wrapped(lab, node, &[], spec, dest, cache, timeout_secs, extra, envs)
+}
+
+/// As [`spawn_copy_with`], with `wrapper` (a program and its arguments, such as `prlimit
+/// --nofile=N`) in front of `lcfs`.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_copy_wrapped(
+    lab: &Lab,
+    node: &str,
+    wrapper: &[&str],
+    spec: &str,
+    dest: &Path,
+    cache: &Path,
+    timeout_secs: Option<u32>,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> CopyRun {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = lab.command(node, program);
+            c.args(args).arg(LCFS);
+            c
+        }
+        None => lab.command(node, LCFS),
+    };
     cmd.args(["copy", spec, s(dest), "--iface", IFACE, "--cache", s(cache)]);
     if let Some(t) = timeout_secs {
         cmd.args(["--timeout", &t.to_string()]);
