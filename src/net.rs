@@ -1,6 +1,7 @@
 //! The socket shell: interface discovery, multicast sockets and batched datagram I/O.
 //!
-//! This is the only module with `unsafe` code (sendmmsg and recvmmsg through libc); every
+//! This is the only module with `unsafe` code (sendmmsg, with UDP GSO control messages, and
+//! recvmmsg through libc); every
 //! other module works on byte slices. Receivers set `IPV6_MULTICAST_ALL` to 0, so a socket sees
 //! only the groups it joined itself, and demultiplex by the tag in each packet. Unicast to the
 //! port (from any local user, through `[::1]`) still reaches a socket bound to `[::]`, so every
@@ -347,6 +348,15 @@ pub fn send_batch_gso(
         })
         .collect();
     let mut controls: Vec<Control> = vec![[0; 4]; runs.len()];
+    // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
+    let (space, len) = unsafe {
+        let payload = std::mem::size_of::<u16>() as u32;
+        (
+            libc::CMSG_SPACE(payload) as usize,
+            libc::CMSG_LEN(payload) as usize,
+        )
+    };
+    debug_assert!(space <= std::mem::size_of::<Control>());
     let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
     for (r, &(start, count)) in runs.iter().enumerate() {
         // SAFETY: mmsghdr is plain old data; all-zero is a valid empty header.
@@ -356,8 +366,6 @@ pub fn send_batch_gso(
         m.msg_hdr.msg_iov = iovs[start..].as_mut_ptr();
         m.msg_hdr.msg_iovlen = count;
         if count > 1 {
-            let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
-            debug_assert!(space <= std::mem::size_of::<Control>());
             m.msg_hdr.msg_control = controls[r].as_mut_ptr() as *mut libc::c_void;
             m.msg_hdr.msg_controllen = space;
             // SAFETY: the control buffer is `space` bytes, 8-byte aligned, and lives until
@@ -366,7 +374,7 @@ pub fn send_batch_gso(
                 let c = libc::CMSG_FIRSTHDR(&m.msg_hdr);
                 (*c).cmsg_level = libc::SOL_UDP;
                 (*c).cmsg_type = UDP_SEGMENT;
-                (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+                (*c).cmsg_len = len;
                 let size = packets[start].len() as u16;
                 std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, size);
             }
@@ -562,8 +570,8 @@ mod tests {
         assert!(e.to_string().contains("nosuchif0"), "{e}");
     }
 
-    #[test]
-    fn batch_round_trip_on_loopback_unicast() {
+    /// A receiving socket on lo, a sending one, and the receiver's address.
+    fn loopback_pair() -> (Socket, Socket, SocketAddrV6) {
         let lo = Iface {
             name: "lo".into(),
             index: 1,
@@ -572,7 +580,12 @@ mod tests {
         let rx = receiver_socket(&lo, 0).unwrap();
         let port = rx.local_addr().unwrap().as_socket_ipv6().unwrap().port();
         let tx = udp_socket(&lo).unwrap();
-        let dest = SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0);
+        (rx, tx, SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0))
+    }
+
+    #[test]
+    fn batch_round_trip_on_loopback_unicast() {
+        let (rx, tx, dest) = loopback_pair();
         let packets: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 100]).collect();
         assert_eq!(send_batch(&tx, &[dest; 5], &packets).unwrap(), 5);
         let mut batch = RecvBatch::new(8, 2048);
@@ -593,15 +606,7 @@ mod tests {
 
     #[test]
     fn gso_batch_arrives_as_the_same_datagrams() {
-        let lo = Iface {
-            name: "lo".into(),
-            index: 1,
-            mtu: 65536,
-        };
-        let rx = receiver_socket(&lo, 0).unwrap();
-        let port = rx.local_addr().unwrap().as_socket_ipv6().unwrap().port();
-        let tx = udp_socket(&lo).unwrap();
-        let dest = SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0);
+        let (rx, tx, dest) = loopback_pair();
         // Runs of equal length (cut by the kernel), a change of length, a run longer than
         // one GSO send may carry, and a last odd one.
         let mut packets: Vec<Vec<u8>> = Vec::new();

@@ -23,6 +23,16 @@ const TREE: Shape = Shape::Tree {
     max: 64 << 10,
 };
 
+/// A tree of `files` files of 100 B to `max` bytes in `dirs` directories.
+fn small_files(files: usize, dirs: usize, max: u64) -> Shape {
+    Shape::Tree {
+        files,
+        dirs,
+        min: 100,
+        max,
+    }
+}
+
 fn run(s: &Scenario) -> Report {
     let dir = tempfile::tempdir().expect("a temporary directory for the tree");
     let r = sim::run(dir.path(), s).expect("the tree is built and published");
@@ -263,12 +273,7 @@ fn a_tree_of_small_files_under_5_percent_loss_costs_100_receivers_what_it_costs_
 /// receiver's, blocks 1.28.
 #[test]
 fn known_gap_a_tree_of_tiny_files_costs_more_at_1000_receivers() {
-    let tiny = Shape::Tree {
-        files: 1000,
-        dirs: 20,
-        min: 100,
-        max: 4 << 10,
-    };
+    let tiny = small_files(1000, 20, 4 << 10);
     let (_, many, ratio) = flatness("gap-tree-1000", tiny, 1000, Loss::Uniform(0.05), 0);
     assert_eq!(many.completion.len(), 1000);
     println!("known gap: 1000 receivers of tiny files: {ratio:.3} times one receiver");
@@ -338,12 +343,7 @@ fn a_64_mib_file_under_5_percent_loss_costs_100_receivers_what_it_costs_one() {
 /// (about 45 s of CPU).
 #[test]
 fn a_10000_file_tree_under_5_percent_loss_costs_100_receivers_what_it_costs_one() {
-    let tree = Shape::Tree {
-        files: 10_000,
-        dirs: 100,
-        min: 100,
-        max: 16 << 10,
-    };
+    let tree = small_files(10_000, 100, 16 << 10);
     let (_, many, ratio) = flatness("tree-10k", tree, 100, Loss::Uniform(0.05), 0);
     assert_eq!(many.completion.len(), 100);
     assert!(ratio <= 1.15, "{ratio:.3}");
