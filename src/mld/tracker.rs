@@ -20,7 +20,8 @@
 //! A group is *listened* while one of its listeners wants it, *checking* while a last-listener
 //! query runs, and *idle* otherwise. [`GroupEvent`]s report changes of that status, at most
 //! one per group per message or timer: `Active` (now listened), `Leaving` (listened, now
-//! checking), `Inactive` (now idle).
+//! checking), `Inactive` (now idle), and `Listeners` (still listened, by a different number of
+//! stored listeners).
 //!
 //! Leaves are not trusted (MLD carries no authentication, and anyone on the link can send a
 //! done from a receiver's address). When the last listener that wants a group stops wanting
@@ -98,6 +99,11 @@ pub enum GroupEvent {
     Leaving(Ipv6Addr),
     /// Nobody listens any more: stop sending.
     Inactive(Ipv6Addr),
+    /// A listened group's number of stored listeners that want it changed (and it stays
+    /// listened): the share of its receivers still listening after a round is what the
+    /// sender learns their loss from. Counts are of stored listeners, so at most
+    /// `max_listeners_per_group`.
+    Listeners(Ipv6Addr, usize),
 }
 
 /// Tracker settings.
@@ -216,7 +222,28 @@ struct Group {
     queued: Option<Instant>,
 }
 
+/// What events are derived from: a group's status and how many listeners want it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    status: Status,
+    wanting: usize,
+}
+
+impl Seen {
+    const IDLE: Seen = Seen {
+        status: Status::Idle,
+        wanting: 0,
+    };
+}
+
 impl Group {
+    fn seen(&self) -> Seen {
+        Seen {
+            status: self.status(),
+            wanting: self.wanting,
+        }
+    }
+
     fn status(&self) -> Status {
         match (self.wanting, self.check) {
             (1.., _) => Status::Listened,
@@ -335,14 +362,14 @@ impl ListenerTracker {
             let Some(group) = self.groups.get_mut(&address) else {
                 continue;
             };
-            let before = group.status();
+            let before = group.seen();
             self.stats.timer_work += group.listeners.len() as u64;
             group.wanting = group.listeners.values().filter(|l| l.wants(own)).count();
             if group.wanting > 0 {
                 group.check = None;
                 group.queued = None;
             }
-            events.extend(transition(address, before, group.status()));
+            events.extend(transition(address, before, group.seen()));
             self.drop_if_empty(address);
         }
         events
@@ -371,7 +398,7 @@ impl ListenerTracker {
                 continue;
             }
             if seen.insert(group) {
-                touched.push((group, self.status(&group)));
+                touched.push((group, self.seen(&group)));
             }
             self.apply(now, from, group, change);
         }
@@ -474,6 +501,10 @@ impl ListenerTracker {
         self.groups.get(group).map_or(Status::Idle, Group::status)
     }
 
+    fn seen(&self, group: &Ipv6Addr) -> Seen {
+        self.groups.get(group).map_or(Seen::IDLE, Group::seen)
+    }
+
     fn is_live(&self, at: Instant, timer: Timer) -> bool {
         match timer {
             Timer::Listener { group, from } => self
@@ -490,16 +521,16 @@ impl ListenerTracker {
 
     /// After a message's records for `group`: start a check if its last wanting listener
     /// left, end one if someone wants it again, and say what changed.
-    fn settle(&mut self, now: Instant, group: Ipv6Addr, before: Status) -> Option<GroupEvent> {
+    fn settle(&mut self, now: Instant, group: Ipv6Addr, before: Seen) -> Option<GroupEvent> {
         if let Some(g) = self.groups.get_mut(&group) {
             if g.wanting > 0 {
                 g.check = None;
                 g.queued = None;
-            } else if before == Status::Listened && g.check.is_none() {
+            } else if before.status == Status::Listened && g.check.is_none() {
                 self.start_check(now, group);
             }
         }
-        let after = self.status(&group);
+        let after = self.seen(&group);
         self.drop_if_empty(group);
         transition(group, before, after)
     }
@@ -630,14 +661,14 @@ impl ListenerTracker {
                 .push(listener.expires, Timer::Listener { group, from });
             return None;
         }
-        let before = g.status();
+        let before = g.seen();
         let gone = g.listeners.remove(&from)?;
         self.listeners -= 1;
         g.wanting -= usize::from(gone.wants(&self.own));
-        if before == Status::Listened && g.wanting == 0 && g.crowded {
+        if before.status == Status::Listened && g.wanting == 0 && g.crowded {
             self.start_check(now, group);
         }
-        let after = self.status(&group);
+        let after = self.seen(&group);
         self.drop_if_empty(group);
         transition(group, before, after)
     }
@@ -652,7 +683,11 @@ impl ListenerTracker {
         if check.deadline <= now {
             g.check = None;
             self.drop_if_empty(group);
-            return transition(group, Status::Checking, self.status(&group));
+            let checking = Seen {
+                status: Status::Checking,
+                wanting: 0,
+            };
+            return transition(group, checking, self.seen(&group));
         }
         if check.next_query.is_some_and(|q| q <= now) {
             let interval = self.config.last_listener_interval;
@@ -703,9 +738,12 @@ impl ListenerTracker {
     }
 }
 
-/// The event for a group whose status went from `before` to `after`.
-fn transition(group: Ipv6Addr, before: Status, after: Status) -> Option<GroupEvent> {
-    match (before, after) {
+/// The event for a group that went from `before` to `after`.
+fn transition(group: Ipv6Addr, before: Seen, after: Seen) -> Option<GroupEvent> {
+    match (before.status, after.status) {
+        (Status::Listened, Status::Listened) if before.wanting != after.wanting => {
+            Some(GroupEvent::Listeners(group, after.wanting))
+        }
         (Status::Listened, Status::Listened)
         | (Status::Checking, Status::Checking)
         | (Status::Idle, Status::Idle | Status::Checking) => None,

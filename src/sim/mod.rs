@@ -208,7 +208,7 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
     let sched = w.servers[0].carousel().scheduler();
     let mut r = Report {
         later_rounds: sched.stats().later_rounds[1],
-        margin: sched.margin(),
+        loss: sched.loss(),
         leave_delay: sched.stats().leave_delay,
         activations: sched.stats().activations,
         distinct: sched.stats().distinct,

@@ -65,7 +65,7 @@ fn queries(t: &mut ListenerTracker) -> Vec<Ipv6Addr> {
     std::iter::from_fn(|| t.poll_query()).collect()
 }
 
-use GroupEvent::{Active, Inactive, Leaving};
+use GroupEvent::{Active, Inactive, Leaving, Listeners};
 use RecordType::*;
 
 // ------------------------------------------------------------------ filter semantics
@@ -105,15 +105,16 @@ fn v1_report_and_done() {
 }
 
 #[test]
-fn events_only_on_transitions_with_several_listeners() {
+fn status_events_only_on_transitions_with_several_listeners() {
     let (mut t, now) = (tracker(), Instant::now());
     assert_eq!(
         t.handle_message(now, H1, &MldMessage::ReportV1 { group: G1 }),
         [Active(G1)]
     );
-    assert_eq!(t.handle_message(now, H2, &join(G1)), []);
+    assert_eq!(t.handle_message(now, H2, &join(G1)), [Listeners(G1, 2)]);
+    assert_eq!(t.handle_message(now, H2, &join(G1)), [], "a refresh");
     assert_eq!(t.listener_count(&G1), 2);
-    assert_eq!(t.handle_message(now, H1, &done(G1)), []);
+    assert_eq!(t.handle_message(now, H1, &done(G1)), [Listeners(G1, 1)]);
     assert_eq!(
         queries(&mut t),
         NO_QUERY,
@@ -134,7 +135,7 @@ fn unspecified_source_is_a_listener() {
         t.handle_message(now, Ipv6Addr::UNSPECIFIED, &msg),
         [Active(G1)]
     );
-    assert_eq!(t.handle_message(now, H1, &msg), []);
+    assert_eq!(t.handle_message(now, H1, &msg), [Listeners(G1, 2)]);
     assert_eq!(t.listener_count(&G1), 2);
 }
 
@@ -146,7 +147,7 @@ fn expiry() {
     t.handle_message(later, H2, &join(G1));
     assert_eq!(t.poll_timeout(), Some(now + MALI));
     assert_eq!(t.poll_expired(now + MALI - Duration::from_millis(1)), []);
-    assert_eq!(t.poll_expired(now + MALI), []);
+    assert_eq!(t.poll_expired(now + MALI), [Listeners(G1, 1)]);
     assert_eq!(t.listener_count(&G1), 1);
     assert_eq!(t.poll_timeout(), Some(later + MALI));
     assert_eq!(t.poll_expired(later + MALI), [Inactive(G1)]);
@@ -213,7 +214,7 @@ fn v1_and_v2_listeners_mix() {
     t.handle_message(now, H1, &MldMessage::ReportV1 { group: G1 });
     t.handle_message(now, H2, &rec(AllowNewSources, G1, &[OWN]));
     assert_eq!(t.listener_count(&G1), 2);
-    assert_eq!(t.handle_message(now, H1, &done(G1)), []);
+    assert_eq!(t.handle_message(now, H1, &done(G1)), [Listeners(G1, 1)]);
     assert_eq!(
         t.handle_message(now, H2, &rec(BlockOldSources, G1, &[OWN])),
         [Leaving(G1)]
@@ -495,7 +496,10 @@ fn a_crowded_group_checks_before_its_last_known_listener_expires() {
     // A real receiver joins later and is refused; the flood stops and its listeners expire.
     let real = H1;
     assert_eq!(t.handle_message(now, real, &join(G1)), []);
-    assert_eq!(t.poll_expired(now + MALI), [Leaving(G1)]);
+    assert_eq!(
+        t.poll_expired(now + MALI),
+        [Listeners(G1, 2), Listeners(G1, 1), Leaving(G1)]
+    );
     assert_eq!(
         queries(&mut t),
         [G1],
@@ -659,7 +663,18 @@ fn check_invariants(
     let live = t.total_listeners() + t.tracked_groups();
     prop_assert!(t.timer_entries() <= 2 * live + 1024);
     for e in events {
-        let (GroupEvent::Active(g) | GroupEvent::Leaving(g) | GroupEvent::Inactive(g)) = *e;
+        let g = match *e {
+            GroupEvent::Listeners(g, n) => {
+                prop_assert!(n > 0);
+                prop_assert!(
+                    matches!(last.get(&g), Some(GroupEvent::Active(_))),
+                    "a count for {} that is not listened",
+                    g
+                );
+                continue;
+            }
+            GroupEvent::Active(g) | GroupEvent::Leaving(g) | GroupEvent::Inactive(g) => g,
+        };
         if let Some(prev) = last.insert(g, *e) {
             prop_assert_ne!(prev, *e, "an event repeated for {}", g);
         }

@@ -203,6 +203,11 @@ impl Carousel {
             GroupEvent::Active(g) => self.listen(now, g),
             GroupEvent::Inactive(g) => self.unlisten(now, g),
             GroupEvent::Leaving(g) => self.leaving(now, g),
+            GroupEvent::Listeners(g, n) => {
+                if let Some(hash) = self.listened.get(&g).and_then(|l| l.hash) {
+                    self.sched.handle_listeners(&hash, n);
+                }
+            }
         }
     }
 

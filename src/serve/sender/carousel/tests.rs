@@ -189,6 +189,7 @@ impl Sim {
             GroupEvent::Active(g) => self.heard.insert(g, Heard::Active),
             GroupEvent::Leaving(g) => self.heard.insert(g, Heard::Leaving),
             GroupEvent::Inactive(g) => self.heard.remove(&g),
+            GroupEvent::Listeners(..) => None,
         };
         self.c.handle_group_event(self.now, event);
     }
@@ -351,7 +352,8 @@ impl Sim {
         CarouselConfig {
             rate_bps,
             sched: SchedConfig {
-                max_margin: 0.0,
+                start_loss: 0.0,
+                max_loss: 0.0,
                 ..SchedConfig::default()
             },
             ..CarouselConfig::default()
