@@ -90,6 +90,11 @@ pub struct FetchConfig {
     /// interface or a server that is not running are known within seconds, and waiting out
     /// `timeout` (30 s) before saying so only delayed the error (issue 13).
     pub root_wait: Option<Duration>,
+    /// Objects just completed that the state keeps at hand ([`RECENT`]); the simulation,
+    /// which has no cache to wait for and runs a thousand receivers, keeps fewer.
+    pub recent: usize,
+    /// Simulation only: decode by counting symbols ([`crate::fec::ObjectDecoder::counting`]).
+    pub stand_in: Option<super::object::StandIn>,
     pub port: u16,
 }
 
@@ -101,6 +106,8 @@ impl Default for FetchConfig {
             max_joined: 32,
             stale_after: Duration::from_millis(750),
             root_wait: Some(ROOT_WAIT),
+            recent: RECENT,
+            stand_in: None,
             port: crate::channel::DEFAULT_PORT,
         }
     }

@@ -30,13 +30,14 @@
 //! doubt.
 
 use std::net::Ipv6Addr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lcfs_cache::Verified;
 
 use crate::fec::{Decoded, Esi, ObjectDecoder};
 use crate::object::bundle::Bundle;
-use crate::object::ObjectRef;
+use crate::object::{ObjectHash, ObjectRef};
 
 const MAX_DECODERS: usize = 4;
 
@@ -93,8 +94,21 @@ struct Slot {
     decoder: ObjectDecoder,
 }
 
+/// The simulation's source of objects for [`ObjectDecoder::counting`]: the bytes of an
+/// object by its hash, as the server publishes them. Never set in the product.
+#[derive(Clone)]
+pub struct StandIn(pub Arc<dyn Fn(&ObjectHash) -> Option<Arc<[u8]>> + Send + Sync>);
+
+impl std::fmt::Debug for StandIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StandIn")
+    }
+}
+
 pub struct ObjectFetch {
     want: ObjectRef,
+    /// Decoders that count symbols instead of decoding (simulation only).
+    stand_in: Option<StandIn>,
     /// The members, when `want` is a bundle's id: a decode is verified member by member.
     bundle: Option<Bundle>,
     decoders: Vec<Slot>,
@@ -110,6 +124,7 @@ impl ObjectFetch {
     pub fn new(now: Instant, want: ObjectRef) -> ObjectFetch {
         ObjectFetch {
             want,
+            stand_in: None,
             bundle: None,
             decoders: Vec::new(),
             started: now,
@@ -135,6 +150,11 @@ impl ObjectFetch {
 
     pub fn want(&self) -> &ObjectRef {
         &self.want
+    }
+
+    /// Decodes by counting symbols, with objects from `stand_in` (the simulation's choice).
+    pub fn set_stand_in(&mut self, stand_in: Option<StandIn>) {
+        self.stand_in = stand_in;
     }
 
     /// Feeds one symbol from `sender`, `preferred` if the engine knows it as a real server.
@@ -217,7 +237,11 @@ impl ObjectFetch {
                 .min_by_key(|&i| self.decoders[i].decoder.kept())?;
             self.decoders.swap_remove(worst);
         }
-        let decoder = ObjectDecoder::new(self.want.len as u64, key.size).ok()?;
+        let counted = self.stand_in.as_ref().and_then(|s| (s.0)(&self.want.hash));
+        let decoder = match counted {
+            Some(object) => ObjectDecoder::counting(object, key.size).ok()?,
+            None => ObjectDecoder::new(self.want.len as u64, key.size).ok()?,
+        };
         self.decoders.push(Slot {
             key,
             preferred,

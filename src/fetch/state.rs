@@ -89,7 +89,9 @@ pub const ELSEWHERE_PATIENCE: Duration = Duration::from_secs(5);
 /// to 64 members at once, most of them not yet asked for: room for several bundles.
 pub const RECENT: usize = 512;
 
-/// How many small files' bundles are remembered.
+/// How many small files' bundles are remembered. The map grows to this as bundles are
+/// learned rather than being made this large up front (4 MiB for every receiver of the
+/// simulation, most of which never see a bundle).
 const BUNDLE_MEMBERS_KNOWN: usize = 1 << 17;
 
 /// Where a pending fetch stands.
@@ -209,6 +211,7 @@ impl FetchState {
         stats: Arc<FetchStats>,
         member_gap: Duration,
     ) -> FetchState {
+        let recent = lru::LruCache::new(nonzero(config.recent));
         FetchState {
             root: channel.root_address(),
             air: channel.air_address(),
@@ -224,7 +227,7 @@ impl FetchState {
             watch: None,
             root_joined: false,
             members: Memberships::new(member_gap),
-            recent: lru::LruCache::new(nonzero(RECENT)),
+            recent,
             on_air: Vec::new(),
             on_air_at: None,
             air_joined: false,
@@ -233,7 +236,7 @@ impl FetchState {
             claims: VecDeque::new(),
             events: VecDeque::new(),
             admit_due: false,
-            bundle_of: lru::LruCache::new(nonzero(BUNDLE_MEMBERS_KNOWN)),
+            bundle_of: lru::LruCache::unbounded(),
             riding: BTreeMap::new(),
             probed_elsewhere: now,
             probed_joined: now,
@@ -322,6 +325,7 @@ impl FetchState {
         }
         self.seq += 1;
         let mut fetch = fetch();
+        fetch.set_stand_in(self.config.stand_in.clone());
         if freshness == Freshness::Superseded {
             fetch.handle_doubt(now);
         }
@@ -346,6 +350,9 @@ impl FetchState {
         for b in bundling.bundles {
             for m in b.members.iter() {
                 self.bundle_of.put(m.hash, b.clone());
+                if self.bundle_of.len() > BUNDLE_MEMBERS_KNOWN {
+                    self.bundle_of.pop_lru();
+                }
             }
         }
     }

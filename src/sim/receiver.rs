@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use super::link::Link;
 use super::walk::{Walk, Workload};
 use crate::channel::{Channel, Tag};
+use crate::fetch::object::StandIn;
 use crate::fetch::state::{Claim, Event, FetchState, Requested};
 use crate::fetch::{FetchConfig, FetchStats, Freshness, Priority};
 use crate::net::Envelope;
@@ -57,6 +58,8 @@ pub struct SimReceiver {
     /// Bundle members that completed before the walk asked for them (the cache a real
     /// receiver has): only those, so memory follows what came unasked.
     kept: HashMap<ObjectHash, lcfs_cache::Verified>,
+    /// Decode by counting symbols, with objects from here ([`crate::sim::Scenario::counting`]).
+    pub stand_in: Option<StandIn>,
 
     buf: Vec<u8>,
 }
@@ -79,6 +82,7 @@ impl SimReceiver {
             walk: None,
             asked: HashMap::new(),
             kept: HashMap::new(),
+            stand_in: None,
             buf: Vec::new(),
         }
     }
@@ -90,7 +94,13 @@ impl SimReceiver {
     /// Starts the workload: the root group is watched first.
     pub fn start(&mut self, now: Instant, channel: Channel) {
         let stats = self.stats.clone();
-        let config = FetchConfig::default();
+        // Objects completed before the walk asked for them (a bundle's members) are `kept`
+        // here, so the state need not hold recent ones: 64 of them were 4 MiB a receiver.
+        let config = FetchConfig {
+            recent: 1,
+            stand_in: self.stand_in.clone(),
+            ..FetchConfig::default()
+        };
         let mut state = FetchState::new(now, channel, IFINDEX, config, stats, Duration::ZERO);
         state.set_watching(now, true);
         self.state = Some(state);
