@@ -97,7 +97,10 @@ struct Slot {
 /// The simulation's source of objects for [`ObjectDecoder::counting`]: the bytes of an
 /// object by its hash, as the server publishes them. Never set in the product.
 #[derive(Clone)]
-pub struct StandIn(pub Arc<dyn Fn(&ObjectHash) -> Option<Arc<[u8]>> + Send + Sync>);
+pub struct StandIn(pub Arc<ObjectsByHash>);
+
+/// An object's bytes by its hash.
+pub type ObjectsByHash = dyn Fn(&ObjectHash) -> Option<Arc<[u8]>> + Send + Sync;
 
 impl std::fmt::Debug for StandIn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
