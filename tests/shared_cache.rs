@@ -45,8 +45,8 @@ const TIMEOUT: u32 = 20;
 const LIMIT: Duration = Duration::from_secs(90);
 /// Bytes a server may send, over its tree's file bytes, for every process of the receiving
 /// machine together: FEC margins and headers (about 1.07 for one receiver) plus root records,
-/// and a fresh server's first-round margin, which starts at its ceiling and comes down over
-/// the first few dozen objects (`serve::sched`): 1.151 was seen on a 5 MB tree.
+/// and a fresh server's first-round margin, sized for 2% loss until it learns the link's
+/// (`serve::sched`): 1.151 was seen on a 5 MB tree when it started at 15%.
 /// Fetching anything twice would cost twice, far above this.
 const MAX_SEND_RATIO: f64 = 1.25;
 

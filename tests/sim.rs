@@ -4,12 +4,14 @@
 //! that was not stopped ends with every object verified, that no fetch failed, and that
 //! nothing was sent on a group nobody held.
 //!
-//! What holds today: server bytes flat in the receiver count for a file without loss or
-//! with 5% loss (at 100 and 1000 receivers; 8 and 64 MiB), and for trees of small files
-//! (they travel in bundles; 1,000 and 10,000 files) without loss and with 5% loss, starts
-//! together. What does not is kept as
-//! `known_gap_*` tests that assert today's figure as an upper bound and print the ratio:
-//! 20% loss at 100 receivers, and starts spread over 10 s.
+//! What holds today: server bytes flat in the receiver count for a file without loss, with
+//! 5% loss (at 100 and 1000 receivers; 4, 8 and 64 MiB) and with 20% loss at 100, and for
+//! trees of small files (they travel in bundles; 1,000 and 10,000 files, at 100 and 1000
+//! receivers) without loss and with 5% loss, starts together. Above
+//! [`sim::COUNTING_ABOVE`] receivers both runs decode by counting symbols (tested against
+//! RaptorQ in `fec`). What does not hold is kept as `known_gap_*` tests that assert today's
+//! figure as an upper bound and print the ratio: 20% loss at 1000 receivers, and starts
+//! spread over 10 s.
 
 use std::time::Duration;
 
@@ -99,10 +101,10 @@ fn a_file_costs_the_same_for_1000_receivers_as_for_one_without_loss() {
 }
 
 /// 1000 receivers of a 4 MiB file under 5% loss each. The server sends until the
-/// unluckiest of 1000 has enough, so a block needs more than for one receiver; it stays
-/// within 1.15 because the first round's margin starts at its most instead of being learned
-/// upwards while the early blocks each take later rounds (1.39 then, 1.12 since; close to
-/// the bound at some seeds: see `serve::sched` on the margin's ceiling).
+/// unluckiest of 1000 has enough, so a block needs more than for one receiver; first rounds
+/// are sized by the loss learned from the share of listeners left short, the same at one
+/// receiver and at 1000, so only the few stragglers' later rounds differ: 1.07 to 1.11
+/// at seeds 1 to 4 and 11 (it was 1.12 to 1.20 while the margin followed the worst of N).
 #[test]
 fn a_file_under_5_percent_loss_costs_the_same_for_1000_receivers_as_for_one() {
     let file = Shape::File(4 << 20);
@@ -233,21 +235,38 @@ fn a_file_under_5_percent_loss_costs_100_receivers_what_it_costs_one() {
     assert!(ratio <= 1.15, "{ratio:.3}");
 }
 
-/// 20% independent loss at 100 receivers: the server sends until the unluckiest receiver
-/// of each block has enough symbols, and more rounds than that: 1.75 times the bytes of
-/// one receiver at seed 11 (not 1.15; 1.55 while the margin was learned upwards from zero,
-/// which cost one receiver more). The margin's ceiling (15% of K) is below what 20% loss
-/// needs, so every block takes later rounds, and receivers fall out of step.
+/// 20% independent loss at 100 receivers: 1.06 times one receiver's bytes at seed 11. It
+/// was 1.75 while the first round's margin had a ceiling of 15% of K, below what 20% loss
+/// needs, so every block took later rounds and receivers fell out of step.
 #[test]
-fn known_gap_a_file_under_heavy_loss_costs_more_at_100_receivers() {
-    let (_, _, ratio) = flatness("gap-file-loss", FILE, 100, Loss::Uniform(0.2), 0);
-    println!("known gap: 0.2 loss, 100 receivers: {ratio:.3} times one receiver");
-    assert!(ratio <= 1.8, "{ratio:.3}");
+fn a_file_under_20_percent_loss_costs_100_receivers_what_it_costs_one() {
+    let (_, _, ratio) = flatness("file-heavy-loss", FILE, 100, Loss::Uniform(0.2), 0);
+    assert!(ratio <= 1.15, "{ratio:.3}");
 }
 
-/// Starts spread over 10 s for a file that takes under a second: the server sends a round
+/// 20% loss at 1000 receivers of a 4 MiB file: 1.82 to 1.83 times the data at seeds 1 to
+/// 4 and 11, against 1.48 to 1.67 at one receiver, so 1.09 to 1.24 times one receiver
+/// (2.37 at seed 11 before the loss was learned from shares). The spread is the lone
+/// receiver's: it learns the loss from few objects, and a lone receiver's later rounds are
+/// cheap, so its luck decides. What 1000 receivers cost beyond the model of independent
+/// blocks (about 1.12) are the later rounds of the unluckiest few; sizing them from the
+/// number of stragglers needs counts the tracker caps at 64 listeners a group.
+#[test]
+fn known_gap_a_file_under_20_percent_loss_at_1000_receivers() {
+    let file = Shape::File(4 << 20);
+    let (_, many, ratio) = flatness("gap-file-heavy-1000", file, 1000, Loss::Uniform(0.2), 0);
+    assert_eq!(many.completion.len(), 1000);
+    println!("known gap: 0.2 loss, 1000 receivers: {ratio:.3} times one receiver");
+    assert!(ratio <= 1.3, "{ratio:.3}");
+}
+
+/// Starts spread over 10 s for a file that takes half a second: the server sends a round
 /// for each late group of receivers, and their windows split its rate (thousands of
-/// stall rejoins). Measured at seed 11: about 15 times one receiver's bytes.
+/// stall rejoins). Measured at seed 11: 14.6 times one receiver's bytes at 100 receivers,
+/// 19.0 at 1000 (`examples/sim --spread 10`). Nothing here grows with the receivers but
+/// the span: the link is busy for the span of the starts, and no more (at 100 Mbit/s, 10 s
+/// are 125 MB; 1000 receivers took 99 MB, 100 took 76 MB). A carousel of the whole file
+/// would cost the span too; what would help is fewer, larger shared rounds for late groups.
 #[test]
 fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
     let (_, _, ratio) = flatness("gap-file-spread", FILE, 100, Loss::Uniform(0.05), 10);
@@ -267,18 +286,18 @@ fn a_tree_of_small_files_under_5_percent_loss_costs_100_receivers_what_it_costs_
 }
 
 /// A thousand receivers of a 1,000-file tree of files up to 4 KiB (2.2 MB; 21 directories,
-/// bundles of a few dozen files) starting together under 5% loss: 1.46 times one receiver's
-/// bytes at seed 11 (1.20 for files up to 16 KiB, `examples/sim`). Directory rounds are
-/// over in a millisecond, while the receivers' joins spread over the links' jitter, so a
-/// directory takes a later round for the late joiners: metadata costs 2.4 times one
-/// receiver's, blocks 1.28.
+/// bundles of a few dozen files) starting together under 5% loss: 1.08 times one receiver's
+/// bytes at seed 11. It was 1.46: directory rounds are over in a millisecond, while the
+/// receivers' joins spread over the links' jitter, and those that missed the root record's
+/// one copy or a directory's round took later rounds of their own. The root record now
+/// goes out in a burst, metadata's first round covers a wider spread, and small objects'
+/// first rounds aim at fewer receivers left short (see `serve::sched`).
 #[test]
-fn known_gap_a_tree_of_tiny_files_costs_more_at_1000_receivers() {
+fn a_tree_of_tiny_files_costs_1000_receivers_what_it_costs_one() {
     let tiny = small_files(1000, 20, 4 << 10);
-    let (_, many, ratio) = flatness("gap-tree-1000", tiny, 1000, Loss::Uniform(0.05), 0);
+    let (_, many, ratio) = flatness("tree-1000", tiny, 1000, Loss::Uniform(0.05), 0);
     assert_eq!(many.completion.len(), 1000);
-    println!("known gap: 1000 receivers of tiny files: {ratio:.3} times one receiver");
-    assert!(ratio <= 1.6, "{ratio:.3}");
+    assert!(ratio <= 1.15, "{ratio:.3}");
 }
 
 /// The worst case for multicast: a thousand receivers each reading three files chosen at
