@@ -20,7 +20,11 @@
 //!
 //! Lock: one mutex holds the state and the waiters; the cache and the claim thread are
 //! asked outside it, except for claims answered by this process's own cache (a table in
-//! memory) and the release of a failed fetch's claim.
+//! memory) and the release of a failed fetch's claim. The receive thread decrypts, decodes
+//! and hashes outside it too: under the lock it only routes a batch's symbols to their
+//! fetches ([`FetchState::handle_packet`]) and takes back what they did
+//! ([`FetchState::handle_fed`]); each fetch's decoders have a lock of their own, which
+//! only the receive thread takes while it decodes.
 
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
@@ -682,20 +686,38 @@ impl Inner {
         self.fail_all(FetchError::Closed);
     }
 
+    /// The receive thread. A batch takes the lock twice, briefly: once to route its
+    /// symbols to their fetches, once to hand back what they did; decryption before, and
+    /// decoding and hashing between, run outside it, so readers asking for objects never
+    /// wait for a decode.
     fn receive(&self, store: &SyncSender<Store>) {
         let mut batch = RecvBatch::new(64, 65536);
+        let opener = self.lock().state.opener();
         while !self.shutdown.load(Ordering::Relaxed) {
             let received = recv_batch(&self.socket, &mut batch);
             let now = Instant::now();
+            if let Err(ref e) = received {
+                tracing::warn!("receiving on {} failed: {e}", self.iface.name);
+            }
+            let packets: Vec<_> = match received {
+                Ok(_) => batch
+                    .datagrams()
+                    .filter_map(|(env, dgram)| opener.open(&env, dgram).map(|p| (env, p)))
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            let feeds: Vec<_> = {
+                let mut l = self.lock();
+                packets
+                    .into_iter()
+                    .filter_map(|(env, pkt)| l.state.handle_packet(now, env, pkt))
+                    .collect()
+            };
+            let fed: Vec<_> = feeds.into_iter().map(|f| f.run()).collect();
             let (completed, probes) = {
                 let mut l = self.lock();
-                match received {
-                    Ok(_) => {
-                        for (env, dgram) in batch.datagrams() {
-                            l.state.handle_datagram(now, env, dgram);
-                        }
-                    }
-                    Err(ref e) => tracing::warn!("receiving on {} failed: {e}", self.iface.name),
+                for f in fed {
+                    l.state.handle_fed(now, f);
                 }
                 if now >= l.state.poll_timeout() {
                     l.state.handle_timeout(now);

@@ -30,7 +30,7 @@
 //! doubt.
 
 use std::net::Ipv6Addr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lcfs_cache::Verified;
@@ -110,39 +110,47 @@ impl std::fmt::Debug for StandIn {
 
 pub struct ObjectFetch {
     want: ObjectRef,
-    /// Decoders that count symbols instead of decoding (simulation only).
-    stand_in: Option<StandIn>,
-    /// The members, when `want` is a bundle's id: a decode is verified member by member.
     bundle: Option<Bundle>,
-    decoders: Vec<Slot>,
+    decoding: Arc<Mutex<Decoding>>,
     started: Instant,
     last_progress: Instant,
     last_join: Instant,
     /// Since when the fetch is in doubt (see the module doc).
     doubted: Option<Instant>,
-    pub stats: SymbolStats,
+    /// Whether any symbol was news, and whether a decode did not verify (from [`Fed`]s).
+    accepted: bool,
+    forged: bool,
 }
 
 impl ObjectFetch {
     pub fn new(now: Instant, want: ObjectRef) -> ObjectFetch {
-        ObjectFetch {
-            want,
-            stand_in: None,
-            bundle: None,
-            decoders: Vec::new(),
-            started: now,
-            last_progress: now,
-            last_join: now,
-            doubted: None,
-            stats: SymbolStats::default(),
-        }
+        ObjectFetch::with(now, want, None)
     }
 
     /// The fetch of `bundle`, which completes with its members.
     pub fn of_bundle(now: Instant, bundle: Bundle) -> ObjectFetch {
+        ObjectFetch::with(now, bundle.id, Some(bundle))
+    }
+
+    fn with(now: Instant, want: ObjectRef, bundle: Option<Bundle>) -> ObjectFetch {
+        let decoding = Decoding {
+            want,
+            stand_in: None,
+            bundle: bundle.clone(),
+            decoders: Vec::new(),
+            finished: false,
+            stats: SymbolStats::default(),
+        };
         ObjectFetch {
-            bundle: Some(bundle.clone()),
-            ..ObjectFetch::new(now, bundle.id)
+            want,
+            bundle,
+            decoding: Arc::new(Mutex::new(decoding)),
+            started: now,
+            last_progress: now,
+            last_join: now,
+            doubted: None,
+            accepted: false,
+            forged: false,
         }
     }
 
@@ -155,13 +163,26 @@ impl ObjectFetch {
         &self.want
     }
 
-    /// Decodes by counting symbols, with objects from `stand_in` (the simulation's choice).
-    pub fn set_stand_in(&mut self, stand_in: Option<StandIn>) {
-        self.stand_in = stand_in;
+    /// The symbol half, to feed outside the state's lock ([`super::state::Feed`]).
+    pub fn decoding(&self) -> Arc<Mutex<Decoding>> {
+        Arc::clone(&self.decoding)
     }
 
-    /// Feeds one symbol from `sender`, `preferred` if the engine knows it as a real server.
-    /// Returns the verified object once it decodes (a bundle's members, in order).
+    fn lock_decoding(&self) -> std::sync::MutexGuard<'_, Decoding> {
+        self.decoding.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stats(&self) -> SymbolStats {
+        self.lock_decoding().stats
+    }
+
+    /// Decodes by counting symbols, with objects from `stand_in` (the simulation's choice).
+    pub fn set_stand_in(&mut self, stand_in: Option<StandIn>) {
+        self.lock_decoding().stand_in = stand_in;
+    }
+
+    /// Feeds one symbol and follows what it did ([`Decoding::push`], then
+    /// [`ObjectFetch::handle_fed`]). Returns the verified object once it decodes.
     pub fn handle_symbol(
         &mut self,
         now: Instant,
@@ -170,38 +191,133 @@ impl ObjectFetch {
         esi: Esi,
         data: &[u8],
     ) -> Option<Vec<Verified>> {
+        let fed = self.lock_decoding().push(sender, preferred, esi, data);
+        self.handle_fed(now, &fed);
+        fed.done
+    }
+
+    /// What a symbol fed to [`ObjectFetch::decoding`] did, at `now`.
+    pub fn handle_fed(&mut self, now: Instant, fed: &Fed) {
+        if fed.progress {
+            self.accepted = true;
+            self.last_progress = now;
+        }
+        self.forged |= fed.forged;
+    }
+
+    pub fn handle_joined(&mut self, now: Instant) {
+        self.last_join = now;
+    }
+
+    /// Restarts the timers, when the object (re)enters the joined window.
+    pub fn handle_started(&mut self, now: Instant) {
+        self.started = now;
+        self.last_progress = now;
+        self.last_join = now;
+    }
+
+    /// Puts the fetch in doubt from `now` (see the module doc).
+    pub fn handle_doubt(&mut self, now: Instant) {
+        self.doubted = Some(now);
+    }
+
+    /// A reader of the current generation wants the object: it is not in doubt.
+    pub fn handle_vouched(&mut self) {
+        self.doubted = None;
+    }
+
+    pub fn is_doubted(&self) -> bool {
+        self.doubted.is_some()
+    }
+
+    pub fn poll_action(&self, now: Instant, t: &Timers) -> Action {
+        let quiet = now.saturating_duration_since(self.last_progress);
+        let forged = self.forged;
+        let since = |at: Instant| now.saturating_duration_since(at);
+        if quiet >= t.timeout || (forged && since(self.started) >= t.timeout) {
+            Action::Fail
+        } else if self.doubted.is_some_and(|d| {
+            // Progress counts only when it is news: `last_progress` starts at the join.
+            since(d.max(self.last_progress).max(self.started)) >= t.stale_after
+        }) || (self.bundle.is_some()
+            && !self.accepted
+            && since(self.started) >= t.bundle_patience)
+        {
+            Action::Stale
+        } else if quiet >= t.stall && since(self.last_join) >= t.stall {
+            Action::Rejoin
+        } else {
+            Action::Wait
+        }
+    }
+}
+
+/// The symbol half of a fetch: its decoders, and the check that makes a decode an object.
+/// A fetch holds it behind its own lock, so that the engine's receive thread decodes and
+/// hashes outside the lock of the rest of the state ([`super::state::Feed`]); nothing else
+/// takes that lock while it decodes.
+pub struct Decoding {
+    want: ObjectRef,
+    /// Decoders that count symbols instead of decoding (simulation only).
+    stand_in: Option<StandIn>,
+    /// The members, when `want` is a bundle's id: a decode is verified member by member.
+    bundle: Option<Bundle>,
+    decoders: Vec<Slot>,
+    /// The object was given once: later symbols are no news.
+    finished: bool,
+    pub stats: SymbolStats,
+}
+
+/// What one symbol did to a fetch: the fetch's timers and the engine's counters follow it.
+#[derive(Debug, Default)]
+pub struct Fed {
+    /// A symbol the fetch did not have.
+    pub progress: bool,
+    /// A decode did not verify (forged symbols).
+    pub forged: bool,
+    /// The verified object (a bundle's members, in order).
+    pub done: Option<Vec<Verified>>,
+}
+
+impl Decoding {
+    /// Feeds one symbol from `sender`, `preferred` if the engine knows it as a real server.
+    pub fn push(&mut self, sender: Ipv6Addr, preferred: bool, esi: Esi, data: &[u8]) -> Fed {
+        let mut fed = Fed::default();
+        if self.finished {
+            self.stats.duplicates += 1;
+            return fed;
+        }
         let key = Key {
             size: data.len(),
             sender: (self.stats.forged_decodes > 0).then_some(sender),
         };
         let Some(i) = self.decoder_for(key, preferred) else {
             self.stats.ignored += 1;
-            return None;
+            return fed;
         };
         self.decoders[i].preferred |= preferred;
         match self.decoders[i].decoder.push(esi, data) {
-            Decoded::Ignored => {
-                self.stats.ignored += 1;
-                None
-            }
-            Decoded::Duplicate => {
-                self.stats.duplicates += 1;
-                None
-            }
+            Decoded::Ignored => self.stats.ignored += 1,
+            Decoded::Duplicate => self.stats.duplicates += 1,
             Decoded::Pending => {
                 self.stats.accepted += 1;
-                self.last_progress = now;
+                fed.progress = true;
                 if self.decoders[i].decoder.saturated() {
                     self.decoders.swap_remove(i);
                 }
-                None
             }
             Decoded::Done(bytes) => {
                 self.stats.accepted += 1;
-                self.last_progress = now;
-                self.verify(i, bytes)
+                fed.progress = true;
+                fed.done = self.verify(i, bytes);
+                fed.forged = fed.done.is_none();
+                if fed.done.is_some() {
+                    self.finished = true;
+                    self.decoders.clear();
+                }
             }
         }
+        fed
     }
 
     fn verify(&mut self, i: usize, bytes: Vec<u8>) -> Option<Vec<Verified>> {
@@ -251,52 +367,6 @@ impl ObjectFetch {
             decoder,
         });
         Some(self.decoders.len() - 1)
-    }
-
-    pub fn handle_joined(&mut self, now: Instant) {
-        self.last_join = now;
-    }
-
-    /// Restarts the timers, when the object (re)enters the joined window.
-    pub fn handle_started(&mut self, now: Instant) {
-        self.started = now;
-        self.last_progress = now;
-        self.last_join = now;
-    }
-
-    /// Puts the fetch in doubt from `now` (see the module doc).
-    pub fn handle_doubt(&mut self, now: Instant) {
-        self.doubted = Some(now);
-    }
-
-    /// A reader of the current generation wants the object: it is not in doubt.
-    pub fn handle_vouched(&mut self) {
-        self.doubted = None;
-    }
-
-    pub fn is_doubted(&self) -> bool {
-        self.doubted.is_some()
-    }
-
-    pub fn poll_action(&self, now: Instant, t: &Timers) -> Action {
-        let quiet = now.saturating_duration_since(self.last_progress);
-        let forged = self.stats.forged_decodes > 0;
-        let since = |at: Instant| now.saturating_duration_since(at);
-        if quiet >= t.timeout || (forged && since(self.started) >= t.timeout) {
-            Action::Fail
-        } else if self.doubted.is_some_and(|d| {
-            // Progress counts only when it is news: `last_progress` starts at the join.
-            since(d.max(self.last_progress).max(self.started)) >= t.stale_after
-        }) || (self.bundle.is_some()
-            && self.stats.accepted == 0
-            && since(self.started) >= t.bundle_patience)
-        {
-            Action::Stale
-        } else if quiet >= t.stall && since(self.last_join) >= t.stall {
-            Action::Rejoin
-        } else {
-            Action::Wait
-        }
     }
 }
 
@@ -350,7 +420,7 @@ mod tests {
                 .handle_symbol(now, FORGER, false, Esi(esi), &[0xAA; 500])
                 .is_none());
         }
-        assert_eq!(f.stats.forged_decodes, 1);
+        assert_eq!(f.stats().forged_decodes, 1);
         let mut buf = Vec::new();
         let mut got = None;
         for esi in 10..40 {
@@ -391,7 +461,7 @@ mod tests {
                 break;
             }
         }
-        assert!(f.stats.forged_decodes >= 1);
+        assert!(f.stats().forged_decodes >= 1);
         assert_eq!(&got.unwrap()[0][..], &data[..]);
     }
 
@@ -412,7 +482,7 @@ mod tests {
                 );
             }
         }
-        assert!(f.stats.forged_decodes > 0);
+        assert!(f.stats().forged_decodes > 0);
         assert_eq!(f.poll_action(now, &t), Action::Fail);
     }
 
@@ -423,7 +493,7 @@ mod tests {
         for esi in 0..50 {
             f.handle_symbol(now, FORGER, false, Esi(esi), &[0x55; 500]);
         }
-        assert!(f.stats.forged_decodes > 0);
+        assert!(f.stats().forged_decodes > 0);
         let mut buf = Vec::new();
         let mut got = None;
         for esi in 0..200u32 {
@@ -458,7 +528,7 @@ mod tests {
             now += Duration::from_millis(100);
             f.handle_symbol(now, SERVER, true, Esi(0), &buf);
         }
-        assert!(f.stats.duplicates >= 39);
+        assert!(f.stats().duplicates >= 39);
         assert_eq!(f.poll_action(now, &t), Action::Fail);
     }
 

@@ -7,6 +7,14 @@
 //! fetch failed, a root record heard). It owns no socket, thread, clock or cache, so tests
 //! and the network simulation drive it directly; `super::engine` is its I/O shell.
 //!
+//! A datagram is handled in three steps, so that a shell that shares the state between
+//! threads can run the costly ones outside its lock: [`Opener::open`] checks and decrypts
+//! (no state), [`FetchState::handle_packet`] routes a symbol to its fetch and gives back a
+//! [`Feed`], whose [`Feed::run`] decodes and hashes (the fetch's own decoders, no state),
+//! and [`FetchState::handle_fed`] follows what it did. [`FetchState::handle_datagram`] takes
+//! the three at once. A fetch may end between the last two (another thread failed it); a
+//! verified object is then completed all the same.
+//!
 //! A fetch goes `Queued` (waiting for room in the window) → `Claiming` (asking whether
 //! another process sharing the cache fetches it) → `Joined` (symbols decoded) or `Elsewhere`
 //! (waiting for that process to store it) → done. Demand reads never wait for room; other
@@ -35,20 +43,20 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv6Addr;
 use std::num::NonZeroUsize;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lcfs_cache::Verified;
 
 use super::engine::{FetchConfig, FetchStats, Freshness, HeardRoot, Priority};
 use super::membership::Memberships;
-use super::object::{Action, ObjectFetch, Timers};
+use super::object::{Action, Decoding, Fed, ObjectFetch, Timers};
 use crate::channel::{Address, Channel, Tag};
 use crate::fec::Esi;
 use crate::net::Envelope;
 use crate::object::bundle::{Bundle, Bundling};
 use crate::object::{ObjectHash, ObjectRef, RootRecord};
-use crate::packet::{self, Body};
+use crate::packet::{self, Body, Packet};
 
 /// While the root group is watched and nothing is heard, it is rejoined this often (a fresh
 /// report), so that a restarted server learns of the watcher at once.
@@ -93,6 +101,63 @@ pub const RECENT: usize = 512;
 /// learned rather than being made this large up front (4 MiB for every receiver of the
 /// simulation, most of which never see a bundle).
 const BUNDLE_MEMBERS_KNOWN: usize = 1 << 17;
+
+/// Opens received datagrams: the checks that need no state (multicast, on our interface),
+/// and decryption on a sealed channel. Counts what it drops.
+#[derive(Clone)]
+pub struct Opener {
+    channel: Channel,
+    ifindex: u32,
+    stats: Arc<FetchStats>,
+}
+
+impl Opener {
+    /// The packet `dgram` holds (decrypted in place), or None when it is not ours.
+    pub fn open<'a>(&self, env: &Envelope, dgram: &'a mut [u8]) -> Option<Packet<'a>> {
+        self.stats.packets.fetch_add(1, Ordering::Relaxed);
+        // Cheap before any decryption: only multicast on our interface can be ours.
+        if !env.to.is_some_and(|to| to.is_multicast()) || env.ifindex != self.ifindex {
+            self.stats.misaddressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        match packet::decode(dgram, self.channel.seal()) {
+            Ok(pkt) => Some(pkt),
+            Err(_) => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+}
+
+/// A symbol for a pending fetch, to feed to its decoders: RaptorQ decoding and BLAKE3
+/// hashing happen in [`Feed::run`], which needs no access to the state.
+pub struct Feed<'a> {
+    tag: Tag,
+    from: Ipv6Addr,
+    preferred: bool,
+    esi: Esi,
+    data: &'a [u8],
+    decoding: Arc<Mutex<Decoding>>,
+}
+
+impl Feed<'_> {
+    pub fn run(self) -> FedSymbol {
+        let mut decoding = self.decoding.lock().unwrap_or_else(|e| e.into_inner());
+        FedSymbol {
+            tag: self.tag,
+            from: self.from,
+            fed: decoding.push(self.from, self.preferred, self.esi, self.data),
+        }
+    }
+}
+
+/// What a [`Feed`] did, for [`FetchState::handle_fed`].
+pub struct FedSymbol {
+    tag: Tag,
+    from: Ipv6Addr,
+    fed: Fed,
+}
 
 /// Where a pending fetch stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +224,7 @@ struct RootWatch {
 /// The receiver state of one channel.
 pub struct FetchState {
     channel: Channel,
+    opener: Opener,
     root: Address,
     air: Address,
     /// The interface datagrams must arrive on.
@@ -212,7 +278,13 @@ impl FetchState {
         member_gap: Duration,
     ) -> FetchState {
         let recent = lru::LruCache::new(nonzero(config.recent));
+        let opener = Opener {
+            channel: channel.clone(),
+            ifindex,
+            stats: stats.clone(),
+        };
         FetchState {
+            opener,
             root: channel.root_address(),
             air: channel.air_address(),
             channel,
@@ -357,20 +429,35 @@ impl FetchState {
         }
     }
 
-    /// Handles one received datagram (decrypted in place on a sealed channel).
+    /// Handles one received datagram (decrypted in place on a sealed channel): the three
+    /// steps the engine takes apart ([`Opener::open`], [`FetchState::handle_packet`],
+    /// [`Feed::run`] and [`FetchState::handle_fed`]) taken at once.
     pub fn handle_datagram(&mut self, now: Instant, env: Envelope, dgram: &mut [u8]) {
-        self.stats.packets.fetch_add(1, Ordering::Relaxed);
-        // Cheap before any decryption: only multicast on our interface can be ours.
-        if !env.to.is_some_and(|to| to.is_multicast()) || env.ifindex != self.ifindex {
-            self.stats.misaddressed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let Ok(pkt) = packet::decode(dgram, self.channel.seal()) else {
-            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+        let Some(pkt) = self.opener.open(&env, dgram) else {
             return;
         };
+        if let Some(feed) = self.handle_packet(now, env, pkt) {
+            let fed = feed.run();
+            self.handle_fed(now, fed);
+        }
+    }
+
+    /// What opens datagrams for this state; it needs no state, so the engine runs it outside
+    /// its lock.
+    pub fn opener(&self) -> Opener {
+        self.opener.clone()
+    }
+
+    /// Handles one opened packet. A symbol of a pending object comes back as a [`Feed`]: the
+    /// caller runs it (outside any lock it holds the state with) and hands back what it did.
+    pub fn handle_packet<'a>(
+        &mut self,
+        now: Instant,
+        env: Envelope,
+        pkt: Packet<'a>,
+    ) -> Option<Feed<'a>> {
         match pkt.body {
-            Body::Symbol { esi, data } => self.handle_symbol(now, env, pkt.tag, esi, data),
+            Body::Symbol { esi, data } => return self.route_symbol(env, pkt.tag, esi, data),
             Body::Root(bytes) if pkt.tag == self.root.tag => {
                 if env.is_group(&self.root.group, self.ifindex) {
                     self.handle_root(now, env.from, bytes);
@@ -390,33 +477,54 @@ impl FetchState {
                 self.stats.unexpected.fetch_add(1, Ordering::Relaxed);
             }
         }
+        None
     }
 
-    fn handle_symbol(&mut self, now: Instant, env: Envelope, tag: Tag, esi: Esi, data: &[u8]) {
+    fn route_symbol<'a>(
+        &mut self,
+        env: Envelope,
+        tag: Tag,
+        esi: Esi,
+        data: &'a [u8],
+    ) -> Option<Feed<'a>> {
         let Some(p) = self
             .pending
             .get_mut(&tag)
             .filter(|p| p.phase == Phase::Joined)
         else {
             self.stats.unexpected.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         };
         // A symbol counts only on its own object's group: a tag copied onto another group
         // (or onto unicast) is someone else's packet.
         if !env.is_group(&p.group, self.ifindex) {
             self.stats.misaddressed.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         }
-        let forged = p.fetch.stats.forged_decodes;
-        let preferred = self.good_senders.contains(&env.from);
-        let done = p.fetch.handle_symbol(now, env.from, preferred, esi, data);
-        if p.fetch.stats.forged_decodes > forged {
+        Some(Feed {
+            tag,
+            from: env.from,
+            preferred: self.good_senders.contains(&env.from),
+            esi,
+            data,
+            decoding: p.fetch.decoding(),
+        })
+    }
+
+    /// What a [`Feed`] did. The fetch may have ended meanwhile (failed or given up by another
+    /// thread); a verified object is completed all the same, for the cache to keep.
+    pub fn handle_fed(&mut self, now: Instant, fed: FedSymbol) {
+        let FedSymbol { tag, from, fed } = fed;
+        if fed.forged {
             self.stats.forged_decodes.fetch_add(1, Ordering::Relaxed);
         }
-        let Some(objects) = done else {
+        if let Some(p) = self.pending.get_mut(&tag) {
+            p.fetch.handle_fed(now, &fed);
+        }
+        let Some(objects) = fed.done else {
             return;
         };
-        self.good_senders.put(env.from, ());
+        self.good_senders.put(from, ());
         let bundle = self
             .end(now, tag)
             .and_then(|p| p.fetch.bundle().map(|b| b.id.hash));

@@ -10,7 +10,9 @@ use lcfs_cache::Verified;
 use proptest::prelude::*;
 
 use super::engine::{FetchConfig, FetchStats, Freshness, Priority};
-use super::state::{Claim, Event, FetchState, Requested, ELSEWHERE_PATIENCE, ROOT_WATCH_REJOIN};
+use super::state::{
+    Claim, Event, Feed, FetchState, Requested, ELSEWHERE_PATIENCE, ROOT_WATCH_REJOIN,
+};
 use crate::channel::{Channel, Tag};
 use crate::fec::{Esi, ObjectEncoder};
 use crate::net::Envelope;
@@ -722,4 +724,61 @@ fn regression_a_file_a_new_listing_leaves_unbundled_is_fetched_on_its_own() {
         [(a, ObjectHash::of_verified(&files[1]))],
         "its own object, no bundle"
     );
+}
+
+/// The engine routes a batch under its lock, decodes outside it and hands back what the
+/// symbols did. A fetch that ended in between (here: failed by its timeout) still completes
+/// the object its symbols verified, once, for the cache; later symbols of the same batch
+/// are no news.
+#[test]
+fn a_fetch_that_ends_while_its_symbols_decode_still_completes_once() {
+    let mut r = rig(4);
+    let v = object(1, 3 * SYMBOL);
+    let tag = r.request(&v, Priority::Readahead);
+    r.grant_all();
+    let group = r.group(&v);
+    assert!(r.membership().contains(&(group, true)));
+    let enc = ObjectEncoder::new(&v, SYMBOL).unwrap();
+    let mut pkts: Vec<Vec<u8>> = (0..enc.source_symbols() + 2)
+        .map(|esi| {
+            let (mut sym, mut pkt) = (Vec::new(), Vec::new());
+            enc.symbol(Esi(esi), &mut sym);
+            packet::encode_symbol(&mut pkt, tag, Esi(esi), &sym, None);
+            pkt
+        })
+        .collect();
+    let env = Envelope {
+        from: SERVER,
+        to: Some(group),
+        ifindex: IFINDEX,
+    };
+    let opener = r.st.opener();
+    let now = r.now;
+    let feeds: Vec<_> = pkts
+        .iter_mut()
+        .filter_map(|p| opener.open(&env, p))
+        .filter_map(|p| r.st.handle_packet(now, env, p))
+        .collect();
+    assert_eq!(feeds.len(), 5, "every symbol routed to the pending fetch");
+    // Another thread's timers fail the fetch before the decodes come back.
+    r.advance(FetchConfig::default().timeout + Duration::from_secs(1));
+    assert!(matches!(r.events()[..], [Event::Failed { .. }]));
+    for fed in feeds.into_iter().map(Feed::run).collect::<Vec<_>>() {
+        r.st.handle_fed(r.now, fed);
+    }
+    let completed: Vec<_> = r
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Completed { tag: t, object } => Some((t, object)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        completed.len(),
+        1,
+        "one completion, not one per extra symbol"
+    );
+    assert_eq!(completed[0].0, tag);
+    assert_eq!(&completed[0].1[..], &v[..]);
 }
