@@ -244,8 +244,8 @@ fn a_file_under_20_percent_loss_costs_100_receivers_what_it_costs_one() {
     assert!(ratio <= 1.15, "{ratio:.3}");
 }
 
-/// 20% loss at 1000 receivers of a 4 MiB file: 1.82 to 1.83 times the data at seeds 1 to
-/// 4 and 11, against 1.48 to 1.67 at one receiver, so 1.09 to 1.24 times one receiver
+/// 20% loss at 1000 receivers of a 4 MiB file: 1.79 to 1.80 times the data at seeds 1 to
+/// 4 and 11, against 1.48 to 1.64 at one receiver, so 1.10 to 1.21 times one receiver
 /// (2.37 at seed 11 before the loss was learned from shares). The spread is the lone
 /// receiver's: it learns the loss from few objects, and a lone receiver's later rounds are
 /// cheap, so its luck decides. What 1000 receivers cost beyond the model of independent
