@@ -163,14 +163,23 @@ impl ObjectDecoder {
     /// A decoder for an object of `len` bytes coded with symbols of `symbol_size` bytes.
     pub fn new(len: u64, symbol_size: usize) -> Result<ObjectDecoder, FecError> {
         let config = oti(len, symbol_size)?;
-        Ok(ObjectDecoder {
+        let decoder = SourceBlockDecoder::new(0, &config, len);
+        Ok(ObjectDecoder::with(
+            len,
+            symbol_size,
+            Inner::RaptorQ(Box::new(decoder)),
+        ))
+    }
+
+    fn with(len: u64, symbol_size: usize, decoder: Inner) -> ObjectDecoder {
+        ObjectDecoder {
             len,
             symbol_size,
             k: len.div_ceil(symbol_size as u64) as u32,
             kept: 0,
             seen: std::collections::HashSet::new(),
-            decoder: Inner::RaptorQ(Box::new(SourceBlockDecoder::new(0, &config, len))),
-        })
+            decoder,
+        }
     }
 
     /// A stand-in for the simulation of a thousand receivers, where RaptorQ's work and
@@ -184,14 +193,11 @@ impl ObjectDecoder {
     ) -> Result<ObjectDecoder, FecError> {
         let len = object.len() as u64;
         oti(len, symbol_size)?;
-        Ok(ObjectDecoder {
+        Ok(ObjectDecoder::with(
             len,
             symbol_size,
-            k: len.div_ceil(symbol_size as u64) as u32,
-            kept: 0,
-            seen: std::collections::HashSet::new(),
-            decoder: Inner::Counting(object),
-        })
+            Inner::Counting(object),
+        ))
     }
 
     pub fn symbol_size(&self) -> usize {
