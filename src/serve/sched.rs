@@ -226,7 +226,9 @@ impl Active {
 /// copy's 32 objects in flight made a burst of early shares push it to its ceiling; a
 /// likelihood weighs each object by what it shows, and a lone receiver's one short
 /// object among many says little. Of equally likely losses the least is taken: a run of
-/// objects all short says only that the loss is at least so much.
+/// objects all short says only that the loss is at least so much. (The posterior mean
+/// instead never came down on a clean link: rounds sized for a loss say nothing against
+/// it when nobody is short, and a file without loss cost 1.18 times its data.)
 ///
 /// The first round is then sized so that [`target_share`] of receivers are left short.
 /// The aim is lower for small objects: a later round is at least two symbols and a
@@ -244,10 +246,14 @@ const GRID_STEP: f64 = 0.01;
 /// How much less each object's evidence weighs, per object observed after it.
 const DECAY: f64 = 0.98;
 
-/// The share of receivers a first round of `k` symbols aims to leave short: 1% for a block
-/// of 64 KiB (46 symbols) or more, less in proportion for smaller objects, at least 0.05%.
+/// The share of receivers a first round of a block of 64 KiB (46 symbols) or more aims to
+/// leave short. In the simulation (4 MiB, 1000 receivers against one, 20% loss, seeds 1 to
+/// 4 and 11) 1% with four root copies gave 1.15 to 1.25, 0.5% with six 1.09 to 1.24; what
+/// 0.5% costs one receiver under 5% loss is about 2% more bytes.
 const TARGET_SHARE: f64 = 0.005;
 
+/// [`TARGET_SHARE`] for an object of `k` symbols: less in proportion below 46, at least
+/// 0.05%.
 fn target_share(k: u32) -> f64 {
     (TARGET_SHARE * f64::from(k) / 46.0).clamp(0.0005, TARGET_SHARE)
 }
