@@ -1125,6 +1125,22 @@ mod tests {
         s.loss()
     }
 
+    /// A fresh server sizes for 2% loss; on a clean link a lone receiver's first few objects
+    /// bring first rounds down to K (a posterior mean in place of the likelihood's maximum
+    /// never came down: rounds sized for some loss say nothing against it).
+    #[test]
+    fn a_clean_link_brings_first_rounds_down_to_k_within_a_few_objects() {
+        let mut now = Instant::now();
+        let mut s = Scheduler::new(SchedConfig::default());
+        assert!(
+            s.loss.first_round(46) > 46,
+            "a fresh server sizes for some loss"
+        );
+        learn(&mut s, &mut now, 3, 46, 1, 0);
+        assert_eq!(s.loss(), 0.0);
+        assert_eq!(s.loss.first_round(46), 46);
+    }
+
     #[test]
     fn the_loss_learned_follows_the_share_left_short_not_the_number_of_listeners() {
         let mut now = Instant::now();
