@@ -177,8 +177,8 @@ impl ObjectFetch {
     }
 
     /// Decodes by counting symbols, with objects from `stand_in` (the simulation's choice).
-    pub fn set_stand_in(&mut self, stand_in: Option<StandIn>) {
-        self.lock_decoding().stand_in = stand_in;
+    pub fn set_stand_in(&mut self, stand_in: StandIn) {
+        self.lock_decoding().stand_in = Some(stand_in);
     }
 
     /// Feeds one symbol and follows what it did ([`Decoding::push`], then

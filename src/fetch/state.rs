@@ -397,7 +397,9 @@ impl FetchState {
         }
         self.seq += 1;
         let mut fetch = fetch();
-        fetch.set_stand_in(self.config.stand_in.clone());
+        if let Some(stand_in) = &self.config.stand_in {
+            fetch.set_stand_in(stand_in.clone());
+        }
         if freshness == Freshness::Superseded {
             fetch.handle_doubt(now);
         }
@@ -487,11 +489,7 @@ impl FetchState {
         esi: Esi,
         data: &'a [u8],
     ) -> Option<Feed<'a>> {
-        let Some(p) = self
-            .pending
-            .get_mut(&tag)
-            .filter(|p| p.phase == Phase::Joined)
-        else {
+        let Some(p) = self.pending.get(&tag).filter(|p| p.phase == Phase::Joined) else {
             self.stats.unexpected.fetch_add(1, Ordering::Relaxed);
             return None;
         };

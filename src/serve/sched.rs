@@ -186,15 +186,17 @@ struct Active {
 
 impl Active {
     /// Everyone left after the first round's K source symbols went out and before a second
-    /// round: the first was enough. (Counting only leaves after its end, as before, missed
-    /// every object whose receivers decoded while its margin was still going out, which
-    /// on a fast uplink is all of them without loss: the margin never came down.)
-    fn first_round_sufficed(&self) -> bool {
-        self.rounds == 0
-            && !self.urgent
-            && self
-                .first
-                .is_some_and(|first| first - self.budget >= self.k)
+    /// round: the first was enough, and `loss` learns so. (Counting only leaves after its
+    /// end, as before, missed every object whose receivers decoded while its margin was
+    /// still going out, which on a fast uplink is all of them without loss: the margin never
+    /// came down.)
+    fn learn_if_first_round_sufficed(&self, loss: &mut LossEstimate) {
+        let Some(first) = self.first else {
+            return;
+        };
+        if self.rounds == 0 && !self.urgent && first - self.budget >= self.k {
+            loss.observe(self.k, first, 0, self.heard);
+        }
     }
 
     fn later_round(&mut self) {
@@ -474,9 +476,7 @@ impl Scheduler {
         }
         a.leaving = Some(now);
         Self::note_leave(&mut self.stats, a, now);
-        if let (true, Some(first)) = (a.first_round_sufficed(), a.first) {
-            self.loss.observe(a.k, first, 0, a.heard);
-        }
+        a.learn_if_first_round_sufficed(&mut self.loss);
         self.withdraw(hash);
     }
 
@@ -531,9 +531,7 @@ impl Scheduler {
         };
         if a.leaving.is_none() {
             Self::note_leave(&mut self.stats, &a, now);
-            if let (true, Some(first)) = (a.first_round_sufficed(), a.first) {
-                self.loss.observe(a.k, first, 0, a.heard);
-            }
+            a.learn_if_first_round_sufficed(&mut self.loss);
             self.withdraw(hash);
         }
         self.idle_since.insert(*hash, a.leaving.unwrap_or(now));
