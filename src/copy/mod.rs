@@ -371,7 +371,7 @@ impl Copier<'_> {
         let leaves = (self.tree.leaves(f, Priority::Readahead).await).map_err(in_file)?;
         let (dir, name) = self.dest.parent_of(rel)?;
         let bs = self.tree.block_size();
-        let existing = existing_blocks(dir.clone(), name.to_owned(), bs, self.dest.euid()).await;
+        let existing = existing_blocks(&dir, name, bs, self.dest.euid()).await;
         if existing.in_place(&leaves, f.size) {
             self.unchanged.fetch_add(1, Ordering::Relaxed);
             self.reused.fetch_add(f.size, Ordering::Relaxed);
@@ -395,10 +395,11 @@ impl Copier<'_> {
         self.staging
             .add(Part::new(rel, part.name, Some((part.ino, mode))));
         let file = part.file;
-        file.set_len(f.size).map_err(self.io_err(rel))?;
         if let Some(bytes) = first {
+            // The one block is the whole file: writing it gives the file its size.
             self.write_block(&file, rel, BlockIndex(0), &bytes)?;
         } else {
+            file.set_len(f.size).map_err(self.io_err(rel))?;
             stream::iter(bs.blocks_of(f.size).zip(leaves.iter()))
                 .map(|(i, leaf)| self.place_block(&file, &existing, rel, f.size, i, *leaf))
                 .buffer_unordered(BLOCKS_IN_FLIGHT)
