@@ -66,8 +66,8 @@ impl Existing {
 ///
 /// The name is looked up here and only a file that is there goes to the blocking pool to
 /// be hashed: most names of a first copy are not there yet, and a failed lookup costs less
-/// than the pool's two thread wake-ups (a twelfth of a receiver's CPU time on tools/bench's
-/// 10,000-file tree).
+/// than the pool's two thread wake-ups (a copy of tools/bench's 10,000-file tree took 0.80 s
+/// of CPU instead of 1.09 s, DEST and cache on tmpfs).
 pub async fn existing_blocks(dir: &OwnedFd, name: &OsStr, bs: BlockSize, euid: u32) -> Existing {
     let Some((file, st)) = dest::open_regular(dir, name) else {
         return Existing::default();
