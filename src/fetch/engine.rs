@@ -696,15 +696,16 @@ impl Inner {
         while !self.shutdown.load(Ordering::Relaxed) {
             let received = recv_batch(&self.socket, &mut batch);
             let now = Instant::now();
-            if let Err(ref e) = received {
-                tracing::warn!("receiving on {} failed: {e}", self.iface.name);
-            }
+            let failed = received.is_err();
             let packets: Vec<_> = match received {
                 Ok(_) => batch
                     .datagrams()
                     .filter_map(|(env, dgram)| opener.open(&env, dgram).map(|p| (env, p)))
                     .collect(),
-                Err(_) => Vec::new(),
+                Err(e) => {
+                    tracing::warn!("receiving on {} failed: {e}", self.iface.name);
+                    Vec::new()
+                }
             };
             let feeds: Vec<_> = {
                 let mut l = self.lock();
@@ -731,7 +732,7 @@ impl Inner {
                 let _ = store.send(done);
             }
             self.probe_cache(now, probes);
-            if received.is_err() {
+            if failed {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
