@@ -30,6 +30,7 @@ use ed25519_dalek::SigningKey;
 
 use crate::object::ObjectHash;
 
+pub use super::index::Object;
 use super::index::{read_block, IndexError, Published, Source, Tree};
 use crate::channel::{Address, Channel};
 use crate::object::{ObjectRef, RootRecord};
@@ -38,14 +39,6 @@ use crate::object::{ObjectRef, RootRecord};
 pub const GRACE: Duration = Duration::from_secs(60);
 /// The most replaced generations whose objects stay published.
 pub const MAX_OLDER: usize = 16;
-
-/// One object: its length, where its bytes are, and the last generation that published it.
-#[derive(Clone, Debug)]
-pub struct Object {
-    pub len: u32,
-    pub source: Source,
-    pub generation: u64,
-}
 
 pub struct Table {
     pub channel: Channel,
@@ -87,18 +80,10 @@ impl Table {
     /// The table of a first generation.
     pub fn new(channel: Channel, published: Published, record: RootRecord) -> Table {
         let generation = record.generation;
-        let objects: HashMap<ObjectHash, Object> = published
-            .objects
-            .into_iter()
-            .map(|(hash, (len, source))| {
-                let object = Object {
-                    len,
-                    source,
-                    generation,
-                };
-                (hash, object)
-            })
-            .collect();
+        let mut objects = published.objects;
+        for o in objects.values_mut() {
+            o.generation = generation;
+        }
         Table {
             signed: RwLock::new((record.clone(), record.encode().into())),
             root: channel.root_address(),
@@ -295,7 +280,10 @@ mod tests {
         );
         assert_eq!(
             (g2.counts(), g2.new_since(Some(&g1))),
-            ((2, 2), (2, len as u64 + p2.objects[&p2.root.hash].0 as u64))
+            (
+                (2, 2),
+                (2, len as u64 + p2.objects[&p2.root.hash].len as u64)
+            )
         );
         // The old block changed on disk: it is not sent, and it is no current block.
         assert!(matches!(

@@ -62,8 +62,8 @@ pub fn publish(
         .objects
         .iter()
         // Bundles are how objects travel, not objects a receiver keeps.
-        .filter(|(_, (_, source))| !matches!(source, Source::Bundle(_)))
-        .map(|(h, (len, _))| (*h, *len))
+        .filter(|(_, o)| !matches!(o.source, Source::Bundle(_)))
+        .map(|(h, o)| (*h, o.len))
         .collect();
     let record = RootRecord {
         channel_id: *channel.id(),

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::object::index::IndexShape;
-use crate::object::{FileHash, INLINE_MAX};
+use crate::object::{FileHash, Timestamp, INLINE_MAX};
 use std::fs::{self, File, Metadata};
 use std::io::Write;
 use std::os::unix::ffi::OsStringExt;
@@ -76,7 +76,7 @@ fn build_tree(root: &Path) {
 
 /// The bytes of object `hash`, checked against its hash and recorded length.
 fn load(p: &Published, hash: &ObjectHash) -> Vec<u8> {
-    let (len, source) = &p.objects[hash];
+    let Object { len, source, .. } = &p.objects[hash];
     let bytes = read_block(&p.tree, source, hash).unwrap();
     assert_eq!(ObjectHash::of(&bytes), *hash);
     assert_eq!(bytes.len(), *len as usize);
@@ -182,7 +182,7 @@ fn tree_round_trips() {
     let blocks = p
         .objects
         .values()
-        .filter(|(_, s)| matches!(s, Source::File { .. }))
+        .filter(|o| matches!(o.source, Source::File { .. }))
         .count();
     // above inline 1, one block + its duplicate 1, block plus one 2, repeated 2, deep 4.
     assert_eq!(blocks, 10);
@@ -292,10 +292,10 @@ fn read_block_detects_changes() {
     let path = dir.path().join("f");
     write(&path, &data(3 * BS, 1), 0o644);
     let p = index_path(dir.path(), &config(None)).unwrap();
-    let (hash, (_, source)) = p
+    let (hash, Object { source, .. }) = p
         .objects
         .iter()
-        .find(|(_, (_, s))| matches!(s, Source::File { offset, .. } if *offset == BS))
+        .find(|(_, o)| matches!(o.source, Source::File { offset, .. } if offset == BS))
         .unwrap();
     let read = |source: &Source| read_block(&p.tree, source, hash);
     assert!(read(source).is_ok());
@@ -488,7 +488,7 @@ fn write_secrets(outside: &Path) -> Vec<ObjectHash> {
 /// path that is not plain names below the tree.
 fn assert_nothing_from_outside(p: &Published, forbidden: &[ObjectHash]) {
     let holds = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
-    for (hash, (_, source)) in &p.objects {
+    for (hash, Object { source, .. }) in &p.objects {
         assert!(!forbidden.contains(hash), "a secret's block is published");
         match source {
             Source::Memory(bytes) => {
@@ -564,10 +564,10 @@ fn a_block_is_never_read_again_through_a_symlink() {
     write(&tree.join("sub/f"), &bytes, 0o644);
     write(&outside.join("f"), &bytes, 0o600);
     let p = index_path(&tree, &config(None)).unwrap();
-    let (hash, (_, source)) = p
+    let (hash, Object { source, .. }) = p
         .objects
         .iter()
-        .find(|(_, (_, s))| matches!(s, Source::File { .. }))
+        .find(|(_, o)| matches!(o.source, Source::File { .. }))
         .unwrap();
     assert!(read_block(&p.tree, source, hash).is_ok());
     fs::rename(tree.join("sub"), base.path().join("moved")).unwrap();
@@ -772,7 +772,7 @@ fn assert_complete(p: &Published, dir: &ObjectHash) {
                 Content::Block(leaf) => assert!(p.objects.contains_key(leaf)),
                 Content::Index { index, first_leaf } => {
                     assert!(p.objects.contains_key(first_leaf));
-                    let (_, source) = &p.objects[&index.hash];
+                    let source = &p.objects[&index.hash].source;
                     let Source::Memory(bytes) = source else {
                         panic!("index not in memory")
                     };

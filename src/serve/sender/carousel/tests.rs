@@ -14,9 +14,8 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::channel::Channel;
-use crate::object::dir::Timestamp;
 use crate::object::{BlockSize, ObjectRef};
-use crate::serve::index::{IgnoreRules, Published, Tree};
+use crate::serve::index::{IgnoreRules, Object, Published, Tree};
 use crate::serve::table::{test_record, GRACE};
 
 /// 8 Mbit/s: a million bytes a second, easy to reason about.
@@ -91,7 +90,7 @@ impl World {
         }
     }
 
-    fn source(&self, hash: &ObjectHash) -> (u32, Source) {
+    fn source(&self, hash: &ObjectHash) -> Object {
         let bytes = &self.bytes[hash];
         let len = bytes.len() as u32;
         let source = match self.kinds[hash] {
@@ -100,11 +99,13 @@ impl World {
                 path: Arc::from(Path::new("f")),
                 offset: 0,
                 len,
-                size: u64::from(len),
-                mtime: Timestamp { secs: 0, nanos: 0 },
             },
         };
-        (len, source)
+        Object {
+            len,
+            source,
+            generation: 0,
+        }
     }
 
     fn table(&self, hashes: &[ObjectHash], generation: u64) -> Arc<Table> {
