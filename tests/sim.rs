@@ -10,8 +10,9 @@
 //! receivers) without loss and with 5% loss, starts together. Above
 //! [`sim::COUNTING_ABOVE`] receivers both runs decode by counting symbols (tested against
 //! RaptorQ in `fec`). What does not hold is kept as `known_gap_*` tests that assert today's
-//! figure as an upper bound and print the ratio: 20% loss at 1000 receivers, and starts
-//! spread over 10 s.
+//! figure as an upper bound and print the ratio: 20% loss at 1000 receivers, which holds
+//! or not by the seed (a 4 MiB file 1.08 to 1.20 at seeds 1 to 6, a 1,000-file tree 1.07
+//! to 1.18 at seeds 1 to 7; see the file's test for why), and starts spread over 10 s.
 
 use std::time::Duration;
 
@@ -48,11 +49,23 @@ fn assert_sound(r: &Report) {
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
-/// Runs `shape` at 1 and `n` receivers under `loss` and `spread`; returns both reports and
-/// the ratio of their server bytes.
+/// Runs `shape` at 1 and `n` receivers under `loss` and `spread`, at seed 11; returns both
+/// reports and the ratio of their server bytes.
 fn flatness(name: &str, shape: Shape, n: usize, loss: Loss, spread: u64) -> (Report, Report, f64) {
+    flatness_at(name, 11, shape, n, loss, spread)
+}
+
+/// [`flatness`] at `seed`.
+fn flatness_at(
+    name: &str,
+    seed: u64,
+    shape: Shape,
+    n: usize,
+    loss: Loss,
+    spread: u64,
+) -> (Report, Report, f64) {
     let scenario = |k: usize| {
-        let mut s = Scenario::new(&format!("{name}-{k}"), 11, shape, k, loss);
+        let mut s = Scenario::new(&format!("{name}-{k}"), seed, shape, k, loss);
         s.start_spread = Duration::from_secs(spread);
         s.counting = n > sim::COUNTING_ABOVE; // both runs decode alike
         s
@@ -228,14 +241,15 @@ fn a_seed_gives_the_same_run() {
 /// receiver costs. It did not (1.30 at seed 11) until receivers that ask for more than their
 /// window waited for the server's beacon before filling it: receivers a few milliseconds
 /// apart then take the same rounds instead of each asking for the blocks the others just
-/// got (1.12 since).
+/// got (1.12 since; 1.03 since the simulated bridge forwards a packet by its departure,
+/// see `lcfs::sim`).
 #[test]
 fn a_file_under_5_percent_loss_costs_100_receivers_what_it_costs_one() {
     let (_, _, ratio) = flatness("file-loss-flat", FILE, 100, Loss::Uniform(0.05), 0);
     assert!(ratio <= 1.15, "{ratio:.3}");
 }
 
-/// 20% independent loss at 100 receivers: 1.06 times one receiver's bytes at seed 11. It
+/// 20% independent loss at 100 receivers: 1.04 times one receiver's bytes at seed 11. It
 /// was 1.75 while the first round's margin had a ceiling of 15% of K, below what 20% loss
 /// needs, so every block took later rounds and receivers fell out of step.
 #[test]
@@ -244,13 +258,26 @@ fn a_file_under_20_percent_loss_costs_100_receivers_what_it_costs_one() {
     assert!(ratio <= 1.15, "{ratio:.3}");
 }
 
-/// 20% loss at 1000 receivers of a 4 MiB file: 1.79 to 1.80 times the data at seeds 1 to
-/// 4 and 11, against 1.48 to 1.64 at one receiver, so 1.10 to 1.21 times one receiver
-/// (2.37 at seed 11 before the loss was learned from shares). The spread is the lone
-/// receiver's: it learns the loss from few objects, and a lone receiver's later rounds are
-/// cheap, so its luck decides. What 1000 receivers cost beyond the model of independent
-/// blocks (about 1.12) are the later rounds of the unluckiest few; sizing them from the
-/// number of stragglers needs counts the tracker caps at 64 listeners a group.
+/// 20% loss at 1000 receivers of a 4 MiB file: 1.77 to 1.78 times the data at seeds 1 to
+/// 6, against 1.48 to 1.64 at one receiver, so 1.08 to 1.20 times one receiver (2.37 at
+/// seed 11 before the loss was learned from shares).
+///
+/// The spread is the lone receiver's, and it is bimodal: at seeds 2 and 4 the first
+/// objects' rounds, sized by the start loss (2%), happened to suffice once (a 2% chance
+/// at 20% loss), and one receiver's yes-or-no answers at a 0.5% tail cannot move the
+/// estimate back within 64 objects, so its first rounds stay small and its cheap later
+/// rounds make up the rest. The bound is tight by nature: with 46-symbol blocks, the
+/// unluckiest of 1000 needs about 1.52 times K even with feedback after every symbol,
+/// against 1.25 for one receiver, so 1.15 holds only because first rounds are sized for
+/// many whatever the count.
+///
+/// Tried and not kept (seeds 1 to 12): counting only the first 64 listeners a group
+/// stored (refills of leavers are stragglers by selection, and pushed the estimate at
+/// 1000 receivers to 0.22 to 0.30 against 0.20) made the estimate right, but the bytes
+/// stayed (1.77 to 1.82 times the data): what 1000 receivers pay beyond one is a later
+/// round for nearly every block, about five of 1000 left short by a first round aimed at
+/// 0.5%. Later rounds sized from a straggler's conditional tail left the 1000 as they were
+/// and made the lone receiver's spread wider.
 #[test]
 fn known_gap_a_file_under_20_percent_loss_at_1000_receivers() {
     let file = Shape::File(4 << 20);
@@ -261,12 +288,14 @@ fn known_gap_a_file_under_20_percent_loss_at_1000_receivers() {
 }
 
 /// Starts spread over 10 s for a file that takes half a second: the server sends a round
-/// for each late group of receivers, and their windows split its rate (thousands of
-/// stall rejoins). Measured at seed 11: 14.6 times one receiver's bytes at 100 receivers,
-/// 19.0 at 1000 (`examples/sim --spread 10`). Nothing here grows with the receivers but
-/// the span: the link is busy for the span of the starts, and no more (at 100 Mbit/s, 10 s
-/// are 125 MB; 1000 receivers took 99 MB, 100 took 76 MB). A carousel of the whole file
-/// would cost the span too; what would help is fewer, larger shared rounds for late groups.
+/// for each late group of receivers, and their windows split its rate (thousands of stall
+/// rejoins). Measured at seed 11: 13.7 times one receiver's bytes at 100 receivers, 14.9 at
+/// 1000 (`examples/sim --spread 10`; 14.6 and 19.0 before the bridge forwarded by
+/// departure). Nothing here grows with the receivers but the span: the link is busy for the
+/// span of the starts and one transfer after it, and no more (141 MB at 100 receivers, 153
+/// MB at 1000, where 11 s of the 100 Mbit/s link carry 146 MB with headers). A carousel of
+/// the whole file would cost the span too; what would help is fewer, larger shared rounds
+/// for late groups.
 #[test]
 fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
     let (_, _, ratio) = flatness("gap-file-spread", FILE, 100, Loss::Uniform(0.05), 10);
@@ -274,11 +303,11 @@ fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
     assert!(ratio <= 17.0, "{ratio:.3}");
 }
 
-/// A tree of files up to 64 KiB at 100 receivers starting together under 5% loss: 1.09
-/// times one receiver's bytes at seed 11. It was 2.41 while the margin was learned upwards,
-/// then 1.25: receivers that missed a directory's only round asked for its files a cooldown
-/// later and needed rounds of their own, until metadata's first round got a margin of its
-/// own (see `serve::sched`).
+/// A tree of files up to 64 KiB at 100 receivers starting together under 5% loss: 1.02
+/// times one receiver's bytes at seed 11 (1.09 before the bridge forwarded by departure).
+/// It was 2.41 while the margin was learned upwards, then 1.25: receivers that missed a
+/// directory's only round asked for its files a cooldown later and needed rounds of their
+/// own, until metadata's first round got a margin of its own (see `serve::sched`).
 #[test]
 fn a_tree_of_small_files_under_5_percent_loss_costs_100_receivers_what_it_costs_one() {
     let (_, _, ratio) = flatness("tree-loss-flat", TREE, 100, Loss::Uniform(0.05), 0);
@@ -300,6 +329,19 @@ fn a_tree_of_tiny_files_costs_1000_receivers_what_it_costs_one() {
     assert!(ratio <= 1.15, "{ratio:.3}");
 }
 
+/// Regression, seed 2: a 1,000-file tree (files of 100 B to 16 KiB) at 1000 receivers under
+/// 20% loss cost 1.37 times one receiver's bytes while the simulated bridge forwarded a
+/// round's packets by the time the server handed them out rather than by their departure:
+/// two receivers whose joins came microseconds after rounds began fell behind for good,
+/// and 30 objects went out again for them alone. 1.07 since.
+#[test]
+fn regression_a_tree_at_1000_receivers_under_20_percent_loss_seed_2() {
+    let tree = small_files(1000, 20, 16 << 10);
+    let (_, many, ratio) = flatness_at("tree-1000-heavy", 2, tree, 1000, Loss::Uniform(0.2), 0);
+    assert_eq!(many.completion.len(), 1000);
+    assert!(ratio <= 1.15, "{ratio:.3}");
+}
+
 /// The worst case for multicast: a thousand receivers each reading three files chosen at
 /// random out of a thousand (up to 64 KiB each), starting together. Rounds are shared only
 /// where choices meet: 0.20 of unicast's bytes at seed 11, and 1.25 times the tree's own
@@ -317,7 +359,7 @@ fn a_thousand_receivers_reading_different_random_files_cost_less_than_unicast() 
 
 /// Two servers of one channel (the same tree and channel, each from its own address and
 /// uplink), 100 receivers of an 8 MiB file under 5% loss: every receiver verifies, and each
-/// server sends about what one server alone sends (0.93 times at seed 11: a symbol lost
+/// server sends about what one server alone sends (0.90 times at seed 11: a symbol lost
 /// from one may come from the other, so fewer later rounds), so the link carries both.
 /// Both start each object at ESI 0 and send the same symbols: a second server buys
 /// failover, not speed (the last receiver done at 0.86 s against 1.06 s).
@@ -347,7 +389,7 @@ fn two_servers_of_one_channel_each_send_what_one_would() {
     }
 }
 
-/// The sizes: a 64 MiB file at 100 receivers under 5% loss costs 1.08 times what it
+/// The sizes: a 64 MiB file at 100 receivers under 5% loss costs 1.05 times what it
 /// costs one receiver at seed 11 (about 20 s of CPU and 3.5 GB of memory: a hundred
 /// receivers hold their decoders and the objects they verified).
 #[test]
@@ -359,7 +401,7 @@ fn a_64_mib_file_under_5_percent_loss_costs_100_receivers_what_it_costs_one() {
 }
 
 /// The sizes: a 10,000-file tree (100 directories, files of 100 B to 16 KiB, 83 MB)
-/// at 100 receivers under 5% loss costs 1.10 times what it costs one receiver at seed 11
+/// at 100 receivers under 5% loss costs 1.02 times what it costs one receiver at seed 11
 /// (about 45 s of CPU).
 #[test]
 fn a_10000_file_tree_under_5_percent_loss_costs_100_receivers_what_it_costs_one() {
