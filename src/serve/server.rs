@@ -27,14 +27,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use ed25519_dalek::SigningKey;
 
-use super::index::{index_tree, IgnoreRules, IndexConfig, Published, Tree};
+use super::index::{index_tree_unless, IgnoreRules, IndexConfig, Published, Tree};
 use super::sender::{SendStats, SenderConfig, SenderLoop, SharedTable};
 use super::table::Table;
 use super::watch::{self, Change, Debouncer, Notice, Reason, WatchConfig};
 use crate::channel::{Channel, MasterKey};
 use crate::mld::{self, ListenerConfig, MldStats, QuerierConfig, TrackerConfig};
 use crate::net::{sender_socket, Iface};
-use crate::object::{BlockSize, RootRecord};
+use crate::object::{BlockSize, ObjectRef, RootRecord};
 
 /// Longest the publish loop sleeps: it also renews signatures and looks for shutdown.
 const TICK: Duration = Duration::from_millis(200);
@@ -105,31 +105,42 @@ impl Indexed {
 }
 
 impl Publisher<'_> {
-    fn index(&mut self) -> anyhow::Result<Indexed> {
+    /// Indexes the tree; `Err(took)` when its root is `unchanged`.
+    fn index(&mut self, unchanged: Option<ObjectRef>) -> anyhow::Result<Result<Indexed, Duration>> {
         let started = Instant::now();
         let config = IndexConfig {
             block_size: self.opts.block_size,
             state_dir: self.opts.state_dir.clone(),
         };
-        let published = index_tree(&self.tree, &config)
+        let walked = index_tree_unless(&self.tree, &config, unchanged)
             .with_context(|| format!("cannot index {}", self.opts.path.display()))?;
+        let skipped = match &walked {
+            Ok(published) => &published.skipped,
+            Err(unchanged) => &unchanged.skipped,
+        };
         // Once per path and reason: every rescan finds the same fifo again.
-        let skipped: std::collections::HashSet<(PathBuf, String)> =
-            published.skipped.iter().cloned().collect();
-        for (path, why) in &published.skipped {
+        for (path, why) in skipped {
             if !self.said_skipped.contains(&(path.clone(), why.clone())) {
                 tracing::warn!("skipped {}: {why}", path.display());
             }
         }
-        self.said_skipped = skipped;
-        self.ignore = published.ignore.clone();
+        self.said_skipped = skipped.iter().cloned().collect();
         let took = started.elapsed();
-        Ok(Indexed { published, took })
+        Ok(match walked {
+            Ok(published) => {
+                self.ignore = published.ignore.clone();
+                Ok(Indexed { published, took })
+            }
+            Err(_) => Err(took),
+        })
     }
 
     /// Indexes the tree and builds the first generation's table.
     fn first(&mut self) -> anyhow::Result<Table> {
-        let (published, figures) = self.index()?.split();
+        let (published, figures) = match self.index(None)? {
+            Ok(indexed) => indexed.split(),
+            Err(_) => unreachable!("an index without a root to compare publishes"),
+        };
         let record = self.next_record(&published);
         let table = Table::new(self.channel.clone(), published, record);
         self.report(&table, &figures, None, &Reason::default());
@@ -142,8 +153,13 @@ impl Publisher<'_> {
             return None;
         }
         self.warn_if_moved();
-        let indexed = match self.index() {
-            Ok(i) => i,
+        let indexed = match self.index(Some(current.root_object())) {
+            Ok(Ok(indexed)) => indexed,
+            Ok(Err(took)) => {
+                let took = took.as_secs_f64();
+                tracing::debug!("rescanned ({reason}) in {took:.3} s: nothing changed");
+                return None;
+            }
             Err(e) => {
                 tracing::error!("reindexing failed, still serving the old generation: {e:#}");
                 return None;
@@ -154,11 +170,6 @@ impl Publisher<'_> {
             return None;
         }
         let (published, figures) = indexed.split();
-        if published.root == current.root_object() {
-            let took = figures.took.as_secs_f64();
-            tracing::debug!("rescanned ({reason}) in {took:.3} s: nothing changed");
-            return None;
-        }
         let record = self.next_record(&published);
         let next = current.next(published, record, Instant::now());
         self.report(&next, &figures, Some(current), reason);

@@ -907,3 +907,31 @@ fn republish_speed() {
         next.new_since(Some(&table))
     );
 }
+
+/// A rescan that finds the root it was given makes no block objects and says what it
+/// skipped; one that finds another root publishes what a plain index does.
+#[test]
+fn an_unchanged_root_is_found_without_making_block_objects() {
+    let dir = scratch();
+    build_tree(dir.path());
+    std::os::unix::net::UnixListener::bind(dir.path().join("sock")).unwrap();
+    let tree = Arc::new(Tree::open(dir.path()).unwrap());
+    let first = index_tree(&tree, &config(None)).unwrap();
+    assert_eq!(first.skipped.len(), 1, "{:?}", first.skipped);
+    match index_tree_unless(&tree, &config(None), Some(first.root)).unwrap() {
+        Err(Unchanged { skipped }) => assert_eq!(skipped, first.skipped),
+        Ok(_) => panic!("the same tree gave another root"),
+    }
+    write(&dir.path().join("new"), &data(3 * BS, 7), 0o644);
+    let Ok(second) = index_tree_unless(&tree, &config(None), Some(first.root)).unwrap() else {
+        panic!("a changed tree gave the same root");
+    };
+    let again = index_tree(&tree, &config(None)).unwrap();
+    assert_eq!(second.root, again.root);
+    let mut keys: Vec<_> = second.objects.keys().collect();
+    let mut want: Vec<_> = again.objects.keys().collect();
+    keys.sort_by_key(|h| *h.as_bytes());
+    want.sort_by_key(|h| *h.as_bytes());
+    assert_eq!(keys, want);
+    check_objects(&second);
+}
