@@ -129,12 +129,20 @@ pub(crate) struct Index {
 
 type Result<T> = std::result::Result<T, sled::Error>;
 
+/// sled's own cache of index pages. What sled holds grows with the entries whatever this
+/// is, and levels off; the cache is on top of it. A test program inserting lcfs's two keys
+/// for each of 160,000 objects (the blocks of 10 GiB) grew by 80 MB with 16 MiB, 38 MB with
+/// 8, 27 MB with 4 and 23 to 36 MB with 2, and a lookup in random order took 1.5, 3.1, 4.2
+/// and 5.2 us. At 4 MiB a warm read through the mount spends about 3 us more on each block
+/// of 64 KiB, beside some 20 us hashing it, for 50 MB less memory at 10 GiB.
+const INDEX_CACHE_BYTES: u64 = 4 << 20;
+
 impl Index {
     /// Opens (creating if needed) the sled database at `path`.
     pub(crate) fn open(path: &Path) -> Result<Index> {
         let db = sled::Config::new()
             .path(path)
-            .cache_capacity(16 << 20)
+            .cache_capacity(INDEX_CACHE_BYTES)
             .flush_every_ms(Some(1000))
             .open()?;
         Ok(Index {
