@@ -4,7 +4,8 @@
 //! Following the tree: change notifications (`watch/inotify.rs`), a block the sender found
 //! changed, SIGHUP and a periodic rescan feed the debouncer (`watch.rs`); when it says so, the
 //! publish loop here reindexes (cheap with the leaf cache: only changed files are read) and
-//! publishes a new generation if, and only if, the root hash differs from the one served.
+//! publishes a new generation if, and only if, the root hash differs from the one served
+//! (a walk that finds the served root builds no block objects: see `index_tree_unless`).
 //! Each new table keeps the objects of the generations just replaced for a while (see
 //! `table.rs`). Every generation published logs one `published generation=N ...` line on
 //! stderr and prints one `ready ...` line on stdout (the first one is what scripts and tests
