@@ -224,6 +224,9 @@ pub fn index_tree(tree: &Arc<Tree>, config: &IndexConfig) -> Result<Published, I
 pub struct Unchanged {
     /// What the walk left out, as [`Published::skipped`].
     pub skipped: Vec<(PathBuf, String)>,
+    /// The ignore rules it walked by, as [`Published::ignore`] (a rule for a path that does
+    /// not exist yet changes no root, and must still be followed).
+    pub ignore: Arc<IgnoreRules>,
 }
 
 /// [`index_tree`], unless the walk's root is `unchanged`: then [`Unchanged`], and no object
@@ -258,7 +261,8 @@ pub fn index_tree_unless(
             .into_inner()
             .unwrap_or_else(|e| e.into_inner());
         skipped.sort();
-        return Ok(Err(Unchanged { skipped }));
+        let ignore = walker.ignore;
+        return Ok(Err(Unchanged { skipped, ignore }));
     }
     Ok(Ok(walker.finish(root_ref, single_file)))
 }

@@ -115,10 +115,11 @@ impl Publisher<'_> {
         };
         let walked = index_tree_unless(&self.tree, &config, unchanged)
             .with_context(|| format!("cannot index {}", self.opts.path.display()))?;
-        let skipped = match &walked {
-            Ok(published) => &published.skipped,
-            Err(unchanged) => &unchanged.skipped,
+        let (skipped, ignore) = match &walked {
+            Ok(published) => (&published.skipped, &published.ignore),
+            Err(unchanged) => (&unchanged.skipped, &unchanged.ignore),
         };
+        self.ignore = ignore.clone();
         // Once per path and reason: every rescan finds the same fifo again.
         for (path, why) in skipped {
             if !self.said_skipped.contains(&(path.clone(), why.clone())) {
@@ -127,13 +128,9 @@ impl Publisher<'_> {
         }
         self.said_skipped = skipped.iter().cloned().collect();
         let took = started.elapsed();
-        Ok(match walked {
-            Ok(published) => {
-                self.ignore = published.ignore.clone();
-                Ok(Indexed { published, took })
-            }
-            Err(_) => Err(took),
-        })
+        Ok(walked
+            .map(|published| Indexed { published, took })
+            .map_err(|_| took))
     }
 
     /// Indexes the tree and builds the first generation's table.
