@@ -241,8 +241,7 @@ fn a_seed_gives_the_same_run() {
 /// receiver costs. It did not (1.30 at seed 11) until receivers that ask for more than their
 /// window waited for the server's beacon before filling it: receivers a few milliseconds
 /// apart then take the same rounds instead of each asking for the blocks the others just
-/// got (1.12 since; 1.03 since the simulated bridge forwards a packet by its departure,
-/// see `lcfs::sim`).
+/// got (1.12 then, 1.03 now).
 #[test]
 fn a_file_under_5_percent_loss_costs_100_receivers_what_it_costs_one() {
     let (_, _, ratio) = flatness("file-loss-flat", FILE, 100, Loss::Uniform(0.05), 0);
@@ -290,8 +289,7 @@ fn known_gap_a_file_under_20_percent_loss_at_1000_receivers() {
 /// Starts spread over 10 s for a file that takes half a second: the server sends a round
 /// for each late group of receivers, and their windows split its rate (thousands of stall
 /// rejoins). Measured at seed 11: 13.7 times one receiver's bytes at 100 receivers, 14.9 at
-/// 1000 (`examples/sim --spread 10`; 14.6 and 19.0 before the bridge forwarded by
-/// departure). Nothing here grows with the receivers but the span: the link is busy for the
+/// 1000 (`examples/sim --spread 10`). Nothing here grows with the receivers but the span: the link is busy for the
 /// span of the starts and one transfer after it, and no more (141 MB at 100 receivers, 153
 /// MB at 1000, where 11 s of the 100 Mbit/s link carry 146 MB with headers). A carousel of
 /// the whole file would cost the span too; what would help is fewer, larger shared rounds
@@ -304,8 +302,7 @@ fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
 }
 
 /// A tree of files up to 64 KiB at 100 receivers starting together under 5% loss: 1.02
-/// times one receiver's bytes at seed 11 (1.09 before the bridge forwarded by departure).
-/// It was 2.41 while the margin was learned upwards, then 1.25: receivers that missed a
+/// times one receiver's bytes at seed 11. It was 2.41 while the margin was learned upwards, then 1.25: receivers that missed a
 /// directory's only round asked for its files a cooldown later and needed rounds of their
 /// own, until metadata's first round got a margin of its own (see `serve::sched`).
 #[test]

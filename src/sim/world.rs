@@ -13,7 +13,7 @@
 //! all of it, needed a later round a cooldown after the others, and at 1000 receivers under
 //! 20% loss a few such receivers fell further behind with every object, each object they
 //! reached after the others costing a round of its own (1.37 times one receiver's bytes for
-//! a 1,000-file tree at seed 2; 1.07 with departure times, and every scenario's ratio fell).
+//! a 1,000-file tree at seed 2; 1.07 with departure times).
 //! "Then" allows for the protocol's own delays: after the last host leaves, the leave takes
 //! the uplink's delay to reach the server and the tracker's last-listener check runs
 //! (robustness x last-listener interval); after a host crashes, its listeners expire at the
