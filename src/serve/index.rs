@@ -214,10 +214,8 @@ pub fn index_path(path: &Path, config: &IndexConfig) -> Result<Published, IndexE
 
 /// Walks `tree` by descriptor and builds every object it publishes. See the module docs.
 pub fn index_tree(tree: &Arc<Tree>, config: &IndexConfig) -> Result<Published, IndexError> {
-    match index_tree_unless(tree, config, None)? {
-        Ok(published) => Ok(published),
-        Err(Unchanged { .. }) => unreachable!("a walk without a root to compare publishes"),
-    }
+    let (walker, root, single_file) = walk(tree, config)?;
+    Ok(walker.finish(root, single_file))
 }
 
 /// What [`index_tree_unless`] found when the root was the one given.
@@ -236,8 +234,21 @@ pub struct Unchanged {
 pub fn index_tree_unless(
     tree: &Arc<Tree>,
     config: &IndexConfig,
-    unchanged: Option<ObjectRef>,
+    unchanged: ObjectRef,
 ) -> Result<Result<Published, Unchanged>, IndexError> {
+    let (walker, root, single_file) = walk(tree, config)?;
+    if root != unchanged {
+        return Ok(Ok(walker.finish(root, single_file)));
+    }
+    Ok(Err(Unchanged {
+        skipped: sorted(walker.skipped),
+        ignore: walker.ignore,
+    }))
+}
+
+/// One walk of `tree`: the walker holding what it found, the root, and whether the tree is a
+/// single file. The leaf cache has forgotten the files the walk no longer saw.
+fn walk(tree: &Arc<Tree>, config: &IndexConfig) -> Result<(Walker, ObjectRef, bool), IndexError> {
     let cache = config.state_dir.as_deref().and_then(LeafCache::shared);
     let ignore = Arc::new(IgnoreRules::load(tree)?);
     let walker = Walker::new(tree.clone(), config.block_size, cache.clone(), ignore);
@@ -255,16 +266,14 @@ pub fn index_tree_unless(
         }
         cache.flush();
     }
-    if unchanged == Some(root_ref) {
-        let mut skipped = walker
-            .skipped
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner());
-        skipped.sort();
-        let ignore = walker.ignore;
-        return Ok(Err(Unchanged { skipped, ignore }));
-    }
-    Ok(Ok(walker.finish(root_ref, single_file)))
+    Ok((walker, root_ref, single_file))
+}
+
+/// What a walk skipped, in path order.
+fn sorted(skipped: Mutex<Vec<(PathBuf, String)>>) -> Vec<(PathBuf, String)> {
+    let mut skipped = skipped.into_inner().unwrap_or_else(|e| e.into_inner());
+    skipped.sort();
+    skipped
 }
 
 /// Re-reads one object's bytes from `tree` and checks that they still hash to `expected`.
@@ -379,8 +388,7 @@ impl Walker {
     }
 
     fn finish(self, root: ObjectRef, single_file: bool) -> Published {
-        let mut skipped = self.skipped.into_inner().unwrap_or_else(|e| e.into_inner());
-        skipped.sort();
+        let skipped = sorted(self.skipped);
         let mut objects = self.objects.into_inner().unwrap_or_else(|e| e.into_inner());
         let blocks = self.blocks.into_inner().unwrap_or_else(|e| e.into_inner());
         objects.reserve(blocks.iter().map(|f| f.leaves.len()).sum());

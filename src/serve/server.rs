@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use ed25519_dalek::SigningKey;
 
-use super::index::{index_tree_unless, IgnoreRules, IndexConfig, Published, Tree};
+use super::index::{index_tree, index_tree_unless, IgnoreRules, IndexConfig, Published, Tree};
 use super::sender::{SendStats, SenderConfig, SenderLoop, SharedTable};
 use super::table::Table;
 use super::watch::{self, Change, Debouncer, Notice, Reason, WatchConfig};
@@ -106,20 +106,40 @@ impl Indexed {
 }
 
 impl Publisher<'_> {
-    /// Indexes the tree; `Err(took)` when its root is `unchanged`.
-    fn index(&mut self, unchanged: Option<ObjectRef>) -> anyhow::Result<Result<Indexed, Duration>> {
-        let started = Instant::now();
-        let config = IndexConfig {
+    fn index_config(&self) -> IndexConfig {
+        IndexConfig {
             block_size: self.opts.block_size,
             state_dir: self.opts.state_dir.clone(),
-        };
-        let walked = index_tree_unless(&self.tree, &config, unchanged)
+        }
+    }
+
+    /// Indexes the tree.
+    fn index(&mut self) -> anyhow::Result<Indexed> {
+        let started = Instant::now();
+        let published = index_tree(&self.tree, &self.index_config())
             .with_context(|| format!("cannot index {}", self.opts.path.display()))?;
-        let (skipped, ignore) = match &walked {
-            Ok(published) => (&published.skipped, &published.ignore),
-            Err(unchanged) => (&unchanged.skipped, &unchanged.ignore),
-        };
-        self.ignore = ignore.clone();
+        self.walked(&published.skipped, &published.ignore);
+        let took = started.elapsed();
+        Ok(Indexed { published, took })
+    }
+
+    /// Indexes the tree again; `Err(took)` when its root is still `served`.
+    fn reindex(&mut self, served: ObjectRef) -> anyhow::Result<Result<Indexed, Duration>> {
+        let started = Instant::now();
+        let walked = index_tree_unless(&self.tree, &self.index_config(), served)
+            .with_context(|| format!("cannot index {}", self.opts.path.display()))?;
+        match &walked {
+            Ok(published) => self.walked(&published.skipped, &published.ignore),
+            Err(unchanged) => self.walked(&unchanged.skipped, &unchanged.ignore),
+        }
+        let took = started.elapsed();
+        Ok(walked
+            .map(|published| Indexed { published, took })
+            .map_err(|_| took))
+    }
+
+    /// What every walk does with what it left out and the ignore rules it walked by.
+    fn walked(&mut self, skipped: &[(PathBuf, String)], ignore: &Arc<IgnoreRules>) {
         // Once per path and reason: every rescan finds the same fifo again.
         for (path, why) in skipped {
             if !self.said_skipped.contains(&(path.clone(), why.clone())) {
@@ -127,18 +147,12 @@ impl Publisher<'_> {
             }
         }
         self.said_skipped = skipped.iter().cloned().collect();
-        let took = started.elapsed();
-        Ok(walked
-            .map(|published| Indexed { published, took })
-            .map_err(|_| took))
+        self.ignore = ignore.clone();
     }
 
     /// Indexes the tree and builds the first generation's table.
     fn first(&mut self) -> anyhow::Result<Table> {
-        let (published, figures) = match self.index(None)? {
-            Ok(indexed) => indexed.split(),
-            Err(_) => unreachable!("an index without a root to compare publishes"),
-        };
+        let (published, figures) = self.index()?.split();
         let record = self.next_record(&published);
         let table = Table::new(self.channel.clone(), published, record);
         self.report(&table, &figures, None, &Reason::default());
@@ -151,7 +165,7 @@ impl Publisher<'_> {
             return None;
         }
         self.warn_if_moved();
-        let indexed = match self.index(Some(current.root_object())) {
+        let indexed = match self.reindex(current.root_object()) {
             Ok(Ok(indexed)) => indexed,
             Ok(Err(took)) => {
                 let took = took.as_secs_f64();

@@ -918,12 +918,12 @@ fn an_unchanged_root_is_found_without_making_block_objects() {
     let tree = Arc::new(Tree::open(dir.path()).unwrap());
     let first = index_tree(&tree, &config(None)).unwrap();
     assert_eq!(first.skipped.len(), 1, "{:?}", first.skipped);
-    match index_tree_unless(&tree, &config(None), Some(first.root)).unwrap() {
+    match index_tree_unless(&tree, &config(None), first.root).unwrap() {
         Err(Unchanged { skipped, .. }) => assert_eq!(skipped, first.skipped),
         Ok(_) => panic!("the same tree gave another root"),
     }
     write(&dir.path().join("new"), &data(3 * BS, 7), 0o644);
-    let Ok(second) = index_tree_unless(&tree, &config(None), Some(first.root)).unwrap() else {
+    let Ok(second) = index_tree_unless(&tree, &config(None), first.root).unwrap() else {
         panic!("a changed tree gave the same root");
     };
     let again = index_tree(&tree, &config(None)).unwrap();
