@@ -10,8 +10,8 @@ mod common;
 
 use common::lab::{Lab, LabOptions};
 use common::lcfs::{
-    assert_no_part_files, assert_nothing_written, parse_hashed, parse_sent, spawn_copy,
-    spawn_copy_wrapped, start_server, tmpdir, CopyOutcome, CopyRun,
+    assert_no_part_files, assert_nothing_written, describe, parse_hashed, parse_sent, spawn_copy,
+    spawn_copy_wrapped, start_server, tmpdir, CopyOutcome, CopyRun, Mount,
 };
 use common::tree::{
     assert_entries_equal, assert_trees_equal, list_tree, make_edge_tree, set_mtime,
@@ -645,6 +645,73 @@ fn subpath_copy() {
     .wait(Duration::from_secs(30));
     o.assert_failure("copy of a missing subpath");
     assert_nothing_written(&dest, "copy of a missing subpath");
+    srv.stop();
+}
+
+/// A copy alone on its cache keeps the small files it fetched (a bundle's members) in DEST
+/// only, and the blocks of larger files in the cache as well; a copy that shares its cache
+/// with a mount keeps them all, since the mount may want them now (`fetch::KeepMembers`).
+#[test]
+fn a_copy_caches_small_files_only_while_it_shares_its_cache() {
+    let _serial = serial();
+    let lab = Lab::with_clients(1);
+    let tmp = tmpdir("copy");
+    let src = tmp.path().join("src");
+    let mut rng = StdRng::seed_from_u64(0x1cf5_0011);
+    // Two directories of 20 files, 59 KB each: one bundle each. Each file is above
+    // INLINE_MAX, which a directory would carry itself.
+    let small: Vec<Vec<u8>> = (0..40)
+        .map(|i| {
+            let p = src.join(format!("d{}/s{i:02}", i % 2));
+            write_random_file(&p, &mut rng, 2000 + 50 * i);
+            fs::read(&p).unwrap()
+        })
+        .collect();
+    let big = src.join("big.bin");
+    write_random_file(&big, &mut rng, 5 * BLOCK + 123);
+    let big = fs::read(&big).unwrap();
+    let srv = start_server(&lab, &src, "kept", &tmp.path().join("state"), &[]);
+    let cached = |cache: &Path, bytes: &[u8]| {
+        let hex = blake3::hash(bytes).to_hex();
+        let path = cache.join("objects").join(&hex[..2]).join(hex.as_str());
+        fs::read(path).is_ok_and(|b| b == bytes)
+    };
+    let small_cached = |cache: &Path| small.iter().filter(|b| cached(cache, b)).count();
+    let big_cached = |cache: &Path| big.chunks(BLOCK).filter(|b| cached(cache, b)).count();
+
+    let (dest, cache) = (
+        tmp.path().join("dest-alone"),
+        tmp.path().join("cache-alone"),
+    );
+    copy_ok(&lab, "c1", "kept", &dest, &cache);
+    assert_trees_equal(&src, &dest);
+    assert_eq!(
+        small_cached(&cache),
+        0,
+        "a copy alone on its cache stored small files DEST holds"
+    );
+    assert_eq!(
+        big_cached(&cache),
+        6,
+        "every block of the big file is cached"
+    );
+
+    let (dest, cache) = (
+        tmp.path().join("dest-shared"),
+        tmp.path().join("cache-shared"),
+    );
+    let mnt = tmp.path().join("mnt");
+    let mount = Mount::daemon(&lab, "c1", "kept", &mnt, &cache, 30, &[])
+        .unwrap_or_else(|f| panic!("the mount failed: {}", describe(&f.output)));
+    copy_ok(&lab, "c1", "kept", &dest, &cache);
+    assert_trees_equal(&src, &dest);
+    assert_eq!(
+        small_cached(&cache),
+        small.len(),
+        "a copy sharing its cache with a mount left small files out of it"
+    );
+    assert_eq!(big_cached(&cache), 6);
+    mount.unmount();
     srv.stop();
 }
 

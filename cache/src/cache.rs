@@ -68,7 +68,7 @@ enum Role {
 
 /// The service is dropped before the cache it serves, so that no client thread outlives it.
 struct Owner {
-    _service: Service,
+    service: Service,
     owned: Arc<Owned>,
 }
 
@@ -116,6 +116,16 @@ impl Cache {
     /// Whether this process owns the directory (else it is a client of the process that does).
     pub fn is_owner(&self) -> bool {
         matches!(&*self.inner.role.read(), Role::Owner(_))
+    }
+
+    /// Whether another process uses this cache now: this one is a client of its owner, or
+    /// owns it and serves a client. What is stored only for others (see `lcfs copy`) is
+    /// worth storing then.
+    pub fn is_shared(&self) -> bool {
+        match &*self.inner.role.read() {
+            Role::Owner(o) => o.service.clients() > 0,
+            Role::Client(_) => true,
+        }
     }
 
     /// The object, from memory or from its file (re-hashed). A damaged file is deleted, logged
@@ -572,10 +582,7 @@ fn acquire(config: &CacheConfig, addr: &SockAddr) -> Result<Role, CacheError> {
         if let Some(lock) = try_lock_dir(&config.dir)? {
             let owned = Arc::new(Owned::open(config, lock)?);
             let service = Service::start(owned.clone(), addr)?;
-            return Ok(Role::Owner(Owner {
-                _service: service,
-                owned,
-            }));
+            return Ok(Role::Owner(Owner { service, owned }));
         }
         match Client::connect(&config.dir, addr) {
             Ok(client) => return Ok(Role::Client(Mutex::new(client))),

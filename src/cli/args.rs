@@ -35,6 +35,9 @@ pub(crate) enum Command {
     /// setuid and setgid bits are dropped unless --keep-setuid is given. Below DEST no symlink
     /// is followed, a directory another user owns is refused, and files stay 0600 and new
     /// directories 0700 until the copy ends.
+    ///
+    /// Fetched blocks are kept in the cache as well, so that an interrupted copy resumes;
+    /// small files only while another lcfs process uses the same cache (DEST holds them).
     Copy(CopyArgs),
     /// Fill the cache with a channel's tree for offline use.
     Prefetch(PrefetchArgs),

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use super::args::{parse_channel_spec, CopyArgs, PrefetchArgs};
 use super::receive::{on_latest_tree, report_status};
-use crate::fetch::Tree;
+use crate::fetch::{KeepMembers, Tree};
 
 pub(crate) async fn copy(args: CopyArgs) -> anyhow::Result<()> {
     let spec = parse_channel_spec(&args.channel)?;
@@ -14,7 +14,9 @@ pub(crate) async fn copy(args: CopyArgs) -> anyhow::Result<()> {
         delete: args.delete,
     };
     let status = std::sync::OnceLock::new();
-    let (rx, report) = on_latest_tree(&spec, &args.recv, |tree, settled| {
+    // DEST gets every file verified; the cache need not hold the small ones too.
+    let keep = KeepMembers::WhenShared;
+    let (rx, report) = on_latest_tree(&spec, &args.recv, keep, |tree, settled| {
         let (spec, args, status) = (&spec, &args, &status);
         async move {
             if status.get().is_none() {
@@ -121,7 +123,8 @@ pub(crate) async fn prefetch(args: PrefetchArgs) -> anyhow::Result<()> {
     // Only the cache is written, which any generation's verified objects may fill; but pins
     // last, so a pinning prefetch waits until the generation is settled.
     let status = std::sync::OnceLock::new();
-    let (rx, report) = on_latest_tree(&spec, &args.recv, |tree, settled| {
+    let keep = KeepMembers::Always;
+    let (rx, report) = on_latest_tree(&spec, &args.recv, keep, |tree, settled| {
         let (subpaths, pin, spec, status) = (&subpaths, args.pin, &spec, &status);
         let recv = &args.recv;
         async move {

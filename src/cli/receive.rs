@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 
 use super::args::{default_cache_dir, ChannelSpec, KeyArgs, RecvArgs};
 use crate::channel::{Channel, MasterKey};
-use crate::fetch::{FetchConfig, Fetcher, RootPolicy, Tree};
+use crate::fetch::{FetchConfig, Fetcher, KeepMembers, RootPolicy, Tree};
 
 /// The descriptor on which a mount daemon child reads the 32-byte key its parent derived.
 pub(crate) const KEY_FD: &str = "LCFS_KEY_FD";
@@ -120,7 +120,7 @@ pub(crate) async fn open_tree(
     args: &RecvArgs,
     offline_ok: bool,
 ) -> anyhow::Result<Receiver> {
-    let (fetcher, policy) = start(spec, args)?;
+    let (fetcher, policy) = start(spec, args, KeepMembers::Always)?;
     let tree = Tree::open(fetcher, &policy, offline_ok).await?;
     Ok(Receiver { tree, policy })
 }
@@ -145,7 +145,8 @@ impl Settled {
 /// the same publisher, `work` on the first is dropped (a replayed old record can come first,
 /// and its objects may no longer be served) and runs again on the newer one. `work` is given
 /// a [`Settled`] to wait on before it does anything that cannot be undone. Returns the
-/// receiver at the generation `work` finished on.
+/// receiver at the generation `work` finished on. `keep` says which fetched objects the cache
+/// keeps.
 ///
 /// A newer generation heard later, while `work` runs, puts its fetches in doubt
 /// ([`crate::fetch::Fetcher::handle_new_generation`]): a server that follows its tree keeps
@@ -157,12 +158,13 @@ impl Settled {
 pub(crate) async fn on_latest_tree<T, Fut>(
     spec: &ChannelSpec,
     args: &RecvArgs,
+    keep: KeepMembers,
     work: impl Fn(Tree, Settled) -> Fut,
 ) -> anyhow::Result<(Receiver, T)>
 where
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let (fetcher, policy) = start(spec, args)?;
+    let (fetcher, policy) = start(spec, args, keep)?;
     let (mut tree, mut listening) = Tree::open_early(fetcher, &policy).await?;
     let (settle, settled) = tokio::sync::watch::channel(false);
     let mut run = Box::pin(work(tree.clone(), Settled(settled)));
@@ -230,7 +232,11 @@ fn is_stale(e: &anyhow::Error) -> bool {
 }
 
 /// Starts the fetch engine for the channel, and says what its root records must pass.
-fn start(spec: &ChannelSpec, args: &RecvArgs) -> anyhow::Result<(Fetcher, RootPolicy)> {
+fn start(
+    spec: &ChannelSpec,
+    args: &RecvArgs,
+    keep_members: KeepMembers,
+) -> anyhow::Result<(Fetcher, RootPolicy)> {
     let key = master_key(&args.key, &spec.name)?;
     let channel = Channel::new(&spec.name, key.as_ref());
     let iface = args.net.iface()?;
@@ -243,6 +249,7 @@ fn start(spec: &ChannelSpec, args: &RecvArgs) -> anyhow::Result<(Fetcher, RootPo
         timeout,
         root_wait: (!args.wait).then_some(crate::fetch::ROOT_WAIT.min(timeout)),
         port: args.net.port,
+        keep_members,
         ..FetchConfig::default()
     };
     let fetcher = Fetcher::start(channel, iface, cache, config)?;

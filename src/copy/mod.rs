@@ -11,7 +11,11 @@
 //!   wanted leaf is reused (at any block-aligned offset), and only the others are fetched
 //!   (lcsync's delta transfer). A file whose blocks all match, and which belongs to the
 //!   copying user alone, is left in place.
-//! - Blocks already in the cache are not fetched again.
+//! - Blocks already in the cache are not fetched again. What the copy fetches goes into the
+//!   cache too, except small files (a bundle's members) while no other process shares the
+//!   cache: DEST holds them verified, and a second copy of each in the cache cost as much
+//!   CPU as DEST itself (see [`crate::fetch::KeepMembers`]). So a copy interrupted before its
+//!   end fetches its small files again, in their bundles; its large files' blocks it keeps.
 //! - Below DEST the copy works only through descriptors ([`dest`]): it never follows a
 //!   symlink there, never writes in a directory another user owns, and keeps what it writes
 //!   private (files 0600, directories 0700) until the end.

@@ -35,7 +35,8 @@ pub mod tree;
 pub mod trust;
 
 pub use engine::{
-    FetchConfig, FetchStats, Fetcher, Freshness, HeardRoot, Priority, RootWatcher, ROOT_WAIT,
+    FetchConfig, FetchStats, Fetcher, Freshness, HeardRoot, KeepMembers, Priority, RootWatcher,
+    ROOT_WAIT,
 };
 pub use tree::Tree;
 pub use trust::RootPolicy;

@@ -190,8 +190,14 @@ pub enum Requested {
 /// What happened, for the shell to act on.
 #[derive(Debug)]
 pub enum Event {
-    /// Decoded and verified: store it, then hand it to the waiters of `tag`.
-    Completed { tag: Tag, object: Verified },
+    /// Decoded and verified: store it, then hand it to the waiters of `tag`. `member`: it
+    /// came as one of a bundle's small files, which the shell may leave out of the cache
+    /// (see [`super::KeepMembers`]).
+    Completed {
+        tag: Tag,
+        object: Verified,
+        member: bool,
+    },
     /// The fetch of `want` failed: nothing useful came within `timeout`, or, in doubt,
     /// within `stale_after` (`stale`).
     Failed {
@@ -537,7 +543,11 @@ impl FetchState {
                 None => tag,
             };
             self.recent.put(tag, object.clone());
-            self.events.push_back(Event::Completed { tag, object });
+            self.events.push_back(Event::Completed {
+                tag,
+                object,
+                member: bundle.is_some(),
+            });
         }
         if let Some(hash) = bundle {
             self.events.push_back(Event::Release { hash });

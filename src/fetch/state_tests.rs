@@ -228,7 +228,12 @@ fn a_request_is_claimed_joined_decoded_and_left() {
     let group = r.group(&v);
     assert_eq!(r.membership(), [(group, true)]);
     r.deliver(&v);
-    assert_eq!(completed(&r.events()), [ObjectHash::of_verified(&v)]);
+    let events = r.events();
+    assert_eq!(completed(&events), [ObjectHash::of_verified(&v)]);
+    assert!(
+        matches!(events[..], [Event::Completed { member: false, .. }]),
+        "an object fetched on its own group is not a bundle's member"
+    );
     assert_eq!(r.membership(), [(group, false)]);
     assert_eq!(r.st.pending(), 0);
     let again =
@@ -577,6 +582,12 @@ fn small_files_are_fetched_through_their_bundle() {
         })
         .collect();
     assert!(tags.iter().all(|t| completed_tags.contains(t)));
+    assert!(
+        events
+            .iter()
+            .all(|e| !matches!(e, Event::Completed { member: false, .. })),
+        "every object is marked as a bundle's member, which a copy need not cache"
+    );
     assert!(events
         .iter()
         .any(|e| matches!(e, Event::Release { hash } if *hash == bundle.id.hash)));
@@ -770,7 +781,7 @@ fn a_fetch_that_ends_while_its_symbols_decode_still_completes_once() {
         .events()
         .into_iter()
         .filter_map(|e| match e {
-            Event::Completed { tag: t, object } => Some((t, object)),
+            Event::Completed { tag: t, object, .. } => Some((t, object)),
             _ => None,
         })
         .collect();

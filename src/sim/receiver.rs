@@ -210,7 +210,7 @@ impl SimReceiver {
                 self.walk = Some(Walk::new(self.workload, r.block_size, r.root, self.seed));
             }
             Event::Root(_) => {}
-            Event::Completed { tag, object } => {
+            Event::Completed { tag, object, .. } => {
                 if let Some(asked) = self.asked.remove(&tag) {
                     self.max_wait = self.max_wait.max(now.duration_since(asked));
                 }

@@ -80,6 +80,13 @@ impl Service {
     }
 }
 
+impl Service {
+    /// How many client processes are connected now.
+    pub(crate) fn clients(&self) -> usize {
+        self.conns.open.lock().len()
+    }
+}
+
 impl Drop for Service {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
