@@ -71,8 +71,10 @@ pub enum Freshness {
 /// as well costs a second inode, a rename and two index keys for a copy of what DEST holds,
 /// and gives back only a refetch a later reader would make cheaply, in its bundle. On
 /// tools/bench's tree_10k (10,000 files, two cores) that second store was as much CPU as
-/// writing DEST: eight copies took 6.6 to 7.3 s with it and 4.5 to 4.6 s without, against
-/// 3.75 s for one (netns lab, 200 Mbit/s). While another process shares the cache, members
+/// writing DEST: eight copies at once took 8.77 s with it and 5.41 s without, one 3.8 s
+/// (`tools/bench --only tree_10k --runs 2 --seed 777`, both builds back to back). The price:
+/// a copy interrupted before its end fetches its small files again. While another process
+/// shares the cache, members
 /// are kept after all: it may want the same files now, and the claim on their bundle made
 /// it wait for this process's fetch rather than make its own (three processes reading one
 /// small-file tree cost the server 1.39 times the tree without that, 1.11 with it).
