@@ -38,7 +38,7 @@ use lcfs_cache::{Cache, Verified};
 use socket2::Socket;
 use tokio::sync::{mpsc, oneshot};
 
-use super::membership::default_gap;
+use super::membership::{default_gap, Memberships, QUIET_EVERY};
 use super::state::{Claim, Event, FetchState, Requested, RECENT};
 use super::{FetchError, Subject, KEY_HINT, SERVER_HINT};
 use crate::channel::{Channel, Tag};
@@ -268,11 +268,11 @@ impl Fetcher {
                 })
                 .ok(),
         };
-        // Our own reports do not wait for the kernel's timer: no batching needed.
-        let gap = if reporter.is_some() {
-            Duration::ZERO
-        } else {
-            default_gap()
+        // Our own reports do not wait for the kernel's timer: no batching needed, but a quiet
+        // now and then, for the kernel to forget the groups left (see `membership`).
+        let members = match reporter {
+            Some(_) => Memberships::new(Duration::ZERO).with_quiet(QUIET_EVERY, default_gap()),
+            None => Memberships::new(default_gap()),
         };
         let stats = Arc::new(FetchStats::default());
         let state = FetchState::new(
@@ -281,7 +281,7 @@ impl Fetcher {
             iface.index,
             config.clone(),
             stats.clone(),
-            gap,
+            members,
         );
         let inner = Arc::new(Inner {
             channel,

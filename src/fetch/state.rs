@@ -281,7 +281,7 @@ impl FetchState {
         ifindex: u32,
         config: FetchConfig,
         stats: Arc<FetchStats>,
-        member_gap: Duration,
+        members: Memberships,
     ) -> FetchState {
         let recent = lru::LruCache::new(nonzero(config.recent));
         let opener = Opener {
@@ -304,7 +304,7 @@ impl FetchState {
             seq: 0,
             watch: None,
             root_joined: false,
-            members: Memberships::new(member_gap),
+            members,
             recent,
             on_air: Vec::new(),
             on_air_at: None,

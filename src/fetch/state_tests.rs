@@ -10,6 +10,7 @@ use lcfs_cache::Verified;
 use proptest::prelude::*;
 
 use super::engine::{FetchConfig, FetchStats, Freshness, Priority};
+use super::membership::Memberships;
 use super::state::{
     Claim, Event, Feed, FetchState, Requested, ELSEWHERE_PATIENCE, ROOT_WATCH_REJOIN,
 };
@@ -45,7 +46,7 @@ fn rig(max_joined: usize) -> Rig {
         IFINDEX,
         config,
         stats.clone(),
-        Duration::ZERO,
+        Memberships::new(Duration::ZERO),
     );
     Rig {
         now,

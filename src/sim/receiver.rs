@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use super::link::Link;
 use super::walk::{Walk, Workload};
 use crate::channel::{Channel, Tag};
+use crate::fetch::membership::Memberships;
 use crate::fetch::object::StandIn;
 use crate::fetch::state::{Claim, Event, FetchState, Requested};
 use crate::fetch::{FetchConfig, FetchStats, Freshness, Priority};
@@ -101,7 +102,9 @@ impl SimReceiver {
             stand_in: self.stand_in.clone(),
             ..FetchConfig::default()
         };
-        let mut state = FetchState::new(now, channel, IFINDEX, config, stats, Duration::ZERO);
+        // The simulated network has no kernel MLD timer to make room for.
+        let members = Memberships::new(Duration::ZERO);
+        let mut state = FetchState::new(now, channel, IFINDEX, config, stats, members);
         state.set_watching(now, true);
         self.state = Some(state);
         self.started = Some(now);
