@@ -74,10 +74,10 @@ pub enum Freshness {
 /// writing DEST: eight copies at once took 8.77 s with it and 5.41 s without, one 3.8 s
 /// (`tools/bench --only tree_10k --runs 2 --seed 777`, both builds back to back). The price:
 /// a copy interrupted before its end fetches its small files again. While another process
-/// shares the cache, members
-/// are kept after all: it may want the same files now, and the claim on their bundle made
-/// it wait for this process's fetch rather than make its own (three processes reading one
-/// small-file tree cost the server 1.39 times the tree without that, 1.11 with it).
+/// shares the cache, members are kept after all: it may want the same files now, and the
+/// claim on their bundle made it wait for this process's fetch rather than make its own
+/// (three processes reading one small-file tree cost the server 1.39 times the tree without
+/// that, 1.11 with it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KeepMembers {
     /// Every object fetched is stored.

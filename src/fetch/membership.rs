@@ -64,10 +64,17 @@ pub struct Memberships {
     /// When the oldest queued change was queued.
     first_queued: Option<Instant>,
     joins_queued: bool,
-    /// A quiet of `.1` after `.0` of changes without one (see [`Memberships::with_quiet`]).
-    quiet: Option<(Duration, Duration)>,
+    /// See [`Memberships::with_quiet`].
+    quiet: Option<Quiet>,
     /// When the last batch that followed a quiet was applied.
     busy_since: Option<Instant>,
+}
+
+/// A quiet of `length` after `every` of changes without one.
+#[derive(Clone, Copy, Debug)]
+struct Quiet {
+    every: Duration,
+    length: Duration,
 }
 
 impl Memberships {
@@ -87,7 +94,7 @@ impl Memberships {
     /// After `every` of batches less than `length` apart, the next one waits until the last
     /// is `length` old, so that the kernel's MLD timer can run (see the module doc).
     pub fn with_quiet(mut self, every: Duration, length: Duration) -> Memberships {
-        self.quiet = Some((every, length));
+        self.quiet = Some(Quiet { every, length });
         self
     }
 
@@ -103,7 +110,7 @@ impl Memberships {
         if self.poll_timeout()? > now {
             return None;
         }
-        let length = self.quiet.map_or(self.gap, |q| q.1);
+        let length = self.quiet.map_or(self.gap, |q| q.length);
         if self
             .last_flush
             .is_none_or(|t| now.duration_since(t) >= length)
@@ -127,11 +134,9 @@ impl Memberships {
         if !self.joins_queued {
             due = due.max(queued + self.gap * LEAVE_HOLD);
         }
-        if let (Some((every, length)), Some(busy), Some(last)) =
-            (self.quiet, self.busy_since, self.last_flush)
-        {
-            if due.saturating_duration_since(busy) >= every {
-                due = due.max(last + length);
+        if let (Some(q), Some(busy), Some(last)) = (self.quiet, self.busy_since, self.last_flush) {
+            if due.saturating_duration_since(busy) >= q.every {
+                due = due.max(last + q.length);
             }
         }
         Some(due)
