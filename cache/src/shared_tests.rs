@@ -267,3 +267,33 @@ fn a_stopped_owner_costs_one_wait_not_one_per_request() {
     // Reads of what is on disk need no owner.
     assert_eq!(client.get(obj(1).hash()).unwrap(), None);
 }
+
+/// Waits up to 5 s for `cond`: the owner accepts and ends connections on its own threads.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    cond()
+}
+
+#[test]
+fn the_cache_is_shared_while_a_client_is_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let owner = open(dir.path(), None, 1 << 20);
+    assert!(!owner.is_shared(), "an owner alone");
+    let client = open(dir.path(), None, 1 << 20);
+    assert!(client.is_shared(), "a client shares by definition");
+    assert!(
+        eventually(|| owner.is_shared()),
+        "the owner never saw its client"
+    );
+    drop(client);
+    assert!(
+        eventually(|| !owner.is_shared()),
+        "the owner still counts a client that left"
+    );
+}
