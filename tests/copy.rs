@@ -14,7 +14,7 @@ use common::lcfs::{
     spawn_copy_wrapped, start_server, tmpdir, CopyOutcome, CopyRun, Mount,
 };
 use common::tree::{
-    assert_entries_equal, assert_trees_equal, list_tree, make_edge_tree, set_mtime,
+    assert_entries_equal, assert_trees_equal, list_tree, make_edge_tree, object_path, set_mtime,
     tree_file_bytes, tree_file_count, write_random_file, BLOCK, LARGE_FILE_SIZE,
 };
 use rand::rngs::StdRng;
@@ -672,9 +672,7 @@ fn a_copy_caches_small_files_only_while_it_shares_its_cache() {
     let big = fs::read(&big).unwrap();
     let srv = start_server(&lab, &src, "kept", &tmp.path().join("state"), &[]);
     let cached = |cache: &Path, bytes: &[u8]| {
-        let hex = blake3::hash(bytes).to_hex();
-        let path = cache.join("objects").join(&hex[..2]).join(hex.as_str());
-        fs::read(path).is_ok_and(|b| b == bytes)
+        fs::read(object_path(cache, &blake3::hash(bytes))).is_ok_and(|b| b == bytes)
     };
     let small_cached = |cache: &Path| small.iter().filter(|b| cached(cache, b)).count();
     let big_cached = |cache: &Path| big.chunks(BLOCK).filter(|b| cached(cache, b)).count();

@@ -29,7 +29,7 @@ use common::lcfs::{
     bounded, describe, is_mountpoint, s, spawn_copy, spawn_copy_with, start_server, tail, tmpdir,
     within, Mount, IFACE, LCFS,
 };
-use common::tree::{assert_trees_equal, tree_file_bytes, write_random_file, BLOCK};
+use common::tree::{assert_trees_equal, object_path, tree_file_bytes, write_random_file, BLOCK};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::ffi::CString;
@@ -91,12 +91,6 @@ impl Published {
             .filter(|&i| fs::read(self.object(cache, i)).ok().as_deref() != Some(self.block(i)))
             .collect()
     }
-}
-
-/// Where the object named `hash` lives in a cache directory.
-fn object_path(cache: &Path, hash: &blake3::Hash) -> PathBuf {
-    let hex = hash.to_hex();
-    cache.join("objects").join(&hex[..2]).join(hex.as_str())
 }
 
 /// The object files of a cache directory: how many, their real disk use (allocated blocks,

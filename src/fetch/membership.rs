@@ -110,12 +110,13 @@ impl Memberships {
         if self.poll_timeout()? > now {
             return None;
         }
-        let length = self.quiet.map_or(self.gap, |q| q.length);
-        if self
-            .last_flush
-            .is_none_or(|t| now.duration_since(t) >= length)
-        {
-            self.busy_since = Some(now);
+        if let Some(q) = self.quiet {
+            if self
+                .last_flush
+                .is_none_or(|t| now.duration_since(t) >= q.length)
+            {
+                self.busy_since = Some(now);
+            }
         }
         self.last_flush = Some(now);
         self.first_queued = None;

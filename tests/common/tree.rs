@@ -541,3 +541,9 @@ pub fn seeded(seed: u64, len: usize) -> Vec<u8> {
 pub fn b3(bytes: &[u8]) -> [u8; 32] {
     *blake3::hash(bytes).as_bytes()
 }
+
+/// Where the object named `hash` lives in a cache directory (`CACHE/objects/ab/<hash>`).
+pub fn object_path(cache: &Path, hash: &blake3::Hash) -> PathBuf {
+    let hex = hash.to_hex();
+    cache.join("objects").join(&hex[..2]).join(hex.as_str())
+}
