@@ -7,7 +7,9 @@
 //!   hash, and an opaque 16-byte tag that receivers demultiplex by;
 //! - on an encrypted channel outsiders can map neither groups nor tags to content, because the
 //!   addressing key depends on the master key;
-//! - the root record has its own group and tag, derived from the channel id alone.
+//! - the root record has its own group and tag, derived from the channel id alone;
+//! - each of [`LOSS_LEVELS`] has a group that a receiver joins to tell the publisher how much
+//!   it loses (see `crate::fetch::loss`); nothing is ever sent on these groups.
 
 use std::fmt;
 use std::net::Ipv6Addr;
@@ -53,6 +55,13 @@ impl fmt::Debug for Tag {
         write!(f, "Tag({})", hex::encode(&self.0[..6]))
     }
 }
+
+/// The losses a receiver can report, in per mille: finer where a point of loss moves a first
+/// round by a symbol or more, and no further than the most the sender ever sizes for
+/// (`SchedConfig::max_loss`, 30%).
+pub const LOSS_LEVELS: [u16; 21] = [
+    0, 5, 10, 15, 20, 30, 40, 50, 60, 80, 100, 120, 140, 160, 180, 200, 220, 240, 260, 280, 300,
+];
 
 /// Where an object travels: its multicast group and the tag its packets carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -138,6 +147,16 @@ impl Channel {
         self.address(b"obj!", hash.as_bytes())
     }
 
+    /// The group a receiver joins to report that it loses about `LOSS_LEVELS[level]` per
+    /// mille of the symbols sent to it; None for a level out of range.
+    pub fn loss_address(&self, level: usize) -> Option<Address> {
+        let mut name = [0; 32];
+        name[0] = u8::try_from(level)
+            .ok()
+            .filter(|_| level < LOSS_LEVELS.len())?;
+        Some(self.address(b"loss", &name))
+    }
+
     fn address(&self, domain: &[u8; 4], name: &[u8; 32]) -> Address {
         let mut h = blake3::Hasher::new_keyed(&self.addr_key);
         h.update(domain);
@@ -170,6 +189,13 @@ mod tests {
         assert_ne!(a.group, b.group);
         assert_ne!(a.tag, b.tag);
         assert_ne!(ch.root_address().group, a.group);
+        let loss: std::collections::HashSet<_> = (0..LOSS_LEVELS.len())
+            .map(|l| ch.loss_address(l).unwrap().group)
+            .collect();
+        assert_eq!(loss.len(), LOSS_LEVELS.len());
+        assert!(!loss.contains(&a.group) && !loss.contains(&ch.root_address().group));
+        assert!(!loss.contains(&ch.air_address().group));
+        assert_eq!(ch.loss_address(LOSS_LEVELS.len()), None);
     }
 
     #[test]

@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 use lcfs_cache::Verified;
 
 use super::engine::{FetchConfig, FetchStats, Freshness, HeardRoot, Priority};
+use super::loss::{EsiSpan, LossReport};
 use super::membership::Memberships;
 use super::object::{Action, Decoding, Fed, ObjectFetch, Timers};
 use crate::channel::{Address, Channel, Tag};
@@ -147,6 +148,7 @@ impl Feed<'_> {
         FedSymbol {
             tag: self.tag,
             from: self.from,
+            esi: self.esi,
             fed: decoding.push(self.from, self.preferred, self.esi, self.data),
         }
     }
@@ -156,6 +158,7 @@ impl Feed<'_> {
 pub struct FedSymbol {
     tag: Tag,
     from: Ipv6Addr,
+    esi: Esi,
     fed: Fed,
 }
 
@@ -219,6 +222,9 @@ struct Pending {
     seq: u64,
     /// For a bundle: the members asked for, by tag, which complete or fail with it.
     riders: BTreeMap<Tag, ObjectRef>,
+    /// The symbols received from one sender since the group was (re)joined, for the loss
+    /// report.
+    span: Option<EsiSpan>,
 }
 
 /// When the watched root group was last heard and joined.
@@ -248,6 +254,9 @@ pub struct FetchState {
     watch: Option<RootWatch>,
     root_joined: bool,
     members: Memberships,
+    /// The loss measured, and the level whose group is joined to report it.
+    loss: LossReport,
+    loss_joined: Option<usize>,
     recent: lru::LruCache<Tag, Verified>,
     /// The server's last beacon: objects it sends next, soonest first, and when it came.
     on_air: Vec<Tag>,
@@ -305,6 +314,8 @@ impl FetchState {
             watch: None,
             root_joined: false,
             members,
+            loss: LossReport::new(),
+            loss_joined: None,
             recent,
             on_air: Vec::new(),
             on_air_at: None,
@@ -416,6 +427,7 @@ impl FetchState {
             priority,
             seq: self.seq,
             riders: BTreeMap::new(),
+            span: None,
         };
         self.pending.insert(at.tag, pending);
         self.queue.insert((priority, self.seq), at.tag);
@@ -518,12 +530,24 @@ impl FetchState {
     /// What a [`Feed`] did. The fetch may have ended meanwhile (failed or given up by another
     /// thread); a verified object is completed all the same, for the cache to keep.
     pub fn handle_fed(&mut self, now: Instant, fed: FedSymbol) {
-        let FedSymbol { tag, from, fed } = fed;
+        let FedSymbol {
+            tag,
+            from,
+            esi,
+            fed,
+        } = fed;
         if fed.forged {
             self.stats.forged_decodes.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(p) = self.pending.get_mut(&tag) {
             p.fetch.handle_fed(now, &fed);
+            // Every symbol from the span's sender counts, new to the decoder or not: with
+            // two servers sending the same ESIs, each symbol is new from one of them only.
+            let span = p.span.get_or_insert_with(|| EsiSpan::new(from, esi));
+            span.push(from, esi);
+            if self.loss.handle_span(span) {
+                self.report_loss(now);
+            }
         }
         let Some(objects) = fed.done else {
             return;
@@ -674,11 +698,14 @@ impl FetchState {
             .iter_mut()
             .filter(|(_, p)| p.phase == Phase::Joined)
         {
+            self.loss.handle_busy(now);
             match p.fetch.poll_action(now, &timers) {
                 Action::Wait => {}
                 Action::Rejoin => {
                     self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
                     p.fetch.handle_joined(now);
+                    // Symbols sent between the leave and the join were not lost.
+                    p.span = None;
                     // A leave and a join make the kernel send a fresh report for the group.
                     self.members.push(now, p.group, false);
                     self.members.push(now, p.group, true);
@@ -693,6 +720,31 @@ impl FetchState {
         self.recheck_elsewhere(now);
         self.tick_root(now);
         self.admit(now);
+        self.report_loss(now);
+    }
+
+    /// The loss measured so far, as a share, once enough symbols were counted.
+    pub fn loss(&self) -> Option<f64> {
+        self.loss.loss()
+    }
+
+    /// Joins the group of the loss level to report, leaving the one reported before.
+    fn report_loss(&mut self, now: Instant) {
+        let level = self.loss.poll_level(now);
+        if level == self.loss_joined {
+            return;
+        }
+        let group = |l: Option<usize>| {
+            l.and_then(|l| self.channel.loss_address(l))
+                .map(|a| a.group)
+        };
+        if let Some(old) = group(self.loss_joined) {
+            self.members.push(now, old, false);
+        }
+        if let Some(new) = group(level) {
+            self.members.push(now, new, true);
+        }
+        self.loss_joined = level;
     }
 
     /// How often [`FetchState::handle_timeout`] wants to run.
@@ -865,6 +917,7 @@ impl FetchState {
         };
         p.phase = Phase::Joined;
         p.fetch.handle_started(now);
+        self.loss.handle_busy(now);
         self.elsewhere.remove(&tag);
         self.members.push(now, p.group, true);
     }
@@ -903,6 +956,7 @@ impl FetchState {
             Phase::Joined => {
                 self.in_window -= 1;
                 self.members.push(now, p.group, false);
+                self.loss.handle_busy(now);
             }
             Phase::Claiming { .. } | Phase::Elsewhere { .. } => self.in_window -= 1,
         }

@@ -794,3 +794,72 @@ fn a_fetch_that_ends_while_its_symbols_decode_still_completes_once() {
     assert_eq!(completed[0].0, tag);
     assert_eq!(&completed[0].1[..], &v[..]);
 }
+
+/// A receiver that loses one symbol in five measures it from the gaps between the ESIs it
+/// gets, joins the group of that loss level while it fetches, moves to another level's
+/// group only by leaving the first, and leaves when it has fetched nothing for a while.
+#[test]
+fn a_receiver_reports_its_loss_by_joining_one_level_group_while_it_fetches() {
+    use crate::channel::LOSS_LEVELS;
+    use crate::fetch::loss::IDLE;
+    let mut r = rig(32);
+    let levels: Vec<Ipv6Addr> = (0..LOSS_LEVELS.len())
+        .map(|l| r.channel.loss_address(l).unwrap().group)
+        .collect();
+    let mut joined: Option<usize> = None;
+    let follow = |changes: Vec<(Ipv6Addr, bool)>, joined: &mut Option<usize>| {
+        for (group, join) in changes {
+            let Some(level) = levels.iter().position(|g| *g == group) else {
+                continue;
+            };
+            match join {
+                true => {
+                    assert_eq!(*joined, None, "one level at a time");
+                    *joined = Some(level);
+                }
+                false => {
+                    assert_eq!(*joined, Some(level));
+                    *joined = None;
+                }
+            }
+        }
+    };
+    for n in 0..8 {
+        let v = object(n, 40 * SYMBOL);
+        let tag = r.request(&v, Priority::Demand);
+        r.grant_all();
+        let enc = ObjectEncoder::new(&v, SYMBOL).unwrap();
+        let (mut sym, mut pkt) = (Vec::new(), Vec::new());
+        let group = r.group(&v);
+        for esi in (0..200).filter(|e| e % 5 != 4) {
+            enc.symbol(Esi(esi), &mut sym);
+            packet::encode_symbol(&mut pkt, tag, Esi(esi), &sym, None);
+            let env = Envelope {
+                from: SERVER,
+                to: Some(group),
+                ifindex: IFINDEX,
+            };
+            r.st.handle_datagram(r.now, env, &mut pkt);
+            if r.st.pending() == 0 {
+                break;
+            }
+        }
+        assert_eq!(completed(&r.events()), [ObjectHash::of_verified(&v)]);
+        let changes = r.membership();
+        follow(changes, &mut joined);
+        r.advance(FetchState::TICK);
+    }
+    let loss = r.st.loss().expect("measured");
+    assert!((loss - 0.2).abs() < 0.03, "{loss}");
+    let level = joined.expect("reported");
+    assert!(
+        (200..=240).contains(&LOSS_LEVELS[level]),
+        "{}",
+        LOSS_LEVELS[level]
+    );
+    // Nothing fetched for IDLE: the report is withdrawn.
+    r.advance(IDLE);
+    let changes = r.membership();
+    follow(changes, &mut joined);
+    assert_eq!(joined, None);
+}

@@ -48,6 +48,8 @@ pub struct Table {
     pub root: Address,
     /// Where the beacon goes.
     pub air: Address,
+    /// The groups receivers join to report their loss, by level (`crate::fetch::loss`).
+    loss: HashMap<Ipv6Addr, usize>,
     /// The generation this table publishes (the root record's).
     pub generation: u64,
     objects: HashMap<ObjectHash, Object>,
@@ -88,6 +90,7 @@ impl Table {
             signed: RwLock::new((record.clone(), record.encode().into())),
             root: channel.root_address(),
             air: channel.air_address(),
+            loss: loss_groups(&channel),
             generation,
             by_group: groups(&channel, &objects),
             objects,
@@ -164,7 +167,15 @@ impl Table {
 
     /// Whether `group` carries something this table publishes (the MLD listener's filter).
     pub fn interested(&self, group: &Ipv6Addr) -> bool {
-        *group == self.root.group || *group == self.air.group || self.by_group.contains_key(group)
+        *group == self.root.group
+            || *group == self.air.group
+            || self.by_group.contains_key(group)
+            || self.loss.contains_key(group)
+    }
+
+    /// The loss level that receivers joining `group` report, if it is a loss group.
+    pub fn loss_level(&self, group: &Ipv6Addr) -> Option<usize> {
+        self.loss.get(group).copied()
     }
 
     /// The object whose group is `group`, of this generation or a kept older one.
@@ -219,6 +230,13 @@ fn groups(
     objects
         .keys()
         .map(|h| (channel.object_address(h).group, *h))
+        .collect()
+}
+
+/// The loss groups (see [`Table::loss_level`]), computed once per table.
+fn loss_groups(channel: &Channel) -> HashMap<Ipv6Addr, usize> {
+    (0..crate::channel::LOSS_LEVELS.len())
+        .filter_map(|l| Some((channel.loss_address(l)?.group, l)))
         .collect()
 }
 

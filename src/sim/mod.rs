@@ -240,6 +240,7 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
     let mut r = Report {
         later_rounds: sched.stats().later_rounds[1],
         loss: sched.loss(),
+        reported: sched.reported_loss(),
         leave_delay: sched.stats().leave_delay,
         activations: sched.stats().activations,
         distinct: sched.stats().distinct,

@@ -44,8 +44,10 @@ pub struct Report {
     /// The first server's: block rounds after the first (stragglers, late joiners, leaves
     /// that came late).
     pub later_rounds: u64,
-    /// The receivers' loss the server's first rounds were sized for at the end.
+    /// The receivers' loss the server learned from MLD alone, at the end.
     pub loss: f64,
+    /// Receivers reporting their loss at the end (at most 64 a level), and their mean.
+    pub reported: (usize, f64),
     /// Blocks whose listeners all left within 10, 20, 40, 80, 160 ms or later after the end
     /// of their first round.
     pub leave_delay: [u64; 6],
@@ -140,8 +142,8 @@ impl fmt::Display for Report {
         )?;
         write!(
             f,
-            "\n  server: {} later block rounds, loss learned {:.3}, leaves after <10/20/40/80/160/more ms {:?}",
-            self.later_rounds, self.loss, self.leave_delay
+            "\n  server: {} later block rounds, loss learned {:.3}, reported {:.3} by {}, leaves after <10/20/40/80/160/more ms {:?}",
+            self.later_rounds, self.loss, self.reported.1, self.reported.0, self.leave_delay
         )?;
         write!(
             f,

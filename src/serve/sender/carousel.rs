@@ -4,7 +4,7 @@
 //! the shell (`super::SenderLoop`) owns the socket, the disk and the clock.
 //!
 //! - Routing. MLD reports groups ([`GroupEvent`]); the published [`Table`] names the object of
-//!   each. A listened group that the table does not name is remembered all the same (at most
+//!   each, or the loss level its listeners report (counted by the [`Scheduler`]). A listened group that the table does not name is remembered all the same (at most
 //!   `max_unrouted` of them, the tracker's own group limit): the MLD thread filters reports by
 //!   the newest table, which may reach it before it reaches this state, and such a group must
 //!   be routed once its table arrives.
@@ -206,6 +206,8 @@ impl Carousel {
             GroupEvent::Listeners(g, n) => {
                 if let Some(hash) = self.listened.get(&g).and_then(|l| l.hash) {
                     self.sched.handle_listeners(&hash, n);
+                } else if let Some(level) = self.table.loss_level(&g) {
+                    self.sched.handle_loss_report(level, n);
                 }
             }
         }
@@ -214,6 +216,11 @@ impl Carousel {
     /// The root record and the beacon are cheap: they go on until `Inactive`. An object
     /// pauses where it is.
     fn leaving(&mut self, now: Instant, group: Ipv6Addr) {
+        // A receiver leaves its loss level's group when its loss moved to another level: its
+        // report is void at once (a forged leave voids a report until the query's answer).
+        if let Some(level) = self.table.loss_level(&group) {
+            return self.sched.handle_loss_report(level, 0);
+        }
         let Some(listened) = self.listened.get_mut(&group) else {
             return;
         };
@@ -230,6 +237,9 @@ impl Carousel {
         }
         if group == self.table.air.group {
             return self.sched.handle_air(now, true);
+        }
+        if let Some(level) = self.table.loss_level(&group) {
+            return self.sched.handle_loss_report(level, 1);
         }
         let hash = self.table.hash_of(&group);
         if !self.remember(group, hash, false) {
@@ -261,6 +271,9 @@ impl Carousel {
         }
         if group == self.table.air.group {
             return self.sched.handle_air(now, false);
+        }
+        if let Some(level) = self.table.loss_level(&group) {
+            return self.sched.handle_loss_report(level, 0);
         }
         match self.listened.remove(&group).map(|l| l.hash) {
             Some(Some(hash)) => self.route_off(now, &hash),

@@ -409,6 +409,53 @@ fn a_join_routes_to_its_object_and_sends_its_symbols() {
     assert_eq!(sim.loads, vec![b], "the encoder was kept");
 }
 
+/// A loss level's group names no object: its listeners only size first rounds, and nothing
+/// is ever sent on it.
+#[test]
+fn receivers_reporting_loss_get_first_rounds_sized_for_it() {
+    let mut w = World::new();
+    let (a, b, c) = (
+        w.add(1, 60_000, Kind::Block),
+        w.add(2, 60_000, Kind::Block),
+        w.add(3, 60_000, Kind::Block),
+    );
+    let config = CarouselConfig {
+        sched: SchedConfig {
+            start_loss: 0.0,
+            ..SchedConfig::default()
+        },
+        // Fast enough that a first round ends well within half a cooldown.
+        ..Sim::config(100_000_000)
+    };
+    let table = w.table(&[a, b, c], 1);
+    let mut sim = Sim::new(&w, config, table.clone());
+    let k = 60_000u32.div_ceil(1428) as usize;
+    let first_round = |sim: &mut Sim, hash: ObjectHash| {
+        sim.join(w.group(&hash));
+        sim.run_for(SchedConfig::default().cooldown / 2);
+        sim.symbols_of(hash).len()
+    };
+    assert_eq!(
+        first_round(&mut sim, a),
+        k,
+        "nothing reported or learned: K"
+    );
+    let level = crate::channel::LOSS_LEVELS
+        .iter()
+        .position(|&l| l == 200)
+        .unwrap();
+    let report = w.channel.loss_address(level).unwrap().group;
+    assert_eq!(table.loss_level(&report), Some(level));
+    sim.join(report);
+    sim.event(GroupEvent::Listeners(report, 3));
+    let b_round = first_round(&mut sim, b);
+    assert!(b_round > k + 10, "sized for 20% loss: {b_round} of K {k}");
+    sim.event(GroupEvent::Leaving(report));
+    sim.event(GroupEvent::Inactive(report));
+    assert_eq!(first_round(&mut sim, c), k, "the report is gone");
+    assert!(sim.sent.iter().all(|s| s.group != report));
+}
+
 #[test]
 fn a_leave_pauses_and_a_rejoin_resumes() {
     let mut w = World::new();
@@ -652,7 +699,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0u8..3, 0usize..16).prop_map(|(k, g)| Op::Event(k, g)),
+        6 => (0u8..3, 0usize..18).prop_map(|(k, g)| Op::Event(k, g)),
         4 => (0u16..400).prop_map(Op::Advance),
         1 => Just(Op::NextTable),
         1 => (0usize..10).prop_map(Op::Break),
@@ -660,7 +707,8 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// Ten objects, three generations (the third past the grace period), and the groups an
-/// event may name: every object's, root, beacon and four that no table names.
+/// event may name: every object's, root, beacon, four that no table names and two loss
+/// levels'.
 fn random_world() -> (World, Vec<Arc<Table>>, Vec<Ipv6Addr>, Vec<ObjectHash>) {
     let mut w = World::new();
     let hashes: Vec<ObjectHash> = (0..10u32)
@@ -675,6 +723,7 @@ fn random_world() -> (World, Vec<Arc<Table>>, Vec<Ipv6Addr>, Vec<ObjectHash>) {
     let mut groups: Vec<Ipv6Addr> = hashes.iter().map(|h| w.group(h)).collect();
     groups.extend([t1.root.group, t1.air.group]);
     groups.extend((1..5).map(|i| Ipv6Addr::new(0xff1e, 0, 0, 0, 0, 0, 0, i)));
+    groups.extend([0, 20].map(|l| w.channel.loss_address(l).unwrap().group));
     (w, vec![t1, t2, t3], groups, hashes)
 }
 
