@@ -375,7 +375,11 @@ impl Copier<'_> {
         let leaves = (self.tree.leaves(f, Priority::Readahead).await).map_err(in_file)?;
         let (dir, name) = self.dest.parent_of(rel)?;
         let bs = self.tree.block_size();
-        let existing = existing_blocks(&dir, name, bs, self.dest.euid()).await;
+        // A DEST this copy made holds nothing of ours to reuse: no lookup per file.
+        let existing = match self.dest.created() {
+            true => Existing::default(),
+            false => existing_blocks(&dir, name, bs, self.dest.euid()).await,
+        };
         if existing.in_place(&leaves, f.size) {
             self.unchanged.fetch_add(1, Ordering::Relaxed);
             self.reused.fetch_add(f.size, Ordering::Relaxed);

@@ -124,6 +124,11 @@ impl EsiSpan {
         self.bits[at / 64] & (1 << (at % 64)) != 0
     }
 
+    /// Slots that [`EsiSpan::take_counted`] would count now.
+    pub fn countable(&self) -> usize {
+        self.hi.saturating_sub(REORDER).saturating_sub(self.lo)
+    }
+
     /// (slots, lost): the ESIs after the first one received (or the last counted) up to
     /// [`REORDER`] before the last, and how many of them never came, which are counted now;
     /// None when the span is not believable.

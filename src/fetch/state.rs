@@ -77,6 +77,9 @@ const AIR_AHEAD: usize = 8;
 /// rounds are queued; an idle server sends none, and then this is the whole cost).
 const BEACON_WAIT: Duration = Duration::from_millis(60);
 
+/// Slots a fetch's [`EsiSpan`] gathers before they are counted into the loss report.
+const COUNT_EVERY: usize = 16;
+
 /// How often fetches waiting for another process are looked up in the cache (a stat each).
 const ELSEWHERE_PROBE: Duration = Duration::from_millis(5);
 
@@ -545,7 +548,8 @@ impl FetchState {
             // two servers sending the same ESIs, each symbol is new from one of them only.
             let span = p.span.get_or_insert_with(|| EsiSpan::new(from, esi));
             span.push(from, esi);
-            if self.loss.handle_span(span) {
+            // Counted in batches, off the per-symbol path; the rest when the fetch ends.
+            if span.countable() >= COUNT_EVERY && self.loss.handle_span(span) {
                 self.report_loss(now);
             }
         }
@@ -944,7 +948,12 @@ impl FetchState {
 
     /// Takes `tag` out of the state: out of the window, its group left.
     fn end(&mut self, now: Instant, tag: Tag) -> Option<Pending> {
-        let p = self.pending.remove(&tag)?;
+        let mut p = self.pending.remove(&tag)?;
+        if let Some(span) = &mut p.span {
+            if self.loss.handle_span(span) {
+                self.report_loss(now);
+            }
+        }
         self.elsewhere.remove(&tag);
         for rider in p.riders.keys() {
             self.riding.remove(rider);
