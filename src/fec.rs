@@ -142,18 +142,32 @@ pub enum Decoded {
 }
 
 /// Collects symbols of one object until it decodes.
+///
+/// The code is systematic: source symbols are the object's own bytes. They are copied
+/// straight into place, and an object whose K source symbols all came is done without
+/// RaptorQ, which copied every symbol twice and allocated once per symbol (on a clean link
+/// every object). Repair symbols wait aside until source and repair symbols together reach
+/// K; then RaptorQ takes them all and every later symbol.
 pub struct ObjectDecoder {
     len: u64,
     symbol_size: usize,
     k: u32,
     kept: u32,
-    /// ESIs taken so far: at most [`ObjectDecoder::saturated`]'s bound, then the caller
-    /// starts afresh.
-    seen: std::collections::HashSet<Esi>,
+    /// Source ESIs taken so far, a bit each.
+    sources: Vec<u64>,
+    /// Repair ESIs taken so far: at most [`ObjectDecoder::saturated`]'s bound, then the
+    /// caller starts afresh.
+    repairs: std::collections::HashSet<Esi>,
     decoder: Inner,
 }
 
 enum Inner {
+    /// Source symbols in place (`k` of `symbol_size` bytes), repair symbols aside.
+    Systematic {
+        object: Vec<u8>,
+        held: u32,
+        repair: Vec<EncodingPacket>,
+    },
     RaptorQ(Box<SourceBlockDecoder>),
     /// The simulation's stand-in ([`ObjectDecoder::counting`]): the object it will give.
     Counting(std::sync::Arc<[u8]>),
@@ -162,22 +176,25 @@ enum Inner {
 impl ObjectDecoder {
     /// A decoder for an object of `len` bytes coded with symbols of `symbol_size` bytes.
     pub fn new(len: u64, symbol_size: usize) -> Result<ObjectDecoder, FecError> {
-        let config = oti(len, symbol_size)?;
-        let decoder = SourceBlockDecoder::new(0, &config, len);
-        Ok(ObjectDecoder::with(
-            len,
-            symbol_size,
-            Inner::RaptorQ(Box::new(decoder)),
-        ))
+        oti(len, symbol_size)?;
+        let k = len.div_ceil(symbol_size as u64) as usize;
+        let decoder = Inner::Systematic {
+            object: vec![0; k * symbol_size],
+            held: 0,
+            repair: Vec::new(),
+        };
+        Ok(ObjectDecoder::with(len, symbol_size, decoder))
     }
 
     fn with(len: u64, symbol_size: usize, decoder: Inner) -> ObjectDecoder {
+        let k = len.div_ceil(symbol_size as u64) as u32;
         ObjectDecoder {
             len,
             symbol_size,
-            k: len.div_ceil(symbol_size as u64) as u32,
+            k,
             kept: 0,
-            seen: std::collections::HashSet::new(),
+            sources: vec![0; (k as usize).div_ceil(64)],
+            repairs: std::collections::HashSet::new(),
             decoder,
         }
     }
@@ -224,25 +241,86 @@ impl ObjectDecoder {
             return Decoded::Ignored;
         }
         // Repeats prove nothing: a trickle of copies must not keep a dead fetch alive.
-        if !self.seen.insert(esi) {
+        let source = esi.0 < self.k;
+        let fresh = match source {
+            true => {
+                let (word, bit) = (esi.0 as usize / 64, 1u64 << (esi.0 % 64));
+                let fresh = self.sources[word] & bit == 0;
+                self.sources[word] |= bit;
+                fresh
+            }
+            false => self.repairs.insert(esi),
+        };
+        if !fresh {
             return Decoded::Duplicate;
         }
         self.kept += 1;
-        let decoder = match &mut self.decoder {
-            Inner::RaptorQ(decoder) => decoder,
+        let packet = match &mut self.decoder {
             Inner::Counting(object) if self.kept >= self.k => {
                 return Decoded::Done(object.to_vec())
             }
             Inner::Counting(_) => return Decoded::Pending,
-        };
-        let packet = EncodingPacket::new(PayloadId::new(0, esi.0), data.to_vec());
-        match decoder.decode(std::iter::once(packet)) {
-            Some(mut bytes) => {
-                bytes.truncate(self.len as usize);
-                Decoded::Done(bytes)
+            Inner::Systematic {
+                object,
+                held,
+                repair,
+            } => {
+                if source {
+                    let at = esi.0 as usize * self.symbol_size;
+                    object[at..at + self.symbol_size].copy_from_slice(data);
+                    *held += 1;
+                    if *held == self.k {
+                        let mut object = std::mem::take(object);
+                        object.truncate(self.len as usize);
+                        return Decoded::Done(object);
+                    }
+                } else {
+                    repair.push(EncodingPacket::new(PayloadId::new(0, esi.0), data.to_vec()));
+                }
+                if *held + repair.len() as u32 >= self.k {
+                    return self.hand_to_raptorq();
+                }
+                return Decoded::Pending;
             }
-            None => Decoded::Pending,
+            Inner::RaptorQ(_) => EncodingPacket::new(PayloadId::new(0, esi.0), data.to_vec()),
+        };
+        let Inner::RaptorQ(decoder) = &mut self.decoder else {
+            return Decoded::Pending;
+        };
+        finish(self.len, decoder.decode(std::iter::once(packet)))
+    }
+
+    /// Source and repair symbols together may decode: RaptorQ takes them all, and every
+    /// symbol after them.
+    fn hand_to_raptorq(&mut self) -> Decoded {
+        let Ok(config) = oti(self.len, self.symbol_size) else {
+            return Decoded::Pending;
+        };
+        let Inner::Systematic { object, repair, .. } = &mut self.decoder else {
+            return Decoded::Pending;
+        };
+        let (size, held) = (self.symbol_size, &self.sources);
+        let sources = (0..self.k)
+            .filter(|&i| held[i as usize / 64] & (1 << (i % 64)) != 0)
+            .map(|i| {
+                let at = i as usize * size;
+                EncodingPacket::new(PayloadId::new(0, i), object[at..at + size].to_vec())
+            });
+        let mut decoder = Box::new(SourceBlockDecoder::new(0, &config, self.len));
+        let decoded = decoder.decode(sources.chain(std::mem::take(repair)));
+        self.decoder = Inner::RaptorQ(decoder);
+        finish(self.len, decoded)
+    }
+}
+
+/// What RaptorQ's answer means: the object, cut to its `len` bytes, or more to wait for.
+fn finish(len: u64, decoded: Option<Vec<u8>>) -> Decoded {
+    match decoded {
+        Some(mut bytes) => {
+            bytes.truncate(len as usize);
+            Decoded::Done(bytes)
         }
+        None => Decoded::Pending,
     }
 }
 
@@ -335,6 +413,23 @@ mod tests {
         assert_eq!(decode_with(&enc, d.len(), 0..46).unwrap(), d);
     }
 
+    /// Source symbols go straight into place; repairs wait until they and the sources held
+    /// reach K, then RaptorQ decodes them together.
+    #[test]
+    fn sources_and_repairs_meet_in_raptorq() {
+        let d = data(65536, 3);
+        let enc = ObjectEncoder::new(&d, 1428).unwrap();
+        let k = enc.source_symbols();
+        // Two sources lost, two repairs make up for them.
+        let esis = (0..k).filter(|&e| e != 3 && e != 7).chain([k, k + 1]);
+        assert_eq!(decode_with(&enc, d.len(), esis).unwrap(), d);
+        // Repairs first, the sources after.
+        let esis = (k + 10..k + 15).chain(5..k);
+        assert_eq!(decode_with(&enc, d.len(), esis).unwrap(), d);
+        // Not enough: nothing.
+        assert_eq!(decode_with(&enc, d.len(), (0..k - 2).chain([k])), None);
+    }
+
     #[test]
     fn repair_symbols_alone_decode() {
         let d = data(10_000, 2);
@@ -370,6 +465,20 @@ mod tests {
             let k = enc.source_symbols();
             let survivors = (0..k * 4 + 20).filter(|_| rng.random::<f64>() >= loss);
             prop_assert_eq!(decode_with(&enc, len, survivors), Some(d));
+        }
+
+        /// Symbols in any order (repairs before sources, sources after RaptorQ took over).
+        #[test]
+        fn enough_symbols_in_any_order_decode(len in 1usize..40_000, loss in 0.0f64..0.5, seed: u64) {
+            use rand::seq::SliceRandom;
+            let d = data(len, seed);
+            let enc = ObjectEncoder::new(&d, 1428.min(len)).unwrap();
+            let mut rng = StdRng::seed_from_u64(seed);
+            let k = enc.source_symbols();
+            let mut survivors: Vec<u32> =
+                (0..k * 4 + 20).filter(|_| rng.random::<f64>() >= loss).collect();
+            survivors.shuffle(&mut rng);
+            prop_assert_eq!(decode_with(&enc, len, survivors.into_iter()), Some(d));
         }
     }
 }
