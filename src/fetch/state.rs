@@ -32,8 +32,8 @@
 //! when it decodes, fails (failing each rider), or when every rider was found in the cache.
 //! Invariants:
 //! - `riding` maps exactly the riders of the pending bundle fetches to their bundle's tag;
-//! - `in_window` counts the fetches in `Claiming`, `Joined` and `Elsewhere`; `elsewhere`
-//!   holds exactly the tags in `Elsewhere`; a group is joined exactly while its fetch is
+//! - `in_window` counts the fetches in `Claiming`, `Joined` and `Elsewhere`; `joined` and
+//!   `elsewhere` hold exactly the tags in `Joined` and in `Elsewhere`; a group is joined exactly while its fetch is
 //!   `Joined` (plus the root group while watched, the beacon group while requests wait);
 //! - symbols count only when multicast to their own object's group on our interface;
 //! - every fetch ends: completed, found in the cache, failed by its timers (`timeout`, or
@@ -252,6 +252,9 @@ pub struct FetchState {
     /// Not yet in the window, in priority order: (priority, arrival) -> tag.
     queue: BTreeMap<(Priority, u64), Tag>,
     in_window: usize,
+    /// The tags of the fetches in `Joined`: timers and probes visit these, not every
+    /// request (a copy asks for 4096 files ahead).
+    joined: BTreeSet<Tag>,
     elsewhere: BTreeSet<Tag>,
     seq: u64,
     watch: Option<RootWatch>,
@@ -312,6 +315,7 @@ impl FetchState {
             pending: BTreeMap::new(),
             queue: BTreeMap::new(),
             in_window: 0,
+            joined: BTreeSet::new(),
             elsewhere: BTreeSet::new(),
             seq: 0,
             watch: None,
@@ -368,17 +372,20 @@ impl FetchState {
         let bundle = match riding {
             Some(_) => None,
             None if self.pending.contains_key(&addr.tag) => None,
-            None => self.bundle_of.get(&r.hash).cloned(),
+            None => (self.bundle_of.get(&r.hash)).map(|b| b.id.hash),
         };
         if let Some(at) = riding {
             self.want(now, at, priority, freshness, || ObjectFetch::new(now, r));
-        } else if let Some(b) = bundle {
+        } else if let Some(hash) = bundle {
             // A small file travels in its directory's bundle: the bundle is fetched for it.
-            let at = self.channel.object_address(&b.id.hash);
-            tracing::debug!(object = %r.hash, bundle = %b.id.hash, "request rides a bundle");
-            self.want(now, at, priority, freshness, || {
-                ObjectFetch::of_bundle(now, b)
-            });
+            let at = self.channel.object_address(&hash);
+            tracing::debug!(object = %r.hash, bundle = %hash, "request rides a bundle");
+            // Its members' list is copied only for a new fetch, not for each member's request.
+            if !self.raise(&at, priority, freshness) {
+                if let Some(b) = self.bundle_of.peek(&r.hash).cloned() {
+                    self.add(now, at, priority, freshness, ObjectFetch::of_bundle(now, b));
+                }
+            }
             if let Some(p) = self.pending.get_mut(&at.tag) {
                 p.riders.insert(addr.tag, r);
                 self.riding.insert(addr.tag, at.tag);
@@ -403,20 +410,39 @@ impl FetchState {
         freshness: Freshness,
         fetch: impl FnOnce() -> ObjectFetch,
     ) {
-        if let Some(p) = self.pending.get_mut(&at.tag) {
-            // A current reader vouches for its file, not for the bundle it travels in.
-            if freshness == Freshness::Current && p.fetch.bundle().is_none() {
-                p.fetch.handle_vouched();
-            }
-            if priority < p.priority && p.phase == Phase::Queued {
-                self.queue.remove(&(p.priority, p.seq));
-                p.priority = priority;
-                self.queue.insert((priority, p.seq), at.tag);
-            }
-            return;
+        if !self.raise(&at, priority, freshness) {
+            self.add(now, at, priority, freshness, fetch());
         }
+    }
+
+    /// The fetch pending at `at`, if any, raised to `priority` and vouched for by a current
+    /// reader; false if none is pending.
+    fn raise(&mut self, at: &Address, priority: Priority, freshness: Freshness) -> bool {
+        let Some(p) = self.pending.get_mut(&at.tag) else {
+            return false;
+        };
+        // A current reader vouches for its file, not for the bundle it travels in.
+        if freshness == Freshness::Current && p.fetch.bundle().is_none() {
+            p.fetch.handle_vouched();
+        }
+        if priority < p.priority && p.phase == Phase::Queued {
+            self.queue.remove(&(p.priority, p.seq));
+            p.priority = priority;
+            self.queue.insert((priority, p.seq), at.tag);
+        }
+        true
+    }
+
+    /// `fetch`, new, at `at`.
+    fn add(
+        &mut self,
+        now: Instant,
+        at: Address,
+        priority: Priority,
+        freshness: Freshness,
+        mut fetch: ObjectFetch,
+    ) {
         self.seq += 1;
-        let mut fetch = fetch();
         if let Some(stand_in) = &self.config.stand_in {
             fetch.set_stand_in(stand_in.clone());
         }
@@ -697,12 +723,13 @@ impl FetchState {
             bundle_patience: super::object::BUNDLE_PATIENCE,
         };
         let mut failed = Vec::new();
-        for (tag, p) in self
-            .pending
-            .iter_mut()
-            .filter(|(_, p)| p.phase == Phase::Joined)
-        {
+        if !self.joined.is_empty() {
             self.loss.handle_busy(now);
+        }
+        for tag in &self.joined {
+            let Some(p) = self.pending.get_mut(tag) else {
+                continue;
+            };
             match p.fetch.poll_action(now, &timers) {
                 Action::Wait => {}
                 Action::Rejoin => {
@@ -792,12 +819,10 @@ impl FetchState {
         }
         if now >= self.probed_joined + JOINED_PROBE {
             self.probed_joined = now;
-            let joined = self
-                .pending
-                .iter()
-                .filter(|(_, p)| p.phase == Phase::Joined);
-            for (tag, p) in joined {
-                probe(&mut out, *tag, p);
+            for tag in &self.joined {
+                if let Some(p) = self.pending.get(tag) {
+                    probe(&mut out, *tag, p);
+                }
             }
         }
         out
@@ -806,6 +831,7 @@ impl FetchState {
     /// Fails every pending fetch (the engine stops): their tags, to fail their waiters.
     pub fn drain(&mut self) -> Vec<Tag> {
         self.queue.clear();
+        self.joined.clear();
         self.elsewhere.clear();
         self.in_window = 0;
         self.watch = None;
@@ -920,6 +946,7 @@ impl FetchState {
             return;
         };
         p.phase = Phase::Joined;
+        self.joined.insert(tag);
         p.fetch.handle_started(now);
         self.loss.handle_busy(now);
         self.elsewhere.remove(&tag);
@@ -964,6 +991,7 @@ impl FetchState {
             }
             Phase::Joined => {
                 self.in_window -= 1;
+                self.joined.remove(&tag);
                 self.members.push(now, p.group, false);
                 self.loss.handle_busy(now);
             }
