@@ -141,9 +141,23 @@ impl Rig {
 
     /// The first `n` source symbols of `bytes` under `tag`, to `group`.
     fn send_bytes_symbols(&mut self, tag: Tag, group: Ipv6Addr, bytes: &[u8], n: u32) {
+        let k = ObjectEncoder::new(bytes, SYMBOL.min(bytes.len()))
+            .unwrap()
+            .source_symbols();
+        self.send_esis(tag, group, bytes, 0..n.min(k));
+    }
+
+    /// Symbols `esis` of `bytes` under `tag`, to `group`.
+    fn send_esis(
+        &mut self,
+        tag: Tag,
+        group: Ipv6Addr,
+        bytes: &[u8],
+        esis: impl Iterator<Item = u32>,
+    ) {
         let enc = ObjectEncoder::new(bytes, SYMBOL.min(bytes.len())).unwrap();
         let (mut sym, mut pkt) = (Vec::new(), Vec::new());
-        for esi in 0..n.min(enc.source_symbols()) {
+        for esi in esis {
             enc.symbol(Esi(esi), &mut sym);
             packet::encode_symbol(&mut pkt, tag, Esi(esi), &sym, None);
             let env = Envelope {
@@ -828,22 +842,9 @@ fn a_receiver_reports_its_loss_by_joining_one_level_group_while_it_fetches() {
         let v = object(n, 40 * SYMBOL);
         let tag = r.request(&v, Priority::Demand);
         r.grant_all();
-        let enc = ObjectEncoder::new(&v, SYMBOL).unwrap();
-        let (mut sym, mut pkt) = (Vec::new(), Vec::new());
         let group = r.group(&v);
-        for esi in (0..200).filter(|e| e % 5 != 4) {
-            enc.symbol(Esi(esi), &mut sym);
-            packet::encode_symbol(&mut pkt, tag, Esi(esi), &sym, None);
-            let env = Envelope {
-                from: SERVER,
-                to: Some(group),
-                ifindex: IFINDEX,
-            };
-            r.st.handle_datagram(r.now, env, &mut pkt);
-            if r.st.pending() == 0 {
-                break;
-            }
-        }
+        // One in five lost; 40 of the first 50 decode it.
+        r.send_esis(tag, group, &v, (0..50).filter(|e| e % 5 != 4));
         assert_eq!(completed(&r.events()), [ObjectHash::of_verified(&v)]);
         let changes = r.membership();
         follow(changes, &mut joined);

@@ -324,6 +324,19 @@ mod tests {
         assert!(n + 3 >= alone && n <= alone, "{n} against {alone}");
     }
 
+    /// A host that forges a report of the highest level beside receivers that lose nothing
+    /// (the README's figure): first rounds grow, but never beyond what a real receiver at
+    /// that loss would cost.
+    #[test]
+    fn one_forged_report_among_clean_ones_costs_at_most_a_lossy_receiver() {
+        let mut loss = Loss::new(0.02, 0.3);
+        loss.handle_reported(level(0), 64);
+        loss.handle_reported(level(300), 1);
+        let n = loss.first_round(46);
+        assert!(n <= first_round_for(46, 0.3, target_share(46)));
+        assert!((60..=70).contains(&n), "{n}");
+    }
+
     #[test]
     fn reports_never_size_beyond_the_most_loss_allowed() {
         let mut loss = Loss::new(0.02, 0.1);
