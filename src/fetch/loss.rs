@@ -52,7 +52,7 @@ pub const IDLE: Duration = Duration::from_secs(10);
 /// the report changes, as a share of the gap between them.
 const HYSTERESIS: f64 = 0.25;
 
-/// The symbols of one fetch from one sender, by ESI, as a bitmap from [`BEFORE`] slots
+/// The symbols of one fetch from one sender, by ESI, as a bitmap from `BEFORE` (64) slots
 /// before the first one received.
 #[derive(Clone, Debug)]
 pub struct EsiSpan {

@@ -15,7 +15,7 @@
 //!   tree join the same blocks in the same order, long before their turn comes, so one round
 //!   serves them all.
 //!
-//! A first round is K symbols plus a margin for the receivers' loss ([`loss`]): the loss
+//! A first round is K symbols plus a margin for the receivers' loss (`sched/loss.rs`): the loss
 //! the receivers report by joining a loss level's group, else the loss learned from MLD
 //! alone (the share of an object's listeners still there after its first round). Either is
 //! what one receiver's loss decides, whatever their number, so one receiver and a thousand
@@ -31,7 +31,7 @@
 //! In the simulation (seed 11, 4 MiB, 1000 receivers against one) the learned loss took 20%
 //! loss from 2.37 to 1.10 times one receiver's bytes and 5% from 1.14 to 1.09, and a file
 //! without loss from 1.13 to 1.07 times its data (the old margin started at 15% and came
-//! down slowly). The reported loss made 20% hold at every seed (see [`loss`]).
+//! down slowly). The reported loss made 20% hold at every seed (see `sched/loss.rs`).
 //!
 //! Metadata's first round has a margin of its own, K + max(8, 4 sqrt(K)) at least (it was
 //! K + max(4, 2 sqrt(K)), which at 1000 receivers and 20% loss left a few without the file
@@ -126,7 +126,7 @@ pub struct SchedConfig {
     /// After this long without listeners an object starts again at ESI 0.
     pub cursor_reset: Duration,
     /// The receivers' loss assumed at the start, before anything was reported or learned
-    /// (see [`loss`]).
+    /// (see `sched/loss.rs`).
     pub start_loss: f64,
     /// The most loss the first round is ever sized for, learned or reported; 0 sends K
     /// source symbols and no margin (tests). The learned estimate assumes losses independent from symbol to symbol; bursts
