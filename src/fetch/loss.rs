@@ -15,15 +15,15 @@
 //! cost one receiver 1.59 to 1.67 times its data (seeds 1 to 20) and 1000 receivers 1.74,
 //! and the ratio held at 1.05 to 1.10 (seeds 1 to 8; see `tests/sim.rs`).
 //!
-//! - [`EsiSpan`]: one fetch's symbols from one sender. It counts only what lies after the
-//!   first symbol received (the ones before it were sent, or not, before anything was heard)
-//!   up to [`REORDER`] slots before the last one (those may still be on their way); a fetch
-//!   stops at a received symbol, and with that stopping rule the share lost among the slots
-//!   counted over many fetches is the loss (a negative binomial's estimate). Every symbol
-//!   from the sender counts, new to the decoder or not: with two servers sending the same
-//!   ESIs, each symbol is new from one of them only. Symbols from other senders (a second server, a forger) are left out, and a
-//!   span whose gaps are beyond any loss the sender sizes for is dropped, so a forger moves
-//!   the report no further than a forged MLD report would.
+//! - [`EsiSpan`]: one fetch's symbols from one sender. It counts only what lies after the first
+//!   symbol received (the ones before it were sent, or not, before anything was heard) up to
+//!   [`REORDER`] slots before the last one (those may still be on their way); a fetch stops at a
+//!   received symbol, and with that stopping rule the share lost among the slots counted over many
+//!   fetches is the loss (a negative binomial's estimate). Every symbol from the sender counts, new
+//!   to the decoder or not: with two servers sending the same ESIs, each symbol is new from one of
+//!   them only. Symbols from other senders (a second server, a forger) are left out, and a span
+//!   whose gaps are beyond any loss the sender sizes for is dropped, so a forger moves the report
+//!   no further than a forged MLD report would.
 //! - [`LossReport`]: the loss over about the last [`WINDOW`] symbols, the level to report
 //!   (the nearest to the estimate plus one standard error, so that an early report errs
 //!   high, where a receiver left short costs a later round; with some hysteresis so that a

@@ -128,12 +128,13 @@ pub struct SchedConfig {
     /// The receivers' loss assumed at the start, before anything was reported or learned
     /// (see `sched/loss.rs`).
     pub start_loss: f64,
-    /// The most loss the first round is ever sized for, learned or reported; 0 sends K
-    /// source symbols and no margin (tests). The learned estimate assumes losses independent from symbol to symbol; bursts
-    /// (Gilbert-Elliott, 10% in bursts of 20 symbols) leave receivers short whatever the
-    /// margin, and unbounded it climbed to 0.5: one receiver of a 2,000-file tree cost 1.90
-    /// times the data, against 1.42 with the old margin of at most 15%. At 0.3 it costs 1.69,
-    /// and 20% independent loss, which the estimate puts at 0.21, keeps its figures.
+    /// The most loss the first round is ever sized for, learned or reported; 0 sends K source
+    /// symbols and no margin (tests). The learned estimate assumes losses independent from symbol
+    /// to symbol; bursts (Gilbert-Elliott, 10% in bursts of 20 symbols) leave receivers short
+    /// whatever the margin, and unbounded it climbed to 0.5: one receiver of a 2,000-file tree cost
+    /// 1.90 times the data, against 1.42 with the old margin of at most 15%. At 0.3 it cost
+    /// 1.69 (1.54 since receivers report their loss, 10%), and 20% independent loss, which the
+    /// estimate puts at 0.21, kept its figures.
     pub max_loss: f64,
     /// How often the beacon goes out while its group has listeners and bulk is queued.
     pub air_interval: Duration,
