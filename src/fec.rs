@@ -255,11 +255,11 @@ impl ObjectDecoder {
             return Decoded::Duplicate;
         }
         self.kept += 1;
-        let packet = match &mut self.decoder {
-            Inner::Counting(object) if self.kept >= self.k => {
-                return Decoded::Done(object.to_vec())
-            }
-            Inner::Counting(_) => return Decoded::Pending,
+        let packet = || EncodingPacket::new(PayloadId::new(0, esi.0), data.to_vec());
+        match &mut self.decoder {
+            Inner::Counting(object) if self.kept >= self.k => Decoded::Done(object.to_vec()),
+            Inner::Counting(_) => Decoded::Pending,
+            Inner::RaptorQ(decoder) => finish(self.len, decoder.decode(std::iter::once(packet()))),
             Inner::Systematic {
                 object,
                 held,
@@ -275,19 +275,14 @@ impl ObjectDecoder {
                         return Decoded::Done(object);
                     }
                 } else {
-                    repair.push(EncodingPacket::new(PayloadId::new(0, esi.0), data.to_vec()));
+                    repair.push(packet());
                 }
-                if *held + repair.len() as u32 >= self.k {
-                    return self.hand_to_raptorq();
+                match *held + repair.len() as u32 >= self.k {
+                    true => self.hand_to_raptorq(),
+                    false => Decoded::Pending,
                 }
-                return Decoded::Pending;
             }
-            Inner::RaptorQ(_) => EncodingPacket::new(PayloadId::new(0, esi.0), data.to_vec()),
-        };
-        let Inner::RaptorQ(decoder) = &mut self.decoder else {
-            return Decoded::Pending;
-        };
-        finish(self.len, decoder.decode(std::iter::once(packet)))
+        }
     }
 
     /// Source and repair symbols together may decode: RaptorQ takes them all, and every
@@ -455,28 +450,36 @@ mod tests {
         assert_eq!(symbol_size_for_object(1 << 20, 1428), 1428);
     }
 
+    /// `len` seeded bytes, their encoder, and the ESIs of 4 K + 20 symbols that survive a
+    /// seeded `loss`, in order (with the generator, for more).
+    fn lossy(len: usize, loss: f64, seed: u64) -> (Vec<u8>, ObjectEncoder, Vec<u32>, StdRng) {
+        let d = data(len, seed);
+        let enc = ObjectEncoder::new(&d, 1428.min(len)).unwrap();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let k = enc.source_symbols();
+        let survivors = (0..k * 4 + 20)
+            .filter(|_| rng.random::<f64>() >= loss)
+            .collect();
+        (d, enc, survivors, rng)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
         #[test]
         fn any_enough_symbols_decode(len in 1usize..40_000, loss in 0.0f64..0.5, seed: u64) {
-            let d = data(len, seed);
-            let enc = ObjectEncoder::new(&d, 1428.min(len)).unwrap();
-            let mut rng = StdRng::seed_from_u64(seed);
-            let k = enc.source_symbols();
-            let survivors = (0..k * 4 + 20).filter(|_| rng.random::<f64>() >= loss);
-            prop_assert_eq!(decode_with(&enc, len, survivors), Some(d));
+            let (d, enc, survivors, _) = lossy(len, loss, seed);
+            prop_assert_eq!(decode_with(&enc, len, survivors.into_iter()), Some(d));
         }
 
         /// Symbols in any order (repairs before sources, sources after RaptorQ took over).
         #[test]
-        fn enough_symbols_in_any_order_decode(len in 1usize..40_000, loss in 0.0f64..0.5, seed: u64) {
+        fn enough_symbols_in_any_order_decode(
+            len in 1usize..40_000,
+            loss in 0.0f64..0.5,
+            seed: u64,
+        ) {
             use rand::seq::SliceRandom;
-            let d = data(len, seed);
-            let enc = ObjectEncoder::new(&d, 1428.min(len)).unwrap();
-            let mut rng = StdRng::seed_from_u64(seed);
-            let k = enc.source_symbols();
-            let mut survivors: Vec<u32> =
-                (0..k * 4 + 20).filter(|_| rng.random::<f64>() >= loss).collect();
+            let (d, enc, mut survivors, mut rng) = lossy(len, loss, seed);
             survivors.shuffle(&mut rng);
             prop_assert_eq!(decode_with(&enc, len, survivors.into_iter()), Some(d));
         }

@@ -33,8 +33,9 @@
 //! Invariants:
 //! - `riding` maps exactly the riders of the pending bundle fetches to their bundle's tag;
 //! - `in_window` counts the fetches in `Claiming`, `Joined` and `Elsewhere`; `joined` and
-//!   `elsewhere` hold exactly the tags in `Joined` and in `Elsewhere`; a group is joined exactly while its fetch is
-//!   `Joined` (plus the root group while watched, the beacon group while requests wait);
+//!   `elsewhere` hold exactly the tags in `Joined` and in `Elsewhere`; a group is joined
+//!   exactly while its fetch is `Joined` (plus the root group while watched, the beacon group
+//!   while requests wait, and one loss level's group while the receiver reports its loss);
 //! - symbols count only when multicast to their own object's group on our interface;
 //! - every fetch ends: completed, found in the cache, failed by its timers (`timeout`, or
 //!   `stale_after` when in doubt), or joined anyway after [`ELSEWHERE_PATIENCE`].

@@ -295,6 +295,15 @@ mod tests {
         LOSS_LEVELS.iter().position(|&l| l == per_mille).unwrap()
     }
 
+    /// A fresh estimate (2% at the start, at most 30%) with `reports`: (per mille, listeners).
+    fn with_reports(reports: &[(u16, usize)]) -> Loss {
+        let mut loss = Loss::new(0.02, 0.3);
+        for &(per_mille, listeners) in reports {
+            loss.handle_reported(level(per_mille), listeners);
+        }
+        loss
+    }
+
     #[test]
     fn reports_size_first_rounds_whatever_was_learned() {
         let mut loss = Loss::new(0.02, 0.3);
@@ -313,9 +322,7 @@ mod tests {
 
     #[test]
     fn a_lossy_few_among_many_clean_receivers_get_later_rounds_not_everyone_a_margin() {
-        let mut loss = Loss::new(0.02, 0.3);
-        loss.handle_reported(level(0), 64);
-        loss.handle_reported(level(200), 1);
+        let mut loss = with_reports(&[(0, 64), (200, 1)]);
         let n = loss.first_round(46);
         assert!(n < first_round_for(46, 0.2, target_share(46)) - 5, "{n}");
         // Half of them lossy: the round must cover the lossy half's tail.
@@ -330,10 +337,7 @@ mod tests {
     /// that loss would cost.
     #[test]
     fn one_forged_report_among_clean_ones_costs_at_most_a_lossy_receiver() {
-        let mut loss = Loss::new(0.02, 0.3);
-        loss.handle_reported(level(0), 64);
-        loss.handle_reported(level(300), 1);
-        let n = loss.first_round(46);
+        let n = with_reports(&[(0, 64), (300, 1)]).first_round(46);
         assert!(n <= first_round_for(46, 0.3, target_share(46)));
         assert!((60..=70).contains(&n), "{n}");
     }

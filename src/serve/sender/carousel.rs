@@ -4,10 +4,11 @@
 //! the shell (`super::SenderLoop`) owns the socket, the disk and the clock.
 //!
 //! - Routing. MLD reports groups ([`GroupEvent`]); the published [`Table`] names the object of
-//!   each, or the loss level its listeners report (counted by the [`Scheduler`]). A listened group that the table does not name is remembered all the same (at most
-//!   `max_unrouted` of them, the tracker's own group limit): the MLD thread filters reports by
-//!   the newest table, which may reach it before it reaches this state, and such a group must
-//!   be routed once its table arrives.
+//!   each, or the loss level its listeners report (counted by the [`Scheduler`]). A listened
+//!   group that the table does not name is remembered all the same (at most `max_unrouted` of
+//!   them, the tracker's own group limit): the MLD thread filters reports by the newest
+//!   table, which may reach it before it reaches this state, and such a group must be routed
+//!   once its table arrives.
 //! - Table swaps. Groups are derived from object hashes, so a group listened in both tables
 //!   names the same object and its round goes on untouched; only groups whose object left or
 //!   came are routed again. Bouncing every group instead restarted the rounds under way at
