@@ -8,8 +8,10 @@
 //! - on an encrypted channel outsiders can map neither groups nor tags to content, because the
 //!   addressing key depends on the master key;
 //! - the root record has its own group and tag, derived from the channel id alone;
-//! - each of [`LOSS_LEVELS`] has a group that a receiver joins to tell the publisher how much
-//!   it loses (see `crate::fetch::loss`); nothing is ever sent on these groups.
+//! - a receiver tells the publisher things by joining groups on which nothing is ever sent
+//!   ([`Report`]): how much it loses, one group for each of [`LOSS_LEVELS`] (see
+//!   `crate::fetch::loss`), and whether its blocks may wait for other receivers' joins
+//!   (`crate::serve::sched`).
 
 use std::fmt;
 use std::net::Ipv6Addr;
@@ -62,6 +64,18 @@ impl fmt::Debug for Tag {
 pub const LOSS_LEVELS: [u16; 21] = [
     0, 5, 10, 15, 20, 30, 40, 50, 60, 80, 100, 120, 140, 160, 180, 200, 220, 240, 260, 280, 300,
 ];
+
+/// What a receiver tells the publisher by joining a group ([`Channel::report_address`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Report {
+    /// It loses about `LOSS_LEVELS[level]` per mille of the symbols sent to it.
+    Loss(usize),
+    /// It fetches ahead of its readers (copy, prefetch, readahead): the blocks it asks for
+    /// may wait a little for other receivers' joins, so that one round serves them all.
+    Bulk,
+    /// A reader waits for a block now: no block should wait for anyone.
+    Hurry,
+}
 
 /// Where an object travels: its multicast group and the tag its packets carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -150,11 +164,32 @@ impl Channel {
     /// The group a receiver joins to report that it loses about `LOSS_LEVELS[level]` per
     /// mille of the symbols sent to it; None for a level out of range.
     pub fn loss_address(&self, level: usize) -> Option<Address> {
+        self.report_address(Report::Loss(level))
+    }
+
+    /// The group a receiver joins to tell the publisher `report`; None for a loss level out
+    /// of range.
+    pub fn report_address(&self, report: Report) -> Option<Address> {
         let mut name = [0; 32];
-        name[0] = u8::try_from(level)
-            .ok()
-            .filter(|_| level < LOSS_LEVELS.len())?;
-        Some(self.address(b"loss", &name))
+        let domain = match report {
+            Report::Loss(level) => {
+                name[0] = u8::try_from(level)
+                    .ok()
+                    .filter(|_| level < LOSS_LEVELS.len())?;
+                b"loss"
+            }
+            Report::Bulk => b"bulk",
+            Report::Hurry => b"hury",
+        };
+        Some(self.address(domain, &name))
+    }
+
+    /// Every report and its group, as the publisher listens for them.
+    pub fn reports(&self) -> impl Iterator<Item = (Report, Address)> + '_ {
+        (0..LOSS_LEVELS.len())
+            .map(Report::Loss)
+            .chain([Report::Bulk, Report::Hurry])
+            .filter_map(|r| Some((r, self.report_address(r)?)))
     }
 
     fn address(&self, domain: &[u8; 4], name: &[u8; 32]) -> Address {
@@ -189,13 +224,12 @@ mod tests {
         assert_ne!(a.group, b.group);
         assert_ne!(a.tag, b.tag);
         assert_ne!(ch.root_address().group, a.group);
-        let loss: std::collections::HashSet<_> = (0..LOSS_LEVELS.len())
-            .map(|l| ch.loss_address(l).unwrap().group)
-            .collect();
-        assert_eq!(loss.len(), LOSS_LEVELS.len());
-        assert!(!loss.contains(&a.group) && !loss.contains(&ch.root_address().group));
-        assert!(!loss.contains(&ch.air_address().group));
+        let reports: std::collections::HashSet<_> = ch.reports().map(|(_, a)| a.group).collect();
+        assert_eq!(reports.len(), LOSS_LEVELS.len() + 2);
+        assert!(!reports.contains(&a.group) && !reports.contains(&ch.root_address().group));
+        assert!(!reports.contains(&ch.air_address().group));
         assert_eq!(ch.loss_address(LOSS_LEVELS.len()), None);
+        assert_eq!(ch.loss_address(3), ch.report_address(Report::Loss(3)));
     }
 
     #[test]

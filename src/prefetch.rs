@@ -37,7 +37,7 @@ pub async fn prefetch(
     let mut dirs = Vec::new();
     let mut files = Vec::new();
     for sub in subpaths {
-        match tree.resolve(sub).await? {
+        match tree.resolve(sub, Priority::Prefetch).await? {
             None => dirs.push(tree.root_record().root),
             Some(e) => match e.kind {
                 EntryKind::Dir(r) => dirs.push(r),

@@ -78,7 +78,7 @@ fn run(args: &MountArgs, ready: Option<&OwnedFd>) -> anyhow::Result<()> {
         // Every path lookup starts at the root directory: have it before the first one
         // (offline, a missing one would only hold the mount back for the timeout).
         if tree.origin() == Origin::Network {
-            if let Err(e) = tree.root_dir().await {
+            if let Err(e) = tree.root_dir(crate::fetch::Priority::Demand).await {
                 tracing::warn!("the root directory is not available yet: {}", e.report());
             }
         }

@@ -189,14 +189,14 @@ async fn plan(
     dest: &Path,
     settled: impl std::future::Future<Output = ()>,
 ) -> Result<Plan, CopyError> {
-    let (dir, attrs) = match tree.resolve(subpath).await? {
+    let (dir, attrs) = match tree.resolve(subpath, Priority::Readahead).await? {
         None if tree.root_record().single_file => {
-            let root = tree.root_dir().await?;
+            let root = tree.root_dir(Priority::Readahead).await?;
             settled.await;
             return single(dest, root.entries);
         }
         None => {
-            let own = tree.root_dir().await?.meta;
+            let own = tree.root_dir(Priority::Readahead).await?.meta;
             let attrs = own.map_or_else(|| root_attrs(tree.root_record()), |m| (m.mode, m.mtime));
             (tree.root_record().root, attrs)
         }

@@ -194,7 +194,7 @@ async fn move_to(
     let record = &c.heard.record;
     fetcher.handle_new_generation();
     let next = tree.moved_to(record.clone());
-    if let Err(e) = next.root_dir().await {
+    if let Err(e) = next.root_dir(super::Priority::Demand).await {
         tracing::warn!(
             "channel {:?}: staying on generation {}: the root directory of generation {} is not available: {}",
             fetcher.channel().name(),

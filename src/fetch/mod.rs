@@ -26,6 +26,7 @@
 
 mod engine;
 pub mod follow;
+pub mod intent;
 pub mod loss;
 pub mod membership;
 pub mod object;

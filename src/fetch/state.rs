@@ -35,7 +35,8 @@
 //! - `in_window` counts the fetches in `Claiming`, `Joined` and `Elsewhere`; `joined` and
 //!   `elsewhere` hold exactly the tags in `Joined` and in `Elsewhere`; a group is joined
 //!   exactly while its fetch is `Joined` (plus the root group while watched, the beacon group
-//!   while requests wait, and one loss level's group while the receiver reports its loss);
+//!   while requests wait, one loss level's group while the receiver reports its loss, and
+//!   the bulk and hurry reports' groups, see `super::intent`);
 //! - symbols count only when multicast to their own object's group on our interface;
 //! - every fetch ends: completed, found in the cache, failed by its timers (`timeout`, or
 //!   `stale_after` when in doubt), or joined anyway after [`ELSEWHERE_PATIENCE`].
@@ -50,6 +51,7 @@ use std::time::{Duration, Instant};
 use lcfs_cache::Verified;
 
 use super::engine::{FetchConfig, FetchStats, Freshness, HeardRoot, Priority};
+use super::intent::IntentReport;
 use super::loss::{EsiSpan, LossReport};
 use super::membership::Memberships;
 use super::object::{Action, Decoding, Fed, ObjectFetch, Timers};
@@ -261,6 +263,10 @@ pub struct FetchState {
     watch: Option<RootWatch>,
     root_joined: bool,
     members: Memberships,
+    /// Pending fetches by priority.
+    by_priority: [usize; 3],
+    /// Whether this receiver fetches in bulk, and whether a reader waits.
+    intent: IntentReport,
     /// The loss measured, and the level whose group is joined to report it.
     loss: LossReport,
     loss_joined: Option<usize>,
@@ -322,6 +328,8 @@ impl FetchState {
             watch: None,
             root_joined: false,
             members,
+            by_priority: [0; 3],
+            intent: IntentReport::new(),
             loss: LossReport::new(),
             loss_joined: None,
             recent,
@@ -426,10 +434,16 @@ impl FetchState {
         if freshness == Freshness::Current && p.fetch.bundle().is_none() {
             p.fetch.handle_vouched();
         }
-        if priority < p.priority && p.phase == Phase::Queued {
-            self.queue.remove(&(p.priority, p.seq));
+        // Raised also in the window: a reader now waits for what readahead asked for, and
+        // says so (`IntentReport`).
+        if priority < p.priority {
+            self.by_priority[p.priority as usize] -= 1;
+            self.by_priority[priority as usize] += 1;
+            if p.phase == Phase::Queued {
+                self.queue.remove(&(p.priority, p.seq));
+                self.queue.insert((priority, p.seq), at.tag);
+            }
             p.priority = priority;
-            self.queue.insert((priority, p.seq), at.tag);
         }
         true
     }
@@ -461,6 +475,7 @@ impl FetchState {
         };
         self.pending.insert(at.tag, pending);
         self.queue.insert((priority, self.seq), at.tag);
+        self.by_priority[priority as usize] += 1;
     }
 
     /// The bundling of a directory just read: its small files are fetched through their
@@ -837,6 +852,7 @@ impl FetchState {
         self.in_window = 0;
         self.watch = None;
         self.riding.clear();
+        self.by_priority = [0; 3];
         let pending = std::mem::take(&mut self.pending);
         let riders = pending.values().flat_map(|p| p.riders.keys().copied());
         riders.chain(pending.keys().copied()).collect()
@@ -912,6 +928,19 @@ impl FetchState {
         }
         let waiting = !self.queue.is_empty();
         self.listen_to_beacon(now, waiting);
+        self.report_intent(now);
+    }
+
+    /// Joins or leaves the bulk and hurry reports' groups by what is pending.
+    fn report_intent(&mut self, now: Instant) {
+        let [demand, readahead, prefetch] = self.by_priority;
+        self.intent
+            .handle_pending(now, readahead + prefetch > 0, demand > 0);
+        while let Some((report, on)) = self.intent.poll_change(now) {
+            if let Some(at) = self.channel.report_address(report) {
+                self.members.push(now, at.group, on);
+            }
+        }
     }
 
     fn listen_to_beacon(&mut self, now: Instant, on: bool) {
@@ -977,6 +1006,7 @@ impl FetchState {
     /// Takes `tag` out of the state: out of the window, its group left.
     fn end(&mut self, now: Instant, tag: Tag) -> Option<Pending> {
         let mut p = self.pending.remove(&tag)?;
+        self.by_priority[p.priority as usize] -= 1;
         if let Some(span) = &mut p.span {
             if self.loss.handle_span(span) {
                 self.report_loss(now);

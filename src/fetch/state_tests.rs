@@ -14,7 +14,7 @@ use super::membership::Memberships;
 use super::state::{
     Claim, Event, Feed, FetchState, Requested, ELSEWHERE_PATIENCE, ROOT_WATCH_REJOIN,
 };
-use crate::channel::{Channel, Tag};
+use crate::channel::{Channel, Report, Tag};
 use crate::fec::{Esi, ObjectEncoder};
 use crate::net::Envelope;
 use crate::object::bundle::{Bundle, Bundling};
@@ -94,8 +94,20 @@ impl Rig {
         }
     }
 
+    /// Membership changes, but for the bulk and hurry reports' (see `intents`).
     fn membership(&mut self) -> Vec<(Ipv6Addr, bool)> {
+        let intents = [Report::Bulk, Report::Hurry].map(|r| self.report_group(r));
+        let mut all = self.all_membership();
+        all.retain(|(g, _)| !intents.contains(g));
+        all
+    }
+
+    fn all_membership(&mut self) -> Vec<(Ipv6Addr, bool)> {
         self.st.poll_membership(self.now).unwrap_or_default()
+    }
+
+    fn report_group(&self, r: Report) -> Ipv6Addr {
+        self.channel.report_address(r).unwrap().group
     }
 
     fn events(&mut self) -> Vec<Event> {
@@ -863,4 +875,35 @@ fn a_receiver_reports_its_loss_by_joining_one_level_group_while_it_fetches() {
     let changes = r.membership();
     follow(changes, &mut joined);
     assert_eq!(joined, None);
+}
+
+/// A receiver says whether it fetches in bulk and whether a reader waits (see
+/// `super::intent`): bulk requests join the bulk report's group, a demand read the hurry
+/// report's, also when it asks for what readahead already fetches; each is left once
+/// nothing of its kind was pending for its linger.
+#[test]
+fn a_receiver_reports_bulk_fetches_and_waiting_readers() {
+    use super::intent::{BULK_LINGER, HURRY_LINGER};
+    let mut r = rig(32);
+    let (bulk, hurry) = (r.report_group(Report::Bulk), r.report_group(Report::Hurry));
+    let ahead = object(1, 5000);
+    r.request(&ahead, Priority::Readahead);
+    r.grant_all();
+    let joined = r.all_membership();
+    assert!(joined.contains(&(bulk, true)), "{joined:?}");
+    assert!(!joined.iter().any(|(g, _)| *g == hurry), "nobody waits yet");
+    // A reader now waits for the block readahead asked for.
+    r.request(&ahead, Priority::Demand);
+    r.grant_all();
+    assert_eq!(r.all_membership(), [(hurry, true)]);
+    r.deliver(&ahead);
+    assert_eq!(completed(&r.events()), [ObjectHash::of_verified(&ahead)]);
+    let group = r.group(&ahead);
+    assert_eq!(r.all_membership(), [(group, false)], "the reports linger");
+    r.advance(BULK_LINGER);
+    assert_eq!(r.all_membership(), [(bulk, false)]);
+    r.advance(HURRY_LINGER - BULK_LINGER + FetchState::TICK);
+    assert_eq!(r.all_membership(), [(hurry, false)]);
+    r.advance(HURRY_LINGER * 4);
+    assert!(r.all_membership().is_empty(), "and stay left");
 }

@@ -236,8 +236,10 @@ impl Tree {
         Ok(dir)
     }
 
-    pub async fn root_dir(&self) -> Result<Directory, FetchError> {
-        let dir = self.directory(self.root.root, Priority::Demand).await?;
+    /// The root directory; `prio` is `Demand` when a reader waits for it, and a bulk priority
+    /// for `copy` and `prefetch` (see `super::intent`).
+    pub async fn root_dir(&self, prio: Priority) -> Result<Directory, FetchError> {
+        let dir = self.directory(self.root.root, prio).await?;
         if let Some(meta) = dir.meta {
             let subdirs = dir
                 .entries
@@ -357,9 +359,14 @@ impl Tree {
         (self.fetcher.fetch_as(r, prio, freshness).await).map_err(|e| e.as_part(Part::Block(index)))
     }
 
-    /// The entry at `path` (components separated by `/`), or the root directory for "".
-    pub async fn resolve(&self, path: &str) -> Result<Option<crate::object::Entry>, FetchError> {
-        let mut dir = self.root_dir().await?;
+    /// The entry at `path` (components separated by `/`), or the root directory for "";
+    /// its directories are fetched at `prio`.
+    pub async fn resolve(
+        &self,
+        path: &str,
+        prio: Priority,
+    ) -> Result<Option<crate::object::Entry>, FetchError> {
+        let mut dir = self.root_dir(prio).await?;
         let mut parts = path
             .split('/')
             .filter(|p| !p.is_empty() && *p != ".")
@@ -383,7 +390,7 @@ impl Tree {
             match entry.kind {
                 EntryKind::Dir(r) => {
                     let in_dir = |e: FetchError| e.in_file(&at);
-                    dir = self.directory(r, Priority::Demand).await.map_err(in_dir)?
+                    dir = self.directory(r, prio).await.map_err(in_dir)?
                 }
                 _ => {
                     return Err(FetchError::NotFound(format!(

@@ -13,7 +13,7 @@
 //!   rounds that follow are shared instead of sent once per receiver;
 //! - bulk: first rounds of large objects, first come first served. Receivers walking the same
 //!   tree join the same blocks in the same order, long before their turn comes, so one round
-//!   serves them all.
+//!   serves them all; when the server is faster than that, a block waits for them (below).
 //!
 //! A first round is K symbols plus a margin for the receivers' loss (`sched/loss.rs`): the loss
 //! the receivers report by joining a loss level's group, else the loss learned from MLD
@@ -63,6 +63,25 @@
 //! rounds of their own: without it, a receiver that starts a second after another trails it
 //! for the whole transfer and every block goes out twice.
 //!
+//! A block's first round waits until every receiver fetching in bulk has joined its group,
+//! for at most `gather` (100 ms), and not at all while a reader waits somewhere. Receivers
+//! say both by joining report groups (`crate::fetch::intent`): the tracker's count of the
+//! bulk report's listeners is the number to wait for, and a listener of the hurry report's
+//! group ends every wait (a program blocked in `read` must not wait for other machines).
+//! Without it, a server faster than its receivers (tools/bench's unshaped link, `--rate 5G`)
+//! ends a round in microseconds, and receivers a few milliseconds apart never share one:
+//! three copies of tools/bench's tree_10k sharing two cores drifted apart and the server sent
+//! 1.9 to 2.6 times the tree (2.2 to 2.3 s, against 0.82 to 0.89 s for one copy); with it,
+//! 1.02 to 1.03 times (1.35 to 1.57 s, the copies' CPU), and eight copies 1.04 rather than
+//! 1.20 to 1.26 times. A lone receiver never waits (its own join is every bulk receiver's),
+//! and on a link the server fills rounds wait in the bulk queue longer than this anyway:
+//! shaped runs did not move. The length: in the simulation (a 4,000-file tree at 5 Gbit/s,
+//! three receivers starting within 10 ms) 20 ms did not keep receivers in step (1.76 times
+//! one receiver's bytes), 100 and 300 ms did (1.003). The cost: a receiver whose blocks
+//! nobody else asks for while others fetch in bulk gets a window of blocks per `gather`, and
+//! a forged bulk report costs every block that wait (a forged hurry report only ends the
+//! gathering).
+//!
 //! A leave is not trusted (anyone on the link can forge one; see `crate::mld::tracker`): when
 //! the last listener of an object says it left, the tracker asks whether others still listen
 //! and reports the object *leaving*. A leaving object is paused at once, as a leave always
@@ -96,6 +115,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use crate::channel::Report;
 use crate::fec::Esi;
 use crate::object::ObjectHash;
 
@@ -144,6 +164,9 @@ pub struct SchedConfig {
     pub max_cooldown: Duration,
     /// Urgent symbols a queued bulk round lets go first, at most, before it goes.
     pub bulk_patience: u32,
+    /// How long a block's first round waits, at most, for every receiver fetching in bulk
+    /// to join it (see the module docs); not while a reader waits.
+    pub gather: Duration,
 }
 
 impl Default for SchedConfig {
@@ -159,6 +182,7 @@ impl Default for SchedConfig {
             steady_rounds: 4,
             max_cooldown: Duration::from_secs(1),
             bulk_patience: 2048,
+            gather: Duration::from_millis(100),
         }
     }
 }
@@ -166,6 +190,8 @@ impl Default for SchedConfig {
 /// An active object's progress.
 struct Active {
     k: u32,
+    /// When its first listener joined: a block's first round waits `gather` after it.
+    since: Instant,
     urgent: bool,
     /// Symbols left in the current round.
     budget: u32,
@@ -241,6 +267,9 @@ pub struct SchedStats {
     pub leave_delay: [u64; 6],
     /// Bulk rounds sent ahead of urgent ones because they had waited `bulk_patience`.
     pub bulk_turns: u64,
+    /// Blocks' first rounds that began [listened to by every receiver fetching in bulk, when
+    /// a reader waited, when `gather` ran out].
+    pub gathered: [u64; 3],
 }
 
 pub struct Scheduler {
@@ -266,6 +295,10 @@ pub struct Scheduler {
     root_burst: u32,
     air_active: bool,
     next_air: Option<Instant>,
+    /// Receivers fetching in bulk, as counted by the tracker (at most its listeners per group).
+    bulk_receivers: usize,
+    /// A reader waits for a block somewhere: no first round waits.
+    hurry: bool,
 }
 
 impl Scheduler {
@@ -288,12 +321,14 @@ impl Scheduler {
             root_burst: 0,
             air_active: false,
             next_air: None,
+            bulk_receivers: 0,
+            hurry: false,
         }
     }
 
     /// An object's group gained its first listener; `k` is its number of source symbols and
     /// `urgent` marks metadata.
-    pub fn handle_active(&mut self, hash: ObjectHash, k: u32, urgent: bool) {
+    pub fn handle_active(&mut self, now: Instant, hash: ObjectHash, k: u32, urgent: bool) {
         if let Some(a) = self.active.get_mut(&hash) {
             if a.leaving.take().is_some() {
                 self.resume(hash);
@@ -304,6 +339,7 @@ impl Scheduler {
             hash,
             Active {
                 k,
+                since: now,
                 urgent,
                 budget: 0,
                 first: None,
@@ -454,9 +490,13 @@ impl Scheduler {
         self.loss.reported()
     }
 
-    /// `listeners` report loss level `level` ([`crate::channel::LOSS_LEVELS`]).
-    pub fn handle_loss_report(&mut self, level: usize, listeners: usize) {
-        self.loss.handle_reported(level, listeners);
+    /// `listeners` receivers report `report`.
+    pub fn handle_report(&mut self, report: Report, listeners: usize) {
+        match report {
+            Report::Loss(level) => self.loss.handle_reported(level, listeners),
+            Report::Bulk => self.bulk_receivers = listeners,
+            Report::Hurry => self.hurry = listeners > 0,
+        }
     }
 
     /// The next packet to send at `now`, or None when there is nothing to send until
@@ -479,7 +519,7 @@ impl Scheduler {
             return Some(Transmit::Air);
         }
         self.resume_cooled(now);
-        let from_bulk = self.pick_bulk();
+        let from_bulk = self.pick_bulk(now);
         let queue = if from_bulk {
             &mut self.bulk
         } else {
@@ -492,6 +532,14 @@ impl Scheduler {
             a.budget = if a.urgent {
                 size.max(metadata_round(a.k))
             } else {
+                let all = a.listeners >= self.bulk_receivers;
+                self.stats.gathered[if all {
+                    0
+                } else if self.hurry {
+                    1
+                } else {
+                    2
+                }] += 1;
                 size
             };
             a.first = Some(a.budget);
@@ -521,8 +569,8 @@ impl Scheduler {
 
     /// Whether the next symbol comes from the bulk queue: when nothing is urgent, or when a
     /// bulk round has waited behind `bulk_patience` urgent symbols (then until it ends).
-    fn pick_bulk(&mut self) -> bool {
-        if self.bulk.is_empty() {
+    fn pick_bulk(&mut self, now: Instant) -> bool {
+        if self.bulk_ripe_at().is_none_or(|t| t > now) {
             self.bulk_turn = false;
             self.bulk_waited = 0;
             return false;
@@ -561,16 +609,33 @@ impl Scheduler {
         }
     }
 
+    /// When the bulk queue's head may go: at once when its first round began, when a reader
+    /// waits, or when every receiver fetching in bulk listens to it; else `gather` after its
+    /// first listener joined. None when the queue is empty.
+    fn bulk_ripe_at(&self) -> Option<Instant> {
+        let a = self.active.get(self.bulk.front()?)?;
+        Some(
+            if a.first.is_some() || self.hurry || a.listeners >= self.bulk_receivers {
+                a.since
+            } else {
+                a.since + self.config.gather
+            },
+        )
+    }
+
     /// When the scheduler next has something to send, if it has nothing now.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if !self.urgent.is_empty() || !self.bulk.is_empty() {
+        if !self.urgent.is_empty() {
             return None;
         }
-        let cool = self.cooling.first_key_value().map(|((t, _), _)| *t);
-        match (cool, self.next_root) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.cooling.first_key_value().map(|((t, _), _)| *t),
+            self.next_root,
+            self.bulk_ripe_at(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 
@@ -673,9 +738,9 @@ mod tests {
     fn objects_take_turns_by_rounds_and_cursors_grow() {
         let now = Instant::now();
         let mut s = Scheduler::new(no_margin());
-        s.handle_active(h(1), 100, false);
-        s.handle_active(h(2), 100, false);
-        s.handle_active(h(1), 100, false);
+        s.handle_active(now, h(1), 100, false);
+        s.handle_active(now, h(2), 100, false);
+        s.handle_active(now, h(1), 100, false);
         let sent = drain(&mut s, now);
         assert_eq!(sent.len(), 200);
         assert_eq!(
@@ -700,7 +765,7 @@ mod tests {
         let now = Instant::now();
         let mut s = Scheduler::new(SchedConfig::default());
         assert!(s.poll_transmit(now).is_none());
-        s.handle_active(h(1), 100, false);
+        s.handle_active(now, h(1), 100, false);
         s.handle_inactive(now_for_test(), &h(1));
         assert!(s.poll_transmit(now).is_none() && s.is_idle());
     }
@@ -709,10 +774,10 @@ mod tests {
     fn rejoin_continues_with_new_symbols() {
         let now = Instant::now();
         let mut s = Scheduler::new(SchedConfig::default());
-        s.handle_active(h(1), 100, false);
+        s.handle_active(now, h(1), 100, false);
         s.poll_transmit(now);
         s.handle_inactive(now_for_test(), &h(1));
-        s.handle_active(h(1), 100, false);
+        s.handle_active(now, h(1), 100, false);
         assert_eq!(
             s.poll_transmit(now),
             Some(Transmit::Symbol {
@@ -721,7 +786,7 @@ mod tests {
             })
         );
         s.forget(now, &h(1));
-        s.handle_active(h(1), 100, false);
+        s.handle_active(now, h(1), 100, false);
         assert_eq!(
             s.poll_transmit(now),
             Some(Transmit::Symbol {
@@ -735,10 +800,10 @@ mod tests {
     fn long_idle_objects_start_again_with_source_symbols() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(no_margin());
-        s.handle_active(h(1), 4, false);
+        s.handle_active(t0, h(1), 4, false);
         drain(&mut s, t0);
         s.handle_inactive(t0, &h(1));
-        s.handle_active(h(1), 4, false);
+        s.handle_active(t0, h(1), 4, false);
         let soon = t0 + Duration::from_millis(500);
         assert_eq!(
             s.poll_transmit(soon),
@@ -749,7 +814,7 @@ mod tests {
             "a quick rejoin gets new symbols"
         );
         s.handle_inactive(soon, &h(1));
-        s.handle_active(h(1), 4, false);
+        s.handle_active(t0, h(1), 4, false);
         assert_eq!(
             s.poll_transmit(soon + Duration::from_secs(3)),
             Some(Transmit::Symbol {
@@ -764,7 +829,7 @@ mod tests {
     fn root_goes_out_in_a_burst_then_on_its_interval() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(SchedConfig::default());
-        s.handle_active(h(1), 100, false);
+        s.handle_active(t0, h(1), 100, false);
         s.handle_root(t0, true);
         for _ in 0..ROOT_BURST {
             assert_eq!(s.poll_transmit(t0), Some(Transmit::Root));
@@ -786,9 +851,9 @@ mod tests {
             s.poll_transmit(t0).is_none(),
             "no beacon for an empty queue"
         );
-        s.handle_active(h(1), 2, false);
-        s.handle_active(h(2), 2, false);
-        s.handle_active(h(3), 1, true);
+        s.handle_active(t0, h(1), 2, false);
+        s.handle_active(t0, h(2), 2, false);
+        s.handle_active(t0, h(3), 1, true);
         assert_eq!(s.poll_transmit(t0), Some(Transmit::Air));
         assert_eq!(s.on_air(8), vec![h(1), h(2)], "bulk only, soonest first");
         assert_eq!(s.on_air(1), vec![h(1)]);
@@ -808,7 +873,7 @@ mod tests {
         let t0 = Instant::now();
         let cooldown = SchedConfig::default().cooldown;
         let mut s = Scheduler::new(no_margin());
-        s.handle_active(h(1), 32, false);
+        s.handle_active(t0, h(1), 32, false);
         let first = std::iter::from_fn(|| s.poll_transmit(t0)).take(20).count();
         assert_eq!(first, 20);
         s.handle_leaving(t0, &h(1));
@@ -816,7 +881,7 @@ mod tests {
         assert!(drain(&mut s, t0 + cooldown).is_empty());
         assert!(s.is_idle() && s.poll_timeout().is_none(), "no busy wait");
         // A listener answers the query: the rest of the round, with the next symbols.
-        s.handle_active(h(1), 32, false);
+        s.handle_active(t0, h(1), 32, false);
         let rest = drain(&mut s, t0);
         assert_eq!(rest.len(), 12);
         assert_eq!(
@@ -828,7 +893,7 @@ mod tests {
         );
         // Paused between rounds, it resumes with a later round.
         s.handle_leaving(t0, &h(1));
-        s.handle_active(h(1), 32, false);
+        s.handle_active(t0, h(1), 32, false);
         assert_eq!(drain(&mut s, t0).len(), 4, "a later round of K/8");
         s.handle_leaving(t0, &h(1));
         s.handle_inactive(t0 + cooldown * 3, &h(1));
@@ -847,7 +912,7 @@ mod tests {
         let mut s = Scheduler::new(SchedConfig::default());
         // 40 large objects whose listeners never leave; one packet per 116 us (100 Mbit/s).
         for i in 0..40 {
-            s.handle_active(h(i), 400, false);
+            s.handle_active(now_for_test(), h(i), 400, false);
         }
         let (t0, tick) = (Instant::now(), Duration::from_micros(116));
         let mut now = t0;
@@ -864,7 +929,7 @@ mod tests {
         send_until(&mut s, &mut now, t0 + Duration::from_secs(20));
         assert!(s.bulk.is_empty());
         // A real receiver's new block arrives while their later rounds go on.
-        s.handle_active(h(200), 32, false);
+        s.handle_active(t0, h(200), 32, false);
         let sent = send_until(&mut s, &mut now, t0 + Duration::from_secs(21));
         let got = count(&sent, h(200));
         assert!(
@@ -877,7 +942,7 @@ mod tests {
     fn rounds_of_an_object_listened_to_forever_slow_down() {
         let config = SchedConfig::default();
         let mut s = Scheduler::new(config.clone());
-        s.handle_active(h(1), 32, false);
+        s.handle_active(now_for_test(), h(1), 32, false);
         let (t0, mut now) = (Instant::now(), Instant::now());
         let mut symbols = 0;
         while now < t0 + Duration::from_secs(10) {
@@ -899,7 +964,7 @@ mod tests {
     fn rounds_pause_for_leaves_then_grow() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(no_margin());
-        s.handle_active(h(1), 32, false);
+        s.handle_active(t0, h(1), 32, false);
         assert_eq!(
             drain(&mut s, t0).len(),
             32,
@@ -921,12 +986,12 @@ mod tests {
     fn urgent_objects_and_later_rounds_go_before_bulk() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(no_margin());
-        s.handle_active(h(1), 10, false);
+        s.handle_active(t0, h(1), 10, false);
         assert_eq!(drain(&mut s, t0).len(), 10);
         for i in 2..6 {
-            s.handle_active(h(i), 40, false);
+            s.handle_active(t0, h(i), 40, false);
         }
-        s.handle_active(h(9), 3, true);
+        s.handle_active(t0, h(9), 3, true);
         assert_eq!(
             s.poll_transmit(t0),
             Some(Transmit::Symbol {
@@ -949,14 +1014,66 @@ mod tests {
         );
     }
 
+    /// A block's first round waits for every receiver fetching in bulk, `gather` at most;
+    /// metadata never waits, and nothing waits while a reader does.
+    #[test]
+    fn blocks_wait_for_every_bulk_receiver_for_gather_at_most() {
+        let t0 = Instant::now();
+        let gather = SchedConfig::default().gather;
+        let mut s = Scheduler::new(no_margin());
+        s.handle_report(Report::Bulk, 3);
+        s.handle_active(t0, h(1), 4, false);
+        assert!(drain(&mut s, t0).is_empty());
+        assert_eq!(
+            s.poll_timeout(),
+            Some(t0 + gather),
+            "the block waits, no busy loop"
+        );
+        s.handle_active(t0, h(9), 2, true);
+        let sent = drain(&mut s, t0);
+        assert!(
+            !sent.is_empty() && count(&sent, h(9)) == sent.len(),
+            "metadata at once, the block not"
+        );
+        // The second receiver joins; the third is not needed once `gather` ran out.
+        s.handle_listeners(&h(1), 2);
+        let t1 = t0 + gather / 2;
+        assert!(drain(&mut s, t1).is_empty());
+        assert_eq!(count(&drain(&mut s, t0 + gather), h(1)), 4);
+
+        // Every bulk receiver listens: at once.
+        s.handle_active(t1, h(2), 4, false);
+        s.handle_listeners(&h(2), 3);
+        assert_eq!(count(&drain(&mut s, t1), h(2)), 4);
+
+        // A reader waits somewhere: nothing waits.
+        s.handle_report(Report::Hurry, 1);
+        s.handle_active(t1, h(3), 4, false);
+        assert_eq!(count(&drain(&mut s, t1), h(3)), 4);
+        s.handle_report(Report::Hurry, 0);
+        s.handle_active(t1, h(4), 4, false);
+        assert!(
+            drain(&mut s, t1).is_empty(),
+            "the reader is done: blocks wait again"
+        );
+
+        // A lone receiver, or one that says nothing (older receivers): never waits.
+        for bulk in [1, 0] {
+            let mut s = Scheduler::new(no_margin());
+            s.handle_report(Report::Bulk, bulk);
+            s.handle_active(t0, h(1), 4, false);
+            assert_eq!(count(&drain(&mut s, t0), h(1)), 4, "{bulk} bulk receivers");
+        }
+    }
+
     #[test]
     fn metadata_first_rounds_cover_the_loss_spread_of_few_symbols() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(no_margin());
         for (i, k) in [(1, 1), (2, 4), (3, 100)] {
-            s.handle_active(h(i), k, true);
+            s.handle_active(t0, h(i), k, true);
         }
-        s.handle_active(h(4), 100, false);
+        s.handle_active(t0, h(4), 100, false);
         let sent = drain(&mut s, t0);
         let count = |i| {
             sent.iter()
@@ -982,7 +1099,7 @@ mod tests {
         for _ in 0..objects {
             let hash = ObjectHash::of(&now.elapsed().as_nanos().to_le_bytes());
             let hash = ObjectHash::of(&[hash.as_bytes().as_slice(), &[listeners as u8]].concat());
-            s.handle_active(hash, k, false);
+            s.handle_active(*now, hash, k, false);
             s.handle_listeners(&hash, listeners);
             drain(s, *now);
             s.handle_listeners(&hash, short.max(1));
@@ -1039,14 +1156,14 @@ mod tests {
         let now = Instant::now();
         let mut s = Scheduler::new(SchedConfig::default());
         let start = s.loss();
-        s.handle_active(h(1), 40, false);
+        s.handle_active(now, h(1), 40, false);
         for _ in 0..39 {
             s.poll_transmit(now);
         }
         s.handle_leaving(now, &h(1));
         assert_eq!(s.loss(), start, "gone before K symbols: nothing learned");
         s.handle_inactive(now, &h(1));
-        s.handle_active(h(2), 40, false);
+        s.handle_active(now, h(2), 40, false);
         for _ in 0..40 {
             s.poll_transmit(now);
         }

@@ -32,7 +32,7 @@ use crate::object::ObjectHash;
 
 pub use super::index::Object;
 use super::index::{read_block, IndexError, Published, Source, Tree};
-use crate::channel::{Address, Channel};
+use crate::channel::{Address, Channel, Report};
 use crate::object::{ObjectRef, RootRecord};
 
 /// How long the objects of a replaced generation stay published.
@@ -48,8 +48,8 @@ pub struct Table {
     pub root: Address,
     /// Where the beacon goes.
     pub air: Address,
-    /// The groups receivers join to report their loss, by level (`crate::fetch::loss`).
-    loss: HashMap<Ipv6Addr, usize>,
+    /// The groups receivers join to report something (`crate::channel::Report`).
+    reports: HashMap<Ipv6Addr, Report>,
     /// The generation this table publishes (the root record's).
     pub generation: u64,
     objects: HashMap<ObjectHash, Object>,
@@ -90,7 +90,7 @@ impl Table {
             signed: RwLock::new((record.clone(), record.encode().into())),
             root: channel.root_address(),
             air: channel.air_address(),
-            loss: loss_groups(&channel),
+            reports: channel.reports().map(|(r, a)| (a.group, r)).collect(),
             generation,
             by_group: groups(&channel, &objects),
             objects,
@@ -170,12 +170,12 @@ impl Table {
         *group == self.root.group
             || *group == self.air.group
             || self.by_group.contains_key(group)
-            || self.loss.contains_key(group)
+            || self.reports.contains_key(group)
     }
 
-    /// The loss level that receivers joining `group` report, if it is a loss group.
-    pub fn loss_level(&self, group: &Ipv6Addr) -> Option<usize> {
-        self.loss.get(group).copied()
+    /// What receivers joining `group` report, if it is a report's group.
+    pub fn report(&self, group: &Ipv6Addr) -> Option<Report> {
+        self.reports.get(group).copied()
     }
 
     /// The object whose group is `group`, of this generation or a kept older one.
@@ -230,13 +230,6 @@ fn groups(
     objects
         .keys()
         .map(|h| (channel.object_address(h).group, *h))
-        .collect()
-}
-
-/// The loss groups (see [`Table::loss_level`]), computed once per table.
-fn loss_groups(channel: &Channel) -> HashMap<Ipv6Addr, usize> {
-    (0..crate::channel::LOSS_LEVELS.len())
-        .filter_map(|l| Some((channel.loss_address(l)?.group, l)))
         .collect()
 }
 

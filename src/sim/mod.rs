@@ -242,6 +242,7 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
         loss: sched.loss(),
         reported: sched.reported_loss(),
         leave_delay: sched.stats().leave_delay,
+        gathered: sched.stats().gathered,
         activations: sched.stats().activations,
         distinct: sched.stats().distinct,
         symbols: sched.stats().sent,

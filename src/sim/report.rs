@@ -51,6 +51,9 @@ pub struct Report {
     /// Blocks whose listeners all left within 10, 20, 40, 80, 160 ms or later after the end
     /// of their first round.
     pub leave_delay: [u64; 6],
+    /// Blocks' first rounds that began with every receiver fetching in bulk, when a reader
+    /// waited, and when the gathering ran out (`SchedStats::gathered`).
+    pub gathered: [u64; 3],
     /// [metadata, blocks and bundles]: times an object became active, and distinct objects
     /// among those (all classes), and symbols sent.
     pub activations: [u64; 2],
@@ -142,8 +145,8 @@ impl fmt::Display for Report {
         )?;
         write!(
             f,
-            "\n  server: {} later block rounds, loss learned {:.3}, reported {:.3} by {}, leaves after <10/20/40/80/160/more ms {:?}",
-            self.later_rounds, self.loss, self.reported.1, self.reported.0, self.leave_delay
+            "\n  server: {} later block rounds, loss learned {:.3}, reported {:.3} by {}, leaves after <10/20/40/80/160/more ms {:?}, first rounds with every bulk receiver/hurried/gather ran out {:?}",
+            self.later_rounds, self.loss, self.reported.1, self.reported.0, self.leave_delay, self.gathered
         )?;
         write!(
             f,

@@ -207,8 +207,8 @@ impl Carousel {
             GroupEvent::Listeners(g, n) => {
                 if let Some(hash) = self.listened.get(&g).and_then(|l| l.hash) {
                     self.sched.handle_listeners(&hash, n);
-                } else if let Some(level) = self.table.loss_level(&g) {
-                    self.sched.handle_loss_report(level, n);
+                } else if let Some(report) = self.table.report(&g) {
+                    self.sched.handle_report(report, n);
                 }
             }
         }
@@ -217,10 +217,11 @@ impl Carousel {
     /// The root record and the beacon are cheap: they go on until `Inactive`. An object
     /// pauses where it is.
     fn leaving(&mut self, now: Instant, group: Ipv6Addr) {
-        // A receiver leaves its loss level's group when its loss moved to another level: its
-        // report is void at once (a forged leave voids a report until the query's answer).
-        if let Some(level) = self.table.loss_level(&group) {
-            return self.sched.handle_loss_report(level, 0);
+        // A receiver leaves a report's group when it no longer says so (its loss moved to
+        // another level): the report is void at once (a forged leave voids it until the
+        // query's answer).
+        if let Some(report) = self.table.report(&group) {
+            return self.sched.handle_report(report, 0);
         }
         let Some(listened) = self.listened.get_mut(&group) else {
             return;
@@ -239,15 +240,15 @@ impl Carousel {
         if group == self.table.air.group {
             return self.sched.handle_air(now, true);
         }
-        if let Some(level) = self.table.loss_level(&group) {
-            return self.sched.handle_loss_report(level, 1);
+        if let Some(report) = self.table.report(&group) {
+            return self.sched.handle_report(report, 1);
         }
         let hash = self.table.hash_of(&group);
         if !self.remember(group, hash, false) {
             return;
         }
         if let Some(hash) = hash {
-            self.route_on(hash);
+            self.route_on(now, hash);
         }
     }
 
@@ -273,8 +274,8 @@ impl Carousel {
         if group == self.table.air.group {
             return self.sched.handle_air(now, false);
         }
-        if let Some(level) = self.table.loss_level(&group) {
-            return self.sched.handle_loss_report(level, 0);
+        if let Some(report) = self.table.report(&group) {
+            return self.sched.handle_report(report, 0);
         }
         match self.listened.remove(&group).map(|l| l.hash) {
             Some(Some(hash)) => self.route_off(now, &hash),
@@ -284,7 +285,7 @@ impl Carousel {
     }
 
     /// Starts (or resumes) sending `hash`, unless it cannot be sent.
-    fn route_on(&mut self, hash: ObjectHash) {
+    fn route_on(&mut self, now: Instant, hash: ObjectHash) {
         if self.unloadable.contains(&hash) {
             return;
         }
@@ -295,7 +296,8 @@ impl Carousel {
                 None => return,
             },
         };
-        self.sched.handle_active(hash, route.k, self.urgent(&hash));
+        self.sched
+            .handle_active(now, hash, route.k, self.urgent(&hash));
     }
 
     fn route_off(&mut self, now: Instant, hash: &ObjectHash) {
@@ -359,7 +361,7 @@ impl Carousel {
             let hash = self.table.hash_of(&g);
             if self.remember(g, hash, leaving) && !leaving {
                 if let Some(hash) = hash {
-                    self.route_on(hash);
+                    self.route_on(now, hash);
                 }
             }
         }

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::channel::Channel;
+use crate::channel::{Channel, Report};
 use crate::object::{BlockSize, ObjectRef};
 use crate::serve::index::{IgnoreRules, Object, Published, Tree};
 use crate::serve::table::{test_record, GRACE};
@@ -445,7 +445,7 @@ fn receivers_reporting_loss_get_first_rounds_sized_for_it() {
         .position(|&l| l == 200)
         .unwrap();
     let report = w.channel.loss_address(level).unwrap().group;
-    assert_eq!(table.loss_level(&report), Some(level));
+    assert_eq!(table.report(&report), Some(Report::Loss(level)));
     sim.join(report);
     sim.event(GroupEvent::Listeners(report, 3));
     let b_round = first_round(&mut sim, b);
@@ -454,6 +454,39 @@ fn receivers_reporting_loss_get_first_rounds_sized_for_it() {
     sim.event(GroupEvent::Inactive(report));
     assert_eq!(first_round(&mut sim, c), k, "the report is gone");
     assert!(sim.sent.iter().all(|s| s.group != report));
+}
+
+/// Receivers that fetch in bulk say so by joining the bulk report's group: a block's first
+/// round waits until as many listen to it, `gather` at most, unless a reader waits (the
+/// hurry report). Nothing is ever sent on either report's group.
+#[test]
+fn blocks_wait_for_the_receivers_fetching_in_bulk_unless_a_reader_waits() {
+    let mut w = World::new();
+    let (a, b) = (w.add(1, 60_000, Kind::Block), w.add(2, 60_000, Kind::Block));
+    let mut sim = Sim::new(&w, Sim::config(100_000_000), w.table(&[a, b], 1));
+    let bulk = w.channel.report_address(Report::Bulk).unwrap().group;
+    let hurry = w.channel.report_address(Report::Hurry).unwrap().group;
+    sim.join(bulk);
+    sim.event(GroupEvent::Listeners(bulk, 2));
+    sim.join(w.group(&a));
+    let gather = SchedConfig::default().gather;
+    sim.run_for(gather / 2);
+    assert!(
+        sim.symbols_of(a).is_empty(),
+        "waits for the second receiver"
+    );
+    sim.event(GroupEvent::Listeners(w.group(&a), 2));
+    sim.run_for(Duration::from_millis(5));
+    assert!(!sim.symbols_of(a).is_empty(), "both listen: it goes");
+
+    sim.join(hurry);
+    sim.join(w.group(&b));
+    sim.run_for(Duration::from_millis(5));
+    assert!(
+        !sim.symbols_of(b).is_empty(),
+        "a reader waits: nothing waits"
+    );
+    assert!(sim.sent.iter().all(|s| s.group != bulk && s.group != hurry));
 }
 
 #[test]
@@ -723,7 +756,13 @@ fn random_world() -> (World, Vec<Arc<Table>>, Vec<Ipv6Addr>, Vec<ObjectHash>) {
     let mut groups: Vec<Ipv6Addr> = hashes.iter().map(|h| w.group(h)).collect();
     groups.extend([t1.root.group, t1.air.group]);
     groups.extend((1..5).map(|i| Ipv6Addr::new(0xff1e, 0, 0, 0, 0, 0, 0, i)));
-    groups.extend([0, 20].map(|l| w.channel.loss_address(l).unwrap().group));
+    let reports = [
+        Report::Loss(0),
+        Report::Loss(20),
+        Report::Bulk,
+        Report::Hurry,
+    ];
+    groups.extend(reports.map(|r| w.channel.report_address(r).unwrap().group));
     (w, vec![t1, t2, t3], groups, hashes)
 }
 
