@@ -438,3 +438,34 @@ fn receivers_tens_of_milliseconds_apart_share_a_fast_servers_rounds() {
         assert!(ratio <= 1.15, "{n} receivers: {ratio:.3}");
     }
 }
+
+/// Receivers fetching different files wait for nobody: the wait for the receivers fetching
+/// in bulk shrinks when it brings no one (`lcfs::serve::sched`, `next_wait`). At 100 ms a
+/// wait, a window of 32 blocks per wait would hold each to a fifth of this link.
+#[test]
+fn receivers_fetching_different_files_are_not_held_by_the_wait() {
+    let tree = Shape::Tree {
+        files: 400,
+        dirs: 20,
+        min: 256 << 10,
+        max: 1 << 20,
+    };
+    let scenario = |k: usize| {
+        let mut s = Scenario::new(&format!("apart-{k}"), 11, tree, k, Loss::None);
+        s.workload = sim::Workload::Files(12);
+        s.rate_bps = 5_000_000_000;
+        s.downlink.jitter = Duration::from_micros(10);
+        s
+    };
+    let (one, many) = (run(&scenario(1)), run(&scenario(2)));
+    assert_sound(&one);
+    assert_sound(&many);
+    let last = |r: &Report| r.completion.iter().max().copied().unwrap_or_default();
+    let allowed = last(&one) + Duration::from_millis(150);
+    assert!(
+        last(&many) < allowed,
+        "{:?} against {:?} alone",
+        last(&many),
+        last(&one)
+    );
+}

@@ -77,10 +77,14 @@
 //! and on a link the server fills rounds wait in the bulk queue longer than this anyway:
 //! shaped runs did not move. The length: in the simulation (a 4,000-file tree at 5 Gbit/s,
 //! three receivers starting within 10 ms) 20 ms did not keep receivers in step (1.76 times
-//! one receiver's bytes), 100 and 300 ms did (1.003). The cost: a receiver whose blocks
-//! nobody else asks for while others fetch in bulk gets a window of blocks per `gather`, and
-//! a forged bulk report costs every block that wait (a forged hurry report only ends the
-//! gathering).
+//! one receiver's bytes), 100 and 300 ms did (1.003). The wait is only as long as waiting
+//! pays ([`next_wait`]): a quarter shorter each time it ran out with nobody but the first
+//! listener, none below 1 ms, and twice as long (from 1 ms) each time a block gained
+//! listeners while it waited or was wanted again within a second of its round. Receivers
+//! copying different files would otherwise each get a window of 32 blocks per wait, a fifth
+//! of an unshaped link; now the first window waits, and the rest do not. So a forged bulk
+//! report costs a block's wait for a window of blocks, and a forged hurry report only ends
+//! the gathering.
 //!
 //! A leave is not trusted (anyone on the link can forge one; see `crate::mld::tracker`): when
 //! the last listener of an object says it left, the tracker asks whether others still listen
@@ -299,6 +303,9 @@ pub struct Scheduler {
     bulk_receivers: usize,
     /// A reader waits for a block somewhere: no first round waits.
     hurry: bool,
+    /// How long a block's first round now waits for the receivers fetching in bulk, at most
+    /// (`gather` when waiting brings listeners, see [`next_wait`]).
+    wait: Duration,
 }
 
 impl Scheduler {
@@ -306,6 +313,7 @@ impl Scheduler {
         Scheduler {
             stats: SchedStats::default(),
             loss: Loss::new(config.start_loss, config.max_loss),
+            wait: config.gather,
             config,
             urgent: VecDeque::new(),
             bulk: VecDeque::new(),
@@ -335,6 +343,11 @@ impl Scheduler {
             }
             return;
         }
+        let idle_since = self.idle_since.remove(&hash);
+        // Wanted again right after its listeners left: a round this one could have shared.
+        if !urgent && idle_since.is_some_and(|t| now.saturating_duration_since(t) < MISSED_WITHIN) {
+            self.wait = next_wait(self.wait, self.config.gather, Waited::Missed);
+        }
         self.active.insert(
             hash,
             Active {
@@ -345,7 +358,7 @@ impl Scheduler {
                 first: None,
                 rounds: 0,
                 first_done: None,
-                idle_since: self.idle_since.remove(&hash),
+                idle_since,
                 leaving: None,
                 listeners: 1,
                 heard: 1,
@@ -533,6 +546,7 @@ impl Scheduler {
                 size.max(metadata_round(a.k))
             } else {
                 let all = a.listeners >= self.bulk_receivers;
+                let ran_out = !all && !self.hurry;
                 self.stats.gathered[if all {
                     0
                 } else if self.hurry {
@@ -540,6 +554,14 @@ impl Scheduler {
                 } else {
                     2
                 }] += 1;
+                let waited = match (a.heard > 1, ran_out) {
+                    (true, _) => Some(Waited::Gained),
+                    (false, true) => Some(Waited::RanOut),
+                    (false, false) => None,
+                };
+                if let Some(w) = waited {
+                    self.wait = next_wait(self.wait, self.config.gather, w);
+                }
                 size
             };
             a.first = Some(a.budget);
@@ -618,9 +640,14 @@ impl Scheduler {
             if a.first.is_some() || self.hurry || a.listeners >= self.bulk_receivers {
                 a.since
             } else {
-                a.since + self.config.gather
+                a.since + self.wait
             },
         )
+    }
+
+    /// How long a block's first round now waits for the receivers fetching in bulk, at most.
+    pub fn gather_wait(&self) -> Duration {
+        self.wait
     }
 
     /// When the scheduler next has something to send, if it has nothing now.
@@ -636,6 +663,35 @@ impl Scheduler {
         .into_iter()
         .flatten()
         .min()
+    }
+}
+
+/// An object wanted again within this of its listeners leaving was a round missed: the
+/// receiver that wants it now could have shared the last one.
+const MISSED_WITHIN: Duration = Duration::from_secs(1);
+
+/// What a block's wait for the receivers fetching in bulk came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waited {
+    /// More than one receiver listened when its first round began.
+    Gained,
+    /// Its wait ran out and nobody but the first listener came.
+    RanOut,
+    /// A block was wanted again right after its listeners left.
+    Missed,
+}
+
+/// The wait after `what`, at most `max`: twice as long (1 ms at least) when waiting brought
+/// listeners or a round was missed, a quarter shorter when it brought nobody, and none below
+/// 1 ms. Receivers copying different files each ran out every wait, and a window of 32
+/// blocks per 100 ms is a fifth of an unshaped link; the wait is gone within one window.
+fn next_wait(wait: Duration, max: Duration, what: Waited) -> Duration {
+    const LEAST: Duration = Duration::from_millis(1);
+    match what {
+        Waited::Gained | Waited::Missed => (wait * 2).max(LEAST).min(max),
+        Waited::RanOut => Some(wait * 3 / 4)
+            .filter(|w| *w >= LEAST)
+            .unwrap_or_default(),
     }
 }
 
@@ -1064,6 +1120,38 @@ mod tests {
             s.handle_active(t0, h(1), 4, false);
             assert_eq!(count(&drain(&mut s, t0), h(1)), 4, "{bulk} bulk receivers");
         }
+    }
+
+    /// The wait shrinks when it brings nobody (receivers copying different files), within
+    /// one window of blocks, and comes back as soon as rounds are missed or shared again.
+    #[test]
+    fn the_wait_follows_what_waiting_brings() {
+        let max = SchedConfig::default().gather;
+        let mut wait = max;
+        for _ in 0..32 {
+            wait = next_wait(wait, max, Waited::RanOut);
+        }
+        assert_eq!(wait, Duration::ZERO, "gone within a window of 32 blocks");
+        for _ in 0..8 {
+            wait = next_wait(wait, max, Waited::Missed);
+        }
+        assert_eq!(wait, max, "back after eight missed rounds");
+        assert_eq!(next_wait(max, max, Waited::Gained), max);
+
+        // Through the scheduler: blocks nobody else joins shorten the wait, and a block
+        // wanted again right after its round brings it back.
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(no_margin());
+        s.handle_report(Report::Bulk, 2);
+        for i in 0..4 {
+            s.handle_active(t0, h(i), 4, false);
+        }
+        assert_eq!(drain(&mut s, t0 + max).len(), 16);
+        assert!(s.gather_wait() < max / 2, "{:?}", s.gather_wait());
+        let shorter = s.gather_wait();
+        s.handle_inactive(t0 + max, &h(0));
+        s.handle_active(t0 + max * 2, h(0), 4, false);
+        assert!(s.gather_wait() > shorter, "a round missed");
     }
 
     #[test]
