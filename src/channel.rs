@@ -179,6 +179,7 @@ impl Channel {
                 b"loss"
             }
             Report::Bulk => b"bulk",
+            // Every domain is four bytes, as `address` hashes them.
             Report::Hurry => b"hury",
         };
         Some(self.address(domain, &name))

@@ -874,6 +874,8 @@ impl FetchState {
     /// Gives requests places in the window: demand reads at once, then what the server's
     /// last beacon lists, then the rest in order. Listens to the beacon while some wait.
     fn admit(&mut self, now: Instant) {
+        // First: a reader's wait is reported even while admission waits for the beacon.
+        self.report_intent(now);
         // A program waits for a demand read: it never waits for room.
         while let Some((&(Priority::Demand, _), &tag)) = self.queue.first_key_value() {
             self.queue.pop_first();
@@ -928,7 +930,6 @@ impl FetchState {
         }
         let waiting = !self.queue.is_empty();
         self.listen_to_beacon(now, waiting);
-        self.report_intent(now);
     }
 
     /// Joins or leaves the bulk and hurry reports' groups by what is pending.
