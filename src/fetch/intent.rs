@@ -65,14 +65,6 @@ impl IntentReport {
             })
         })
     }
-
-    /// Whether `report` is joined now.
-    pub fn is_joined(&self, report: Report) -> bool {
-        REPORTS
-            .iter()
-            .position(|r| *r == report)
-            .is_some_and(|i| self.joined[i])
-    }
 }
 
 #[cfg(test)]
@@ -95,14 +87,16 @@ mod tests {
         assert_eq!(changes(&mut r, t0), [(Report::Bulk, true)]);
         r.handle_pending(t0, true, true);
         assert_eq!(changes(&mut r, t0), [(Report::Hurry, true)]);
-        assert!(r.is_joined(Report::Bulk) && r.is_joined(Report::Hurry));
         // Nothing pending any more: each stays for its linger, then goes.
         let t1 = t0 + Duration::from_millis(10);
         r.handle_pending(t1, false, false);
         assert!(changes(&mut r, t1).is_empty());
         assert_eq!(changes(&mut r, t0 + BULK_LINGER), [(Report::Bulk, false)]);
         assert_eq!(changes(&mut r, t0 + HURRY_LINGER), [(Report::Hurry, false)]);
-        assert!(!r.is_joined(Report::Bulk) && !r.is_joined(Report::Hurry));
+        assert!(
+            changes(&mut r, t0 + HURRY_LINGER * 4).is_empty(),
+            "and stay left"
+        );
     }
 
     #[test]
