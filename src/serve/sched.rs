@@ -198,7 +198,7 @@ impl Default for SchedConfig {
 /// An active object's progress.
 struct Active {
     k: u32,
-    /// When its first listener joined: a block's first round waits `gather` after it.
+    /// When its first listener joined: a block's first round waits at most `wait` after it.
     since: Instant,
     urgent: bool,
     /// Symbols left in the current round.
@@ -276,7 +276,7 @@ pub struct SchedStats {
     /// Bulk rounds sent ahead of urgent ones because they had waited `bulk_patience`.
     pub bulk_turns: u64,
     /// Blocks' first rounds that began [listened to by every receiver fetching in bulk, when
-    /// a reader waited, when `gather` ran out].
+    /// a reader waited, when the wait ran out].
     pub gathered: [u64; 3],
 }
 
@@ -308,7 +308,7 @@ pub struct Scheduler {
     /// A reader waits for a block somewhere: no first round waits.
     hurry: bool,
     /// How long a block's first round now waits for the receivers fetching in bulk, at most
-    /// (`gather` when waiting brings listeners, see [`next_wait`]).
+    /// (up to `gather`, as waiting pays: [`next_wait`]).
     wait: Duration,
 }
 
