@@ -163,6 +163,10 @@ fn status_and_metrics_beside_a_serve_and_two_mounts() {
     assert_eq!(metric(&ms, "lcfs_serve_listeners"), 2.0);
     assert_eq!(metric(&ms, "lcfs_generation"), srv.ready.generation as f64);
     assert!(metric(&ms, "lcfs_serve_sent_bytes_total") >= (3 << 20) as f64);
+    // what the receivers report: two mounts at most, the wait at most its longest
+    assert!(metric(&ms, "lcfs_serve_bulk_receivers") <= 2.0);
+    assert!(metric(&ms, "lcfs_serve_loss_reporters") <= 2.0);
+    assert!(metric(&ms, "lcfs_serve_gather_wait_seconds") <= 0.1);
 
     // the server gone: both mounts say so within OFFLINE_AFTER (3 s) and a report
     let killed = Instant::now();

@@ -70,6 +70,14 @@ fn server_lines(out: &mut String, v: &ServerStatus) {
         bytes(v.send_rate as u64),
         bytes(v.rate_limit / 8)
     );
+    let _ = writeln!(
+        out,
+        "         receivers: {} fetching in bulk, blocks wait up to {:.0} ms for them; {} report {:.1}% loss",
+        v.bulk_receivers,
+        v.gather_wait_ms,
+        v.loss_reporters,
+        v.reported_loss * 100.0
+    );
 }
 
 fn receiver_lines(out: &mut String, r: &ReceiverStatus, now: u64) {
@@ -192,6 +200,34 @@ mod tests {
         assert!(text.contains("http://127.0.0.1:9464/metrics"), "{text}");
         assert!(text.lines().all(|l| l.len() <= 120), "{text}");
         assert!(render(&[], 0).starts_with("no lcfs process"));
+    }
+
+    #[test]
+    fn the_server_view_says_what_its_receivers_report() {
+        let serve = ProcessStatus {
+            pid: 7,
+            command: "serve".into(),
+            server: Some(ServerStatus {
+                files: 10_000,
+                bulk_receivers: 3,
+                loss_reporters: 3,
+                reported_loss: 0.052,
+                gather_wait_ms: 100.0,
+                ..ServerStatus::default()
+            }),
+            ..ProcessStatus::default()
+        };
+        let text = render(&[serve], 0);
+        assert!(
+            text.contains(
+                "3 fetching in bulk, blocks wait up to 100 ms for them; 3 report 5.2% loss"
+            ),
+            "{text}"
+        );
+        assert!(text.lines().all(|l| l.len() <= 120), "{text}");
+        // A status file written before these fields existed still reads.
+        let old: ServerStatus = serde_json::from_str(r#"{"generation": 4, "files": 2}"#).unwrap();
+        assert_eq!((old.generation, old.bulk_receivers), (4, 0));
     }
 
     #[test]

@@ -679,6 +679,11 @@ impl Scheduler {
         self.wait
     }
 
+    /// Receivers that say they fetch in bulk (at most the tracker's listeners per group).
+    pub fn bulk_receivers(&self) -> usize {
+        self.bulk_receivers
+    }
+
     /// When the scheduler next has something to send, if it has nothing now.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if !self.urgent.is_empty() {

@@ -90,6 +90,13 @@ pub struct SendStats {
     pub encoders_built: AtomicU64,
     /// Groups with listeners that the carousel serves now.
     pub active_groups: AtomicU64,
+    /// What receivers report (`crate::channel::Report`): how many fetch in bulk, how many
+    /// report their loss and its mean in parts per million, and the wait for bulk receivers
+    /// now, in microseconds.
+    pub bulk_receivers: AtomicU64,
+    pub loss_reporters: AtomicU64,
+    pub reported_loss_ppm: AtomicU64,
+    pub gather_wait_us: AtomicU64,
 }
 
 /// The shared, swappable table of what is published now.
@@ -143,6 +150,7 @@ impl SenderLoop {
             self.carousel.handle_table(Instant::now(), latest);
             (self.stats.active_groups)
                 .store(self.carousel.listened_groups() as u64, Ordering::Relaxed);
+            self.publish_reports();
             if let Err(e) = self.send_some() {
                 tracing::warn!("sending on the multicast socket failed: {e}");
                 std::thread::sleep(Duration::from_millis(50));
@@ -246,6 +254,18 @@ impl SenderLoop {
                 }
             }
         })
+    }
+
+    /// What receivers report, for `lcfs status` and the metrics.
+    fn publish_reports(&self) {
+        let sched = self.carousel.scheduler();
+        let (reporters, loss) = sched.reported_loss();
+        let s = &self.stats;
+        let set = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        set(&s.bulk_receivers, sched.bulk_receivers() as u64);
+        set(&s.loss_reporters, reporters as u64);
+        set(&s.reported_loss_ppm, (loss * 1e6) as u64);
+        set(&s.gather_wait_us, sched.gather_wait().as_micros() as u64);
     }
 
     fn log_stats(&self) {

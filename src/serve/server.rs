@@ -504,6 +504,10 @@ fn server_status(
                 rate_limit,
                 mld_reports: n(&mld.reports),
                 mld_dropped: n(&mld.malformed) + n(&mld.ignored) + n(&mld.untrusted),
+                bulk_receivers: n(&stats.bulk_receivers),
+                loss_reporters: n(&stats.loss_reporters),
+                reported_loss: n(&stats.reported_loss_ppm) as f64 / 1e6,
+                gather_wait_ms: n(&stats.gather_wait_us) as f64 / 1e3,
             }),
         }
     })

@@ -9,7 +9,9 @@
 //!   `cache_pinned_bytes`, `fetch_duration_seconds` (histogram of network fetches);
 //! - serve: `serve_files`, `serve_tree_bytes`, `serve_listeners`, `serve_wanted_groups`,
 //!   `serve_active_groups`, `serve_packets_sent_total`, `serve_sent_bytes_total` (on the
-//!   wire), `serve_rate_limit_bits`, `mld_reports_total`, `mld_dropped_total`.
+//!   wire), `serve_rate_limit_bits`, `serve_bulk_receivers`, `serve_loss_reporters`,
+//!   `serve_reported_loss_ratio`, `serve_gather_wait_seconds`, `mld_reports_total`,
+//!   `mld_dropped_total`.
 //!
 //! The endpoint is plain HTTP/1.0 on one thread: a scrape is a few microseconds of
 //! formatting, and nothing else is served. It binds loopback unless told an address.
@@ -284,6 +286,30 @@ pub fn render(s: &ProcessStatus) -> String {
             "gauge",
             "The configured send rate, bits per second.",
             c(v.rate_limit),
+        );
+        m(
+            "serve_bulk_receivers",
+            "gauge",
+            "Receivers that say they fetch in bulk (copy, prefetch, readahead).",
+            c(v.bulk_receivers),
+        );
+        m(
+            "serve_loss_reporters",
+            "gauge",
+            "Receivers that report their loss.",
+            c(v.loss_reporters),
+        );
+        m(
+            "serve_reported_loss_ratio",
+            "gauge",
+            "The mean loss receivers report, as a share.",
+            v.reported_loss,
+        );
+        m(
+            "serve_gather_wait_seconds",
+            "gauge",
+            "How long a block's first round now waits for the receivers fetching in bulk, at most.",
+            v.gather_wait_ms / 1e3,
         );
         m(
             "mld_reports_total",

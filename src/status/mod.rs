@@ -89,8 +89,9 @@ pub struct CacheStatus {
     pub quota: Option<u64>,
 }
 
-/// A serve.
+/// A serve. Fields missing from an older process's file read as zero.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct ServerStatus {
     pub generation: u64,
     pub root: String,
@@ -111,6 +112,13 @@ pub struct ServerStatus {
     pub rate_limit: u64,
     pub mld_reports: u64,
     pub mld_dropped: u64,
+    /// Receivers that say they fetch in bulk (`crate::channel::Report::Bulk`).
+    pub bulk_receivers: u64,
+    /// Receivers that report their loss, and the mean they report (a share).
+    pub loss_reporters: u64,
+    pub reported_loss: f64,
+    /// How long a block's first round now waits for the receivers fetching in bulk, at most.
+    pub gather_wait_ms: f64,
 }
 
 /// Produces a process's status on demand (called from the reporter's thread).
