@@ -43,6 +43,9 @@ use carousel::{Carousel, CarouselConfig, Payload, Transmit};
 /// The longest wait for events: how soon a shutdown or a new table is noticed when idle.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
+/// How often the status counters are set from the carousel's state.
+const STATUS_EVERY: Duration = Duration::from_millis(100);
+
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
     /// Send rate in bits per second, counting Ethernet, IPv6 and UDP headers.
@@ -115,6 +118,8 @@ pub struct SenderLoop {
     symbol: Vec<u8>,
     /// Whether the kernel takes UDP GSO sends; cleared at the first refusal.
     gso: bool,
+    /// When the status counters were last set ([`SenderLoop::publish_status`]).
+    published: Option<Instant>,
 }
 
 impl SenderLoop {
@@ -137,6 +142,7 @@ impl SenderLoop {
             dests: Vec::new(),
             symbol: Vec::new(),
             gso: true,
+            published: None,
         }
     }
 
@@ -148,9 +154,7 @@ impl SenderLoop {
             }
             let latest = self.table.read().unwrap_or_else(|p| p.into_inner()).clone();
             self.carousel.handle_table(Instant::now(), latest);
-            (self.stats.active_groups)
-                .store(self.carousel.listened_groups() as u64, Ordering::Relaxed);
-            self.publish_reports();
+            self.publish_status(Instant::now());
             if let Err(e) = self.send_some() {
                 tracing::warn!("sending on the multicast socket failed: {e}");
                 std::thread::sleep(Duration::from_millis(50));
@@ -256,12 +260,19 @@ impl SenderLoop {
         })
     }
 
-    /// What receivers report, for `lcfs status` and the metrics.
-    fn publish_reports(&self) {
+    /// The groups served and what receivers report, for `lcfs status` and the metrics, at
+    /// most every [`STATUS_EVERY`]: they are read once a second, and this loop turns once
+    /// a batch of packets.
+    fn publish_status(&mut self, now: Instant) {
+        if (self.published).is_some_and(|t| now.saturating_duration_since(t) < STATUS_EVERY) {
+            return;
+        }
+        self.published = Some(now);
         let sched = self.carousel.scheduler();
         let (reporters, loss) = sched.reported_loss();
         let s = &self.stats;
         let set = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        set(&s.active_groups, self.carousel.listened_groups() as u64);
         set(&s.bulk_receivers, sched.bulk_receivers() as u64);
         set(&s.loss_reporters, reporters as u64);
         set(&s.reported_loss_ppm, (loss * 1e6) as u64);

@@ -207,8 +207,8 @@ impl Carousel {
             GroupEvent::Listeners(g, n) => {
                 if let Some(hash) = self.listened.get(&g).and_then(|l| l.hash) {
                     self.sched.handle_listeners(&hash, n);
-                } else if let Some(report) = self.table.report(&g) {
-                    self.sched.handle_report(report, n);
+                } else {
+                    self.reported(&g, n);
                 }
             }
         }
@@ -220,8 +220,8 @@ impl Carousel {
         // A receiver leaves a report's group when it no longer says so (its loss moved to
         // another level): the report is void at once (a forged leave voids it until the
         // query's answer).
-        if let Some(report) = self.table.report(&group) {
-            return self.sched.handle_report(report, 0);
+        if self.reported(&group, 0) {
+            return;
         }
         let Some(listened) = self.listened.get_mut(&group) else {
             return;
@@ -240,8 +240,8 @@ impl Carousel {
         if group == self.table.air.group {
             return self.sched.handle_air(now, true);
         }
-        if let Some(report) = self.table.report(&group) {
-            return self.sched.handle_report(report, 1);
+        if self.reported(&group, 1) {
+            return;
         }
         let hash = self.table.hash_of(&group);
         if !self.remember(group, hash, false) {
@@ -250,6 +250,16 @@ impl Carousel {
         if let Some(hash) = hash {
             self.route_on(now, hash);
         }
+    }
+
+    /// Tells the scheduler that `listeners` receivers report what `group` stands for; false
+    /// when `group` is no report's group.
+    fn reported(&mut self, group: &Ipv6Addr, listeners: usize) -> bool {
+        let report = self.table.report(group);
+        if let Some(report) = report {
+            self.sched.handle_report(report, listeners);
+        }
+        report.is_some()
     }
 
     /// Notes `group` as listened (and no longer leaving unless `leaving`), naming `hash`;
@@ -274,8 +284,8 @@ impl Carousel {
         if group == self.table.air.group {
             return self.sched.handle_air(now, false);
         }
-        if let Some(report) = self.table.report(&group) {
-            return self.sched.handle_report(report, 0);
+        if self.reported(&group, 0) {
+            return;
         }
         match self.listened.remove(&group).map(|l| l.hash) {
             Some(Some(hash)) => self.route_off(now, &hash),
