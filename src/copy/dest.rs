@@ -237,6 +237,16 @@ impl Dest {
         Ok(fd)
     }
 
+    /// Whether the directory `rel` is closed to everyone but this copy's euid until the copy
+    /// ends: one [`Dest::prepare_dir`] made ours and 0700, or a DEST this copy created. Nothing
+    /// in it can be reached by another user, so a part there may carry its final mode.
+    pub fn is_closed(&self, rel: &Path) -> bool {
+        match rel.as_os_str().is_empty() {
+            true => self.created,
+            false => lock(&self.known).contains_key(rel),
+        }
+    }
+
     /// The directory holding `rel`, and `rel`'s name in it.
     pub fn parent_of<'r>(&self, rel: &'r Path) -> Result<(Arc<OwnedFd>, &'r OsStr), DestError> {
         let name = rel

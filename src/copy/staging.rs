@@ -1,9 +1,13 @@
 //! Staged entries: written under hidden part names, made durable, then renamed into place.
 //!
-//! Invariants: a part file keeps mode 0600 for as long as it has its part name; its published
-//! mode is set on a descriptor after the rename, on the inode recorded when it was created, so
-//! a part someone swapped is refused rather than published. Parts not yet renamed are removed
-//! when the [`Staging`] drops: a failed or interrupted copy leaves none of them behind.
+//! Invariants: a part file keeps mode 0600 for as long as it has its part name and others can
+//! reach that name; its published mode is set on a descriptor after the rename, on the inode
+//! recorded when it was created, so a part someone swapped is refused rather than published.
+//! In a directory closed to others ([`Dest::is_closed`]: ours, 0700 until the copy ends) no
+//! one else can reach the name, so the mode is set on the creating descriptor instead
+//! ([`Part::ready`]): that saves an open, a stat, a chmod and a close per file, a fifth of
+//! the system calls of a tree of small files. Parts not yet renamed are removed when the
+//! [`Staging`] drops: a failed or interrupted copy leaves none of them behind.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -18,8 +22,9 @@ pub struct Part {
     dir: PathBuf,
     part: OsString,
     name: OsString,
-    /// Inode and published permission bits of a file; `None` for a symlink.
-    file: Option<(u64, u32)>,
+    /// Inode of a file, and the permission bits still to publish after the rename (`None`
+    /// when its creator already set them); `None` for a symlink.
+    file: Option<(u64, Option<u32>)>,
 }
 
 impl Part {
@@ -29,7 +34,16 @@ impl Part {
             dir: rel.parent().unwrap_or(Path::new("")).to_owned(),
             part,
             name: rel.file_name().unwrap_or_default().to_owned(),
-            file,
+            file: file.map(|(ino, mode)| (ino, Some(mode))),
+        }
+    }
+
+    /// The part `part`, file `ino`, staged for `rel` in a directory closed to others: its
+    /// creator sets its published mode on the creating descriptor, before the rename.
+    pub fn ready(rel: &Path, part: OsString, ino: u64) -> Part {
+        Part {
+            file: Some((ino, None)),
+            ..Part::new(rel, part, None)
         }
     }
 
@@ -108,8 +122,10 @@ impl<'a> Staging<'a> {
         };
         let dir = self.dest.dir(&p.dir)?;
         let file = match p.file {
-            Some((ino, mode)) => Some((dest::open_part(&dir, &p.part, ino).map_err(err)?, mode)),
-            None => None,
+            Some((ino, Some(mode))) => {
+                Some((dest::open_part(&dir, &p.part, ino).map_err(err)?, mode))
+            }
+            _ => None,
         };
         dest::replace(&dir, &p.part, &p.name).map_err(err)?;
         if let Some((f, mode)) = file {
