@@ -1,7 +1,7 @@
 //! When the server publishes again: the debounce of change notifications, periodic rescans
 //! and SIGHUP, as a state machine fed the time (issue 10).
 //!
-//! `lcfs serve` follows its tree. Notifications (inotify, through the [`notify`] shell in
+//! `lcfs serve` follows its tree. Notifications (inotify, through the shell in
 //! `watch/inotify.rs`), a block the sender found changed, SIGHUP and a periodic timer all end
 //! in one question this module answers: *reindex now?* It owns no thread, socket or clock:
 //! inputs are [`Debouncer::handle_event`]`(now, ..)`, the next deadline is

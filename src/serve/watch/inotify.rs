@@ -1,178 +1,411 @@
-//! The notification shell: the `notify` crate's inotify watcher on the served tree, its events
-//! turned into [`Notice`]s for the publish loop.
+//! The notification shell: inotify watches on every directory of the served tree, their
+//! events turned into [`Notice`]s for the publish loop.
 //!
 //! The watch is recursive on the directory the tree was opened at (the one held open, by the
-//! path it had then; see `index/beneath.rs`), never following symlinks, so that a symlink in
-//! the tree cannot add watches outside it. inotify itself watches by path, so a user who
-//! swaps a directory for a symlink just as the watcher adds a watch for it can make it watch
-//! a directory outside the tree. That is harmless: notifications only say *that* something
-//! changed, and what is published is always what a fresh walk by descriptor finds, so a
-//! notification with a stale or misleading path costs at most a reindex that publishes
-//! nothing new.
+//! path it had then; see `index/beneath.rs`), never following symlinks (`IN_DONT_FOLLOW`,
+//! `IN_ONLYDIR`, and directories found by a walk that does not follow them), so that a
+//! symlink in the tree cannot add watches outside it. inotify itself watches by path, so a
+//! user who swaps a directory for a symlink just as a watch is added for it can make it
+//! watch a directory outside the tree. That is harmless: notifications only say *that*
+//! something changed, and what is published is always what a fresh walk by descriptor
+//! finds, so a notification with a stale or misleading path costs at most a reindex that
+//! publishes nothing new. The same holds for a directory moved out of the tree, whose watch
+//! stays until it is deleted.
 //!
-//! Filtering, because the server itself is a reader of the tree: inotify reports every open
-//! (`IN_OPEN`, from the indexer and the sender), and those would make each reindex schedule
-//! the next. Only creations, removals, renames, writes, attribute changes and closes after
-//! writing are changes. An overflow (`IN_Q_OVERFLOW`) or a watcher error is a [`Notice::Overflow`]:
-//! rescan. A tree too large for `fs.inotify.max_user_watches` is watched in part, with a
-//! warning; the periodic rescan finds the rest.
+//! Only changes are asked for: creations, removals, renames, writes, attribute changes and
+//! closes after writing. Not opens: the server itself reads the tree, and the `notify` crate
+//! this replaced always asked for `IN_OPEN`, so every block the sender read queued an event
+//! for the kernel to copy and a thread to discard (a sixth of a serve's CPU time with a tree
+//! of small files). An overflow (`IN_Q_OVERFLOW`) is a [`Notice::Overflow`]: rescan. A tree
+//! too large for `fs.inotify.max_user_watches` is watched in part, with a warning; the
+//! periodic rescan finds the rest.
+//!
+//! [`Watched`] is the sans-IO part (events in, notices and directories to watch out); the
+//! thread that reads the inotify descriptor and adds watches is the shell around it.
 
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 
-use notify::event::{AccessKind, AccessMode};
-use notify::{Config, Event, EventKind, INotifyWatcher, RecursiveMode, Watcher};
+use inotify::{EventMask, Inotify, WatchMask, Watches};
 
 use super::Notice;
 use crate::serve::index::Tree;
 
-/// A running watcher; dropping it stops the notifications.
+/// The events that can change what is published.
+const CHANGES: WatchMask = WatchMask::CREATE
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MODIFY)
+    .union(WatchMask::ATTRIB)
+    .union(WatchMask::CLOSE_WRITE)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::MOVE_SELF)
+    .union(WatchMask::DONT_FOLLOW)
+    .union(WatchMask::ONLYDIR);
+
+/// The watched directories, by watch descriptor number, relative to the tree.
+#[derive(Debug, Default)]
+pub struct Watched {
+    dirs: HashMap<i32, PathBuf>,
+    /// The one file of a single-file tree: only its changes are notices.
+    only: Option<PathBuf>,
+}
+
+/// What one event asks of the shell.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    pub notices: Vec<Notice>,
+    /// A directory that appeared (created or moved in), relative to the tree: watch it and
+    /// everything below it.
+    pub watch: Option<PathBuf>,
+}
+
+impl Watched {
+    pub fn new(only: Option<PathBuf>) -> Watched {
+        Watched {
+            dirs: HashMap::new(),
+            only,
+        }
+    }
+
+    /// Records that watch `wd` watches the directory `rel` (replacing what it watched: the
+    /// kernel gives an inode's existing watch again when it is added under a new path).
+    pub fn handle_added(&mut self, wd: i32, rel: PathBuf) {
+        self.dirs.insert(wd, rel);
+    }
+
+    pub fn handle_event(&mut self, wd: i32, mask: EventMask, name: Option<&OsStr>) -> Step {
+        if mask.contains(EventMask::Q_OVERFLOW) {
+            return Step {
+                notices: vec![Notice::Overflow],
+                watch: None,
+            };
+        }
+        if mask.contains(EventMask::IGNORED) {
+            self.dirs.remove(&wd);
+            return Step::default();
+        }
+        // An event of a watch already removed (queued before its IN_IGNORED) says nothing new.
+        let Some(dir) = self.dirs.get(&wd) else {
+            return Step::default();
+        };
+        let rel = match name {
+            Some(n) => dir.join(n),
+            None => dir.clone(),
+        };
+        let appeared = mask.intersects(EventMask::CREATE | EventMask::MOVED_TO);
+        let watch = (self.only.is_none() && mask.contains(EventMask::ISDIR) && appeared)
+            .then(|| rel.clone());
+        let wanted = self
+            .only
+            .as_deref()
+            .is_none_or(|f| rel.starts_with(f) || rel.as_os_str().is_empty());
+        Step {
+            notices: wanted.then_some(Notice::Changed(rel)).into_iter().collect(),
+            watch,
+        }
+    }
+
+    pub fn watched(&self) -> usize {
+        self.dirs.len()
+    }
+}
+
+/// A running watcher; dropping it stops the notifications and its thread.
 pub struct TreeWatcher {
-    _watcher: INotifyWatcher,
+    /// Dropped to wake the thread (its end sees a hangup).
+    stop: Option<UnixStream>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for TreeWatcher {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Watches `tree` and sends what changed to `tx`. Fails only if inotify cannot be had at
 /// all; a partial watch is logged and kept.
-pub fn watch(tree: &Tree, tx: Sender<Notice>) -> notify::Result<TreeWatcher> {
-    let root = tree.dir_path().to_path_buf();
+pub fn watch(tree: &Tree, tx: Sender<Notice>) -> io::Result<TreeWatcher> {
     let only = tree
         .single_file()
-        .map(|(name, _)| PathBuf::from(std::ffi::OsStr::from_bytes(name.to_bytes())));
-    let mode = match only {
-        Some(_) => RecursiveMode::NonRecursive,
-        None => RecursiveMode::Recursive,
+        .map(|(name, _)| PathBuf::from(OsStr::from_bytes(name.to_bytes())));
+    watch_dir(tree.dir_path(), only, tx)
+}
+
+/// Watches the directory `root` (only its file `only`, when given) and sends what changed
+/// to `tx`.
+pub fn watch_dir(
+    root: &Path,
+    only: Option<PathBuf>,
+    tx: Sender<Notice>,
+) -> io::Result<TreeWatcher> {
+    let inotify = Inotify::init()?;
+    let mut shell = Shell {
+        root: root.to_owned(),
+        watches: inotify.watches(),
+        watched: Watched::new(only),
+        warned: false,
     };
-    let prefix = root.clone();
-    let handler = move |event: notify::Result<Event>| {
-        for notice in notices(&prefix, only.as_deref(), event) {
-            let _ = tx.send(notice);
+    shell.add_tree(PathBuf::new())?;
+    let (stop, stopped) = UnixStream::pair()?;
+    let thread = std::thread::Builder::new()
+        .name("lcfs-watch".into())
+        .spawn(move || shell.run(inotify, &stopped, &tx))?;
+    Ok(TreeWatcher {
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+struct Shell {
+    root: PathBuf,
+    watches: Watches,
+    watched: Watched,
+    /// Whether running out of watches was logged.
+    warned: bool,
+}
+
+impl Shell {
+    /// Watches the directory `rel` and every directory below it (all of them are found by a
+    /// walk that never follows a symlink). Fails only when the tree's own directory cannot
+    /// be watched at all.
+    fn add_tree(&mut self, rel: PathBuf) -> io::Result<()> {
+        let recursive = self.watched.only.is_none();
+        let mut todo = vec![rel];
+        while let Some(rel) = todo.pop() {
+            let path = self.root.join(&rel);
+            match self.watches.add(&path, CHANGES) {
+                Ok(wd) => self
+                    .watched
+                    .handle_added(wd.get_watch_descriptor_id(), rel.clone()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    self.warn_limit();
+                    return Ok(());
+                }
+                Err(e) if rel.as_os_str().is_empty() => return Err(e),
+                // Gone or replaced since it was seen: its own removal is a notice already.
+                Err(_) => continue,
+            }
+            if !recursive {
+                continue;
+            }
+            let Ok(entries) = std::fs::read_dir(&path) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    todo.push(rel.join(entry.file_name()));
+                }
+            }
         }
-    };
-    let config = Config::default().with_follow_symlinks(false);
-    let mut watcher = INotifyWatcher::new(handler, config)?;
-    if let Err(e) = watcher.watch(&root, mode) {
-        if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+        Ok(())
+    }
+
+    fn warn_limit(&mut self) {
+        if !std::mem::replace(&mut self.warned, true) {
             tracing::warn!(
-                "cannot watch every directory of {}: fs.inotify.max_user_watches is too low; \
-                 raise it, or rely on the periodic rescan (--rescan)",
-                root.display()
+                "cannot watch every directory of {} ({} watched): fs.inotify.max_user_watches \
+                 is too low; raise it, or rely on the periodic rescan (--rescan)",
+                self.root.display(),
+                self.watched.watched()
             );
-        } else {
-            return Err(e);
         }
     }
-    Ok(TreeWatcher { _watcher: watcher })
-}
 
-/// The notices one event gives: the changed paths relative to `root`, keeping only `only`
-/// when the tree is a single file.
-fn notices(root: &Path, only: Option<&Path>, event: notify::Result<Event>) -> Vec<Notice> {
-    let event = match event {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::warn!("file change notifications failed ({e}): rescanning");
-            return vec![Notice::Overflow];
+    /// Reads events until `stopped` hangs up or nobody listens to `tx` any more.
+    fn run(mut self, mut inotify: Inotify, stopped: &UnixStream, tx: &Sender<Notice>) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: inotify.as_fd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stopped.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfd that outlives the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::warn!(
+                    "file change notifications failed: {}",
+                    io::Error::last_os_error()
+                );
+                let _ = tx.send(Notice::Overflow);
+                return;
+            }
+            if fds[1].revents != 0 {
+                return;
+            }
+            let mut notices = Vec::new();
+            let mut new_dirs = Vec::new();
+            match inotify.read_events(&mut buf) {
+                Ok(events) => {
+                    for event in events {
+                        let wd = event.wd.get_watch_descriptor_id();
+                        let step = self.watched.handle_event(wd, event.mask, event.name);
+                        notices.extend(step.notices);
+                        new_dirs.extend(step.watch);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    tracing::warn!("file change notifications failed ({e}): rescanning");
+                    let _ = tx.send(Notice::Overflow);
+                    return;
+                }
+            }
+            // New directories are watched before their notices go out: whoever hears of one
+            // hears of every change made in it after that.
+            for dir in new_dirs {
+                let _ = self.add_tree(dir);
+            }
+            for notice in notices {
+                if tx.send(notice).is_err() {
+                    return;
+                }
+            }
         }
-    };
-    if event.need_rescan() {
-        return vec![Notice::Overflow];
-    }
-    if !is_change(&event.kind) {
-        return Vec::new();
-    }
-    event
-        .paths
-        .iter()
-        .map(|p| {
-            p.strip_prefix(root)
-                .map_or_else(|_| PathBuf::new(), Path::to_path_buf)
-        })
-        .filter(|rel| only.is_none_or(|f| rel.starts_with(f) || rel.as_os_str().is_empty()))
-        .map(Notice::Changed)
-        .collect()
-}
-
-/// Whether an event kind can change what is published: anything but accesses, except a
-/// close after writing.
-fn is_change(kind: &EventKind) -> bool {
-    match kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        EventKind::Access(_) | EventKind::Other => false,
-        EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{CreateKind, Flag, ModifyKind, RenameMode};
+    use std::sync::mpsc::{channel, Receiver};
+    use std::time::Duration;
 
-    fn event(kind: EventKind, paths: &[&str]) -> notify::Result<Event> {
-        let mut e = Event::new(kind);
-        for p in paths {
-            e = e.add_path(PathBuf::from(p));
+    fn changed(p: &str) -> Vec<Notice> {
+        vec![Notice::Changed(PathBuf::from(p))]
+    }
+
+    #[test]
+    fn events_name_paths_relative_to_the_tree() {
+        let mut w = Watched::new(None);
+        w.handle_added(1, PathBuf::new());
+        w.handle_added(2, PathBuf::from("d"));
+        let step = w.handle_event(2, EventMask::CLOSE_WRITE, Some(OsStr::new("a")));
+        assert_eq!(step.notices, changed("d/a"));
+        assert_eq!(step.watch, None);
+        let gone = w.handle_event(1, EventMask::DELETE_SELF, None);
+        assert_eq!(gone.notices, changed(""));
+    }
+
+    #[test]
+    fn a_directory_that_appears_is_watched() {
+        let mut w = Watched::new(None);
+        w.handle_added(1, PathBuf::new());
+        for how in [EventMask::CREATE, EventMask::MOVED_TO] {
+            let step = w.handle_event(1, how | EventMask::ISDIR, Some(OsStr::new("n")));
+            assert_eq!(step.notices, changed("n"));
+            assert_eq!(step.watch, Some(PathBuf::from("n")));
         }
-        Ok(e)
-    }
-
-    fn changed(paths: &[&str]) -> Vec<Notice> {
-        paths
-            .iter()
-            .map(|p| Notice::Changed(PathBuf::from(p)))
-            .collect()
+        let file = w.handle_event(1, EventMask::CREATE, Some(OsStr::new("f")));
+        assert_eq!(file.watch, None);
+        let left = w.handle_event(
+            1,
+            EventMask::MOVED_FROM | EventMask::ISDIR,
+            Some(OsStr::new("n")),
+        );
+        assert_eq!((left.notices, left.watch), (changed("n"), None));
     }
 
     #[test]
-    fn opens_by_the_server_itself_are_no_change() {
-        let root = Path::new("/srv/t");
-        let open = EventKind::Access(AccessKind::Open(AccessMode::Read));
-        assert!(notices(root, None, event(open, &["/srv/t/a"])).is_empty());
-        let close = EventKind::Access(AccessKind::Close(AccessMode::Read));
-        assert!(notices(root, None, event(close, &["/srv/t/a"])).is_empty());
-        let written = EventKind::Access(AccessKind::Close(AccessMode::Write));
-        assert_eq!(
-            notices(root, None, event(written, &["/srv/t/a"])),
-            changed(&["a"])
-        );
-    }
-
-    #[test]
-    fn paths_become_relative_and_renames_name_both_ends() {
-        let root = Path::new("/srv/t");
-        let rename = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
-        let got = notices(root, None, event(rename, &["/srv/t/d/a", "/srv/t/b"]));
-        assert_eq!(got, changed(&["d/a", "b"]));
-        let gone = EventKind::Remove(notify::event::RemoveKind::Folder);
-        assert_eq!(
-            notices(root, None, event(gone, &["/srv/t"])),
-            changed(&[""])
-        );
-        let odd = EventKind::Create(CreateKind::File);
-        assert_eq!(
-            notices(root, None, event(odd, &["/elsewhere"])),
-            changed(&[""])
-        );
-    }
-
-    #[test]
-    fn overflow_and_errors_ask_for_a_rescan() {
-        let root = Path::new("/srv/t");
-        let overflow = Ok(Event::new(EventKind::Other).set_flag(Flag::Rescan));
-        assert_eq!(notices(root, None, overflow), vec![Notice::Overflow]);
-        let error = Err(notify::Error::generic("boom"));
-        assert_eq!(notices(root, None, error), vec![Notice::Overflow]);
+    fn overflow_asks_for_a_rescan_and_removed_watches_say_nothing() {
+        let mut w = Watched::new(None);
+        w.handle_added(1, PathBuf::from("d"));
+        let over = w.handle_event(-1, EventMask::Q_OVERFLOW, None);
+        assert_eq!(over.notices, vec![Notice::Overflow]);
+        assert_eq!(w.handle_event(1, EventMask::IGNORED, None), Step::default());
+        assert_eq!(w.watched(), 0);
+        let late = w.handle_event(1, EventMask::MODIFY, Some(OsStr::new("a")));
+        assert_eq!(late, Step::default());
     }
 
     #[test]
     fn a_single_file_tree_hears_only_of_its_file() {
-        let root = Path::new("/srv");
-        let only = Some(Path::new("f"));
-        let modify = EventKind::Modify(ModifyKind::Any);
-        assert!(notices(root, only, event(modify, &["/srv/other"])).is_empty());
-        assert_eq!(
-            notices(root, only, event(modify, &["/srv/f"])),
-            changed(&["f"])
+        let mut w = Watched::new(Some(PathBuf::from("f")));
+        w.handle_added(1, PathBuf::new());
+        let other = w.handle_event(1, EventMask::MODIFY, Some(OsStr::new("other")));
+        assert_eq!(other, Step::default());
+        let dir = w.handle_event(
+            1,
+            EventMask::CREATE | EventMask::ISDIR,
+            Some(OsStr::new("f")),
         );
+        assert_eq!((dir.notices, dir.watch), (changed("f"), None));
+        assert_eq!(
+            w.handle_event(1, EventMask::DELETE_SELF, None).notices,
+            changed("")
+        );
+    }
+
+    fn next(rx: &Receiver<Notice>) -> Option<Notice> {
+        rx.recv_timeout(Duration::from_secs(10)).ok()
+    }
+
+    /// Waits for the notice of `rel`, skipping others (a write also gives a modify).
+    fn expect(rx: &Receiver<Notice>, rel: &str) {
+        let want = Notice::Changed(PathBuf::from(rel));
+        while let Some(n) = next(rx) {
+            if n == want {
+                return;
+            }
+        }
+        panic!("no notice of {rel:?}");
+    }
+
+    #[test]
+    fn reading_the_tree_is_no_change_and_new_directories_are_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("d/e")).unwrap();
+        std::fs::write(root.join("d/e/a"), b"a").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("link")).unwrap();
+        let (tx, rx) = channel();
+        let watcher = watch_dir(root, None, tx).unwrap();
+
+        // The server's own reads are no change, and a symlink is not followed: the first
+        // notice (inotify keeps events in order) is of the write after them.
+        assert_eq!(std::fs::read(root.join("d/e/a")).unwrap(), b"a");
+        std::fs::write(outside.path().join("x"), b"x").unwrap();
+        std::fs::write(root.join("d/e/b"), b"b").unwrap();
+        assert_eq!(next(&rx), Some(Notice::Changed("d/e/b".into())));
+
+        std::fs::create_dir(root.join("n")).unwrap();
+        expect(&rx, "n");
+        std::fs::write(root.join("n/f"), b"f").unwrap();
+        expect(&rx, "n/f");
+
+        // A directory moved in is watched with everything below it.
+        std::fs::create_dir_all(outside.path().join("m/deep")).unwrap();
+        std::fs::rename(outside.path().join("m"), root.join("m")).unwrap();
+        expect(&rx, "m");
+        std::fs::write(root.join("m/deep/g"), b"g").unwrap();
+        expect(&rx, "m/deep/g");
+
+        drop(watcher);
+        rx.try_iter().for_each(drop);
+        let ended = rx.try_recv();
+        assert_eq!(ended, Err(std::sync::mpsc::TryRecvError::Disconnected));
     }
 }
