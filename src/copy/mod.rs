@@ -24,8 +24,9 @@
 //!   mtimes (nanoseconds, symlinks and directories included), except that setuid and setgid
 //!   are dropped unless [`CopyOptions::keep_setuid`] asks for them: a published setuid file
 //!   would otherwise run as root. A directory's sticky bit stays, since it only restricts who
-//!   may delete in it. Files get their modes after their rename, directories theirs at the
-//!   end, deepest first; DEST gets the published root's only when the copy created it.
+//!   may delete in it. Files get their modes before their rename in a directory closed to
+//!   others, after it elsewhere (see [`staging`]); directories get theirs at the end, deepest
+//!   first; DEST gets the published root's only when the copy created it.
 //! - Names of one hard-link group on the publisher ([`Entry::link`]) are hard links in DEST:
 //!   the first is staged like any file, the others are linked to it once it is in place
 //!   (a link under a part name, then a rename, so each name changes atomically).
