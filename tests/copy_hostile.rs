@@ -370,7 +370,9 @@ fn is_part(p: &Path) -> bool {
         .is_some_and(|n| n.to_string_lossy().starts_with(".lcfs-part-"))
 }
 
-/// Polls DEST as root until the copy exits. A staged file must be 0600 whenever seen; a
+/// Polls DEST as root until the copy exits. A staged file must be 0600 whenever seen, unless
+/// its directory is closed to others (0700, the copy's own): there its creator gives it its
+/// published mode before the rename (`copy/staging.rs`), and no one else can reach it. A
 /// directory must be 0700 in any poll after which part files still exist (the copy sets
 /// directory modes only once every part is renamed, so those polls were all before it).
 fn watch(run: &mut common::lcfs::CopyRun, dest: &Path, limit: Duration) -> Watch {
@@ -389,8 +391,17 @@ fn watch(run: &mut common::lcfs::CopyRun, dest: &Path, limit: Duration) -> Watch
         for (p, m) in &parts {
             // A staged symlink's own mode is always 0777 and grants nothing.
             if m.is_file() && m.mode() & 0o7777 != 0o600 {
-                w.violations
-                    .push(format!("part {} is {:o}", p.display(), m.mode() & 0o7777));
+                // As listed before the parts: later the copy may have finished and opened it.
+                let dir = dirs.iter().find(|(d, _)| Some(d.as_path()) == p.parent());
+                let closed =
+                    dir.is_some_and(|(_, d)| d.mode() & 0o7777 == 0o700 && d.uid() == m.uid());
+                if !closed {
+                    w.violations.push(format!(
+                        "part {} is {:o} in a directory open to others",
+                        p.display(),
+                        m.mode() & 0o7777
+                    ));
+                }
             }
         }
         if !parts.is_empty() {
