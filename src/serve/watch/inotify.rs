@@ -16,7 +16,8 @@
 //! closes after writing. Not opens: the server itself reads the tree, and the `notify` crate
 //! this replaced always asked for `IN_OPEN`, so every block the sender read queued an event
 //! for the kernel to copy and a thread to discard (a sixth of a serve's CPU time with a tree
-//! of small files). An overflow (`IN_Q_OVERFLOW`) is a [`Notice::Overflow`]: rescan. A tree
+//! of small files). An overflow (`IN_Q_OVERFLOW`) is a [`Notice::Overflow`]: rescan; and as
+//! the lost events may have been of new directories, every directory is watched again. A tree
 //! too large for `fs.inotify.max_user_watches` is watched in part, with a warning; the
 //! periodic rescan finds the rest.
 //!
@@ -63,7 +64,7 @@ pub struct Watched {
 pub struct Step {
     pub notices: Vec<Notice>,
     /// A directory that appeared (created or moved in), relative to the tree: watch it and
-    /// everything below it.
+    /// everything below it. The tree itself ("") after an overflow.
     pub watch: Option<PathBuf>,
 }
 
@@ -83,9 +84,11 @@ impl Watched {
 
     pub fn handle_event(&mut self, wd: i32, mask: EventMask, name: Option<&OsStr>) -> Step {
         if mask.contains(EventMask::Q_OVERFLOW) {
+            // Lost events may have been of new directories: watch the whole tree again (a
+            // directory watched already keeps its watch).
             return Step {
                 notices: vec![Notice::Overflow],
-                watch: None,
+                watch: Some(PathBuf::new()),
             };
         }
         if mask.contains(EventMask::IGNORED) {
@@ -329,11 +332,16 @@ mod tests {
     }
 
     #[test]
-    fn overflow_asks_for_a_rescan_and_removed_watches_say_nothing() {
+    fn overflow_asks_for_a_rescan_and_a_new_watch_and_removed_watches_say_nothing() {
         let mut w = Watched::new(None);
         w.handle_added(1, PathBuf::from("d"));
         let over = w.handle_event(-1, EventMask::Q_OVERFLOW, None);
         assert_eq!(over.notices, vec![Notice::Overflow]);
+        assert_eq!(
+            over.watch,
+            Some(PathBuf::new()),
+            "the whole tree is watched again"
+        );
         assert_eq!(w.handle_event(1, EventMask::IGNORED, None), Step::default());
         assert_eq!(w.watched(), 0);
         let late = w.handle_event(1, EventMask::MODIFY, Some(OsStr::new("a")));
