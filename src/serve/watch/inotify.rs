@@ -1,23 +1,24 @@
 //! The notification shell: inotify watches on every directory of the served tree, their
 //! events turned into [`Notice`]s for the publish loop.
 //!
-//! The watch is recursive on the directory the tree was opened at (the one held open, by the
-//! path it had then; see `index/beneath.rs`), never following symlinks (`IN_DONT_FOLLOW`,
-//! `IN_ONLYDIR`, and directories found by a walk that does not follow them), so that a
-//! symlink in the tree cannot add watches outside it. inotify itself watches by path, so a
-//! user who swaps a directory for a symlink just as a watch is added for it can make it
-//! watch a directory outside the tree. That is harmless: notifications only say *that*
-//! something changed, and what is published is always what a fresh walk by descriptor
-//! finds, so a notification with a stale or misleading path costs at most a reindex that
-//! publishes nothing new. The same holds for a directory moved out of the tree, whose watch
-//! stays until it is deleted.
+//! The watch is recursive on the directory the tree was opened at (the one held open; see
+//! `index/beneath.rs`), and it works by descriptor as the indexer does: a directory to watch
+//! is opened from the tree's descriptor one name at a time with `O_NOFOLLOW | O_DIRECTORY`
+//! (a symlink or `..` anywhere fails), its subdirectories are found by listing that
+//! descriptor, and the watch is added on `/proc/self/fd/N`, the directory actually opened.
+//! inotify by path would follow a symlink swapped in on the way, and a watch keeps the path it
+//! was added under: a directory moved out of the tree and a symlink put in its place would
+//! have had the next directory made in it watched, with everything below it, outside the
+//! tree. Here a stale path (a directory moved away keeps its watch until it is deleted) names
+//! at most something inside the tree, and costs at most a reindex that publishes nothing new.
 //!
 //! Only changes are asked for: creations, removals, renames, writes, attribute changes and
 //! closes after writing. Not opens: the server itself reads the tree, and the `notify` crate
 //! this replaced always asked for `IN_OPEN`, so every block the sender read queued an event
 //! for the kernel to copy and a thread to discard (a sixth of a serve's CPU time with a tree
 //! of small files). An overflow (`IN_Q_OVERFLOW`) is a [`Notice::Overflow`]: rescan; and as
-//! the lost events may have been of new directories, every directory is watched again. A tree
+//! the lost events may have been of new directories, every directory is watched again, at
+//! most every [`REWALK_EVERY`]. A tree
 //! too large for `fs.inotify.max_user_watches` is watched in part, with a warning; the
 //! periodic rescan finds the rest.
 //!
@@ -25,20 +26,25 @@
 //! thread that reads the inotify descriptor and adds watches is the shell around it.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use inotify::{EventMask, Inotify, WatchMask, Watches};
+use rustix::fs::{FileType, Mode, OFlags};
 
 use super::Notice;
 use crate::serve::index::Tree;
 
-/// The events that can change what is published.
+/// The events that can change what is published. No `IN_DONT_FOLLOW`: the watch is added
+/// through `/proc/self/fd/N`, a link to the directory opened, which must be followed.
 const CHANGES: WatchMask = WatchMask::CREATE
     .union(WatchMask::DELETE)
     .union(WatchMask::MODIFY)
@@ -48,8 +54,12 @@ const CHANGES: WatchMask = WatchMask::CREATE
     .union(WatchMask::MOVED_TO)
     .union(WatchMask::DELETE_SELF)
     .union(WatchMask::MOVE_SELF)
-    .union(WatchMask::DONT_FOLLOW)
     .union(WatchMask::ONLYDIR);
+
+/// Full walks after an overflow at most this often: each is a system call or two for every
+/// directory, and a user who floods the queue must not keep the watcher walking. Between them
+/// the periodic rescan finds what an unwatched directory changed.
+const REWALK_EVERY: Duration = Duration::from_secs(30);
 
 /// The watched directories, by watch descriptor number, relative to the tree.
 #[derive(Debug, Default)]
@@ -125,11 +135,14 @@ impl Watched {
 pub struct TreeWatcher {
     /// Dropped to wake the thread (its end sees a hangup).
     stop: Option<UnixStream>,
+    /// Set first, so that a walk under way stops at its next directory.
+    stopping: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for TreeWatcher {
     fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
         self.stop.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -143,22 +156,39 @@ pub fn watch(tree: &Tree, tx: Sender<Notice>) -> io::Result<TreeWatcher> {
     let only = tree
         .single_file()
         .map(|(name, _)| PathBuf::from(OsStr::from_bytes(name.to_bytes())));
-    watch_dir(tree.dir_path(), only, tx)
+    let root = rustix::fs::openat(tree.dir(), c".", DIR_FLAGS, Mode::empty())?;
+    watch_fd(root, tree.dir_path(), only, tx)
 }
 
-/// Watches the directory `root` (only its file `only`, when given) and sends what changed
-/// to `tx`.
+/// Watches the directory `root`, as named (a symlink there is followed, as `serve PATH`
+/// follows it), only its file `only` when given, and sends what changed to `tx`.
 pub fn watch_dir(
     root: &Path,
     only: Option<PathBuf>,
     tx: Sender<Notice>,
 ) -> io::Result<TreeWatcher> {
+    let flags = DIR_FLAGS.difference(OFlags::NOFOLLOW);
+    let fd = rustix::fs::openat(rustix::fs::CWD, root, flags, Mode::empty())?;
+    watch_fd(fd, root, only, tx)
+}
+
+/// Watches the directory open at `root` (known as `shown` in messages).
+fn watch_fd(
+    root: OwnedFd,
+    shown: &Path,
+    only: Option<PathBuf>,
+    tx: Sender<Notice>,
+) -> io::Result<TreeWatcher> {
     let inotify = Inotify::init()?;
+    let stopping = Arc::new(AtomicBool::new(false));
     let mut shell = Shell {
-        root: root.to_owned(),
+        root,
+        shown: shown.to_owned(),
         watches: inotify.watches(),
         watched: Watched::new(only),
         warned: false,
+        last_walk: Instant::now(),
+        stopping: stopping.clone(),
     };
     shell.add_tree(PathBuf::new())?;
     let (stop, stopped) = UnixStream::pair()?;
@@ -167,28 +197,62 @@ pub fn watch_dir(
         .spawn(move || shell.run(inotify, &stopped, &tx))?;
     Ok(TreeWatcher {
         stop: Some(stop),
+        stopping,
         thread: Some(thread),
     })
 }
 
+/// A directory still to watch, by its parent's descriptor and its name there.
+type FromParent = (Arc<OwnedFd>, OsString);
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
 struct Shell {
-    root: PathBuf,
+    /// The tree's directory: every directory watched is opened from it.
+    root: OwnedFd,
+    shown: PathBuf,
     watches: Watches,
     watched: Watched,
     /// Whether running out of watches was logged.
     warned: bool,
+    /// When the whole tree was last walked.
+    last_walk: Instant,
+    stopping: Arc<AtomicBool>,
 }
 
 impl Shell {
-    /// Watches the directory `rel` and every directory below it (all of them are found by a
-    /// walk that never follows a symlink). Fails only when the tree's own directory cannot
-    /// be watched at all.
+    /// Watches the directory `rel` and every directory below it, by descriptor (see the
+    /// module docs). Fails only when the tree's own directory cannot be watched at all.
     fn add_tree(&mut self, rel: PathBuf) -> io::Result<()> {
+        if rel.as_os_str().is_empty() {
+            self.last_walk = Instant::now();
+        }
         let recursive = self.watched.only.is_none();
-        let mut todo = vec![rel];
-        while let Some(rel) = todo.pop() {
-            let path = self.root.join(&rel);
-            match self.watches.add(&path, CHANGES) {
+        // A subdirectory is opened from its parent, which its siblings still to do share: a
+        // walk holds a descriptor for each level it is in, not for each directory it found.
+        let mut todo: Vec<(PathBuf, Option<FromParent>)> = vec![(rel, None)];
+        while let Some((rel, from)) = todo.pop() {
+            if self.stopping.load(Ordering::Relaxed) {
+                break;
+            }
+            let opened = match &from {
+                Some((parent, name)) => {
+                    rustix::fs::openat(&**parent, name.as_os_str(), DIR_FLAGS, Mode::empty())
+                        .map_err(io::Error::from)
+                }
+                None => open_beneath(&self.root, &rel),
+            };
+            let dir = match opened {
+                Ok(dir) => dir,
+                Err(e) if rel.as_os_str().is_empty() => return Err(e),
+                // Gone or replaced since it was seen: its own removal is a notice already.
+                Err(_) => continue,
+            };
+            let at = format!("/proc/self/fd/{}", dir.as_raw_fd());
+            match self.watches.add(&at, CHANGES) {
                 Ok(wd) => self
                     .watched
                     .handle_added(wd.get_watch_descriptor_id(), rel.clone()),
@@ -197,19 +261,15 @@ impl Shell {
                     return Ok(());
                 }
                 Err(e) if rel.as_os_str().is_empty() => return Err(e),
-                // Gone or replaced since it was seen: its own removal is a notice already.
                 Err(_) => continue,
             }
-            if !recursive {
-                continue;
-            }
-            let Ok(entries) = std::fs::read_dir(&path) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    todo.push(rel.join(entry.file_name()));
-                }
+            if recursive {
+                let dir = Arc::new(dir);
+                todo.extend(
+                    subdirectories(&dir)
+                        .into_iter()
+                        .map(|n| (rel.join(&n), Some((dir.clone(), n)))),
+                );
             }
         }
         Ok(())
@@ -220,7 +280,7 @@ impl Shell {
             tracing::warn!(
                 "cannot watch every directory of {} ({} watched): fs.inotify.max_user_watches \
                  is too low; raise it, or rely on the periodic rescan (--rescan)",
-                self.root.display(),
+                self.shown.display(),
                 self.watched.watched()
             );
         }
@@ -279,7 +339,10 @@ impl Shell {
             // New directories are watched before their notices go out: whoever hears of one
             // hears of every change made in it after that.
             for dir in new_dirs {
-                let _ = self.add_tree(dir);
+                let whole = dir.as_os_str().is_empty();
+                if !whole || self.last_walk.elapsed() >= REWALK_EVERY {
+                    let _ = self.add_tree(dir);
+                }
             }
             for notice in notices {
                 if tx.send(notice).is_err() {
@@ -288,6 +351,38 @@ impl Shell {
             }
         }
     }
+}
+
+/// Opens the directory `rel` below `root` one name at a time, never following a symlink
+/// nor `..`.
+fn open_beneath(root: &OwnedFd, rel: &Path) -> io::Result<OwnedFd> {
+    let mut dir = rustix::fs::openat(root, c".", DIR_FLAGS, Mode::empty())?;
+    for component in rel.components() {
+        let Component::Normal(name) = component else {
+            return Err(io::Error::from_raw_os_error(libc::EXDEV));
+        };
+        dir = rustix::fs::openat(&dir, name, DIR_FLAGS, Mode::empty())?;
+    }
+    Ok(dir)
+}
+
+/// The names of the directories in `dir` (by the listing's type; a name whose type the file
+/// system does not give is kept, and fails to open later if it is no directory).
+fn subdirectories(dir: &OwnedFd) -> Vec<OsString> {
+    let Ok(mut stream) = rustix::fs::Dir::read_from(dir) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    while let Some(Ok(entry)) = stream.read() {
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        if matches!(entry.file_type(), FileType::Directory | FileType::Unknown) {
+            names.push(OsStr::from_bytes(name).to_owned());
+        }
+    }
+    names
 }
 
 #[cfg(test)]
@@ -410,6 +505,49 @@ mod tests {
         expect(&rx, "m");
         std::fs::write(root.join("m/deep/g"), b"g").unwrap();
         expect(&rx, "m/deep/g");
+
+        drop(watcher);
+        rx.try_iter().for_each(drop);
+        let ended = rx.try_recv();
+        assert_eq!(ended, Err(std::sync::mpsc::TryRecvError::Disconnected));
+    }
+
+    /// Waits for the notice of `rel`; panics on a notice of `never` first.
+    fn expect_not(rx: &Receiver<Notice>, rel: &str, never: &str) {
+        let (want, bad) = (Notice::Changed(rel.into()), Notice::Changed(never.into()));
+        while let Some(n) = next(rx) {
+            assert_ne!(n, bad, "{never:?} is outside the tree");
+            if n == want {
+                return;
+            }
+        }
+        panic!("no notice of {rel:?}");
+    }
+
+    #[test]
+    fn a_directory_moved_out_and_replaced_by_a_symlink_leads_nowhere() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, away, target) = (
+            tmp.path().join("t"),
+            tmp.path().join("away"),
+            tmp.path().join("etc"),
+        );
+        std::fs::create_dir_all(root.join("x")).unwrap();
+        std::fs::create_dir_all(target.join("usr")).unwrap();
+        let (tx, rx) = channel();
+        let watcher = watch_dir(&root, None, tx).unwrap();
+
+        // x leaves the tree with its watch; a symlink to a directory outside takes its place.
+        std::fs::rename(root.join("x"), &away).unwrap();
+        std::os::unix::fs::symlink(&target, root.join("x")).unwrap();
+        expect(&rx, "x");
+        // A directory made in the moved one is named x/usr by its stale watch: by path, that
+        // is etc/usr through the symlink.
+        std::fs::create_dir(away.join("usr")).unwrap();
+        expect(&rx, "x/usr");
+        std::fs::write(target.join("usr/f"), b"f").unwrap();
+        std::fs::write(root.join("marker"), b"m").unwrap();
+        expect_not(&rx, "marker", "x/usr/f");
 
         drop(watcher);
         rx.try_iter().for_each(drop);
