@@ -260,7 +260,11 @@ impl Shell {
                     self.warn_limit();
                     return Ok(());
                 }
-                Err(e) if rel.as_os_str().is_empty() => return Err(e),
+                Err(e) if rel.as_os_str().is_empty() => {
+                    // Through /proc: without it mounted, say so rather than "not found".
+                    let why = format!("adding an inotify watch on {at} (is /proc mounted?): {e}");
+                    return Err(io::Error::new(e.kind(), why));
+                }
                 Err(_) => continue,
             }
             if recursive {
