@@ -309,6 +309,20 @@ pub(crate) fn open_by_components(root: BorrowedFd, rel: &Path) -> io::Result<Fil
     open_file_at(held.as_ref().map_or(root, |fd| fd.as_fd()), last)
 }
 
+/// Opens the directory `rel` below `root` (itself for an empty `rel`) one name at a time
+/// with `O_NOFOLLOW`, so that a symlink or `..` anywhere fails.
+pub(crate) fn open_dir_beneath(root: BorrowedFd, rel: &Path) -> io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir = rustix::fs::openat(root, c".", flags, Mode::empty())?;
+    for component in rel.components() {
+        let Component::Normal(name) = component else {
+            return Err(io::Error::from_raw_os_error(libc::EXDEV));
+        };
+        dir = open_dir_at(dir.as_fd(), &CString::new(name.as_bytes())?)?;
+    }
+    Ok(dir)
+}
+
 /// Raises the soft limit on open files to the hard one, once: a walk holds one descriptor
 /// for each directory level it is inside, on every indexing thread.
 fn raise_fd_limit() {

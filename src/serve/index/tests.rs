@@ -588,6 +588,13 @@ fn a_block_is_never_read_again_through_a_symlink() {
         let e = open.unwrap_err();
         assert!(replaced(&e), "{e}");
     }
+    // Directories (the watcher's opens) the same way; the tree itself for "".
+    let root = p.tree.dir().as_fd();
+    for rel in ["sub", "../outside", "sub/.."] {
+        let e = beneath::open_dir_beneath(root, Path::new(rel)).unwrap_err();
+        assert!(replaced(&e), "{rel}: {e}");
+    }
+    assert!(beneath::open_dir_beneath(root, Path::new("")).is_ok());
 }
 
 #[test]

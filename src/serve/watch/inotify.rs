@@ -31,7 +31,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -41,7 +41,7 @@ use inotify::{EventMask, Inotify, WatchMask, Watches};
 use rustix::fs::{FileType, Mode, OFlags};
 
 use super::Notice;
-use crate::serve::index::Tree;
+use crate::serve::index::{beneath, Tree};
 
 /// The events that can change what is published. No `IN_DONT_FOLLOW`: the watch is added
 /// through `/proc/self/fd/N`, a link to the directory opened, which must be followed.
@@ -243,7 +243,7 @@ impl Shell {
                     rustix::fs::openat(&**parent, name.as_os_str(), DIR_FLAGS, Mode::empty())
                         .map_err(io::Error::from)
                 }
-                None => open_beneath(&self.root, &rel),
+                None => beneath::open_dir_beneath(self.root.as_fd(), &rel),
             };
             let dir = match opened {
                 Ok(dir) => dir,
@@ -355,19 +355,6 @@ impl Shell {
             }
         }
     }
-}
-
-/// Opens the directory `rel` below `root` one name at a time, never following a symlink
-/// nor `..`.
-fn open_beneath(root: &OwnedFd, rel: &Path) -> io::Result<OwnedFd> {
-    let mut dir = rustix::fs::openat(root, c".", DIR_FLAGS, Mode::empty())?;
-    for component in rel.components() {
-        let Component::Normal(name) = component else {
-            return Err(io::Error::from_raw_os_error(libc::EXDEV));
-        };
-        dir = rustix::fs::openat(&dir, name, DIR_FLAGS, Mode::empty())?;
-    }
-    Ok(dir)
 }
 
 /// The names of the directories in `dir` (by the listing's type; a name whose type the file
