@@ -30,7 +30,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
-use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, StatxFlags, CWD};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, StatxFlags, CWD};
 
 use super::IndexError;
 use crate::object::Timestamp;
@@ -146,12 +146,25 @@ pub(crate) fn read_link_at(dir: BorrowedFd, name: &CStr) -> io::Result<Vec<u8>> 
 /// open of `dir`'s `.`: a `dup` would share the read position, and a second walk of the same
 /// directory (a reindex) would find it empty.
 pub(crate) fn list(dir: &OwnedFd) -> io::Result<Vec<CString>> {
+    list_where(dir, |_| true)
+}
+
+/// The names in `dir` the listing says are directories, or does not say what they are (they
+/// fail to open with [`open_dir_at`] when they are no directory).
+pub(crate) fn list_dirs(dir: &OwnedFd) -> io::Result<Vec<CString>> {
+    list_where(dir, |t| {
+        matches!(t, FileType::Directory | FileType::Unknown)
+    })
+}
+
+fn list_where(dir: &OwnedFd, keep: impl Fn(FileType) -> bool) -> io::Result<Vec<CString>> {
     let mut stream = rustix::fs::Dir::read_from(dir)?;
     let mut names = Vec::new();
     while let Some(entry) = stream.read() {
-        let name = entry?.file_name().to_owned();
-        if name.as_bytes() != b"." && name.as_bytes() != b".." {
-            names.push(name);
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes() != b"." && name.to_bytes() != b".." && keep(entry.file_type()) {
+            names.push(name.to_owned());
         }
     }
     Ok(names)

@@ -26,7 +26,7 @@
 //! thread that reads the inotify descriptor and adds watches is the shell around it.
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -38,7 +38,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use inotify::{EventMask, Inotify, WatchMask, Watches};
-use rustix::fs::{FileType, Mode, OFlags};
 
 use super::Notice;
 use crate::serve::index::{beneath, Tree};
@@ -156,19 +155,14 @@ pub fn watch(tree: &Tree, tx: Sender<Notice>) -> io::Result<TreeWatcher> {
     let only = tree
         .single_file()
         .map(|(name, _)| PathBuf::from(OsStr::from_bytes(name.to_bytes())));
-    let root = rustix::fs::openat(tree.dir(), c".", DIR_FLAGS, Mode::empty())?;
+    let root = beneath::open_dir_beneath(tree.dir().as_fd(), Path::new(""))?;
     watch_fd(root, tree.dir_path(), only, tx)
 }
 
-/// Watches the directory `root`, as named (a symlink there is followed, as `serve PATH`
-/// follows it), only its file `only` when given, and sends what changed to `tx`.
-pub fn watch_dir(
-    root: &Path,
-    only: Option<PathBuf>,
-    tx: Sender<Notice>,
-) -> io::Result<TreeWatcher> {
-    let flags = DIR_FLAGS.difference(OFlags::NOFOLLOW);
-    let fd = rustix::fs::openat(rustix::fs::CWD, root, flags, Mode::empty())?;
+/// Watches the directory `root`, as named, only its file `only` when given.
+#[cfg(test)]
+fn watch_dir(root: &Path, only: Option<PathBuf>, tx: Sender<Notice>) -> io::Result<TreeWatcher> {
+    let fd = OwnedFd::from(std::fs::File::open(root)?);
     watch_fd(fd, root, only, tx)
 }
 
@@ -203,12 +197,7 @@ fn watch_fd(
 }
 
 /// A directory still to watch, by its parent's descriptor and its name there.
-type FromParent = (Arc<OwnedFd>, OsString);
-
-const DIR_FLAGS: OFlags = OFlags::RDONLY
-    .union(OFlags::DIRECTORY)
-    .union(OFlags::NOFOLLOW)
-    .union(OFlags::CLOEXEC);
+type FromParent = (Arc<OwnedFd>, CString);
 
 struct Shell {
     /// The tree's directory: every directory watched is opened from it.
@@ -239,10 +228,7 @@ impl Shell {
                 break;
             }
             let opened = match &from {
-                Some((parent, name)) => {
-                    rustix::fs::openat(&**parent, name.as_os_str(), DIR_FLAGS, Mode::empty())
-                        .map_err(io::Error::from)
-                }
+                Some((parent, name)) => beneath::open_dir_at(parent.as_fd(), name),
                 None => beneath::open_dir_beneath(self.root.as_fd(), &rel),
             };
             let dir = match opened {
@@ -269,11 +255,11 @@ impl Shell {
             }
             if recursive {
                 let dir = Arc::new(dir);
-                todo.extend(
-                    subdirectories(&dir)
-                        .into_iter()
-                        .map(|n| (rel.join(&n), Some((dir.clone(), n)))),
-                );
+                let names = beneath::list_dirs(&dir).unwrap_or_default();
+                todo.extend(names.into_iter().map(|n| {
+                    let at = rel.join(OsStr::from_bytes(n.to_bytes()));
+                    (at, Some((dir.clone(), n)))
+                }));
             }
         }
         Ok(())
@@ -355,25 +341,6 @@ impl Shell {
             }
         }
     }
-}
-
-/// The names of the directories in `dir` (by the listing's type; a name whose type the file
-/// system does not give is kept, and fails to open later if it is no directory).
-fn subdirectories(dir: &OwnedFd) -> Vec<OsString> {
-    let Ok(mut stream) = rustix::fs::Dir::read_from(dir) else {
-        return Vec::new();
-    };
-    let mut names = Vec::new();
-    while let Some(Ok(entry)) = stream.read() {
-        let name = entry.file_name().to_bytes();
-        if name == b"." || name == b".." {
-            continue;
-        }
-        if matches!(entry.file_type(), FileType::Directory | FileType::Unknown) {
-            names.push(OsStr::from_bytes(name).to_owned());
-        }
-    }
-    names
 }
 
 #[cfg(test)]
