@@ -120,7 +120,7 @@ pub(crate) async fn open_tree(
     args: &RecvArgs,
     offline_ok: bool,
 ) -> anyhow::Result<Receiver> {
-    let (fetcher, policy) = start(spec, args, KeepMembers::Always)?;
+    let (fetcher, policy) = start(spec, args, KeepMembers::Always, false)?;
     let tree = Tree::open(fetcher, &policy, offline_ok).await?;
     Ok(Receiver { tree, policy })
 }
@@ -164,7 +164,7 @@ pub(crate) async fn on_latest_tree<T, Fut>(
 where
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let (fetcher, policy) = start(spec, args, keep)?;
+    let (fetcher, policy) = start(spec, args, keep, true)?;
     let (mut tree, mut listening) = Tree::open_early(fetcher, &policy).await?;
     let (settle, settled) = tokio::sync::watch::channel(false);
     let mut run = Box::pin(work(tree.clone(), Settled(settled)));
@@ -232,10 +232,12 @@ fn is_stale(e: &anyhow::Error) -> bool {
 }
 
 /// Starts the fetch engine for the channel, and says what its root records must pass.
+/// `bulk`: the receiver will fetch in bulk (see [`FetchConfig::bulk`]).
 fn start(
     spec: &ChannelSpec,
     args: &RecvArgs,
     keep_members: KeepMembers,
+    bulk: bool,
 ) -> anyhow::Result<(Fetcher, RootPolicy)> {
     let key = master_key(&args.key, &spec.name)?;
     let channel = Channel::new(&spec.name, key.as_ref());
@@ -250,6 +252,7 @@ fn start(
         root_wait: (!args.wait).then_some(crate::fetch::ROOT_WAIT.min(timeout)),
         port: args.net.port,
         keep_members,
+        bulk,
         ..FetchConfig::default()
     };
     let fetcher = Fetcher::start(channel, iface, cache, config)?;

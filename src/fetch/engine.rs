@@ -122,6 +122,9 @@ pub struct FetchConfig {
     pub recent: usize,
     /// Whether small files fetched in bundles are stored in the cache.
     pub keep_members: KeepMembers,
+    /// The receiver fetches in bulk (`copy`, `prefetch`): it says so from its start
+    /// (`crate::fetch::intent`).
+    pub bulk: bool,
     /// Simulation only: decode by counting symbols ([`crate::fec::ObjectDecoder::counting`]).
     pub stand_in: Option<super::object::StandIn>,
     pub port: u16,
@@ -137,6 +140,7 @@ impl Default for FetchConfig {
             root_wait: Some(ROOT_WAIT),
             recent: RECENT,
             keep_members: KeepMembers::Always,
+            bulk: false,
             stand_in: None,
             port: crate::channel::DEFAULT_PORT,
         }

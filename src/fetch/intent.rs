@@ -12,7 +12,12 @@
 //! and for [`BULK_LINGER`] after; the hurry group while a demand read is pending, and for
 //! [`HURRY_LINGER`] after. The lingers keep a receiver that asks in turns (a copy asks for
 //! 4096 files at a time, a reader reads block after block) from sending a report for every
-//! turn.
+//! turn. A receiver that will fetch in bulk (`copy`, `prefetch`) joins the bulk group with
+//! its first join of the root group, before it has anything to ask for: copies started
+//! together hear the root record up to a root interval apart, and the first to hear it used
+//! to count as the only bulk receiver, so its first directories went out for it alone and
+//! every other copy needed rounds of its own (eight copies of tools/bench's tree_10k: the
+//! first second at half the link's rate).
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +31,12 @@ pub const BULK_LINGER: Duration = Duration::from_millis(200);
 /// How long the hurry group stays joined after the last demand read ended: a reader's next
 /// read usually follows within milliseconds.
 pub const HURRY_LINGER: Duration = Duration::from_millis(250);
+
+/// How long a receiver that will fetch in bulk (`copy`, `prefetch`) says so before its first
+/// request: from its first join of the root group until the root record is heard and the
+/// first directory asked for, which takes a root interval (25 ms) on a quiet link. Bounded,
+/// so that a receiver that never hears a root it accepts does not hold others' rounds.
+pub const BULK_EXPECTED: Duration = Duration::from_secs(1);
 
 /// The bulk and hurry reports of one receiver.
 #[derive(Debug, Default)]
@@ -53,6 +64,12 @@ impl IntentReport {
                 self.until[i] = Some(now + linger);
             }
         }
+    }
+
+    /// The receiver will fetch in bulk: the bulk report holds for [`BULK_EXPECTED`] from
+    /// `now`, or until a linger after its requests ends it sooner.
+    pub fn handle_bulk_expected(&mut self, now: Instant) {
+        self.until[0] = Some(now + BULK_EXPECTED);
     }
 
     /// The next report to join (true) or leave (false) at `now`.
@@ -97,6 +114,25 @@ mod tests {
             changes(&mut r, t0 + HURRY_LINGER * 4).is_empty(),
             "and stay left"
         );
+    }
+
+    #[test]
+    fn an_expected_bulk_fetch_is_reported_before_its_first_request() {
+        let t0 = Instant::now();
+        let mut r = IntentReport::new();
+        r.handle_bulk_expected(t0);
+        assert_eq!(changes(&mut r, t0), [(Report::Bulk, true)]);
+        assert!(changes(&mut r, t0 + BULK_EXPECTED / 2).is_empty());
+        // The first requests come and end: the linger after them is what holds now.
+        let t1 = t0 + Duration::from_millis(30);
+        r.handle_pending(t1, true, false);
+        r.handle_pending(t1, false, false);
+        assert_eq!(changes(&mut r, t1 + BULK_LINGER), [(Report::Bulk, false)]);
+        // Never a request: the report goes after BULK_EXPECTED.
+        let mut r = IntentReport::new();
+        r.handle_bulk_expected(t0);
+        assert_eq!(changes(&mut r, t0).len(), 1);
+        assert_eq!(changes(&mut r, t0 + BULK_EXPECTED), [(Report::Bulk, false)]);
     }
 
     #[test]

@@ -719,6 +719,10 @@ impl FetchState {
             self.root_joined = on;
             self.members.push(now, self.root.group, on);
         }
+        if on && self.config.bulk {
+            self.intent.handle_bulk_expected(now);
+            self.report_intent(now);
+        }
     }
 
     /// `sender` is a real server of the channel (its root record was trusted): its symbols

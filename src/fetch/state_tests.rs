@@ -907,3 +907,32 @@ fn a_receiver_reports_bulk_fetches_and_waiting_readers() {
     r.advance(HURRY_LINGER * 4);
     assert!(r.all_membership().is_empty(), "and stay left");
 }
+
+/// A receiver that will fetch in bulk (`copy`, `prefetch`) joins the bulk report's group
+/// with the root group, before it can ask for anything; one that will not (a mount) does
+/// not, and neither holds it for long without a request.
+#[test]
+fn a_bulk_receiver_says_so_from_its_start() {
+    use super::intent::BULK_EXPECTED;
+    for bulk in [true, false] {
+        let mut r = rig(32);
+        let mut config = r.st.config().clone();
+        config.bulk = bulk;
+        r.st = FetchState::new(
+            r.now,
+            r.channel.clone(),
+            IFINDEX,
+            config,
+            r.stats.clone(),
+            Memberships::new(Duration::ZERO),
+        );
+        let (root, report) = (r.channel.root_address().group, r.report_group(Report::Bulk));
+        r.st.set_watching(r.now, true);
+        let joined = r.all_membership();
+        assert!(joined.contains(&(root, true)), "{joined:?}");
+        assert_eq!(joined.contains(&(report, true)), bulk, "{joined:?}");
+        r.advance(BULK_EXPECTED);
+        let left = r.all_membership();
+        assert_eq!(left.contains(&(report, false)), bulk, "{left:?}");
+    }
+}

@@ -100,6 +100,8 @@ impl SimReceiver {
         let config = FetchConfig {
             recent: 1,
             stand_in: self.stand_in.clone(),
+            // Every simulated receiver copies: it says it fetches in bulk from its start.
+            bulk: true,
             ..FetchConfig::default()
         };
         // The simulated network has no kernel MLD timer to make room for.
