@@ -51,7 +51,7 @@ pub struct Report {
     /// Blocks whose listeners all left within 10, 20, 40, 80, 160 ms or later after the end
     /// of their first round.
     pub leave_delay: [u64; 6],
-    /// Blocks' first rounds that began with every receiver fetching in bulk, when a reader
+    /// First rounds that began with every receiver fetching in bulk, when a reader
     /// waited, and when the gathering ran out (`SchedStats::gathered`).
     pub gathered: [u64; 3],
     /// [metadata, blocks and bundles]: times an object became active, and distinct objects
