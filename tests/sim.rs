@@ -441,7 +441,10 @@ fn receivers_tens_of_milliseconds_apart_share_a_fast_servers_rounds() {
 
 /// Receivers fetching different files wait for nobody: the wait for the receivers fetching
 /// in bulk shrinks when it brings no one (`lcfs::serve::sched`, `next_wait`). At 100 ms a
-/// wait, a window of 32 blocks per wait would hold each to a fifth of this link.
+/// wait, a window of 32 blocks per wait would hold each to a fifth of this link. What is
+/// left is a wait that ran out once for the first lookups and once for the first window of
+/// blocks (100 ms each): 231 ms here against 22 ms alone; 400 ms and more if the blocks'
+/// wait did not shrink (12 files of 64 KiB blocks are four windows).
 #[test]
 fn receivers_fetching_different_files_are_not_held_by_the_wait() {
     let tree = Shape::Tree {
@@ -461,7 +464,7 @@ fn receivers_fetching_different_files_are_not_held_by_the_wait() {
     assert_sound(&one);
     assert_sound(&many);
     let last = |r: &Report| r.completion.iter().max().copied().unwrap_or_default();
-    let allowed = last(&one) + Duration::from_millis(150);
+    let allowed = last(&one) + Duration::from_millis(250);
     assert!(
         last(&many) < allowed,
         "{:?} against {:?} alone",

@@ -1,7 +1,7 @@
 //! What a receiver tells the publisher about its requests (sans-IO): whether it fetches in
 //! bulk, and whether a reader waits.
 //!
-//! The publisher holds a block's first round until every receiver fetching in bulk has
+//! The publisher holds an object's first round until every receiver fetching in bulk has
 //! joined it, for at most `SchedConfig::gather` (`crate::serve::sched`): receivers copying
 //! the same tree then share each round even when they run tens of milliseconds apart, as
 //! they do when they share a machine's cores. It counts those receivers as the listeners of
@@ -9,11 +9,14 @@
 //! a program blocked in `read` must not wait for other machines.
 //!
 //! Invariants: the bulk group is joined while requests other than demand reads are pending,
-//! and for [`BULK_LINGER`] after; the hurry group while a demand read is pending, and for
-//! [`HURRY_LINGER`] after. The lingers keep a receiver that asks in turns (a copy asks for
-//! 4096 files at a time, a reader reads block after block) from sending a report for every
-//! turn. A receiver that will fetch in bulk (`copy`, `prefetch`) joins the bulk group with
-//! its first join of the root group, before it has anything to ask for: copies started
+//! and for [`BULK_LINGER`] after, and by a receiver that will fetch in bulk from when it
+//! starts to watch the root group until its first requests, [`BULK_EXPECTED`] at most; the
+//! hurry group while a demand read is pending, and for [`HURRY_LINGER`] after. The lingers
+//! keep a receiver that asks in turns (a copy asks for 4096 files at a time, a reader reads
+//! block after block) from sending a report for every turn.
+//!
+//! A receiver that will fetch in bulk (`copy`, `prefetch`) joins the bulk group with its
+//! first join of the root group, before it has anything to ask for: copies started
 //! together hear the root record up to a root interval apart, and the first to hear it used
 //! to count as the only bulk receiver, so its first directories went out for it alone and
 //! every other copy needed rounds of its own (eight copies of tools/bench's tree_10k: the
@@ -122,11 +125,12 @@ mod tests {
         let mut r = IntentReport::new();
         r.handle_bulk_expected(t0);
         assert_eq!(changes(&mut r, t0), [(Report::Bulk, true)]);
-        assert!(changes(&mut r, t0 + BULK_EXPECTED / 2).is_empty());
         // The first requests come and end: the linger after them is what holds now.
         let t1 = t0 + Duration::from_millis(30);
+        assert!(changes(&mut r, t1).is_empty());
         r.handle_pending(t1, true, false);
         r.handle_pending(t1, false, false);
+        assert!(changes(&mut r, t1 + BULK_LINGER / 2).is_empty());
         assert_eq!(changes(&mut r, t1 + BULK_LINGER), [(Report::Bulk, false)]);
         // Never a request: the report goes after BULK_EXPECTED.
         let mut r = IntentReport::new();

@@ -705,6 +705,7 @@ impl FetchState {
 
     /// Whether root records are wanted: the root group stays joined while they are.
     pub fn set_watching(&mut self, now: Instant, on: bool) {
+        let starts = on && self.watch.is_none();
         match (on, &self.watch) {
             (true, None) => {
                 self.watch = Some(RootWatch {
@@ -719,7 +720,7 @@ impl FetchState {
             self.root_joined = on;
             self.members.push(now, self.root.group, on);
         }
-        if on && self.config.bulk {
+        if starts && self.config.bulk {
             self.intent.handle_bulk_expected(now);
             self.report_intent(now);
         }

@@ -6,14 +6,17 @@
 //! sent for it. Whole rounds, rather than packet-by-packet round robin, make objects complete
 //! one after another, so a receiver's window of objects in flight refills continuously.
 //!
-//! Two queues order the rounds:
-//! - urgent: metadata (directories, file indexes), and every round after an
-//!   object's first (stragglers that lost symbols, late joiners). These are cheap, and serving
-//!   them first keeps receivers that fell behind in step with the others, so that the bulk
-//!   rounds that follow are shared instead of sent once per receiver;
-//! - bulk: first rounds of large objects, first come first served. Receivers walking the same
-//!   tree join the same blocks in the same order, long before their turn comes, so one round
-//!   serves them all; when the server is faster than that, a block waits for them (below).
+//! Three queues order the rounds, each first come first served:
+//! - urgent: every round after an object's first (stragglers that lost symbols, late
+//!   joiners). These are cheap, and serving them first keeps receivers that fell behind in
+//!   step with the others, so that the rounds that follow are shared instead of sent once
+//!   per receiver;
+//! - metadata: first rounds of directories and file indexes, which a receiver needs before
+//!   it knows what to ask for next;
+//! - bulk: first rounds of blocks. Receivers walking the same tree join the same blocks in
+//!   the same order, long before their turn comes, so one round serves them all.
+//!
+//! When the server is faster than its receivers, first rounds wait for them (below).
 //!
 //! A first round is K symbols plus a margin for the receivers' loss (`sched/loss.rs`): the loss
 //! the receivers report by joining a loss level's group, else the loss learned from MLD
@@ -86,19 +89,23 @@
 //! first window waits and the rest do not (two 40 MiB copies at once: 0.72 to 0.77 s, 0.66
 //! to 0.71 s without any wait, 2.2 s with a fixed one). The bulk queue is looked at
 //! [`RIPE_SCAN`] blocks deep, so a block every receiver listens to does not wait behind one
-//! that waits for them. A forged bulk report makes blocks wait for a receiver that never
-//! comes, as one copying other files does, and a forged hurry report only ends the waiting.
+//! that waits for them. A forged bulk report makes first rounds wait for a receiver that
+//! never comes, as one copying other files does, and a forged hurry report only ends the
+//! waiting; a forged leave of the hurry group makes a reader's rounds wait until its host
+//! answers the tracker's query.
 //!
-//! Metadata's first rounds wait in the same way, and teach the wait the same way (each
-//! queue is looked at [`RIPE_SCAN`] deep). A directory's round is over in a millisecond, so
-//! copies a few milliseconds apart each asked for rounds of their own: eight copies of
-//! tools/bench's tree_10k in the lab sent 80 to 100 later rounds of the tree's 101
-//! directories, and the copies that had missed one stayed behind until the blocks' wait
+//! Metadata's first rounds wait in the same way, with a wait of their own that learns as the
+//! blocks' does ([`Waits`]); their queue is looked at [`RIPE_SCAN`] deep, and later rounds
+//! never wait behind it. A directory's round is over in a millisecond, so copies a few
+//! milliseconds apart each asked for rounds of their own: eight copies of tools/bench's
+//! tree_10k in the lab sent 80 to 100 later rounds of the tree's 101 directories, and the copies that had missed one stayed behind until the blocks' wait
 //! caught them up. With it (and copies that say they fetch in bulk from their start, see
 //! `crate::fetch::intent`): no later round of either kind, the server's bytes from 1.04 to
 //! 1.01 times one copy's, eight copies 4.21 to 4.37 s against 4.27 to 4.57 s (three
-//! alternating pairs), three unshaped 1.24 to 1.28 s against 1.27 to 1.36 s. A copy reading
-//! other files than the rest waits once for its first metadata, then the wait is gone.
+//! alternating pairs); three unshaped copies 1.29 to 1.45 s against 1.38 to 1.40 s, with 0
+//! to 19 later rounds of directories against 126 to 200. The cost: a receiver reading
+//! other files than the rest waits for its first lookups until the wait has run out a few
+//! times: in a path's lookups one after another, 100 + 75 + 56 + 42 ms at the most.
 //!
 //! A leave is not trusted (anyone on the link can forge one; see `crate::mld::tracker`): when
 //! the last listener of an object says it left, the tracker asks whether others still listen
@@ -209,7 +216,7 @@ impl Default for SchedConfig {
 /// An active object's progress.
 struct Active {
     k: u32,
-    /// When its first listener joined: a block's first round waits at most `wait` after it.
+    /// When its first listener joined: its first round waits at most `wait` after it.
     since: Instant,
     urgent: bool,
     /// Symbols left in the current round.
@@ -294,7 +301,10 @@ pub struct SchedStats {
 pub struct Scheduler {
     config: SchedConfig,
     stats: SchedStats,
+    /// Later rounds, and metadata's first rounds once begun: never wait.
     urgent: VecDeque<ObjectHash>,
+    /// Metadata's first rounds, while they may wait for the receivers fetching in bulk.
+    metadata: VecDeque<ObjectHash>,
     bulk: VecDeque<ObjectHash>,
     active: HashMap<ObjectHash, Active>,
     /// Objects between rounds, by when they resume (and a sequence number, for order).
@@ -318,9 +328,30 @@ pub struct Scheduler {
     bulk_receivers: usize,
     /// A reader waits for a block somewhere: no first round waits.
     hurry: bool,
-    /// How long a block's first round now waits for the receivers fetching in bulk, at most
-    /// (up to `gather`, as waiting pays: [`next_wait`]).
-    wait: Duration,
+    waits: Waits,
+}
+
+/// How long first rounds now wait for the receivers fetching in bulk, at most, as waiting
+/// pays ([`next_wait`]), up to `gather`: blocks' and metadata's, each learned from its own
+/// class, so that a burst of lookups that ran out (a copy a moment behind the others) does
+/// not end the blocks' wait, which keeps copies in step. With one wait for both, three
+/// unshaped copies of tools/bench's tree_10k fell out of step in one run of two (1.2 times
+/// the tree's bytes). A cap of 50 ms on metadata's wait was too short for eight copies on
+/// two cores: 72 and 125 later rounds of directories in two runs of three.
+#[derive(Clone, Copy, Debug)]
+struct Waits {
+    blocks: Duration,
+    metadata: Duration,
+}
+
+impl Waits {
+    fn learn(&mut self, metadata: bool, gather: Duration, what: Waited) {
+        if metadata {
+            self.metadata = next_wait(self.metadata, gather, what);
+        } else {
+            self.blocks = next_wait(self.blocks, gather, what);
+        }
+    }
 }
 
 impl Scheduler {
@@ -328,9 +359,13 @@ impl Scheduler {
         Scheduler {
             stats: SchedStats::default(),
             loss: Loss::new(config.start_loss, config.max_loss),
-            wait: config.gather,
+            waits: Waits {
+                blocks: config.gather,
+                metadata: config.gather,
+            },
             config,
             urgent: VecDeque::new(),
+            metadata: VecDeque::new(),
             bulk: VecDeque::new(),
             active: HashMap::new(),
             cooling: BTreeMap::new(),
@@ -361,7 +396,7 @@ impl Scheduler {
         let idle_since = self.idle_since.remove(&hash);
         // Wanted again right after its listeners left: a round this one could have shared.
         if idle_since.is_some_and(|t| now.saturating_duration_since(t) < MISSED_WITHIN) {
-            self.wait = next_wait(self.wait, self.config.gather, Waited::Missed);
+            self.waits.learn(urgent, self.config.gather, Waited::Missed);
         }
         self.active.insert(
             hash,
@@ -386,7 +421,7 @@ impl Scheduler {
             self.stats.distinct += 1;
         }
         if urgent {
-            self.urgent.push_back(hash);
+            self.metadata.push_back(hash);
         } else {
             self.bulk.push_back(hash);
         }
@@ -413,12 +448,14 @@ impl Scheduler {
         if let Some(a) = self.active.get_mut(hash) {
             // A receiver joined an object whose first round had begun: it needs a round of
             // its own, which a longer wait would have spared.
-            if n > a.listeners && a.first.is_some() && a.rounds == 0 {
-                self.wait = next_wait(self.wait, self.config.gather, Waited::Missed);
-            }
+            let missed = n > a.listeners && a.first.is_some() && a.rounds == 0;
             a.listeners = n;
             if a.first_done.is_none() {
                 a.heard = a.heard.max(n);
+            }
+            if missed {
+                let urgent = a.urgent;
+                self.waits.learn(urgent, self.config.gather, Waited::Missed);
             }
         }
     }
@@ -432,16 +469,17 @@ impl Scheduler {
             a.later_round();
             self.stats.later_rounds[usize::from(!a.urgent)] += 1;
         }
-        if a.urgent || a.rounds > 0 {
-            self.urgent.push_back(hash);
-        } else {
-            self.bulk.push_back(hash);
+        match (a.first, a.urgent) {
+            (Some(_), _) => self.urgent.push_back(hash),
+            (None, true) => self.metadata.push_back(hash),
+            (None, false) => self.bulk.push_back(hash),
         }
     }
 
     /// Takes `hash` out of every queue.
     fn withdraw(&mut self, hash: &ObjectHash) {
         self.urgent.retain(|h| h != hash);
+        self.metadata.retain(|h| h != hash);
         self.bulk.retain(|h| h != hash);
         self.cooling.retain(|_, h| h != hash);
     }
@@ -500,6 +538,7 @@ impl Scheduler {
     /// True when nothing is queued, cooling or repeating (paused objects wait for an event).
     pub fn is_idle(&self) -> bool {
         self.urgent.is_empty()
+            && self.metadata.is_empty()
             && self.bulk.is_empty()
             && self.cooling.is_empty()
             && !self.root_active
@@ -552,11 +591,12 @@ impl Scheduler {
             return Some(Transmit::Air);
         }
         self.resume_cooled(now);
-        let from_bulk = self.pick_bulk(now)?;
-        let queue = if from_bulk {
-            &mut self.bulk
-        } else {
-            &mut self.urgent
+        let from = self.pick(now)?;
+        let from_bulk = from == Queue::Bulk;
+        let queue = match from {
+            Queue::Urgent => &mut self.urgent,
+            Queue::Metadata => &mut self.metadata,
+            Queue::Bulk => &mut self.bulk,
         };
         let hash = *queue.front()?;
         let a = self.active.get_mut(&hash)?;
@@ -573,7 +613,7 @@ impl Scheduler {
                 (false, false) => None,
             };
             if let Some(w) = waited {
-                self.wait = next_wait(self.wait, self.config.gather, w);
+                self.waits.learn(a.urgent, self.config.gather, w);
             }
             let size = self.loss.first_round(a.k);
             a.budget = if a.urgent {
@@ -606,26 +646,40 @@ impl Scheduler {
         Some(Transmit::Symbol { hash, esi })
     }
 
-    /// Which queue the next symbol comes from (true: bulk), None when neither may go now:
-    /// the bulk queue when nothing urgent may go, or when a bulk round has waited behind
-    /// `bulk_patience` urgent symbols (then until it ends).
-    fn pick_bulk(&mut self, now: Instant) -> Option<bool> {
-        let urgent = self.ripe_first(false, now);
-        if !self.ripe_first(true, now) {
+    /// Which queue the next symbol comes from, None when none may go now: later rounds
+    /// first, then metadata's first rounds, then blocks'; but a bulk round that has waited
+    /// behind `bulk_patience` symbols of the others goes next (then until it ends).
+    fn pick(&mut self, now: Instant) -> Option<Queue> {
+        // A round goes out whole: a metadata round under way goes on first.
+        let begun = |h: &ObjectHash| self.active.get(h).is_some_and(|a| a.first.is_some());
+        let other = if self.metadata.front().is_some_and(begun) {
+            Some(Queue::Metadata)
+        } else if !self.urgent.is_empty() {
+            Some(Queue::Urgent)
+        } else if self.ripe_first(Queue::Metadata, now) {
+            Some(Queue::Metadata)
+        } else {
+            None
+        };
+        if !self.ripe_first(Queue::Bulk, now) {
             self.bulk_turn = false;
             self.bulk_waited = 0;
-            return urgent.then_some(false);
+            return other;
         }
-        if !urgent || self.bulk_turn {
+        if other.is_none() || self.bulk_turn {
             self.bulk_waited = 0;
-            return Some(true);
+            return Some(Queue::Bulk);
         }
         self.bulk_waited += 1;
         if self.bulk_waited >= self.config.bulk_patience {
             self.bulk_turn = true;
             self.stats.bulk_turns += 1;
         }
-        Some(self.bulk_turn)
+        if self.bulk_turn {
+            Some(Queue::Bulk)
+        } else {
+            other
+        }
     }
 
     /// Objects whose cooldown ended still have listeners: they get another round, urgently.
@@ -652,13 +706,15 @@ impl Scheduler {
 
     /// When `a` may go: at once when its first round began, when a reader waits, or when
     /// every receiver fetching in bulk listens to it; else `wait` after its first listener
-    /// joined. Metadata waits as blocks do: a directory's first round is over in a
+    /// joined. A directory's first round is over in a
     /// millisecond, and a copy that joins it later waits a cooldown for a round of its own.
     fn ripe_at(&self, a: &Active) -> Instant {
         if a.first.is_some() || self.hurry || a.listeners >= self.bulk_receivers {
             a.since
+        } else if a.urgent {
+            a.since + self.waits.metadata
         } else {
-            a.since + self.wait
+            a.since + self.waits.blocks
         }
     }
 
@@ -671,33 +727,31 @@ impl Scheduler {
             .min()
     }
 
-    /// Puts the first of a queue's first [`RIPE_SCAN`] that may go now in front, so that an
-    /// object every receiver listens to does not wait behind one that waits for them; false
-    /// when none may go.
-    fn ripe_first(&mut self, bulk: bool, now: Instant) -> bool {
-        let queue = if bulk { &self.bulk } else { &self.urgent };
-        let ripe = |h: &ObjectHash| self.active.get(h).is_some_and(|a| self.ripe_at(a) <= now);
-        let found = queue.iter().take(RIPE_SCAN).position(ripe);
-        let queue = if bulk {
-            &mut self.bulk
-        } else {
-            &mut self.urgent
+    /// Puts the first of a waiting queue's first [`RIPE_SCAN`] that may go now in front, so
+    /// that an object every receiver listens to does not wait behind one that waits for
+    /// them; false when none may go.
+    fn ripe_first(&mut self, which: Queue, now: Instant) -> bool {
+        let queue = match which {
+            Queue::Metadata => &self.metadata,
+            _ => &self.bulk,
         };
-        match found {
-            Some(0) => true,
-            Some(i) => {
-                if let Some(h) = queue.remove(i) {
-                    queue.push_front(h);
-                }
-                true
-            }
-            None => false,
+        let ripe = |h: &ObjectHash| self.active.get(h).is_some_and(|a| self.ripe_at(a) <= now);
+        let Some(i) = queue.iter().take(RIPE_SCAN).position(ripe) else {
+            return false;
+        };
+        let queue = match which {
+            Queue::Metadata => &mut self.metadata,
+            _ => &mut self.bulk,
+        };
+        if let Some(h) = queue.remove(i) {
+            queue.push_front(h);
         }
+        true
     }
 
     /// How long a block's first round now waits for the receivers fetching in bulk, at most.
     pub fn gather_wait(&self) -> Duration {
-        self.wait
+        self.waits.blocks
     }
 
     /// Receivers that say they fetch in bulk (at most the tracker's listeners per group).
@@ -705,16 +759,19 @@ impl Scheduler {
         self.bulk_receivers
     }
 
-    /// When the scheduler next has something to send (a time passed: now); None when
-    /// nothing is due until an event.
+    /// When the scheduler next has something to send (a time passed: now), if it has
+    /// nothing now (None: something now, or nothing until an event when [`Self::is_idle`]).
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.urgent.is_empty() {
+            return None;
+        }
         // The beacon goes on while blocks wait: it tells late receivers what they wait for.
         let air = self.next_air.filter(|_| !self.bulk.is_empty());
         [
             self.cooling.first_key_value().map(|((t, _), _)| *t),
             self.next_root,
             air,
-            self.ripe_at_of(&self.urgent),
+            self.ripe_at_of(&self.metadata),
             self.ripe_at_of(&self.bulk),
         ]
         .into_iter()
@@ -727,10 +784,18 @@ impl Scheduler {
 /// receiver that wants it now could have shared the last one.
 const MISSED_WITHIN: Duration = Duration::from_secs(1);
 
-/// Blocks of the bulk queue's head looked at for one that may go before it.
+/// Objects at a waiting queue's head looked at for one that may go before it.
 const RIPE_SCAN: usize = 16;
 
-/// What a block's wait for the receivers fetching in bulk came to.
+/// The scheduler's queues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Queue {
+    Urgent,
+    Metadata,
+    Bulk,
+}
+
+/// What a first round's wait for the receivers fetching in bulk came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Waited {
     /// Every receiver fetching in bulk listened when its first round began, and more than
@@ -1100,6 +1165,51 @@ mod tests {
         );
         s.handle_inactive(now_for_test(), &h(1));
         assert!(s.poll_timeout().is_none() && s.is_idle());
+    }
+
+    /// Metadata's first round waits as a block's does, and its running out shortens
+    /// metadata's wait, not the blocks'; a later round never waits behind metadata that
+    /// waits.
+    #[test]
+    fn metadata_learns_its_own_wait_and_later_rounds_never_wait_behind_it() {
+        let t0 = Instant::now();
+        let cooldown = SchedConfig::default().cooldown;
+        let mut s = Scheduler::new(no_margin());
+        s.handle_report(Report::Bulk, 2);
+        // A block both bulk receivers listened to went out; one still listens after it.
+        s.handle_active(t0, h(1), 8, false);
+        s.handle_listeners(&h(1), 2);
+        assert_eq!(count(&drain(&mut s, t0), h(1)), 8);
+        s.handle_listeners(&h(1), 1);
+        // Meanwhile more directories than RIPE_SCAN that only one receiver asks for.
+        let t1 = t0 + cooldown / 2;
+        let dirs = 10..(10 + RIPE_SCAN as u8 + 4);
+        for i in dirs.clone() {
+            s.handle_active(t1, h(i), 2, true);
+        }
+        assert!(drain(&mut s, t1).is_empty(), "the directories wait");
+        let sent = drain(&mut s, t0 + cooldown);
+        assert!(
+            !sent.is_empty() && count(&sent, h(1)) == sent.len(),
+            "the later round goes, the directories still wait: {sent:?}"
+        );
+        s.handle_inactive(t0 + cooldown, &h(1));
+        assert_eq!(
+            s.poll_timeout(),
+            Some(t1 + SchedConfig::default().gather),
+            "woken when the directories' wait runs out, not the blocks'"
+        );
+        let (blocks, metadata) = (s.gather_wait(), s.waits.metadata);
+        let sent = drain(&mut s, t1 + SchedConfig::default().gather);
+        assert!(
+            dirs.clone().all(|i| count(&sent, h(i)) > 0),
+            "every directory goes once its wait ran out"
+        );
+        assert!(
+            s.waits.metadata < metadata,
+            "the waits that ran out shorten the next"
+        );
+        assert_eq!(s.gather_wait(), blocks, "not the blocks' wait");
     }
 
     #[test]
