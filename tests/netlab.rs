@@ -1,5 +1,5 @@
 //! The network lab itself (tools/netlab, tests/common/lab.rs): multicast
-//! crosses the bridge, per-client loss works, MLD snooping behaves as lcfs
+//! crosses the bridge, per-client loss works (per datagram), MLD snooping behaves as lcfs
 //! expects, and `netlab down` leaves nothing behind. Needs root.
 
 mod common;
@@ -49,6 +49,52 @@ s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 8)
 for i in range(count):
     s.sendto(b"lcfs-lab %d" % i, (group, port))
     time.sleep(gap)
+"#;
+
+/// Sends `runs` UDP GSO runs (`UDP_SEGMENT`) of `per` datagrams each to GROUP:PORT out of
+/// lc0, as `lcfs serve` sends its rounds; datagram `i` of run `r` starts "lcfs-lab r i ".
+const GSO_SENDER: &str = r#"
+import socket, sys, time
+group, port, runs, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+SEG = 1000
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, socket.if_nametoindex("lc0"))
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 8)
+s.setsockopt(socket.IPPROTO_UDP, 103, SEG)  # UDP_SEGMENT
+for r in range(runs):
+    run = b"".join((b"lcfs-lab %d %d " % (r, i)).ljust(SEG, b".") for i in range(per))
+    s.sendto(run, (group, port))
+    time.sleep(0.005)
+"#;
+
+/// Joins GROUP on lc0 and receives for `secs`; prints READY, then "RUNS <datagrams> <runs
+/// complete> <runs in part>" by the run numbers of GSO_SENDER's datagrams.
+const RUN_RECEIVER: &str = r#"
+import socket, struct, sys, time, collections
+group, port, per, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", port))
+idx = socket.if_nametoindex("lc0")
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
+             socket.inet_pton(socket.AF_INET6, group) + struct.pack("@I", idx))
+print("READY", flush=True)
+end = time.time() + secs
+runs = collections.Counter()
+while True:
+    left = end - time.time()
+    if left <= 0:
+        break
+    s.settimeout(left)
+    try:
+        data, _ = s.recvfrom(65535)
+    except socket.timeout:
+        break
+    f = data.split(b" ")
+    if f[0] == b"lcfs-lab" and len(f) > 2:
+        runs[int(f[1])] += 1
+whole = sum(1 for n in runs.values() if n == per)
+print("RUNS", sum(runs.values()), whole, len(runs) - whole, flush=True)
 "#;
 
 /// Sends one MLDv2 general query to ff02::1 on lc0, as the lcfs server (the
@@ -168,6 +214,68 @@ fn multicast_reaches_joined_clients_and_loss_is_per_client() {
     let r2 = receiver(&lab, "c2", GROUP, 5, 4.0);
     send(&lab, GROUP, 5, 0.005);
     assert_eq!(r2.finish().0, 5, "c2 after clearing its loss");
+}
+
+/// Loss acts on datagrams, also when they leave the server as GSO runs (as `lcfs serve`
+/// sends its rounds): veths and the bridge pass a run on whole, and a client port's netem
+/// dropped whole runs, so "5% loss" was 5% of runs, in bursts of up to 64 (tools/netlab,
+/// `datagrams_on_the_wire`).
+#[test]
+fn loss_drops_datagrams_not_whole_gso_runs() {
+    let lab = Lab::up(LabOptions {
+        clients: 1,
+        snooping: true,
+        ..Default::default()
+    });
+    lab.shape("c1", &["--loss", "50"]);
+    const RUNS: usize = 20;
+    const PER: usize = 40;
+    let mut child = lab.spawn(
+        "c1",
+        &[
+            "python3",
+            "-c",
+            RUN_RECEIVER,
+            GROUP,
+            PORT,
+            &PER.to_string(),
+            "3.0",
+        ],
+    );
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "READY", "receiver in c1 did not start");
+    lab.run(
+        "srv",
+        &[
+            "python3",
+            "-c",
+            GSO_SENDER,
+            GROUP,
+            PORT,
+            &RUNS.to_string(),
+            &PER.to_string(),
+        ],
+    );
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "receiver failed: {rest}");
+    let f: Vec<usize> = rest
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let (got, partial) = (f[0], f[2]);
+    assert!(
+        got > 0 && got < RUNS * PER,
+        "50% loss let {got} of {} datagrams through",
+        RUNS * PER
+    );
+    assert!(
+        partial > 0,
+        "every run arrived whole or not at all ({rest:?}): loss dropped GSO runs, not datagrams"
+    );
 }
 
 #[test]
