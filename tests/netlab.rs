@@ -12,10 +12,14 @@ const GROUP: &str = "ff1e::1:2";
 const PORT: &str = "4242";
 
 /// Joins GROUP on lc0, bound to PORT; prints READY, then receives until it has
-/// `expect` datagrams or `secs` passed, then prints "GOT <n> <source>".
+/// `expect` datagrams or `secs` passed, then prints "GOT <n> <source> <whole> <part>": with
+/// argv[5] (`per`), how many of the sender's GSO runs of `per` datagrams arrived whole and
+/// how many in part.
 const RECEIVER: &str = r#"
-import socket, struct, sys, time
+import socket, struct, sys, time, collections
 group, port, expect, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+per = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+runs = collections.Counter()
 s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("::", port))
@@ -36,65 +40,33 @@ while n < expect:
         break
     if data.startswith(b"lcfs-lab "):
         n, src = n + 1, addr[0]
-print("GOT", n, src, flush=True)
+        f = data.split(b" ")
+        if per and len(f) > 2:
+            runs[int(f[1])] += 1
+whole = sum(1 for c in runs.values() if c == per)
+print("GOT", n, src, whole, len(runs) - whole, flush=True)
 "#;
 
-/// Sends `count` datagrams to GROUP:PORT out of lc0, `gap` seconds apart.
+/// Sends `count` datagrams to GROUP:PORT out of lc0, `gap` seconds apart; with argv[5]
+/// (`per`), `count` UDP GSO runs (`UDP_SEGMENT`) of `per` datagrams each, as `lcfs serve`
+/// sends its rounds, datagram `i` of run `r` starting "lcfs-lab r i ".
 const SENDER: &str = r#"
 import socket, sys, time
 group, port, count, gap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, socket.if_nametoindex("lc0"))
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 8)
-for i in range(count):
-    s.sendto(b"lcfs-lab %d" % i, (group, port))
-    time.sleep(gap)
-"#;
-
-/// Sends `runs` UDP GSO runs (`UDP_SEGMENT`) of `per` datagrams each to GROUP:PORT out of
-/// lc0, as `lcfs serve` sends its rounds; datagram `i` of run `r` starts "lcfs-lab r i ".
-const GSO_SENDER: &str = r#"
-import socket, sys, time
-group, port, runs, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+per = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 SEG = 1000
 s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, socket.if_nametoindex("lc0"))
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 8)
-s.setsockopt(socket.IPPROTO_UDP, 103, SEG)  # UDP_SEGMENT
-for r in range(runs):
-    run = b"".join((b"lcfs-lab %d %d " % (r, i)).ljust(SEG, b".") for i in range(per))
-    s.sendto(run, (group, port))
-    time.sleep(0.005)
-"#;
-
-/// Joins GROUP on lc0 and receives for `secs`; prints READY, then "RUNS <datagrams> <runs
-/// complete> <runs in part>" by the run numbers of GSO_SENDER's datagrams.
-const RUN_RECEIVER: &str = r#"
-import socket, struct, sys, time, collections
-group, port, per, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", port))
-idx = socket.if_nametoindex("lc0")
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
-             socket.inet_pton(socket.AF_INET6, group) + struct.pack("@I", idx))
-print("READY", flush=True)
-end = time.time() + secs
-runs = collections.Counter()
-while True:
-    left = end - time.time()
-    if left <= 0:
-        break
-    s.settimeout(left)
-    try:
-        data, _ = s.recvfrom(65535)
-    except socket.timeout:
-        break
-    f = data.split(b" ")
-    if f[0] == b"lcfs-lab" and len(f) > 2:
-        runs[int(f[1])] += 1
-whole = sum(1 for n in runs.values() if n == per)
-print("RUNS", sum(runs.values()), whole, len(runs) - whole, flush=True)
+if per:
+    s.setsockopt(socket.IPPROTO_UDP, 103, SEG)  # UDP_SEGMENT
+for i in range(count):
+    if per:
+        run = b"".join((b"lcfs-lab %d %d " % (i, j)).ljust(SEG, b".") for j in range(per))
+        s.sendto(run, (group, port))
+    else:
+        s.sendto(b"lcfs-lab %d" % i, (group, port))
+    time.sleep(gap)
 "#;
 
 /// Sends one MLDv2 general query to ff02::1 on lc0, as the lcfs server (the
@@ -119,18 +91,22 @@ struct Receiver {
 
 /// Starts a receiver in `node` and waits until it has joined the group.
 fn receiver(lab: &Lab, node: &str, group: &str, expect: usize, secs: f64) -> Receiver {
-    let mut child = lab.spawn(
-        node,
-        &[
-            "python3",
-            "-c",
-            RECEIVER,
-            group,
-            PORT,
-            &expect.to_string(),
-            &secs.to_string(),
-        ],
-    );
+    receiver_with(lab, node, group, expect, secs, &[])
+}
+
+/// As [`receiver`], with RECEIVER's optional arguments.
+fn receiver_with(
+    lab: &Lab,
+    node: &str,
+    group: &str,
+    expect: usize,
+    secs: f64,
+    more: &[&str],
+) -> Receiver {
+    let (expect, secs) = (expect.to_string(), secs.to_string());
+    let mut args = vec!["python3", "-c", RECEIVER, group, PORT, &expect, &secs];
+    args.extend_from_slice(more);
+    let mut child = lab.spawn(node, &args);
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
@@ -144,7 +120,13 @@ fn receiver(lab: &Lab, node: &str, group: &str, expect: usize, secs: f64) -> Rec
 
 impl Receiver {
     /// Waits for the receiver to finish; returns how many datagrams it got and the source.
-    fn finish(mut self) -> (usize, String) {
+    fn finish(self) -> (usize, String) {
+        let (n, source, _) = self.finish_runs();
+        (n, source)
+    }
+
+    /// As [`Receiver::finish`], and how many GSO runs arrived [whole, in part].
+    fn finish_runs(mut self) -> (usize, String, [usize; 2]) {
         let mut rest = String::new();
         self.out.read_to_string(&mut rest).unwrap();
         let status = self.child.wait().unwrap();
@@ -155,27 +137,28 @@ impl Receiver {
         );
         let f: Vec<&str> = rest.split_whitespace().collect();
         assert!(
-            f.len() == 3 && f[0] == "GOT",
+            f.len() == 5 && f[0] == "GOT",
             "receiver in {} said {rest:?}",
             self.node
         );
-        (f[1].parse().unwrap(), f[2].to_string())
+        (
+            f[1].parse().unwrap(),
+            f[2].to_string(),
+            [f[3].parse().unwrap(), f[4].parse().unwrap()],
+        )
     }
 }
 
 fn send(lab: &Lab, group: &str, count: usize, gap: f64) {
-    lab.run(
-        "srv",
-        &[
-            "python3",
-            "-c",
-            SENDER,
-            group,
-            PORT,
-            &count.to_string(),
-            &gap.to_string(),
-        ],
-    );
+    send_with(lab, group, count, gap, &[]);
+}
+
+/// As [`send`], with SENDER's optional arguments.
+fn send_with(lab: &Lab, group: &str, count: usize, gap: f64, more: &[&str]) {
+    let (count, gap) = (count.to_string(), gap.to_string());
+    let mut args = vec!["python3", "-c", SENDER, group, PORT, &count, &gap];
+    args.extend_from_slice(more);
+    lab.run("srv", &args);
 }
 
 #[test]
@@ -230,43 +213,10 @@ fn loss_drops_datagrams_not_whole_gso_runs() {
     lab.shape("c1", &["--loss", "50"]);
     const RUNS: usize = 20;
     const PER: usize = 40;
-    let mut child = lab.spawn(
-        "c1",
-        &[
-            "python3",
-            "-c",
-            RUN_RECEIVER,
-            GROUP,
-            PORT,
-            &PER.to_string(),
-            "3.0",
-        ],
-    );
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "READY", "receiver in c1 did not start");
-    lab.run(
-        "srv",
-        &[
-            "python3",
-            "-c",
-            GSO_SENDER,
-            GROUP,
-            PORT,
-            &RUNS.to_string(),
-            &PER.to_string(),
-        ],
-    );
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    assert!(child.wait().unwrap().success(), "receiver failed: {rest}");
-    let f: Vec<usize> = rest
-        .split_whitespace()
-        .skip(1)
-        .map(|x| x.parse().unwrap())
-        .collect();
-    let (got, partial) = (f[0], f[2]);
+    let per = PER.to_string();
+    let r = receiver_with(&lab, "c1", GROUP, RUNS * PER, 3.0, &[&per]);
+    send_with(&lab, GROUP, RUNS, 0.005, &[&per]);
+    let (got, _, [whole, partial]) = r.finish_runs();
     assert!(
         got > 0 && got < RUNS * PER,
         "50% loss let {got} of {} datagrams through",
@@ -274,7 +224,7 @@ fn loss_drops_datagrams_not_whole_gso_runs() {
     );
     assert!(
         partial > 0,
-        "every run arrived whole or not at all ({rest:?}): loss dropped GSO runs, not datagrams"
+        "every run arrived whole ({whole}) or not at all: loss dropped GSO runs, not datagrams"
     );
 }
 
