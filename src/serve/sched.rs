@@ -98,14 +98,16 @@
 //! blocks' does ([`Waits`]); their queue is looked at [`RIPE_SCAN`] deep, and later rounds
 //! never wait behind it. A directory's round is over in a millisecond, so copies a few
 //! milliseconds apart each asked for rounds of their own: eight copies of tools/bench's
-//! tree_10k in the lab sent 80 to 100 later rounds of the tree's 101 directories, and the copies that had missed one stayed behind until the blocks' wait
-//! caught them up. With it (and copies that say they fetch in bulk from their start, see
-//! `crate::fetch::intent`): no later round of either kind, the server's bytes from 1.04 to
-//! 1.01 times one copy's, eight copies 4.21 to 4.37 s against 4.27 to 4.57 s (three
-//! alternating pairs); three unshaped copies 1.29 to 1.45 s against 1.38 to 1.40 s, with 0
-//! to 19 later rounds of directories against 126 to 200. The cost: a receiver reading
-//! other files than the rest waits for its first lookups until the wait has run out a few
-//! times: in a path's lookups one after another, 100 + 75 + 56 + 42 ms at the most.
+//! tree_10k in the lab sent 80 to 100 later rounds of the tree's 101 directories, and the
+//! copies that had missed one stayed behind until the blocks' wait caught them up. With it
+//! (and copies that say they fetch in bulk from their start, see `crate::fetch::intent`):
+//! no later round of either kind in three runs, the server's bytes 1.01 times one copy's
+//! rather than 1.03 to 1.05, eight copies 4.15 to 4.47 s against 4.27 to 4.57 s; three
+//! unshaped copies 1.29 to 1.45 s against 1.38 to 1.40 s, with 0 to 19 later rounds of
+//! directories against 126 to 200 (alternating runs in a netlab lab). In tools/bench (seed
+//! 9191) eight copies' bytes went from 1.047 to 1.016 times one copy's. The cost: a receiver
+//! reading other files than the rest waits for its first lookups until the wait has run out
+//! a few times: in a path's lookups one after another, 100 + 75 + 56 + 42 ms at the most.
 //!
 //! A leave is not trusted (anyone on the link can forge one; see `crate::mld::tracker`): when
 //! the last listener of an object says it left, the tracker asks whether others still listen
