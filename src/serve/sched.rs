@@ -95,8 +95,8 @@
 //! answers the tracker's query.
 //!
 //! Metadata's first rounds wait in the same way, with a wait of their own that learns as the
-//! blocks' does ([`Waits`]); their queue is looked at [`RIPE_SCAN`] deep, and later rounds
-//! never wait behind it. A directory's round is over in a millisecond, so copies a few
+//! blocks' does ([`Waits`]); their queue is looked at [`RIPE_SCAN`] deep, later rounds never
+//! wait behind it, and it waits behind later rounds for `bulk_patience` symbols at most. A directory's round is over in a millisecond, so copies a few
 //! milliseconds apart each asked for rounds of their own: eight copies of tools/bench's
 //! tree_10k in the lab sent 80 to 100 later rounds of the tree's 101 directories, and the
 //! copies that had missed one stayed behind until the blocks' wait caught them up. With it
@@ -106,7 +106,7 @@
 //! unshaped copies 1.29 to 1.45 s against 1.38 to 1.40 s, with 0 to 19 later rounds of
 //! directories against 126 to 200 (alternating runs in a netlab lab). In tools/bench (seed
 //! 9191) eight copies' bytes went from 1.047 to 1.016 times one copy's. The cost: a receiver
-//! reading other files than the rest waits for its first lookups until the wait has run out
+//! copying other files than the rest waits for its first lookups until the wait has run out
 //! a few times: in a path's lookups one after another, 100 + 75 + 56 + 42 ms at the most.
 //!
 //! A leave is not trusted (anyone on the link can forge one; see `crate::mld::tracker`): when
@@ -303,7 +303,7 @@ pub struct SchedStats {
 pub struct Scheduler {
     config: SchedConfig,
     stats: SchedStats,
-    /// Later rounds, and metadata's first rounds once begun: never wait.
+    /// Later rounds, and the rest of a first round resumed after a leave: never wait.
     urgent: VecDeque<ObjectHash>,
     /// Metadata's first rounds, while they may wait for the receivers fetching in bulk.
     metadata: VecDeque<ObjectHash>,
@@ -316,6 +316,8 @@ pub struct Scheduler {
     bulk_waited: u32,
     /// A bulk round goes first until it ends: the bulk queue waited `bulk_patience`.
     bulk_turn: bool,
+    /// Urgent symbols sent while metadata that may go waited.
+    metadata_waited: u32,
     cursors: HashMap<ObjectHash, Esi>,
     /// When objects that have a cursor last lost their listeners.
     idle_since: HashMap<ObjectHash, Instant>,
@@ -374,6 +376,7 @@ impl Scheduler {
             cooling_seq: 0,
             bulk_waited: 0,
             bulk_turn: false,
+            metadata_waited: 0,
             cursors: HashMap::new(),
             idle_since: HashMap::new(),
             root_active: false,
@@ -649,19 +652,29 @@ impl Scheduler {
     }
 
     /// Which queue the next symbol comes from, None when none may go now: later rounds
-    /// first, then metadata's first rounds, then blocks'; but a bulk round that has waited
-    /// behind `bulk_patience` symbols of the others goes next (then until it ends).
+    /// first, then metadata's first rounds, then blocks'; but metadata that has waited
+    /// behind `bulk_patience` urgent symbols goes next, and so does a bulk round that has
+    /// waited behind `bulk_patience` symbols of the others (then until it ends).
     fn pick(&mut self, now: Instant) -> Option<Queue> {
         // A round goes out whole: a metadata round under way goes on first.
         let begun = |h: &ObjectHash| self.active.get(h).is_some_and(|a| a.first.is_some());
         let other = if self.metadata.front().is_some_and(begun) {
             Some(Queue::Metadata)
-        } else if !self.urgent.is_empty() {
-            Some(Queue::Urgent)
-        } else if self.ripe_first(Queue::Metadata, now) {
-            Some(Queue::Metadata)
+        } else if self.urgent.is_empty() || self.metadata_waited >= self.config.bulk_patience {
+            // Metadata that may go goes when nothing is urgent, and after `bulk_patience`
+            // urgent symbols at the latest: later rounds that never end (listeners that
+            // never leave) must not starve lookups.
+            self.metadata_waited = 0;
+            if self.ripe_first(Queue::Metadata, now) {
+                Some(Queue::Metadata)
+            } else {
+                (!self.urgent.is_empty()).then_some(Queue::Urgent)
+            }
         } else {
-            None
+            if self.ripe_first(Queue::Metadata, now) {
+                self.metadata_waited += 1;
+            }
+            Some(Queue::Urgent)
         };
         if !self.ripe_first(Queue::Bulk, now) {
             self.bulk_turn = false;
@@ -1115,13 +1128,19 @@ mod tests {
         // 400 a second are still more than the link carries.
         send_until(&mut s, &mut now, t0 + Duration::from_secs(20));
         assert!(s.bulk.is_empty());
-        // A real receiver's new block arrives while their later rounds go on.
-        s.handle_active(t0, h(200), 32, false);
+        // A real receiver's new block and directory arrive while their later rounds go on.
+        s.handle_active(now, h(200), 32, false);
+        s.handle_active(now, h(201), 8, true);
         let sent = send_until(&mut s, &mut now, t0 + Duration::from_secs(21));
         let got = count(&sent, h(200));
         assert!(
             got >= 32,
             "the new block got {got} symbols in a second, K is 32"
+        );
+        let got = count(&sent, h(201));
+        assert!(
+            got >= 8,
+            "the new directory got {got} symbols in a second, K is 8"
         );
     }
 
