@@ -38,7 +38,9 @@ pub const HURRY_LINGER: Duration = Duration::from_millis(250);
 /// How long a receiver that will fetch in bulk (`copy`, `prefetch`) says so before its first
 /// request: from its first join of the root group until the root record is heard and the
 /// first directory asked for, which takes a root interval (25 ms) on a quiet link. Bounded,
-/// so that a receiver that never hears a root it accepts does not hold others' rounds.
+/// so that a receiver that never hears a root it accepts does not hold others' rounds. A
+/// copy whose objects are all in its cache asks the network for nothing and holds it the
+/// whole second: first rounds of others then wait for it, and teach their waits to shrink.
 pub const BULK_EXPECTED: Duration = Duration::from_secs(1);
 
 /// The bulk and hurry reports of one receiver.
