@@ -459,8 +459,8 @@ impl Scheduler {
                 a.heard = a.heard.max(n);
             }
             if missed {
-                let urgent = a.urgent;
-                self.waits.learn(urgent, self.config.gather, Waited::Missed);
+                self.waits
+                    .learn(a.urgent, self.config.gather, Waited::Missed);
             }
         }
     }

@@ -425,13 +425,28 @@ mod tests {
 
     /// Waits for the notice of `rel`, skipping others (a write also gives a modify).
     fn expect(rx: &Receiver<Notice>, rel: &str) {
+        expect_before(rx, rel, None);
+    }
+
+    /// As [`expect`]; panics on a notice of `never` first.
+    fn expect_before(rx: &Receiver<Notice>, rel: &str, never: Option<&str>) {
         let want = Notice::Changed(PathBuf::from(rel));
+        let bad = never.map(|n| Notice::Changed(PathBuf::from(n)));
         while let Some(n) = next(rx) {
+            assert!(Some(&n) != bad.as_ref(), "{never:?} is outside the tree");
             if n == want {
                 return;
             }
         }
         panic!("no notice of {rel:?}");
+    }
+
+    /// Dropping the watcher ends its thread, which drops its sender.
+    fn assert_stops(watcher: TreeWatcher, rx: &Receiver<Notice>) {
+        drop(watcher);
+        rx.try_iter().for_each(drop);
+        let ended = rx.try_recv();
+        assert_eq!(ended, Err(std::sync::mpsc::TryRecvError::Disconnected));
     }
 
     #[test]
@@ -464,22 +479,7 @@ mod tests {
         std::fs::write(root.join("m/deep/g"), b"g").unwrap();
         expect(&rx, "m/deep/g");
 
-        drop(watcher);
-        rx.try_iter().for_each(drop);
-        let ended = rx.try_recv();
-        assert_eq!(ended, Err(std::sync::mpsc::TryRecvError::Disconnected));
-    }
-
-    /// Waits for the notice of `rel`; panics on a notice of `never` first.
-    fn expect_not(rx: &Receiver<Notice>, rel: &str, never: &str) {
-        let (want, bad) = (Notice::Changed(rel.into()), Notice::Changed(never.into()));
-        while let Some(n) = next(rx) {
-            assert_ne!(n, bad, "{never:?} is outside the tree");
-            if n == want {
-                return;
-            }
-        }
-        panic!("no notice of {rel:?}");
+        assert_stops(watcher, &rx);
     }
 
     #[test]
@@ -505,11 +505,8 @@ mod tests {
         expect(&rx, "x/usr");
         std::fs::write(target.join("usr/f"), b"f").unwrap();
         std::fs::write(root.join("marker"), b"m").unwrap();
-        expect_not(&rx, "marker", "x/usr/f");
+        expect_before(&rx, "marker", Some("x/usr/f"));
 
-        drop(watcher);
-        rx.try_iter().for_each(drop);
-        let ended = rx.try_recv();
-        assert_eq!(ended, Err(std::sync::mpsc::TryRecvError::Disconnected));
+        assert_stops(watcher, &rx);
     }
 }
