@@ -27,7 +27,8 @@
 //! - every symbol is of an object the current table publishes (current or kept generation);
 //! - an object that cannot be loaded is asked for at most once per table, and then not sent;
 //! - at most `max_unrouted` unrouted groups, so a flood of joins costs bounded memory;
-//! - wire bytes handed out over any span `t` stay within `rate * t + burst`.
+//! - wire bytes handed out from the start stay within `rate * t + burst`, and over any span
+//!   `t` within `rate * t + burst` plus the time the pacer makes up (`sched::CATCH_UP`).
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv6Addr;
@@ -460,7 +461,12 @@ impl Carousel {
     }
 
     fn next_scheduled(&mut self, now: Instant) -> Option<Transmit> {
-        let transmit = match self.sched.poll_transmit(now)? {
+        let Some(next) = self.sched.poll_transmit(now) else {
+            // Room and nothing to send: the time until there is something is not made up.
+            self.pacer.handle_idle(now);
+            return None;
+        };
+        let transmit = match next {
             sched::Transmit::Root => Transmit {
                 to: self.table.root,
                 payload: Payload::Root(self.table.record()),
