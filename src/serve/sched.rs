@@ -862,17 +862,28 @@ const ROOT_BURST: u32 = 6;
 /// period for one (CFS: up to 24 ms); a bucket of 32 packets (1.9 ms at 200 Mbit/s) lost that
 /// time for good. Eight copies of tools/bench's tree on the server's two cores stretched
 /// its sending by a tenth, while the scheduler had rounds ready all along (lab, three runs
-/// each: 4.42 to 4.51 s with 32 packets, 4.00 to 4.16 s with about 15 ms of catching up).
+/// each: 4.28 to 4.55 s with 32 packets, 4.08 to 4.20 s with 20 ms of catching up; capped
+/// at [`CATCH_UP_MAX`], 10 ms at that rate, the same as 20 ms in two more pairs).
 pub const CATCH_UP: Duration = Duration::from_millis(20);
+/// And at most this many bytes, whatever the rate: at tools/bench's unshaped 5 Gbit/s 20 ms
+/// is 12.5 MB, far more than a switch port buffers or receivers that share the server's
+/// cores take at once (three copies of 256 MiB fell behind in one bench with no such cap,
+/// 1019 later rounds of blocks against none).
+pub const CATCH_UP_MAX: usize = 256 << 10;
+
+/// Bytes made up at most at `bytes_per_sec`.
+fn catch_up_bytes(bytes_per_sec: f64) -> f64 {
+    (bytes_per_sec * CATCH_UP.as_secs_f64()).min(CATCH_UP_MAX as f64)
+}
 
 /// The pacer: wire bytes at `rate` on average, at most `burst` of them back to back.
 ///
 /// Two token buckets. The rate's bucket holds `burst` plus [`CATCH_UP`] of sending time
-/// while there is something to send, so time lost to the CPU scheduler is made up; while
+/// ([`CATCH_UP_MAX`] bytes at most) while there is something to send, so time lost to the CPU scheduler is made up; while
 /// there is nothing ([`Pacer::handle_idle`]) it holds `burst` only, so an idle sender owes
 /// nothing. The peak's bucket holds `burst` and refills at twice the rate, so what is made
 /// up goes at twice the rate at most, never as one burst at the speed of the link. Over any
-/// span `t` the pacer lets out at most `rate * t + burst + rate * CATCH_UP`, and
+/// span `t` the pacer lets out at most `rate * t + burst` plus what it makes up, and
 /// `2 * rate * t + burst`; from its start, at most `rate * t + burst`.
 pub struct Pacer {
     rate: Bucket,
@@ -892,7 +903,7 @@ impl Pacer {
             rate: Bucket::new(
                 now,
                 bytes_per_sec,
-                burst + bytes_per_sec * CATCH_UP.as_secs_f64(),
+                burst + catch_up_bytes(bytes_per_sec),
                 burst,
             ),
             peak: Bucket::new(now, 2.0 * bytes_per_sec, burst, burst),
@@ -1629,6 +1640,30 @@ mod tests {
     }
 
     #[test]
+    fn a_fast_sender_makes_up_no_more_than_catch_up_max() {
+        let t0 = Instant::now();
+        let (rate, burst) = (625_000_000.0, 46_000.0); // 5 Gbit/s
+        let mut p = Pacer::new(t0, 5_000_000_000, burst as usize);
+        p.handle_sent(t0, burst as usize);
+        // 30 ms lost (18.75 MB at the rate), then 2 ms of sending all it may.
+        let t1 = t0 + Duration::from_millis(30);
+        let sent: usize = (0..=200)
+            .map(|i| {
+                let now = t1 + Duration::from_micros(10 * i);
+                let n = p.available(now);
+                p.handle_sent(now, n);
+                n
+            })
+            .sum();
+        let most = rate * 0.002 + burst + CATCH_UP_MAX as f64;
+        assert!((sent as f64) <= most + 1.0, "{sent} bytes, {most} at most");
+        assert!(
+            (sent as f64) >= most - 2.0 * burst,
+            "{sent} bytes: nothing made up"
+        );
+    }
+
+    #[test]
     fn an_idle_sender_owes_nothing() {
         let t0 = Instant::now();
         let mut p = Pacer::new(t0, 8_000_000, 10_000);
@@ -1665,7 +1700,7 @@ mod tests {
                     sent.push((now, n as f64));
                 }
             }
-            let catch_up = rate * CATCH_UP.as_secs_f64();
+            let catch_up = catch_up_bytes(rate);
             for i in 0..sent.len() {
                 let mut bytes = 0.0;
                 for &(at, n) in &sent[i..] {
