@@ -138,8 +138,8 @@
 //! The pacer counts wire bytes (payload plus IPv6 and UDP headers): it holds the average to
 //! `rate` and lets at most `burst` bytes out at once, because multicast has no congestion
 //! control and an unpaced sender floods the link. Time the sending thread lost waiting for a
-//! core while it had packets to send is made up, up to [`CATCH_UP`], at twice the rate at
-//! most ([`Pacer`]).
+//! core while it had packets to send is made up, up to [`CATCH_UP`] and [`CATCH_UP_MAX`], at
+//! twice the rate at most ([`Pacer`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -859,38 +859,41 @@ const ROOT_BURST: u32 = 6;
 
 /// How much sending time the pacer makes up for, at most: time the sending thread, with
 /// packets to send, waited for a core. A runnable thread on a busy host can wait a scheduler
-/// period for one (CFS: up to 24 ms); a bucket of 32 packets (1.9 ms at 200 Mbit/s) lost that
-/// time for good. Eight copies of tools/bench's tree on the server's two cores stretched
-/// its sending by a tenth, while the scheduler had rounds ready all along (lab, three runs
-/// each: 4.28 to 4.55 s with 32 packets, 4.08 to 4.20 s with 20 ms of catching up; capped
-/// at [`CATCH_UP_MAX`], 10 ms at that rate, the same as 20 ms in two more pairs).
+/// period or more for one; a bucket of 32 packets (1.9 ms at 200 Mbit/s) lost that time for
+/// good. Eight copies of tools/bench's tree on the server's two cores stretched its sending
+/// by a tenth, while the scheduler had rounds ready all along (lab, three runs each: 4.28
+/// to 4.55 s with 32 packets, 4.08 to 4.20 s with 20 ms of catching up).
 pub const CATCH_UP: Duration = Duration::from_millis(20);
 /// And at most this many bytes, whatever the rate: at tools/bench's unshaped 5 Gbit/s 20 ms
 /// is 12.5 MB, far more than a switch port buffers or receivers that share the server's
 /// cores take at once (three copies of 256 MiB fell behind in one bench with no such cap,
-/// 1019 later rounds of blocks against none).
+/// 1019 later rounds of blocks against none). At 200 Mbit/s it is 10 ms, which kept the
+/// gain above (4.40 s against 4.41 to 4.46 with 20 ms, same lab and hour).
 pub const CATCH_UP_MAX: usize = 256 << 10;
 
-/// Bytes made up at most at `bytes_per_sec`.
+/// Bytes made up at most at `bytes_per_sec`: `min(rate * CATCH_UP, CATCH_UP_MAX)`.
 fn catch_up_bytes(bytes_per_sec: f64) -> f64 {
     (bytes_per_sec * CATCH_UP.as_secs_f64()).min(CATCH_UP_MAX as f64)
 }
 
 /// The pacer: wire bytes at `rate` on average, at most `burst` of them back to back.
 ///
-/// Two token buckets. The rate's bucket holds `burst` plus [`CATCH_UP`] of sending time
-/// ([`CATCH_UP_MAX`] bytes at most) while there is something to send, so time lost to the CPU scheduler is made up; while
-/// there is nothing ([`Pacer::handle_idle`]) it holds `burst` only, so an idle sender owes
-/// nothing. The peak's bucket holds `burst` and refills at twice the rate, so what is made
-/// up goes at twice the rate at most, never as one burst at the speed of the link. Over any
-/// span `t` the pacer lets out at most `rate * t + burst` plus what it makes up, and
-/// `2 * rate * t + burst`; from its start, at most `rate * t + burst`.
+/// Two token buckets. The rate's bucket holds `burst` plus [`catch_up_bytes`] while there is
+/// something to send, so time the sender lost waiting for a core is made up. While there is
+/// nothing ([`Pacer::handle_idle`], until the scheduler's next timer or until an event) it
+/// holds `burst` only: an idle sender owes nothing, but one that wakes late for its timer
+/// makes up the delay. The peak's bucket holds `burst` and refills at twice the rate, so what
+/// is made up goes at twice the rate at most, never as one burst at the speed of the link.
+///
+/// Bounds: from its start the pacer lets out at most `rate * t + burst`; over any span `t`,
+/// at most `rate * t + burst + catch_up_bytes(rate)` and `2 * rate * t + burst`.
 pub struct Pacer {
     rate: Bucket,
     peak: Bucket,
     burst: f64,
-    /// Nothing was to send when last asked: the rate's bucket holds `burst` at most.
-    idle: bool,
+    /// Nothing to send, until this time (`Some(None)`: until an event): meanwhile the rate's
+    /// bucket holds `burst` at most.
+    idle: Option<Option<Instant>>,
 }
 
 impl Pacer {
@@ -899,22 +902,25 @@ impl Pacer {
         // A floor keeps the timer maths finite for a rate that rounds to zero.
         let bytes_per_sec = (rate_bps as f64 / 8.0).max(1.0);
         let burst = burst as f64;
+        let cap = burst + catch_up_bytes(bytes_per_sec);
         Pacer {
-            rate: Bucket::new(
-                now,
-                bytes_per_sec,
-                burst + catch_up_bytes(bytes_per_sec),
-                burst,
-            ),
+            rate: Bucket::new(now, bytes_per_sec, cap, burst),
             peak: Bucket::new(now, 2.0 * bytes_per_sec, burst, burst),
             burst,
-            idle: false,
+            idle: None,
         }
     }
 
     fn refill(&mut self, now: Instant) {
-        let cap = if self.idle { self.burst } else { self.rate.cap };
-        self.rate.refill(now, cap);
+        if let Some(until) = self.idle {
+            let end = until.map_or(now, |t| t.min(now));
+            self.rate.refill(end, self.burst);
+            if end < now {
+                // The timer came due before this call: from then on the sender was late.
+                self.idle = None;
+            }
+        }
+        self.rate.refill(now, self.rate.cap);
         self.peak.refill(now, self.peak.cap);
     }
 
@@ -928,15 +934,20 @@ impl Pacer {
         self.refill(now);
         self.rate.tokens -= wire_bytes as f64;
         self.peak.tokens -= wire_bytes as f64;
-        self.idle = false;
     }
 
-    /// The pacer allowed a packet and there was none to send: time until the next one is
-    /// not made up.
-    pub fn handle_idle(&mut self, now: Instant) {
+    /// Nothing to send from `now` until `until` (`None`: until an event): that time is not
+    /// made up.
+    pub fn handle_idle(&mut self, now: Instant, until: Option<Instant>) {
         self.refill(now);
-        self.idle = true;
+        self.idle = Some(until);
         self.rate.tokens = self.rate.tokens.min(self.burst);
+    }
+
+    /// Something to send again.
+    pub fn handle_busy(&mut self, now: Instant) {
+        self.refill(now);
+        self.idle = None;
     }
 
     /// When `bytes` will be available.
@@ -971,9 +982,9 @@ impl Bucket {
         }
     }
 
+    /// Refills up to `now`, to `cap` at most; tokens already above it stay (they are spent).
     fn refill(&mut self, now: Instant, cap: f64) {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        // Tokens above `cap` (the rate's bucket going idle) are not taken away here.
         if self.tokens < cap {
             self.tokens = (self.tokens + dt * self.bytes_per_sec).min(cap);
         }
@@ -1617,24 +1628,36 @@ mod tests {
         );
     }
 
+    /// What a sender that sends all it may at each of `times` gets out each time.
+    fn send_all(p: &mut Pacer, times: impl Iterator<Item = Instant>) -> Vec<usize> {
+        times
+            .map(|now| {
+                let n = p.available(now);
+                p.handle_sent(now, n);
+                n
+            })
+            .collect()
+    }
+
+    /// Each millisecond from `from` to `to` ms after `t0`.
+    fn each_ms(t0: Instant, from: u64, to: u64) -> impl Iterator<Item = Instant> {
+        (from..to).map(move |ms| t0 + Duration::from_millis(ms))
+    }
+
+    fn near(got: usize, want: usize) -> bool {
+        got.abs_diff(want) <= 1
+    }
+
     #[test]
     fn a_busy_sender_makes_up_lost_time_at_twice_the_rate_at_most() {
         let t0 = Instant::now();
         // 8 Mbit/s: 1000 bytes a millisecond; CATCH_UP is 20,000 bytes.
         let mut p = Pacer::new(t0, 8_000_000, 10_000);
         p.handle_sent(t0, 10_000);
-        // The thread runs again 30 ms later, then every millisecond, and sends all it may.
-        let per_ms: Vec<usize> = (30..80)
-            .map(|ms| {
-                let now = t0 + Duration::from_millis(ms);
-                let n = p.available(now);
-                p.handle_sent(now, n);
-                n
-            })
-            .collect();
-        let near = |got: usize, want: usize| got.abs_diff(want) <= 1;
+        // The thread runs again 50 ms later, then every millisecond.
+        let per_ms = send_all(&mut p, each_ms(t0, 50, 100));
         assert_eq!(per_ms[0], 10_000, "a burst at most at once");
-        // 20 ms and the burst are owed: made up at 2000 bytes a millisecond, then the rate.
+        // The burst and 20 ms of the 50 are owed: made up at 2000 bytes a millisecond.
         assert!(per_ms[1..=20].iter().all(|&n| near(n, 2000)), "{per_ms:?}");
         assert!(per_ms[21..].iter().all(|&n| near(n, 1000)), "{per_ms:?}");
     }
@@ -1647,14 +1670,8 @@ mod tests {
         p.handle_sent(t0, burst as usize);
         // 30 ms lost (18.75 MB at the rate), then 2 ms of sending all it may.
         let t1 = t0 + Duration::from_millis(30);
-        let sent: usize = (0..=200)
-            .map(|i| {
-                let now = t1 + Duration::from_micros(10 * i);
-                let n = p.available(now);
-                p.handle_sent(now, n);
-                n
-            })
-            .sum();
+        let times = (0..=200).map(|i| t1 + Duration::from_micros(10 * i));
+        let sent: usize = send_all(&mut p, times).iter().sum();
         let most = rate * 0.002 + burst + CATCH_UP_MAX as f64;
         assert!((sent as f64) <= most + 1.0, "{sent} bytes, {most} at most");
         assert!(
@@ -1668,15 +1685,36 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Pacer::new(t0, 8_000_000, 10_000);
         p.handle_sent(t0, 10_000);
-        p.handle_idle(t0 + Duration::from_millis(5));
-        let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(p.available(t1), 10_000);
-        p.handle_sent(t1, 10_000);
+        // Busy for 30 ms (30,000 bytes owed), then the round's last batch and nothing more
+        // until an event; the batch is counted after the sender said so, as the shell does.
+        let t1 = t0 + Duration::from_millis(30);
+        p.handle_idle(t1, None);
+        p.handle_sent(t1, 1000);
         assert_eq!(
-            p.ready_at(1000),
+            p.ready_at(10_000),
             t1 + Duration::from_millis(1),
-            "the rate, not twice"
+            "owed: cleared"
         );
+        // A join a second later: a burst, then the rate, not twice it.
+        let t2 = t1 + Duration::from_secs(1);
+        p.handle_busy(t2);
+        let per_ms = send_all(&mut p, each_ms(t2, 0, 10));
+        assert_eq!(per_ms[0], 10_000);
+        assert!(per_ms[1..].iter().all(|&n| near(n, 1000)), "{per_ms:?}");
+    }
+
+    #[test]
+    fn a_sender_late_for_its_timer_makes_up_the_delay() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(t0, 8_000_000, 10_000);
+        p.handle_sent(t0, 10_000);
+        // Nothing to send until a cooldown ends at 10 ms; the thread wakes at 40 ms.
+        p.handle_idle(t0, Some(t0 + Duration::from_millis(10)));
+        let per_ms = send_all(&mut p, each_ms(t0, 40, 80));
+        // The first 10 ms fill the burst; the 30 ms late, 20 at most, are made up.
+        assert_eq!(per_ms[0], 10_000);
+        assert!(per_ms[1..=20].iter().all(|&n| near(n, 2000)), "{per_ms:?}");
+        assert!(per_ms[21..].iter().all(|&n| near(n, 1000)), "{per_ms:?}");
     }
 
     #[test]
@@ -1691,8 +1729,10 @@ mod tests {
             for _ in 0..400 {
                 now += Duration::from_micros(rng.random_range(0..30_000));
                 if rng.random_bool(0.1) {
-                    p.handle_idle(now);
-                    continue;
+                    let until = now + Duration::from_micros(rng.random_range(0..30_000));
+                    p.handle_idle(now, rng.random_bool(0.5).then_some(until));
+                } else if rng.random_bool(0.2) {
+                    p.handle_busy(now);
                 }
                 let n = p.available(now).min(rng.random_range(0..40_000));
                 if n > 0 {

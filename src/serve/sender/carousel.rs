@@ -27,8 +27,9 @@
 //! - every symbol is of an object the current table publishes (current or kept generation);
 //! - an object that cannot be loaded is asked for at most once per table, and then not sent;
 //! - at most `max_unrouted` unrouted groups, so a flood of joins costs bounded memory;
-//! - wire bytes handed out from the start stay within `rate * t + burst`, and over any span
-//!   `t` within `rate * t + burst` plus the time the pacer makes up (`sched::CATCH_UP`).
+//! - wire bytes handed out from the start stay within `rate * t + burst`; over any span `t`
+//!   within `2 * rate * t + burst`, and within `rate * t + burst` plus what the pacer makes
+//!   up (`sched::CATCH_UP_MAX` at most), none of it for time with nothing to send.
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv6Addr;
@@ -412,6 +413,11 @@ impl Carousel {
         self.tick(now);
         self.pacer.handle_sent(now, wire_bytes);
         self.reserved = 0;
+        // A batch that ended a round (on its last place, or on the last of the pacer's room)
+        // leaves nothing to send, though no poll found that out.
+        if let Some(until) = self.nothing_until(now) {
+            self.pacer.handle_idle(now, until);
+        }
     }
 
     /// The encoder to build before the next symbol can go.
@@ -462,10 +468,12 @@ impl Carousel {
 
     fn next_scheduled(&mut self, now: Instant) -> Option<Transmit> {
         let Some(next) = self.sched.poll_transmit(now) else {
-            // Room and nothing to send: the time until there is something is not made up.
-            self.pacer.handle_idle(now);
+            if let Some(until) = self.nothing_until(now) {
+                self.pacer.handle_idle(now, until);
+            }
             return None;
         };
+        self.pacer.handle_busy(now);
         let transmit = match next {
             sched::Transmit::Root => Transmit {
                 to: self.table.root,
@@ -478,6 +486,19 @@ impl Carousel {
             }
         };
         Some(transmit)
+    }
+
+    /// Until when nothing is to send: `Some(Some(t))` until the scheduler's next timer,
+    /// `Some(None)` until an event, `None` when something is (or waits for its encoder).
+    fn nothing_until(&self, now: Instant) -> Option<Option<Instant>> {
+        if self.waiting.is_some() {
+            return None;
+        }
+        match self.sched.poll_timeout() {
+            Some(t) if t > now => Some(Some(t)),
+            None if self.sched.is_idle() => Some(None),
+            _ => None,
+        }
     }
 
     /// The waiting symbol, if its encoder is at hand.

@@ -686,6 +686,78 @@ fn the_pacer_holds_the_rate() {
 }
 
 #[test]
+fn time_with_nothing_to_send_is_not_made_up() {
+    let mut w = World::new();
+    let (a, b) = (
+        w.add(1, 64 << 10, Kind::Block),
+        w.add(2, 64 << 10, Kind::Block),
+    );
+    let mut sim = Sim::new(&w, Sim::config(RATE), w.table(&[a, b], 1));
+    // Made up, idle time would let twice the rate out (the peak's bucket) after it.
+    let most = sim.burst + RATE as usize / 8 / 100;
+    let wire_in_10ms = |sim: &Sim, from: Instant| -> usize {
+        let to = from + Duration::from_millis(10);
+        let sent = sim.sent.iter().filter(|s| s.at >= from && s.at < to);
+        sent.map(|s| s.wire).sum()
+    };
+    // A's first round (about 70 ms) ends with a batch of its last packets; nothing is to
+    // send until its cooldown ends. B's join comes before that.
+    sim.join(w.group(&a));
+    sim.run_for(Duration::from_millis(120));
+    let start = sim.now;
+    sim.join(w.group(&b));
+    sim.run_for(Duration::from_millis(10));
+    let wire = wire_in_10ms(&sim, start);
+    assert!(
+        wire <= most,
+        "{wire} bytes in B's first 10 ms, {most} at most"
+    );
+    // Nothing to send until an event: A's join again, 100 ms after both went.
+    for g in [w.group(&a), w.group(&b)] {
+        sim.event(GroupEvent::Leaving(g));
+        sim.event(GroupEvent::Inactive(g));
+    }
+    sim.run_for(Duration::from_millis(100));
+    let start = sim.now;
+    sim.join(w.group(&a));
+    sim.run_for(Duration::from_millis(10));
+    let wire = wire_in_10ms(&sim, start);
+    assert!(
+        wire <= most,
+        "{wire} bytes in A's first 10 ms again, {most} at most"
+    );
+}
+
+#[test]
+fn a_round_that_ends_on_the_last_of_the_room_leaves_the_sender_idle() {
+    const FAST: u64 = 100_000_000; // 12.5 MB/s: 20 ms of catching up is 250 KB
+    let mut w = World::new();
+    // 32 full symbols: the first round takes the whole burst, and the next poll finds the
+    // pacer dry before it asks the scheduler, which has nothing until A's cooldown ends.
+    let link = packet::symbol_size_for(Sim::config(FAST).max_payload, false);
+    let a = w.add(1, 32 * link, Kind::Block);
+    let bs: Vec<ObjectHash> = (2..8).map(|i| w.add(i, 64 << 10, Kind::Block)).collect();
+    let hashes: Vec<ObjectHash> = std::iter::once(a).chain(bs.iter().copied()).collect();
+    let mut sim = Sim::new(&w, Sim::config(FAST), w.table(&hashes, 1));
+    sim.join(w.group(&a));
+    sim.run_for(Duration::from_millis(30));
+    assert_eq!(sim.symbols_of(a).len(), 32);
+    let start = sim.now;
+    for b in &bs {
+        sim.join(w.group(b));
+    }
+    sim.run_for(Duration::from_millis(10));
+    let wire: usize = sim
+        .sent
+        .iter()
+        .filter(|s| s.at >= start)
+        .map(|s| s.wire)
+        .sum();
+    let most = sim.burst + FAST as usize / 8 / 100;
+    assert!(wire <= most, "{wire} bytes in 10 ms, {most} at most");
+}
+
+#[test]
 fn a_flood_of_joins_and_strange_events_never_panics_and_stays_bounded() {
     let mut w = World::new();
     let a = w.add(1, 5000, Kind::Block);
