@@ -861,8 +861,9 @@ const ROOT_BURST: u32 = 6;
 /// packets to send, waited for a core. A runnable thread on a busy host can wait a scheduler
 /// period or more for one; a bucket of 32 packets (1.9 ms at 200 Mbit/s) lost that time for
 /// good. Eight copies of tools/bench's tree on the server's two cores stretched its sending
-/// by a tenth, while the scheduler had rounds ready all along (lab, three runs each: 4.28
-/// to 4.55 s with 32 packets, 4.08 to 4.20 s with 20 ms of catching up).
+/// by a tenth, while the scheduler had rounds ready all along and tbf never throttled (lab,
+/// one copy 3.74 s; eight: 4.43 to 5.05 s with 32 packets, 4.05 to 4.11 s with this pacer,
+/// three runs each, alternating).
 pub const CATCH_UP: Duration = Duration::from_millis(20);
 /// And at most this many bytes, whatever the rate: at tools/bench's unshaped 5 Gbit/s 20 ms
 /// is 12.5 MB, far more than a switch port buffers or receivers that share the server's
