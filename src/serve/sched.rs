@@ -137,9 +137,9 @@
 //!
 //! The pacer counts wire bytes (payload plus IPv6 and UDP headers): it holds the average to
 //! `rate` and lets at most `burst` bytes out at once, because multicast has no congestion
-//! control and an unpaced sender floods the link. Time the sending thread lost waiting for a
-//! core while it had packets to send is made up, up to [`CATCH_UP`] and [`CATCH_UP_MAX`], at
-//! twice the rate at most ([`Pacer`]).
+//! control and an unpaced sender floods the link. Time the sending thread lost while it had
+//! packets to send (waiting for a core, or loading an encoder) is made up, up to [`CATCH_UP`]
+//! or [`CATCH_UP_MAX`] whichever is less, at twice the rate at most ([`Pacer`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -857,19 +857,20 @@ fn cooldown_after(config: &SchedConfig, rounds: u32) -> Duration {
 /// at 20% loss that was a fifth of the receivers.
 const ROOT_BURST: u32 = 6;
 
-/// How much sending time the pacer makes up for, at most: time the sending thread, with
-/// packets to send, waited for a core. A runnable thread on a busy host can wait a scheduler
-/// period or more for one; a bucket of 32 packets (1.9 ms at 200 Mbit/s) lost that time for
-/// good. Eight copies of tools/bench's tree on the server's two cores stretched its sending
-/// by a tenth, while the scheduler had rounds ready all along and tbf never throttled (lab,
+/// How much sending time the pacer makes up for, at most: time the sending thread lost while
+/// it had packets to send, mostly waiting for a core. A runnable thread on a busy host can
+/// wait a scheduler period or more for one; a bucket of 32 packets (1.9 ms at 200 Mbit/s)
+/// lost that time for good. Eight copies of tools/bench's tree on the server's two cores
+/// stretched its sending by a tenth to a fifth, while the scheduler had rounds ready all
+/// along and tbf never throttled (lab,
 /// one copy 3.74 s; eight: 4.43 to 5.05 s with 32 packets, 4.05 to 4.11 s with this pacer,
 /// three runs each, alternating).
 pub const CATCH_UP: Duration = Duration::from_millis(20);
 /// And at most this many bytes, whatever the rate: at tools/bench's unshaped 5 Gbit/s 20 ms
 /// is 12.5 MB, far more than a switch port buffers or receivers that share the server's
 /// cores take at once (three copies of 256 MiB fell behind in one bench with no such cap,
-/// 1019 later rounds of blocks against none). At 200 Mbit/s it is 10 ms, which kept the
-/// gain above (4.40 s against 4.41 to 4.46 with 20 ms, same lab and hour).
+/// 1019 later rounds of blocks against none). At 200 Mbit/s it is 10 ms: eight copies took
+/// 4.40 s with it and 4.41 to 4.46 s with 20 ms (6ade2a4, same lab and hour).
 pub const CATCH_UP_MAX: usize = 256 << 10;
 
 /// Bytes made up at most at `bytes_per_sec`: `min(rate * CATCH_UP, CATCH_UP_MAX)`.
@@ -880,7 +881,7 @@ fn catch_up_bytes(bytes_per_sec: f64) -> f64 {
 /// The pacer: wire bytes at `rate` on average, at most `burst` of them back to back.
 ///
 /// Two token buckets. The rate's bucket holds `burst` plus [`catch_up_bytes`] while there is
-/// something to send, so time the sender lost waiting for a core is made up. While there is
+/// something to send, so time the sending thread lost (mostly waiting for a core) is made up. While there is
 /// nothing ([`Pacer::handle_idle`], until the scheduler's next timer or until an event) it
 /// holds `burst` only: an idle sender owes nothing, but one that wakes late for its timer
 /// makes up the delay. The peak's bucket holds `burst` and refills at twice the rate, so what
@@ -893,7 +894,7 @@ pub struct Pacer {
     peak: Bucket,
     burst: f64,
     /// Nothing to send, until this time (`Some(None)`: until an event): meanwhile the rate's
-    /// bucket holds `burst` at most.
+    /// bucket holds `burst` at most. `None`: something to send.
     idle: Option<Option<Instant>>,
 }
 
@@ -938,7 +939,7 @@ impl Pacer {
     }
 
     /// Nothing to send from `now` until `until` (`None`: until an event): that time is not
-    /// made up.
+    /// made up, and what was owed is dropped (the rate's bucket down to `burst`).
     pub fn handle_idle(&mut self, now: Instant, until: Option<Instant>) {
         self.refill(now);
         self.idle = Some(until);

@@ -46,6 +46,10 @@ const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// How often the status counters are set from the carousel's state.
 const STATUS_EVERY: Duration = Duration::from_millis(100);
 
+/// The pause after a failed send (ENOBUFS: the interface's queue is full), so that a failing
+/// socket is not retried in a busy loop; the pacer does not make it up.
+const SEND_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
     /// Send rate in bits per second, counting Ethernet, IPv6 and UDP headers.
@@ -157,7 +161,8 @@ impl SenderLoop {
             self.publish_status(Instant::now());
             if let Err(e) = self.send_some() {
                 tracing::warn!("sending on the multicast socket failed: {e}");
-                std::thread::sleep(Duration::from_millis(50));
+                self.carousel.handle_pause(Instant::now(), SEND_ERROR_PAUSE);
+                std::thread::sleep(SEND_ERROR_PAUSE);
             }
         }
         self.log_stats();

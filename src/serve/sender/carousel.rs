@@ -27,14 +27,15 @@
 //! - every symbol is of an object the current table publishes (current or kept generation);
 //! - an object that cannot be loaded is asked for at most once per table, and then not sent;
 //! - at most `max_unrouted` unrouted groups, so a flood of joins costs bounded memory;
-//! - wire bytes handed out from the start stay within `rate * t + burst`; over any span `t`
-//!   within `2 * rate * t + burst`, and within `rate * t + burst` plus what the pacer makes
-//!   up (`sched::CATCH_UP_MAX` at most), none of it for time with nothing to send.
+//! - wire bytes handed out from the start stay within `rate * t + burst` (and over any span
+//!   `t` within `2 * rate * t + burst`, and `rate * t + burst` plus what the pacer makes up,
+//!   `sched::CATCH_UP_MAX` at most: the pacer's own tests check those); time with nothing
+//!   to send is not made up.
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv6Addr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::object::ObjectHash;
 
@@ -214,6 +215,7 @@ impl Carousel {
                 }
             }
         }
+        self.note_idle(now);
     }
 
     /// The root record and the beacon are cheap: they go on until `Inactive`. An object
@@ -377,6 +379,7 @@ impl Carousel {
                 }
             }
         }
+        self.note_idle(now);
     }
 
     /// `encoder` of `hash`, built by the shell after [`Carousel::poll_load`].
@@ -415,9 +418,13 @@ impl Carousel {
         self.reserved = 0;
         // A batch that ended a round (on its last place, or on the last of the pacer's room)
         // leaves nothing to send, though no poll found that out.
-        if let Some(until) = self.nothing_until(now) {
-            self.pacer.handle_idle(now, until);
-        }
+        self.note_idle(now);
+    }
+
+    /// The shell pauses sending for `pause` (after a failed send): that time is not made up.
+    pub fn handle_pause(&mut self, now: Instant, pause: Duration) {
+        self.tick(now);
+        self.pacer.handle_idle(now, Some(now + pause));
     }
 
     /// The encoder to build before the next symbol can go.
@@ -468,9 +475,7 @@ impl Carousel {
 
     fn next_scheduled(&mut self, now: Instant) -> Option<Transmit> {
         let Some(next) = self.sched.poll_transmit(now) else {
-            if let Some(until) = self.nothing_until(now) {
-                self.pacer.handle_idle(now, until);
-            }
+            self.note_idle(now);
             return None;
         };
         self.pacer.handle_busy(now);
@@ -486,6 +491,17 @@ impl Carousel {
             }
         };
         Some(transmit)
+    }
+
+    /// Tells the pacer whether anything is to send, after whatever may have changed that
+    /// (a batch, an event, a table): the pacer makes up lost time only while something is.
+    /// After an event it must not wait for the next poll, which a dry pacer keeps from
+    /// reaching the scheduler.
+    fn note_idle(&mut self, now: Instant) {
+        match self.nothing_until(now) {
+            Some(until) => self.pacer.handle_idle(now, until),
+            None => self.pacer.handle_busy(now),
+        }
     }
 
     /// Until when nothing is to send: `Some(Some(t))` until the scheduler's next timer,

@@ -700,8 +700,9 @@ fn time_with_nothing_to_send_is_not_made_up() {
         let sent = sim.sent.iter().filter(|s| s.at >= from && s.at < to);
         sent.map(|s| s.wire).sum()
     };
-    // A's first round (about 70 ms) ends with a batch of its last packets; nothing is to
-    // send until its cooldown ends. B's join comes before that.
+    // A's rounds (a burst, then the rest at the rate; then a short later round) each end
+    // with a batch of their last packets, and nothing is to send until the next cooldown
+    // ends. B's join comes during one.
     sim.join(w.group(&a));
     sim.run_for(Duration::from_millis(120));
     let start = sim.now;
@@ -726,6 +727,35 @@ fn time_with_nothing_to_send_is_not_made_up() {
         wire <= most,
         "{wire} bytes in A's first 10 ms again, {most} at most"
     );
+}
+
+#[test]
+fn an_event_that_leaves_nothing_to_send_idles_a_dry_sender() {
+    let mut w = World::new();
+    let a = w.add(1, 64 << 10, Kind::Block);
+    let bs: Vec<ObjectHash> = (2..6).map(|i| w.add(i, 64 << 10, Kind::Block)).collect();
+    let hashes: Vec<ObjectHash> = std::iter::once(a).chain(bs.iter().copied()).collect();
+    let mut sim = Sim::new(&w, Sim::config(RATE), w.table(&hashes, 1));
+    // A's first batch takes the whole burst; A goes at once, while the pacer is dry, so no
+    // poll reaches the scheduler to find it has nothing.
+    sim.join(w.group(&a));
+    sim.step();
+    sim.event(GroupEvent::Leaving(w.group(&a)));
+    sim.event(GroupEvent::Inactive(w.group(&a)));
+    sim.run_for(Duration::from_millis(80));
+    let start = sim.now;
+    for b in &bs {
+        sim.join(w.group(b));
+    }
+    sim.run_for(Duration::from_millis(20));
+    let wire: usize = sim
+        .sent
+        .iter()
+        .filter(|s| s.at >= start)
+        .map(|s| s.wire)
+        .sum();
+    let most = sim.burst + RATE as usize / 8 / 50;
+    assert!(wire <= most, "{wire} bytes in 20 ms, {most} at most");
 }
 
 #[test]
