@@ -685,44 +685,56 @@ fn the_pacer_holds_the_rate() {
     assert!(window(0, 1) <= sim.burst, "a burst at most at once");
 }
 
+impl Sim {
+    /// Joins `groups` now and runs for `d`: the wire bytes sent meanwhile.
+    fn join_and_count(&mut self, groups: &[Ipv6Addr], d: Duration) -> usize {
+        let start = self.now;
+        for &g in groups {
+            self.join(g);
+        }
+        self.run_for(d);
+        let sent = self.sent.iter().filter(|s| s.at >= start);
+        sent.map(|s| s.wire).sum()
+    }
+
+    /// The most a pacer lets out in `d` from rest: a burst, then the rate. One that made up
+    /// the time before, when it had nothing to send, would let out twice the rate instead.
+    fn most_from_rest(&self, d: Duration) -> usize {
+        self.burst + (self.rate * d.as_secs_f64()) as usize
+    }
+}
+
+/// Objects of 64 KiB, `n` of them, seeded from `from` on.
+fn blocks(w: &mut World, from: u32, n: u32) -> Vec<ObjectHash> {
+    (from..from + n)
+        .map(|i| w.add(i, 64 << 10, Kind::Block))
+        .collect()
+}
+
 #[test]
 fn time_with_nothing_to_send_is_not_made_up() {
     let mut w = World::new();
-    let (a, b) = (
-        w.add(1, 64 << 10, Kind::Block),
-        w.add(2, 64 << 10, Kind::Block),
-    );
-    let mut sim = Sim::new(&w, Sim::config(RATE), w.table(&[a, b], 1));
-    // Made up, idle time would let twice the rate out (the peak's bucket) after it.
-    let most = sim.burst + RATE as usize / 8 / 100;
-    let wire_in_10ms = |sim: &Sim, from: Instant| -> usize {
-        let to = from + Duration::from_millis(10);
-        let sent = sim.sent.iter().filter(|s| s.at >= from && s.at < to);
-        sent.map(|s| s.wire).sum()
-    };
+    let ab = blocks(&mut w, 1, 2);
+    let (a, b) = (w.group(&ab[0]), w.group(&ab[1]));
+    let mut sim = Sim::new(&w, Sim::config(RATE), w.table(&ab, 1));
+    let most = sim.most_from_rest(Duration::from_millis(10));
     // A's rounds (a burst, then the rest at the rate; then a short later round) each end
     // with a batch of their last packets, and nothing is to send until the next cooldown
     // ends. B's join comes during one.
-    sim.join(w.group(&a));
+    sim.join(a);
     sim.run_for(Duration::from_millis(120));
-    let start = sim.now;
-    sim.join(w.group(&b));
-    sim.run_for(Duration::from_millis(10));
-    let wire = wire_in_10ms(&sim, start);
+    let wire = sim.join_and_count(&[b], Duration::from_millis(10));
     assert!(
         wire <= most,
         "{wire} bytes in B's first 10 ms, {most} at most"
     );
     // Nothing to send until an event: A's join again, 100 ms after both went.
-    for g in [w.group(&a), w.group(&b)] {
+    for g in [a, b] {
         sim.event(GroupEvent::Leaving(g));
         sim.event(GroupEvent::Inactive(g));
     }
     sim.run_for(Duration::from_millis(100));
-    let start = sim.now;
-    sim.join(w.group(&a));
-    sim.run_for(Duration::from_millis(10));
-    let wire = wire_in_10ms(&sim, start);
+    let wire = sim.join_and_count(&[a], Duration::from_millis(10));
     assert!(
         wire <= most,
         "{wire} bytes in A's first 10 ms again, {most} at most"
@@ -732,29 +744,18 @@ fn time_with_nothing_to_send_is_not_made_up() {
 #[test]
 fn an_event_that_leaves_nothing_to_send_idles_a_dry_sender() {
     let mut w = World::new();
-    let a = w.add(1, 64 << 10, Kind::Block);
-    let bs: Vec<ObjectHash> = (2..6).map(|i| w.add(i, 64 << 10, Kind::Block)).collect();
-    let hashes: Vec<ObjectHash> = std::iter::once(a).chain(bs.iter().copied()).collect();
+    let hashes = blocks(&mut w, 1, 5);
+    let groups: Vec<Ipv6Addr> = hashes.iter().map(|h| w.group(h)).collect();
     let mut sim = Sim::new(&w, Sim::config(RATE), w.table(&hashes, 1));
     // A's first batch takes the whole burst; A goes at once, while the pacer is dry, so no
     // poll reaches the scheduler to find it has nothing.
-    sim.join(w.group(&a));
+    sim.join(groups[0]);
     sim.step();
-    sim.event(GroupEvent::Leaving(w.group(&a)));
-    sim.event(GroupEvent::Inactive(w.group(&a)));
+    sim.event(GroupEvent::Leaving(groups[0]));
+    sim.event(GroupEvent::Inactive(groups[0]));
     sim.run_for(Duration::from_millis(80));
-    let start = sim.now;
-    for b in &bs {
-        sim.join(w.group(b));
-    }
-    sim.run_for(Duration::from_millis(20));
-    let wire: usize = sim
-        .sent
-        .iter()
-        .filter(|s| s.at >= start)
-        .map(|s| s.wire)
-        .sum();
-    let most = sim.burst + RATE as usize / 8 / 50;
+    let wire = sim.join_and_count(&groups[1..], Duration::from_millis(20));
+    let most = sim.most_from_rest(Duration::from_millis(20));
     assert!(wire <= most, "{wire} bytes in 20 ms, {most} at most");
 }
 
@@ -766,24 +767,15 @@ fn a_round_that_ends_on_the_last_of_the_room_leaves_the_sender_idle() {
     // pacer dry before it asks the scheduler, which has nothing until A's cooldown ends.
     let link = packet::symbol_size_for(Sim::config(FAST).max_payload, false);
     let a = w.add(1, 32 * link, Kind::Block);
-    let bs: Vec<ObjectHash> = (2..8).map(|i| w.add(i, 64 << 10, Kind::Block)).collect();
-    let hashes: Vec<ObjectHash> = std::iter::once(a).chain(bs.iter().copied()).collect();
+    let bs = blocks(&mut w, 2, 6);
+    let groups: Vec<Ipv6Addr> = bs.iter().map(|h| w.group(h)).collect();
+    let hashes: Vec<ObjectHash> = std::iter::once(a).chain(bs).collect();
     let mut sim = Sim::new(&w, Sim::config(FAST), w.table(&hashes, 1));
     sim.join(w.group(&a));
     sim.run_for(Duration::from_millis(30));
     assert_eq!(sim.symbols_of(a).len(), 32);
-    let start = sim.now;
-    for b in &bs {
-        sim.join(w.group(b));
-    }
-    sim.run_for(Duration::from_millis(10));
-    let wire: usize = sim
-        .sent
-        .iter()
-        .filter(|s| s.at >= start)
-        .map(|s| s.wire)
-        .sum();
-    let most = sim.burst + FAST as usize / 8 / 100;
+    let wire = sim.join_and_count(&groups, Duration::from_millis(10));
+    let most = sim.most_from_rest(Duration::from_millis(10));
     assert!(wire <= most, "{wire} bytes in 10 ms, {most} at most");
 }
 
