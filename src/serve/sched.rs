@@ -946,10 +946,12 @@ impl Pacer {
         self.rate.tokens = self.rate.tokens.min(self.burst);
     }
 
-    /// Something to send again.
+    /// Something to send again. Called for every packet: nothing to do unless idle.
     pub fn handle_busy(&mut self, now: Instant) {
-        self.refill(now);
-        self.idle = None;
+        if self.idle.is_some() {
+            self.refill(now);
+            self.idle = None;
+        }
     }
 
     /// When `bytes` will be available.
