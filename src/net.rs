@@ -11,7 +11,7 @@
 
 use std::io;
 use std::net::{Ipv6Addr, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -213,8 +213,9 @@ pub fn receiver_socket(iface: &Iface, port: u16) -> Result<Socket, NetError> {
     let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
     s.bind(&addr.into())
         .map_err(sock_err("binding the receive port", iface))?;
-    s.set_read_timeout(Some(Duration::from_millis(5)))
-        .map_err(sock_err("setting a receive timeout", iface))?;
+    // Never blocks: its reader waits in [`wait_readable`], where another thread can wake it.
+    s.set_nonblocking(true)
+        .map_err(sock_err("making the socket non-blocking", iface))?;
     set_recv_pktinfo(&s).map_err(sock_err("setting IPV6_RECVPKTINFO", iface))?;
     // Best effort (Linux 5.0): without it each run is cut up again on the way in.
     let _ = set_int_opt(&s, SOL_UDP, UDP_GRO, 1);
@@ -507,7 +508,7 @@ fn control(m: &libc::msghdr) -> (Option<(Ipv6Addr, u32)>, usize) {
 }
 
 /// Receives up to a batch of datagrams, waiting at most the socket's read timeout for the
-/// first. Returns how many arrived (0 on timeout).
+/// first (not at all on a non-blocking socket). Returns how many arrived (0 when none did).
 pub fn recv_batch(s: &Socket, batch: &mut RecvBatch) -> io::Result<usize> {
     batch.lens.iter_mut().for_each(|n| *n = 0);
     let mut iovs: Vec<libc::iovec> = batch
@@ -572,6 +573,69 @@ pub fn recv_batch(s: &Socket, batch: &mut RecvBatch) -> io::Result<usize> {
     Ok(rc as usize)
 }
 
+/// Wakes a thread in [`wait_readable`] from another thread. An eventfd: a wake that comes
+/// before the wait still ends it, so a waker never races the waiter.
+#[derive(Debug)]
+pub struct Wakeup(OwnedFd);
+
+impl Wakeup {
+    pub fn new() -> io::Result<Wakeup> {
+        // SAFETY: eventfd takes no pointers; a descriptor it returns is ours alone.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        Ok(Wakeup(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writes the 8 bytes of `one`, which outlives the call. It fails only when
+        // the counter is full, and a full counter is a wake still pending.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn clear(&self) {
+        let mut n = 0u64;
+        // SAFETY: reads at most 8 bytes into `n`, which outlives the call.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+    }
+}
+
+/// Waits until `s` has a datagram, `wake` is woken (which this clears), or `timeout`
+/// passed, whichever comes first.
+pub fn wait_readable(s: &Socket, wake: Option<&Wakeup>, timeout: Duration) -> io::Result<()> {
+    let mut fds = [
+        libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            // poll skips a negative descriptor.
+            fd: wake.map_or(-1, |w| w.0.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // Rounded up: a wait that ended before its deadline would only come back to wait again.
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+    // SAFETY: `fds` is an array of two pollfd, valid for the call.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::Interrupted => Ok(()),
+            _ => Err(e),
+        };
+    }
+    if let Some(w) = wake.filter(|_| fds[1].revents & libc::POLLIN != 0) {
+        w.clear();
+    }
+    Ok(())
+}
+
 /// Joins or leaves `group` on `iface` for socket `s`.
 pub fn set_membership(s: &Socket, group: &Ipv6Addr, iface: u32, join: bool) -> io::Result<()> {
     if join {
@@ -619,6 +683,7 @@ mod tests {
         let mut batch = RecvBatch::new(8, 2048);
         let mut got = Vec::new();
         while got.len() < 5 {
+            wait_readable(&rx, None, Duration::from_secs(5)).unwrap();
             assert!(recv_batch(&rx, &mut batch).unwrap() > 0);
             got.extend(batch.datagrams().map(|(env, d)| {
                 assert_eq!(env.from, Ipv6Addr::LOCALHOST);
@@ -656,6 +721,7 @@ mod tests {
         let mut batch = RecvBatch::new(16, 65536);
         let (mut got, mut calls) = (Vec::new(), 0);
         while got.len() < packets.len() {
+            wait_readable(&rx, None, Duration::from_secs(5)).unwrap();
             calls += recv_batch(&rx, &mut batch).unwrap();
             got.extend(batch.datagrams().map(|(_, d)| d.to_vec()));
         }

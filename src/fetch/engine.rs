@@ -43,7 +43,7 @@ use super::state::{Claim, Event, FetchState, Requested, RECENT};
 use super::{FetchError, Subject, KEY_HINT, SERVER_HINT};
 use crate::channel::{Channel, Tag};
 use crate::mld::Reporter;
-use crate::net::{recv_batch, set_membership, Iface, RecvBatch};
+use crate::net::{recv_batch, set_membership, wait_readable, Iface, RecvBatch, Wakeup};
 use crate::object::{ObjectHash, ObjectRef, RootRecord};
 
 /// Which requests go first when more objects are wanted than groups may be joined.
@@ -208,6 +208,8 @@ struct Locked {
     /// Objects completed, with their waiters, and bundle claims to give back once their
     /// members are stored: for the store thread, in order.
     completed: Vec<Store>,
+    /// Until when the receive thread waits for a datagram, if it does.
+    asleep_until: Option<Instant>,
 }
 
 struct Inner {
@@ -216,6 +218,8 @@ struct Inner {
     socket: Socket,
     /// Our own MLD reports of joins; `None` without CAP_NET_RAW.
     reporter: Option<Reporter>,
+    /// Ends the receive thread's wait early (see [`Inner::wake_if_sooner`]).
+    wake: Wakeup,
     cache: Cache,
     config: FetchConfig,
     locked: Mutex<Locked>,
@@ -245,6 +249,7 @@ struct ThreadGuard {
 impl Drop for ThreadGuard {
     fn drop(&mut self) {
         self.inner.shutdown.store(true, Ordering::Relaxed);
+        self.inner.wake.wake();
         if let Some(h) = self.handle.lock().ok().and_then(|mut h| h.take()) {
             let _ = h.join();
         }
@@ -259,6 +264,11 @@ impl Fetcher {
         config: FetchConfig,
     ) -> Result<Fetcher, crate::net::NetError> {
         let socket = crate::net::receiver_socket(&iface, config.port)?;
+        let wake = Wakeup::new().map_err(|source| crate::net::NetError::Socket {
+            what: "creating the receive thread's eventfd",
+            iface: iface.name.clone(),
+            source,
+        })?;
         // LCFS_MLD_REPORTS=kernel leaves reports to the kernel, for networks whose snooping
         // should only ever see the kernel's, and for comparisons.
         let kernel_only = std::env::var("LCFS_MLD_REPORTS").is_ok_and(|v| v == "kernel");
@@ -292,6 +302,7 @@ impl Fetcher {
             iface,
             socket,
             reporter,
+            wake,
             cache,
             config,
             locked: Mutex::new(Locked {
@@ -299,6 +310,7 @@ impl Fetcher {
                 waiters: HashMap::new(),
                 watchers: Vec::new(),
                 completed: Vec::new(),
+                asleep_until: None,
             }),
             stats,
             shutdown: AtomicBool::new(false),
@@ -573,6 +585,16 @@ impl Inner {
             }
         }
         self.flush(l, now);
+        self.wake_if_sooner(l);
+    }
+
+    /// Wakes the receive thread when a timer is now due before its wait ends: requests are
+    /// made on the requesters' threads, but their timers run on the receive thread.
+    fn wake_if_sooner(&self, l: &mut Locked) {
+        if l.asleep_until.is_some_and(|t| l.state.poll_timeout() < t) {
+            l.asleep_until = None;
+            self.wake.wake();
+        }
     }
 
     /// Answers a claim at once when this process owns the cache (a table in memory), else
@@ -731,7 +753,9 @@ impl Inner {
     /// The receive thread. A batch takes the lock twice, briefly: once to route its
     /// symbols to their fetches, once to hand back what they did; decryption before, and
     /// decoding and hashing between, run outside it, so readers asking for objects never
-    /// wait for a decode.
+    /// wait for a decode. When nothing is queued it waits for a datagram until the state's
+    /// next timer, and no longer: an idle mount wakes about once a second, not 200 times
+    /// (a 5 ms receive timeout drove the timers before).
     fn receive(&self, store: &SyncSender<Store>) {
         let mut batch = RecvBatch::new(64, 65536);
         let opener = self.lock().state.opener();
@@ -739,6 +763,7 @@ impl Inner {
             let received = recv_batch(&self.socket, &mut batch);
             let now = Instant::now();
             let failed = received.is_err();
+            let quiet = matches!(received, Ok(0));
             let packets: Vec<_> = match received {
                 Ok(_) => batch
                     .datagrams()
@@ -749,7 +774,9 @@ impl Inner {
                     Vec::new()
                 }
             };
-            let feeds: Vec<_> = {
+            let feeds: Vec<_> = if packets.is_empty() {
+                Vec::new()
+            } else {
                 let mut l = self.lock();
                 packets
                     .into_iter()
@@ -757,8 +784,9 @@ impl Inner {
                     .collect()
             };
             let fed: Vec<_> = feeds.into_iter().map(|f| f.run()).collect();
-            let (completed, probes) = {
+            let (completed, probes, wait) = {
                 let mut l = self.lock();
+                l.asleep_until = None;
                 for f in fed {
                     l.state.handle_fed(now, f);
                 }
@@ -767,14 +795,32 @@ impl Inner {
                     self.prune_watchers(&mut l, now);
                 }
                 self.drive(&mut l, now);
-                (std::mem::take(&mut l.completed), l.state.poll_probe(now))
+                // Set under the lock that saw the state: a request made after it is due
+                // sooner wakes the wait (`wake_if_sooner`), even before it starts.
+                l.asleep_until = quiet.then(|| l.state.poll_timeout());
+                let wait = l.asleep_until;
+                (
+                    std::mem::take(&mut l.completed),
+                    l.state.poll_probe(now),
+                    wait,
+                )
             };
             for done in completed {
                 // Blocks only while the disk is this far behind: back pressure.
                 let _ = store.send(done);
             }
             self.probe_cache(now, probes);
-            if failed {
+            let waited = match wait {
+                Some(until) if !failed => {
+                    let timeout = until.saturating_duration_since(Instant::now());
+                    wait_readable(&self.socket, Some(&self.wake), timeout)
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = &waited {
+                tracing::warn!("waiting for datagrams on {} failed: {e}", self.iface.name);
+            }
+            if failed || waited.is_err() {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
@@ -962,5 +1008,74 @@ impl Inner {
         }
         // Dropping the senders ends every watcher.
         l.watchers.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An engine on lo whose receive thread sleeps, nothing pending, and until when.
+    fn sleeping_engine(config: FetchConfig) -> (Fetcher, Instant, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(lcfs_cache::CacheConfig::new(dir.path())).unwrap();
+        let lo = Iface {
+            name: "lo".into(),
+            index: 1,
+            mtu: 65536,
+        };
+        let config = FetchConfig { port: 0, ..config };
+        let fetcher = Fetcher::start(Channel::new("t", None), lo, cache, config).unwrap();
+        let until = loop {
+            if let Some(until) = fetcher.inner.lock().asleep_until {
+                break until;
+            }
+            std::thread::yield_now();
+        };
+        (fetcher, until, dir)
+    }
+
+    /// A request made while the receive thread sleeps (nothing pending: until its idle tick,
+    /// a second away) wakes it, so the request's timers run on time: the fetch of an object
+    /// nobody sends fails after its timeout, not at the thread's next idle tick.
+    #[test]
+    fn a_request_wakes_the_sleeping_receive_thread_for_its_timers() {
+        let config = FetchConfig {
+            timeout: Duration::from_millis(100),
+            stall: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let (fetcher, until, _dir) = sleeping_engine(config);
+        let nobody = Verified::hash_of(b"an object nobody sends".to_vec());
+        let want = ObjectRef {
+            hash: ObjectHash::of_verified(&nobody),
+            len: nobody.len() as u32,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let got = rt.block_on(fetcher.fetch(want, Priority::Demand));
+        let failed = Instant::now();
+        assert!(matches!(got, Err(FetchError::Timeout { .. })), "{got:?}");
+        assert!(
+            failed < until,
+            "failed {:?} after the thread's wait would have ended on its own",
+            failed - until
+        );
+    }
+
+    /// Dropping the engine ends its sleeping receive thread at once: a `copy` waits for it
+    /// before it exits.
+    #[test]
+    fn dropping_the_engine_wakes_its_sleeping_receive_thread() {
+        let (fetcher, until, _dir) = sleeping_engine(FetchConfig::default());
+        drop(fetcher);
+        let ended = Instant::now();
+        assert!(
+            ended < until,
+            "ended {:?} after the thread's wait would have ended on its own",
+            ended - until
+        );
     }
 }

@@ -77,6 +77,14 @@ impl IntentReport {
         self.until[0] = Some(now + BULK_EXPECTED);
     }
 
+    /// When a report joined is next due to be left.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (0..2)
+            .filter(|&i| self.joined[i])
+            .filter_map(|i| self.until[i])
+            .min()
+    }
+
     /// The next report to join (true) or leave (false) at `now`.
     pub fn poll_change(&mut self, now: Instant) -> Option<(Report, bool)> {
         (0..2).find_map(|i| {

@@ -207,6 +207,12 @@ impl LossReport {
         self.busy = Some(now);
     }
 
+    /// When [`LossReport::poll_level`] next changes by itself: the end of the report of a
+    /// receiver that stopped fetching.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        Some(self.busy? + IDLE).filter(|_| self.level.is_some())
+    }
+
     /// The level whose group should be joined at `now`, if any.
     pub fn poll_level(&self, now: Instant) -> Option<usize> {
         let busy = self.busy?;

@@ -733,8 +733,8 @@ impl FetchState {
     }
 
     /// Timers: rejoin stalled groups, fail fetches that timed out or went stale, rejoin a
-    /// silent root group, ask again about claims held elsewhere. Call it at least every
-    /// [`FetchState::TICK`].
+    /// silent root group, ask again about claims held elsewhere. Call it when
+    /// [`FetchState::poll_timeout`] is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_tick = now;
         let timers = Timers {
@@ -799,13 +799,37 @@ impl FetchState {
         self.loss_joined = level;
     }
 
-    /// How often [`FetchState::handle_timeout`] wants to run.
+    /// How often [`FetchState::handle_timeout`] wants to run while a fetch is pending.
     pub const TICK: Duration = Duration::from_millis(20);
+
+    /// How often it wants to run while none is: every timer of an idle receiver (the root
+    /// group's rejoin, the end of the intent reports' lingers and of the loss report, the
+    /// next membership batch) is due at its own time in [`FetchState::poll_timeout`], so
+    /// this tick only bounds what a shell does on its ticks. A mount kept for years mostly
+    /// waits: at [`FetchState::TICK`] it woke fifty times a second for nothing.
+    pub const IDLE_TICK: Duration = Duration::from_secs(1);
 
     /// When [`FetchState::handle_timeout`] or a membership batch is due next.
     pub fn poll_timeout(&self) -> Instant {
-        let tick = self.last_tick + Self::TICK;
-        self.members.poll_timeout().map_or(tick, |t| t.min(tick))
+        let every = match self.pending.is_empty() {
+            true => Self::IDLE_TICK,
+            false => Self::TICK,
+        };
+        let tick = self.last_tick + every;
+        let rejoin = self
+            .watch
+            .as_ref()
+            .map(|w| w.heard.max(w.joined) + ROOT_WATCH_REJOIN);
+        let unreport = self.loss_joined.and(self.loss.poll_timeout());
+        [
+            self.members.poll_timeout(),
+            rejoin,
+            self.intent.poll_timeout(),
+            unreport,
+        ]
+        .into_iter()
+        .flatten()
+        .fold(tick, Instant::min)
     }
 
     /// Membership changes to make now (and report), in order.

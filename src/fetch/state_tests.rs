@@ -232,6 +232,35 @@ impl Rig {
         let group = self.group(v);
         self.send(v, Some(group), IFINDEX);
     }
+
+    /// Runs the state as its shell does, waking only at `poll_timeout`, until `end`: each
+    /// wake's time and the membership changes it made.
+    fn run_on_timers(&mut self, end: Instant) -> Vec<(Instant, Vec<(Ipv6Addr, bool)>)> {
+        let mut wakes = Vec::new();
+        loop {
+            let at = self.st.poll_timeout().max(self.now);
+            if at > end {
+                break;
+            }
+            self.now = at;
+            self.st.handle_timeout(self.now);
+            wakes.push((self.now, self.all_membership()));
+            assert!(wakes.len() < 100_000, "poll_timeout does not move on");
+        }
+        self.now = end;
+        wakes
+    }
+}
+
+/// When `group` was joined (`join`) or left, among the `wakes` of [`Rig::run_on_timers`].
+fn changed_at(
+    wakes: &[(Instant, Vec<(Ipv6Addr, bool)>)],
+    group: Ipv6Addr,
+    join: bool,
+) -> Vec<Instant> {
+    let hit =
+        |(t, ops): &(Instant, Vec<(Ipv6Addr, bool)>)| ops.contains(&(group, join)).then_some(*t);
+    wakes.iter().filter_map(hit).collect()
 }
 
 fn completed(events: &[Event]) -> Vec<ObjectHash> {
@@ -935,4 +964,66 @@ fn a_bulk_receiver_says_so_from_its_start() {
         let left = r.all_membership();
         assert_eq!(left.contains(&(report, false)), bulk, "{left:?}");
     }
+}
+
+/// A receiver with nothing pending wakes for its own timers only, each at its time: the ends
+/// of the intent reports' lingers, the root group's rejoin while the server is silent, and a
+/// tick a second (`FetchState::IDLE_TICK`), not fifty.
+#[test]
+fn an_idle_receiver_wakes_only_for_its_timers_each_at_its_time() {
+    use super::intent::{BULK_LINGER, HURRY_LINGER};
+    let mut r = rig(32);
+    let (bulk, hurry) = (r.report_group(Report::Bulk), r.report_group(Report::Hurry));
+    let root = r.channel.root_address().group;
+    let t0 = r.now;
+    r.st.set_watching(r.now, true);
+    let v = object(1, 5000);
+    r.request(&v, Priority::Readahead);
+    r.grant_all();
+    r.request(&v, Priority::Demand);
+    r.grant_all();
+    let joined = r.all_membership();
+    assert!(joined.contains(&(bulk, true)), "{joined:?}");
+    assert!(joined.contains(&(hurry, true)), "{joined:?}");
+    r.deliver(&v);
+    assert_eq!(completed(&r.events()), [ObjectHash::of_verified(&v)]);
+    // The lingers run from the last time a request was pending: now.
+    let done = r.now;
+    r.all_membership();
+    let wakes = r.run_on_timers(t0 + Duration::from_secs(10));
+    assert_eq!(changed_at(&wakes, bulk, false), [done + BULK_LINGER]);
+    assert_eq!(changed_at(&wakes, hurry, false), [done + HURRY_LINGER]);
+    let rejoins: Vec<Instant> = (1..=10).map(|s| t0 + ROOT_WATCH_REJOIN * s).collect();
+    assert_eq!(changed_at(&wakes, root, true), rejoins);
+    // Two lingers, ten rejoins and at most a tick a second besides.
+    assert!(wakes.len() <= 2 + 10 + 10, "{} wakes in 10 s", wakes.len());
+}
+
+/// The loss report of a receiver that stopped fetching is withdrawn when its idle time is
+/// up, not at the next idle tick.
+#[test]
+fn a_loss_report_is_withdrawn_on_time_by_a_receiver_woken_only_by_its_timers() {
+    use crate::channel::LOSS_LEVELS;
+    use crate::fetch::loss::IDLE;
+    let mut r = rig(32);
+    let levels: Vec<Ipv6Addr> = (0..LOSS_LEVELS.len())
+        .map(|l| r.channel.loss_address(l).unwrap().group)
+        .collect();
+    for n in 0..8 {
+        let v = object(n, 40 * SYMBOL);
+        let tag = r.request(&v, Priority::Demand);
+        r.grant_all();
+        let group = r.group(&v);
+        r.send_esis(tag, group, &v, (0..50).filter(|e| e % 5 != 4));
+        assert_eq!(completed(&r.events()), [ObjectHash::of_verified(&v)]);
+    }
+    let reported = r.all_membership();
+    let level = *levels
+        .iter()
+        .find(|g| reported.contains(&(**g, true)))
+        .expect("a level reported");
+    // The last fetch ended now: the receiver was busy until then.
+    let last = r.now;
+    let wakes = r.run_on_timers(last + IDLE + Duration::from_secs(3));
+    assert_eq!(changed_at(&wakes, level, false), [last + IDLE]);
 }
