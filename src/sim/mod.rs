@@ -253,6 +253,7 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
         server_bytes: sum(|s| s.wire_bytes),
         per_server_bytes: stats.iter().map(|s| s.wire_bytes).collect(),
         server_packets: sum(|s| s.packets),
+        mld_reports: sum(|s| s.reports),
         encoders_built: sum(|s| s.encoders_built),
         server_restarts: sum(|s| s.restarts),
         sent_unjoined: w.bridge.sent_unjoined,

@@ -15,6 +15,9 @@ pub struct Report {
     /// The same, per server.
     pub per_server_bytes: Vec<u64>,
     pub server_packets: u64,
+    /// MLD reports the servers took in. Bytes stay flat in the receiver count, but each
+    /// receiver reports each of its joins and leaves, and a server parses every report.
+    pub mld_reports: u64,
     /// What unicast would send: the bytes each receiver that finished verified, summed.
     pub unicast_bytes: u64,
     /// Per receiver that finished: from its start to its last object verified, sorted.
@@ -147,6 +150,12 @@ impl fmt::Display for Report {
             f,
             "\n  server: {} later block rounds, loss learned {:.3}, reported {:.3} by {}, leaves after <10/20/40/80/160/more ms {:?}, first rounds with every bulk receiver/hurried/gather ran out {:?}",
             self.later_rounds, self.loss, self.reported.1, self.reported.0, self.leave_delay, self.gathered
+        )?;
+        write!(
+            f,
+            "\n  MLD reports taken in {} ({:.0} per receiver)",
+            self.mld_reports,
+            self.mld_reports as f64 / self.receivers.max(1) as f64
         )?;
         write!(
             f,
