@@ -213,9 +213,10 @@ pub fn receiver_socket(iface: &Iface, port: u16) -> Result<Socket, NetError> {
     let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
     s.bind(&addr.into())
         .map_err(sock_err("binding the receive port", iface))?;
-    // Never blocks: its reader waits in [`wait_readable`], where another thread can wake it.
-    s.set_nonblocking(true)
-        .map_err(sock_err("making the socket non-blocking", iface))?;
+    // A busy reader waits in the receive call itself, for 5 ms at most; an idle one in
+    // [`wait_readable`], where another thread can wake it.
+    s.set_read_timeout(Some(Duration::from_millis(5)))
+        .map_err(sock_err("setting a receive timeout", iface))?;
     set_recv_pktinfo(&s).map_err(sock_err("setting IPV6_RECVPKTINFO", iface))?;
     // Best effort (Linux 5.0): without it each run is cut up again on the way in.
     let _ = set_int_opt(&s, SOL_UDP, UDP_GRO, 1);
@@ -508,7 +509,7 @@ fn control(m: &libc::msghdr) -> (Option<(Ipv6Addr, u32)>, usize) {
 }
 
 /// Receives up to a batch of datagrams, waiting at most the socket's read timeout for the
-/// first (not at all on a non-blocking socket). Returns how many arrived (0 when none did).
+/// first. Returns how many arrived (0 on timeout).
 pub fn recv_batch(s: &Socket, batch: &mut RecvBatch) -> io::Result<usize> {
     batch.lens.iter_mut().for_each(|n| *n = 0);
     let mut iovs: Vec<libc::iovec> = batch
@@ -604,8 +605,8 @@ impl Wakeup {
 }
 
 /// Waits until `s` has a datagram, `wake` is woken (which this clears), or `timeout`
-/// passed, whichever comes first.
-pub fn wait_readable(s: &Socket, wake: Option<&Wakeup>, timeout: Duration) -> io::Result<()> {
+/// passed, whichever comes first. True when `s` has a datagram.
+pub fn wait_readable(s: &Socket, wake: Option<&Wakeup>, timeout: Duration) -> io::Result<bool> {
     let mut fds = [
         libc::pollfd {
             fd: s.as_raw_fd(),
@@ -626,14 +627,14 @@ pub fn wait_readable(s: &Socket, wake: Option<&Wakeup>, timeout: Duration) -> io
     if rc < 0 {
         let e = io::Error::last_os_error();
         return match e.kind() {
-            io::ErrorKind::Interrupted => Ok(()),
+            io::ErrorKind::Interrupted => Ok(false),
             _ => Err(e),
         };
     }
     if let Some(w) = wake.filter(|_| fds[1].revents & libc::POLLIN != 0) {
         w.clear();
     }
-    Ok(())
+    Ok(fds[0].revents & libc::POLLIN != 0)
 }
 
 /// Joins or leaves `group` on `iface` for socket `s`.
@@ -683,7 +684,7 @@ mod tests {
         let mut batch = RecvBatch::new(8, 2048);
         let mut got = Vec::new();
         while got.len() < 5 {
-            wait_readable(&rx, None, Duration::from_secs(5)).unwrap();
+            assert!(wait_readable(&rx, None, Duration::from_secs(5)).unwrap());
             assert!(recv_batch(&rx, &mut batch).unwrap() > 0);
             got.extend(batch.datagrams().map(|(env, d)| {
                 assert_eq!(env.from, Ipv6Addr::LOCALHOST);
@@ -721,7 +722,6 @@ mod tests {
         let mut batch = RecvBatch::new(16, 65536);
         let (mut got, mut calls) = (Vec::new(), 0);
         while got.len() < packets.len() {
-            wait_readable(&rx, None, Duration::from_secs(5)).unwrap();
             calls += recv_batch(&rx, &mut batch).unwrap();
             got.extend(batch.datagrams().map(|(_, d)| d.to_vec()));
         }
