@@ -785,6 +785,8 @@ impl Inner {
             let failed = received.is_err();
             let quiet = matches!(received, Ok(0));
             let packets: Vec<_> = match received {
+                // Nothing received, or no receive at all: `batch` still holds the last one.
+                Ok(0) => Vec::new(),
                 Ok(_) => batch
                     .datagrams()
                     .filter_map(|(env, dgram)| opener.open(&env, dgram).map(|p| (env, p)))
@@ -1070,6 +1072,35 @@ mod tests {
             "failed {:?} after the thread's wait would have ended on its own",
             failed - until
         );
+    }
+
+    /// A wait that ends without a datagram (a wake, or a timer) takes nothing: the last batch
+    /// is not taken again. It was, once: a mount then heard its server's last root record
+    /// at every wake, and said the server was online long after it was killed.
+    #[test]
+    fn a_wait_that_ends_without_a_datagram_takes_nothing_again() {
+        let (fetcher, _, _dir) = sleeping_engine(FetchConfig::default());
+        let inner = &fetcher.inner;
+        let port = inner.socket.local_addr().unwrap();
+        let port = port.as_socket_ipv6().unwrap().port();
+        let tx = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        tx.send_to(b"unicast, never acted on", ("::1", port))
+            .unwrap();
+        let packets = || inner.stats.packets.load(Ordering::Relaxed);
+        let asleep_again = || {
+            while inner.lock().asleep_until.is_none() {
+                std::thread::yield_now();
+            }
+        };
+        while packets() == 0 {
+            std::thread::yield_now();
+        }
+        for _ in 0..3 {
+            inner.lock().asleep_until = None;
+            inner.wake.wake();
+            asleep_again();
+        }
+        assert_eq!(packets(), 1);
     }
 
     /// Dropping the engine ends its sleeping receive thread at once: a `copy` waits for it
