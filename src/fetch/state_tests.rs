@@ -233,6 +233,23 @@ impl Rig {
         self.send(v, Some(group), IFINDEX);
     }
 
+    /// A demand fetch of `v` that loses one symbol in five and completes.
+    fn fetch_one_in_five_lost(&mut self, v: &Verified) {
+        let tag = self.request(v, Priority::Demand);
+        self.grant_all();
+        let group = self.group(v);
+        // One in five lost; 40 of the first 50 decode it.
+        self.send_esis(tag, group, v, (0..50).filter(|e| e % 5 != 4));
+        assert_eq!(completed(&self.events()), [ObjectHash::of_verified(v)]);
+    }
+
+    /// The groups of the loss levels, lowest first.
+    fn loss_groups(&self) -> Vec<Ipv6Addr> {
+        (0..crate::channel::LOSS_LEVELS.len())
+            .map(|l| self.channel.loss_address(l).unwrap().group)
+            .collect()
+    }
+
     /// Runs the state as its shell does, waking only at `poll_timeout`, until `end`: each
     /// wake's time and the membership changes it made.
     fn run_on_timers(&mut self, end: Instant) -> Vec<(Instant, Vec<(Ipv6Addr, bool)>)> {
@@ -858,9 +875,7 @@ fn a_receiver_reports_its_loss_by_joining_one_level_group_while_it_fetches() {
     use crate::channel::LOSS_LEVELS;
     use crate::fetch::loss::IDLE;
     let mut r = rig(32);
-    let levels: Vec<Ipv6Addr> = (0..LOSS_LEVELS.len())
-        .map(|l| r.channel.loss_address(l).unwrap().group)
-        .collect();
+    let levels = r.loss_groups();
     let mut joined: Option<usize> = None;
     let follow = |changes: Vec<(Ipv6Addr, bool)>, joined: &mut Option<usize>| {
         for (group, join) in changes {
@@ -880,13 +895,7 @@ fn a_receiver_reports_its_loss_by_joining_one_level_group_while_it_fetches() {
         }
     };
     for n in 0..8 {
-        let v = object(n, 40 * SYMBOL);
-        let tag = r.request(&v, Priority::Demand);
-        r.grant_all();
-        let group = r.group(&v);
-        // One in five lost; 40 of the first 50 decode it.
-        r.send_esis(tag, group, &v, (0..50).filter(|e| e % 5 != 4));
-        assert_eq!(completed(&r.events()), [ObjectHash::of_verified(&v)]);
+        r.fetch_one_in_five_lost(&object(n, 40 * SYMBOL));
         let changes = r.membership();
         follow(changes, &mut joined);
         r.advance(FetchState::TICK);
@@ -1003,19 +1012,11 @@ fn an_idle_receiver_wakes_only_for_its_timers_each_at_its_time() {
 /// up, not at the next idle tick.
 #[test]
 fn a_loss_report_is_withdrawn_on_time_by_a_receiver_woken_only_by_its_timers() {
-    use crate::channel::LOSS_LEVELS;
     use crate::fetch::loss::IDLE;
     let mut r = rig(32);
-    let levels: Vec<Ipv6Addr> = (0..LOSS_LEVELS.len())
-        .map(|l| r.channel.loss_address(l).unwrap().group)
-        .collect();
+    let levels = r.loss_groups();
     for n in 0..8 {
-        let v = object(n, 40 * SYMBOL);
-        let tag = r.request(&v, Priority::Demand);
-        r.grant_all();
-        let group = r.group(&v);
-        r.send_esis(tag, group, &v, (0..50).filter(|e| e % 5 != 4));
-        assert_eq!(completed(&r.events()), [ObjectHash::of_verified(&v)]);
+        r.fetch_one_in_five_lost(&object(n, 40 * SYMBOL));
     }
     let reported = r.all_membership();
     let level = *levels
