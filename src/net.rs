@@ -605,7 +605,7 @@ impl Wakeup {
 }
 
 /// Waits until `s` has a datagram, `wake` is woken (which this clears), or `timeout`
-/// passed, whichever comes first. True when `s` has a datagram.
+/// passed, whichever comes first. True when `s` has a datagram (or an error to report).
 pub fn wait_readable(s: &Socket, wake: Option<&Wakeup>, timeout: Duration) -> io::Result<bool> {
     let mut fds = [
         libc::pollfd {
@@ -634,7 +634,9 @@ pub fn wait_readable(s: &Socket, wake: Option<&Wakeup>, timeout: Duration) -> io
     if let Some(w) = wake.filter(|_| fds[1].revents & libc::POLLIN != 0) {
         w.clear();
     }
-    Ok(fds[0].revents & libc::POLLIN != 0)
+    // An error or hang-up on the socket counts as readable: the receive then reports it,
+    // where a wait that saw only that would come back at once, again and again.
+    Ok(fds[0].revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0)
 }
 
 /// Joins or leaves `group` on `iface` for socket `s`.

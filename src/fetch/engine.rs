@@ -208,7 +208,8 @@ struct Locked {
     /// Objects completed, with their waiters, and bundle claims to give back once their
     /// members are stored: for the store thread, in order.
     completed: Vec<Store>,
-    /// Until when the receive thread waits for a datagram, if it does.
+    /// Until when the receive thread waits for a datagram, if it does: set before it lets go
+    /// of the lock to wait, so a request made in between still wakes it.
     asleep_until: Option<Instant>,
 }
 
@@ -591,7 +592,7 @@ impl Inner {
     /// Wakes the receive thread when a timer is now due before its wait ends: requests are
     /// made on the requesters' threads, but their timers run on the receive thread.
     fn wake_if_sooner(&self, l: &mut Locked) {
-        if l.asleep_until.is_some_and(|t| l.state.poll_timeout() < t) {
+        if l.asleep_until.is_some_and(|t| next_turn(&l.state) < t) {
             l.asleep_until = None;
             self.wake.wake();
         }
@@ -820,7 +821,7 @@ impl Inner {
                 // Set under the lock that saw the state: a request made after it is due
                 // sooner wakes the wait (`wake_if_sooner`), even before it starts.
                 let idle = l.state.pending() == 0;
-                l.asleep_until = (quiet || idle).then(|| l.state.poll_timeout());
+                l.asleep_until = (quiet || idle).then(|| next_turn(&l.state));
                 wait = l.asleep_until;
                 (std::mem::take(&mut l.completed), l.state.poll_probe(now))
             };
@@ -1018,6 +1019,13 @@ impl Inner {
         // Dropping the senders ends every watcher.
         l.watchers.clear();
     }
+}
+
+/// When the receive loop must turn next: the state's timers, and the cache probes of fetches
+/// held elsewhere, which the loop makes on every turn.
+fn next_turn(state: &FetchState) -> Instant {
+    let due = state.poll_timeout();
+    state.probe_timeout().map_or(due, |t| t.min(due))
 }
 
 #[cfg(test)]

@@ -832,6 +832,13 @@ impl FetchState {
         .fold(tick, Instant::min)
     }
 
+    /// When [`FetchState::poll_probe`] next has fetches held elsewhere to look up in the
+    /// cache. Not a timer of [`FetchState::handle_timeout`]: the shell probes on every turn
+    /// of its loop, and must not sleep past this.
+    pub fn probe_timeout(&self) -> Option<Instant> {
+        (!self.elsewhere.is_empty()).then_some(self.probed_elsewhere + ELSEWHERE_PROBE)
+    }
+
     /// Membership changes to make now (and report), in order.
     pub fn poll_membership(&mut self, now: Instant) -> Option<Vec<(Ipv6Addr, bool)>> {
         self.members.poll_flush(now)
