@@ -666,6 +666,10 @@ impl Inner {
             }
             // After the members, so that another process asking for the claim finds them.
             Event::Release { hash } => l.completed.push(Store::Release(hash)),
+            Event::RootRepeated => {
+                self.stats.last_heard.now();
+                self.prune_watchers(l, now);
+            }
             Event::Root(heard) => {
                 self.stats.last_heard.now();
                 for tx in &l.watchers {

@@ -66,6 +66,17 @@ use crate::packet::{self, Body, Packet};
 /// report), so that a restarted server learns of the watcher at once.
 pub const ROOT_WATCH_REJOIN: Duration = Duration::from_secs(1);
 
+/// A root record is handed on again at most this often while it does not change. The server
+/// repeats it every 25 ms for as long as anyone listens; a mount that handed on every copy
+/// ran its follower's trust check (a signature, on a signed channel) forty times a second,
+/// and woke its runtime over a hundred times a second, to learn nothing. A new record, or
+/// one from another sender, goes on at once; a repeat still says the server is there.
+pub const ROOT_REPEAT: Duration = Duration::from_secs(1);
+
+/// Senders whose last record is remembered for [`ROOT_REPEAT`]: the servers of a channel,
+/// two as a rule. A flood of forged senders only evicts them, and is handed on as before.
+const ROOT_SENDERS: usize = 4;
+
 /// How long a beacon's list is worth following.
 const AIR_FRESH: Duration = Duration::from_millis(200);
 
@@ -216,6 +227,8 @@ pub enum Event {
     },
     /// A root record of the channel (not yet trusted), while roots are watched.
     Root(HeardRoot),
+    /// A record handed on less than [`ROOT_REPEAT`] ago, heard again: its server is there.
+    RootRepeated,
     /// A bundle's fetch ended: give back its claim (a member's store gives back nothing).
     Release { hash: ObjectHash },
 }
@@ -233,10 +246,12 @@ struct Pending {
     span: Option<EsiSpan>,
 }
 
-/// When the watched root group was last heard and joined.
+/// When the watched root group was last heard and joined, and the records last handed on.
 struct RootWatch {
     heard: Instant,
     joined: Instant,
+    /// By sender: the record last handed on, and when.
+    handed: Vec<(Ipv6Addr, RootRecord, Instant)>,
 }
 
 /// The receiver state of one channel.
@@ -635,6 +650,24 @@ impl FetchState {
         };
         if let Some(w) = &mut self.watch {
             w.heard = now;
+            let last = w.handed.iter().position(|(f, _, _)| *f == from);
+            let repeat = last.is_some_and(|i| {
+                let (_, r, at) = &w.handed[i];
+                *r == record && now.saturating_duration_since(*at) < ROOT_REPEAT
+            });
+            if repeat {
+                self.events.push_back(Event::RootRepeated);
+                return;
+            }
+            match last {
+                Some(i) => w.handed[i] = (from, record.clone(), now),
+                None => {
+                    if w.handed.len() >= ROOT_SENDERS {
+                        w.handed.remove(0);
+                    }
+                    w.handed.push((from, record.clone(), now));
+                }
+            }
             self.events
                 .push_back(Event::Root(HeardRoot { record, from }));
         }
@@ -706,13 +739,16 @@ impl FetchState {
     /// Whether root records are wanted: the root group stays joined while they are.
     pub fn set_watching(&mut self, now: Instant, on: bool) {
         let starts = on && self.watch.is_none();
-        match (on, &self.watch) {
+        match (on, &mut self.watch) {
             (true, None) => {
                 self.watch = Some(RootWatch {
                     heard: now,
                     joined: now,
+                    handed: Vec::new(),
                 })
             }
+            // A new watcher: it gets the next record, repeat or not.
+            (true, Some(w)) => w.handed.clear(),
             (false, Some(_)) => self.watch = None,
             _ => {}
         }

@@ -547,6 +547,62 @@ fn a_foreign_root_record_is_dropped() {
     );
 }
 
+/// A root record heard again within `ROOT_REPEAT` of being handed on only says its server is
+/// there; a new record, another sender's, a new watcher or the second's end hand it on again.
+#[test]
+fn a_repeated_root_record_is_handed_on_once_a_second() {
+    use super::state::ROOT_REPEAT;
+    let mut r = rig(32);
+    let root = r.channel.root_address();
+    r.st.set_watching(r.now, true);
+    let record = |generation| crate::object::RootRecord {
+        channel_id: *r.channel.id(),
+        generation,
+        publish_time_ns: 0,
+        root: want(&object(0, 100)),
+        block_size: crate::object::BlockSize::DEFAULT,
+        single_file: false,
+        signature: None,
+    };
+    let (one, two) = (record(1), record(2));
+    let other = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2);
+    let hear = |r: &mut Rig, rec: &crate::object::RootRecord, from: Ipv6Addr| {
+        let mut pkt = Vec::new();
+        packet::encode_root(&mut pkt, root.tag, &rec.encode(), None);
+        let env = Envelope {
+            from,
+            to: Some(root.group),
+            ifindex: IFINDEX,
+        };
+        r.st.handle_datagram(r.now, env, &mut pkt);
+        match r.events().as_slice() {
+            [Event::Root(h)] => {
+                assert_eq!((&h.record, h.from), (rec, from));
+                true
+            }
+            [Event::RootRepeated] => false,
+            e => panic!("{e:?}"),
+        }
+    };
+    let tick = Duration::from_millis(25);
+    assert!(hear(&mut r, &one, SERVER), "the first is handed on");
+    for _ in 0..3 {
+        r.now += tick;
+        assert!(!hear(&mut r, &one, SERVER), "repeats are not");
+    }
+    assert!(hear(&mut r, &one, other), "another sender's is");
+    assert!(!hear(&mut r, &one, other));
+    r.now += tick;
+    assert!(hear(&mut r, &two, SERVER), "a new record is, at once");
+    assert!(!hear(&mut r, &two, SERVER));
+    r.st.set_watching(r.now, true);
+    assert!(hear(&mut r, &two, SERVER), "a new watcher gets the next");
+    r.now += ROOT_REPEAT - tick;
+    assert!(!hear(&mut r, &two, SERVER));
+    r.now += tick;
+    assert!(hear(&mut r, &two, SERVER), "and so does the next second");
+}
+
 proptest! {
     #[test]
     fn garbage_datagrams_never_panic_or_complete(

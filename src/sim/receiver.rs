@@ -214,7 +214,7 @@ impl SimReceiver {
                 let r = heard.record;
                 self.walk = Some(Walk::new(self.workload, r.block_size, r.root, self.seed));
             }
-            Event::Root(_) => {}
+            Event::Root(_) | Event::RootRepeated => {}
             Event::Completed { tag, object, .. } => {
                 if let Some(asked) = self.asked.remove(&tag) {
                     self.max_wait = self.max_wait.max(now.duration_since(asked));
