@@ -2,7 +2,8 @@
 //!
 //! A mount keeps the channel's root group joined ([`Fetcher::watch_roots`]; the server repeats
 //! its record every 25 ms while the group has listeners, so a new generation is heard within
-//! tens of milliseconds of its publication) and hands every record to a [`RootFollower`]
+//! tens of milliseconds of its publication) and hands each new record, and a repeat once a
+//! second ([`super::state::ROOT_REPEAT`]), to a [`RootFollower`]
 //! (sans-IO: every input, the clock included, is a parameter). Each record must pass
 //! [`trust::check`] exactly like the first one did, against what the receiver remembers (the
 //! last record accepted and its publisher): forged, unsigned where a key is required,
