@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use lcfs_cache::{Cache, Verified};
 use socket2::Socket;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::membership::{default_gap, Memberships, QUIET_EVERY};
@@ -92,7 +93,8 @@ pub enum KeepMembers {
 const STORE_QUEUE: usize = RECENT;
 
 /// Root records queued for a watcher that is slow to take them; more are dropped (a flood
-/// of forged records must not grow memory; the server repeats its record every 25 ms).
+/// of forged records must not grow memory; the server repeats its record every 25 ms, and
+/// a copy dropped here does not count as handed on: see `FetchState::forget_root`).
 const ROOT_WATCH_QUEUE: usize = 16;
 
 #[derive(Clone, Debug)]
@@ -672,9 +674,13 @@ impl Inner {
             }
             Event::Root(heard) => {
                 self.stats.last_heard.now();
+                let mut dropped = false;
                 for tx in &l.watchers {
-                    // Full: the watcher is behind; the server repeats its record anyway.
-                    let _ = tx.try_send(heard.clone());
+                    // Full: the watcher is behind (or flooded); it gets the server's next copy.
+                    dropped |= matches!(tx.try_send(heard.clone()), Err(TrySendError::Full(_)));
+                }
+                if dropped {
+                    l.state.forget_root(heard.from);
                 }
                 self.prune_watchers(l, now);
             }

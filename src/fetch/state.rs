@@ -762,6 +762,14 @@ impl FetchState {
         }
     }
 
+    /// The last record from `from` did not reach every watcher (a queue was full): its next
+    /// copy is handed on, repeat or not.
+    pub fn forget_root(&mut self, from: Ipv6Addr) {
+        if let Some(w) = &mut self.watch {
+            w.handed.retain(|(f, _, _)| *f != from);
+        }
+    }
+
     /// `sender` is a real server of the channel (its root record was trusted): its symbols
     /// keep their decoders under a flood.
     pub fn prefer_sender(&mut self, sender: Ipv6Addr) {

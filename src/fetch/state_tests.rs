@@ -601,6 +601,28 @@ fn a_repeated_root_record_is_handed_on_once_a_second() {
     assert!(!hear(&mut r, &two, SERVER));
     r.now += tick;
     assert!(hear(&mut r, &two, SERVER), "and so does the next second");
+    assert!(
+        hear(&mut r, &one, SERVER),
+        "a record that changes back is new"
+    );
+    r.st.forget_root(SERVER);
+    assert!(
+        hear(&mut r, &one, SERVER),
+        "a copy a watcher missed goes again"
+    );
+    assert!(hear(&mut r, &one, other), "a second after its last");
+    assert!(
+        !hear(&mut r, &one, SERVER),
+        "one sender's copies leave another's be"
+    );
+    // Repeats say the server is there: the root group is not rejoined while they come.
+    r.all_membership();
+    for _ in 0..(2 * ROOT_WATCH_REJOIN.as_millis() / tick.as_millis()) {
+        r.now += tick;
+        hear(&mut r, &one, SERVER);
+        r.st.handle_timeout(r.now);
+        assert!(r.membership().is_empty());
+    }
 }
 
 proptest! {
