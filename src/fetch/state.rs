@@ -254,6 +254,28 @@ struct RootWatch {
     handed: Vec<(Ipv6Addr, RootRecord, Instant)>,
 }
 
+impl RootWatch {
+    /// Whether `record` from `from`, heard at `now`, goes on to the watchers (and is then
+    /// remembered as handed on): not when it repeats what went on less than [`ROOT_REPEAT`]
+    /// ago.
+    fn hand_on(&mut self, now: Instant, from: Ipv6Addr, record: &RootRecord) -> bool {
+        let entry = (from, record.clone(), now);
+        match self.handed.iter_mut().find(|(f, _, _)| *f == from) {
+            Some((_, r, at)) if r == record && now.saturating_duration_since(*at) < ROOT_REPEAT => {
+                return false;
+            }
+            Some(last) => *last = entry,
+            None => {
+                if self.handed.len() >= ROOT_SENDERS {
+                    self.handed.remove(0);
+                }
+                self.handed.push(entry);
+            }
+        }
+        true
+    }
+}
+
 /// The receiver state of one channel.
 pub struct FetchState {
     channel: Channel,
@@ -650,26 +672,11 @@ impl FetchState {
         };
         if let Some(w) = &mut self.watch {
             w.heard = now;
-            let last = w.handed.iter().position(|(f, _, _)| *f == from);
-            let repeat = last.is_some_and(|i| {
-                let (_, r, at) = &w.handed[i];
-                *r == record && now.saturating_duration_since(*at) < ROOT_REPEAT
-            });
-            if repeat {
-                self.events.push_back(Event::RootRepeated);
-                return;
-            }
-            match last {
-                Some(i) => w.handed[i] = (from, record.clone(), now),
-                None => {
-                    if w.handed.len() >= ROOT_SENDERS {
-                        w.handed.remove(0);
-                    }
-                    w.handed.push((from, record.clone(), now));
-                }
-            }
-            self.events
-                .push_back(Event::Root(HeardRoot { record, from }));
+            let event = match w.hand_on(now, from, &record) {
+                true => Event::Root(HeardRoot { record, from }),
+                false => Event::RootRepeated,
+            };
+            self.events.push_back(event);
         }
     }
 
