@@ -881,9 +881,9 @@ fn catch_up_bytes(bytes_per_sec: f64) -> f64 {
 /// The pacer: wire bytes at `rate` on average, at most `burst` of them back to back.
 ///
 /// Two token buckets. The rate's bucket holds `burst` plus [`catch_up_bytes`] while there is
-/// something to send, so time the sending thread lost (mostly waiting for a core) is made up. While there is
-/// nothing ([`Pacer::handle_idle`], until the scheduler's next timer or until an event) it
-/// holds `burst` only: an idle sender owes nothing, but one that wakes late for its timer
+/// something to send, so time the sending thread lost (mostly waiting for a core) is made
+/// up. While there is nothing ([`Pacer::handle_idle`], until the scheduler's next timer or
+/// until an event) it holds `burst` only: an idle sender owes nothing, but one that wakes late for its timer
 /// makes up the delay. The peak's bucket holds `burst` and refills at twice the rate, so what
 /// is made up goes at twice the rate at most, never as one burst at the speed of the link.
 ///
