@@ -60,6 +60,17 @@
 //! 68 against 95 MB/s). The root record, while its group is
 //! active, is interleaved every `root_interval`.
 //!
+//! A round goes out whole, back to back, not in turns with other rounds. Turns would spread
+//! a burst of lost packets over several objects, and bursts are what first rounds sized for
+//! independent losses do not cover (`known_gap_bursty_loss_*` in `tests/sim.rs`). Measured
+//! in the simulation (8 MiB, 5% loss in bursts of 5): eight rounds' source symbols in turn
+//! took 100 receivers from 1.93 to 1.83 times one receiver's bytes (seed 11), little, as
+//! later rounds cost the most; eight whole rounds in turn cut 85 receivers' bytes by a
+//! fifth (seed 19298). But under independent loss whole rounds in turn cut a lone
+//! receiver's bytes (1.60 to 1.43 times the data at 20%) and not a hundred's: its leave
+//! arrives while its round's margin is still to go. 20% loss at 1000 receivers then cost
+//! 1.22 times one receiver rather than 1.09, over the bound that makes the claim.
+//!
 //! While the beacon group has listeners and bulk rounds are queued, a beacon listing the bulk
 //! queue's head goes out every `air_interval`. Receivers that started late (or fell behind)
 //! join those objects first, and share the rounds under way instead of asking later for
