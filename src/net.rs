@@ -1,8 +1,9 @@
 //! The socket shell: interface discovery, multicast sockets and batched datagram I/O.
 //!
-//! This is the only module with `unsafe` code (sendmmsg, with UDP GSO control messages, and
-//! recvmmsg through libc); every
-//! other module works on byte slices. Receivers set `IPV6_MULTICAST_ALL` to 0, so a socket sees
+//! The datagram paths' `unsafe` code lives here (sendmmsg with UDP GSO control messages,
+//! recvmmsg, poll(2) and eventfd through libc), and other modules work on byte slices; what
+//! `unsafe` remains elsewhere are single libc calls beside their use (the MLD socket's
+//! options and control messages, geteuid, the terminal, the FUSE device). Receivers set `IPV6_MULTICAST_ALL` to 0, so a socket sees
 //! only the groups it joined itself, and demultiplex by the tag in each packet. Unicast to the
 //! port (from any local user, through `[::1]`) still reaches a socket bound to `[::]`, so every
 //! datagram comes with its [`Envelope`] (`IPV6_PKTINFO`: destination and interface) and
@@ -11,7 +12,7 @@
 
 use std::io;
 use std::net::{Ipv6Addr, SocketAddrV6};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -607,36 +608,42 @@ impl Wakeup {
 /// Waits until `s` has a datagram, `wake` is woken (which this clears), or `timeout`
 /// passed, whichever comes first. True when `s` has a datagram (or an error to report).
 pub fn wait_readable(s: &Socket, wake: Option<&Wakeup>, timeout: Duration) -> io::Result<bool> {
-    let mut fds = [
-        libc::pollfd {
-            fd: s.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            // poll skips a negative descriptor.
-            fd: wake.map_or(-1, |w| w.0.as_raw_fd()),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // Rounded up: a wait that ended before its deadline would only come back to wait again.
-    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-    // SAFETY: `fds` is an array of two pollfd, valid for the call.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return match e.kind() {
-            io::ErrorKind::Interrupted => Ok(false),
-            _ => Err(e),
-        };
-    }
-    if let Some(w) = wake.filter(|_| fds[1].revents & libc::POLLIN != 0) {
+    let ready = poll_readable([Some(s.as_fd()), wake.map(|w| w.0.as_fd())], Some(timeout))?;
+    if let Some(w) = wake.filter(|_| ready[1] & libc::POLLIN != 0) {
         w.clear();
     }
     // An error or hang-up on the socket counts as readable: the receive then reports it,
     // where a wait that saw only that would come back at once, again and again.
-    Ok(fds[0].revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0)
+    Ok(ready[0] & (libc::POLLIN | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0)
+}
+
+/// poll(2) for reading on up to two descriptors (None: skipped) until one is ready or
+/// `timeout` passed (None: no limit). Gives each one's `revents`: all zero when the time ran
+/// out or a signal ended the wait, so callers look again.
+pub fn poll_readable(
+    fds: [Option<BorrowedFd<'_>>; 2],
+    timeout: Option<Duration>,
+) -> io::Result<[i16; 2]> {
+    // poll skips a negative descriptor.
+    let mut polled = fds.map(|fd| libc::pollfd {
+        fd: fd.map_or(-1, |fd| fd.as_raw_fd()),
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // Rounded up: a wait that ended before its deadline would only come back to wait again.
+    let ms = timeout.map_or(-1, |t| {
+        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+    });
+    // SAFETY: `polled` is an array of two pollfd, valid for the call.
+    let rc = unsafe { libc::poll(polled.as_mut_ptr(), 2, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+        return Ok([0, 0]);
+    }
+    Ok(polled.map(|p| p.revents))
 }
 
 /// Joins or leaves `group` on `iface` for socket `s`.

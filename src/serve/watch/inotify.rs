@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use inotify::{EventMask, Inotify, WatchMask, Watches};
 
 use super::Notice;
+use crate::net;
 use crate::serve::index::{beneath, Tree};
 
 /// The events that can change what is published. No `IN_DONT_FOLLOW`: the watch is added
@@ -280,33 +281,20 @@ impl Shell {
     fn run(mut self, mut inotify: Inotify, stopped: &UnixStream, tx: &Sender<Notice>) {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: inotify.as_fd().as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stopped.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a valid array of two pollfd that outlives the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if n < 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                tracing::warn!(
-                    "file change notifications failed: {}",
-                    io::Error::last_os_error()
-                );
-                let _ = tx.send(Notice::Overflow);
+            let ready =
+                match net::poll_readable([Some(inotify.as_fd()), Some(stopped.as_fd())], None) {
+                    Ok(ready) => ready,
+                    Err(e) => {
+                        tracing::warn!("file change notifications failed: {e}");
+                        let _ = tx.send(Notice::Overflow);
+                        return;
+                    }
+                };
+            if ready[1] != 0 {
                 return;
             }
-            if fds[1].revents != 0 {
-                return;
+            if ready[0] == 0 {
+                continue; // a signal ended the wait
             }
             let mut notices = Vec::new();
             let mut new_dirs = Vec::new();
