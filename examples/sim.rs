@@ -41,7 +41,8 @@ struct Args {
     /// Receivers start at seeded times spread over this many seconds.
     #[arg(long, default_value_t = 0.0)]
     spread: f64,
-    /// Each receiver reads this many random files instead of the whole tree.
+    /// The N receivers each read this many random files; the one receiver they are compared
+    /// with reads the whole tree.
     #[arg(long)]
     random_files: Option<usize>,
     /// Servers of the channel, in both runs (the same tree, each from its own address).
@@ -111,7 +112,11 @@ fn main() -> ExitCode {
         None => Loss::Uniform(args.loss),
     };
     let scenario = |n: usize, workload: Workload| {
-        let mut s = Scenario::new(&format!("sim-{n}"), args.seed, shape, n, loss);
+        let name = match workload {
+            Workload::Whole => format!("sim-{n}"),
+            Workload::Files(k) => format!("sim-{n}-random-{k}"),
+        };
+        let mut s = Scenario::new(&name, args.seed, shape, n, loss);
         s.start_spread = Duration::from_secs_f64(args.spread.max(0.0));
         s.servers = args.servers.max(1);
         // Both runs decode alike, so that the ratio compares the sender alone.

@@ -1,13 +1,15 @@
 //! The socket shell: interface discovery, multicast sockets and batched datagram I/O.
 //!
-//! The datagram paths' `unsafe` code lives here (sendmmsg with UDP GSO control messages,
-//! recvmmsg, poll(2) and eventfd through libc), and other modules work on byte slices; what
-//! `unsafe` remains elsewhere are single libc calls beside their use (the MLD socket's
-//! options and control messages, geteuid, the terminal, the FUSE device). Receivers set `IPV6_MULTICAST_ALL` to 0, so a socket sees
-//! only the groups it joined itself, and demultiplex by the tag in each packet. Unicast to the
-//! port (from any local user, through `[::1]`) still reaches a socket bound to `[::]`, so every
-//! datagram comes with its [`Envelope`] (`IPV6_PKTINFO`: destination and interface) and
-//! receivers act only on multicast to the group a packet's tag belongs to, on their interface. Senders keep
+//! The socket paths' `unsafe` code lives here (interface ioctls, sendmmsg with UDP GSO
+//! control messages, recvmmsg, poll(2) and eventfd through libc), and the protocol modules
+//! work on byte slices; elsewhere `unsafe` is kept to a few system calls beside their use,
+//! each with its SAFETY note (the MLD socket's own, process and terminal calls).
+//!
+//! Receivers set `IPV6_MULTICAST_ALL` to 0, so a socket sees only the groups it joined
+//! itself, and demultiplex by the tag in each packet. Unicast to the port (from any local
+//! user, through `[::1]`) still reaches a socket bound to `[::]`, so every datagram comes
+//! with its [`Envelope`] (`IPV6_PKTINFO`: destination and interface) and receivers act only
+//! on multicast to the group a packet's tag belongs to, on their interface. Senders keep
 //! multicast loop on, so that serve and mount work on one host over a veth pair.
 
 use std::io;
@@ -632,7 +634,7 @@ pub fn poll_readable(
     });
     // Rounded up: a wait that ended before its deadline would only come back to wait again.
     let ms = timeout.map_or(-1, |t| {
-        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+        t.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32
     });
     // SAFETY: `polled` is an array of two pollfd, valid for the call.
     let rc = unsafe { libc::poll(polled.as_mut_ptr(), 2, ms) };

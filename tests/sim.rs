@@ -300,8 +300,8 @@ fn regression_a_file_at_1000_receivers_under_20_percent_loss_seed_4() {
 
 /// Starts spread over 10 s for a file that takes half a second: the server sends a round
 /// for each late group of receivers, and their windows split its rate (thousands of stall
-/// rejoins). Measured at seed 11: 13.7 times one receiver's bytes at 100 receivers, 14.9 at
-/// 1000 (`examples/sim --spread 10`). Nothing here grows with the receivers but the span: the link is busy for the
+/// rejoins). Measured at seed 11: 11.4 times one receiver's bytes at 100 receivers (13.7
+/// before this file's later changes), 14.9 at 1000 (`examples/sim --spread 10`). Nothing here grows with the receivers but the span: the link is busy for the
 /// span of the starts and one transfer after it, and no more (141 MB at 100 receivers, 153
 /// MB at 1000, where 11 s of the 100 Mbit/s link carry 146 MB with headers). A carousel of
 /// the whole file would cost the span too; what would help is fewer, larger shared rounds
@@ -316,9 +316,9 @@ fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
 /// 5% loss in bursts of 5 packets on average (Gilbert-Elliott), 50 receivers of an 8 MiB
 /// file: 1.61 times one receiver's bytes at seed 11 (1.24 to 1.47 at seeds 1 to 5; 1.31 to
 /// 2.54 at 100 receivers, seeds 1 to 3 and 11). First rounds are sized for losses independent
-/// from symbol to symbol, and a burst takes several symbols of one round: at seed 11 one
-/// receiver needed 25 later rounds of 128 blocks, a hundred 353, and their stragglers
-/// rejoined thousands of times. Rounds taking turns did not close it (see `serve::sched`).
+/// from symbol to symbol, and a burst takes several symbols of one round: at seed 11 the
+/// file's 128 blocks took 25 later rounds for one receiver and 353 for a hundred, whose
+/// stragglers rejoined thousands of times. Rounds taking turns did not close it (see `serve::sched`).
 #[test]
 fn known_gap_bursty_loss_costs_many_receivers_later_rounds() {
     let (_, _, ratio) = flatness("gap-file-bursty", FILE, 50, Loss::bursty(0.05, 5.0), 0);

@@ -296,6 +296,16 @@ impl Shell {
             if ready[0] == 0 {
                 continue; // a signal ended the wait
             }
+            if ready[0] & libc::POLLIN == 0 {
+                // An error or hang-up without events: a read would find nothing, again and
+                // again.
+                tracing::warn!(
+                    "file change notifications failed (poll {:#x}): rescanning",
+                    ready[0]
+                );
+                let _ = tx.send(Notice::Overflow);
+                return;
+            }
             let mut notices = Vec::new();
             let mut new_dirs = Vec::new();
             match inotify.read_events(&mut buf) {
