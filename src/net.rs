@@ -687,6 +687,29 @@ mod tests {
         (rx, tx, SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0))
     }
 
+    /// The watcher's use: a descriptor with events, another that hangs up, one left out,
+    /// and a wait whose time runs out.
+    #[test]
+    fn poll_readable_tells_which_descriptor_is_ready() {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let (c, d) = UnixStream::pair().unwrap();
+        let short = Some(Duration::from_micros(1));
+        assert_eq!(
+            poll_readable([Some(b.as_fd()), None], short).unwrap(),
+            [0, 0]
+        );
+        a.write_all(b"x").unwrap();
+        let ready = poll_readable([Some(b.as_fd()), Some(d.as_fd())], None).unwrap();
+        assert_ne!(ready[0] & libc::POLLIN, 0);
+        assert_eq!(ready[1], 0);
+        drop(c);
+        let ready = poll_readable([None, Some(d.as_fd())], Some(Duration::ZERO)).unwrap();
+        assert_eq!(ready[0], 0, "a left-out descriptor reports nothing");
+        assert_ne!(ready[1], 0, "a hang-up is reported");
+    }
+
     #[test]
     fn batch_round_trip_on_loopback_unicast() {
         let (rx, tx, dest) = loopback_pair();
