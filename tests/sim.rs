@@ -315,10 +315,14 @@ fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
 
 /// 5% loss in bursts of 5 packets on average (Gilbert-Elliott), 50 receivers of an 8 MiB
 /// file: 1.61 times one receiver's bytes at seed 11 (1.24 to 1.47 at seeds 1 to 5; 1.31 to
-/// 2.54 at 100 receivers, seeds 1 to 3 and 11). First rounds are sized for losses independent
-/// from symbol to symbol, and a burst takes several symbols of one round: at seed 11 the
-/// file's 128 blocks took 25 later rounds for one receiver and 353 for a hundred, whose
-/// stragglers rejoined thousands of times. Rounds taking turns did not close it (see `serve::sched`).
+/// 2.54 at 100 receivers, seeds 1 to 3 and 11). At seed 11 the file's 128 blocks took 25
+/// later rounds for one receiver and 353 for a hundred. Not the cause, measured at 100
+/// receivers: first rounds too small for bursts (sized for four times the reported loss,
+/// one receiver cost 1.54 times the data rather than 1.24, a hundred 2.49 rather than 2.40,
+/// with 21 blocks activated again for receivers that had fallen behind), nor the
+/// stragglers' rejoins (none with a stall timer of 1 s, the same bytes). Receivers fall out
+/// of step and hold objects for many later rounds; why is still to be traced. Rounds taking
+/// turns did not close it either (see `serve::sched`).
 #[test]
 fn known_gap_bursty_loss_costs_many_receivers_later_rounds() {
     let (_, _, ratio) = flatness("gap-file-bursty", FILE, 50, Loss::bursty(0.05, 5.0), 0);

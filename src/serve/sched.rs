@@ -61,8 +61,8 @@
 //! active, is interleaved every `root_interval`.
 //!
 //! A round goes out whole, back to back, not in turns with other rounds. Turns would spread
-//! a burst of lost packets over several objects, and bursts are what first rounds sized for
-//! independent losses do not cover (`known_gap_bursty_loss_*` in `tests/sim.rs`). Measured
+//! a burst of lost packets over several objects, and loss in bursts is what the simulation
+//! does not yet keep flat (`known_gap_bursty_loss_*` in `tests/sim.rs`). Measured
 //! in the simulation (8 MiB, 5% loss in bursts of 5): eight rounds' source symbols in turn
 //! took 100 receivers from 1.93 to 1.83 times one receiver's bytes (seed 11), little, as
 //! later rounds cost the most; eight whole rounds in turn cut 85 receivers' bytes by a
