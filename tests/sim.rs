@@ -320,9 +320,13 @@ fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
 /// receivers: first rounds too small for bursts (sized for four times the reported loss,
 /// one receiver cost 1.54 times the data rather than 1.24, a hundred 2.49 rather than 2.40,
 /// with 21 blocks activated again for receivers that had fallen behind), nor the
-/// stragglers' rejoins (none with a stall timer of 1 s, the same bytes). Receivers fall out
-/// of step and hold objects for many later rounds; why is still to be traced. Rounds taking
-/// turns did not close it either (see `serve::sched`).
+/// stragglers' rejoins (none with a stall timer of 1 s, the same bytes). A trace of the
+/// hundred: every block needed a later round, five in six a second and one in four a third,
+/// mostly for one to five receivers: a first later round is K/8 (5 symbols of a 46-symbol
+/// block), less than a burst takes, and each further round waits a cooldown, during which
+/// receivers fall behind and objects go out again. A later round sized from what earlier
+/// objects' stragglers needed is the next thing to try. Rounds taking turns did not close
+/// it (see `serve::sched`).
 #[test]
 fn known_gap_bursty_loss_costs_many_receivers_later_rounds() {
     let (_, _, ratio) = flatness("gap-file-bursty", FILE, 50, Loss::bursty(0.05, 5.0), 0);
