@@ -152,14 +152,14 @@ fn main() -> ExitCode {
         }
     }
     let ratio = reports[1].server_bytes as f64 / reports[0].server_bytes.max(1) as f64;
-    let one = match args.random_files {
+    let compared = match args.random_files {
         Some(k) => format!(
             "server bytes at {} receivers of {k} random files each / at 1 of the whole tree",
             args.receivers
         ),
         None => format!("server bytes at {} receivers / at 1", args.receivers),
     };
-    println!("{one}: {ratio:.3} (at most {})", args.max_ratio);
+    println!("{compared}: {ratio:.3} (at most {})", args.max_ratio);
     if ratio > args.max_ratio {
         problems.push(format!(
             "server bytes ratio {ratio:.3} > {}",

@@ -259,17 +259,17 @@ impl RootWatch {
     /// remembered as handed on): not when it repeats what went on less than [`ROOT_REPEAT`]
     /// ago.
     fn hand_on(&mut self, now: Instant, from: Ipv6Addr, record: &RootRecord) -> bool {
-        let entry = (from, record.clone(), now);
+        // Repeats come forty times a second: the record is cloned only when it goes on.
         match self.handed.iter_mut().find(|(f, _, _)| *f == from) {
             Some((_, r, at)) if r == record && now.saturating_duration_since(*at) < ROOT_REPEAT => {
                 return false;
             }
-            Some(last) => *last = entry,
+            Some(last) => *last = (from, record.clone(), now),
             None => {
                 if self.handed.len() >= ROOT_SENDERS {
                     self.handed.remove(0);
                 }
-                self.handed.push(entry);
+                self.handed.push((from, record.clone(), now));
             }
         }
         true

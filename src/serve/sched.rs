@@ -896,9 +896,10 @@ fn catch_up_bytes(bytes_per_sec: f64) -> f64 {
 /// Two token buckets. The rate's bucket holds `burst` plus [`catch_up_bytes`] while there is
 /// something to send, so time the sending thread lost (mostly waiting for a core) is made
 /// up. While there is nothing ([`Pacer::handle_idle`], until the scheduler's next timer or
-/// until an event) it holds `burst` only: an idle sender owes nothing, but one that wakes late for its timer
-/// makes up the delay. The peak's bucket holds `burst` and refills at twice the rate, so what
-/// is made up goes at twice the rate at most, never as one burst at the speed of the link.
+/// until an event) it holds `burst` only: an idle sender owes nothing, but one that wakes
+/// late for its timer makes up the delay. The peak's bucket holds `burst` and refills at
+/// twice the rate, so what is made up goes at twice the rate at most, never as one burst at
+/// the speed of the link.
 ///
 /// Bounds: from its start the pacer lets out at most `rate * t + burst`; over any span `t`,
 /// at most `rate * t + burst + catch_up_bytes(rate)` and `2 * rate * t + burst`.

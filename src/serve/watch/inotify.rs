@@ -281,28 +281,18 @@ impl Shell {
     fn run(mut self, mut inotify: Inotify, stopped: &UnixStream, tx: &Sender<Notice>) {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let ready =
-                match net::poll_readable([Some(inotify.as_fd()), Some(stopped.as_fd())], None) {
-                    Ok(ready) => ready,
-                    Err(e) => {
-                        tracing::warn!("file change notifications failed: {e}");
-                        let _ = tx.send(Notice::Overflow);
-                        return;
-                    }
-                };
-            if ready[1] != 0 {
-                return;
-            }
-            if ready[0] == 0 {
-                continue; // a signal ended the wait
-            }
-            if ready[0] & libc::POLLIN == 0 {
-                // An error or hang-up without events: a read would find nothing, again and
-                // again.
-                tracing::warn!(
-                    "file change notifications failed (poll {:#x}): rescanning",
-                    ready[0]
-                );
+            let polled = net::poll_readable([Some(inotify.as_fd()), Some(stopped.as_fd())], None);
+            // An error or hang-up without events fails too: a read would find nothing, again
+            // and again.
+            let failed = match polled {
+                Ok(ready) if ready[1] != 0 => return,
+                Ok([0, _]) => continue, // a signal ended the wait
+                Ok([events, _]) if events & libc::POLLIN == 0 => Some(format!("poll {events:#x}")),
+                Ok(_) => None,
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(why) = failed {
+                tracing::warn!("file change notifications failed ({why}): rescanning");
                 let _ = tx.send(Notice::Overflow);
                 return;
             }
