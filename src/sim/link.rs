@@ -141,7 +141,8 @@ impl Link {
         })
     }
 
-    fn lost(&mut self) -> bool {
+    /// Whether the next packet is lost (one step of the loss chain, no delays drawn).
+    pub fn lost(&mut self) -> bool {
         match self.config.loss {
             Loss::None => false,
             Loss::Uniform(p) => self.rng.random_bool(p.clamp(0.0, 1.0)),

@@ -14,7 +14,8 @@
 //!   its workload: the whole tree or random files, walked from the root record it hears;
 //! - [`world`]: the event queue and the snooping bridge (packets reach only hosts joined to
 //!   their group; joins and leaves become MLDv2 reports; queries are answered);
-//! - [`report`]: the figures of a run.
+//! - [`report`]: the figures of a run;
+//! - [`oracle`]: what a server that saw every loss would have sent, the yardstick for them.
 //!
 //! Invariants: every random draw comes from a generator seeded from [`Scenario::seed`], and
 //! events at equal times run in the order they were queued, so a seed always gives the same
@@ -27,6 +28,7 @@
 //! [`Table`]: crate::serve::table::Table
 
 pub mod link;
+pub mod oracle;
 pub mod receiver;
 pub mod report;
 pub mod server;
@@ -285,5 +287,25 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
         }
     }
     r.completion.sort();
+    r.symbols_sent = w
+        .servers
+        .iter()
+        .map(|s| s.carousel().scheduler().stats().sent.iter().sum::<u64>())
+        .sum();
+    let carousel = w.servers[0].carousel();
+    let mut hashes: Vec<_> = p.objects.keys().collect();
+    // A map's order differs from process to process; the yardstick's draws must not.
+    hashes.sort();
+    let ks: Vec<u32> = hashes
+        .into_iter()
+        .filter_map(|h| carousel.source_symbols(h))
+        .collect();
+    r.source_symbols = ks.iter().map(|&k| u64::from(k)).sum();
+    // The yardstick sends to receivers that are all there from the start to the end.
+    if s.workload == Workload::Whole && s.start_spread.is_zero() && s.server_restart.is_none() {
+        let receivers = s.receivers.saturating_sub(s.departures.len());
+        let loss = s.downlink.loss;
+        r.oracle_symbols = Some(oracle::symbols_needed(loss, receivers, &ks, s.seed));
+    }
     r
 }

@@ -62,6 +62,13 @@ pub struct Report {
     pub activations: [u64; 2],
     pub distinct: u64,
     pub symbols: [u64; 2],
+    /// Source symbols of every object one receiver of the whole workload needs.
+    pub source_symbols: u64,
+    /// Symbols every server sent (all classes).
+    pub symbols_sent: u64,
+    /// What a server that saw every loss would have sent ([`super::oracle`]); None when
+    /// receivers want different objects, start apart or outlive a server.
+    pub oracle_symbols: Option<u64>,
 }
 
 impl Report {
@@ -94,6 +101,17 @@ impl Report {
     /// Server bytes over what unicast would have sent.
     pub fn over_unicast(&self) -> f64 {
         self.server_bytes as f64 / self.unicast_bytes.max(1) as f64
+    }
+
+    /// Symbols sent per source symbol of the data.
+    pub fn symbols_over_source(&self) -> f64 {
+        self.symbols_sent as f64 / self.source_symbols.max(1) as f64
+    }
+
+    /// The same for the server that saw every loss ([`super::oracle`]).
+    pub fn oracle_over_source(&self) -> Option<f64> {
+        let source = self.source_symbols.max(1) as f64;
+        self.oracle_symbols.map(|o| o as f64 / source)
     }
 
     /// The (min, median, max) completion time.
@@ -165,6 +183,15 @@ impl fmt::Display for Report {
             self.distinct,
             self.symbols[0],
             self.symbols[1]
-        )
+        )?;
+        if let Some(oracle) = self.oracle_over_source() {
+            write!(
+                f,
+                "\n  symbols per source symbol {:.3}; a server that saw every loss, coding objects alone, {:.3}",
+                self.symbols_over_source(),
+                oracle
+            )?;
+        }
+        Ok(())
     }
 }

@@ -188,6 +188,11 @@ impl Carousel {
         &self.sched
     }
 
+    /// K of `hash` as this carousel sends it; None for an object it cannot send.
+    pub fn source_symbols(&self, hash: &ObjectHash) -> Option<u32> {
+        self.route_of(hash).map(|r| r.k)
+    }
+
     /// Listened groups remembered, routed or not.
     pub fn listened_groups(&self) -> usize {
         self.listened.len()
