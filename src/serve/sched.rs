@@ -8,7 +8,7 @@
 //!
 //! Three queues order the rounds, each first come first served:
 //! - urgent: every round after an object's first (stragglers that lost symbols, late
-//!   joiners). These are cheap, and serving them first keeps receivers that fell behind in
+//!   joiners). These are small, and serving them first keeps receivers that fell behind in
 //!   step with the others, so that the rounds that follow are shared instead of sent once
 //!   per receiver;
 //! - metadata: first rounds of directories and file indexes, which a receiver needs before
@@ -22,8 +22,8 @@
 //! the receivers report by joining a loss level's group, else the loss learned from MLD
 //! alone (the share of an object's listeners still there after its first round). Either is
 //! what one receiver's loss decides, whatever their number, so one receiver and a thousand
-//! get the same first rounds and differ only in the later rounds of the unlucky few. A first
-//! round is sized when its first symbol goes out, by what was known until then.
+//! get the same first rounds and differ only in the later rounds of the unlucky few. A
+//! first round is sized when its first symbol goes out, by what was known until then.
 //!
 //! A block's later rounds are K/8 for `steady_rounds` rounds, then double (at most K); a
 //! metadata object's are as large as its least first round, K + max(8, 4 sqrt(K)). The
@@ -47,8 +47,8 @@
 //!
 //! At seed 11 a server that saw every receiver's losses and sent blocks one after another
 //! would send 1.54 symbols per source symbol for a hundred receivers (lcfs now 1.75) and
-//! 1.05 for one (lcfs 1.17; `crate::sim::oracle`): most of what is left of the gap between a
-//! hundred receivers and one is what blocks coded on their own cost under bursts.
+//! 1.05 for one (lcfs 1.17; `crate::sim::oracle`): most of what is left of the gap between
+//! a hundred receivers and one is what blocks coded on their own cost under bursts.
 //!
 //! The root record goes out in a burst of [`ROOT_BURST`] copies when its group turns
 //! active: a receiver that missed the single copy started `root_interval` after the others,
@@ -163,7 +163,7 @@
 //! real copy stalled beside a host that did this). So:
 //! - a bulk round that has waited behind `bulk_patience` (2048) urgent symbols goes next, so
 //!   new objects get at least a round per 2048 symbols (a quarter of a second at 100 Mbit/s).
-//!   Honest later rounds (32 objects in flight, K/8 to K symbols each) rarely keep the queue
+//!   Honest later rounds (32 objects in flight, K/8 to K symbols a block) rarely keep the queue
 //!   busy that long (at most once a run in the lossy three-receiver test), so they keep their
 //!   priority: alternating every round with bulk sent about 8% more bytes there, stragglers
 //!   falling out of step. Counted in symbols, unlike in time, the limit does not fire when

@@ -301,9 +301,13 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
         .filter_map(|h| carousel.source_symbols(h))
         .collect();
     r.source_symbols = ks.iter().map(|&k| u64::from(k)).sum();
-    // The yardstick sends to receivers that are all there from the start to the end.
-    if s.workload == Workload::Whole && s.start_spread.is_zero() && s.server_restart.is_none() {
-        let receivers = s.receivers.saturating_sub(s.departures.len());
+    // The yardstick serves receivers that are all there from start to end, from one server,
+    // and codes what they verify object by object: for a file that is what the server
+    // sends, while a tree's small files travel in bundles that it would code file by file.
+    let receivers = s.receivers.saturating_sub(s.departures.len());
+    let one_file = matches!(s.shape, Shape::File(_));
+    let together = s.start_spread.is_zero() && s.server_restart.is_none() && s.servers <= 1;
+    if s.workload == Workload::Whole && one_file && together && receivers > 0 {
         let loss = s.downlink.loss;
         r.oracle_symbols = Some(oracle::symbols_needed(loss, receivers, &ks, s.seed));
     }

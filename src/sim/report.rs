@@ -66,8 +66,8 @@ pub struct Report {
     pub source_symbols: u64,
     /// Symbols every server sent (all classes).
     pub symbols_sent: u64,
-    /// What a server that saw every loss would have sent ([`super::oracle`]); None when
-    /// receivers want different objects, start apart or outlive a server.
+    /// What a server that saw every loss would have sent ([`super::oracle`]); only for
+    /// receivers of one file who start together, from one server that does not restart.
     pub oracle_symbols: Option<u64>,
 }
 
@@ -187,7 +187,8 @@ impl fmt::Display for Report {
         if let Some(oracle) = self.oracle_over_source() {
             write!(
                 f,
-                "\n  symbols per source symbol {:.3}; a server that saw every loss, coding objects alone, {:.3}",
+                "\n  symbols per source symbol {:.3}; a server that saw every loss, \
+                 coding blocks alone, {:.3}",
                 self.symbols_over_source(),
                 oracle
             )?;
