@@ -318,7 +318,7 @@ fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
 /// file: 1.28 times one receiver's bytes at seed 11 (1.61 until later rounds were resized,
 /// see `serve::sched`; 1.49 at 100 receivers, 1.93 before). Most of what is left is the
 /// loss: a server that saw every receiver's losses and coded each block on its
-/// own ([`lcfs::sim::oracle`]) would send 1.39 times one receiver's symbols here and 1.47
+/// own ([`lcfs::sim::oracle`]) would send 1.39 times one receiver's symbols here and 1.46
 /// at 100, because the worst of fifty receivers loses a burst in nearly every block and one
 /// receiver seldom does. lcfs sends within 3% of that server's symbols at 50 receivers and
 /// 14% at 100. Closing the gap needs blocks coded or sent across each other, and rounds

@@ -46,7 +46,7 @@
 //! - independent loss moved by 0.01 at most, and a lone receiver not at all.
 //!
 //! At seed 11 a server that saw every receiver's losses and sent blocks one after another
-//! would send 1.54 symbols per source symbol for a hundred receivers (lcfs now 1.75) and
+//! would send 1.53 symbols per source symbol for a hundred receivers (lcfs now 1.75) and
 //! 1.05 for one (lcfs 1.17; `crate::sim::oracle`): most of what is left of the gap between
 //! a hundred receivers and one is what blocks coded on their own cost under bursts.
 //!

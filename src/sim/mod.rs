@@ -287,20 +287,6 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
         }
     }
     r.completion.sort();
-    r.symbols_sent = w
-        .servers
-        .iter()
-        .map(|s| s.carousel().scheduler().stats().sent.iter().sum::<u64>())
-        .sum();
-    let carousel = w.servers[0].carousel();
-    let mut hashes: Vec<_> = p.objects.keys().collect();
-    // A map's order differs from process to process; the yardstick's draws must not.
-    hashes.sort();
-    let ks: Vec<u32> = hashes
-        .into_iter()
-        .filter_map(|h| carousel.source_symbols(h))
-        .collect();
-    r.source_symbols = ks.iter().map(|&k| u64::from(k)).sum();
     // The yardstick serves receivers that are all there from start to end, from one server,
     // and codes what they verify object by object: for a file that is what the server
     // sends, while a tree's small files travel in bundles that it would code file by file.
@@ -308,6 +294,17 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
     let one_file = matches!(s.shape, Shape::File(_));
     let together = s.start_spread.is_zero() && s.server_restart.is_none() && s.servers <= 1;
     if s.workload == Workload::Whole && one_file && together && receivers > 0 {
+        let carousel = w.servers[0].carousel();
+        let mut ks: Vec<u32> = p
+            .objects
+            .keys()
+            .filter_map(|h| carousel.source_symbols(h))
+            .collect();
+        // The yardstick's count depends only on the sequence of K, which must not follow a
+        // map's order or the hashes (the file index's changes with the tree's mtimes, and
+        // ordering by hash moved the figure in its third decimal from run to run).
+        ks.sort_unstable();
+        r.source_symbols = ks.iter().map(|&k| u64::from(k)).sum();
         let loss = s.downlink.loss;
         r.oracle_symbols = Some(oracle::symbols_needed(loss, receivers, &ks, s.seed));
     }

@@ -62,10 +62,9 @@ pub struct Report {
     pub activations: [u64; 2],
     pub distinct: u64,
     pub symbols: [u64; 2],
-    /// Source symbols of every object one receiver of the whole workload needs.
+    /// Source symbols of every object one receiver of the file needs; set with
+    /// `oracle_symbols`.
     pub source_symbols: u64,
-    /// Symbols every server sent (all classes).
-    pub symbols_sent: u64,
     /// What a server that saw every loss would have sent ([`super::oracle`]); only for
     /// receivers of one file who start together, from one server that does not restart.
     pub oracle_symbols: Option<u64>,
@@ -103,9 +102,10 @@ impl Report {
         self.server_bytes as f64 / self.unicast_bytes.max(1) as f64
     }
 
-    /// Symbols sent per source symbol of the data.
+    /// Symbols the (first) server sent per source symbol of the data; for runs with a
+    /// yardstick, which have one server.
     pub fn symbols_over_source(&self) -> f64 {
-        self.symbols_sent as f64 / self.source_symbols.max(1) as f64
+        self.symbols.iter().sum::<u64>() as f64 / self.source_symbols.max(1) as f64
     }
 
     /// The same for the server that saw every loss ([`super::oracle`]).
