@@ -111,7 +111,8 @@ pub struct FetchConfig {
     /// bursts (the simulation's 1,000-file tree at 100 and 1000 receivers: 1.50 to 1.79 times
     /// one receiver's bytes against 1.98 to 2.82), but in `tools/bench` it cost a copy of
     /// the 10,000-file tree 40% more CPU, eight shaped copies 1.16 times one copy's time
-    /// against 1.10, and 256 MiB unshaped 188 against 234 MB/s.
+    /// against 1.10, and 256 MiB unshaped 188 against 234 MB/s. So only a receiver that
+    /// measured 1% loss or more joins four times this many (`FetchState::window`).
     pub max_joined: usize,
     /// A fetch in doubt (the channel moved to a new generation, or a superseded file's
     /// reader asked for it) fails as stale after this long without a useful symbol. The

@@ -416,6 +416,33 @@ fn a_full_window_still_joins_the_rounds_about_to_go_out() {
     );
 }
 
+/// A receiver that measured loss joins four times as many groups ahead: it falls behind
+/// the others, and must still be among an object's listeners when their round goes out.
+#[test]
+fn a_lossy_receiver_joins_further_ahead() {
+    let queue = |r: &mut Rig| {
+        for n in 0..12 {
+            r.request(&object(n, 2000), Priority::Prefetch);
+        }
+        assert!(
+            r.claims().is_empty(),
+            "more than the window: the beacon first"
+        );
+        // No beacon comes: after its wait the window fills in order.
+        r.advance(Duration::from_millis(70));
+        r.claims().len()
+    };
+    let mut lossless = rig(2);
+    assert_eq!(queue(&mut lossless), 2, "no loss measured: the window");
+    let mut lossy = rig(2);
+    for n in 0..8 {
+        lossy.fetch_one_in_five_lost(&object(100 + n, 40 * SYMBOL));
+        lossy.advance(FetchState::TICK);
+    }
+    assert!(lossy.st.loss().is_some_and(|l| l > 0.1));
+    assert_eq!(queue(&mut lossy), 8, "four times the window");
+}
+
 #[test]
 fn a_fetch_claimed_elsewhere_waits_for_the_cache_then_joins_after_patience() {
     let mut r = rig(32);
