@@ -1065,7 +1065,9 @@ impl FetchState {
     /// receiver measured [`LOSSY`] loss. A receiver that loses rounds falls behind the
     /// others; with more of the tree joined it is still among an object's listeners when
     /// the others' first round goes out, rather than asking for the object after they all
-    /// left, when it goes out again for it alone.
+    /// left, when it goes out again for it alone. The measure forgets over
+    /// [`super::loss::WINDOW`] symbols, so a link that stops losing gets the small window
+    /// back.
     fn window(&self) -> usize {
         let max = self.config.max_joined;
         match self.loss.loss() {
