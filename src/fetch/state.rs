@@ -18,8 +18,9 @@
 //! A fetch goes `Queued` (waiting for room in the window) → `Claiming` (asking whether
 //! another process sharing the cache fetches it) → `Joined` (symbols decoded) or `Elsewhere`
 //! (waiting for that process to store it) → done. Demand reads never wait for room; other
-//! requests share a window of `max_joined` places, filled first with what the server's
-//! beacon lists as on air. Requests of one turn enter the window together, and a receiver
+//! requests share a window of `max_joined` places (four times as many once the receiver
+//! measures loss, see `LOSSY`), filled first with what the server's beacon lists as on
+//! air. Requests of one turn enter the window together, and a receiver
 //! that asks for more than the window holds without a fresh beacon waits up to
 //! `BEACON_WAIT` for one, so that receivers starting a few milliseconds apart share rounds
 //! (DESIGN.md had receivers admit in their own order at once; in the simulation that cost
