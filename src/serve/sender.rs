@@ -289,11 +289,11 @@ impl SenderLoop {
         let s = sched.stats();
         let reported = sched.reported_loss();
         tracing::debug!(
-            "scheduler: {} distinct objects; metadata {} activations, {} of {} source symbols sent, {} later rounds; blocks {} activations, {} of {} source symbols sent, {} later rounds; loss learned {:.3}, reported {:.3} by {}; leaves after <10/20/40/80/160/more ms: {:?}; {} bulk rounds let ahead; first rounds with every bulk receiver/hurried/gather ran out {:?}, waiting {:?} now",
+            "scheduler: {} distinct objects; metadata {} activations, {} of {} source symbols sent, {} later rounds; blocks {} activations, {} of {} source symbols sent, {} later rounds; loss learned {:.3}, reported {:.3} by {}; leaves after <10/20/40/80/160/more ms: {:?}; {} bulk rounds let ahead; first rounds with every bulk receiver/hurried/gather ran out {:?}, waiting {:?} now; {} blocks' first rounds in turns",
             s.distinct, s.activations[0], s.sent[0], s.source_symbols[0], s.later_rounds[0],
             s.activations[1], s.sent[1], s.source_symbols[1], s.later_rounds[1], sched.loss(),
             reported.1, reported.0, s.leave_delay, s.bulk_turns, s.gathered,
-            sched.gather_wait()
+            sched.gather_wait(), s.in_turns
         );
     }
 }

@@ -245,6 +245,7 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
         reported: sched.reported_loss(),
         leave_delay: sched.stats().leave_delay,
         gathered: sched.stats().gathered,
+        in_turns: sched.stats().in_turns,
         activations: sched.stats().activations,
         distinct: sched.stats().distinct,
         symbols: sched.stats().sent,
