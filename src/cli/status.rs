@@ -78,6 +78,18 @@ fn server_lines(out: &mut String, v: &ServerStatus) {
         v.loss_reporters,
         v.reported_loss * 100.0
     );
+    if v.bursty || v.first_rounds_in_turns > 0 {
+        let now = if v.bursty {
+            "in bursts"
+        } else {
+            "no longer in bursts"
+        };
+        let _ = writeln!(
+            out,
+            "         loss comes {now}: {} blocks' first rounds sent in turns",
+            v.first_rounds_in_turns
+        );
+    }
 }
 
 fn receiver_lines(out: &mut String, r: &ReceiverStatus, now: u64) {
@@ -217,11 +229,23 @@ mod tests {
             }),
             ..ProcessStatus::default()
         };
-        let text = render(&[serve], 0);
+        let text = render(std::slice::from_ref(&serve), 0);
         assert!(
             text.contains(
                 "3 fetching in bulk, blocks wait up to 100 ms for them; 3 report 5.2% loss"
             ),
+            "{text}"
+        );
+        assert!(!text.contains("bursts"), "{text}");
+        assert!(text.lines().all(|l| l.len() <= 120), "{text}");
+        let mut bursty = serve;
+        if let Some(s) = bursty.server.as_mut() {
+            s.bursty = true;
+            s.first_rounds_in_turns = 412;
+        }
+        let text = render(&[bursty], 0);
+        assert!(
+            text.contains("loss comes in bursts: 412 blocks' first rounds sent in turns"),
             "{text}"
         );
         assert!(text.lines().all(|l| l.len() <= 120), "{text}");

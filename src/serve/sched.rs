@@ -651,6 +651,11 @@ impl Scheduler {
         self.loss.learned()
     }
 
+    /// Loss comes in bursts: blocks' first rounds go in turns.
+    pub fn bursty(&self) -> bool {
+        self.loss.bursty()
+    }
+
     /// How many receivers report their loss, and the mean they report.
     pub fn reported_loss(&self) -> (usize, f64) {
         self.loss.reported()

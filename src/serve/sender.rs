@@ -104,6 +104,10 @@ pub struct SendStats {
     pub loss_reporters: AtomicU64,
     pub reported_loss_ppm: AtomicU64,
     pub gather_wait_us: AtomicU64,
+    /// Loss comes in bursts now (1 or 0), and blocks' first rounds sent in turns so far
+    /// (`crate::serve::sched`).
+    pub bursty: AtomicU64,
+    pub first_rounds_in_turns: AtomicU64,
 }
 
 /// The shared, swappable table of what is published now.
@@ -281,6 +285,8 @@ impl SenderLoop {
         set(&s.bulk_receivers, sched.bulk_receivers() as u64);
         set(&s.loss_reporters, reporters as u64);
         set(&s.reported_loss_ppm, (loss * 1e6) as u64);
+        set(&s.bursty, u64::from(sched.bursty()));
+        set(&s.first_rounds_in_turns, sched.stats().in_turns);
         set(&s.gather_wait_us, sched.gather_wait().as_micros() as u64);
     }
 

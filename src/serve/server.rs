@@ -508,6 +508,8 @@ fn server_status(
                 loss_reporters: n(&stats.loss_reporters),
                 reported_loss: n(&stats.reported_loss_ppm) as f64 / 1e6,
                 gather_wait_ms: n(&stats.gather_wait_us) as f64 / 1e3,
+                bursty: n(&stats.bursty) > 0,
+                first_rounds_in_turns: n(&stats.first_rounds_in_turns),
             }),
         }
     })

@@ -10,8 +10,8 @@
 //! - serve: `serve_files`, `serve_tree_bytes`, `serve_listeners`, `serve_wanted_groups`,
 //!   `serve_active_groups`, `serve_packets_sent_total`, `serve_sent_bytes_total` (on the
 //!   wire), `serve_rate_limit_bits`, `serve_bulk_receivers`, `serve_loss_reporters`,
-//!   `serve_reported_loss_ratio`, `serve_gather_wait_seconds`, `mld_reports_total`,
-//!   `mld_dropped_total`.
+//!   `serve_reported_loss_ratio`, `serve_gather_wait_seconds`, `serve_bursty_loss` (1 or 0),
+//!   `serve_first_rounds_in_turns_total`, `mld_reports_total`, `mld_dropped_total`.
 //!
 //! The endpoint is plain HTTP/1.0 on one thread: a scrape is a few microseconds of
 //! formatting, and nothing else is served. It binds loopback unless told an address.
@@ -310,6 +310,18 @@ pub fn render(s: &ProcessStatus) -> String {
             "gauge",
             "How long a block's first round now waits for the receivers fetching in bulk, at most.",
             v.gather_wait_ms / 1e3,
+        );
+        m(
+            "serve_bursty_loss",
+            "gauge",
+            "1 while loss comes in bursts and blocks' first rounds go in turns, else 0.",
+            f64::from(u8::from(v.bursty)),
+        );
+        m(
+            "serve_first_rounds_in_turns_total",
+            "counter",
+            "Blocks' first rounds sent in turns with others', as loss came in bursts.",
+            c(v.first_rounds_in_turns),
         );
         m(
             "mld_reports_total",

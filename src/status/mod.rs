@@ -119,6 +119,9 @@ pub struct ServerStatus {
     pub reported_loss: f64,
     /// How long a block's first round now waits for the receivers fetching in bulk, at most.
     pub gather_wait_ms: f64,
+    /// Loss comes in bursts now, so blocks' first rounds go in turns; and how many went so.
+    pub bursty: bool,
+    pub first_rounds_in_turns: u64,
 }
 
 /// Produces a process's status on demand (called from the reporter's thread).
