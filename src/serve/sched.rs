@@ -106,15 +106,15 @@
 //! round while a reader waits go whole as ever. Measured in the simulation (`examples/sim`,
 //! 5% loss in bursts of 5), server bytes at N receivers over those at one, and at N over
 //! the data, before and after:
-//! - 8 MiB, 100 receivers: 1.45 to 1.28 (1.80 to 1.56 times the data) at seed 11, 1.43 to
-//!   1.26 at seed 2, 1.39 to 1.19 at seed 3; 50 receivers at seed 11, 1.27 to 1.13, where
-//!   lcfs now sends 0.88 times the symbols of a server that saw every loss and sent blocks
+//! - 8 MiB, 100 receivers: 1.45 to 1.27 (1.80 to 1.56 times the data) at seed 11, 1.43 to
+//!   1.27 at seed 2, 1.39 to 1.21 at seed 3; 50 receivers at seed 11, 1.27 to 1.12, where
+//!   lcfs now sends 0.89 times the symbols of a server that saw every loss and sent blocks
 //!   one after another (`crate::sim::oracle`), which it could not beat before;
-//! - 4 MiB, 1000 receivers, seed 5: 1.77 to 1.58 (2.32 to 2.04 times the data); a
+//! - 4 MiB, 1000 receivers, seed 5: 1.77 to 1.56 (2.32 to 2.05 times the data); a
 //!   transfer this short goes partly whole, as the first losses are learned a cooldown after
 //!   the first rounds (42 of 64 blocks in turns);
-//! - 1,000 files to 16 KiB: 1.44 to 1.26 (100 receivers, seed 12), 1.82 to 1.56 and 1.93 to
-//!   1.73 (1000 receivers, seeds 6 and 7);
+//! - 1,000 files to 16 KiB: 1.44 to 1.25 (100 receivers, seed 12), 1.82 to 1.52 and 1.93 to
+//!   1.69 (1000 receivers, seeds 6 and 7);
 //! - independent loss did not move (4 MiB and the tree at 20% and 1000 receivers, 1.08 and
 //!   1.10; six seeds no test uses at 5% and 20%, within 0.004).
 //!

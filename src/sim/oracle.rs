@@ -15,7 +15,7 @@
 //! blocks' rounds, so a burst that took the end of a first round does not also take the
 //! start of the next, and while loss comes in bursts its blocks' first rounds take turns
 //! (`crate::serve::sched`), so that a burst takes a symbol of each of several blocks. It
-//! can send less than this: 0.88 times its symbols for fifty receivers under 5% loss in
+//! can send less than this: 0.89 times its symbols for fifty receivers under 5% loss in
 //! bursts of 5. The simulation gives it for
 //! receivers of one file only: a tree's small files travel in bundles, and this would code
 //! them file by file.
