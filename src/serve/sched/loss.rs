@@ -456,12 +456,12 @@ mod tests {
         }
     }
 
-    /// `objects` blocks' first rounds, sized for the reports, each leaving `short` of ten
+    /// `objects` blocks' first rounds, sized for the reports, each leaving `short` of `of`
     /// listeners without K.
-    fn rounds_leaving_short(loss: &mut Loss, objects: usize, short: usize) {
+    fn rounds_leaving_short(loss: &mut Loss, objects: usize, short: usize, of: usize) {
         for _ in 0..objects {
             let first = loss.first_round(46);
-            loss.observe(46, first, short, 10);
+            loss.observe(46, first, short, of);
         }
     }
 
@@ -470,41 +470,33 @@ mod tests {
         // Rounds sized for the reported 5% that leave three receivers in ten short: the
         // loss is far worse within a round than on average, so it comes in bursts.
         let mut bursty = with_reports(&[(50, 10)]);
-        rounds_leaving_short(&mut bursty, 3, 3);
+        rounds_leaving_short(&mut bursty, 3, 3, 10);
         assert!(bursty.bursty(), "learned {}", bursty.learned());
         // A lone receiver's objects are one listener each: ten say as much as one of ten.
         let mut lone = with_reports(&[(50, 1)]);
-        for _ in 0..8 {
-            let first = lone.first_round(46);
-            lone.observe(46, first, 1, 1);
-        }
+        rounds_leaving_short(&mut lone, 8, 1, 1);
         assert!(!lone.bursty(), "too few objects to say");
-        for _ in 0..4 {
-            let first = lone.first_round(46);
-            lone.observe(46, first, 1, 1);
-        }
+        rounds_leaving_short(&mut lone, 4, 1, 1);
         assert!(lone.bursty(), "learned {}", lone.learned());
         // One object short among fifty moves a lone receiver's learned loss far, but one
         // object says little.
         let mut lucky = with_reports(&[(50, 1)]);
-        for i in 0..50 {
-            let first = lucky.first_round(46);
-            lucky.observe(46, first, usize::from(i == 49), 1);
-        }
+        rounds_leaving_short(&mut lucky, 49, 0, 1);
+        rounds_leaving_short(&mut lucky, 1, 1, 1);
         assert!(lucky.learned() >= 0.07, "learned {}", lucky.learned());
         assert!(!lucky.bursty());
         // Rounds that leave a share short near what was aimed for: independent loss.
         let mut independent = with_reports(&[(50, 10)]);
-        rounds_leaving_short(&mut independent, 40, 0);
+        rounds_leaving_short(&mut independent, 40, 0, 10);
         assert!(!independent.bursty(), "learned {}", independent.learned());
         // Without reports there is nothing to weigh the learned loss against.
         let mut unreported = with_reports(&[]);
-        rounds_leaving_short(&mut unreported, 40, 3);
+        rounds_leaving_short(&mut unreported, 40, 3, 10);
         assert!(!unreported.bursty());
         // Between the two thresholds (reported 5%: in from 8%, out below 6.5%) it stays as
         // it was, so that a learned loss a point either way does not flip it.
         let mut edge = with_reports(&[(50, 10)]);
-        rounds_leaving_short(&mut edge, 20, 3);
+        rounds_leaving_short(&mut edge, 20, 3, 10);
         for (learned, want) in [(0.07, true), (0.06, false), (0.07, false), (0.085, true)] {
             edge.learned.loss = learned;
             edge.judge_bursts();
