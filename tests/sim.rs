@@ -330,25 +330,27 @@ fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
     assert!(ratio <= 17.0, "{ratio:.3}");
 }
 
-/// 5% loss in bursts of 5 packets on average (Gilbert-Elliott), 50 receivers of an 8 MiB
-/// file: 1.12 times one receiver's bytes at seed 11, 1.27 at 100 receivers, 1.56 for 1000
+/// 5% loss in bursts of 5 packets on average (Gilbert-Elliott), 100 receivers of an 8 MiB
+/// file: 1.17 times one receiver's bytes at seed 11 (50 receivers: 1.12), 1.38 for 1000
 /// receivers of a 4 MiB file (seed 5). A server that saw every receiver's losses and sent
-/// each block whole on its own ([`lcfs::sim::oracle`]) would send 1.39 times one receiver's
-/// symbols here and 1.46 at 100, because the worst of fifty receivers loses a burst in
-/// nearly every block and one receiver seldom does. lcfs sent within 2% of that server's
-/// symbols until blocks' first rounds took turns under bursts (`serve::sched`), and now
-/// sends 0.89 times them; it was 1.27 times one receiver then (1.61 before later rounds
-/// were resized). What is left is later rounds for the few a burst still left short, and
-/// the first blocks of a transfer, sent whole until the bursts are learned.
+/// each block whole on its own ([`lcfs::sim::oracle`]) would send 1.46 times one receiver's
+/// symbols here, because the worst of a hundred receivers loses a burst in nearly every
+/// block and one receiver seldom does. lcfs sent within 2% of that server's symbols until
+/// blocks' first rounds took turns under bursts (`serve::sched`); it was 1.27 times one
+/// receiver then, and 1.27 still while the MLD tracker counted at most 64 listeners of a
+/// group (`mld::tracker`): first rounds began without the receivers it could not count,
+/// who then took each block in later rounds of K/8. What is left is later rounds for the
+/// few a burst still left short, and the first blocks of a transfer, sent whole until the
+/// bursts are learned.
 #[test]
 fn known_gap_bursty_loss_costs_many_receivers_later_rounds() {
-    let (one, many, ratio) = flatness("gap-file-bursty", FILE, 50, Loss::bursty(0.05, 5.0), 0);
+    let (one, many, ratio) = flatness("gap-file-bursty", FILE, 100, Loss::bursty(0.05, 5.0), 0);
     let (Some(best_one), Some(best)) = (one.oracle_over_source(), many.oracle_over_source()) else {
         panic!("a whole-file run has a yardstick");
     };
     let waste = many.symbols_over_source() / best;
     println!(
-        "known gap: 5% loss in bursts of 5, 50 receivers: {ratio:.3} times one receiver; \
+        "known gap: 5% loss in bursts of 5, 100 receivers: {ratio:.3} times one receiver; \
          a server that saw every loss {:.3} times, lcfs {waste:.3} times its symbols",
         best / best_one
     );
@@ -358,14 +360,15 @@ fn known_gap_bursty_loss_costs_many_receivers_later_rounds() {
         best / best_one
     );
     assert!(
-        waste <= 0.95,
+        waste <= 0.92,
         "{waste:.3} times what a server seeing every loss and sending blocks whole sends"
     );
     assert!(ratio <= 1.2, "{ratio:.3}");
 }
 
-/// 5% loss in bursts of 5, 100 receivers of 1,000 files of 100 B to 16 KiB: 1.51 times one
-/// receiver's bytes at seed 11, 1.67 before blocks' first rounds took turns under bursts
+/// 5% loss in bursts of 5, 100 receivers of 1,000 files of 100 B to 16 KiB: 1.44 times one
+/// receiver's bytes at seed 11, 1.51 while the MLD tracker counted at most 64 listeners of
+/// a group, 1.67 before blocks' first rounds took turns under bursts
 /// (1.74 with four steady later rounds rather than eight, see `serve::sched`). It was 2.10
 /// while a receiver that measured loss kept the window of 32 groups: it lost whole rounds
 /// of small objects, fell behind the others, and asked for objects after they had all left
@@ -376,7 +379,7 @@ fn known_gap_bursty_loss_on_a_tree_of_small_files() {
     let tree = small_files(1000, 20, 16 << 10);
     let (_, _, ratio) = flatness("gap-tree-bursty", tree, 100, Loss::bursty(0.05, 5.0), 0);
     println!("known gap: 5% loss in bursts of 5, a tree at 100 receivers: {ratio:.3} times one");
-    assert!(ratio <= 1.7, "{ratio:.3}");
+    assert!(ratio <= 1.55, "{ratio:.3}");
 }
 
 /// A tree of files up to 64 KiB at 100 receivers starting together under 5% loss: 1.02

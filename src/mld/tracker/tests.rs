@@ -444,6 +444,30 @@ fn small_limits() -> TrackerConfig {
     }
 }
 
+/// The sender gathers a block's first round until every receiver fetching in bulk has
+/// joined, and learns loss from the share still listening: it needs the crowd's count, not
+/// only that someone listens. A thousand receivers that lose packets, each in its root,
+/// beacon and report groups and a window of 128 objects, must all be counted.
+#[test]
+fn the_default_limits_count_a_thousand_lossy_receivers_in_every_group() {
+    let (mut t, now) = (tracker(), Instant::now());
+    let groups: Vec<Ipv6Addr> = (0..131).map(group).collect();
+    for h in 0..1000 {
+        let records: Vec<_> = groups
+            .iter()
+            .map(|&g| (ChangeToExclude, g, &[][..]))
+            .collect();
+        t.handle_message(now, host(h), &v2(&records));
+    }
+    assert_eq!(t.stats().refused_listeners, 0);
+    assert!(groups.iter().all(|g| t.listener_count(g) == 1000));
+    // Their count falls as they leave, one event per leave.
+    assert_eq!(
+        t.handle_message(now, host(0), &done(groups[5])),
+        [Listeners(groups[5], 999)]
+    );
+}
+
 #[test]
 fn a_full_group_keeps_and_refreshes_its_listeners() {
     let (mut t, now) = (tracker_with(small_limits()), Instant::now());
