@@ -457,8 +457,8 @@ fn receivers_reporting_loss_get_first_rounds_sized_for_it() {
 }
 
 /// Receivers that fetch in bulk say so by joining the bulk report's group: a block's first
-/// round waits until as many listen to it, `gather` at most, unless a reader waits (the
-/// hurry report). Nothing is ever sent on either report's group.
+/// round waits until as many listen to it, `gather_start` at first, unless a reader waits
+/// (the hurry report). Nothing is ever sent on either report's group.
 #[test]
 fn blocks_wait_for_the_receivers_fetching_in_bulk_unless_a_reader_waits() {
     let mut w = World::new();
@@ -469,8 +469,8 @@ fn blocks_wait_for_the_receivers_fetching_in_bulk_unless_a_reader_waits() {
     sim.join(bulk);
     sim.event(GroupEvent::Listeners(bulk, 2));
     sim.join(w.group(&a));
-    let gather = SchedConfig::default().gather;
-    sim.run_for(gather / 2);
+    let wait = SchedConfig::default().gather_start;
+    sim.run_for(wait / 2);
     assert!(
         sim.symbols_of(a).is_empty(),
         "waits for the second receiver"
