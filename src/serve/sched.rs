@@ -296,6 +296,13 @@ pub struct SchedConfig {
     pub turns: usize,
 }
 
+impl SchedConfig {
+    /// The wait first rounds start with, and the longest that shared rounds bring it to.
+    pub fn first_wait(&self) -> Duration {
+        self.gather_start.min(self.gather)
+    }
+}
+
 impl Default for SchedConfig {
     fn default() -> Self {
         SchedConfig {
@@ -460,11 +467,10 @@ struct Waits {
 
 impl Waits {
     fn learn(&mut self, metadata: bool, config: &SchedConfig, what: Waited) {
-        let bounds = (config.gather_start, config.gather);
         if metadata {
-            self.metadata = next_wait(self.metadata, bounds, what);
+            self.metadata = next_wait(self.metadata, config, what);
         } else {
-            self.blocks = next_wait(self.blocks, bounds, what);
+            self.blocks = next_wait(self.blocks, config, what);
         }
     }
 }
@@ -475,8 +481,8 @@ impl Scheduler {
             stats: SchedStats::default(),
             loss: Loss::new(config.start_loss, config.max_loss),
             waits: Waits {
-                blocks: config.gather_start.min(config.gather),
-                metadata: config.gather_start.min(config.gather),
+                blocks: config.first_wait(),
+                metadata: config.first_wait(),
             },
             config,
             urgent: VecDeque::new(),
@@ -955,20 +961,20 @@ enum Waited {
 }
 
 /// The wait after `what`: twice as long (1 ms at least) when a round was missed by one, up
-/// to `max`, or shared by every bulk receiver, up to `start` (a wait already longer stays);
-/// a quarter shorter when it ran out, and none below 1 ms. Only misses, a receiver that came
-/// after the round began, say that a longer wait would have paid: receivers that share a
-/// tree's top directories and then read different files gained at first and ran out ever
-/// after, and a gain that doubled to 250 ms held each of their lookups that long (two
-/// copies of 12 files at 5 Gbit/s: 0.53 s against 0.23 s). Receivers copying different files each ran out every wait, and a window
-/// of 32 blocks per 100 ms is a fifth of an unshaped link; the wait is gone within one
-/// window. Receivers that share some blocks and not others settle where misses and waits
+/// to `gather`, or shared by every bulk receiver, up to [`SchedConfig::first_wait`] (a wait
+/// already longer stays); a quarter shorter when it ran out, and none below 1 ms. Only
+/// misses, a receiver that came after the round began, say that a longer wait would have
+/// paid: receivers that share a tree's top directories and then read different files
+/// gained at first and ran out ever after, and a gain that doubled to 250 ms held each of
+/// their lookups that long (two copies of 12 files at 5 Gbit/s: 0.53 s against 0.23 s).
+/// Receivers copying different files each ran out every wait, and a window of 32 blocks
+/// per 100 ms is a fifth of an unshaped link; the wait is gone within one window. Receivers that share some blocks and not others settle where misses and waits
 /// that ran out balance (about two in five shared blocks missed), not at the longest wait.
-fn next_wait(wait: Duration, (start, max): (Duration, Duration), what: Waited) -> Duration {
+fn next_wait(wait: Duration, config: &SchedConfig, what: Waited) -> Duration {
     const LEAST: Duration = Duration::from_millis(1);
     match what {
-        Waited::Missed => (wait * 2).max(LEAST).min(max),
-        Waited::Gained => (wait * 2).max(LEAST).min(start).max(wait),
+        Waited::Missed => (wait * 2).max(LEAST).min(config.gather),
+        Waited::Gained => (wait * 2).max(LEAST).min(config.first_wait()).max(wait),
         Waited::RanOut => Some(wait * 3 / 4)
             .filter(|w| *w >= LEAST)
             .unwrap_or_default(),
@@ -1454,11 +1460,11 @@ mod tests {
         s.handle_inactive(t0 + cooldown, &h(1));
         assert_eq!(
             s.poll_timeout(),
-            Some(t1 + SchedConfig::default().gather_start),
+            Some(t1 + SchedConfig::default().first_wait()),
             "woken when the directories' wait runs out, not the blocks'"
         );
         let (blocks, metadata) = (s.gather_wait(), s.waits.metadata);
-        let sent = drain(&mut s, t1 + SchedConfig::default().gather_start);
+        let sent = drain(&mut s, t1 + SchedConfig::default().first_wait());
         assert!(
             dirs.clone().all(|i| count(&sent, h(i)) > 0),
             "every directory goes once its wait ran out"
@@ -1507,14 +1513,14 @@ mod tests {
     #[test]
     fn first_rounds_wait_for_every_bulk_receiver_for_gather_at_most() {
         let t0 = Instant::now();
-        let gather = SchedConfig::default().gather_start;
+        let wait = SchedConfig::default().first_wait();
         let mut s = Scheduler::new(no_margin());
         s.handle_report(Report::Bulk, 3);
         s.handle_active(t0, h(1), 4, false);
         assert!(drain(&mut s, t0).is_empty());
         assert_eq!(
             s.poll_timeout(),
-            Some(t0 + gather),
+            Some(t0 + wait),
             "the block waits, no busy loop"
         );
         s.handle_active(t0, h(9), 2, true);
@@ -1525,11 +1531,11 @@ mod tests {
             !sent.is_empty() && count(&sent, h(9)) == sent.len(),
             "metadata once every bulk receiver listens, the block not"
         );
-        // The second receiver joins; the third is not needed once `gather` ran out.
+        // The second receiver joins; the third is not needed once the wait ran out.
         s.handle_listeners(&h(1), 2);
-        let t1 = t0 + gather / 2;
+        let t1 = t0 + wait / 2;
         assert_eq!(count(&drain(&mut s, t1), h(1)), 0, "the block still waits");
-        assert_eq!(count(&drain(&mut s, t0 + gather), h(1)), 4);
+        assert_eq!(count(&drain(&mut s, t0 + wait), h(1)), 4);
 
         // Every bulk receiver listens: at once.
         s.handle_active(t1, h(2), 4, false);
@@ -1552,7 +1558,7 @@ mod tests {
 
         // A block every receiver listens to does not wait behind one that waits for them,
         // and the beacon goes on meanwhile.
-        let t2 = t1 + gather;
+        let t2 = t1 + wait;
         s.handle_report(Report::Bulk, 2);
         drain(&mut s, t2);
         s.handle_active(t2, h(5), 4, false);
@@ -1590,26 +1596,25 @@ mod tests {
     #[test]
     fn the_wait_follows_what_waiting_brings() {
         let config = SchedConfig::default();
-        let (start, max) = (config.gather_start, config.gather);
-        let bounds = (start, max);
+        let (start, max) = (config.first_wait(), config.gather);
         let mut wait = max;
         for _ in 0..32 {
-            wait = next_wait(wait, bounds, Waited::RanOut);
+            wait = next_wait(wait, &config, Waited::RanOut);
         }
         assert_eq!(wait, Duration::ZERO, "gone within a window of 32 blocks");
         for _ in 0..9 {
-            wait = next_wait(wait, bounds, Waited::Gained);
+            wait = next_wait(wait, &config, Waited::Gained);
         }
         assert_eq!(
             wait, start,
             "rounds shared bring it back to where it started"
         );
         for _ in 0..2 {
-            wait = next_wait(wait, bounds, Waited::Missed);
+            wait = next_wait(wait, &config, Waited::Missed);
         }
         assert_eq!(wait, max, "rounds missed take it further");
         assert_eq!(
-            next_wait(max, bounds, Waited::Gained),
+            next_wait(max, &config, Waited::Gained),
             max,
             "and a gain keeps it"
         );

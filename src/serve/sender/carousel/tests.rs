@@ -469,7 +469,7 @@ fn blocks_wait_for_the_receivers_fetching_in_bulk_unless_a_reader_waits() {
     sim.join(bulk);
     sim.event(GroupEvent::Listeners(bulk, 2));
     sim.join(w.group(&a));
-    let wait = SchedConfig::default().gather_start;
+    let wait = SchedConfig::default().first_wait();
     sim.run_for(wait / 2);
     assert!(
         sim.symbols_of(a).is_empty(),
