@@ -35,7 +35,7 @@ use lcfs_mount::{Attr, BoxFuture, Child, Kind, ReadHint, Source, SourceError, To
 use lru::LruCache;
 use tokio::sync::watch;
 
-use crate::fetch::follow::{self, Followed};
+use crate::fetch::follow::{self, Followed, RootFollower};
 use crate::fetch::tree::Origin;
 use crate::fetch::{FetchError, Fetcher, Freshness, Priority, RootPolicy, Tree};
 use crate::object::index::IndexShape;
@@ -155,7 +155,7 @@ impl TreeSource {
     /// module doc). A pinned policy never moves, and nothing is started for it.
     pub fn follow(&self, policy: &RootPolicy) -> Result<(), FetchError> {
         let tree = self.tree().as_ref().clone();
-        let Some(follower) = tree.follower(policy)? else {
+        let Some(follower) = RootFollower::of_tree(&tree, policy)? else {
             return Ok(());
         };
         let me = self.0.clone();

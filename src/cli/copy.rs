@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 
 use super::args::{parse_channel_spec, CopyArgs, PrefetchArgs};
 use super::receive::{on_latest_tree, report_status};
+use crate::fetch::follow::RootFollower;
 use crate::fetch::{KeepMembers, Tree};
 
 pub(crate) async fn copy(args: CopyArgs) -> anyhow::Result<()> {
@@ -41,7 +42,7 @@ pub(crate) async fn copy(args: CopyArgs) -> anyhow::Result<()> {
     // The same follower as a mount's: every record is checked like the first, and a move
     // is announced once its root directory is verified. Copies run one at a time, each to
     // the latest generation announced by then.
-    let Some(follower) = rx.tree.follower(&rx.policy)? else {
+    let Some(follower) = RootFollower::of_tree(&rx.tree, &rx.policy)? else {
         // A pinned snapshot never moves.
         return std::future::pending().await;
     };

@@ -27,8 +27,9 @@
 use std::net::Ipv6Addr;
 use std::time::Duration;
 
+use super::tree::Origin;
 use super::trust::{self, Memory, Publisher, Refusal, RootPolicy};
-use super::{Fetcher, HeardRoot, Tree};
+use super::{FetchError, Fetcher, HeardRoot, Tree};
 use crate::object::RootRecord;
 
 /// How long a generation whose move failed is not tried again.
@@ -58,6 +59,22 @@ pub struct RootFollower {
 }
 
 impl RootFollower {
+    /// The follower of `tree`'s publisher, for a mount or `copy --watch`: `None` when
+    /// `policy` pins a snapshot, which never moves.
+    pub fn of_tree(tree: &Tree, policy: &RootPolicy) -> Result<Option<Self>, FetchError> {
+        if policy.pinned.is_some() {
+            return Ok(None);
+        }
+        let memory = super::tree::remembered(tree.fetcher())?;
+        let online = tree.origin() == Origin::Network;
+        Ok(Some(RootFollower::new(
+            policy.clone(),
+            memory,
+            tree.root_record().clone(),
+            online,
+        )))
+    }
+
     /// A follower of a mount showing `current`, remembering `memory`; `online` unless it
     /// started from the cached record.
     pub fn new(policy: RootPolicy, memory: Memory, current: RootRecord, online: bool) -> Self {

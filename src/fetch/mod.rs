@@ -25,6 +25,7 @@
 //! it is, such as block N, and the file's path), its own type so that every caller adds
 //! what it knows in the same words. [`InvalidReason`] says why an object was refused.
 
+pub mod config;
 mod engine;
 pub mod follow;
 pub mod intent;
@@ -37,10 +38,8 @@ mod state_tests;
 pub mod tree;
 pub mod trust;
 
-pub use engine::{
-    FetchConfig, FetchStats, Fetcher, Freshness, HeardRoot, KeepMembers, Priority, RootWatcher,
-    ROOT_WAIT,
-};
+pub use config::{FetchConfig, FetchStats, Freshness, HeardRoot, KeepMembers, Priority, ROOT_WAIT};
+pub use engine::{Fetcher, RootWatcher};
 pub use tree::Tree;
 pub use trust::RootPolicy;
 

@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 
 use lcfs_cache::Verified;
 
-use super::engine::{FetchConfig, FetchStats, Freshness, HeardRoot, Priority};
+use super::config::{FetchConfig, FetchStats, Freshness, HeardRoot, Priority};
 use super::intent::IntentReport;
 use super::loss::{EsiSpan, LossReport};
 use super::membership::Memberships;
@@ -135,11 +135,6 @@ const CLAIM_RECHECK: Duration = Duration::from_millis(100);
 /// its own order, but costs: a late joiner lacks the round under way and makes the server
 /// send another.
 pub const ELSEWHERE_PATIENCE: Duration = Duration::from_secs(5);
-
-/// Objects just completed, kept until the cache surely has them, so that a request arriving
-/// between the end of a fetch and its store does not start it again. A bundle completes up
-/// to 64 members at once, most of them not yet asked for: room for several bundles.
-pub const RECENT: usize = 512;
 
 /// How many small files' bundles are remembered. The map grows to this as bundles are
 /// learned rather than being made this large up front (4 MiB for every receiver of the

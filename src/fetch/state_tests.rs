@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use lcfs_cache::Verified;
 use proptest::prelude::*;
 
-use super::engine::{FetchConfig, FetchStats, Freshness, Priority};
+use super::config::{FetchConfig, FetchStats, Freshness, Priority};
 use super::membership::Memberships;
 use super::state::{
     Claim, Event, Feed, FetchState, Requested, ELSEWHERE_PATIENCE, ROOT_WATCH_REJOIN,

@@ -12,7 +12,6 @@ use futures::future::try_join_all;
 use lcfs_cache::Verified;
 
 use super::engine::RootWatcher;
-use super::follow::RootFollower;
 use super::trust::{self, Memory, Publisher, RootPolicy, LISTEN};
 use super::{FetchError, Fetcher, Freshness, HeardRoot, InvalidReason, Part, Priority, Subject};
 use crate::object::index::IndexShape;
@@ -201,22 +200,6 @@ impl Tree {
             origin: Origin::Network,
             root_meta: Default::default(),
         }
-    }
-
-    /// The follower of this tree's publisher, for a mount: `None` when `policy` pins a
-    /// snapshot, which never moves.
-    pub fn follower(&self, policy: &RootPolicy) -> Result<Option<RootFollower>, FetchError> {
-        if policy.pinned.is_some() {
-            return Ok(None);
-        }
-        let memory = remembered(&self.fetcher)?;
-        let online = self.origin == Origin::Network;
-        Ok(Some(RootFollower::new(
-            policy.clone(),
-            memory,
-            self.root.clone(),
-            online,
-        )))
     }
 
     fn invalid(&self, what: Subject, reason: impl Into<InvalidReason>) -> FetchError {
@@ -548,7 +531,7 @@ fn untrusted(fetcher: &Fetcher, e: trust::Refusal) -> FetchError {
 }
 
 /// What the cache remembers of this channel; unreadable records count as none.
-fn remembered(fetcher: &Fetcher) -> Result<Memory, FetchError> {
+pub(super) fn remembered(fetcher: &Fetcher) -> Result<Memory, FetchError> {
     let cache = fetcher.cache();
     let id = fetcher.channel().id();
     let cache_err = |what: &str| {

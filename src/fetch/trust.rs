@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
 
-use super::engine::HeardRoot;
+use super::config::HeardRoot;
 use crate::object::{ObjectHash, RootRecord};
 
 /// After the first acceptable root record, how long to keep listening for a higher
