@@ -11,15 +11,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use lcfs::channel::{Channel, MasterKey, Tag};
-use lcfs::fec::Esi;
 use lcfs::fetch::trust::Publisher;
 use lcfs::mld::parse::{encode_query, encode_report, GroupRecord, Query, RecordType};
-use lcfs::object::{
+use lcfs::wire::channel::{Channel, MasterKey, Tag};
+use lcfs::wire::fec::Esi;
+use lcfs::wire::object::{
     BlockSize, Content, Directory, Entry, EntryKind, FileHash, FileIndex, FileRef, ObjectHash,
     ObjectRef, RootRecord, Timestamp,
 };
-use lcfs::packet;
+use lcfs::wire::packet;
 
 fn write(dir: &Path, target: &str, name: &str, bytes: &[u8]) {
     let d = dir.join(target);
@@ -94,7 +94,7 @@ fn main() {
             secs: 1_700_000_000,
             nanos: 5,
         },
-        nlink: lcfs::object::Entry::plain_nlink(&kind),
+        nlink: lcfs::wire::object::Entry::plain_nlink(&kind),
         link: 0,
         kind,
     };
@@ -135,7 +135,7 @@ fn main() {
         e.link = 42;
     }
     entries.push(again);
-    let meta = lcfs::object::dir::DirMeta {
+    let meta = lcfs::wire::object::dir::DirMeta {
         mode: 0o750,
         mtime: Timestamp {
             secs: 1_600_000_000,

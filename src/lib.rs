@@ -5,22 +5,16 @@
 //! object state) are plain state machines fed bytes and time; the I/O shells around them are
 //! kept thin. See DESIGN.md in the project's shared folder for the settled decisions.
 
-pub mod channel;
 pub mod cli;
 pub mod copy;
-pub mod fec;
 pub mod fetch;
-pub mod keys;
 pub mod mld;
 pub mod mountfs;
 pub mod net;
-pub mod object;
-pub mod packet;
 pub mod prefetch;
-pub mod prefetch_set;
 pub mod progress;
 pub mod serve;
 pub mod sim;
 pub mod status;
 pub mod sync;
-pub mod unpin;
+pub mod wire;

@@ -38,8 +38,8 @@ use tokio::sync::watch;
 use crate::fetch::follow::{self, Followed, RootFollower};
 use crate::fetch::tree::Origin;
 use crate::fetch::{FetchError, Fetcher, Freshness, Priority, RootPolicy, Tree};
-use crate::object::index::IndexShape;
-use crate::object::{
+use crate::wire::object::index::IndexShape;
+use crate::wire::object::{
     BlockIndex, Content, Directory, Entry, EntryKind, FileHash, FileIndex, FileRef, ObjectHash,
     ObjectRef, Timestamp,
 };
@@ -76,7 +76,7 @@ pub struct Inner {
     failures: Mutex<LruCache<ObjectHash, (Instant, SourceError)>>,
     /// Per file (by index hash): the blocks `lo..hi` for which readahead has been started.
     ahead: Mutex<LruCache<ObjectHash, (u64, u64)>>,
-    /// Prefetch sets found so far (see [`crate::prefetch_set`]).
+    /// Prefetch sets found so far (see [`crate::prefetch::set`]).
     sets: Mutex<Sets>,
     /// Whether any set file was seen: until then reads skip the `sets` lock. A member is
     /// always read after its set's directory was listed, so none is missed.
@@ -248,7 +248,7 @@ impl Inner {
     fn look_for_set(self: &Arc<Self>, r: ObjectRef, children: &[Child<Node>], tree: &Arc<Tree>) {
         let Some(Node::File(f, _)) = children
             .iter()
-            .find(|c| c.name.as_bytes() == crate::prefetch_set::SET_FILE)
+            .find(|c| c.name.as_bytes() == crate::prefetch::set::SET_FILE)
             .map(|c| &c.node)
         else {
             return;
@@ -288,7 +288,7 @@ impl Inner {
         f: &FileRef,
         tree: &Arc<Tree>,
     ) -> Result<usize, String> {
-        use crate::prefetch_set::{members, read_set_file, SetSpec, MAX_SET_FILE};
+        use crate::prefetch::set::{members, read_set_file, SetSpec, MAX_SET_FILE};
         let text = read_set_file(tree, f)
             .await
             .map_err(|e| e.report())?
@@ -707,7 +707,7 @@ fn version(tree: &Arc<Tree>) -> Version<Node> {
     let (meta, nlink) = match tree.root_meta() {
         Some(m) => (m.meta, m.nlink),
         None => (
-            crate::object::dir::DirMeta {
+            crate::wire::object::dir::DirMeta {
                 mode: 0o755,
                 mtime: Timestamp {
                     secs: (r.publish_time_ns / 1_000_000_000) as i64,
@@ -822,9 +822,9 @@ impl Source for TreeSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::channel::Channel;
     use crate::fetch::{FetchConfig, Part, Subject};
-    use crate::object::{object_ref, BlockSize, RootRecord};
+    use crate::wire::channel::Channel;
+    use crate::wire::object::{object_ref, BlockSize, RootRecord};
 
     fn source() -> (TreeSource, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();

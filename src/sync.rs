@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 use crate::copy::dest::{self, Dest, DestError};
 use crate::copy::staging::{Part, Staging};
 use crate::copy::{final_mode, trash, CopyError};
-use crate::object::BlockSize;
 use crate::progress::Progress;
 use crate::serve::index::{beneath, IndexError, Tree};
+use crate::wire::object::BlockSize;
 use file::{build, BuildError, Built, Sink};
 use walk::{Item, ItemKind};
 

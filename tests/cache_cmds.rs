@@ -6,9 +6,9 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use lcfs::channel::Channel;
-use lcfs::object::{object_ref, BlockSize, Directory, Entry, EntryKind, FileRef, RootRecord};
-use lcfs::object::{Content, FileHash, ObjectHash, Timestamp};
+use lcfs::wire::channel::Channel;
+use lcfs::wire::object::{object_ref, BlockSize, Directory, Entry, EntryKind, FileRef, RootRecord};
+use lcfs::wire::object::{Content, FileHash, ObjectHash, Timestamp};
 use lcfs_cache::{Cache, CacheConfig, Verified};
 
 const LCFS: &str = env!("CARGO_BIN_EXE_lcfs");

@@ -263,7 +263,7 @@ fn copy_finishes_beside_an_mld_flood() {
     make_tree(&src);
     let server = start_server(&lab, &src, "mldflood", &tmp.path().join("state"), &[]);
     let pid = server_pid(&server);
-    let channel = lcfs::channel::Channel::new("mldflood", None);
+    let channel = lcfs::wire::channel::Channel::new("mldflood", None);
     let groups = [channel.root_address().group, channel.air_address().group];
     let victim = lab.link_local("c1");
 

@@ -15,13 +15,13 @@ use common::lcfs::{
     tmpdir, CopyOutcome, Mount,
 };
 use common::tree::assert_trees_equal;
-use lcfs::channel::Channel;
-use lcfs::fec::{symbol_size_for_object, Esi, ObjectEncoder};
-use lcfs::object::{
+use lcfs::wire::channel::Channel;
+use lcfs::wire::fec::{symbol_size_for_object, Esi, ObjectEncoder};
+use lcfs::wire::object::{
     object_ref, BlockSize, Content, Directory, Entry, EntryKind, FileHash, FileRef, ObjectHash,
     RootRecord, Timestamp,
 };
-use lcfs::packet;
+use lcfs::wire::packet;
 use std::fs;
 use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;

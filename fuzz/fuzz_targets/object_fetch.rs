@@ -6,9 +6,9 @@
 use std::net::Ipv6Addr;
 use std::time::Instant;
 
-use lcfs::fec::{Esi, ObjectEncoder};
 use lcfs::fetch::object::ObjectFetch;
-use lcfs::object::{ObjectHash, ObjectRef};
+use lcfs::wire::fec::{Esi, ObjectEncoder};
+use lcfs::wire::object::{ObjectHash, ObjectRef};
 use libfuzzer_sys::fuzz_target;
 
 const SYMBOL: usize = 64;

@@ -3,8 +3,8 @@
 //! an error or a value that encodes back to one that decodes the same.
 #![no_main]
 use lcfs::fetch::trust::Publisher;
-use lcfs::object::bundle::Bundle;
-use lcfs::object::{Directory, FileIndex, ObjectHash, ObjectRef, RootRecord};
+use lcfs::wire::object::bundle::Bundle;
+use lcfs::wire::object::{Directory, FileIndex, ObjectHash, ObjectRef, RootRecord};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

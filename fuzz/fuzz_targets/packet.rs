@@ -1,7 +1,7 @@
 //! Datagrams of a clear channel, as any host on the link may send them: a decode is an error
 //! or a packet that encodes back to one that decodes the same.
 #![no_main]
-use lcfs::packet::{self, Body};
+use lcfs::wire::packet::{self, Body};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

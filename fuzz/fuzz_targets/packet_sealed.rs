@@ -2,9 +2,9 @@
 //! refused: it must not panic), or edits applied to a real sealed packet: whatever is
 //! flipped, cut or appended, the packet is refused or decodes to exactly what was sealed.
 #![no_main]
-use lcfs::channel::{Channel, MasterKey, Tag};
-use lcfs::fec::Esi;
-use lcfs::packet::{self, Body};
+use lcfs::wire::channel::{Channel, MasterKey, Tag};
+use lcfs::wire::fec::Esi;
+use lcfs::wire::packet::{self, Body};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::net::{resolve_iface, Iface};
-use crate::object::BlockSize;
+use crate::wire::object::BlockSize;
 
 #[derive(Parser)]
 #[command(
@@ -146,7 +146,7 @@ pub(crate) struct NetArgs {
     #[arg(long, short = 'i', env = "LCFS_IFACE")]
     pub(crate) iface: Option<String>,
     /// UDP port of the channel.
-    #[arg(long, default_value_t = crate::channel::DEFAULT_PORT)]
+    #[arg(long, default_value_t = crate::wire::channel::DEFAULT_PORT)]
     pub(crate) port: u16,
 }
 
@@ -416,7 +416,7 @@ pub(crate) struct KeygenArgs {
 #[derive(Debug, PartialEq, Eq)]
 pub struct ChannelSpec {
     pub name: String,
-    pub pinned: Option<crate::object::ObjectHash>,
+    pub pinned: Option<crate::wire::object::ObjectHash>,
     pub subpath: String,
 }
 
@@ -424,7 +424,7 @@ pub fn parse_channel_spec(s: &str) -> anyhow::Result<ChannelSpec> {
     let (head, subpath) = s.split_once(':').unwrap_or((s, ""));
     let (name, pinned) = match head.split_once('@') {
         Some((n, h)) => {
-            let hash = crate::object::ObjectHash::from_hex(h)
+            let hash = crate::wire::object::ObjectHash::from_hex(h)
                 .ok_or_else(|| anyhow!("{h:?} is not a 64-digit root hash"))?;
             (n, Some(hash))
         }
@@ -521,7 +521,7 @@ impl NetArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::ObjectHash;
+    use crate::wire::object::ObjectHash;
 
     #[test]
     fn channel_specs() {

@@ -13,8 +13,8 @@ use super::args::{
     default_cache_dir, parse_channel_spec, CacheClearArgs, CacheCommand, CacheDirArgs, CacheGcArgs,
     CacheStatusArgs, CacheUnpinArgs, PrefetchArgs,
 };
-use crate::channel::Channel;
-use crate::object::{ObjectRef, RootRecord};
+use crate::wire::channel::Channel;
+use crate::wire::object::{ObjectRef, RootRecord};
 
 pub(crate) fn cache(cmd: CacheCommand) -> anyhow::Result<()> {
     match cmd {
@@ -274,7 +274,7 @@ fn unpin(args: &CacheUnpinArgs) -> anyhow::Result<()> {
         subpaths.push(spec.subpath.clone());
     }
     let root = cached_root(&cache, &spec.name, spec.pinned, args)?;
-    let objects = crate::unpin::cached_objects(&cache, root, &subpaths)
+    let objects = crate::prefetch::unpin::cached_objects(&cache, root, &subpaths)
         .with_context(|| format!("channel {:?} in cache {}", spec.name, cache.dir().display()))?;
     for h in &objects {
         cache.unpin(h.raw())?;
@@ -299,7 +299,7 @@ fn unpin(args: &CacheUnpinArgs) -> anyhow::Result<()> {
 fn cached_root(
     cache: &Cache,
     name: &str,
-    snapshot: Option<crate::object::ObjectHash>,
+    snapshot: Option<crate::wire::object::ObjectHash>,
     args: &CacheUnpinArgs,
 ) -> anyhow::Result<ObjectRef> {
     if let Some(hash) = snapshot {

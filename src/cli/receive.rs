@@ -7,15 +7,15 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use super::args::{default_cache_dir, ChannelSpec, KeyArgs, RecvArgs};
-use crate::channel::{Channel, MasterKey};
 use crate::fetch::{FetchConfig, Fetcher, KeepMembers, RootPolicy, Tree};
+use crate::wire::channel::{Channel, MasterKey};
 
 /// The descriptor on which a mount daemon child reads the 32-byte key its parent derived.
 pub(crate) const KEY_FD: &str = "LCFS_KEY_FD";
 
 pub(crate) fn master_key(args: &KeyArgs, channel: &str) -> anyhow::Result<Option<MasterKey>> {
     if let Some(path) = &args.keyfile {
-        return Ok(Some(crate::keys::from_keyfile(path)?));
+        return Ok(Some(crate::wire::keys::from_keyfile(path)?));
     }
     if !args.password {
         return Ok(None);
@@ -29,7 +29,7 @@ pub(crate) fn master_key(args: &KeyArgs, channel: &str) -> anyhow::Result<Option
         Ok(p) if !p.is_empty() => p,
         _ => rpassword_prompt(channel)?,
     });
-    Ok(Some(crate::keys::from_password(&password, channel)?))
+    Ok(Some(crate::wire::keys::from_password(&password, channel)?))
 }
 
 impl RecvArgs {
@@ -88,7 +88,7 @@ impl Drop for Echo {
 }
 
 /// The key a daemon's parent handed over (see [`spawn_daemon`]), read once.
-pub(crate) fn inherited_key() -> anyhow::Result<Option<crate::channel::MasterKey>> {
+pub(crate) fn inherited_key() -> anyhow::Result<Option<crate::wire::channel::MasterKey>> {
     use std::io::Read;
     static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let Some(fd) = std::env::var(KEY_FD)
@@ -105,7 +105,7 @@ pub(crate) fn inherited_key() -> anyhow::Result<Option<crate::channel::MasterKey
     let mut key = zeroize::Zeroizing::new([0u8; 32]);
     f.read_exact(&mut key[..])
         .context("reading the channel key from the parent of the mount daemon")?;
-    Ok(Some(crate::channel::MasterKey::from_bytes(*key)))
+    Ok(Some(crate::wire::channel::MasterKey::from_bytes(*key)))
 }
 
 pub(crate) struct Receiver {
@@ -257,7 +257,7 @@ fn start(
     };
     let fetcher = Fetcher::start(channel, iface, cache, config)?;
     let publisher = match &args.publisher {
-        Some(k) => Some(crate::keys::publisher::parse_public_key(k)?),
+        Some(k) => Some(crate::wire::keys::publisher::parse_public_key(k)?),
         None => None,
     };
     let policy = RootPolicy {

@@ -29,7 +29,7 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
         state_dir: Some(args.state.unwrap_or_else(default_state_dir)),
         key,
         sign_key: match &args.sign_key {
-            Some(p) => Some(crate::keys::publisher::read_signing_key(p)?),
+            Some(p) => Some(crate::wire::keys::publisher::read_signing_key(p)?),
             None => None,
         },
         sign_validity: args.sign_validity,

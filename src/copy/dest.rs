@@ -40,7 +40,7 @@ use lru::LruCache;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps, CWD};
 use rustix::io::Errno;
 
-use crate::object::Timestamp;
+use crate::wire::object::Timestamp;
 
 /// Names of staged files: hidden, and removed by a later copy if a killed one left them.
 pub const PART_PREFIX: &str = ".lcfs-part-";

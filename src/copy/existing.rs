@@ -15,10 +15,10 @@ use std::os::unix::fs::FileExt;
 
 use rustix::fs::Stat;
 
-use crate::object::ObjectHash;
+use crate::wire::object::ObjectHash;
 
 use super::dest;
-use crate::object::{BlockSize, Timestamp};
+use crate::wire::object::{BlockSize, Timestamp};
 
 /// The blocks of a file already at the target path.
 #[derive(Default)]

@@ -49,10 +49,10 @@ use std::time::{Duration, Instant};
 use futures::{stream, StreamExt, TryStreamExt};
 
 use crate::fetch::{FetchError, Priority, Tree};
-use crate::object::{
+use crate::progress::Progress;
+use crate::wire::object::{
     BlockIndex, Content, Entry, EntryKind, FileRef, ObjectHash, RootRecord, Timestamp,
 };
-use crate::progress::Progress;
 use dest::Dest;
 pub use dest::DestError;
 use existing::{existing_blocks, Existing};

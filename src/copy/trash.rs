@@ -167,7 +167,7 @@ impl Trash<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::{Entry, EntryKind, ObjectHash, ObjectRef, Timestamp};
+    use crate::wire::object::{Entry, EntryKind, ObjectHash, ObjectRef, Timestamp};
 
     fn entry(name: &str, dir: bool) -> Entry {
         Entry {

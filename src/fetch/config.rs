@@ -7,7 +7,7 @@ use std::net::Ipv6Addr;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use crate::object::RootRecord;
+use crate::wire::object::RootRecord;
 
 /// Objects just completed, kept until the cache surely has them, so that a request arriving
 /// between the end of a fetch and its store does not start it again. A bundle completes up
@@ -91,7 +91,7 @@ pub struct FetchConfig {
     /// The receiver fetches in bulk (`copy`, `prefetch`): it says so from its start
     /// (`crate::fetch::intent`).
     pub bulk: bool,
-    /// Simulation only: decode by counting symbols ([`crate::fec::ObjectDecoder::counting`]).
+    /// Simulation only: decode by counting symbols ([`crate::wire::fec::ObjectDecoder::counting`]).
     pub stand_in: Option<super::object::StandIn>,
     pub port: u16,
 }
@@ -108,7 +108,7 @@ impl Default for FetchConfig {
             keep_members: KeepMembers::Always,
             bulk: false,
             stand_in: None,
-            port: crate::channel::DEFAULT_PORT,
+            port: crate::wire::channel::DEFAULT_PORT,
         }
     }
 }

@@ -43,10 +43,10 @@ use super::config::{FetchConfig, FetchStats, Freshness, HeardRoot, KeepMembers, 
 use super::membership::{default_gap, Memberships, QUIET_EVERY};
 use super::state::{Claim, Event, FetchState, Requested};
 use super::{FetchError, Subject, KEY_HINT, SERVER_HINT};
-use crate::channel::{Channel, Tag};
 use crate::mld::Reporter;
 use crate::net::{recv_batch, set_membership, wait_readable, Iface, RecvBatch, Wakeup};
-use crate::object::{ObjectHash, ObjectRef};
+use crate::wire::channel::{Channel, Tag};
+use crate::wire::object::{ObjectHash, ObjectRef};
 
 /// Completed objects waiting to be stored: as many as the state's recent objects, so that a
 /// request for one of them finds it there.
@@ -360,9 +360,9 @@ impl Fetcher {
         Ok(hit)
     }
 
-    /// The bundling of a directory just read (see [`crate::object::bundle`]): its small
+    /// The bundling of a directory just read (see [`crate::wire::object::bundle`]): its small
     /// files are fetched through their bundles from now on, those in none on their own.
-    pub fn learn_bundles(&self, bundling: crate::object::bundle::Bundling) {
+    pub fn learn_bundles(&self, bundling: crate::wire::object::bundle::Bundling) {
         if !bundling.bundles.is_empty() || !bundling.alone.is_empty() {
             self.inner.lock().state.handle_bundles(bundling);
         }

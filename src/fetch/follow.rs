@@ -30,7 +30,7 @@ use std::time::Duration;
 use super::tree::Origin;
 use super::trust::{self, Memory, Publisher, Refusal, RootPolicy};
 use super::{FetchError, Fetcher, HeardRoot, Tree};
-use crate::object::RootRecord;
+use crate::wire::object::RootRecord;
 
 /// How long a generation whose move failed is not tried again.
 pub const RETRY: Duration = Duration::from_secs(5);
@@ -238,7 +238,7 @@ async fn move_to(
 mod tests {
     use super::*;
     use crate::fetch::trust::fixtures::{record, FORGER, NOW, SERVER};
-    use crate::object::ObjectHash;
+    use crate::wire::object::ObjectHash;
     use ed25519_dalek::SigningKey;
 
     const SEC: u64 = 1_000_000_000;

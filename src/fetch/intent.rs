@@ -24,7 +24,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::channel::Report;
+use crate::wire::channel::Report;
 
 /// How long the bulk group stays joined after the last bulk request ended. Longer makes
 /// others' blocks wait `gather` for a receiver that is done; the process of a `copy` that

@@ -11,7 +11,7 @@
 //! seeds in 40. A receiver knows its loss exactly, though: a sender sends an object's symbols
 //! with consecutive ESIs, so the gaps between those it received are those it lost. It says
 //! so the only way a receiver speaks to a publisher, by joining a group: one of
-//! [`LOSS_LEVELS`]'s ([`crate::channel::Channel::loss_address`]). With it, the same file
+//! [`LOSS_LEVELS`]'s ([`crate::wire::channel::Channel::loss_address`]). With it, the same file
 //! cost one receiver 1.59 to 1.67 times its data (seeds 1 to 20) and 1000 receivers 1.74,
 //! and the ratio held at 1.05 to 1.10 (seeds 1 to 8; see `tests/sim.rs`).
 //!
@@ -35,8 +35,8 @@
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
-use crate::channel::LOSS_LEVELS;
-use crate::fec::{Esi, ESI_LIMIT};
+use crate::wire::channel::LOSS_LEVELS;
+use crate::wire::fec::{Esi, ESI_LIMIT};
 
 /// The symbols the loss is measured over (older ones weigh less, exponentially).
 pub const WINDOW: f64 = 20000.0;

@@ -46,7 +46,7 @@ pub use trust::RootPolicy;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::object::{BlockIndex, ObjectError, ObjectRef};
+use crate::wire::object::{BlockIndex, ObjectError, ObjectRef};
 use tree::MAX_FILE_BLOCKS;
 
 /// Why a fetch failed (a [`Subject`] is boxed: it would double the size of every `Result`
@@ -277,7 +277,7 @@ pub(crate) const SERVER_HINT: &str = " Is `lcfs serve` running for this channel 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::ObjectHash;
+    use crate::wire::object::ObjectHash;
     use std::error::Error;
 
     fn r() -> ObjectRef {

@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use lcfs_cache::Verified;
 
-use crate::fec::{Decoded, Esi, ObjectDecoder};
-use crate::object::bundle::Bundle;
-use crate::object::{ObjectHash, ObjectRef};
+use crate::wire::fec::{Decoded, Esi, ObjectDecoder};
+use crate::wire::object::bundle::Bundle;
+use crate::wire::object::{ObjectHash, ObjectRef};
 
 const MAX_DECODERS: usize = 4;
 
@@ -373,8 +373,8 @@ impl Decoding {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fec::ObjectEncoder;
-    use crate::object::object_ref;
+    use crate::wire::fec::ObjectEncoder;
+    use crate::wire::object::object_ref;
 
     const SERVER: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
     const FORGER: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 666);

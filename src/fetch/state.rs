@@ -26,7 +26,7 @@
 //! (DESIGN.md had receivers admit in their own order at once; in the simulation that cost
 //! 1.30 times one receiver's bytes at 100 receivers and 5% loss, 1.12 with the wait).
 //! A request for a small file whose directory's bundles are known (`handle_bundles`, see
-//! [`crate::object::bundle`]) rides on its bundle's fetch: one place in the window, one
+//! [`crate::wire::object::bundle`]) rides on its bundle's fetch: one place in the window, one
 //! group, one decode that completes every member, asked for or not (the cache keeps them:
 //! the reader of one small file is likely to read its neighbours). The bundle is claimed and
 //! probed like an object, but waiters wait on their member's tag, and a bundle fetch ends
@@ -56,12 +56,12 @@ use super::intent::IntentReport;
 use super::loss::{EsiSpan, LossReport};
 use super::membership::Memberships;
 use super::object::{Action, Decoding, Fed, ObjectFetch, Timers};
-use crate::channel::{Address, Channel, Tag};
-use crate::fec::Esi;
 use crate::net::Envelope;
-use crate::object::bundle::{Bundle, Bundling};
-use crate::object::{ObjectHash, ObjectRef, RootRecord};
-use crate::packet::{self, Body, Packet};
+use crate::wire::channel::{Address, Channel, Tag};
+use crate::wire::fec::Esi;
+use crate::wire::object::bundle::{Bundle, Bundling};
+use crate::wire::object::{ObjectHash, ObjectRef, RootRecord};
+use crate::wire::packet::{self, Body, Packet};
 
 /// While the root group is watched and nothing is heard, it is rejoined this often (a fresh
 /// report), so that a restarted server learns of the watcher at once.

@@ -14,12 +14,12 @@ use super::membership::Memberships;
 use super::state::{
     Claim, Event, Feed, FetchState, Requested, ELSEWHERE_PATIENCE, ROOT_WATCH_REJOIN,
 };
-use crate::channel::{Channel, Report, Tag};
-use crate::fec::{Esi, ObjectEncoder};
 use crate::net::Envelope;
-use crate::object::bundle::{Bundle, Bundling};
-use crate::object::{ObjectHash, ObjectRef};
-use crate::packet;
+use crate::wire::channel::{Channel, Report, Tag};
+use crate::wire::fec::{Esi, ObjectEncoder};
+use crate::wire::object::bundle::{Bundle, Bundling};
+use crate::wire::object::{ObjectHash, ObjectRef};
+use crate::wire::packet;
 
 const IFINDEX: u32 = 7;
 const SERVER: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
@@ -245,7 +245,7 @@ impl Rig {
 
     /// The groups of the loss levels, lowest first.
     fn loss_groups(&self) -> Vec<Ipv6Addr> {
-        (0..crate::channel::LOSS_LEVELS.len())
+        (0..crate::wire::channel::LOSS_LEVELS.len())
             .map(|l| self.channel.loss_address(l).unwrap().group)
             .collect()
     }
@@ -582,18 +582,18 @@ fn a_repeated_root_record_is_handed_on_once_a_second() {
     let mut r = rig(32);
     let root = r.channel.root_address();
     r.st.set_watching(r.now, true);
-    let record = |generation| crate::object::RootRecord {
+    let record = |generation| crate::wire::object::RootRecord {
         channel_id: *r.channel.id(),
         generation,
         publish_time_ns: 0,
         root: want(&object(0, 100)),
-        block_size: crate::object::BlockSize::DEFAULT,
+        block_size: crate::wire::object::BlockSize::DEFAULT,
         single_file: false,
         signature: None,
     };
     let (one, two) = (record(1), record(2));
     let other = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2);
-    let hear = |r: &mut Rig, rec: &crate::object::RootRecord, from: Ipv6Addr| {
+    let hear = |r: &mut Rig, rec: &crate::wire::object::RootRecord, from: Ipv6Addr| {
         let mut pkt = Vec::new();
         packet::encode_root(&mut pkt, root.tag, &rec.encode(), None);
         let env = Envelope {
@@ -977,8 +977,8 @@ fn a_fetch_that_ends_while_its_symbols_decode_still_completes_once() {
 /// group only by leaving the first, and leaves when it has fetched nothing for a while.
 #[test]
 fn a_receiver_reports_its_loss_by_joining_one_level_group_while_it_fetches() {
-    use crate::channel::LOSS_LEVELS;
     use crate::fetch::loss::IDLE;
+    use crate::wire::channel::LOSS_LEVELS;
     let mut r = rig(32);
     let levels = r.loss_groups();
     let mut joined: Option<usize> = None;

@@ -14,8 +14,8 @@ use lcfs_cache::Verified;
 use super::engine::RootWatcher;
 use super::trust::{self, Memory, Publisher, RootPolicy, LISTEN};
 use super::{FetchError, Fetcher, Freshness, HeardRoot, InvalidReason, Part, Priority, Subject};
-use crate::object::index::IndexShape;
-use crate::object::{
+use crate::wire::object::index::IndexShape;
+use crate::wire::object::{
     BlockIndex, BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectHash,
     ObjectRef, RootRecord,
 };
@@ -48,7 +48,7 @@ pub struct Tree {
 /// The root directory's own attributes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RootMeta {
-    pub meta: crate::object::dir::DirMeta,
+    pub meta: crate::wire::object::dir::DirMeta,
     pub nlink: u32,
 }
 
@@ -215,7 +215,10 @@ impl Tree {
         let v = (self.fetcher.fetch(r, prio).await).map_err(|e| e.as_part(Part::Directory))?;
         let dir = Directory::decode(&v).map_err(|e| self.invalid(what(), e))?;
         // Its small files travel in bundles: reads of them fetch the bundle.
-        (self.fetcher).learn_bundles(crate::object::bundle::bundling(&dir, self.block_size()));
+        (self.fetcher).learn_bundles(crate::wire::object::bundle::bundling(
+            &dir,
+            self.block_size(),
+        ));
         Ok(dir)
     }
 
@@ -348,7 +351,7 @@ impl Tree {
         &self,
         path: &str,
         prio: Priority,
-    ) -> Result<Option<crate::object::Entry>, FetchError> {
+    ) -> Result<Option<crate::wire::object::Entry>, FetchError> {
         let mut dir = self.root_dir(prio).await?;
         let mut parts = path
             .split('/')
@@ -603,7 +606,7 @@ pub(super) fn remember(
 #[derive(Clone, Debug)]
 pub struct Found {
     pub path: std::path::PathBuf,
-    pub entry: crate::object::Entry,
+    pub entry: crate::wire::object::Entry,
 }
 
 /// Bounds on a walk. Directory objects are content-addressed, so one object may be named by
@@ -825,8 +828,8 @@ impl Tree {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::channel::Channel;
-    use crate::object::{object_ref, Entry, FileHash, Timestamp};
+    use crate::wire::channel::Channel;
+    use crate::wire::object::{object_ref, Entry, FileHash, Timestamp};
 
     /// A tree whose objects all sit in a fresh cache; nothing is ever sent.
     fn cached_tree(objects: &[Vec<u8>], root: ObjectRef) -> (Tree, tempfile::TempDir) {

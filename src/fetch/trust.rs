@@ -30,7 +30,7 @@ use std::time::Duration;
 use ed25519_dalek::VerifyingKey;
 
 use super::config::HeardRoot;
-use crate::object::{ObjectHash, RootRecord};
+use crate::wire::object::{ObjectHash, RootRecord};
 
 /// After the first acceptable root record, how long to keep listening for a higher
 /// generation. The server repeats its record every 25 ms while anyone listens
@@ -285,7 +285,7 @@ fn check_generation(
 #[cfg(test)]
 pub(crate) mod fixtures {
     use super::*;
-    use crate::object::{BlockSize, ObjectRef};
+    use crate::wire::object::{BlockSize, ObjectRef};
 
     pub const NOW: u64 = 1_800_000_000 * 1_000_000_000;
     pub const SERVER: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);

@@ -34,7 +34,7 @@
 //! Invariants of a [`Published`]: each object's hash is the BLAKE3 of the bytes its source gave
 //! at index time and its length is their length; every hash reachable from the root (except
 //! inline content) is in `objects`; identical blocks, pages or directories are one object. The
-//! exception: each directory's bundles ([`crate::object::bundle`]) are in `objects` too, keyed
+//! exception: each directory's bundles ([`crate::wire::object::bundle`]) are in `objects` too, keyed
 //! by their id, and their members, blocks of the same walk, are in `objects` themselves.
 
 use std::collections::{HashMap, HashSet};
@@ -50,10 +50,10 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 
 use super::leafcache::{Body, HashedFile, LeafCache};
-use crate::object::bundle::bundles;
-use crate::object::dir::{valid_name, DirMeta, MAX_NLINK};
-use crate::object::index::index_ref;
-use crate::object::{
+use crate::wire::object::bundle::bundles;
+use crate::wire::object::dir::{valid_name, DirMeta, MAX_NLINK};
+use crate::wire::object::index::index_ref;
+use crate::wire::object::{
     object_ref, BlockSize, Content, Directory, Entry, EntryKind, FileIndex, FileRef, ObjectHash,
     ObjectRef, DIRECTORY_MAX, LEAVES_PER_PAGE,
 };
@@ -111,7 +111,7 @@ pub enum Source {
         offset: u64,
         len: u32,
     },
-    /// A bundle (see [`crate::object::bundle`]): the bytes of its members, each an object of
+    /// A bundle (see [`crate::wire::object::bundle`]): the bytes of its members, each an object of
     /// this table, one after another. Keyed by the bundle's id, not by a hash of its bytes.
     Bundle(Arc<[ObjectRef]>),
 }

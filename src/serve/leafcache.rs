@@ -26,8 +26,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use crate::object::codec::{Reader, Writer};
-use crate::object::{BlockSize, FileHash, ObjectError, ObjectHash, Timestamp, INLINE_MAX};
+use crate::wire::object::codec::{Reader, Writer};
+use crate::wire::object::{BlockSize, FileHash, ObjectError, ObjectHash, Timestamp, INLINE_MAX};
 
 const MAGIC: &[u8; 4] = b"LCLC";
 const VERSION: u8 = 1;

@@ -234,9 +234,9 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::channel::Report;
-use crate::fec::Esi;
-use crate::object::ObjectHash;
+use crate::wire::channel::Report;
+use crate::wire::fec::Esi;
+use crate::wire::object::ObjectHash;
 
 mod loss;
 use loss::Loss;
@@ -1710,7 +1710,9 @@ mod tests {
     /// Makes `s` see loss in bursts: receivers report 5%, and blocks' first rounds leave
     /// three in ten of their listeners short. Returns when that was learned.
     fn learn_bursts(s: &mut Scheduler, t0: Instant) -> Instant {
-        let five = crate::channel::LOSS_LEVELS.iter().position(|&l| l == 50);
+        let five = crate::wire::channel::LOSS_LEVELS
+            .iter()
+            .position(|&l| l == 50);
         s.handle_report(Report::Loss(five.unwrap()), 10);
         let mut now = t0;
         for i in 0..30 {

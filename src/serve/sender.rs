@@ -34,10 +34,10 @@ use socket2::Socket;
 
 use super::table::{LoadError, Table};
 use super::watch::Notice;
-use crate::fec::ObjectEncoder;
 use crate::mld::GroupEvent;
 use crate::net::{send_batch, send_batch_gso, WIRE_OVERHEAD};
-use crate::object::ObjectHash;
+use crate::wire::fec::ObjectEncoder;
+use crate::wire::object::ObjectHash;
 use carousel::{Carousel, CarouselConfig, Payload, Transmit};
 
 /// The longest wait for events: how soon a shutdown or a new table is noticed when idle.
@@ -67,7 +67,7 @@ impl Default for SenderConfig {
     fn default() -> Self {
         SenderConfig {
             rate_bps: 100_000_000,
-            port: crate::channel::DEFAULT_PORT,
+            port: crate::wire::channel::DEFAULT_PORT,
             max_payload: 1452,
             batch: 32,
             encoder_memory: 32 << 20,
@@ -97,7 +97,7 @@ pub struct SendStats {
     pub encoders_built: AtomicU64,
     /// Groups with listeners that the carousel serves now.
     pub active_groups: AtomicU64,
-    /// What receivers report (`crate::channel::Report`): how many fetch in bulk, how many
+    /// What receivers report (`crate::wire::channel::Report`): how many fetch in bulk, how many
     /// report their loss and its mean in parts per million, and the wait for bulk receivers
     /// now, in microseconds.
     pub bulk_receivers: AtomicU64,

@@ -32,10 +32,10 @@ use super::index::{index_tree, index_tree_unless, IgnoreRules, IndexConfig, Publ
 use super::sender::{SendStats, SenderConfig, SenderLoop, SharedTable};
 use super::table::Table;
 use super::watch::{self, Change, Debouncer, Notice, Reason, WatchConfig};
-use crate::channel::{Channel, MasterKey};
 use crate::mld::{self, ListenerConfig, MldStats, QuerierConfig, TrackerConfig};
 use crate::net::{sender_socket, Iface};
-use crate::object::{BlockSize, ObjectRef, RootRecord};
+use crate::wire::channel::{Channel, MasterKey};
+use crate::wire::object::{BlockSize, ObjectRef, RootRecord};
 
 /// Longest the publish loop sleeps: it also renews signatures and looks for shutdown.
 const TICK: Duration = Duration::from_millis(200);

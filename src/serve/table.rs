@@ -28,12 +28,12 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 
-use crate::object::ObjectHash;
+use crate::wire::object::ObjectHash;
 
 pub use super::index::Object;
 use super::index::{read_block, IndexError, Published, Source, Tree};
-use crate::channel::{Address, Channel, Report};
-use crate::object::{ObjectRef, RootRecord};
+use crate::wire::channel::{Address, Channel, Report};
+use crate::wire::object::{ObjectRef, RootRecord};
 
 /// How long the objects of a replaced generation stay published.
 pub const GRACE: Duration = Duration::from_secs(60);
@@ -48,7 +48,7 @@ pub struct Table {
     pub root: Address,
     /// Where the beacon goes.
     pub air: Address,
-    /// The groups receivers join to report something (`crate::channel::Report`).
+    /// The groups receivers join to report something (`crate::wire::channel::Report`).
     reports: HashMap<Ipv6Addr, Report>,
     /// The generation this table publishes (the root record's).
     pub generation: u64,

@@ -2,7 +2,7 @@
 //! the others' MLD queries) and N receivers joined through in-memory
 //! links on a virtual clock, running the real state machines: the sender's [`Carousel`],
 //! the MLD [`ListenerTracker`] and [`Querier`], and each receiver's [`FetchState`], with the
-//! object decoders of [`crate::object`]. Nothing here copies their logic; this module only
+//! object decoders of [`crate::wire::object`]. Nothing here copies their logic; this module only
 //! plays the parts that are I/O in the product (sockets, disk, kernel, switch).
 //!
 //! - [`link`]: per-receiver downlinks (seeded uniform or Gilbert-Elliott loss, delay, jitter,
@@ -49,10 +49,10 @@ pub use report::Report;
 pub use tree::Shape;
 pub use walk::Workload;
 
-use crate::channel::Channel;
 use crate::fetch::object::StandIn;
 use crate::serve::index::IndexError;
 use crate::serve::sender::carousel::CarouselConfig;
+use crate::wire::channel::Channel;
 use receiver::SimReceiver;
 use server::SimServer;
 use world::{Ev, World};
@@ -100,7 +100,7 @@ pub struct Scenario {
     /// with RaptorQ: what lets a thousand receivers run in seconds and a few GiB. What they
     /// get is still verified against its hash.
     ///
-    /// [`ObjectDecoder::counting`]: crate::fec::ObjectDecoder::counting
+    /// [`ObjectDecoder::counting`]: crate::wire::fec::ObjectDecoder::counting
     pub counting: bool,
 }
 

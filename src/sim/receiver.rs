@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use super::link::Link;
 use super::walk::{Walk, Workload};
-use crate::channel::{Channel, Tag};
 use crate::fetch::membership::Memberships;
 use crate::fetch::object::StandIn;
 use crate::fetch::state::{Claim, Event, FetchState, Requested};
 use crate::fetch::{FetchConfig, FetchStats, Freshness, Priority};
 use crate::net::Envelope;
-use crate::object::ObjectHash;
+use crate::wire::channel::{Channel, Tag};
+use crate::wire::object::ObjectHash;
 
 /// The interface index every simulated host receives on.
 pub const IFINDEX: u32 = 2;

@@ -13,13 +13,13 @@ use std::net::Ipv6Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::fec::ObjectEncoder;
 use crate::mld::parse::{encode_query, parse, MldMessage, Query};
 use crate::mld::querier::{Querier, QuerierConfig};
 use crate::mld::{GroupEvent, ListenerTracker};
 use crate::net::WIRE_OVERHEAD;
 use crate::serve::sender::carousel::{Carousel, CarouselConfig, Payload, Transmit};
 use crate::serve::table::Table;
+use crate::wire::fec::ObjectEncoder;
 
 /// Packets the shell takes from the carousel before it reports them sent (its `batch`).
 const BATCH: usize = 32;

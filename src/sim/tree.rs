@@ -13,10 +13,10 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::channel::Channel;
-use crate::object::{ObjectHash, RootRecord};
 use crate::serve::index::{index_path, IndexConfig, IndexError, Source};
 use crate::serve::table::Table;
+use crate::wire::channel::Channel;
+use crate::wire::object::{ObjectHash, RootRecord};
 
 /// The shape of a synthetic tree.
 #[derive(Clone, Copy, Debug)]

@@ -14,11 +14,11 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::channel::Tag;
-use crate::object::bundle::{bundling, Bundling};
-use crate::object::index::IndexShape;
-use crate::object::LEAVES_PER_PAGE;
-use crate::object::{
+use crate::wire::channel::Tag;
+use crate::wire::object::bundle::{bundling, Bundling};
+use crate::wire::object::index::IndexShape;
+use crate::wire::object::LEAVES_PER_PAGE;
+use crate::wire::object::{
     BlockIndex, BlockSize, Content, Directory, EntryKind, FileIndex, FileRef, ObjectHash, ObjectRef,
 };
 

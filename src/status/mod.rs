@@ -112,7 +112,7 @@ pub struct ServerStatus {
     pub rate_limit: u64,
     pub mld_reports: u64,
     pub mld_dropped: u64,
-    /// Receivers that say they fetch in bulk (`crate::channel::Report::Bulk`).
+    /// Receivers that say they fetch in bulk (`crate::wire::channel::Report::Bulk`).
     pub bulk_receivers: u64,
     /// Receivers that report their loss, and the mean they report (a share).
     pub loss_reporters: u64,

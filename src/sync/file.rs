@@ -25,8 +25,8 @@ use std::os::unix::fs::FileExt;
 use rustix::io::Errno;
 
 use super::plan::{plan, BlockPlan, From};
-use crate::object::{BlockSize, Timestamp};
 use crate::serve::index::beneath;
+use crate::wire::object::{BlockSize, Timestamp};
 
 /// Times a file is done before it is given up as changing too fast.
 pub const ATTEMPTS: usize = 3;

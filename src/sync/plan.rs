@@ -8,7 +8,7 @@
 
 use std::io;
 
-use crate::object::BlockSize;
+use crate::wire::object::BlockSize;
 
 /// Where a range of the new file comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

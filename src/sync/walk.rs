@@ -10,9 +10,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::copy::{dest::PART_PREFIX, trash::TRASH};
-use crate::object::Timestamp;
 use crate::serve::index::beneath::{self, Kind};
 use crate::serve::index::{Tree, MAX_DEPTH};
+use crate::wire::object::Timestamp;
 
 /// One entry of SRC, by path relative to SRC (the DEST name for a single file).
 #[derive(Clone, Debug)]

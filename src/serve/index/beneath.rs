@@ -33,8 +33,8 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, StatxFlags, CWD};
 
 use super::IndexError;
-use crate::object::Timestamp;
 use crate::serve::leafcache::FileStamp;
+use crate::wire::object::Timestamp;
 
 /// Flags of every open of something to be read: never follow, never block, never adopt a tty.
 const READ_FLAGS: OFlags = OFlags::RDONLY

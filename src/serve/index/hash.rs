@@ -14,8 +14,8 @@ use std::os::unix::fs::FileExt;
 use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
 use rayon::prelude::*;
 
-use crate::object::{BlockIndex, BlockSize, FileHash, ObjectHash, INLINE_MAX};
 use crate::serve::leafcache::{Body, HashedFile};
+use crate::wire::object::{BlockIndex, BlockSize, FileHash, ObjectHash, INLINE_MAX};
 
 /// Bytes of one big file hashed by one task; the segments of a file are hashed in parallel.
 const SEGMENT_BYTES: u64 = 4 << 20;

@@ -1,8 +1,8 @@
 //! Tests of the indexer: real trees in temporary directories, walked back from the objects.
 
 use super::*;
-use crate::object::index::IndexShape;
-use crate::object::{FileHash, Timestamp, INLINE_MAX};
+use crate::wire::object::index::IndexShape;
+use crate::wire::object::{FileHash, Timestamp, INLINE_MAX};
 use std::fs::{self, File, Metadata};
 use std::io::Write;
 use std::os::unix::ffi::OsStringExt;
@@ -895,7 +895,7 @@ fn republish_speed() {
     let record = crate::serve::table::test_record;
     let first = timed("first index, 10,000 files");
     let table = Table::new(
-        crate::channel::Channel::new("b", None),
+        crate::wire::channel::Channel::new("b", None),
         first.clone(),
         record(&first, 1),
     );

@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 
-use crate::channel::LOSS_LEVELS;
+use crate::wire::channel::LOSS_LEVELS;
 
 /// What first rounds are sized for.
 pub(super) struct Loss {

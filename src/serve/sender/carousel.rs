@@ -37,17 +37,17 @@ use std::net::Ipv6Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::object::ObjectHash;
+use crate::wire::object::ObjectHash;
 
 use super::encoders::Encoders;
-use crate::channel::{Address, SealKeys, Tag};
-use crate::fec::{symbol_size_for_object, Esi, ObjectEncoder};
 use crate::mld::GroupEvent;
 use crate::net::WIRE_OVERHEAD;
-use crate::packet;
 use crate::serve::index::Source;
 use crate::serve::sched::{self, Pacer, SchedConfig, Scheduler};
 use crate::serve::table::Table;
+use crate::wire::channel::{Address, SealKeys, Tag};
+use crate::wire::fec::{symbol_size_for_object, Esi, ObjectEncoder};
+use crate::wire::packet;
 
 #[derive(Clone, Debug)]
 pub struct CarouselConfig {

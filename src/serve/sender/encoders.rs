@@ -11,10 +11,10 @@
 
 use std::sync::Arc;
 
-use crate::object::ObjectHash;
+use crate::wire::object::ObjectHash;
 use lru::LruCache;
 
-use crate::fec::ObjectEncoder;
+use crate::wire::fec::ObjectEncoder;
 
 /// The memory an encoder may hold.
 pub fn footprint(e: &ObjectEncoder) -> usize {

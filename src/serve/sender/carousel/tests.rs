@@ -13,10 +13,10 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::channel::{Channel, Report};
-use crate::object::{BlockSize, ObjectRef};
 use crate::serve::index::{IgnoreRules, Object, Published, Tree};
 use crate::serve::table::{test_record, GRACE};
+use crate::wire::channel::{Channel, Report};
+use crate::wire::object::{BlockSize, ObjectRef};
 
 /// 8 Mbit/s: a million bytes a second, easy to reason about.
 const RATE: u64 = 8_000_000;
@@ -440,7 +440,7 @@ fn receivers_reporting_loss_get_first_rounds_sized_for_it() {
         k,
         "nothing reported or learned: K"
     );
-    let level = crate::channel::LOSS_LEVELS
+    let level = crate::wire::channel::LOSS_LEVELS
         .iter()
         .position(|&l| l == 200)
         .unwrap();

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::channel::MasterKey;
+use crate::wire::channel::MasterKey;
 
 const CTX_KEYFILE: &str = "lcfs 2026-11 keyfile v1";
 const CTX_SALT: &str = "lcfs 2026-11 password salt v1";

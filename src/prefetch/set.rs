@@ -18,7 +18,7 @@
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::fetch::{FetchError, Priority, Tree};
-use crate::object::{Content, EntryKind, FileRef, ObjectRef};
+use crate::wire::object::{Content, EntryKind, FileRef, ObjectRef};
 
 /// The name of the file that defines a set.
 pub const SET_FILE: &[u8] = b".lcfs-prefetch";

@@ -23,7 +23,7 @@ pub const ESI_LIMIT: u32 = 1 << 24;
 /// An encoding symbol id: which symbol of an object a packet carries (RFC 6330 section 3.2).
 /// Below K it names a source symbol, the object's bytes from `esi * symbol size`; from K up a
 /// repair symbol. A type of its own, so that a block index or a byte offset cannot be sent
-/// as one. On the wire it is a little-endian `u32` ([`crate::packet`]).
+/// as one. On the wire it is a little-endian `u32` ([`crate::wire::packet`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(transparent)]
 pub struct Esi(pub u32);

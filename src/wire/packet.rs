@@ -15,8 +15,8 @@
 //! every burst of one channel produce the same packet for the same symbol, so symbols combine.
 //! Root-record and beacon nonces are random (neither is ever split into symbols).
 
-use crate::channel::{SealKeys, Tag};
-use crate::fec::Esi;
+use crate::wire::channel::{SealKeys, Tag};
+use crate::wire::fec::Esi;
 use crypto_secretbox::aead::{AeadInPlace, KeyInit};
 use crypto_secretbox::XSalsa20Poly1305;
 
@@ -214,7 +214,7 @@ fn parse_body(kind: u8, tag: Tag, body: &[u8]) -> Result<Packet<'_>, PacketError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::channel::{Channel, MasterKey};
+    use crate::wire::channel::{Channel, MasterKey};
     use proptest::prelude::*;
 
     fn keys() -> SealKeys {

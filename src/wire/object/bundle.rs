@@ -172,7 +172,7 @@ mod tests {
             mtime: Default::default(),
             nlink: 1,
             link: 0,
-            kind: EntryKind::File(crate::object::FileRef {
+            kind: EntryKind::File(crate::wire::object::FileRef {
                 size,
                 b3: FileHash::of(name.as_bytes()),
                 content: Content::Block(ObjectHash::of(name.as_bytes())),
@@ -194,10 +194,10 @@ mod tests {
         want.sort_by_key(|h| *h.as_bytes());
         assert_eq!(alone, want);
     }
-    use crate::object::{Entry, FileHash, FileRef, Timestamp};
+    use crate::wire::object::{Entry, FileHash, FileRef, Timestamp};
 
     fn file(name: &str, bytes: &[u8]) -> Entry {
-        let content = if bytes.len() as u64 <= crate::object::INLINE_MAX {
+        let content = if bytes.len() as u64 <= crate::wire::object::INLINE_MAX {
             Content::Inline(bytes.to_vec())
         } else {
             Content::Block(ObjectHash::of(bytes))

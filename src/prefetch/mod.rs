@@ -1,14 +1,17 @@
 //! `lcfs prefetch`: fill the cache with a channel's tree (or some subtrees) for offline use,
 //! optionally pinning every object so that eviction never removes it.
 
+pub mod set;
+pub mod unpin;
+
 use std::time::{Duration, Instant};
 
 use futures::{stream, StreamExt, TryStreamExt};
 
 use crate::fetch::tree::WalkLimits;
 use crate::fetch::{FetchError, Priority, Tree};
-use crate::object::{Content, EntryKind, FileIndex, FileRef, ObjectRef};
 use crate::progress::Progress;
+use crate::wire::object::{Content, EntryKind, FileIndex, FileRef, ObjectRef};
 
 /// Objects asked for at once: well beyond the engine's window, as for `lcfs copy`.
 const IN_FLIGHT: usize = 4096;
@@ -126,7 +129,7 @@ async fn index_objects(
     let mut out = vec![top];
     let v = tree.fetcher().fetch(top, prio).await?;
     if let Ok(FileIndex::Pages(pages)) = FileIndex::decode(&v) {
-        let shape = crate::object::index::IndexShape {
+        let shape = crate::wire::object::index::IndexShape {
             blocks: tree.block_size().blocks_in(f.size),
         };
         out.extend(

@@ -16,7 +16,7 @@
 use std::fmt;
 use std::net::Ipv6Addr;
 
-use crate::object::ObjectHash;
+use crate::wire::object::ObjectHash;
 
 /// The UDP port lcfs uses unless told otherwise.
 pub const DEFAULT_PORT: u16 = 4242;
@@ -151,7 +151,7 @@ impl Channel {
     }
 
     /// The group and tag of the channel's "on air" beacon: which objects the server is about
-    /// to send (see [`crate::packet::Body::Air`]).
+    /// to send (see [`crate::wire::packet::Body::Air`]).
     pub fn air_address(&self) -> Address {
         self.address(b"air!", &[0; 32])
     }

@@ -11,7 +11,7 @@
 //!   cannot be passed where an [`ObjectHash`] is expected.
 //! - [`BlockIndex`] numbers a block within its file (byte offset / block size), so that it is
 //!   never mistaken for a byte offset, a page number or an encoding symbol id
-//!   ([`crate::fec::Esi`]).
+//!   ([`crate::wire::fec::Esi`]).
 //!
 //! On the wire and on disk each is exactly the bytes it wraps; conversions to and from the
 //! raw [`blake3::Hash`] happen at the edges (encoding, hashing, and the cache crate, which
@@ -173,7 +173,7 @@ mod tests {
 
     #[test]
     fn block_indexes_and_byte_offsets() {
-        let bs = crate::object::BlockSize::DEFAULT; // 64 KiB
+        let bs = crate::wire::object::BlockSize::DEFAULT; // 64 KiB
         assert_eq!(bs.block_at(0), BlockIndex(0));
         assert_eq!(bs.block_at(65_535), BlockIndex(0));
         assert_eq!(bs.block_at(65_536), BlockIndex(1));

@@ -165,7 +165,7 @@ impl RootRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::ObjectHash;
+    use crate::wire::object::ObjectHash;
     use proptest::prelude::*;
 
     fn sample() -> RootRecord {

@@ -16,11 +16,11 @@
 
 use std::collections::HashSet;
 
-use crate::object::ObjectHash;
+use crate::wire::object::ObjectHash;
 use lcfs_cache::{Cache, CacheError};
 
 use crate::fetch::tree::{WalkLimits, MAX_FILE_BLOCKS};
-use crate::object::{Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef};
+use crate::wire::object::{Content, Directory, EntryKind, FileIndex, FileRef, ObjectRef};
 
 /// Why the cached tree could not be walked.
 #[derive(Debug, thiserror::Error)]
@@ -219,7 +219,7 @@ impl Walk<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::{object_ref, Entry, FileHash, Timestamp};
+    use crate::wire::object::{object_ref, Entry, FileHash, Timestamp};
     use lcfs_cache::{CacheConfig, Verified};
 
     /// A cache without a memory LRU, so that removing files is seen at once.
