@@ -15,8 +15,12 @@
 //! reported their loss (a 4 MiB file 1.08 to 1.20 at seeds 1 to 6, a 1,000-file tree 1.07
 //! to 1.18 at seeds 1 to 7; since, 1.05 to 1.10 at seeds 1 to 8 and 1.05 to 1.07 at seeds
 //! 1 to 7). What does not hold is kept as a `known_gap_*` test that asserts today's figure
-//! as an upper bound and prints the ratio: starts spread over 10 s, and bursty loss at
-//! many receivers.
+//! as an upper bound and prints the ratio: starts spread over 2 s at 100 receivers, and
+//! bursty loss at many receivers.
+//!
+//! Starts spread over seconds are held to what a server that keeps no receiver waiting
+//! longer than one alone must send ([`Report::no_wait_bytes`]), not to one receiver: for
+//! receivers that start apart that is set by the span of their starts.
 
 use std::time::Duration;
 
@@ -312,22 +316,62 @@ fn regression_a_file_at_1000_receivers_under_20_percent_loss_seed_4() {
     assert!(ratio <= 1.15, "{ratio:.3}");
 }
 
-/// Starts spread over 10 s for a file that takes half a second: the server sends a round
-/// for each late group of receivers, and their windows split its rate (thousands of stall
-/// rejoins). Measured at seed 11: 11.6 times one receiver's bytes at 100 receivers, 12.8 at
-/// 1000 (`examples/sim --spread 10`). It was 10.6 and 12.1 before lossy receivers joined
-/// 128 groups ahead (`fetch::state`'s `LOSSY`), which made late receivers finish sooner
-/// (2.2 s median at 100 receivers rather than 3.3, 2.5 s at 1000 rather than 3.8) for more
-/// bytes. Nothing here grows with the receivers but the span: the link is busy for at most
-/// the span of the starts and one transfer after it (120 MB at 100 receivers, 131 MB at
-/// 1000, where 11 s of the 100 Mbit/s link carry 146 MB with headers). A carousel of
-/// the whole file would cost the span too; what would help is fewer, larger shared rounds
-/// for late groups.
+/// Runs an 8 MiB file under 5% loss at 1 and `n` receivers whose starts spread over
+/// `secs` seconds, at seed 11; returns the ratio of the server's bytes at `n` to those of a
+/// server that keeps no receiver waiting longer than one alone ([`Report::no_wait_bytes`]),
+/// and at `n` to those at one.
+fn spread_starts(n: usize, secs: u64) -> (f64, f64) {
+    let (one, many, ratio) = flatness("spread", FILE, n, Loss::Uniform(0.05), secs);
+    let floor = many
+        .no_wait_bytes(&one)
+        .expect("the lone receiver finished");
+    let over_floor = many.server_bytes as f64 / floor as f64;
+    println!(
+        "starts over {secs} s, {n} receivers: {ratio:.3} times one receiver, {over_floor:.3} \
+         times a server that keeps nobody waiting ({:.1} times one receiver)",
+        floor as f64 / one.server_bytes as f64
+    );
+    (over_floor, ratio)
+}
+
+/// Starts spread over 10 s for a file that one receiver alone fetches in 0.9 s: what the
+/// server sends is set by the span of the starts, not by the receivers. A receiver alone
+/// takes the link's whole rate, so a server that keeps nobody waiting longer than one
+/// receiver alone must keep the link busy whenever some receiver's lone transfer would be
+/// under way: here 12.1 times one receiver's bytes at 100 receivers and 12.2 at 1000. lcfs
+/// sends 0.96 and 1.02 times that (11.6 and 12.5 times one receiver; median completion
+/// 2.4 and 2.7 s). Held to one receiver, the ratio measures the span, not the receivers.
 #[test]
-fn known_gap_spread_starts_cost_a_round_per_late_receiver() {
-    let (_, _, ratio) = flatness("gap-file-spread", FILE, 100, Loss::Uniform(0.05), 10);
-    println!("known gap: starts over 10 s, 100 receivers: {ratio:.3} times one receiver");
-    assert!(ratio <= 17.0, "{ratio:.3}");
+fn starts_spread_over_10_s_cost_the_span_not_the_receivers() {
+    let (hundred, hundred_over_one) = spread_starts(100, 10);
+    let (thousand, thousand_over_one) = spread_starts(1000, 10);
+    assert!(hundred <= 1.15, "{hundred:.3}");
+    assert!(thousand <= 1.15, "{thousand:.3}");
+    let growth = thousand_over_one / hundred_over_one;
+    assert!(
+        growth <= 1.15,
+        "ten times the receivers: {growth:.3} times the bytes"
+    );
+}
+
+/// Starts over 2 s, 100 receivers: 1.17 times what a server that keeps nobody waiting
+/// sends, and the receivers take 2.2 s (median) against 0.9 s alone, while 1000 receivers
+/// over the same 2 s cost 0.84 times it (`examples/sim`, seed 11: 1 s 1.10, 5 s 1.25; 30
+/// and 300 receivers over 2 s 1.18 and 1.16; 10 receivers over 10 s 1.04). Late receivers join blocks whose first rounds are
+/// over and take them in later rounds of K/8 after cooldowns, each group of late receivers
+/// at its own place in the file; the beacon lists first rounds only. A carousel of the
+/// whole file for receivers that join a transfer under way would cost the floor with each
+/// receiver done within a cycle. Tried and not kept (`serve::sched`; 100 receivers, seeds
+/// 9014 for 2 s and 9013 for 10 s, where lcfs gives 1.21 and 1.00 with 2.1 and 2.2 s
+/// median): a later round sized for what a late joiner missed (1.30, and 1.10 with 6.0 s
+/// median), and rounds under way that go on for a newcomer, with the beacon listing later
+/// rounds too (1.15 to 1.17, and 1.09 to 1.16 with 2.7 to 2.9 s median; without loss 0.84
+/// against 1.07).
+#[test]
+fn known_gap_starts_spread_over_2_s_cost_more_than_the_span() {
+    let (over_floor, _) = spread_starts(100, 2);
+    println!("known gap: starts over 2 s, 100 receivers: {over_floor:.3} times the no-wait floor");
+    assert!(over_floor <= 1.3, "{over_floor:.3}");
 }
 
 /// 5% loss in bursts of 5 packets on average (Gilbert-Elliott), 100 receivers of an 8 MiB

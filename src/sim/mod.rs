@@ -266,6 +266,7 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
         ..Report::default()
     };
     for rx in &w.receivers {
+        r.starts.extend(rx.started.map(|a| a.duration_since(base)));
         r.failures += rx.failures;
         r.max_wait = r.max_wait.max(rx.max_wait);
         r.rejoins += rx.stats.rejoins.load(std::sync::atomic::Ordering::Relaxed);
@@ -288,6 +289,7 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
         }
     }
     r.completion.sort();
+    r.starts.sort();
     // The yardstick serves receivers that are all there from start to end, from one server,
     // and codes what they verify object by object: for a file that is what the server
     // sends, while a tree's small files travel in bundles that it would code file by file.

@@ -22,6 +22,8 @@ pub struct Report {
     pub unicast_bytes: u64,
     /// Per receiver that finished: from its start to its last object verified, sorted.
     pub completion: Vec<Duration>,
+    /// When each receiver started, from the run's start, sorted.
+    pub starts: Vec<Duration>,
     /// The longest any receiver waited for one object, from its request to its completion.
     pub max_wait: Duration,
     /// Receivers that should have finished (not stopped, not crashed) and did not end with
@@ -116,6 +118,34 @@ impl Report {
         self.oracle_symbols.map(|o| o as f64 / source)
     }
 
+    /// How long the link must be busy for no receiver to wait longer than `alone`, the
+    /// time one receiver alone takes: the union of the spans `[start, start + alone]`.
+    pub fn busy_span(&self, alone: Duration) -> Duration {
+        let mut busy = Duration::ZERO;
+        let mut until = Duration::ZERO;
+        for &start in &self.starts {
+            let end = start + alone;
+            busy += end - start.max(until).min(end);
+            until = until.max(end);
+        }
+        busy
+    }
+
+    /// The fewest bytes a server can send so that no receiver of this run waits longer than
+    /// the one receiver of `alone` did: its bytes for every `alone`'s time of
+    /// [`Self::busy_span`]. A receiver alone already takes the link's whole rate, so while
+    /// any receiver's lone transfer would be under way the link must be as busy as for one.
+    /// This is what receivers that start apart cost: it grows with their receiver count
+    /// only until their spans overlap, and then with the span of their starts alone.
+    pub fn no_wait_bytes(&self, alone: &Report) -> Option<u64> {
+        let took = *alone.completion.first()?;
+        if took.is_zero() {
+            return None;
+        }
+        let share = self.busy_span(took).as_secs_f64() / took.as_secs_f64();
+        Some((alone.server_bytes as f64 * share) as u64)
+    }
+
     /// The (min, median, max) completion time.
     pub fn completion_summary(&self) -> (Duration, Duration, Duration) {
         let c = &self.completion;
@@ -196,5 +226,38 @@ impl fmt::Display for Report {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn the_no_wait_floor_counts_each_stretch_of_overlapping_transfers_once() {
+        let alone = Report {
+            server_bytes: 1000,
+            completion: vec![ms(300)],
+            ..Report::default()
+        };
+        // [0, 300] and [100, 400] overlap: 400 ms; [1000, 1350]: 350 ms; [5000, 5300].
+        let apart = Report {
+            starts: vec![ms(0), ms(100), ms(1000), ms(1050), ms(5000)],
+            ..Report::default()
+        };
+        assert_eq!(apart.busy_span(ms(300)), ms(1050));
+        let floor = apart.no_wait_bytes(&alone).unwrap();
+        assert!((3499..=3500).contains(&floor), "{floor}");
+        // Receivers that start together cost what one costs, however many.
+        let together = Report {
+            starts: vec![ms(0); 1000],
+            ..Report::default()
+        };
+        assert_eq!(together.no_wait_bytes(&alone), Some(1000));
+        assert_eq!(apart.no_wait_bytes(&Report::default()), None);
     }
 }
