@@ -31,14 +31,6 @@
 //!   to report at all: only after [`MIN_SLOTS`] symbols were counted, and only while the
 //!   receiver fetches or did within [`IDLE`], so that an idle mount does not keep telling the
 //!   publisher yesterday's loss for today's receivers.
-//! - Whether the losses come in bursts: the mean run of consecutive lost symbols is
-//!   [`BURST_RUN`] or more (once [`MIN_BURST_LOSSES`] were counted; with hysteresis). Said
-//!   by joining the [`Report::Bursts`] group while the level is reported. The server knew
-//!   bursts only from their effect, whole first rounds that leave far more receivers short
-//!   than their reported loss would: that took a dozen objects or more, and 20% loss in
-//!   bursts of 5 it never told from independent loss (see `crate::serve::sched`).
-//!
-//! [`Report::Bursts`]: crate::wire::channel::Report::Bursts
 
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
@@ -52,18 +44,6 @@ pub const WINDOW: f64 = 20000.0;
 /// Symbols counted before a loss is reported (about two objects): at 20% loss the estimate
 /// then has a standard error of four points, which the report adds.
 pub const MIN_SLOTS: f64 = 100.0;
-
-/// Losses counted before a receiver says whether they come in bursts: at a mean burst of
-/// 2 the mean of 16 has a standard error of about a third of a symbol. (8 told bursts
-/// sooner but not as surely: fewer first rounds went in turns in the simulation.)
-pub const MIN_BURST_LOSSES: f64 = 16.0;
-
-/// The mean run of lost symbols from which losses count as coming in bursts, and below
-/// which they no longer do. Independent loss at rate p makes runs of 1 / (1 - p) on
-/// average: 1.05 at 5%, 1.25 at 20%, 1.43 at 30%, the most a sender sizes for; the
-/// simulation's Gilbert-Elliott links with bursts of 5 measure 4 to 5.
-pub const BURST_RUN: f64 = 2.0;
-pub const BURST_RUN_OFF: f64 = 1.7;
 
 /// How long a receiver that fetches nothing keeps reporting its loss.
 pub const IDLE: Duration = Duration::from_secs(10);
@@ -156,32 +136,16 @@ impl EsiSpan {
     /// (slots, lost): the ESIs after the first one received (or the last counted) up to
     /// [`REORDER`] before the last, and how many of them never came, which are counted now;
     /// None when the span is not believable.
-    #[cfg(test)]
     pub fn take_counted(&mut self) -> Option<(u64, u64)> {
-        self.count().map(|c| (c.slots, c.lost))
-    }
-
-    /// What [`EsiSpan::take_counted`] counts, and the runs of lost slots among them (a run
-    /// that goes on from the slots counted before is not counted again).
-    pub fn count(&mut self) -> Option<Counted> {
         if self.wild {
             return None;
         }
         let end = self.hi.saturating_sub(REORDER);
         if end <= self.lo {
-            return Some(Counted::default());
+            return Some((0, 0));
         }
         let slots = (end - self.lo) as u64;
-        let (mut received, mut runs) = (0, 0);
-        for at in self.lo + 1..=end {
-            if self.has(at) {
-                received += 1;
-            } else if self.has(at - 1) {
-                // A run starts after a received slot; one that reaches `lo`, the last slot
-                // counted before, goes on from there.
-                runs += 1;
-            }
-        }
+        let received = (self.lo + 1..=end).filter(|&at| self.has(at)).count() as u64;
         self.lo = end;
         self.counting = true;
         // Sized at most for 30% loss, a real sender's rounds leave fewer gaps than this.
@@ -189,21 +153,8 @@ impl EsiSpan {
             self.wild = true;
             return None;
         }
-        Some(Counted {
-            slots,
-            lost: slots - received,
-            runs,
-        })
+        Some((slots, slots - received))
     }
-}
-
-/// Slots of a span counted at once ([`EsiSpan::count`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counted {
-    pub slots: u64,
-    pub lost: u64,
-    /// Runs of consecutive lost slots: `lost / runs` is the mean length of a burst.
-    pub runs: u64,
 }
 
 /// What a receiver measured and reports.
@@ -213,10 +164,6 @@ pub struct LossReport {
     lost: f64,
     /// The level the estimate stands at (with hysteresis), once it may be reported.
     level: Option<usize>,
-    /// Runs of lost slots, decayed as `lost` is.
-    runs: f64,
-    /// The losses come in bursts (with hysteresis), once that may be reported.
-    bursts: bool,
     /// When the receiver last fetched.
     busy: Option<Instant>,
 }
@@ -233,40 +180,26 @@ impl LossReport {
             slots: 0.0,
             lost: 0.0,
             level: None,
-            runs: 0.0,
-            bursts: false,
             busy: None,
         }
     }
 
-    /// Counts what `span` received since it was last counted; true if the level to report,
-    /// or whether the losses come in bursts, changed.
+    /// Counts what `span` received since it was last counted; true if the level to report
+    /// changed.
     pub fn handle_span(&mut self, span: &mut EsiSpan) -> bool {
-        let Some(c) = span.count().filter(|c| c.slots > 0) else {
+        let Some((slots, lost)) = span.take_counted().filter(|&(slots, _)| slots > 0) else {
             return false;
         };
-        let keep = (-(c.slots as f64) / WINDOW).exp();
-        self.slots = self.slots * keep + c.slots as f64;
-        self.lost = self.lost * keep + c.lost as f64;
-        self.runs = self.runs * keep + c.runs as f64;
-        let mut changed = false;
-        if self.lost >= MIN_BURST_LOSSES && self.runs > 0.0 {
-            let mean = self.lost / self.runs;
-            let bursts = mean >= BURST_RUN || (self.bursts && mean >= BURST_RUN_OFF);
-            changed |= std::mem::replace(&mut self.bursts, bursts) != bursts;
-        }
+        let keep = (-(slots as f64) / WINDOW).exp();
+        self.slots = self.slots * keep + slots as f64;
+        self.lost = self.lost * keep + lost as f64;
         if self.slots >= MIN_SLOTS {
             let p = self.lost / self.slots;
             let loss = 1000.0 * (p + (p * (1.0 - p) / self.slots).sqrt());
             let level = Some(level_for(loss, self.level));
-            changed |= std::mem::replace(&mut self.level, level) != level;
+            return std::mem::replace(&mut self.level, level) != level;
         }
-        changed
-    }
-
-    /// Whether to report at `now` that the losses come in bursts.
-    pub fn poll_bursts(&self, now: Instant) -> bool {
-        self.bursts && self.poll_level(now).is_some()
+        false
     }
 
     /// The receiver is fetching at `now`.
@@ -416,100 +349,21 @@ mod tests {
 
     /// Fetches of `k` symbols each that stop at their K-th, on a link losing `loss`.
     fn measure(r: &mut LossReport, rng: &mut rand::rngs::StdRng, loss: f64, k: u32, n: usize) {
-        measure_with(r, rng, k, n, |rng| rng.random_bool(loss));
-    }
-
-    /// The same on a link where `lose` says whether each symbol is lost.
-    fn measure_with(
-        r: &mut LossReport,
-        rng: &mut rand::rngs::StdRng,
-        k: u32,
-        n: usize,
-        mut lose: impl FnMut(&mut rand::rngs::StdRng) -> bool,
-    ) {
         for _ in 0..n {
             let mut esi = rng.random_range(0..ESI_LIMIT);
-            while lose(rng) {
+            while rng.random_bool(loss) {
                 esi = (esi + 1) % ESI_LIMIT;
             }
             let mut s = EsiSpan::new(A, Esi(esi));
             for _ in 1..k {
                 esi = (esi + 1) % ESI_LIMIT;
-                while lose(rng) {
+                while rng.random_bool(loss) {
                     esi = (esi + 1) % ESI_LIMIT;
                 }
                 s.push(A, Esi(esi));
             }
             r.handle_span(&mut s);
         }
-    }
-
-    /// A Gilbert-Elliott link: it loses everything in its bad state, nothing in its good
-    /// one, `loss` on average in bursts of `burst` on average.
-    fn gilbert_elliott(loss: f64, burst: f64) -> impl FnMut(&mut rand::rngs::StdRng) -> bool {
-        let leave_bad = 1.0 / burst;
-        let enter_bad = loss * leave_bad / (1.0 - loss);
-        let mut bad = false;
-        move |rng| {
-            bad = rng.random_bool(if bad { 1.0 - leave_bad } else { enter_bad });
-            bad
-        }
-    }
-
-    #[test]
-    fn a_span_counts_the_runs_of_lost_symbols() {
-        let r = REORDER as u32;
-        let mut s = span(A, &tail(&[10, 11, 14, 15, 17], r));
-        let counted = s.count().unwrap();
-        assert_eq!((counted.slots, counted.lost, counted.runs), (7, 3, 2));
-        // A run that goes on past the slots counted is not counted twice.
-        let mut s = span(A, &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
-        s.push(A, Esi(11));
-        assert_eq!(s.count().unwrap().runs, 0);
-        for e in 14..=24 {
-            s.push(A, Esi(e));
-        }
-        // Counted up to 16: 12 and 13 lost, one run.
-        assert_eq!(
-            s.count().unwrap(),
-            Counted {
-                slots: 13,
-                lost: 2,
-                runs: 1
-            }
-        );
-    }
-
-    #[test]
-    fn losses_in_bursts_are_told_from_independent_ones() {
-        let t0 = Instant::now();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(10);
-        for loss in [0.01, 0.05, 0.2, 0.3] {
-            let mut r = LossReport::new();
-            r.handle_busy(t0);
-            measure(&mut r, &mut rng, loss, 46, 400);
-            assert!(
-                !r.poll_bursts(t0),
-                "independent {loss}: {:.2}",
-                r.lost / r.runs
-            );
-        }
-        for (loss, burst) in [(0.05, 5.0), (0.2, 5.0), (0.01, 3.0), (0.15, 4.0)] {
-            let mut r = LossReport::new();
-            r.handle_busy(t0);
-            measure_with(&mut r, &mut rng, 46, 400, gilbert_elliott(loss, burst));
-            assert!(
-                r.poll_bursts(t0),
-                "{loss} in bursts of {burst}: {:.2}",
-                r.lost / r.runs
-            );
-            assert!(!r.poll_bursts(t0 + IDLE), "an idle receiver says nothing");
-        }
-        // Nothing is said before enough was lost to tell.
-        let mut r = LossReport::new();
-        r.handle_busy(t0);
-        measure_with(&mut r, &mut rng, 46, 2, gilbert_elliott(0.05, 5.0));
-        assert!(!r.poll_bursts(t0));
     }
 
     #[test]

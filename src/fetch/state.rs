@@ -57,7 +57,7 @@ use super::loss::{EsiSpan, LossReport};
 use super::membership::Memberships;
 use super::object::{Action, Decoding, Fed, ObjectFetch, Timers};
 use crate::net::Envelope;
-use crate::wire::channel::{Address, Channel, Report, Tag};
+use crate::wire::channel::{Address, Channel, Tag};
 use crate::wire::fec::Esi;
 use crate::wire::object::bundle::{Bundle, Bundling};
 use crate::wire::object::{ObjectHash, ObjectRef, RootRecord};
@@ -328,8 +328,6 @@ pub struct FetchState {
     /// The loss measured, and the level whose group is joined to report it.
     loss: LossReport,
     loss_joined: Option<usize>,
-    /// The bursts report's group is joined.
-    bursts_joined: bool,
     recent: lru::LruCache<Tag, Verified>,
     /// The server's last beacon: objects it sends next, soonest first, and when it came.
     on_air: Vec<Tag>,
@@ -392,7 +390,6 @@ impl FetchState {
             intent: IntentReport::new(),
             loss: LossReport::new(),
             loss_joined: None,
-            bursts_joined: false,
             recent,
             on_air: Vec::new(),
             on_air_at: None,
@@ -855,16 +852,8 @@ impl FetchState {
         self.loss.loss()
     }
 
-    /// Joins the group of the loss level to report, leaving the one reported before, and
-    /// the bursts report's group while the losses come in bursts.
+    /// Joins the group of the loss level to report, leaving the one reported before.
     fn report_loss(&mut self, now: Instant) {
-        let bursts = self.loss.poll_bursts(now);
-        if bursts != self.bursts_joined {
-            if let Some(a) = self.channel.report_address(Report::Bursts) {
-                self.members.push(now, a.group, bursts);
-            }
-            self.bursts_joined = bursts;
-        }
         let level = self.loss.poll_level(now);
         if level == self.loss_joined {
             return;

@@ -100,10 +100,8 @@
 //! rounds take turns, a symbol each, eight at a time ([`SchedConfig::turns`]), so that a
 //! burst of lost packets takes a symbol from each of several blocks, which their margins
 //! cover, rather than several from one, which sends a later round for every receiver it
-//! hit. Loss counts as bursty when an eighth of the receivers that report their loss or
-//! more say that it comes in bursts (`crate::fetch::loss` measures the runs of lost
-//! symbols), or when whole first rounds leave far more receivers short than the loss they
-//! report would (`sched/loss.rs`); while it does, one first round in
+//! hit. Loss counts as bursty when whole first rounds leave far more receivers short than
+//! the loss they report would (`sched/loss.rs`); while it does, one first round in
 //! [`PROBE`] still goes whole to go on learning from, and later rounds, metadata and any
 //! round while a reader waits go whole as ever. Measured in the simulation (`examples/sim`,
 //! 5% loss in bursts of 5), server bytes at N receivers over those at one, and at N over
@@ -129,17 +127,9 @@
 //! eight kept more of the bursts together (8 MiB at 100 receivers, seed 2: 1.55 times the
 //! data against 1.48), sixteen kept a block's round apart longer for little more (1.44).
 //! Later rounds in turns too moved nothing (within 0.01): they are a few symbols each, for
-//! the few receivers a burst hit. Loss in bursts of 5 at 20% was never told from
-//! independent loss by its effect (the learned loss is held at `max_loss`, 0.3, against
-//! 0.22 reported), and the effect needs a dozen objects to show. Receivers that say so
-//! (`crate::fetch::loss`, from the runs of symbols they lose) told it, and told 5% in
-//! bursts sooner: server bytes at N receivers over those at one, before and after (seed 11
-//! unless said): 20% in bursts of 5, 30 receivers of 8 MiB 1.23 to 1.16 (376 to 113 later
-//! rounds), a 1,000-file tree at 100 receivers (seed 7) 1.35 to 1.23; 15% in bursts of 4, 30
-//! receivers (seed 3) 1.19 to 1.16; two servers, 300 receivers (seed 44) 1.16 to 1.11; 5% in
-//! bursts of 5, 8 MiB at 100 receivers 1.17 to 1.12 (seed 9010: 1.153 to 1.148), 4 MiB at
-//! 1000 receivers (seed 9011) 1.37 to 1.32 and (seed 5) 1.21 to 1.23; independent loss did
-//! not move (nine scenarios at seeds 9001 to 9009, to the third decimal).
+//! the few receivers a burst hit. Loss in bursts of 5 at 20% is not told from independent
+//! loss (the learned loss is held at `max_loss`, 0.3, against 0.22 reported), and turns
+//! would take its tree at 100 receivers only from 1.49 to 1.44.
 //!
 //! All of this rests on the tracker counting every listener of a group: a first round waits
 //! until every receiver fetching in bulk has joined, and the share still listening after it
@@ -706,7 +696,6 @@ impl Scheduler {
             Report::Loss(level) => self.loss.handle_reported(level, listeners),
             Report::Bulk => self.bulk_receivers = listeners,
             Report::Hurry => self.hurry = listeners > 0,
-            Report::Bursts => self.loss.handle_bursts_reported(listeners),
         }
     }
 

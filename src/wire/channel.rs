@@ -9,9 +9,9 @@
 //!   addressing key depends on the master key;
 //! - the root record has its own group and tag, derived from the channel id alone;
 //! - a receiver tells the publisher things by joining groups on which nothing is ever sent
-//!   ([`Report`]): how much it loses, one group for each of [`LOSS_LEVELS`], and whether
-//!   its losses come in bursts (see `crate::fetch::loss`), and whether its blocks may wait
-//!   for other receivers' joins (`crate::serve::sched`).
+//!   ([`Report`]): how much it loses, one group for each of [`LOSS_LEVELS`] (see
+//!   `crate::fetch::loss`), and whether its blocks may wait for other receivers' joins
+//!   (`crate::serve::sched`).
 
 use std::fmt;
 use std::net::Ipv6Addr;
@@ -75,10 +75,6 @@ pub enum Report {
     Bulk,
     /// A reader waits for a block now: no block should wait for anyone.
     Hurry,
-    /// Its losses come in bursts of several symbols in a row (`crate::fetch::loss`): a
-    /// round's symbols should take turns with other rounds', so that a burst takes one
-    /// symbol of each rather than several of one.
-    Bursts,
 }
 
 /// Where an object travels: its multicast group and the tag its packets carry.
@@ -185,7 +181,6 @@ impl Channel {
             Report::Bulk => b"bulk",
             // Every domain is four bytes, as `address` hashes them.
             Report::Hurry => b"hury",
-            Report::Bursts => b"brst",
         };
         Some(self.address(domain, &name))
     }
@@ -194,7 +189,7 @@ impl Channel {
     pub fn reports(&self) -> impl Iterator<Item = (Report, Address)> + '_ {
         (0..LOSS_LEVELS.len())
             .map(Report::Loss)
-            .chain([Report::Bulk, Report::Hurry, Report::Bursts])
+            .chain([Report::Bulk, Report::Hurry])
             .filter_map(|r| Some((r, self.report_address(r)?)))
     }
 
@@ -231,7 +226,7 @@ mod tests {
         assert_ne!(a.tag, b.tag);
         assert_ne!(ch.root_address().group, a.group);
         let reports: std::collections::HashSet<_> = ch.reports().map(|(_, a)| a.group).collect();
-        assert_eq!(reports.len(), LOSS_LEVELS.len() + 3);
+        assert_eq!(reports.len(), LOSS_LEVELS.len() + 2);
         assert!(!reports.contains(&a.group) && !reports.contains(&ch.root_address().group));
         assert!(!reports.contains(&ch.air_address().group));
         assert_eq!(ch.loss_address(LOSS_LEVELS.len()), None);

@@ -33,10 +33,6 @@ pub(super) struct Loss {
     sized: HashMap<u32, u32>,
     /// Loss comes in bursts ([`Loss::bursty`]).
     bursty: bool,
-    /// The learned loss says so (with its own hysteresis).
-    learned_bursty: bool,
-    /// Listeners of the bursts report's group.
-    told_bursts: usize,
 }
 
 impl Loss {
@@ -47,20 +43,7 @@ impl Loss {
             reported: [0; LOSS_LEVELS.len()],
             sized: HashMap::new(),
             bursty: false,
-            learned_bursty: false,
-            told_bursts: 0,
         }
-    }
-
-    /// Receivers say that their losses come in bursts (an eighth of those that report).
-    pub(super) fn told_bursts(&self) -> bool {
-        self.told_bursts > 0 && self.told_bursts * 8 >= self.reported().0
-    }
-
-    /// `listeners` now report that their losses come in bursts.
-    pub(super) fn handle_bursts_reported(&mut self, listeners: usize) {
-        self.told_bursts = listeners;
-        self.judge_bursts();
     }
 
     /// `still` of the `of` listeners an object of `k` symbols had during its first round of
@@ -86,10 +69,8 @@ impl Loss {
         self.learned.loss
     }
 
-    /// Loss comes in bursts: receivers say so (an eighth of those that report their loss
-    /// or more: they measure the runs of symbols they lose, see `crate::fetch::loss`), or
-    /// first rounds sent whole leave far more receivers short than independent loss at the
-    /// rate they report would. A burst takes several symbols of
+    /// Loss comes in bursts: first rounds sent whole leave far more receivers short than
+    /// independent loss at the rate they report would. A burst takes several symbols of
     /// one round at once, which a margin sized for the mean does not cover, so the loss
     /// learned from those rounds climbs well above the reported one: 0.09 to 0.12 against
     /// 0.05 to 0.08 for one receiver and 0.11 to 0.14 against 0.05 to 0.056 for a hundred or
@@ -108,17 +89,16 @@ impl Loss {
     fn judge_bursts(&mut self) {
         let (n, mean) = self.reported();
         let learned = self.learned.loss;
-        let (times, gap) = match self.learned_bursty {
+        let (times, gap) = match self.bursty {
             false => (BURSTY, BURSTY_GAP),
             true => (1.0 + (BURSTY - 1.0) / 2.0, BURSTY_GAP / 2.0),
         };
-        self.learned_bursty = n > 0
+        self.bursty = n > 0
             && self.max > 0.0
             && self.learned.evidence >= MIN_EVIDENCE
             && self.learned.shorts >= MIN_SHORT
             && learned >= times * mean
             && learned - mean >= gap;
-        self.bursty = self.max > 0.0 && (self.told_bursts() || self.learned_bursty);
     }
 
     /// How many receivers report, and the mean of what they report.
@@ -522,26 +502,5 @@ mod tests {
             edge.judge_bursts();
             assert_eq!(edge.bursty(), want, "at {learned}");
         }
-    }
-
-    #[test]
-    fn receivers_that_say_their_losses_come_in_bursts_are_believed_at_once() {
-        let mut told = with_reports(&[(50, 10)]);
-        told.handle_bursts_reported(2);
-        assert!(
-            told.bursty(),
-            "two of ten say so, before any round was learned from"
-        );
-        told.handle_bursts_reported(1);
-        assert!(!told.bursty(), "one of ten is less than an eighth");
-        // A crowd of clean reporters outweighs a forged report.
-        let mut crowd = with_reports(&[(0, 100)]);
-        crowd.handle_bursts_reported(1);
-        assert!(!crowd.bursty());
-        // The learned loss still says so by itself.
-        let mut learned = with_reports(&[(50, 10)]);
-        rounds_leaving_short(&mut learned, 3, 3, 10);
-        learned.handle_bursts_reported(0);
-        assert!(learned.bursty());
     }
 }
