@@ -146,6 +146,13 @@ impl Report {
         Some((alone.server_bytes as f64 * share) as u64)
     }
 
+    /// Server bytes over [`Self::no_wait_bytes`], and that floor over `alone`'s bytes.
+    pub fn over_no_wait(&self, alone: &Report) -> Option<(f64, f64)> {
+        let floor = self.no_wait_bytes(alone)?.max(1) as f64;
+        let one = alone.server_bytes.max(1) as f64;
+        Some((self.server_bytes as f64 / floor, floor / one))
+    }
+
     /// The (min, median, max) completion time.
     pub fn completion_summary(&self) -> (Duration, Duration, Duration) {
         let c = &self.completion;
