@@ -170,6 +170,8 @@ fn status_and_metrics_beside_a_serve_and_two_mounts() {
     // the lab's links lose nothing: no loss in bursts, no first round in turns
     assert_eq!(metric(&ms, "lcfs_serve_bursty_loss"), 0.0);
     assert_eq!(metric(&ms, "lcfs_serve_first_rounds_in_turns_total"), 0.0);
+    // rounds for late joiners are counted (two mounts may or may not start apart)
+    assert!(metric(&ms, "lcfs_serve_late_joiner_rounds_total") >= 0.0);
 
     // the server gone: both mounts say so within OFFLINE_AFTER (3 s) and a report
     let killed = Instant::now();

@@ -108,6 +108,8 @@ pub struct SendStats {
     /// (`crate::serve::sched`).
     pub bursty: AtomicU64,
     pub first_rounds_in_turns: AtomicU64,
+    /// Blocks' rounds for receivers that joined after the last full round began.
+    pub late_joiner_rounds: AtomicU64,
 }
 
 /// The shared, swappable table of what is published now.
@@ -287,6 +289,7 @@ impl SenderLoop {
         set(&s.reported_loss_ppm, (loss * 1e6) as u64);
         set(&s.bursty, u64::from(sched.bursty()));
         set(&s.first_rounds_in_turns, sched.stats().in_turns);
+        set(&s.late_joiner_rounds, sched.stats().fresh_rounds);
         set(&s.gather_wait_us, sched.gather_wait().as_micros() as u64);
     }
 
@@ -295,11 +298,11 @@ impl SenderLoop {
         let s = sched.stats();
         let reported = sched.reported_loss();
         tracing::debug!(
-            "scheduler: {} distinct objects; metadata {} activations, {} of {} source symbols sent, {} later rounds; blocks {} activations, {} of {} source symbols sent, {} later rounds; loss learned {:.3}, reported {:.3} by {}; leaves after <10/20/40/80/160/more ms: {:?}; {} bulk rounds let ahead; first rounds with every bulk receiver/hurried/gather ran out {:?}, waiting {:?} now; {} blocks' first rounds in turns",
+            "scheduler: {} distinct objects; metadata {} activations, {} of {} source symbols sent, {} later rounds; blocks {} activations, {} of {} source symbols sent, {} later rounds; loss learned {:.3}, reported {:.3} by {}; leaves after <10/20/40/80/160/more ms: {:?}; {} bulk rounds let ahead; first rounds with every bulk receiver/hurried/gather ran out {:?}, waiting {:?} now; {} blocks' first rounds in turns; {} rounds for late joiners",
             s.distinct, s.activations[0], s.sent[0], s.source_symbols[0], s.later_rounds[0],
             s.activations[1], s.sent[1], s.source_symbols[1], s.later_rounds[1], sched.loss(),
             reported.1, reported.0, s.leave_delay, s.bulk_turns, s.gathered,
-            sched.gather_wait(), s.in_turns
+            sched.gather_wait(), s.in_turns, s.fresh_rounds
         );
     }
 }

@@ -510,6 +510,7 @@ fn server_status(
                 gather_wait_ms: n(&stats.gather_wait_us) as f64 / 1e3,
                 bursty: n(&stats.bursty) > 0,
                 first_rounds_in_turns: n(&stats.first_rounds_in_turns),
+                late_joiner_rounds: n(&stats.late_joiner_rounds),
             }),
         }
     })

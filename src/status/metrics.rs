@@ -11,7 +11,8 @@
 //!   `serve_active_groups`, `serve_packets_sent_total`, `serve_sent_bytes_total` (on the
 //!   wire), `serve_rate_limit_bits`, `serve_bulk_receivers`, `serve_loss_reporters`,
 //!   `serve_reported_loss_ratio`, `serve_gather_wait_seconds`, `serve_bursty_loss` (1 or 0),
-//!   `serve_first_rounds_in_turns_total`, `mld_reports_total`, `mld_dropped_total`.
+//!   `serve_first_rounds_in_turns_total`, `serve_late_joiner_rounds_total`,
+//!   `mld_reports_total`, `mld_dropped_total`.
 //!
 //! The endpoint is plain HTTP/1.0 on one thread: a scrape is a few microseconds of
 //! formatting, and nothing else is served. It binds loopback unless told an address.
@@ -322,6 +323,12 @@ pub fn render(s: &ProcessStatus) -> String {
             "counter",
             "Blocks' first rounds sent in turns with others', as loss came in bursts.",
             c(v.first_rounds_in_turns),
+        );
+        m(
+            "serve_late_joiner_rounds_total",
+            "counter",
+            "Blocks' rounds for receivers that joined after the last full round began.",
+            c(v.late_joiner_rounds),
         );
         m(
             "mld_reports_total",

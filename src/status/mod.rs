@@ -122,6 +122,8 @@ pub struct ServerStatus {
     /// Loss comes in bursts now, so blocks' first rounds go in turns; and how many went so.
     pub bursty: bool,
     pub first_rounds_in_turns: u64,
+    /// Blocks' rounds for receivers that joined after the last full round began (`serve::sched`).
+    pub late_joiner_rounds: u64,
 }
 
 /// Produces a process's status on demand (called from the reporter's thread).
