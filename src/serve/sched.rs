@@ -161,13 +161,13 @@
 //! margin, at most a first round, queued at the back of the bulk queue as a first round is
 //! (the urgent queue is for stragglers short of a few symbols, and for these rounds too
 //! while a reader waits, who must not wait behind every first round asked for), and listed
-//! by the beacon as one. First come first served, the bulk queue makes these rounds a carousel: while late
-//! receivers keep coming, each block goes out about once per pass over what is asked for,
-//! and every receiver that joined since takes it from that pass. The tracker's count of a
-//! group's listeners says who is new (it rose since the round began). Before, late receivers
-//! took each block in later rounds of K/8 after cooldowns, each group of them at its own
-//! place in the file, and their urgent rounds went before the first receivers' first
-//! rounds. Measured in the simulation (`examples/sim`, 8 MiB, 5% loss, seed 11 unless
+//! by the beacon as one. First come first served, the bulk queue makes these rounds a
+//! carousel: while late receivers keep coming, each block goes out about once per pass over
+//! what is asked for, and every receiver that joined since takes it from that pass. The
+//! tracker's count of a group's listeners says who is new (it rose since the round began).
+//! Before, late receivers took each block in later rounds of K/8 after cooldowns, each group
+//! of them at its own place in the file, and their urgent rounds went before the first
+//! receivers' first rounds. Measured in the simulation (`examples/sim`, 8 MiB, 5% loss, seed 11 unless
 //! said), server bytes over those of a server that keeps nobody waiting longer than one
 //! receiver alone (`crate::sim::Report::no_wait_bytes`), and median completion (one
 //! receiver alone: 0.9 s), before and after:
