@@ -167,10 +167,10 @@
 //! tracker's count of a group's listeners says who is new (it rose since the round began).
 //! Before, late receivers took each block in later rounds of K/8 after cooldowns, each group
 //! of them at its own place in the file, and their urgent rounds went before the first
-//! receivers' first rounds. Measured in the simulation (`examples/sim`, 8 MiB, 5% loss, seed 11 unless
-//! said), server bytes over those of a server that keeps nobody waiting longer than one
-//! receiver alone (`crate::sim::Report::no_wait_bytes`), and median completion (one
-//! receiver alone: 0.9 s), before and after:
+//! receivers' first rounds. Measured in the simulation (`examples/sim`, 8 MiB, 5% loss,
+//! seed 11 unless said), server bytes over those of a server that keeps nobody waiting
+//! longer than one receiver alone (`crate::sim::Report::no_wait_bytes`), and median
+//! completion (one receiver alone: 0.9 s), before and after:
 //! - 100 receivers starting over 1 s: 1.10 to 1.08 (1.50 to 1.46 s); over 2 s: 1.17 to
 //!   0.98 (2.22 to 1.05 s), 1.21 to 1.04 at seed 9014 (2.15 to 1.03 s); over 5 s: 1.25 to
 //!   0.89 (2.34 to 1.38 s), without loss 1.12 either way (2.02 to 0.93 s), at 20% loss
