@@ -78,6 +78,13 @@ fn server_lines(out: &mut String, v: &ServerStatus) {
         v.loss_reporters,
         v.reported_loss * 100.0
     );
+    if v.late_joiner_rounds > 0 {
+        let _ = writeln!(
+            out,
+            "         receivers that joined late: {} blocks' rounds sent for them",
+            v.late_joiner_rounds
+        );
+    }
     if v.bursty || v.first_rounds_in_turns > 0 {
         let now = if v.bursty {
             "in bursts"
@@ -237,15 +244,21 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("bursts"), "{text}");
+        assert!(!text.contains("joined late"), "{text}");
         assert!(text.lines().all(|l| l.len() <= 120), "{text}");
         let mut bursty = serve;
         if let Some(s) = bursty.server.as_mut() {
             s.bursty = true;
             s.first_rounds_in_turns = 412;
+            s.late_joiner_rounds = 37;
         }
         let text = render(&[bursty], 0);
         assert!(
             text.contains("loss comes in bursts: 412 blocks' first rounds sent in turns"),
+            "{text}"
+        );
+        assert!(
+            text.contains("receivers that joined late: 37 blocks' rounds sent for them"),
             "{text}"
         );
         assert!(text.lines().all(|l| l.len() <= 120), "{text}");
