@@ -348,7 +348,7 @@ fn spread_starts(n: usize, secs: u64) -> Spread {
 
 /// The most the median receiver may take, over one receiver alone, when starts spread over
 /// seconds. Late receivers took each block in later rounds of K/8 until blocks got rounds
-/// for newcomers (`serve::sched`): 2.5 to 3.0 times one alone, 1.2 to 1.8 since.
+/// for late joiners (`serve::sched`): 2.5 to 3.0 times one alone, 1.2 to 1.8 since.
 const SPREAD_MEDIAN: f64 = 2.2;
 
 /// Starts spread over 10 s for a file that one receiver alone fetches in 0.9 s: what the
@@ -380,7 +380,7 @@ fn starts_spread_over_10_s_cost_the_span_not_the_receivers() {
 /// Starts over 1, 2 and 5 s, 100 receivers: 1.08, 0.98 and 0.89 times what a server that
 /// keeps nobody waiting sends, the median receiver done in 1.46, 1.05 and 1.38 s against
 /// 0.9 s alone. Late receivers join blocks whose first rounds are over; each such block
-/// gets a round for its newcomers in the bulk queue, which makes a carousel of what late
+/// gets a round for its late joiners in the bulk queue, which makes a carousel of what late
 /// receivers still lack (`serve::sched`). Before, they took each block in later rounds of
 /// K/8 after cooldowns, each group of late receivers at its own place in the file: 1.10,
 /// 1.17 and 1.25 times the no-wait server, 1.5, 2.2 and 2.3 s median.
@@ -399,7 +399,7 @@ fn starts_spread_over_1_to_5_s_cost_the_span_and_keep_late_receivers_near_one_al
 
 /// 50 receivers of a 3,000-file tree in 30 directories starting over 5 s (5% loss, seed
 /// 9203): 1.22 times what a server that keeps nobody waiting sends (1.33 before blocks got
-/// rounds for their newcomers), median 5.1 s against 2.6 s alone. The directories go out
+/// rounds for their late joiners), median 5.1 s against 2.6 s alone. The directories go out
 /// whole for nearly every newcomer: a directory whose last reader decoded it and left, and
 /// whose next reader joined while the tracker checked, resumes at once with a round of its
 /// own (35,131 of their symbols against 817 for one receiver; blocks 45,758 against

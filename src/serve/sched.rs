@@ -156,8 +156,8 @@
 //! for the whole transfer and every block goes out twice.
 //!
 //! A block that a receiver joined after its last full round began (a receiver that started
-//! late, or one whose stall made it join again) gets a round for newcomers
-//! ([`Active::fresh_round`]): as large as what that listener missed plus the first round's
+//! late, or one whose stall made it join again) gets a round for late joiners
+//! ([`Active::late_joiner_round`]): as large as what that listener missed plus the first round's
 //! margin, at most a first round, queued at the back of the bulk queue as a first round is
 //! (the urgent queue is for stragglers short of a few symbols, and for these rounds too
 //! while a reader waits, who must not wait behind every first round asked for), and listed
@@ -181,10 +181,10 @@
 //! - receivers starting together: independent loss as before to the third decimal (nine
 //!   seeds no test uses, 10 to 1000 receivers), bursts within 0.01.
 //!
-//! A round for newcomers as large as a first round whatever they missed took late receivers
+//! A round for late joiners as large as a first round whatever they missed took late receivers
 //! faster still (100 over 10 s, seed 9013: 0.96 s median) but cost more (100 over 2 s, seed
 //! 9014: 1.23 times the no-wait server). Listeners that come and go, or forged reports, make
-//! a block cost a round for newcomers once per [`FRESH_EVERY`] at most.
+//! a block cost a round for late joiners once per [`LATE_JOINER_EVERY`] at most.
 //!
 //! Metadata has no such rounds: a directory's later round is whole anyway, and a paused one
 //! whose next reader came while the tracker checked resumes at once, so receivers that start
@@ -272,7 +272,7 @@
 //! - an object that still has listeners after `steady_rounds` later rounds waits twice as
 //!   long after each further round, up to `max_cooldown`, so an object listened to forever
 //!   costs about one round per `max_cooldown` (honest stragglers need a few rounds at most).
-//!   A round for newcomers starts the count again, and comes once per [`FRESH_EVERY`] at
+//!   A round for late joiners starts the count again, and comes once per [`LATE_JOINER_EVERY`] at
 //!   most, so listeners that come and go forever cost a block at most four first rounds a
 //!   second, in the bulk queue with everyone else's.
 //!
@@ -402,13 +402,14 @@ struct Active {
     /// loss is learned from.
     whole: bool,
     /// The most symbols that a listener who joined since the last full round began had
-    /// missed when it joined: what a round for newcomers must bring ([`Active::fresh_round`]).
+    /// missed when it joined: what a round for late joiners must bring
+    /// ([`Active::late_joiner_round`]).
     missed: u32,
     /// Symbols sent since the last full round began.
     sent_since_full: u32,
-    /// When the last round for newcomers was queued.
-    fresh_at: Option<Instant>,
-    /// Later rounds since its last full round (the first, or one for newcomers).
+    /// When the last round for late joiners was queued.
+    late_joiner_at: Option<Instant>,
+    /// Later rounds since its last full round (the first, or one for late joiners).
     since_full: u32,
 }
 
@@ -430,17 +431,17 @@ impl Active {
     /// A round for listeners that joined after its last full round began, if one is due: as
     /// large as what the one that missed most lacks (what it missed plus the first round's
     /// margin, at most a first round, `full`), when that is more than a later round brings
-    /// and the last such round was queued [`FRESH_EVERY`] ago or more. Blocks only: a
+    /// and the last such round was queued [`LATE_JOINER_EVERY`] ago or more. Blocks only: a
     /// metadata object's later rounds are whole anyway.
-    fn fresh_round(&mut self, now: Instant, full: u32) -> bool {
+    fn late_joiner_round(&mut self, now: Instant, full: u32) -> bool {
         let size = full.min(self.missed.saturating_add(full.saturating_sub(self.k)));
         if self.urgent || self.missed == 0 || size <= block_later_base(self.k) {
             self.missed = 0;
             return false;
         }
         if self
-            .fresh_at
-            .is_some_and(|t| now.saturating_duration_since(t) < FRESH_EVERY)
+            .late_joiner_at
+            .is_some_and(|t| now.saturating_duration_since(t) < LATE_JOINER_EVERY)
         {
             return false;
         }
@@ -448,7 +449,7 @@ impl Active {
         self.since_full = 0;
         self.sent_since_full = 0;
         self.missed = 0;
-        self.fresh_at = Some(now);
+        self.late_joiner_at = Some(now);
         self.budget = size;
         true
     }
@@ -505,8 +506,9 @@ pub struct SchedStats {
     pub gathered: [u64; 3],
     /// Blocks' first rounds sent in turns with others', as loss came in bursts.
     pub in_turns: u64,
-    /// Blocks' full rounds for listeners that joined after the first began.
-    pub fresh_rounds: u64,
+    /// Blocks' rounds for listeners that joined after the last full round began (also
+    /// counted in `later_rounds`).
+    pub late_joiner_rounds: u64,
 }
 
 pub struct Scheduler {
@@ -633,7 +635,7 @@ impl Scheduler {
                 since_full: 0,
                 sent_since_full: 0,
                 missed: 0,
-                fresh_at: None,
+                late_joiner_at: None,
             },
         );
         let class = usize::from(!urgent);
@@ -931,7 +933,7 @@ impl Scheduler {
         }
     }
 
-    /// Objects whose cooldown ended still have listeners: a round for newcomers if some
+    /// Objects whose cooldown ended still have listeners: a round for late joiners if some
     /// joined late (in the bulk queue, or the urgent one while a reader waits), else a later
     /// round, urgently.
     fn resume_cooled(&mut self, now: Instant) {
@@ -950,8 +952,8 @@ impl Scheduler {
                 self.loss.observe(a.k, first, a.listeners, a.heard);
             }
             self.stats.later_rounds[usize::from(!a.urgent)] += 1;
-            if a.fresh_round(now, self.loss.first_round(a.k)) {
-                self.stats.fresh_rounds += 1;
+            if a.late_joiner_round(now, self.loss.first_round(a.k)) {
+                self.stats.late_joiner_rounds += 1;
                 // A reader blocked somewhere must not wait behind every queued first round.
                 if self.hurry {
                     self.urgent.push_back(hash);
@@ -1046,10 +1048,10 @@ impl Scheduler {
 const MISSED_WITHIN: Duration = Duration::from_secs(1);
 
 /// The least time between two rounds of one block for listeners that joined late
-/// ([`Active::fresh_round`]): what listeners that come and go (or forged reports) can make a
+/// ([`Active::late_joiner_round`]): what listeners that come and go (or forged reports) can make a
 /// block cost, at most four first rounds a second, where late joiners that keep coming
 /// over seconds need one about every time the file takes.
-const FRESH_EVERY: Duration = Duration::from_millis(250);
+const LATE_JOINER_EVERY: Duration = Duration::from_millis(250);
 
 /// Objects at a waiting queue's head looked at for one that may go before it.
 const RIPE_SCAN: usize = 16;
@@ -1659,7 +1661,7 @@ mod tests {
             order, want,
             "the first round asked for first, then the late joiner's"
         );
-        assert_eq!(s.stats().fresh_rounds, 1);
+        assert_eq!(s.stats().late_joiner_rounds, 1);
         // Nobody new: the next rounds are the stragglers' K/8.
         let t2 = t1 + SchedConfig::default().cooldown;
         let sent = drain(&mut s, t2);
@@ -1674,7 +1676,7 @@ mod tests {
         assert_eq!(count(&drain(&mut s, t2), h(3)), 37);
         let t3 = t2 + SchedConfig::default().cooldown;
         assert_eq!(count(&drain(&mut s, t3), h(3)), 5);
-        assert_eq!(s.stats().fresh_rounds, 1);
+        assert_eq!(s.stats().late_joiner_rounds, 1);
     }
 
     /// A reader blocked in `read` that joins a block late does not wait behind the first
@@ -1697,10 +1699,10 @@ mod tests {
         assert_eq!(count(&sent, h(1)), 40);
     }
 
-    /// Listeners that come and go (or forged reports) buy a block a round for newcomers
-    /// once per [`FRESH_EVERY`] at most.
+    /// Listeners that come and go (or forged reports) buy a block a round for late joiners
+    /// once per [`LATE_JOINER_EVERY`] at most.
     #[test]
-    fn listeners_that_come_and_go_buy_a_full_round_once_per_fresh_every_at_most() {
+    fn listeners_that_come_and_go_buy_a_late_joiners_round_once_per_250_ms_at_most() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(no_margin());
         s.handle_active(t0, h(1), 40, false);
@@ -1712,9 +1714,12 @@ mod tests {
             s.handle_listeners(&h(1), 1);
             now += Duration::from_millis(10);
         }
-        let most = (2000 / FRESH_EVERY.as_millis() + 1) as u64;
-        let fresh = s.stats().fresh_rounds;
-        assert!((2..=most).contains(&fresh), "{fresh} full rounds in 2 s");
+        let most = (2000 / LATE_JOINER_EVERY.as_millis() + 1) as u64;
+        let rounds = s.stats().late_joiner_rounds;
+        assert!(
+            (2..=most).contains(&rounds),
+            "{rounds} rounds for late joiners in 2 s"
+        );
         assert!(
             symbols <= 40 * (most as usize + 1) + 5 * 40,
             "{symbols} symbols in 2 s"

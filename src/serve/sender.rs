@@ -289,7 +289,7 @@ impl SenderLoop {
         set(&s.reported_loss_ppm, (loss * 1e6) as u64);
         set(&s.bursty, u64::from(sched.bursty()));
         set(&s.first_rounds_in_turns, sched.stats().in_turns);
-        set(&s.late_joiner_rounds, sched.stats().fresh_rounds);
+        set(&s.late_joiner_rounds, sched.stats().late_joiner_rounds);
         set(&s.gather_wait_us, sched.gather_wait().as_micros() as u64);
     }
 
@@ -302,7 +302,7 @@ impl SenderLoop {
             s.distinct, s.activations[0], s.sent[0], s.source_symbols[0], s.later_rounds[0],
             s.activations[1], s.sent[1], s.source_symbols[1], s.later_rounds[1], sched.loss(),
             reported.1, reported.0, s.leave_delay, s.bulk_turns, s.gathered,
-            sched.gather_wait(), s.in_turns, s.fresh_rounds
+            sched.gather_wait(), s.in_turns, s.late_joiner_rounds
         );
     }
 }

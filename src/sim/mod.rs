@@ -246,7 +246,7 @@ fn report(s: &Scenario, p: &tree::Published, w: &World, base: Instant, wall: Ins
         leave_delay: sched.stats().leave_delay,
         gathered: sched.stats().gathered,
         in_turns: sched.stats().in_turns,
-        fresh_rounds: sched.stats().fresh_rounds,
+        late_joiner_rounds: sched.stats().late_joiner_rounds,
         activations: sched.stats().activations,
         distinct: sched.stats().distinct,
         symbols: sched.stats().sent,

@@ -61,9 +61,9 @@ pub struct Report {
     pub gathered: [u64; 3],
     /// Blocks' first rounds sent in turns with others' (`SchedStats::in_turns`).
     pub in_turns: u64,
-    /// Blocks' full rounds for listeners that joined after the first began
-    /// (`SchedStats::fresh_rounds`).
-    pub fresh_rounds: u64,
+    /// Blocks' rounds for listeners that joined after the last full round began
+    /// (`SchedStats::late_joiner_rounds`).
+    pub late_joiner_rounds: u64,
     /// [metadata, blocks and bundles]: times an object became active, and distinct objects
     /// among those (all classes), and symbols sent.
     pub activations: [u64; 2],
@@ -208,8 +208,8 @@ impl fmt::Display for Report {
         )?;
         write!(
             f,
-            "\n  server: {} later block rounds, loss learned {:.3}, reported {:.3} by {}, leaves after <10/20/40/80/160/more ms {:?}, first rounds with every bulk receiver/hurried/gather ran out {:?}, {} in turns, {} full rounds for newcomers",
-            self.later_rounds, self.loss, self.reported.1, self.reported.0, self.leave_delay, self.gathered, self.in_turns, self.fresh_rounds
+            "\n  server: {} later block rounds, loss learned {:.3}, reported {:.3} by {}, leaves after <10/20/40/80/160/more ms {:?}, first rounds with every bulk receiver/hurried/gather ran out {:?}, {} in turns, {} rounds for late joiners",
+            self.later_rounds, self.loss, self.reported.1, self.reported.0, self.leave_delay, self.gathered, self.in_turns, self.late_joiner_rounds
         )?;
         write!(
             f,
