@@ -44,6 +44,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{stream, StreamExt, TryStreamExt};
@@ -443,19 +444,20 @@ impl Copier<'_> {
         size: u64,
         i: BlockIndex,
         leaf: ObjectHash,
-    ) -> Result<Vec<u8>, CopyError> {
+    ) -> Result<Arc<[u8]>, CopyError> {
         let len = self.tree.block_size().block_len(size, i) as u64;
         if let Some(b) = existing.read(&leaf, len) {
             self.reused.fetch_add(len, Ordering::Relaxed);
-            return Ok(b);
+            return Ok(b.into());
         }
+        // The fetched bytes themselves, shared: no copy of every block on the way to DEST.
         Ok(self
             .tree
             .block(leaf, size, i, Priority::Readahead)
             .await
             .map_err(|e| e.in_file(rel.display()))?
             .bytes()
-            .to_vec())
+            .clone())
     }
 
     fn write_block(
