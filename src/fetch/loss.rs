@@ -137,15 +137,26 @@ impl EsiSpan {
     /// [`REORDER`] before the last, and how many of them never came, which are counted now;
     /// None when the span is not believable.
     pub fn take_counted(&mut self) -> Option<(u64, u64)> {
+        self.take_runs().map(|(slots, lost, _)| (slots, lost))
+    }
+
+    /// As [`EsiSpan::take_counted`], with the number of runs the lost slots form (a run:
+    /// lost slots one after another), whose mean length tells bursts from independent loss.
+    pub fn take_runs(&mut self) -> Option<(u64, u64, u64)> {
         if self.wild {
             return None;
         }
         let end = self.hi.saturating_sub(REORDER);
         if end <= self.lo {
-            return Some((0, 0));
+            return Some((0, 0, 0));
         }
         let slots = (end - self.lo) as u64;
         let received = (self.lo + 1..=end).filter(|&at| self.has(at)).count() as u64;
+        // A run starts at a lost slot after a received one; the slot at `lo` was counted
+        // before, so a run that spans two countings counts once.
+        let runs = (self.lo + 1..=end)
+            .filter(|&at| !self.has(at) && self.has(at - 1))
+            .count() as u64;
         self.lo = end;
         self.counting = true;
         // Sized at most for 30% loss, a real sender's rounds leave fewer gaps than this.
@@ -153,7 +164,7 @@ impl EsiSpan {
             self.wild = true;
             return None;
         }
-        Some((slots, slots - received))
+        Some((slots, slots - received, runs))
     }
 }
 
@@ -162,6 +173,8 @@ impl EsiSpan {
 pub struct LossReport {
     slots: f64,
     lost: f64,
+    /// Runs of lost slots, weighed as `slots` and `lost` are.
+    runs: f64,
     /// The level the estimate stands at (with hysteresis), once it may be reported.
     level: Option<usize>,
     /// When the receiver last fetched.
@@ -179,6 +192,7 @@ impl LossReport {
         LossReport {
             slots: 0.0,
             lost: 0.0,
+            runs: 0.0,
             level: None,
             busy: None,
         }
@@ -187,12 +201,13 @@ impl LossReport {
     /// Counts what `span` received since it was last counted; true if the level to report
     /// changed.
     pub fn handle_span(&mut self, span: &mut EsiSpan) -> bool {
-        let Some((slots, lost)) = span.take_counted().filter(|&(slots, _)| slots > 0) else {
+        let Some((slots, lost, runs)) = span.take_runs().filter(|&(slots, ..)| slots > 0) else {
             return false;
         };
         let keep = (-(slots as f64) / WINDOW).exp();
         self.slots = self.slots * keep + slots as f64;
         self.lost = self.lost * keep + lost as f64;
+        self.runs = self.runs * keep + runs as f64;
         if self.slots >= MIN_SLOTS {
             let p = self.lost / self.slots;
             let loss = 1000.0 * (p + (p * (1.0 - p) / self.slots).sqrt());
@@ -222,6 +237,13 @@ impl LossReport {
     /// The loss measured, as a share, once enough was counted.
     pub fn loss(&self) -> Option<f64> {
         (self.slots >= MIN_SLOTS).then(|| self.lost / self.slots)
+    }
+
+    /// The mean length of a run of lost symbols, once enough was counted and something was
+    /// lost: about 1 / (1 - p) under independent loss p (1.25 at 20%), the mean burst
+    /// under loss in bursts.
+    pub fn mean_run(&self) -> Option<f64> {
+        (self.slots >= MIN_SLOTS && self.runs > 0.0).then(|| self.lost / self.runs)
     }
 }
 
@@ -292,6 +314,33 @@ mod tests {
             span(A, &[0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11]).take_counted(),
             Some((3, 0))
         );
+    }
+
+    #[test]
+    fn runs_of_lost_symbols_are_counted_once_across_countings() {
+        let r = REORDER as u32;
+        // Lost: 3 and 4 (one run), 7 (another).
+        let mut s = span(A, &tail(&[0, 1, 2, 5, 6, 8], r));
+        assert_eq!(s.take_runs(), Some((8, 3, 2)));
+        // A run that spans two countings (lost 5 to 17, counted up to 10, then on) is one.
+        let mut s = span(A, &[0, 1, 2, 3, 4, 18]);
+        assert_eq!(s.take_runs(), Some((10, 6, 1)), "1 to 10: 5 to 10 lost");
+        for e in 19..=30 {
+            s.push(A, Esi(e));
+        }
+        assert_eq!(
+            s.take_runs(),
+            Some((12, 7, 0)),
+            "11 to 22: 11 to 17 lost, no new run"
+        );
+        let mut report = LossReport::new();
+        let mut bursty = span(A, &[0]);
+        for e in (1..400).filter(|e| e % 20 >= 5) {
+            bursty.push(A, Esi(e));
+        }
+        report.handle_span(&mut bursty);
+        let run = report.mean_run().expect("counted");
+        assert!((run - 5.0).abs() < 0.1, "{run}");
     }
 
     #[test]

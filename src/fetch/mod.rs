@@ -4,8 +4,8 @@
 //! a verified decode stores the object in the cache, leaves the group and wakes every waiter.
 //! Concurrent requests for one object share one fetch. Demand reads join at once; other
 //! requests share a window of `max_joined` groups (the kernel's cost per received packet
-//! grows with the groups joined; a receiver that measures loss joins four times as many)
-//! and wait in order. While some wait, the engine listens to
+//! grows with the groups joined; a receiver that measures loss in bursts joins four times as
+//! many) and wait in order. While some wait, the engine listens to
 //! the server's beacon and lets the objects it lists as on air go first, so that a receiver
 //! that started late shares the rounds under way. Membership changes are reported by the
 //! engine itself when it may ([`crate::mld::Reporter`]), else by the kernel in batches
