@@ -479,10 +479,40 @@ impl Lab {
     }
 }
 
+/// Removes what libfaketime (tests/faults.rs) left of processes that are gone: a shared
+/// memory file and a semaphore in /dev/shm per process it was preloaded in, named by its
+/// pid (a mount's daemon among them). Debian's 0.9.10 cannot be told not to make them.
+fn remove_faketime_leftovers() {
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let pid = name
+            .strip_prefix("faketime_shm_")
+            .or_else(|| name.strip_prefix("sem.faketime_sem_"));
+        // Gone: no such process, or a zombie (a mount's daemon is reaped by init, later).
+        let gone = |p: &str| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).map_or(true, |st| {
+                st.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        };
+        if pid.is_some_and(gone) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         // Never panic here: Drop also runs while a failed test unwinds.
         self.kill_children();
+        remove_faketime_leftovers();
         match Command::new(netlab_path())
             .args(["down", &self.prefix])
             .stdin(Stdio::null())
