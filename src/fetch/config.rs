@@ -61,17 +61,18 @@ pub struct FetchConfig {
     pub timeout: Duration,
     /// After this long without a useful symbol, leave and rejoin the group.
     pub stall: Duration,
-    /// Groups joined at once, demand reads aside, by a receiver that measures no loss in bursts
-    /// (one that does joins four times as many, see below). Small on purpose: the kernel walks the
-    /// host's list of joined groups for every multicast packet it receives, and 256 MiB unshaped
-    /// took 2.9 s with 512 joined, 1.0 s with 32 (measured in the lab). Two MiB in flight still
-    /// covers a LAN's round trip, and loss costs the same (5% per receiver: 13.5 s at 200 Mbit/s
-    /// with 16 to 128). 128 keeps receivers in step under loss in bursts (the simulation's
-    /// 1,000-file tree at 100 and 1000 receivers: 1.50 to 1.79 times one receiver's bytes against
-    /// 1.98 to 2.82), but in `tools/bench` it cost a copy of the 10,000-file tree 40% more CPU,
-    /// eight shaped copies 1.16 times one copy's time against 1.10, and 256 MiB unshaped 188
-    /// against 234 MB/s. So only a receiver that measured 1% loss or more, in bursts, joins four
-    /// times this many (`FetchState::window`).
+    /// Groups joined at once, demand reads aside, by a receiver that measures no loss in
+    /// bursts (one that does joins four times as many, see below). Small on purpose: the
+    /// kernel walks the host's list of joined groups for every multicast packet it
+    /// receives, and 256 MiB unshaped took 2.9 s with 512 joined, 1.0 s with 32 (measured
+    /// in the lab). Two MiB in flight still covers a LAN's round trip, and loss costs the
+    /// same (5% per receiver: 13.5 s at 200 Mbit/s with 16 to 128). 128 keeps receivers in
+    /// step under loss in bursts (the simulation's 1,000-file tree at 100 and 1000
+    /// receivers: 1.50 to 1.79 times one receiver's bytes against 1.98 to 2.82), but in
+    /// `tools/bench` it cost a copy of the 10,000-file tree 40% more CPU, eight shaped
+    /// copies 1.16 times one copy's time against 1.10, and 256 MiB unshaped 188 against 234
+    /// MB/s. So only a receiver that measured 1% loss or more, in bursts, joins four times
+    /// this many (`FetchState::window`).
     pub max_joined: usize,
     /// A fetch in doubt (the channel moved to a new generation, or a superseded file's
     /// reader asked for it) fails as stale after this long without a useful symbol. The

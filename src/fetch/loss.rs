@@ -128,20 +128,21 @@ impl EsiSpan {
         self.bits[at / 64] & (1 << (at % 64)) != 0
     }
 
-    /// Slots that [`EsiSpan::take_counted`] would count now.
+    /// Slots that [`EsiSpan::take_runs`] would count now.
     pub fn countable(&self) -> usize {
         self.hi.saturating_sub(REORDER).saturating_sub(self.lo)
     }
 
-    /// (slots, lost): the ESIs after the first one received (or the last counted) up to
-    /// [`REORDER`] before the last, and how many of them never came, which are counted now;
-    /// None when the span is not believable.
+    /// [`EsiSpan::take_runs`] without the runs.
+    #[cfg(test)]
     pub fn take_counted(&mut self) -> Option<(u64, u64)> {
         self.take_runs().map(|(slots, lost, _)| (slots, lost))
     }
 
-    /// As [`EsiSpan::take_counted`], with the number of runs the lost slots form (a run:
-    /// lost slots one after another), whose mean length tells bursts from independent loss.
+    /// (slots, lost, runs): the ESIs after the first one received (or the last counted) up
+    /// to [`REORDER`] before the last, how many of them never came, and how many runs those
+    /// form (a run: lost slots one after another; its mean length tells bursts from
+    /// independent loss), which are counted now; None when the span is not believable.
     pub fn take_runs(&mut self) -> Option<(u64, u64, u64)> {
         if self.wild {
             return None;
@@ -151,12 +152,16 @@ impl EsiSpan {
             return Some((0, 0, 0));
         }
         let slots = (end - self.lo) as u64;
-        let received = (self.lo + 1..=end).filter(|&at| self.has(at)).count() as u64;
         // A run starts at a lost slot after a received one; the slot at `lo` was counted
         // before, so a run that spans two countings counts once.
-        let runs = (self.lo + 1..=end)
-            .filter(|&at| !self.has(at) && self.has(at - 1))
-            .count() as u64;
+        let (mut received, mut runs) = (0u64, 0u64);
+        let mut before = self.has(self.lo);
+        for at in self.lo + 1..=end {
+            let has = self.has(at);
+            received += u64::from(has);
+            runs += u64::from(!has && before);
+            before = has;
+        }
         self.lo = end;
         self.counting = true;
         // Sized at most for 30% loss, a real sender's rounds leave fewer gaps than this.

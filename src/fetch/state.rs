@@ -87,31 +87,33 @@ const AIR_FRESH: Duration = Duration::from_millis(200);
 /// receivers, 5% loss, seed 11) 1.43 rather than 1.50 times one receiver's bytes.
 const AIR_AHEAD: usize = 8;
 
-/// A receiver that measures at least this loss in bursts ([`super::loss`]) joins [`LOSSY_WINDOW`]
-/// times `max_joined` groups at once (see [`FetchState::window`]). Under loss in bursts a receiver
-/// of a tree of small files loses whole rounds, falls behind the others, and asks for objects after
-/// every other receiver left them, which then go out again for it: in the simulation
-/// (`examples/sim`, 1,000 files of 100 B to 16 KiB in 20 directories, 5% loss in bursts of 5)
-/// server bytes at N receivers over one's went from 1.98 to 1.46 (100, seed 12), 2.82 to 1.88 and
-/// 2.55 to 2.04 (1000, seeds 6 and 7), 2.38 to 1.53 (100, 20% loss in bursts, seed 7); files under
-/// bursts and every scenario of independent loss moved by 0.07 at most. Not kept, measured on the
-/// same scenarios: places given back by fetches that fell behind (no symbol for 40 ms, and a later
-/// fetch got symbols; nothing moved, as the receiver that falls behind still asks in its own
-/// order), and first rounds that wait 300 ms rather than 100 for every bulk receiver (worse). A
+/// A receiver that measures at least this loss in bursts ([`super::loss`]) joins
+/// [`LOSSY_WINDOW`] times `max_joined` groups at once (see [`FetchState::window`]). Under
+/// loss in bursts a receiver of a tree of small files loses whole rounds, falls behind the
+/// others, and asks for objects after every other receiver left them, which then go out
+/// again for it: in the simulation (`examples/sim`, 1,000 files of 100 B to 16 KiB in 20
+/// directories, 5% loss in bursts of 5) server bytes at N receivers over one's went from
+/// 1.98 to 1.46 (100, seed 12), 2.82 to 1.88 and 2.55 to 2.04 (1000, seeds 6 and 7), 2.38
+/// to 1.53 (100, 20% loss in bursts, seed 7); files under bursts and every scenario of
+/// independent loss moved by 0.07 at most. Not kept, measured on the same scenarios: places
+/// given back by fetches that fell behind (no symbol for 40 ms, and a later fetch got
+/// symbols; nothing moved, as the receiver that falls behind still asks in its own order),
+/// and first rounds that wait 300 ms rather than 100 for every bulk receiver (worse). A
 /// receiver without loss keeps the small window, and with it the CPU it saves in the lab
-/// (`FetchConfig`): `tools/bench` (tree_10k, seed 881207) gave a shaped copy 1.03 s of CPU before
-/// and 1.08 s after, eight shaped copies 1.36 and 1.40 times one copy's time, within the spread of
-/// runs, as the lab's links lose nothing.
+/// (`FetchConfig`): `tools/bench` (tree_10k, seed 881207) gave a shaped copy 1.03 s of CPU
+/// before and 1.08 s after, eight shaped copies 1.36 and 1.40 times one copy's time, within
+/// the spread of runs, as the lab's links lose nothing.
 ///
-/// Only for loss in bursts ([`BURSTY_RUN`]): under independent loss it bought nothing (within 0.07
-/// either way, above; the simulation's tests all hold without it), and with starts spread over
-/// seconds it cost the server dearly. A receiver that started late joined four windows of its own
-/// place in the tree, each object queued for it alone, while the beacon's carousel of what the
-/// others fetch filled a quarter of its window; blocks were activated three times each. In the
-/// simulation (10,000 files of 100 B to 16 KiB, 100 receivers starting over 5 s, 5% loss, seed
-/// 9301) 1.40 times the server that keeps nobody waiting, 1.07 with the small window; over 10 s at
-/// 20% (seed 9302) 2.09 and 1.46 (what is left there is the directories', `serve::sched`). The tree
-/// under bursts at 100 receivers (seed 11) stays at 1.43 with the large window, 1.67 without.
+/// Only for loss in bursts ([`BURSTY_RUN`]): under independent loss it bought nothing
+/// (within 0.07 either way, above; the simulation's tests all hold without it), and with
+/// starts spread over seconds it cost the server dearly. A receiver that started late
+/// joined four windows of its own place in the tree, each object queued for it alone, while
+/// the beacon's carousel of what the others fetch filled a quarter of its window; blocks
+/// were activated three times each. In the simulation (10,000 files of 100 B to 16 KiB, 100
+/// receivers starting over 5 s, 5% loss, seed 9301) 1.40 times the server that keeps nobody
+/// waiting, 1.07 with the small window; over 10 s at 20% (seed 9302) 2.09 and 1.46 (what is
+/// left there is the directories', `serve::sched`). The tree under bursts at 100 receivers
+/// (seed 11) stays at 1.43 with the large window, 1.67 without.
 const LOSSY: f64 = 0.01;
 
 /// The mean run of lost symbols ([`super::loss::LossReport::mean_run`]) from which loss
@@ -1071,16 +1073,19 @@ impl FetchState {
         }
     }
 
-    /// Places in the window: `max_joined`, or [`LOSSY_WINDOW`] times as many once the receiver
-    /// measured [`LOSSY`] loss in bursts ([`BURSTY_RUN`]). A receiver that loses rounds falls
-    /// behind the others; with more of the tree joined it is still among an object's listeners when
-    /// the others' first round goes out, rather than asking for the object after they all left,
-    /// when it goes out again for it alone. The measure forgets over [`super::loss::WINDOW`]
-    /// symbols, so a link that stops losing gets the small window back.
+    /// Places in the window: `max_joined`, or [`LOSSY_WINDOW`] times as many once the
+    /// receiver measured [`LOSSY`] loss in bursts ([`BURSTY_RUN`]). A receiver that loses
+    /// rounds falls behind the others; with more of the tree joined it is still among an
+    /// object's listeners when the others' first round goes out, rather than asking for the
+    /// object after they all left, when it goes out again for it alone. The measure forgets
+    /// over [`super::loss::WINDOW`] symbols, so a link that stops losing gets the small
+    /// window back.
     fn window(&self) -> usize {
         let max = self.config.max_joined;
         match self.loss.loss() {
-            Some(loss) if loss >= LOSSY && self.loss.mean_run() >= Some(BURSTY_RUN) => {
+            Some(loss)
+                if loss >= LOSSY && self.loss.mean_run().is_some_and(|r| r >= BURSTY_RUN) =>
+            {
                 max * LOSSY_WINDOW
             }
             _ => max,
