@@ -1,11 +1,20 @@
 //! A receiver's workload, walked synchronously as `fetch::tree` walks it asynchronously:
-//! the root directory, then directories, file indexes (and their pages) and blocks, each
-//! decoded with the crate's own object decoders and checked against the reference that named
-//! it. A walk hands out requests ([`Walk::poll_request`]) and takes back verified objects.
+//! every directory first, then the files' indexes (and their pages) and blocks, each decoded
+//! with the crate's own object decoders and checked against the reference that named it. A
+//! walk hands out requests ([`Walk::poll_request`]) and takes back verified objects.
+//!
+//! Directories go first because `lcfs copy` and `lcfs prefetch` walk them first
+//! (`Tree::walk`, `Tree::distinct_below`), and that order decides what receivers that start
+//! apart can share. A walk that asked for each directory's files as it decoded, with its
+//! subdirectories behind them, met most directories at its own place in the transfer: a
+//! receiver that started late asked for a directory when the others had long left it, and
+//! got a round of it alone (100 receivers of a 10,000-file tree starting over 10 s under 5%
+//! loss, seed 9406: metadata was 59% of the server's bytes; 1.273 times the no-wait server
+//! with that walk, 1.130 with this one, median 18.0 s against 15.1).
 //!
 //! Invariants: an object is asked for only through a reference a verified object gave; a
 //! decoding error is recorded, never a panic; the walk is done when nothing is asked for or
-//! awaited (and, for random files, once the files are chosen).
+//! awaited, and once the files are chosen (all of them, or the random ones).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -48,7 +57,7 @@ pub struct Walk {
     waiting: HashMap<Tag, Vec<Need>>,
     /// Directories asked for and not yet decoded.
     dirs_open: usize,
-    /// Files seen, for [`Workload::Files`], until they are chosen.
+    /// Files the walk met, until every directory is walked and they are chosen.
     files: Vec<FileRef>,
     chosen: bool,
     /// Every object verified, and their bytes.
@@ -119,9 +128,7 @@ impl Walk {
 
     /// Nothing is awaited or left to ask for.
     pub fn is_done(&self) -> bool {
-        self.outbox.is_empty()
-            && self.waiting.is_empty()
-            && (self.workload == Workload::Whole || self.chosen)
+        self.outbox.is_empty() && self.waiting.is_empty() && self.chosen
     }
 
     /// Directly with a verified object (one that a request found completed a moment ago).
@@ -154,7 +161,6 @@ impl Walk {
             for entry in dir.entries {
                 match entry.kind {
                     EntryKind::Dir(r) => self.ask(r, Need::Dir),
-                    EntryKind::File(f) if self.workload == Workload::Whole => self.file(&f),
                     EntryKind::File(f) => self.files.push(f),
                     EntryKind::Symlink(_) => {}
                 }
@@ -164,19 +170,24 @@ impl Walk {
         result
     }
 
-    /// One directory fewer to walk; with none left, random files are chosen.
+    /// One directory fewer to walk; with none left, the files are chosen: every one in the
+    /// order the walk met them, or the random ones.
     fn close_dir(&mut self) {
         self.dirs_open = self.dirs_open.saturating_sub(1);
-        let Workload::Files(n) = self.workload else {
+        if self.dirs_open > 0 || self.chosen {
             return;
-        };
-        if self.dirs_open == 0 && !self.chosen {
-            self.chosen = true;
-            let mut files = std::mem::take(&mut self.files);
-            files.shuffle(&mut self.rng);
-            for f in files.iter().take(n) {
-                self.file(f);
+        }
+        self.chosen = true;
+        let mut files = std::mem::take(&mut self.files);
+        let n = match self.workload {
+            Workload::Whole => files.len(),
+            Workload::Files(n) => {
+                files.shuffle(&mut self.rng);
+                n
             }
+        };
+        for f in files.iter().take(n) {
+            self.file(f);
         }
     }
 
