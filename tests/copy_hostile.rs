@@ -372,7 +372,8 @@ fn is_part(p: &Path) -> bool {
 
 /// Polls DEST as root until the copy exits. A staged file must be 0600 whenever seen, unless
 /// its directory is closed to others (0700, the copy's own): there its creator gives it its
-/// published mode before the rename (`copy/staging.rs`), and no one else can reach it. A
+/// published mode before the rename (`copy/staging.rs`), and no one else can reach it (a
+/// directory made between this poll's two listings is looked at after them). A
 /// directory must be 0700 in any poll after which part files still exist (the copy sets
 /// directory modes only once every part is renamed, so those polls were all before it).
 fn watch(run: &mut common::lcfs::CopyRun, dest: &Path, limit: Duration) -> Watch {
@@ -392,9 +393,19 @@ fn watch(run: &mut common::lcfs::CopyRun, dest: &Path, limit: Duration) -> Watch
             // A staged symlink's own mode is always 0777 and grants nothing.
             if m.is_file() && m.mode() & 0o7777 != 0o600 {
                 // As listed before the parts: later the copy may have finished and opened it.
+                // A directory the copy made after that listing is looked at now; if it is
+                // open now and the part is gone, the copy renamed it and then opened the
+                // directory, as it should.
                 let dir = dirs.iter().find(|(d, _)| Some(d.as_path()) == p.parent());
-                let closed =
-                    dir.is_some_and(|(_, d)| d.mode() & 0o7777 == 0o700 && d.uid() == m.uid());
+                let closed_dir =
+                    |d: &fs::Metadata| d.mode() & 0o7777 == 0o700 && d.uid() == m.uid();
+                let closed = match dir {
+                    Some((_, d)) => closed_dir(d),
+                    None => p
+                        .parent()
+                        .and_then(|d| fs::symlink_metadata(d).ok())
+                        .is_some_and(|d| closed_dir(&d) || fs::symlink_metadata(p).is_err()),
+                };
                 if !closed {
                     w.violations.push(format!(
                         "part {} is {:o} in a directory open to others",
