@@ -553,9 +553,8 @@ pub struct Scheduler {
     metadata: VecDeque<ObjectHash>,
     bulk: VecDeque<ObjectHash>,
     active: HashMap<ObjectHash, Active>,
-    /// Objects between rounds, by when they resume (and a sequence number, for order).
-    cooling: BTreeMap<(Instant, u64), ObjectHash>,
-    cooling_seq: u64,
+    /// Objects between rounds, by when they resume.
+    cooling: Cooling,
     /// Urgent symbols sent while a bulk round waited.
     bulk_waited: u32,
     /// A bulk round goes first until it ends: the bulk queue waited `bulk_patience`.
@@ -621,8 +620,7 @@ impl Scheduler {
             metadata: VecDeque::new(),
             bulk: VecDeque::new(),
             active: HashMap::new(),
-            cooling: BTreeMap::new(),
-            cooling_seq: 0,
+            cooling: Cooling::default(),
             bulk_waited: 0,
             bulk_turn: false,
             metadata_waited: 0,
@@ -746,8 +744,7 @@ impl Scheduler {
             let at = a.newcomer_at.map_or(now, |t| t + METADATA_EVERY);
             if at > now && !self.hurry && self.newcomer_credit < cost {
                 a.newcomer_at = Some(at);
-                self.cooling.insert((at, self.cooling_seq), hash);
-                self.cooling_seq += 1;
+                self.cooling.insert(at, hash);
                 return;
             }
             self.newcomer_credit = (self.newcomer_credit - cost).max(0.0);
@@ -769,7 +766,7 @@ impl Scheduler {
         self.urgent.retain(|h| h != hash);
         self.metadata.retain(|h| h != hash);
         self.bulk.retain(|h| h != hash);
-        self.cooling.retain(|_, h| h != hash);
+        self.cooling.remove(hash);
     }
 
     /// How long after the end of its first round a block's listeners left.
@@ -932,8 +929,7 @@ impl Scheduler {
             queue.pop_front();
             self.bulk_turn &= !from_bulk;
             let pause = cooldown_after(&self.config, a.since_full);
-            self.cooling.insert((now + pause, self.cooling_seq), hash);
-            self.cooling_seq += 1;
+            self.cooling.insert(now + pause, hash);
         } else if from_bulk && !a.whole {
             // Its turn is over: the next symbol is the next block's in turn.
             queue.pop_front();
@@ -1000,14 +996,7 @@ impl Scheduler {
     /// joined late (in the bulk queue, or the urgent one while a reader waits), else a later
     /// round, urgently.
     fn resume_cooled(&mut self, now: Instant) {
-        while self
-            .cooling
-            .first_key_value()
-            .is_some_and(|((t, _), _)| *t <= now)
-        {
-            let Some((_, hash)) = self.cooling.pop_first() else {
-                return;
-            };
+        while let Some(hash) = self.cooling.pop_due(now) {
             let Some(a) = self.active.get_mut(&hash) else {
                 continue;
             };
@@ -1096,7 +1085,7 @@ impl Scheduler {
         // The beacon goes on while blocks wait: it tells late receivers what they wait for.
         let air = self.next_air.filter(|_| !self.bulk.is_empty());
         [
-            self.cooling.first_key_value().map(|((t, _), _)| *t),
+            self.cooling.next_due(),
             self.next_root,
             air,
             self.ripe_at_of(&self.metadata),
@@ -1105,6 +1094,39 @@ impl Scheduler {
         .into_iter()
         .flatten()
         .min()
+    }
+}
+
+/// Objects between rounds, by when they resume; those due at one instant in the order they
+/// came.
+#[derive(Default)]
+struct Cooling {
+    due: BTreeMap<(Instant, u64), ObjectHash>,
+    seq: u64,
+}
+
+impl Cooling {
+    fn insert(&mut self, at: Instant, hash: ObjectHash) {
+        self.due.insert((at, self.seq), hash);
+        self.seq += 1;
+    }
+
+    fn remove(&mut self, hash: &ObjectHash) {
+        self.due.retain(|_, h| h != hash);
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.due.first_key_value().map(|((t, _), _)| *t)
+    }
+
+    /// The first object due at `now`, taken out.
+    fn pop_due(&mut self, now: Instant) -> Option<ObjectHash> {
+        self.next_due().filter(|t| *t <= now)?;
+        self.due.pop_first().map(|(_, h)| h)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.due.is_empty()
     }
 }
 
